@@ -1,0 +1,59 @@
+"""The storage interface every backend implements: flat keys under one root URI."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+class Store(ABC):
+    """Objects addressed by '/'-separated keys relative to the store's root URI.
+
+    Writes are all-or-nothing: after `put` returns the object is whole, and a failed
+    `put` leaves either the previous object or none, never a partial one.
+    """
+
+    uri: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write `data` to `key` atomically."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> None:
+        """Write the file at `path` to `key` atomically (large objects: multipart)."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Read a whole object; raises FileNotFoundError when absent."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Read bytes [start, end) of an object."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether `key` holds an object."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size of the object in bytes; raises FileNotFoundError when absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under `prefix` (recursively), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key` if present."""
+
+    def child(self, key: str) -> str:
+        """The full URI of `key`."""
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    def get_json(self, key: str):
+        return json.loads(self.get(key))
+
+    def put_json(self, key: str, value) -> None:
+        self.put(key, json.dumps(value, indent=1, sort_keys=True).encode() + b"\n")

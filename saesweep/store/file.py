@@ -1,0 +1,81 @@
+"""Local-disk store: atomic writes by rename, plain reads."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from saesweep.errors import UserError
+from saesweep.store.base import Store
+
+
+class FileStore(Store):
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _write_atomically(self, key: str, write) -> None:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise UserError(f"the disk holding {self.root} is full; free space there and rerun "
+                                "the same command to resume") from err
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        self._write_atomically(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, length=16 << 20)
+
+        self._write_atomically(key, copy)
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        with open(self._path(key), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(k for k in keys if not Path(k).name.startswith("."))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path:
+        """The file behind `key`, for readers that read local files directly."""
+        return self._path(key)
