@@ -1,1 +1,3 @@
-"""saesweep: collect language-model activations once, train sweeps of sparse autoencoders on them."""
+"""saesweep: collect language-model activations once, train sweeps of SAEs on them."""
+
+__version__ = "0.1.0"

@@ -20,5 +20,7 @@ def open_store(uri: str) -> Store:
     if uri.startswith("file://"):
         return FileStore(Path(uri.removeprefix("file://")))
     if "://" in uri:
-        raise UserError(f"unsupported store URI {uri!r}; use a path, file://PATH or s3://BUCKET/PREFIX")
+        raise UserError(
+            f"unsupported store URI {uri!r}; use a path, file://PATH or s3://BUCKET/PREFIX"
+        )
     return FileStore(Path(uri))

@@ -25,6 +25,7 @@ class FileStore(Store):
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+            os.fchmod(fd, 0o644)
             try:
                 with os.fdopen(fd, "wb") as f:
                     write(f)
@@ -36,8 +37,10 @@ class FileStore(Store):
                 raise
         except OSError as err:
             if err.errno == errno.ENOSPC:
-                raise UserError(f"the disk holding {self.root} is full; free space there and rerun "
-                                "the same command to resume") from err
+                raise UserError(
+                    f"the disk holding {self.root} is full; free space there and rerun "
+                    "the same command to resume"
+                ) from err
             raise
 
     def put(self, key: str, data: bytes) -> None:

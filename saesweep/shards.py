@@ -1,0 +1,106 @@
+"""Shard format, checksums and exact running statistics (see docs/storage-format.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+SCHEMA_VERSION = 1
+ACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SHARD_TENSORS = ("acts", "token_ids", "seq_ids", "positions")
+SEQ_CHUNK_BITS = 20
+"""seq_ids = document index << SEQ_CHUNK_BITS | chunk index within the document."""
+
+
+def checksum(data: bytes | memoryview) -> str:
+    """The checksum recorded for a shard: xxh3-128 of its bytes, as 'xxh3_128:<hex>'."""
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+def shard_name(machine: int, index: int) -> str:
+    return f"shard-m{machine:04d}-{index:06d}.safetensors"
+
+
+def encode_shard(
+    acts: torch.Tensor, token_ids: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor
+) -> bytes:
+    """Serialize one shard to safetensors bytes."""
+    tensors = {
+        "acts": acts.contiguous(),
+        "token_ids": token_ids.to(torch.int32).contiguous(),
+        "seq_ids": seq_ids.to(torch.int64).contiguous(),
+        "positions": positions.to(torch.int32).contiguous(),
+    }
+    return save_safetensors(tensors, metadata={"schema_version": str(SCHEMA_VERSION)})
+
+
+def decode_shard(data: bytes) -> dict[str, torch.Tensor]:
+    return load_safetensors(data)
+
+
+@dataclass
+class RunningStats:
+    """Exact per-dimension mean and variance in float64, mergeable across shards and machines.
+
+    Merging uses Chan et al.'s parallel formula, which includes each part's own sum of
+    squared deviations (m2), so the result equals a single pass over all tokens.
+    """
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+    norm_sum: float
+
+    @classmethod
+    def empty(cls, d: int) -> RunningStats:
+        return cls(0, np.zeros(d), np.zeros(d), 0.0)
+
+    @classmethod
+    def of(cls, acts: torch.Tensor) -> RunningStats:
+        x = acts.to(torch.float64)
+        mean = x.mean(0) if len(x) else torch.zeros(x.shape[1], dtype=torch.float64)
+        m2 = ((x - mean) ** 2).sum(0)
+        return cls(len(x), mean.numpy(), m2.numpy(), float(x.norm(dim=1).sum()))
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        n = self.n + other.n
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        return RunningStats(n, mean, m2, self.norm_sum + other.norm_sum)
+
+    def to_json(self) -> dict:
+        return {
+            "n": self.n,
+            "mean": self.mean.tolist(),
+            "m2": self.m2.tolist(),
+            "norm_sum": self.norm_sum,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> RunningStats:
+        return cls(
+            obj["n"],
+            np.asarray(obj["mean"], dtype=np.float64),
+            np.asarray(obj["m2"], dtype=np.float64),
+            float(obj["norm_sum"]),
+        )
+
+    def summary(self) -> dict:
+        """The statistics.json body: population std (ddof=0) and mean L2 norm per token."""
+        n = max(self.n, 1)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "n": self.n,
+            "mean": self.mean.tolist(),
+            "std": np.sqrt(self.m2 / n).tolist(),
+            "mean_norm": self.norm_sum / n,
+            "m2": self.m2.tolist(),
+        }
