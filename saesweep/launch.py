@@ -1,0 +1,180 @@
+"""Run one job per parallel group: a Slurm job array, local processes, or in-process (debug).
+
+`fn(group)` runs once per group. `fn` and the groups must be picklable for the Slurm and local
+executors (submitit pickles them into `log_dir`). `fn` may be a
+`submitit.helpers.Checkpointable`: on preemption or before the time limit Slurm sends SIGUSR2,
+submitit calls `fn.checkpoint(group)`, stores the returned DelayedSubmission and requeues the
+array task, which then resumes from that state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+
+Executor = Literal["slurm", "local", "debug"]
+ACTIVE_SLURM_STATES = {"RUNNING", "COMPLETING"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmConfig:
+    """Where and how large each group's Slurm job is."""
+
+    acct: str | None = None
+    """Slurm account; when set, each parallel group runs as one job of a Slurm job array."""
+    partition: str | None = None
+    """Slurm partition; the cluster's default partition when unset."""
+    n_hours: float = 1.0
+    """Time limit of each job in hours; jobs checkpoint and requeue shortly before it."""
+    gpus_per_group: int = 0
+    """GPUs per group (one job per group)."""
+    cpus_per_group: int = 2
+    """CPU cores per group, used by the data-loading processes."""
+    mem_gb: float | None = None
+    """Memory per group in GB; the cluster's default when unset."""
+    exclude: str | None = None
+    """Nodes to avoid, as a Slurm node list (e.g. 'node[01-03]')."""
+    constraint: str | None = None
+    """Slurm node feature constraint (e.g. 'a100')."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupOutcome:
+    """How one group's job ended."""
+
+    index: int
+    status: Literal["done", "failed"]
+    result: Any = None
+    error: str = ""
+    job_id: str = ""
+    stdout: Path | None = None
+    stderr: Path | None = None
+
+
+def launch_groups(
+    fn: Callable[[Any], Any],
+    groups: Sequence[Any],
+    *,
+    executor: Executor,
+    log_dir: Path,
+    slurm: SlurmConfig,
+    max_concurrent: int | None = None,
+    poll_s: float = 5.0,
+) -> list[GroupOutcome]:
+    """Run `fn(group)` for every group as its own job, wait for all, return outcomes in order.
+
+    A failing group does not stop the others; its outcome carries the error and log paths.
+    `max_concurrent` caps jobs running at once (default: all for Slurm, 1 for local).
+    """
+    if executor == "debug":
+        return [_run_in_process(fn, index, group) for index, group in enumerate(groups)]
+    log_dir = Path(log_dir)
+    if executor == "slurm":
+        return _wait(_submit_slurm_array(fn, groups, log_dir, slurm, max_concurrent), poll_s)
+    if executor == "local":
+        submit = functools.partial(submitit.LocalExecutor(folder=log_dir).submit, fn)
+        max_running = max_concurrent or 1
+        return _wait([], poll_s, queued=list(groups), submit=submit, max_running=max_running)
+    raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
+
+
+def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for one group's job."""
+    params = {
+        "slurm_account": slurm.acct,
+        "slurm_partition": slurm.partition,
+        "slurm_exclude": slurm.exclude,
+        "slurm_constraint": slurm.constraint,
+        "timeout_min": max(1, round(slurm.n_hours * 60)),
+        "gpus_per_node": slurm.gpus_per_group,
+        "cpus_per_task": slurm.cpus_per_group,
+        "mem_gb": slurm.mem_gb,
+        "slurm_array_parallelism": array_parallelism,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _run_in_process(fn: Callable[[Any], Any], index: int, group: Any) -> GroupOutcome:
+    print(f"[launch] debug: running group {index} in this process", flush=True)
+    try:
+        return GroupOutcome(index, "done", result=fn(group), job_id="debug")
+    except Exception:
+        return GroupOutcome(index, "failed", error=traceback.format_exc(), job_id="debug")
+
+
+def _submit_slurm_array(
+    fn: Callable[[Any], Any],
+    groups: Sequence[Any],
+    log_dir: Path,
+    slurm: SlurmConfig,
+    max_concurrent: int | None,
+) -> list[submitit.Job]:
+    if not groups:
+        return []
+    executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
+    executor.update_parameters(**_slurm_parameters(slurm, max_concurrent or len(groups)))
+    jobs = executor.map_array(fn, list(groups))
+    print(f"[launch] submitted Slurm job array {jobs[0].job_id.split('_')[0]}", flush=True)
+    return jobs
+
+
+def _wait(
+    jobs: list[submitit.Job],
+    poll_s: float,
+    queued: list[Any] | None = None,
+    submit: Callable[[Any], submitit.Job] | None = None,
+    max_running: int = 1,
+) -> list[GroupOutcome]:
+    """Poll `jobs` until all have ended, submitting `queued` groups while fewer than
+    `max_running` run; outcomes come back in submission order."""
+    queued = queued or []
+    n_groups = len(jobs) + len(queued)
+    outcomes: dict[int, GroupOutcome] = {}
+    last_line = ""
+    while len(outcomes) < n_groups:
+        for index, job in enumerate(jobs):
+            if index not in outcomes and job.done():
+                outcomes[index] = _outcome(index, job)
+        n_running = len(jobs) - len(outcomes)
+        while queued and submit is not None and n_running < max_running:
+            jobs.append(submit(queued.pop(0)))
+            n_running += 1
+        last_line = _print_progress(jobs, outcomes, len(queued), last_line)
+        if len(outcomes) < n_groups:
+            time.sleep(poll_s)
+    return [outcomes[index] for index in range(n_groups)]
+
+
+def _outcome(index: int, job: submitit.Job) -> GroupOutcome:
+    logs = {"job_id": job.job_id, "stdout": job.paths.stdout, "stderr": job.paths.stderr}
+    error = job.exception()
+    if error is None:
+        return GroupOutcome(index, "done", result=job.result(), **logs)
+    return GroupOutcome(index, "failed", error=str(error), **logs)
+
+
+def _activity(job: submitit.Job) -> str:
+    """'running' or 'pending' for an unfinished job (best effort where sacct is unavailable)."""
+    state = job.state.upper()
+    started = state == "UNKNOWN" and job.paths.stdout.exists()
+    return "running" if state in ACTIVE_SLURM_STATES or started else "pending"
+
+
+def _print_progress(
+    jobs: list[submitit.Job], outcomes: dict[int, GroupOutcome], n_unsubmitted: int, last: str
+) -> str:
+    counts = collections.Counter(outcome.status for outcome in outcomes.values())
+    counts.update(_activity(job) for index, job in enumerate(jobs) if index not in outcomes)
+    counts["pending"] += n_unsubmitted
+    line = ", ".join(f"{counts[key]} {key}" for key in ("pending", "running", "done", "failed"))
+    if line != last:
+        print(f"[launch] {len(jobs) + n_unsubmitted} groups: {line}", flush=True)
+    return line

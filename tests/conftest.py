@@ -1,0 +1,40 @@
+"""Shared pytest fixtures."""
+
+import pytest
+from slurm_cluster import SlurmCluster, SlurmClusterError, ensure_slurm_cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmCluster:
+    """A real one-node Slurm cluster on this machine (started once, reused across sessions)."""
+    try:
+        return ensure_slurm_cluster()
+    except SlurmClusterError as err:
+        pytest.fail(str(err), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server for the whole session, always SIGKILLed at the end."""
+    from s3server import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, s3_server) -> str:
+    """Point the AWS env vars at `s3_server` and give a fresh bucket: yields s3://BUCKET/run."""
+    import uuid
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    s3_server.create_bucket(bucket)
+    return f"s3://{bucket}/run"
