@@ -1,0 +1,250 @@
+"""The Reader: batches of stored activations, read once, shuffled, resumable.
+
+Worker processes read whole shards into shared memory (local files: large sequential reads;
+S3: concurrent signed range GETs) and verify their checksums. The reader shuffles shard order
+per epoch and tokens across windows of several shards; a background thread assembles the next
+batches (pinned, copied to the device without blocking) before they are asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from saesweep.data.order import shard_order, token_permutation, windows
+from saesweep.data.pipeline import FetchPipeline
+from saesweep.errors import UserError
+from saesweep.manifest import find_hook
+from saesweep.shards import ACT_DTYPES
+from saesweep.store import FileStore, open_store
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class Reader:
+    """Iterate over a collection's activations: `for acts in Reader(uri, batch_size=4096)`.
+
+    Every stored token comes out exactly once per epoch (the final partial batch included
+    unless drop_last); the same seed gives the same order. `state_dict()` records how far the
+    consumer got; `load_state_dict()` continues from there.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        hook: str | None = None,
+        layer: int | None = None,
+        batch_size: int = 4096,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int = 1,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        with_token_ids: bool = False,
+        drop_last: bool = False,
+        shuffle_tokens: int = 1 << 20,
+        n_workers: int = 2,
+        prefetch_shards: int = 4,
+        prefetch_batches: int = 4,
+        normalize: Literal["norm"] | None = None,
+        on_corrupt: Literal["raise", "skip"] = "raise",
+        s3_connections: int = 16,
+    ):
+        self.store = open_store(uri)
+        self.meta = find_hook(self.store, hook, layer)
+        self.hook = self.meta["hook"]
+        self.shards = self.meta["shards"]
+        self.d_model = self.meta["d_model"]
+        self.n_tokens = self.meta["n_tokens"]
+        self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
+        self.device = torch.device(device)
+        self.dtype = dtype or ACT_DTYPES[self.meta["dtype"]]
+        self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
+        avg = self.n_tokens / max(len(self.shards), 1)
+        self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
+        self.n_workers, self.prefetch_batches = n_workers, prefetch_batches
+        self.n_slots = max(prefetch_shards, self.shards_per_window + 1)
+        self.s3_connections = s3_connections
+        self.normalization = self._normalization(normalize)
+        self.epoch, self.tokens_in_epoch = 0, 0
+        self.corrupt_skipped: list[str] = []
+        self.wait_s = 0.0
+        self._pipeline: FetchPipeline | None = None
+        self._started = time.perf_counter()
+
+    def _normalization(self, normalize: str | None) -> dict | None:
+        if normalize is None:
+            return None
+        if normalize != "norm":
+            raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
+        stats = self.store.get_json(f"{self.hook}/statistics.json")
+        return {"kind": "norm", "scale": math.sqrt(self.d_model) / stats["mean_norm"]}
+
+    def __len__(self) -> int:
+        per_epoch = self.n_tokens / self.batch_size
+        return (math.floor(per_epoch) if self.drop_last else math.ceil(per_epoch)) * self.epochs
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "tokens_in_epoch": self.tokens_in_epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, reader has {self.seed}")
+        self.epoch, self.tokens_in_epoch = state["epoch"], state["tokens_in_epoch"]
+
+    def figures(self) -> dict[str, float]:
+        """Live figures for logging: MB/s read, consumer wait time, shards in flight."""
+        pipe = self._pipeline
+        elapsed = time.perf_counter() - self._started
+        return {
+            "reader/mb_per_s": (pipe.bytes_read if pipe else 0) / 1e6 / max(elapsed, 1e-9),
+            "reader/wait_s": self.wait_s,
+            "reader/buffer_fill": (pipe.in_flight_count() / self.n_slots) if pipe else 0.0,
+            "reader/corrupt_skipped": len(self.corrupt_skipped),
+        }
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(batches, stop), daemon=True)
+        self._started = time.perf_counter()
+        producer.start()
+        try:
+            while True:
+                start = time.perf_counter()
+                item = batches.get()
+                self.wait_s += time.perf_counter() - start
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, (self.epoch, self.tokens_in_epoch) = item
+                yield batch
+        finally:
+            stop.set()
+            producer.join()
+
+    def _produce(self, batches: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for batch, position in self._batches():
+                if not put((self._to_device(batch), position)):
+                    return
+            put(None)
+        except BaseException as err:  # handed to the consumer, which raises it
+            put(err)
+        finally:
+            if self._pipeline is not None:
+                self._pipeline.close()
+                self._pipeline = None
+
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Batch:
+        acts, ids = batch
+        if self.device.type == "cuda":
+            acts = acts.pin_memory().to(self.device, non_blocking=True)
+        acts = acts.to(self.dtype)
+        if self.normalization:
+            acts = acts * self.normalization["scale"]
+        return (acts, ids.to(self.device)) if self.with_token_ids else acts
+
+    def _plan(self) -> list[tuple[int, int, list[int]]]:
+        """(epoch, window index, shards) from the current position to the end."""
+        plan = []
+        for epoch in range(self.epoch, self.epochs):
+            order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+            plan += [
+                (epoch, w, group) for w, group in enumerate(windows(order, self.shards_per_window))
+            ]
+        return plan
+
+    def _batches(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]]:
+        """Consecutive slices of each epoch's token stream (its windows' shuffled tokens, one
+        after another), each with the (epoch, tokens_in_epoch) position after it."""
+        plan, skip = self._plan(), self.tokens_in_epoch
+        while plan and plan[0][0] == self.epoch and skip >= self._window_tokens(plan[0][2]):
+            skip -= self._window_tokens(plan.pop(0)[2])
+        self._pipeline = self._start_pipeline(s for _, _, group in plan for s in group)
+        position, size = self.tokens_in_epoch, self.batch_size
+        pending = self._empty()
+        for i, (epoch, window, group) in enumerate(plan):
+            acts, ids = self._load_window(epoch, window, group)
+            acts, ids = torch.cat([pending[0], acts[skip:]]), torch.cat([pending[1], ids[skip:]])
+            skip, full = 0, len(acts) // size * size
+            for start in range(0, full, size):
+                position += size
+                yield (acts[start : start + size], ids[start : start + size]), (epoch, position)
+            pending = acts[full:], ids[full:]
+            if i + 1 == len(plan) or plan[i + 1][0] != epoch:
+                if len(pending[0]) and not self.drop_last:
+                    yield pending, (epoch + 1, 0)
+                pending, position = self._empty(), 0
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = ACT_DTYPES[self.meta["dtype"]]
+        return torch.empty(0, self.d_model, dtype=dtype), torch.empty(0, dtype=torch.int32)
+
+    def _window_tokens(self, group: list[int]) -> int:
+        return sum(self.shards[s]["n_tokens"] for s in group)
+
+    def _load_window(self, epoch: int, window: int, group: list[int]):
+        parts = []
+        for _ in group:
+            shard, tensors = self._pipeline.next_shard(("acts", "token_ids"))
+            if isinstance(tensors, dict):
+                parts.append(tensors)
+            else:
+                self._bad_shard(shard, tensors)
+        if not parts:
+            return self._empty()
+        acts = torch.cat([p["acts"] for p in parts])
+        ids = torch.cat([p["token_ids"] for p in parts])
+        perm = token_permutation(len(acts), self.seed, epoch, window, self.shuffle)
+        return (acts, ids) if perm is None else (acts[perm], ids[perm])
+
+    def _bad_shard(self, shard: int, status: str) -> None:
+        name = f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
+        if status == "corrupt":
+            message = f"shard {name} does not match its checksum after a refetch"
+        else:
+            message = f"shard {name} could not be read ({status})"
+        if self.on_corrupt == "raise":
+            raise UserError(f"{message}; recollect it or pass on_corrupt='skip'")
+        self.corrupt_skipped.append(name)
+        print(f"warning: skipping {message} ({len(self.corrupt_skipped)} skipped so far)")
+
+    def _start_pipeline(self, schedule: Iterator[int]) -> FetchPipeline:
+        if isinstance(self.store, FileStore):
+            source = {"kind": "file", "root": str(self.store.local_path(self.hook))}
+        else:
+            prefix = f"{self.store.prefix}/{self.hook}".strip("/")
+            source = {
+                "kind": "s3",
+                "bucket": self.store.bucket,
+                "prefix": prefix,
+                "endpoint": self.store.endpoint,
+                "connections": self.s3_connections,
+            }
+        keys = [s["name"] for s in self.shards]
+        return FetchPipeline(
+            source,
+            keys,
+            [s["n_bytes"] for s in self.shards],
+            [s["checksum"] for s in self.shards],
+            iter(schedule),
+            self.n_workers,
+            self.n_slots,
+        )
