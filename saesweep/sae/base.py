@@ -1,0 +1,328 @@
+"""The stacked SAE base: n SAEs of one architecture and shape, stepped with batched matmuls.
+
+Every parameter carries a leading member dimension n. Member i's slice is an ordinary SAE:
+W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. All members see the
+same batch x [B, d_in]; their losses are independent, so the objective is loss.sum().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from beartype import beartype
+from jaxtyping import Bool, Float, jaxtyped
+from torch import Tensor, nn
+
+from saesweep.sae.config import ObjectiveConfig, SAEConfig, stack_key
+from saesweep.sae.sparse import dense_decode, fired_latents, sparse_decode
+
+__all__ = ["Codes", "ObjectiveConfig", "SAEConfig", "StackedSAE", "geometric_median"]
+
+
+@dataclass
+class Codes:
+    """Latent codes of one stacked forward pass: sparse (values, indices) or dense acts."""
+
+    acts: Tensor | None = None
+    """Dense codes [n, B, d_sae]."""
+    values: Tensor | None = None
+    """Sparse code values [n, B, k]."""
+    indices: Tensor | None = None
+    """Sparse code latent indices [n, B, k]."""
+    pre: Tensor | None = None
+    """Pre-activations [n, B, d_sae] (after the encoder ReLU), used by AuxK and JumpReLU's L0."""
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    """Architecture-specific per-member metrics [n] (e.g. switch dropped-token fraction)."""
+
+    def fired(self, d_sae: int) -> Tensor:
+        """[n, d_sae] bool: latents that fired anywhere in the batch."""
+        if self.values is not None:
+            return fired_latents(self.values, self.indices, d_sae)
+        return (self.acts > 0).any(dim=1)
+
+    def l0(self) -> Tensor:
+        """[n] mean number of active latents per token."""
+        codes = self.values if self.values is not None else self.acts
+        return (codes > 0).sum(-1).to(codes.dtype).mean(-1)
+
+
+class StackedSAE(nn.Module):
+    """n SAEs of one architecture and shape; subclasses define encode and penalties."""
+
+    arch: ClassVar[str]
+    sae_lens_architecture: ClassVar[str]
+    apply_b_dec_to_input: ClassVar[bool] = True
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        cfgs: Sequence[SAEConfig],
+        d_in: int,
+        seeds: Sequence[int],
+        objectives: Sequence[ObjectiveConfig],
+    ):
+        super().__init__()
+        self._check_members(cfgs, seeds, objectives)
+        self.cfg = stack_key(cfgs[0])
+        self.cfgs, self.seeds, self.objectives = tuple(cfgs), tuple(seeds), tuple(objectives)
+        self.n, self.d_in, self.d_sae = len(seeds), d_in, self.cfg.width(d_in)
+        self._check_shape()
+        members = [
+            self.init_member(torch.Generator().manual_seed(s), c)
+            for s, c in zip(seeds, cfgs, strict=True)
+        ]
+        for name in members[0]:
+            self.register_parameter(name, nn.Parameter(torch.stack([m[name] for m in members])))
+        self._register_member_buffers()
+        self._last_fired: Tensor | None = None
+        self._last_batch = 0
+
+    def _check_members(self, cfgs, seeds, objectives) -> None:
+        if not (len(cfgs) == len(seeds) == len(objectives) > 0):
+            raise ValueError("cfgs, seeds and objectives need one entry per member")
+        keys = {stack_key(c) for c in cfgs}
+        if len(keys) != 1:
+            raise ValueError(f"members of one stack differ in shape-defining fields: {keys}")
+        if cfgs[0].arch != self.arch:
+            raise ValueError(f"{type(self).__name__} cannot build arch {cfgs[0].arch!r}")
+
+    def _check_shape(self) -> None:
+        """Subclass hook: validate d_in / d_sae / k."""
+
+    def _register_member_buffers(self) -> None:
+        def buf(name, values, dtype=torch.float32):
+            self.register_buffer(name, torch.tensor(values, dtype=dtype))
+
+        buf("sparsity_coeff", [o.sparsity_coeff for o in self.objectives])
+        buf("sparsity_warmup_steps", [o.sparsity_warmup_steps for o in self.objectives])
+        buf("load_balance_coeff", [o.load_balance_coeff for o in self.objectives])
+        buf("aux_coeff", [c.aux_coeff for c in self.cfgs])
+        buf("dead_tokens", [c.dead_tokens for c in self.cfgs], torch.int64)
+        counts = torch.zeros(self.n, self.d_sae, dtype=torch.int64)
+        self.register_buffer("tokens_since_fired", counts)
+
+    # ----- initialization -------------------------------------------------------------------
+
+    def init_dec_norm(self, cfg: SAEConfig) -> float:
+        """Initial L2 norm of decoder rows."""
+        return 1.0
+
+    def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
+        """One member's initial parameters from its own generator (float32, CPU)."""
+        W_dec = torch.randn(self.d_sae, self.d_in, generator=gen)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * self.init_dec_norm(cfg)
+        return {
+            "W_enc": W_dec.T.clone(),
+            "b_enc": torch.zeros(self.d_sae),
+            "W_dec": W_dec,
+            "b_dec": torch.zeros(self.d_in),
+        }
+
+    @torch.no_grad()
+    @jaxtyped(typechecker=beartype)
+    def init_b_dec(self, sample: Float[Tensor, "m d_in"]) -> None:
+        """Set every member's b_dec from a data sample (in the SAE's normalized input space)."""
+        kind = self.cfg.b_dec_init
+        if kind == "zeros":
+            center = torch.zeros_like(sample[0])
+        elif kind == "mean":
+            center = sample.double().mean(0)
+        else:
+            center = geometric_median(sample)
+        self.b_dec.copy_(center.to(self.b_dec).expand_as(self.b_dec))
+
+    # ----- forward --------------------------------------------------------------------------
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """[n, B, d_in]: x minus b_dec (when the architecture subtracts it), per member."""
+        x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
+        return x - self.b_dec.unsqueeze(1) if self.apply_b_dec_to_input else x
+
+    def linear_pre(self, x: Tensor) -> Tensor:
+        """[n, B, d_sae] relu(encoder_input(x) @ W_enc + b_enc)."""
+        return (torch.bmm(self.encoder_input(x), self.W_enc) + self.b_enc.unsqueeze(1)).relu()
+
+    def encode(self, x: Tensor) -> Codes:
+        raise NotImplementedError
+
+    def decode(self, codes: Codes) -> Tensor:
+        """[n, B, d_in] reconstruction (sparse decode when the codes are sparse)."""
+        if codes.values is not None:
+            out = sparse_decode(codes.values, codes.indices, self.W_dec)
+        else:
+            out = dense_decode(codes.acts, self.W_dec)
+        return out + self.b_dec.unsqueeze(1)
+
+    @jaxtyped(typechecker=beartype)
+    def forward(
+        self, x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"]
+    ) -> tuple[Float[Tensor, "n B d_in"], Codes]:
+        """Reconstruct x for every member: (recon [n, B, d_in], codes)."""
+        codes = self.encode(x)
+        return self.decode(codes), codes
+
+    # ----- objective ------------------------------------------------------------------------
+
+    def sparsity_at(self, step: int) -> Tensor:
+        """[n] sparsity coefficient at `step` after each member's linear warmup."""
+        warm = self.sparsity_warmup_steps
+        ramp = (step / warm.clamp_min(1)).clamp(max=1.0)
+        return self.sparsity_coeff * torch.where(warm > 0, ramp, torch.ones_like(ramp))
+
+    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+        """name -> (coeff [n], value [n]); the loss adds coeff * value."""
+        return {}
+
+    @jaxtyped(typechecker=beartype)
+    def loss(
+        self, x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"], step: int = 0
+    ) -> tuple[Float[Tensor, " n"], dict[str, Tensor]]:
+        """(loss per member [n], metrics of [n] tensors). Optimize loss.sum().
+
+        Remembers which latents fired, for after_optimizer_step's dead-latent update.
+        """
+        recon, codes = self(x)
+        err = recon - x
+        mse = err.pow(2).mean(dim=(1, 2))
+        terms = self.penalties(x, recon, codes, step)
+        loss = mse + sum((c * v for c, v in terms.values()), torch.zeros_like(mse))
+        self._remember(codes, x.shape[-2])
+        metrics = {"loss": loss, "mse": mse, "fvu": fvu(x, recon), "l0": codes.l0()}
+        metrics["dead_pct"] = 100 * self.dead_mask().to(mse.dtype).mean(-1)
+        metrics |= {name: v for name, (_, v) in terms.items()} | codes.extra
+        return loss, {k: v.detach() for k, v in metrics.items()}
+
+    @staticmethod
+    def finite_members(loss: Tensor) -> Tensor:
+        """[n] bool: members whose loss is finite (others must not be updated)."""
+        return torch.isfinite(loss.detach())
+
+    # ----- optimizer hooks ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the decoder-gradient component parallel to the unit-norm decoder rows."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        W, g = self.W_dec, self.W_dec.grad
+        g.sub_((g * W).sum(-1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, update_mask: Tensor | None = None) -> None:
+        """Renormalize decoder rows and update dead-latent counters and running statistics
+        from the last loss() call, for members in update_mask ([n] bool, default all)."""
+        mask = self._mask(update_mask)
+        if self.unit_norm_decoder:
+            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
+            self.W_dec.copy_(torch.where(mask.view(-1, 1, 1), unit, self.W_dec))
+        self.update_running_stats(mask)
+
+    def update_running_stats(self, mask: Tensor) -> None:
+        """Dead-latent counters; subclasses add their own running estimates."""
+        if self._last_fired is None:
+            return
+        counts = torch.where(self._last_fired, 0, self.tokens_since_fired + self._last_batch)
+        old = self.tokens_since_fired
+        self.tokens_since_fired.copy_(torch.where(mask.unsqueeze(1), counts, old))
+        self._last_fired = None
+
+    def _remember(self, codes: Codes, batch: int) -> None:
+        if self.training:
+            self._last_fired = codes.fired(self.d_sae).detach()
+            self._last_batch = batch
+
+    def _mask(self, mask: Tensor | None) -> Tensor:
+        if mask is None:
+            return torch.ones(self.n, dtype=torch.bool, device=self.b_dec.device)
+        return mask.to(self.b_dec.device)
+
+    def dead_mask(self) -> Bool[Tensor, "n d_sae"]:
+        """[n, d_sae] bool: latents that have not fired for dead_tokens tokens."""
+        return self.tokens_since_fired >= self.dead_tokens.unsqueeze(1)
+
+    # ----- export ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def member_state_dict(self, i: int, input_scale: float = 1.0) -> dict[str, Tensor]:
+        """Member i in SAELens layout, acting on RAW activations.
+
+        The SAE was trained on x * input_scale; the scale is folded into the weights so the
+        exported SAE maps raw x to a raw reconstruction.
+        """
+        s = input_scale
+        sd = {
+            "W_enc": self.W_enc[i] * s,
+            "b_enc": self.b_enc[i],
+            "W_dec": self.W_dec[i] / s,
+            "b_dec": self.b_dec[i] / s,
+        }
+        sd |= self._export_extra(i, s)
+        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+    @torch.no_grad()
+    def load_member_state_dict(
+        self, i: int, sd: dict[str, Tensor], input_scale: float = 1.0
+    ) -> None:
+        """Inverse of member_state_dict: load member i from a raw-space state dict."""
+        s = input_scale
+        self.W_enc[i] = sd["W_enc"] / s
+        self.b_enc[i] = sd["b_enc"]
+        self.W_dec[i] = sd["W_dec"] * s
+        self.b_dec[i] = sd["b_dec"] * s
+        self._import_extra(i, sd, s)
+
+    def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
+        return {}
+
+    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
+        pass
+
+    def sae_lens_cfg(self) -> dict:
+        """The SAELens fields of a member's cfg.json (architecture, shape, activation)."""
+        return {
+            "architecture": self.sae_lens_architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "saesweep_arch": self.arch,
+        } | self._sae_lens_extra()
+
+    def _sae_lens_extra(self) -> dict:
+        return {}
+
+
+@jaxtyped(typechecker=beartype)
+def fvu(
+    x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"], recon: Float[Tensor, "n B d_in"]
+) -> Float[Tensor, " n"]:
+    """[n] fraction of variance unexplained: sum |recon - x|^2 / sum |x - mean(x)|^2."""
+    x = x.expand_as(recon)
+    total = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
+    return (recon - x).pow(2).sum(dim=(1, 2)) / total.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+@jaxtyped(typechecker=beartype)
+def geometric_median(
+    points: Float[Tensor, "m d"], iters: int = 32, eps: float = 1e-8
+) -> Float[Tensor, " d"]:
+    """Geometric median by Weiszfeld iterations (float64), started from the mean."""
+    p = points.double()
+    y = p.mean(0)
+    for _ in range(iters):
+        w = 1 / (p - y).norm(dim=1).clamp_min(eps)
+        y_new = (w.unsqueeze(1) * p).sum(0) / w.sum()
+        if (y_new - y).norm() <= eps * max(1.0, y.norm().item()):
+            return y_new
+        y = y_new
+    return y
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) unless cond."""
+    if not cond:
+        raise ValueError(msg)

@@ -1,0 +1,53 @@
+"""BatchTopK SAE (Bussmann et al. 2024): top k*B activations over the whole batch in training,
+a running-estimate threshold at inference (exported as a JumpReLU threshold)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saesweep.sae.base import Codes
+from saesweep.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """TopK over the flattened batch; inference uses the learned threshold instead."""
+
+    arch = "batchtopk"
+    sae_lens_architecture = "jumprelu"
+
+    def _register_member_buffers(self) -> None:
+        super()._register_member_buffers()
+        self.register_buffer("threshold", torch.full((self.n,), -1.0))
+        self._last_min_kept: Tensor | None = None
+
+    def encode(self, x: Tensor) -> Codes:
+        pre = self.linear_pre(x)
+        if not self.training:
+            return Codes(acts=pre * (pre > self.threshold.clamp_min(0).view(-1, 1, 1)), pre=pre)
+        n, B, d_sae = pre.shape
+        values, flat_idx = pre.reshape(n, B * d_sae).topk(self.k * B, dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).reshape(n, B * d_sae).scatter(1, flat_idx, values)
+        kept = values.detach().where(values.detach() > 0, torch.inf)
+        self._last_min_kept = kept.amin(dim=-1)
+        return Codes(acts=acts.view(n, B, d_sae), pre=pre)
+
+    def update_running_stats(self, mask: Tensor) -> None:
+        """Also move each member's threshold toward the smallest positive kept activation."""
+        super().update_running_stats(mask)
+        if self._last_min_kept is None:
+            return
+        m, thr = self._last_min_kept, self.threshold
+        mom = self.cfg.batchtopk_threshold_momentum
+        new = torch.where(thr < 0, m, mom * thr + (1 - mom) * m)
+        self.threshold.copy_(torch.where(mask & torch.isfinite(m), new, thr))
+        self._last_min_kept = None
+
+    def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
+        return {"threshold": self.threshold[i].clamp_min(0).expand(self.d_sae)}
+
+    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
+        self.threshold[i] = sd["threshold"].mean()
+
+    def _sae_lens_extra(self) -> dict:
+        return {"k": self.k}

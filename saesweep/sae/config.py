@@ -1,0 +1,79 @@
+"""Configuration of one SAE (architecture, width) and of its training objective."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Arch = Literal["topk", "batchtopk", "switch", "relu", "jumprelu"]
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Architecture and shape of one sparse autoencoder."""
+
+    arch: Arch = "topk"
+    """Architecture: topk, batchtopk, switch (mixture of TopK experts), relu (L1), jumprelu (L0)."""
+    exp_factor: int = 8
+    """Latent width as a multiple of the activation width d_in (d_sae = exp_factor * d_in)."""
+    d_sae: int | None = None
+    """Explicit latent width; overrides exp_factor when set."""
+    k: int = 32
+    """Active latents per token (topk, switch: per token inside its expert; batchtopk: mean)."""
+    n_experts: int = 8
+    """Switch: number of experts; each expert is a TopK SAE of width d_sae / n_experts."""
+    switch_capacity_factor: float = 2.0
+    """Switch: each expert takes at most ceil(factor * batch / n_experts) tokens per batch;
+    tokens past an expert's capacity get no latents. n_experts or more means no token is dropped."""
+    aux_k: int | None = None
+    """AuxK (topk, batchtopk): dead latents used to model the residual; default d_in // 2."""
+    aux_coeff: float = 1 / 32
+    """AuxK loss coefficient (0 turns AuxK off). May differ between members of a stack."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead when it has not fired for this many tokens. May differ inside a stack."""
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU: width of the rectangle kernel of the straight-through threshold gradient."""
+    jumprelu_init_threshold: float = 0.001
+    """JumpReLU: initial threshold of every latent. May differ inside a stack."""
+    batchtopk_threshold_momentum: float = 0.99
+    """BatchTopK: momentum of the running estimate of the inference threshold (the smallest
+    positive activation that batch top-k kept)."""
+    relu_init_norm: float = 0.1
+    """ReLU: initial L2 norm of every decoder row (April-2024 Anthropic recipe)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How init_b_dec sets the decoder bias from a data sample."""
+
+    def width(self, d_in: int) -> int:
+        """The latent width d_sae for activations of width d_in."""
+        return self.d_sae if self.d_sae is not None else self.exp_factor * d_in
+
+    def resolved_aux_k(self, d_in: int) -> int:
+        """AuxK width: aux_k, or d_in // 2 as in OpenAI's recipe, at most d_sae."""
+        aux_k = self.aux_k if self.aux_k is not None else d_in // 2
+        return max(1, min(aux_k, self.width(d_in)))
+
+
+PER_MEMBER_FIELDS = ("aux_coeff", "dead_tokens", "jumprelu_init_threshold")
+"""SAEConfig fields that may differ between members of one stack."""
+
+
+def stack_key(cfg: SAEConfig) -> SAEConfig:
+    """The config with per-member fields reset: configs with equal keys can share a stack."""
+    defaults = {name: getattr(SAEConfig, name) for name in PER_MEMBER_FIELDS}
+    return dataclasses.replace(cfg, **defaults)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Training objective weights; every field may differ between members of a stack.
+
+    The reconstruction term is the mean squared error per element (mean over batch and d_in).
+    """
+
+    sparsity_coeff: float = 4e-4
+    """Sparsity penalty: L1 weighted by decoder row norms (relu), L0 (jumprelu); ignored else."""
+    sparsity_warmup_steps: int = 0
+    """Steps over which the sparsity coefficient rises linearly from 0 (0: no warmup)."""
+    load_balance_coeff: float = 0.01
+    """Switch: coefficient of the router load-balancing loss E * sum_e f_e * P_e."""

@@ -1,0 +1,53 @@
+"""Plain single-SAE forward of an exported member (SAELens layout, raw activations).
+
+The reference semantics of a checkpoint: evaluation code can run it without building a
+stacked module, and tests check the stacked module's export against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+
+
+@jaxtyped(typechecker=beartype)
+def apply_exported(
+    cfg: dict, sd: dict[str, Tensor], x: Float[Tensor, "B d_in"]
+) -> Float[Tensor, "B d_in"]:
+    """Reconstruct x with one exported SAE; cfg is StackedSAE.sae_lens_cfg()."""
+    return exported_acts(cfg, sd, x) @ sd["W_dec"] + sd["b_dec"]
+
+
+@jaxtyped(typechecker=beartype)
+def exported_acts(
+    cfg: dict, sd: dict[str, Tensor], x: Float[Tensor, "B d_in"]
+) -> Float[Tensor, "B d_sae"]:
+    """Dense latent activations of one exported SAE."""
+    x_in = x - sd["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    pre = (x_in @ sd["W_enc"] + sd["b_enc"]).relu()
+    arch = cfg["architecture"]
+    if arch == "topk":
+        return _keep_topk(pre, cfg["k"])
+    if arch == "jumprelu":
+        return pre * (pre > sd["threshold"])
+    if arch == "switch":
+        return _switch_acts(cfg, sd, x_in, pre)
+    return pre
+
+
+def _keep_topk(pre: Tensor, k: int) -> Tensor:
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, values)
+
+
+def _switch_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) -> Tensor:
+    """Top-1 expert per token, top-k inside it, scaled by the router probability."""
+    E = cfg["n_experts"]
+    probs = (x_in @ sd["W_router"] + sd["b_router"]).softmax(-1)
+    p, expert = probs.max(-1)
+    blocks = pre.view(pre.shape[0], E, -1)
+    own = (torch.arange(E, device=pre.device) == expert.unsqueeze(1)).unsqueeze(-1)
+    acts = _keep_topk(blocks.where(own, 0).flatten(1), cfg["k"])
+    return acts * p.unsqueeze(1)

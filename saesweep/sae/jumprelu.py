@@ -1,0 +1,87 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024): learned per-latent thresholds trained with a
+straight-through estimator (rectangle kernel of bandwidth eps), L0 sparsity penalty."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from saesweep.sae.base import Codes, SAEConfig, StackedSAE
+
+
+def _rectangle(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """K((z - threshold) / eps) / eps with K the rectangle kernel on (-1/2, 1/2)."""
+    return ((z - threshold).abs() < bandwidth / 2).to(z.dtype) / bandwidth
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    return grad.sum(dim=1, keepdim=True) if shape[1] == 1 else grad
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """z * H(z - threshold); threshold grad -(threshold / eps) K((z - threshold) / eps)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, threshold = ctx.saved_tensors
+        grad_z = g * (z > threshold)
+        grad_t = -(threshold * _rectangle(z, threshold, ctx.bandwidth)) * g
+        return grad_z, _sum_to(grad_t, threshold.shape), None
+
+
+class StepFn(torch.autograd.Function):
+    """H(z - threshold); threshold grad -(1 / eps) K((z - threshold) / eps), no z grad."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, threshold = ctx.saved_tensors
+        grad_t = -_rectangle(z, threshold, ctx.bandwidth) * g
+        return None, _sum_to(grad_t, threshold.shape), None
+
+
+class JumpReLUSAE(StackedSAE):
+    """f = relu(pre) * (pre > exp(log_threshold)); penalty L0 through the same STE."""
+
+    arch = "jumprelu"
+    sae_lens_architecture = "jumprelu"
+
+    def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
+        member = super().init_member(gen, cfg)
+        log_t = math.log(cfg.jumprelu_init_threshold)
+        return member | {"log_threshold": torch.full((self.d_sae,), log_t)}
+
+    def thresholds(self) -> Tensor:
+        """[n, 1, d_sae] thresholds."""
+        return self.log_threshold.exp().unsqueeze(1)
+
+    def encode(self, x: Tensor) -> Codes:
+        pre = self.linear_pre(x)
+        acts = JumpReLUFn.apply(pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
+        return Codes(acts=acts, pre=pre)
+
+    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+        l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
+        return {"sparsity_loss": (self.sparsity_at(step), l0.sum(-1).mean(-1))}
+
+    def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
+        return {"threshold": self.log_threshold[i].exp()}
+
+    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
+        self.log_threshold[i] = sd["threshold"].log()
+
+    def _sae_lens_extra(self) -> dict:
+        return {"jumprelu_bandwidth": self.cfg.jumprelu_bandwidth}

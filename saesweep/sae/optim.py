@@ -1,0 +1,179 @@
+"""Stacked Adam(W), per-member gradient clipping and learning-rate schedules.
+
+Adam is elementwise, so one optimizer over stacked parameters [n, ...] with a per-member
+learning rate [n] is the same as n separate Adams. Each member keeps its own step count, so
+a member whose update is masked (e.g. its loss was NaN) is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+def default_lr(d_sae: int) -> float:
+    """Learning rate scaled with width: 2e-4 / sqrt(d_sae / 2**14) (OpenAI's heuristic)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def _bcast(v: Tensor, p: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (p.dim() - 1))).to(p.dtype)
+
+
+class StackedAdam:
+    """Adam / AdamW over parameters with a leading member dimension n, lr per member."""
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: Sequence[float] | Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: Sequence[float] | Tensor | float = 0.0,
+    ):
+        self.params = list(params)
+        self.n = self.params[0].shape[0]
+        device = self.params[0].device
+        if any(p.shape[0] != self.n for p in self.params):
+            raise ValueError("every stacked parameter needs the same leading member dimension")
+        self.betas, self.eps = betas, eps
+        self.base_lr = torch.as_tensor(lr, dtype=torch.float64, device=device).clone()
+        self.lr = self.base_lr.clone()
+        wd = torch.as_tensor(weight_decay, dtype=torch.float64, device=device)
+        self.weight_decay = wd.expand(self.n).clone()
+        self.step_count = torch.zeros(self.n, dtype=torch.int64, device=device)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def set_lr_factor(self, factor: Tensor | float) -> None:
+        """Current lr = base lr * factor (a scalar or per member [n])."""
+        self.lr = self.base_lr * torch.as_tensor(factor, dtype=torch.float64).to(self.lr.device)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, update_mask: Tensor | None = None) -> None:
+        """One Adam step for members in update_mask ([n] bool, default all)."""
+        mask = torch.ones_like(self.step_count, dtype=torch.bool)
+        if update_mask is not None:
+            mask = update_mask.to(self.step_count.device)
+        self.step_count += mask
+        t = self.step_count.clamp_min(1).to(torch.float64)
+        b1, b2 = self.betas
+        step_size = self.lr / (1 - b1**t)
+        bc2_sqrt = (1 - b2**t).sqrt()
+        decay = 1 - self.lr * self.weight_decay
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            self._update(p, p.grad, m, v, mask, step_size, bc2_sqrt, decay)
+
+    def _update(self, p, g, m, v, mask, step_size, bc2_sqrt, decay) -> None:
+        keep = _bcast(mask, p).bool()
+        b1, b2 = self.betas
+        m_new = m.lerp(g, 1 - b1)
+        v_new = v * b2 + g * g * (1 - b2)
+        denom = v_new.sqrt() / _bcast(bc2_sqrt, p) + self.eps
+        p_new = p * _bcast(decay, p) - _bcast(step_size, p) * m_new / denom
+        m.copy_(torch.where(keep, m_new, m))
+        v.copy_(torch.where(keep, v_new, v))
+        p.copy_(torch.where(keep, p_new, p))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat tensor dict (safetensors-friendly) for bit-identical resume."""
+        sd = {
+            "step": self.step_count,
+            "base_lr": self.base_lr,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+        }
+        for j, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
+            sd[f"exp_avg.{j}"], sd[f"exp_avg_sq.{j}"] = m, v
+        return {k: t.detach().clone() for k, t in sd.items()}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        self.step_count.copy_(sd["step"])
+        self.base_lr.copy_(sd["base_lr"])
+        self.lr = sd["lr"].clone().to(self.base_lr)
+        self.weight_decay.copy_(sd["weight_decay"])
+        for j, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
+            m.copy_(sd[f"exp_avg.{j}"])
+            v.copy_(sd[f"exp_avg_sq.{j}"])
+
+
+@torch.no_grad()
+def member_grad_norms(params: Iterable[nn.Parameter]) -> Tensor:
+    """[n] L2 norm of each member's gradient over all stacked parameters."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = [g.pow(2).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) for g in grads]
+    return torch.stack(sq).sum(0).sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float | Tensor) -> Tensor:
+    """Scale each member's gradient to norm <= max_norm (per member [n] or scalar).
+
+    Returns the [n] norms before clipping. Non-finite norms leave that member untouched
+    (mask its update instead).
+    """
+    params = [p for p in params if p.grad is not None]
+    norms = member_grad_norms(params)
+    scale = (torch.as_tensor(max_norm, dtype=torch.float64) / (norms + 1e-6)).clamp(max=1.0)
+    scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
+    for p in params:
+        p.grad.mul_(_bcast(scale, p.grad))
+    return norms
+
+
+Decay = Literal["constant", "linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Per-member lr factor: linear warmup, constant, then decay to 0 at total_steps.
+
+    Each member may have its own warmup, decay shape and decay start.
+    """
+
+    total_steps: int
+    warmup_steps: Sequence[int] | int = 0
+    """Steps of linear warmup from 0."""
+    decay: Sequence[Decay] | Decay = "constant"
+    """Shape after the constant phase: constant, linear or cosine decay to 0."""
+    decay_start: Sequence[float] | float = 0.8
+    """Fraction of total_steps at which the decay begins."""
+
+    def factor(self, step: int, n: int) -> Tensor:
+        """[n] lr multipliers at `step`."""
+        cols = [_per_member(v, n) for v in (self.warmup_steps, self.decay, self.decay_start)]
+        rows = [self._one(step, w, d, s) for w, d, s in zip(*cols, strict=True)]
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def member(self, i: int, n: int) -> LRSchedule:
+        """Member i's schedule alone (for a stack of one)."""
+        w, d, s = (_per_member(v, n)[i] for v in (self.warmup_steps, self.decay, self.decay_start))
+        return LRSchedule(self.total_steps, [w], [d], [s])
+
+    def _one(self, step: int, warmup: int, decay: Decay, start: float) -> float:
+        warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        begin = start * self.total_steps
+        if decay == "constant" or step < begin:
+            return warm
+        frac = min(1.0, (step - begin) / max(1.0, self.total_steps - begin))
+        tail = 1 - frac if decay == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        return warm * tail
+
+
+def _per_member(value, n: int) -> list:
+    if isinstance(value, str | int | float):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"expected {n} per-member values, got {len(value)}")
+    return list(value)

@@ -1,0 +1,34 @@
+"""ReLU SAE with the April-2024 Anthropic recipe: L1 penalty weighted by decoder row norms,
+linear sparsity warmup, no decoder norm constraint, no pre-encoder bias, small-norm init."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from saesweep.sae.base import Codes, SAEConfig, StackedSAE
+
+
+class ReLUSAE(StackedSAE):
+    """f = relu(x W_enc + b_enc); penalty sum_i f_i * |W_dec[i]|."""
+
+    arch = "relu"
+    sae_lens_architecture = "standard"
+    apply_b_dec_to_input = False
+    unit_norm_decoder = False
+
+    def init_dec_norm(self, cfg: SAEConfig) -> float:
+        return cfg.relu_init_norm
+
+    def encode(self, x: Tensor) -> Codes:
+        return Codes(acts=self.linear_pre(x))
+
+    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+        return {"sparsity_loss": (self.sparsity_at(step), self.weighted_l1(codes.acts))}
+
+    def weighted_l1(self, acts: Tensor) -> Tensor:
+        """[n] mean over tokens of sum_i acts_i * |W_dec[i]|."""
+        norms = self.W_dec.norm(dim=-1).unsqueeze(1)
+        return (acts * norms).sum(-1).mean(-1)
+
+    def _sae_lens_extra(self) -> dict:
+        return {"activation_fn_str": "relu", "activation_fn_kwargs": {}}

@@ -1,0 +1,38 @@
+"""One training step of a stacked SAE: the exact call sequence the group trainer uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saesweep.sae.base import StackedSAE
+from saesweep.sae.optim import StackedAdam, clip_grad_norm_, member_grad_norms
+
+
+def train_step(
+    sae: StackedSAE,
+    opt: StackedAdam,
+    x: Tensor,
+    step: int,
+    max_grad_norm: float | Tensor | None = 1.0,
+    active: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """loss -> backward -> before_optimizer_step -> clip -> masked Adam step ->
+    after_optimizer_step. Members with a non-finite loss or gradient (or not in `active`,
+    [n] bool) are left untouched. Returns per-member metrics [n], plus "updated" and
+    "grad_norm"."""
+    opt.zero_grad()
+    loss, metrics = sae.loss(x, step)
+    ok = sae.finite_members(loss)
+    if active is not None:
+        ok &= active.to(ok.device)
+    loss.where(ok, torch.zeros_like(loss)).sum().backward()
+    sae.before_optimizer_step()
+    if max_grad_norm is None:
+        norms = member_grad_norms(sae.parameters())
+    else:
+        norms = clip_grad_norm_(sae.parameters(), max_norm=max_grad_norm)
+    ok &= torch.isfinite(norms).to(ok.device)
+    opt.step(update_mask=ok)
+    sae.after_optimizer_step(update_mask=ok)
+    return metrics | {"updated": ok, "grad_norm": norms}

@@ -1,0 +1,104 @@
+"""Switch SAE (Mudide 2024): a router sends each token to one of E TopK experts of width
+d_sae / E; the expert's output is scaled by the router probability; a load-balancing loss
+E * sum_e f_e * P_e keeps experts in use.
+
+Latents are laid out expert-major: expert e owns latents [e*m, (e+1)*m), m = d_sae / E, so
+W_enc / W_dec keep the plain SAELens layout. Dispatch is vectorized with index ops and one
+batched matmul over (member, expert) pairs with a fixed per-expert capacity: no Python loop
+over experts and no host synchronization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saesweep.sae.base import Codes, SAEConfig, check
+from saesweep.sae.topk import TopKSAE
+
+
+class SwitchSAE(TopKSAE):
+    """Top-1 routed mixture of TopK experts."""
+
+    arch = "switch"
+    sae_lens_architecture = "switch"
+
+    def _check_shape(self) -> None:
+        E = self.cfg.n_experts
+        check(E > 0 and self.d_sae % E == 0, f"d_sae={self.d_sae} must be a multiple of {E=}")
+        self.n_experts, self.expert_width = E, self.d_sae // E
+        check(0 < self.cfg.k <= self.expert_width, "k must lie in [1, d_sae / n_experts]")
+        self.k = self.cfg.k
+
+    def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
+        member = super().init_member(gen, cfg)
+        W_router = torch.randn(self.d_in, self.n_experts, generator=gen) / math.sqrt(self.d_in)
+        return member | {"W_router": W_router, "b_router": torch.zeros(self.n_experts)}
+
+    def capacity(self, batch: int) -> int:
+        """Tokens per expert per batch (the whole batch at inference: nothing dropped)."""
+        if not self.training:
+            return batch
+        return min(batch, math.ceil(self.cfg.switch_capacity_factor * batch / self.n_experts))
+
+    def route(self, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        """(router probabilities [n, B, E], chosen expert [n, B])."""
+        logits = torch.bmm(x_in, self.W_router) + self.b_router.unsqueeze(1)
+        probs = logits.softmax(dim=-1)
+        return probs, probs.argmax(dim=-1)
+
+    def encode(self, x: Tensor) -> Codes:
+        x_in = self.encoder_input(x)
+        probs, expert = self.route(x_in)
+        pre, kept = self.expert_pre(x_in, expert, self.capacity(x_in.shape[1]))
+        values, local = pre.topk(self.k, dim=-1, sorted=False)
+        p = probs.gather(-1, expert.unsqueeze(-1))
+        indices = local + (expert * self.expert_width).unsqueeze(-1)
+        extra = {"switch_dropped": 1 - kept.to(pre.dtype).mean(-1)}
+        codes = Codes(values=values * p, indices=indices, extra=extra)
+        codes.extra["load_balance"] = self.load_balance(probs, expert)
+        return codes
+
+    def expert_pre(self, x_in: Tensor, expert: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+        """relu pre-activations [n, B, m] of each token's own expert, and kept [n, B] bool.
+
+        Tokens are placed into per-expert slots [n, E, C] in batch order; a token past its
+        expert's capacity C is dropped (zero pre-activations).
+        """
+        n, B, d_in = x_in.shape
+        E, m, C = self.n_experts, self.expert_width, capacity
+        one_hot = F.one_hot(expert, E)
+        pos = (one_hot.cumsum(dim=1) * one_hot).sum(-1) - 1
+        kept = pos < C
+        slot = torch.where(kept, expert * C + pos, E * C)
+        token_of_slot = torch.full((n, E * C + 1), B, device=x_in.device)
+        token_of_slot.scatter_(1, slot, torch.arange(B, device=x_in.device).expand(n, B))
+        token_of_slot[:, E * C] = B
+        x_pad = torch.cat([x_in, x_in.new_zeros(n, 1, d_in)], dim=1)
+        x_slots = x_pad.gather(1, token_of_slot[:, : E * C, None].expand(-1, -1, d_in))
+        W = self.W_enc.view(n, d_in, E, m).permute(0, 2, 1, 3).reshape(n * E, d_in, m)
+        pre = torch.bmm(x_slots.view(n * E, C, d_in), W).view(n, E, C, m)
+        pre = (pre + self.b_enc.view(n, E, 1, m)).relu().reshape(n, E * C, m)
+        pre = torch.cat([pre, pre.new_zeros(n, 1, m)], dim=1)
+        return pre.gather(1, slot.unsqueeze(-1).expand(-1, -1, m)), kept
+
+    def load_balance(self, probs: Tensor, expert: Tensor) -> Tensor:
+        """[n] E * sum_e f_e * P_e: f_e token fraction routed to e, P_e mean router prob."""
+        f = F.one_hot(expert, self.n_experts).to(probs.dtype).mean(dim=1)
+        return self.n_experts * (f * probs.mean(dim=1)).sum(-1)
+
+    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+        return {"load_balance": (self.load_balance_coeff, codes.extra.pop("load_balance"))}
+
+    def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
+        return {"W_router": self.W_router[i] * s, "b_router": self.b_router[i]}
+
+    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
+        self.W_router[i] = sd["W_router"] / s
+        self.b_router[i] = sd["b_router"]
+
+    def _sae_lens_extra(self) -> dict:
+        return {"k": self.k, "n_experts": self.n_experts}

@@ -1,0 +1,51 @@
+"""TopK SAE (Gao et al. 2024): ReLU then top-k, AuxK loss on dead latents, unit-norm decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saesweep.sae.base import Codes, StackedSAE, check
+from saesweep.sae.sparse import sparse_decode
+
+
+class TopKSAE(StackedSAE):
+    """Keeps the k largest ReLU pre-activations per token; decodes sparsely."""
+
+    arch = "topk"
+    sae_lens_architecture = "topk"
+
+    def _check_shape(self) -> None:
+        check(0 < self.cfg.k <= self.d_sae, f"k={self.cfg.k} must lie in [1, d_sae={self.d_sae}]")
+        self.k = self.cfg.k
+        self.aux_k = self.cfg.resolved_aux_k(self.d_in)
+
+    def encode(self, x: Tensor) -> Codes:
+        pre = self.linear_pre(x)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return Codes(values=values, indices=indices, pre=pre)
+
+    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, recon, codes))}
+
+    def auxk_loss(self, x: Tensor, recon: Tensor, codes: Codes) -> Tensor:
+        """[n] AuxK: the top aux_k dead latents reconstruct the residual x - recon.
+
+        Normalized by the input's total variance and scaled by min(n_dead / aux_k, 1)
+        (EleutherAI's form of OpenAI's loss). Zero when no member has dead latents.
+        """
+        dead = self.dead_mask()
+        if not bool(dead.any()):
+            return recon.new_zeros(self.n)
+        residual = (x - recon).detach()
+        masked = codes.pre.where(dead.unsqueeze(1), 0)
+        values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
+        aux_recon = sparse_decode(values, indices, self.W_dec)
+        x = x.expand_as(recon)
+        total = (x - x.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2))
+        total = total.clamp_min(torch.finfo(x.dtype).tiny)
+        scale = (dead.sum(-1) / self.aux_k).clamp(max=1.0).to(recon.dtype)
+        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total
+
+    def _sae_lens_extra(self) -> dict:
+        return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}

@@ -1,0 +1,216 @@
+"""A stack of n SAEs behaves exactly like n separate SAEs; optimizer, resume, export, NaN."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae.export import apply_exported
+from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
+from saesweep.sae.step import train_step
+from saesweep.sae.synthetic import sparse_mixture
+
+D_IN, D_SAE, B = 32, 128, 64
+ARCHS = sorted(ARCHITECTURES)
+SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
+
+
+def _cfg(arch: str, **kw) -> SAEConfig:
+    base = dict(arch=arch, d_sae=D_SAE, k=8, n_experts=4, dead_tokens=3 * B)
+    base |= dict(jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1)
+    return SAEConfig(**(base | kw))
+
+
+def _member_cfgs(arch):
+    return [_cfg(arch, aux_coeff=a, dead_tokens=d) for a, d in [(1 / 32, 128), (0.1, 192), (0, 64)]]
+
+
+OBJECTIVES = [
+    ObjectiveConfig(sparsity_coeff=1e-3, sparsity_warmup_steps=5, load_balance_coeff=0.01),
+    ObjectiveConfig(sparsity_coeff=3e-3, sparsity_warmup_steps=0, load_balance_coeff=0.1),
+    ObjectiveConfig(sparsity_coeff=1e-2, sparsity_warmup_steps=10, load_balance_coeff=0.0),
+]
+
+
+def _data(steps, seed=1):
+    return sparse_mixture(steps * B, D_IN, seed=seed, dtype=torch.float64)
+
+
+def _run(sae, opt, data, steps, schedule=None, start=0):
+    metrics = []
+    for s in range(start, start + steps):
+        if schedule is not None:
+            opt.set_lr_factor(schedule.factor(s, sae.n))
+        metrics.append(train_step(sae, opt, data[s * B : (s + 1) * B], s, max_grad_norm=1.0))
+    return metrics
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stack_equals_separate_members(arch):
+    steps, data = 20, _data(20)
+    schedule = LRSchedule(
+        total_steps=steps, warmup_steps=[0, 5, 3], decay=["linear", "cosine", "constant"]
+    )
+    cfgs = _member_cfgs(arch)
+    stack = make_sae(cfgs, D_IN, SEEDS, OBJECTIVES, dtype=torch.float64)
+    stack.init_b_dec(data[:256])
+    opt = StackedAdam(stack.parameters(), lr=LRS)
+    stacked = _run(stack, opt, data, steps, schedule)
+    for i in range(3):
+        single = make_sae(cfgs[i], D_IN, [SEEDS[i]], OBJECTIVES[i], dtype=torch.float64)
+        single.init_b_dec(data[:256])
+        opt_i = StackedAdam(single.parameters(), lr=[LRS[i]])
+        alone = _run(single, opt_i, data, steps, schedule.member(i, 3))
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=1e-9, atol=1e-10)
+        for name, buf in single.named_buffers():
+            torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=1e-9, atol=1e-10)
+        for key in stacked[-1]:
+            got = torch.stack([m[key][i] for m in stacked])
+            want = torch.stack([m[key][0] for m in alone]).to(got.dtype)
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_seed_same_init_anywhere_in_stack(arch):
+    a = make_sae(_cfg(arch), D_IN, [1, 2, 3])
+    b = make_sae(_cfg(arch), D_IN, [9, 3, 1, 4])
+    c = make_sae(_cfg(arch), D_IN, [2])
+    for name, p in a.named_parameters():
+        assert torch.equal(p[0], b.get_parameter(name)[2])
+        assert torch.equal(p[2], b.get_parameter(name)[1])
+        assert torch.equal(p[1], c.get_parameter(name)[0])
+    assert not torch.equal(a.W_dec[0], a.W_dec[1])
+
+
+def test_stack_rejects_members_of_different_shape():
+    with pytest.raises(ValueError, match="shape-defining"):
+        make_sae([_cfg("topk", k=8), _cfg("topk", k=16)], D_IN, [0, 1])
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "switch"])
+def test_nan_member_is_detected_and_masked(arch):
+    data = _data(6)
+    ref = make_sae(_cfg(arch), D_IN, SEEDS, dtype=torch.float64)
+    bad = make_sae(_cfg(arch), D_IN, SEEDS, dtype=torch.float64)
+    with torch.no_grad():
+        bad.W_enc[1, 0, 0] = math.nan
+    before = {n: p[1].clone() for n, p in bad.named_parameters()}
+    loss, _ = bad.loss(data[:B])
+    assert bad.finite_members(loss).tolist() == [True, False, True]
+    opt_ref, opt_bad = StackedAdam(ref.parameters(), lr=LRS), StackedAdam(bad.parameters(), lr=LRS)
+    _run(ref, opt_ref, data, 5)
+    metrics = _run(bad, opt_bad, data, 5)
+    assert metrics[-1]["updated"].tolist() == [True, False, True]
+    assert opt_bad.step_count.tolist() == [5, 0, 5]
+    for name, p in bad.named_parameters():
+        for i in (0, 2):
+            torch.testing.assert_close(p[i], ref.get_parameter(name)[i], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(p[1], before[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_stacked_adam_matches_torch_adam_and_adamw():
+    for wd, torch_cls in [(0.0, torch.optim.Adam), (0.1, torch.optim.AdamW)]:
+        gen = torch.Generator().manual_seed(0)
+        p0 = torch.randn(1, 7, 5, generator=gen, dtype=torch.float64)
+        mine, ref = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0[0].clone())
+        opt = StackedAdam([mine], lr=[1e-2], weight_decay=wd)
+        ref_opt = torch_cls([ref], lr=1e-2, weight_decay=wd)
+        for _ in range(10):
+            g = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+            mine.grad, ref.grad = g.unsqueeze(0).clone(), g.clone()
+            opt.step()
+            ref_opt.step()
+        torch.testing.assert_close(mine[0], ref, rtol=1e-12, atol=1e-14)
+
+
+def test_clip_grad_norm_is_per_member():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    q = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([[3.0, 0, 0, 0], [0.3, 0, 0, 0], [0, 0, 0, 0]])
+    q.grad = torch.tensor([4.0, 0.4, 0.0])
+    norms = clip_grad_norm_([p, q], max_norm=1.0)
+    torch.testing.assert_close(norms, torch.tensor([5.0, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(p.grad[0, 0], torch.tensor(0.6), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.grad[:2], torch.tensor([0.8, 0.4]), rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_and_default_lr():
+    sched = LRSchedule(
+        total_steps=100,
+        warmup_steps=[10, 0, 0],
+        decay=["constant", "linear", "cosine"],
+        decay_start=0.5,
+    )
+    assert sched.factor(0, 3).tolist() == pytest.approx([0.1, 1.0, 1.0])
+    assert sched.factor(75, 3).tolist() == pytest.approx([1.0, 0.5, 0.5])
+    assert sched.factor(100, 3).tolist() == pytest.approx([1.0, 0.0, 0.0])
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_resume_from_safetensors_is_bit_identical(arch):
+    data = _data(10)
+    objective = ObjectiveConfig(sparsity_coeff=1e-3)
+
+    def fresh():
+        sae = make_sae(_member_cfgs(arch), D_IN, SEEDS, objective, dtype=torch.float64)
+        return sae, StackedAdam(sae.parameters(), lr=LRS)
+
+    sae, opt = fresh()
+    _run(sae, opt, data, 6)
+    blob_sae, blob_opt = save(sae.state_dict()), save(opt.state_dict())
+    _run(sae, opt, data, 4, start=6)
+    resumed, resumed_opt = fresh()
+    resumed.load_state_dict(load(blob_sae))
+    resumed_opt.load_state_dict(load(blob_opt))
+    _run(resumed, resumed_opt, data, 4, start=6)
+    for name, t in sae.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_folds_input_scale_into_raw_space(arch):
+    scale = 0.37
+    raw = _data(11) / scale
+    sae = make_sae(_cfg(arch, dead_tokens=B), D_IN, SEEDS, dtype=torch.float64)
+    sae.init_b_dec(raw[:256] * scale)
+    opt = StackedAdam(sae.parameters(), lr=LRS)
+    for s in range(10):
+        train_step(sae, opt, raw[s * B : (s + 1) * B] * scale, s)
+    sae.eval()
+    x = raw[10 * B :]
+    recon, _ = sae(x * scale)
+    cfg = sae.sae_lens_cfg()
+    for i in range(3):
+        sd = sae.member_state_dict(i, input_scale=scale)
+        assert sd["W_enc"].shape == (D_IN, D_SAE) and sd["W_dec"].shape == (D_SAE, D_IN)
+        torch.testing.assert_close(apply_exported(cfg, sd, x), recon[i] / scale)
+    clone = make_sae(_cfg(arch), D_IN, [0, 0, 0], dtype=torch.float64).eval()
+    for i in range(3):
+        clone.load_member_state_dict(i, sae.member_state_dict(i, input_scale=scale), scale)
+    torch.testing.assert_close(clone(x * scale)[0], recon)
+
+
+def test_sae_lens_cfg_fields():
+    cfg = make_sae(_cfg("topk"), D_IN, [0]).sae_lens_cfg()
+    assert cfg["architecture"] == "topk" and cfg["k"] == 8
+    assert (cfg["d_in"], cfg["d_sae"]) == (D_IN, D_SAE)
+    assert make_sae(_cfg("batchtopk"), D_IN, [0]).sae_lens_cfg()["architecture"] == "jumprelu"
+    assert make_sae(_cfg("relu"), D_IN, [0]).sae_lens_cfg()["apply_b_dec_to_input"] is False
+    wide = dataclasses.replace(_cfg("topk"), d_sae=None, exp_factor=4)
+    assert make_sae(wide, D_IN, [0]).d_sae == 4 * D_IN
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_member_inputs_equal_shared_input(arch):
+    sae = make_sae(_cfg(arch), D_IN, SEEDS, dtype=torch.float64)
+    x = _data(1)
+    shared, m_shared = sae.loss(x)
+    per_member, m_per = sae.loss(x.expand(3, *x.shape).clone())
+    torch.testing.assert_close(shared, per_member)
+    torch.testing.assert_close(m_shared["fvu"], m_per["fvu"])
