@@ -28,7 +28,7 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture
 def s3_env(monkeypatch, s3_server) -> str:
-    """Point the AWS env vars at `s3_server` and give a fresh bucket: yields s3://BUCKET/run."""
+    """Point the AWS env vars at `s3_server` and create a fresh bucket; returns s3://BUCKET/run."""
     import uuid
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):

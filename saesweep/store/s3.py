@@ -1,0 +1,342 @@
+"""S3 store (AWS or any S3-compatible endpoint) over boto3, with multipart uploads."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from saesweep.errors import UserError
+from saesweep.store.base import Store
+
+MIN_PART_SIZE = 5 << 20
+DEFAULT_PART_SIZE = 32 << 20
+CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
+MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+THROTTLE_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split s3://bucket/prefix into (bucket, prefix without slashes at either end)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise UserError(f"store URI {uri!r} names no bucket; use s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def endpoint_from_env() -> str | None:
+    """The custom S3 endpoint from S3_ENDPOINT_URL, or None for AWS."""
+    return os.environ.get("S3_ENDPOINT_URL") or None
+
+
+def region_for(session: boto3.session.Session) -> str:
+    """The signing region: AWS_REGION, else the session's region, else us-east-1."""
+    return os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
+
+
+def boto_session() -> boto3.session.Session:
+    """A boto3 session with credentials present, or a UserError naming the env vars."""
+    try:
+        session = boto3.session.Session()
+    except ProfileNotFound as err:
+        raise UserError(
+            f"AWS profile {err.kwargs.get('profile')!r} (AWS_PROFILE) is not "
+            f"configured; fix AWS_PROFILE or {CREDENTIAL_HINT}"
+        ) from err
+    if session.get_credentials() is None:
+        raise UserError(f"no S3 credentials found; {CREDENTIAL_HINT}")
+    return session
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether an S3 call failed for a reason worth retrying (network, 5xx, throttling)."""
+    if isinstance(err, HTTPClientError):
+        return True
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or err.response.get("Error", {}).get("Code") in THROTTLE_CODES
+    return False
+
+
+def backoff_s(attempt: int, base: float = 0.25, cap: float = 8.0) -> float:
+    """Exponential backoff (half fixed, half jitter) before retry number `attempt` (0-based)."""
+    delay = min(cap, base * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def with_retries(call, attempts: int, retryable):
+    """`call()`, retried with backoff while `retryable(error)`, at most `attempts` times."""
+    for attempt in itertools.count():
+        try:
+            return call()
+        except Exception as err:
+            if attempt + 1 >= attempts or not retryable(err):
+                raise
+            time.sleep(backoff_s(attempt))
+
+
+def is_stream_error(err: BaseException) -> bool:
+    """Whether a response body broke off mid-read (botocore does not retry those)."""
+    return isinstance(err, ResponseStreamingError | IncompleteReadError | ReadTimeoutError)
+
+
+class S3Store(Store):
+    """Objects under s3://bucket/prefix; picklable, with one lazily made client per process."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        upload_threads: int = 4,
+        attempts: int = 4,
+    ):
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)")
+        self.bucket, self.prefix, self.endpoint = bucket, prefix.strip("/"), endpoint
+        self.part_size, self.upload_threads = part_size, upload_threads
+        self.attempts, self._bucket_seen = attempts, False
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client_pid, self._client_obj, self._lock = None, None, threading.Lock()
+
+    @classmethod
+    def from_uri(cls, uri: str, **kwargs) -> S3Store:
+        """The store for s3://bucket/prefix, with the endpoint from S3_ENDPOINT_URL."""
+        bucket, prefix = parse_s3_uri(uri)
+        return cls(bucket, prefix, endpoint=endpoint_from_env(), **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_client_pid=None, _client_obj=None, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.endpoint or "AWS S3"
+
+    @property
+    def _client(self):
+        if self._client_pid != os.getpid():
+            with self._lock:
+                if self._client_pid != os.getpid():
+                    self._client_obj = self._make_client()
+                    self._client_pid = os.getpid()
+        return self._client_obj
+
+    def _make_client(self):
+        session = boto_session()
+        config = Config(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"mode": "standard", "total_max_attempts": self.attempts},
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=max(32, 4 * self.upload_threads),
+            s3={"addressing_style": "path"} if self.endpoint else None,
+        )
+        return session.client(
+            "s3", endpoint_url=self.endpoint, config=config, region_name=region_for(session)
+        )
+
+    def key_of(self, key: str) -> str:
+        """The object key in the bucket for store key `key`."""
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def async_reader(self, max_connections: int = 64):
+        """An AsyncRangeReader for this store's keys (see saesweep.store.s3_async)."""
+        from saesweep.store.s3_async import AsyncRangeReader
+
+        return AsyncRangeReader(
+            self.bucket, self.endpoint, max_connections=max_connections, prefix=self.prefix
+        )
+
+    @contextlib.contextmanager
+    def _errors(self, key: str = ""):
+        """Turn botocore failures into FileNotFoundError or one-sentence UserErrors."""
+        try:
+            yield
+        except ClientError as err:
+            mapped = self._error_for(err.response.get("Error", {}).get("Code", ""), key)
+            if mapped is None:
+                raise
+            raise mapped from err
+        except (NoCredentialsError, PartialCredentialsError) as err:
+            raise UserError(f"no usable S3 credentials for {self.uri}; {CREDENTIAL_HINT}") from err
+        except EndpointConnectionError as err:
+            raise UserError(
+                f"cannot reach the S3 endpoint {self.endpoint_name} for {self.uri}; "
+                "check S3_ENDPOINT_URL and that the server is running"
+            ) from err
+
+    def _error_for(self, code: str, key: str) -> Exception | None:
+        """The exception to raise for S3 error `code`, or None to keep the original."""
+        if code in MISSING_KEY_CODES:
+            return FileNotFoundError(f"{self.child(key)} does not exist")
+        if code == "NoSuchBucket":
+            return UserError(
+                f"bucket {self.bucket!r} does not exist at {self.endpoint_name}; "
+                "create it or fix the store URI"
+            )
+        if code in CREDENTIAL_CODES or code == "Forbidden":
+            return UserError(
+                f"S3 at {self.endpoint_name} rejected the credentials for "
+                f"{self.uri} ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or AWS_PROFILE and their permissions on the bucket"
+            )
+        return None
+
+    def _check_bucket(self) -> None:
+        """Raise a UserError if the bucket is missing (HEAD on a key cannot tell)."""
+        if self._bucket_seen:
+            return
+        try:
+            with self._errors():
+                self._client.head_bucket(Bucket=self.bucket)
+        except FileNotFoundError as err:
+            raise self._error_for("NoSuchBucket", "") from err
+        self._bucket_seen = True
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._errors(key):
+            self._client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        size = Path(path).stat().st_size
+        if size <= self.part_size:
+            with self._errors(key), open(path, "rb") as f:
+                self._client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=f)
+            return
+        with self._errors(key):
+            upload = self._client.create_multipart_upload(Bucket=self.bucket, Key=self.key_of(key))
+        try:
+            with self._errors(key):
+                self._upload_parts(key, upload["UploadId"], Path(path), size)
+        except BaseException:
+            self._abort(key, upload["UploadId"])
+            raise
+
+    def _upload_parts(self, key: str, upload_id: str, path: Path, size: int) -> None:
+        offsets = range(0, size, self.part_size)
+        with open(path, "rb") as f, ThreadPoolExecutor(self.upload_threads) as pool:
+            jobs = [
+                pool.submit(
+                    self._upload_part,
+                    key,
+                    upload_id,
+                    f.fileno(),
+                    n + 1,
+                    offset,
+                    min(self.part_size, size - offset),
+                )
+                for n, offset in enumerate(offsets)
+            ]
+            try:
+                parts = [job.result() for job in jobs]
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+        self._client.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=self.key_of(key),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    def _upload_part(
+        self, key: str, upload_id: str, fd: int, number: int, offset: int, length: int
+    ) -> dict:
+        body = os.pread(fd, length, offset)
+        if len(body) != length:
+            raise OSError(f"the file uploaded to {self.child(key)} shrank during the upload")
+        reply = with_retries(
+            lambda: self._client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key_of(key),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+            ),
+            self.attempts,
+            is_transient,
+        )
+        return {"PartNumber": number, "ETag": reply["ETag"]}
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.key_of(key), UploadId=upload_id
+            )
+
+    def _read(self, key: str, **ranged) -> bytes:
+        def read() -> bytes:
+            with self._errors(key):
+                reply = self._client.get_object(Bucket=self.bucket, Key=self.key_of(key), **ranged)
+                return reply["Body"].read()
+
+        return with_retries(read, self.attempts, is_stream_error)
+
+    def get(self, key: str) -> bytes:
+        return self._read(key)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        return self._read(key, Range=f"bytes={start}-{end - 1}")
+
+    def _head(self, key: str) -> dict:
+        try:
+            with self._errors(key):
+                return self._client.head_object(Bucket=self.bucket, Key=self.key_of(key))
+        except FileNotFoundError:
+            self._check_bucket()
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        return self._head(key)["ContentLength"]
+
+    def list(self, prefix: str = "") -> list[str]:
+        start = self.key_of(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start
+        )
+        with self._errors():
+            names = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = (name[strip:] for name in names if not name.endswith("/"))
+        under = prefix.rstrip("/") + "/"
+        return sorted(k for k in keys if not prefix or k == prefix or k.startswith(under))
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=self.key_of(key))
