@@ -59,9 +59,13 @@ class Reader:
         self.store = open_store(uri)
         self.meta = find_hook(self.store, hook, layer)
         self.hook = self.meta["hook"]
-        self.shards = self.meta["shards"]
+        self.shards = self.meta["shards"][shards]
+        if not self.shards:
+            raise UserError(
+                f"shards {shards} of {uri} selects none of its {len(self.meta['shards'])} shards"
+            )
         self.d_model = self.meta["d_model"]
-        self.n_tokens = self.meta["n_tokens"]
+        self.n_tokens = sum(s["n_tokens"] for s in self.shards)
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
         self.device = torch.device(device)
         self.dtype = dtype or ACT_DTYPES[self.meta["dtype"]]

@@ -15,6 +15,8 @@ class SAEConfig:
 
     arch: Arch = "topk"
     """Architecture: topk, batchtopk, switch (mixture of TopK experts), relu (L1), jumprelu (L0)."""
+    d_model: int | None = None
+    """Width of the activations (d_in); optional, checked against the data when given."""
     exp_factor: int = 8
     """Latent width as a multiple of the activation width d_in (d_sae = exp_factor * d_in)."""
     d_sae: int | None = None
