@@ -55,6 +55,7 @@ class Reader:
         normalize: Literal["norm"] | None = None,
         on_corrupt: Literal["raise", "skip"] = "raise",
         s3_connections: int = 16,
+        shards: slice = slice(None),
     ):
         self.store = open_store(uri)
         self.meta = find_hook(self.store, hook, layer)
