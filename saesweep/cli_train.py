@@ -1,0 +1,136 @@
+"""train.py: one SAE, or a sweep file of them, trained in parallel groups.
+
+uv run train.py --sweep sweeps/lr_grid.py [--slurm-acct A] [--lr 5e-4] [--sae.k 64] ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from saesweep.config import TrainConfig
+from saesweep.configtools import replace_from_dict
+from saesweep.errors import UserError, exit_on_user_error
+from saesweep.plan import ensure_data, print_plan
+from saesweep.sweep import build_configs, load_sweep, parse_overrides, split_groups
+
+SWEEP_FLAGS = {"--sweep": str, "--rerun": str, "--max-parallel": int, "--executor": str}
+EXECUTORS = ("local", "debug", "slurm")
+USAGE = """usage: train.py [--sweep FILE.py | --rerun SWEEP_DIR] [--dry-run] [--max-parallel K]
+                [--executor local|debug|slurm] [--CONFIG.FIELD VALUE ...]
+
+Without --sweep, trains one SAE from the defaults and flags. Config flags (CLI > sweep > defaults):
+"""
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    opts, rest = split_flags(argv)
+    if opts.get("--rerun"):
+        source = Path(opts["--rerun"])
+        cfgs, name = load_rerun(source), f"{source.name.split('-rerun')[0]}-rerun"
+    else:
+        sweep_path = Path(opts["--sweep"]) if opts.get("--sweep") else None
+        sweep = load_sweep(sweep_path) if sweep_path else [{}]
+        cfgs = build_configs(sweep, parse_overrides(rest), str(sweep_path or "defaults"))
+        name = sweep_path.stem if sweep_path else "single"
+    groups = split_groups(cfgs, opts.get("--max-parallel"))
+    if opts.get("--dry-run"):
+        print_plan(groups, len(cfgs))
+        return 0
+    executor = opts.get("--executor") or ("slurm" if cfgs[0].slurm_acct else "local")
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+    from saesweep.launch_sweep import run_sweep
+
+    for group in groups:
+        ensure_data(group.cfgs[0])
+    sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_sweep_json(sweep_dir, cfgs, groups, argv)
+    return run_sweep(sweep_dir, groups, executor)
+
+
+def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """Sweep-level flags, and the config flags left over."""
+    opts: dict = {}
+    rest = []
+    i = 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag == "--dry-run":
+            opts[flag] = True
+            i += 1
+        elif flag in SWEEP_FLAGS:
+            if not inline and i + 1 >= len(argv):
+                raise UserError(f"{flag} needs a value")
+            raw = inline or argv[i + 1]
+            try:
+                opts[flag] = SWEEP_FLAGS[flag](raw)
+            except ValueError:
+                raise UserError(
+                    f"{flag} needs a {SWEEP_FLAGS[flag].__name__}, got {raw!r}"
+                ) from None
+            i += 1 if inline else 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    if opts.get("--sweep") and opts.get("--rerun"):
+        raise UserError("give either --sweep or --rerun, not both")
+    return opts, rest
+
+
+def write_sweep_json(sweep_dir: Path, cfgs: list[TrainConfig], groups, argv: list[str]) -> None:
+    from saesweep.checkpoint import write_json
+
+    write_json(
+        sweep_dir / "sweep.json",
+        {
+            "schema_version": 1,
+            "command": ["train.py", *argv],
+            "code_version": code_version(),
+            "configs": [dataclasses.asdict(c) for c in cfgs],
+            "groups": [list(g.run_ids) for g in groups],
+        },
+    )
+
+
+def load_rerun(sweep_dir: Path) -> list[TrainConfig]:
+    path = sweep_dir / "sweep.json"
+    if not path.exists():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no sweep.json)")
+    saved = json.loads(path.read_text())["configs"]
+    return [replace_from_dict(TrainConfig(), c, f"{path} config {i}") for i, c in enumerate(saved)]
+
+
+def code_version() -> str:
+    from saesweep import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"{__version__}+{commit}"
+
+
+def print_help() -> None:
+    import tyro
+
+    print(USAGE)
+    try:
+        tyro.cli(TrainConfig, args=["--help"], prog="train.py")
+    except SystemExit:
+        pass

@@ -1,0 +1,102 @@
+"""Evaluation on held-out activations: mse, centered FVU, L0, dead %, densities, decoder overlap.
+
+All sums are accumulated in float64. FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, with the
+variance centered on the evaluation data's own mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saesweep.data.reader import Reader
+from saesweep.sae import Codes, StackedSAE
+
+DENSITY_BINS = torch.arange(-8.0, 0.5, 0.5)
+"""log10 firing-frequency bin edges of the density histogram."""
+
+
+def fire_counts(codes: Codes, d_sae: int) -> torch.Tensor:
+    """[n, d_sae] number of tokens on which each latent fired."""
+    if codes.values is not None:
+        counts = torch.zeros(
+            codes.values.shape[0], d_sae, dtype=torch.float64, device=codes.values.device
+        )
+        fired = (codes.values > 0).to(torch.float64).flatten(1)
+        return counts.scatter_add_(1, codes.indices.flatten(1), fired)
+    return (codes.acts > 0).sum(1).to(torch.float64)
+
+
+@torch.no_grad()
+def evaluate_stack(sae: StackedSAE, reader: Reader, scale: float, n_val: int) -> list[dict]:
+    """Metrics of every member on up to n_val tokens of `reader` (raw activations * scale)."""
+    was_training = sae.training
+    sae.eval()
+    n, d = sae.n, sae.d_in
+    sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("sse", "l0")}
+    x_sum, x_sq, tokens = (
+        torch.zeros(d, dtype=torch.float64),
+        torch.zeros(d, dtype=torch.float64),
+        0,
+    )
+    counts = torch.zeros(n, sae.d_sae, dtype=torch.float64)
+    for acts in reader:
+        x = (acts[: n_val - tokens] * scale).to(sae.W_enc.dtype)
+        recon, codes = sae(x)
+        sums["sse"] += (recon.double() - x.double()).pow(2).sum((1, 2)).cpu()
+        sums["l0"] += codes.l0().double().cpu() * len(x)
+        counts += fire_counts(codes, sae.d_sae).cpu()
+        x_sum += x.double().sum(0).cpu()
+        x_sq += x.double().pow(2).sum(0).cpu()
+        tokens += len(x)
+        if tokens >= n_val:
+            break
+    sae.train(was_training)
+    total_var = (x_sq - x_sum.pow(2) / tokens).sum()
+    overlap = decoder_overlap(sae)
+    return [
+        member_metrics(i, sums, counts[i], total_var, tokens, d, scale, overlap[i])
+        for i in range(n)
+    ]
+
+
+def member_metrics(
+    i: int,
+    sums: dict,
+    counts: torch.Tensor,
+    total_var: torch.Tensor,
+    tokens: int,
+    d: int,
+    scale: float,
+    overlap: float,
+) -> dict:
+    density = counts / tokens
+    log_density = density[density > 0].log10()
+    hist = (
+        torch.histogram(log_density.float(), bins=DENSITY_BINS)[0]
+        if len(log_density)
+        else torch.zeros(len(DENSITY_BINS) - 1)
+    )
+    return {
+        "mse": float(sums["sse"][i] / (tokens * d)) / scale**2,
+        "fvu": float(sums["sse"][i] / total_var),
+        "l0": float(sums["l0"][i] / tokens),
+        "dead_pct": float(100 * (counts == 0).double().mean()),
+        "val_tokens": tokens,
+        "density_hist": {"log10_edges": DENSITY_BINS.tolist(), "counts": hist.tolist()},
+        "decoder_max_cos_mean": overlap,
+    }
+
+
+@torch.no_grad()
+def decoder_overlap(sae: StackedSAE, chunk: int = 4096) -> list[float]:
+    """Per member: mean over latents of the largest |cosine| with any other decoder row."""
+    out = []
+    for i in range(sae.n):
+        w = torch.nn.functional.normalize(sae.W_dec[i].float(), dim=-1)
+        best = torch.empty(len(w))
+        for start in range(0, len(w), chunk):
+            cos = (w[start : start + chunk] @ w.T).abs()
+            cos[torch.arange(len(cos)), torch.arange(start, start + len(cos))] = 0
+            best[start : start + chunk] = cos.max(1).values
+        out.append(float(best.mean()))
+    return out

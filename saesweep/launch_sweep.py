@@ -1,0 +1,44 @@
+"""Run a planned sweep: one job per group, then the results table and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saesweep.config import TrainConfig
+from saesweep.jobs import GroupJob
+from saesweep.launch import SlurmConfig, launch_groups
+from saesweep.report import write_report
+from saesweep.sweep import Group
+
+
+def slurm_config(cfg: TrainConfig) -> SlurmConfig:
+    return SlurmConfig(
+        acct=cfg.slurm_acct,
+        partition=cfg.slurm_partition,
+        n_hours=cfg.n_hours,
+        gpus_per_group=cfg.gpus_per_group,
+        cpus_per_group=cfg.cpus_per_group,
+        mem_gb=cfg.mem_gb,
+    )
+
+
+def run_sweep(sweep_dir: Path, groups: list[Group], executor: str) -> int:
+    """Exit status: 0 when every group finished, 1 otherwise."""
+    print(f"sweep directory: {sweep_dir}")
+    outcomes = launch_groups(
+        GroupJob(sweep_dir),
+        groups,
+        executor=executor,
+        log_dir=sweep_dir / "logs",
+        slurm=slurm_config(groups[0].cfgs[0]),
+        max_concurrent=1,
+        poll_s=2.0,
+    )
+    write_report(sweep_dir)
+    failed = [o for o in outcomes if o.status != "done"]
+    for o in failed:
+        print(
+            f"group {o.index} failed: {o.error.strip().splitlines()[-1] if o.error else ''}\n"
+            f"  logs: {o.stdout} {o.stderr}"
+        )
+    return 1 if failed else 0

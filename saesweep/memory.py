@@ -1,0 +1,47 @@
+"""Refuse a group that cannot fit in memory before it trains, with the numbers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from saesweep.errors import UserError
+from saesweep.sae import SAEConfig
+
+BYTES_PER_PARAM = 4 * 4
+"""float32 weights, gradients and two Adam moments."""
+
+
+def group_bytes(sae_cfgs: list[SAEConfig], d_in: int, batch_size: int) -> int:
+    """Estimated peak bytes of training the group: parameter state plus per-batch activations
+    (pre-activations, codes and their gradients, a few [batch, d_sae] float32 tensors each)."""
+    total = 0
+    for cfg in sae_cfgs:
+        d_sae = cfg.width(d_in)
+        total += (2 * d_in * d_sae + d_sae + d_in) * BYTES_PER_PARAM
+        total += 4 * batch_size * d_sae * 4 + 4 * batch_size * d_in * 4
+    return total
+
+
+def available_bytes(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return (
+        int(info["MemAvailable"].split()[0]) * 1024
+        if "MemAvailable" in info
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    )
+
+
+def check_fits(sae_cfgs: list[SAEConfig], d_in: int, batch_size: int, device: str) -> None:
+    need, have = group_bytes(sae_cfgs, d_in, batch_size), available_bytes(device)
+    if need > 0.9 * have:
+        raise UserError(
+            f"this group of {len(sae_cfgs)} SAEs needs about {need / 2**30:.1f} GiB "
+            f"on {device} but {have / 2**30:.1f} GiB is available; lower "
+            "--max-parallel, the widths or batch_size"
+        )

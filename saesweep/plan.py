@@ -1,0 +1,63 @@
+"""Before launching: print the plan of a sweep, and collect missing demo data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saesweep.config import TrainConfig
+from saesweep.errors import UserError
+from saesweep.memory import group_bytes
+from saesweep.sweep import Group
+
+
+def describe(cfg: TrainConfig) -> str:
+    lr = f"{cfg.lr:g}" if cfg.lr is not None else "auto"
+    width = cfg.sae.d_sae or f"{cfg.sae.exp_factor}x"
+    tag = f" tag={cfg.tag}" if cfg.tag else ""
+    return (
+        f"{cfg.sae.arch:9s} width={width} k={cfg.sae.k} lr={lr} "
+        f"sparsity={cfg.objective.sparsity_coeff:g} seed={cfg.seed}{tag}"
+    )
+
+
+def print_plan(groups: list[Group], n_configs: int) -> None:
+    """Each group, its data, its SAEs and a memory estimate; touches no data."""
+    for group in groups:
+        first = group.cfgs[0]
+        data = first.train_data
+        where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
+        d_model = first.sae.d_model
+        memory = (
+            f"~{group_bytes([c.sae for c in group.cfgs], d_model, first.batch_size) / 2**30:.2f}"
+            f" GiB"
+            if d_model
+            else "unknown until d_model is known (set sae.d_model)"
+        )
+        print(
+            f"group {group.index}: {len(group.cfgs)} SAEs, data {data.uri} {where}, "
+            f"n_train={first.n_train:,}, device={first.device}, memory {memory}"
+        )
+        for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
+            print(f"  run {run_id:3d}: {describe(cfg)}")
+    print(f"{n_configs} configs in {len(groups)} groups")
+
+
+def ensure_data(cfg: TrainConfig) -> None:
+    """Run the collection named by train_data.collect when a local uri holds no collection."""
+    data = cfg.train_data
+    uri = data.uri.removeprefix("file://")
+    if "://" in uri or any(Path(uri).glob("*/metadata.json")):
+        return
+    if not data.collect:
+        raise UserError(
+            f"{data.uri} holds no collection; run collect.py first or set "
+            "--train-data.collect CONFIG.toml"
+        )
+    from saesweep.collect.config import load_toml
+    from saesweep.collect.run import collect
+
+    print(f"{data.uri} holds no collection yet: collecting it with {data.collect}")
+    collect_cfg = load_toml(Path(data.collect))
+    import dataclasses
+
+    collect(dataclasses.replace(collect_cfg, out=data.uri))

@@ -1,0 +1,145 @@
+"""Sweep results: a table, results.csv, pareto.png (L0 against FVU) and report.html.
+
+uv run python -m saesweep.report SWEEP_DIR [SWEEP_DIR ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = (
+    "run",
+    "arch",
+    "d_sae",
+    "k",
+    "lr",
+    "fvu",
+    "l0",
+    "dead_pct",
+    "mse",
+    "loss_recovered",
+    "tokens_seen",
+    "failed",
+    "tag",
+    "sweep",
+)
+
+
+def load_results(sweep_dirs: list[Path]) -> list[dict]:
+    rows = []
+    for sweep_dir in sweep_dirs:
+        for path in sorted(sweep_dir.glob("runs/*/metrics.json")):
+            metrics = json.loads(path.read_text())
+            rows.append({c: metrics.get(c, "") for c in COLUMNS} | {"sweep": sweep_dir.name})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "failed")
+    lines = ["  ".join(f"{h:>10s}" for h in header)]
+    for r in rows:
+        cells = (
+            r["run"][-10:],
+            r["arch"],
+            str(r["d_sae"]),
+            str(r["k"]),
+            f"{r['lr']:.2e}",
+            f"{r['fvu']:.4f}",
+            f"{r['l0']:.1f}",
+            f"{r['dead_pct']:.1f}",
+            str(r["failed"]),
+        )
+        lines.append("  ".join(f"{c:>10s}" for c in cells))
+    return "\n".join(lines)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Runs no other run beats on both L0 and FVU (lower is better for both)."""
+    ok = [r for r in rows if not r["failed"]]
+    return [
+        r
+        for r in ok
+        if not any(
+            o["l0"] <= r["l0"]
+            and o["fvu"] <= r["fvu"]
+            and (o["l0"], o["fvu"]) != (r["l0"], r["fvu"])
+            for o in ok
+        )
+    ]
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    ok = [r for r in rows if not r["failed"]]
+    for arch in sorted({r["arch"] for r in ok}):
+        pts = [r for r in ok if r["arch"] == arch]
+        ax.scatter([r["l0"] for r in pts], [r["fvu"] for r in pts], label=arch, s=40, alpha=0.8)
+    front = sorted(pareto_front(rows), key=lambda r: r["l0"])
+    if front:
+        ax.plot(
+            [r["l0"] for r in front],
+            [r["fvu"] for r in front],
+            "k--",
+            lw=1,
+            label="Pareto frontier",
+        )
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("FVU (fraction of variance unexplained)")
+    ax.set_title("Sparsity against reconstruction, held-out activations")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_html(rows: list[dict], path: Path, title: str) -> None:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>"
+        for r in rows
+    )
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        "</title><style>body{font-family:sans-serif}td,th{padding:2px 8px;"
+        "text-align:right}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><img src='pareto.png' alt='L0 against FVU'>"
+        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(sweep_dir: Path, others: list[Path] | None = None) -> list[dict]:
+    """Print the table and write results.csv, pareto.png and report.html into sweep_dir."""
+    rows = load_results([sweep_dir, *(others or [])])
+    if not rows:
+        print(f"no finished runs under {sweep_dir}")
+        return rows
+    print(format_table(rows))
+    with open(sweep_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_pareto(rows, sweep_dir / "pareto.png")
+    write_html(rows, sweep_dir / "report.html", sweep_dir.name)
+    print(f"report: {sweep_dir / 'report.html'}")
+    return rows
+
+
+if __name__ == "__main__":
+    dirs = [Path(p) for p in sys.argv[1:]]
+    if not dirs:
+        sys.exit("usage: python -m saesweep.report SWEEP_DIR [SWEEP_DIR ...]")
+    write_report(dirs[0], dirs[1:])

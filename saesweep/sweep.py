@@ -1,0 +1,177 @@
+"""Sweep files to configs: load make_cfgs(), deep-merge CLI > sweep > defaults, seeds, groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import sys
+import traceback
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saesweep.config import GROUP_FIELDS, TrainConfig
+from saesweep.configtools import coerce, replace_from_dict
+from saesweep.errors import UserError
+
+
+def load_sweep(path: Path) -> list[dict]:
+    """The list of dicts returned by make_cfgs() in the Python file at `path`."""
+    if not path.is_file():
+        raise UserError(f"sweep file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"saesweep_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise UserError(
+            f"sweep file {path} has a syntax error at line {err.lineno}: {err.msg}"
+        ) from None
+    except Exception as err:
+        raise UserError(f"sweep file {path} failed while loading: {_where(err, path)}") from None
+    finally:
+        sys.path.pop(0)
+    make_cfgs = getattr(module, "make_cfgs", None)
+    if not callable(make_cfgs):
+        raise UserError(f"sweep file {path} must define a function make_cfgs() -> list[dict]")
+    try:
+        cfgs = make_cfgs()
+    except Exception as err:
+        raise UserError(f"make_cfgs() in {path} raised {_where(err, path)}") from None
+    if not isinstance(cfgs, list):
+        raise UserError(
+            f"make_cfgs() in {path} returned {type(cfgs).__name__}, not a list of dicts"
+        )
+    for i, cfg in enumerate(cfgs):
+        if not isinstance(cfg, dict):
+            raise UserError(f"make_cfgs() in {path}: item {i} is {type(cfg).__name__}, not a dict")
+    if not cfgs:
+        raise UserError(f"make_cfgs() in {path} returned an empty list")
+    return cfgs
+
+
+def _where(err: Exception, path: Path) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == str(path)]
+    line = f" (line {frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {err}{line}"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override` applied; nested dicts merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--a.b-c VALUE` flags to a nested dict of explicitly given TrainConfig fields."""
+    overrides: dict = {}
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if not flag.startswith("--"):
+            raise UserError(f"unexpected argument {flag!r}; config flags look like --lr 1e-3")
+        name, _, inline = flag[2:].partition("=")
+        negated = name.startswith("no-") and _is_bool(name[3:])
+        path = (name[3:] if negated else name).replace("-", "_").split(".")
+        hint = _field_type(path, flag)
+        if hint is bool and not inline:
+            value: Any = not negated
+            i += 1
+        else:
+            if not inline and i + 1 >= len(args):
+                raise UserError(f"flag {flag} needs a value")
+            raw = inline or args[i + 1]
+            value = parse_value(raw, hint, flag)
+            i += 1 if inline else 2
+        node = overrides
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return overrides
+
+
+def _is_bool(name: str) -> bool:
+    try:
+        return _field_type(name.replace("-", "_").split("."), name) is bool
+    except UserError:
+        return False
+
+
+def _field_type(path: list[str], flag: str) -> Any:
+    cls: Any = TrainConfig
+    for depth, key in enumerate(path):
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            prefix = ".".join(path[:depth])
+            options = [f"{prefix}.{k}" if prefix else k for k in hints]
+            dotted = ".".join(path[: depth + 1])
+            match = difflib.get_close_matches(dotted, options, n=1, cutoff=0.5)
+            hint = f" (did you mean --{match[0].replace('_', '-')}?)" if match else ""
+            raise UserError(f"unknown flag {flag}{hint}; see train.py --help")
+        cls = hints[key]
+    if dataclasses.is_dataclass(cls):
+        raise UserError(f"flag {flag} names a group of settings; give one field, e.g. {flag}.FIELD")
+    return cls
+
+
+def parse_value(raw: str, hint: Any, flag: str) -> Any:
+    """A command-line string as a value of type `hint`."""
+    candidates: list[Any] = [raw]
+    if raw.lower() in ("none", "null"):
+        candidates.insert(0, None)
+    if raw.lower() in ("true", "false"):
+        candidates.insert(0, raw.lower() == "true")
+    for convert in (int, float):
+        try:
+            candidates.insert(0, convert(raw))
+        except ValueError:
+            pass
+    for value in candidates:
+        try:
+            return coerce(value, hint, f"flag {flag}")
+        except UserError:
+            continue
+    return coerce(raw, hint, f"flag {flag}")
+
+
+def build_configs(sweep: list[dict], overrides: dict, where: str) -> list[TrainConfig]:
+    """CLI > sweep > defaults, each dict deep-merged; config i gets seed = base seed + i."""
+    cfgs = []
+    for i, item in enumerate(sweep):
+        cfg = replace_from_dict(TrainConfig(), deep_merge(item, overrides), f"{where} config {i}")
+        cfgs.append(dataclasses.replace(cfg, seed=cfg.seed + i))
+    return cfgs
+
+
+@dataclass(frozen=True)
+class Group:
+    """Configs that share one reader and one job."""
+
+    index: int
+    cfgs: tuple[TrainConfig, ...]
+    run_ids: tuple[int, ...]
+    """Each config's index in the sweep."""
+
+
+def group_key(cfg: TrainConfig) -> tuple:
+    return tuple(repr(getattr(cfg, name)) for name in GROUP_FIELDS)
+
+
+def split_groups(cfgs: list[TrainConfig], max_parallel: int | None = None) -> list[Group]:
+    """Groups of configs equal in every GROUP_FIELDS field, at most max_parallel each."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        by_key.setdefault(group_key(cfg), []).append(i)
+    chunks = []
+    for ids in by_key.values():
+        step = max_parallel or len(ids)
+        chunks += [ids[j : j + step] for j in range(0, len(ids), step)]
+    return [Group(g, tuple(cfgs[i] for i in ids), tuple(ids)) for g, ids in enumerate(chunks)]

@@ -1,0 +1,265 @@
+"""The group trainer: one Reader feeds every SAE of a group the same batch.
+
+SAEs of equal architecture and shape are stacked and stepped with batched matrix products;
+each keeps its own seed, learning rate, schedule and optimizer state. Trainer state is saved
+atomically every ckpt_every steps so a killed or requeued job continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from saesweep.checkpoint import save_sae, write_json, write_tensors
+from saesweep.config import DataConfig, TrainConfig
+from saesweep.data.reader import Reader
+from saesweep.errors import UserError
+from saesweep.evaluate import evaluate_stack
+from saesweep.memory import check_fits
+from saesweep.runlog import RunLog
+from saesweep.sae import StackedSAE, make_sae, stack_key
+from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
+from saesweep.sae.step import train_step
+
+
+def parse_slice(spec: str) -> slice:
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
+    except (ValueError, TypeError):
+        raise UserError(f"shards={spec!r} is not a Python slice such as ':-1' or '-1:'") from None
+
+
+def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
+    return Reader(
+        data.uri,
+        hook=data.hook,
+        layer=data.layer,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        seed=data.seed,
+        epochs=1,
+        device=cfg.device,
+        dtype=torch.float32,
+        drop_last=train,
+        shuffle_tokens=data.shuffle_tokens,
+        n_workers=data.n_threads,
+        shards=parse_slice(data.shards),
+    )
+
+
+@dataclass
+class Stack:
+    """SAEs stepped together: their sweep indices, module, optimizer and schedule."""
+
+    members: list[int]
+    sae: StackedSAE
+    opt: StackedAdam
+    schedule: LRSchedule
+    max_grad_norm: torch.Tensor
+    failed: torch.Tensor
+
+
+class GroupTrainer:
+    def __init__(
+        self,
+        cfgs: list[TrainConfig],
+        run_dirs: list[Path],
+        state_dir: Path,
+        sweep_name: str = "sweep",
+        group_index: int = 0,
+    ):
+        self.cfgs, self.run_dirs, self.state_dir = cfgs, run_dirs, state_dir
+        self.sweep_name, self.group_index = sweep_name, group_index
+        first = cfgs[0]
+        self.reader = open_reader(first.train_data, first, train=True)
+        usable = len(self.reader) // max(self.reader.epochs, 1) * first.batch_size
+        if usable == 0:
+            raise UserError(
+                f"{first.train_data.uri} holds fewer tokens than one batch "
+                f"({first.batch_size}); lower batch_size or collect more"
+            )
+        self.total_steps = math.ceil(first.n_train / first.batch_size)
+        self.reader.epochs = math.ceil(first.n_train / usable)
+        self.scale = self._input_scale(first.train_data)
+        self.d_in = self.reader.d_model
+        self._check_d_model()
+        check_fits([c.sae for c in cfgs], self.d_in, first.batch_size, first.device)
+        self.stacks = self._build_stacks()
+        self.step = 0
+        self.started = time.perf_counter()
+
+    def _check_d_model(self) -> None:
+        for cfg in self.cfgs:
+            if cfg.sae.d_model is not None and cfg.sae.d_model != self.d_in:
+                raise UserError(
+                    f"sae.d_model={cfg.sae.d_model} but {cfg.train_data.uri} holds "
+                    f"activations of width {self.d_in}"
+                )
+
+    def _input_scale(self, data: DataConfig) -> float:
+        if data.normalize == "none":
+            return 1.0
+        stats = self.reader.store.get_json(f"{self.reader.hook}/statistics.json")
+        return math.sqrt(self.reader.d_model) / stats["mean_norm"]
+
+    def _build_stacks(self) -> list[Stack]:
+        buckets: dict = {}
+        for i, cfg in enumerate(self.cfgs):
+            buckets.setdefault(stack_key(cfg.sae), []).append(i)
+        stacks = []
+        device = torch.device(self.cfgs[0].device)
+        for members in buckets.values():
+            cfgs = [self.cfgs[i] for i in members]
+            sae = make_sae(
+                [c.sae for c in cfgs],
+                self.d_in,
+                [c.seed for c in cfgs],
+                [c.objective for c in cfgs],
+                device=device,
+            )
+            lrs = [c.lr if c.lr is not None else default_lr(sae.d_sae) for c in cfgs]
+            schedule = LRSchedule(
+                self.total_steps,
+                [c.warmup_steps for c in cfgs],
+                [{"none": "constant"}.get(c.lr_decay, c.lr_decay) for c in cfgs],
+                [1 - c.decay_frac for c in cfgs],
+            )
+            stacks.append(
+                Stack(
+                    members,
+                    sae,
+                    StackedAdam(sae.parameters(), lrs),
+                    schedule,
+                    torch.tensor([c.max_grad_norm for c in cfgs], device=device),
+                    torch.zeros(len(members), dtype=torch.bool, device=device),
+                )
+            )
+        return stacks
+
+    def train(self) -> list[dict]:
+        """Train to n_train tokens (resuming from saved state), evaluate, save checkpoints."""
+        logs = [
+            RunLog(d, d.name, c, self.sweep_name, self.group_index, c.wandb_mode, c.wandb_project)
+            for c, d in zip(self.cfgs, self.run_dirs, strict=True)
+        ]
+        if not self._load_state():
+            self._init_b_dec()
+        for acts in self.reader:
+            if self.step >= self.total_steps:
+                break
+            metrics = self._step(acts * self.scale)
+            self.step += 1
+            if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
+                self._log(logs, metrics)
+            if self.step % self.cfgs[0].ckpt_every == 0:
+                self.save_state()
+        return self._finish(logs)
+
+    def _step(self, x: torch.Tensor) -> list[dict]:
+        cfg = self.cfgs[0]
+        out = []
+        for stack in self.stacks:
+            stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
+                m = train_step(
+                    stack.sae, stack.opt, x, self.step, stack.max_grad_norm, active=~stack.failed
+                )
+            stack.failed |= ~m["updated"]
+            m["lr"] = stack.opt.lr
+            out.append(m)
+        return out
+
+    def _init_b_dec(self) -> None:
+        first = next(iter(open_reader(self.cfgs[0].train_data, self.cfgs[0], train=True)))
+        for stack in self.stacks:
+            stack.sae.init_b_dec(first * self.scale)
+
+    def _log(self, logs: list[RunLog], metrics: list[dict]) -> None:
+        tokens = self.step * self.cfgs[0].batch_size
+        rate = tokens / (time.perf_counter() - self.started)
+        shared = {"tokens": tokens, "tokens_per_s": rate} | self.reader.figures()
+        for stack, m in zip(self.stacks, metrics, strict=True):
+            for j, i in enumerate(stack.members):
+                values = {k: float(v[j]) for k, v in m.items() if v.dim() == 1}
+                logs[i].log(self.step, values | shared | {"failed": bool(stack.failed[j])})
+
+    def _finish(self, logs: list[RunLog]) -> list[dict]:
+        cfg = self.cfgs[0]
+        val = dataclasses.replace(cfg.val_data, uri=cfg.val_data.uri or cfg.train_data.uri)
+        results = [None] * len(self.cfgs)
+        for stack in self.stacks:
+            val_reader = open_reader(
+                val, dataclasses.replace(cfg, batch_size=min(cfg.batch_size, cfg.n_val)), False
+            )
+            evals = evaluate_stack(stack.sae, val_reader, self.scale, cfg.n_val)
+            for j, i in enumerate(stack.members):
+                results[i] = self._export(stack, j, i, evals[j])
+                logs[i].finish(results[i], results[i]["failed"])
+        self.save_state()
+        return results
+
+    def _export(self, stack: Stack, j: int, i: int, evals: dict) -> dict:
+        cfg, run_dir = self.cfgs[i], self.run_dirs[i]
+        failed = bool(stack.failed[j])
+        metrics = {
+            **evals,
+            "failed": failed,
+            "tokens_seen": self.step * cfg.batch_size,
+            "steps": self.step,
+            "wall_s": time.perf_counter() - self.started,
+            "arch": cfg.sae.arch,
+            "d_sae": stack.sae.d_sae,
+            "k": cfg.sae.k,
+            "lr": float(stack.opt.base_lr[j]),
+            "seed": cfg.seed,
+            "tag": cfg.tag,
+            "run": run_dir.name,
+        }
+        sae_cfg = {
+            **stack.sae.sae_lens_cfg(),
+            "hook_name": self.reader.hook,
+            "model_name": self.reader.meta["model"],
+            "input_scale": self.scale,
+            "seed": cfg.seed,
+            "saesweep_config": dataclasses.asdict(cfg),
+        }
+        save_sae(run_dir, stack.sae.member_state_dict(j, input_scale=self.scale), sae_cfg, metrics)
+        return metrics
+
+    def save_state(self) -> None:
+        tensors = {"rng": torch.get_rng_state()}
+        for s, stack in enumerate(self.stacks):
+            tensors |= {f"{s}.sae.{k}": v for k, v in stack.sae.state_dict().items()}
+            tensors |= {f"{s}.opt.{k}": v for k, v in stack.opt.state_dict().items()}
+            tensors[f"{s}.failed"] = stack.failed
+        write_tensors(self.state_dir / "state.safetensors", tensors)
+        write_json(
+            self.state_dir / "state.json", {"step": self.step, "reader": self.reader.state_dict()}
+        )
+
+    def _load_state(self) -> bool:
+        meta_path = self.state_dir / "state.json"
+        if not meta_path.exists():
+            return False
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(self.state_dir / "state.safetensors"))
+        torch.set_rng_state(tensors["rng"])
+        for s, stack in enumerate(self.stacks):
+            stack.sae.load_state_dict(_prefixed(tensors, f"{s}.sae."))
+            stack.opt.load_state_dict(_prefixed(tensors, f"{s}.opt."))
+            stack.failed.copy_(tensors[f"{s}.failed"])
+        self.step = meta["step"]
+        self.reader.load_state_dict(meta["reader"])
+        return True
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

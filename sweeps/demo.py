@@ -1,0 +1,16 @@
+"""The demo sweep: all five architectures side by side on the demo collection."""
+
+
+def make_cfgs() -> list[dict]:
+    common = {"n_train": 300_000, "batch_size": 1024, "sae": {"exp_factor": 4, "k": 16}}
+    archs = [
+        {"sae": {"arch": "topk"}},
+        {"sae": {"arch": "batchtopk"}},
+        {"sae": {"arch": "switch", "n_experts": 4}},
+        {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 2e-3}},
+        {"sae": {"arch": "jumprelu"}, "objective": {"sparsity_coeff": 2e-3}},
+    ]
+    return [
+        {**common, **a, "sae": {**common["sae"], **a["sae"]}, "tag": a["sae"]["arch"]}
+        for a in archs
+    ]

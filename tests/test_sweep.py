@@ -1,0 +1,158 @@
+"""Sweep files, CLI overrides, seeds and parallel groups (no data touched)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saesweep.errors import UserError
+from saesweep.sweep import build_configs, load_sweep, parse_overrides, split_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan(path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--sweep", str(path), "--dry-run", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "name,configs,groups",
+    [
+        ("my_sweep", 9, 1),
+        ("grid", 9, 1),
+        ("paired", 54, 6),
+        ("conditional", 6, 1),
+        ("parallel_groups", 4, 2),
+        ("module_loading", 18, 9),
+        ("simple", 9, 1),
+        ("layers", 18, 9),
+        ("architecture", 3, 1),
+        ("lr_grid", 6, 1),
+        ("k_grid", 4, 1),
+        ("archs", 5, 1),
+        ("demo", 5, 1),
+    ],
+)
+def test_every_sweep_file_plans(name, configs, groups):
+    cfgs = build_configs(load_sweep(ROOT / "sweeps" / f"{name}.py"), {}, name)
+    assert len(cfgs) == configs
+    assert len(split_groups(cfgs)) == groups
+
+
+def test_dry_run_prints_the_plan():
+    out = plan(ROOT / "sweeps/parallel_groups.py", "--train-data.uri", "s3://nowhere/x")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "4 configs in 2 groups"
+    assert "group 0: 2 SAEs, data s3://nowhere/x layer=6" in out.stdout
+    assert "group 1: 2 SAEs, data s3://nowhere/x layer=12" in out.stdout
+    assert (
+        plan(ROOT / "sweeps/lr_grid.py", "--max-parallel", "4").stdout.strip().splitlines()[-1]
+        == "6 configs in 2 groups"
+    )
+
+
+def test_seed_document_groups():
+    cfgs = build_configs(load_sweep(ROOT / "sweeps/parallel_groups.py"), {}, "x")
+    groups = split_groups(cfgs)
+    assert [[c.train_data.layer for c in g.cfgs] for g in groups] == [[6, 6], [12, 12]]
+    assert [[c.lr for c in g.cfgs] for g in groups] == [[1e-4, 3e-4], [1e-4, 3e-4]]
+
+
+def test_cli_beats_sweep_beats_defaults(tmp_path):
+    sweep = [{"lr": 1e-3, "sae": {"k": 64, "exp_factor": 4}, "train_data": {"layer": 3}}]
+    overrides = parse_overrides(["--sae.k", "32", "--train-data.uri", "s3://b/p", "--lr=5e-4"])
+    (cfg,) = build_configs(sweep, overrides, "x")
+    assert cfg.lr == 5e-4
+    assert cfg.sae.k == 32, "an explicit flag wins even when it equals the default"
+    assert cfg.sae.exp_factor == 4, "deep merge keeps sibling fields from the sweep"
+    assert (cfg.train_data.uri, cfg.train_data.layer) == ("s3://b/p", 3)
+    assert cfg.sae.arch == "topk" and cfg.n_train == 1_000_000
+
+
+def test_seeds_increment_from_base():
+    sweep = [{"lr": lr} for lr in (1e-4, 2e-4, 3e-4)]
+    assert [c.seed for c in build_configs(sweep, {}, "x")] == [42, 43, 44]
+    assert [c.seed for c in build_configs(sweep, parse_overrides(["--seed", "100"]), "x")] == [
+        100,
+        101,
+        102,
+    ]
+
+
+def test_flag_parsing():
+    assert parse_overrides(["--sae.exp-factor", "16"]) == {"sae": {"exp_factor": 16}}
+    assert parse_overrides(["--slurm-acct", "A", "--mem-gb", "none"]) == {
+        "slurm_acct": "A",
+        "mem_gb": None,
+    }
+    with pytest.raises(UserError, match="did you mean --sae.exp-factor"):
+        parse_overrides(["--sae.exp-factr", "16"])
+    with pytest.raises(UserError, match="expected int"):
+        parse_overrides(["--sae.k", "many"])
+
+
+def test_groups_split_on_data_fields_only():
+    sweep = [
+        {"lr": 1e-3, "sae": {"arch": "relu"}},
+        {"lr": 2e-3, "tag": "b"},
+        {"n_train": 5},
+        {"device": "cuda"},
+        {"train_data": {"layer": 1}},
+    ]
+    groups = split_groups(build_configs(sweep, {}, "x"))
+    assert [g.run_ids for g in groups] == [(0, 1), (2,), (3,), (4,)]
+    assert [g.run_ids for g in split_groups(build_configs(sweep[:2] * 3, {}, "x"), 4)] == [
+        (0, 1, 2, 3),
+        (4, 5),
+    ]
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        (None, "does not exist"),
+        ("def make_cfgs(:\n", "syntax error at line 1"),
+        ("x = 1\n", "must define a function make_cfgs()"),
+        (
+            "def make_cfgs():\n    return 1 / 0\n",
+            "raised ZeroDivisionError: division by zero (line 2)",
+        ),
+        ("def make_cfgs():\n    return {'lr': 1}\n", "returned dict, not a list of dicts"),
+        ("def make_cfgs():\n    return [{'lr': 1e-3}, 3]\n", "item 1 is int, not a dict"),
+        (
+            "def make_cfgs():\n    return [{'sae': {'exp_factr': 4}}]\n",
+            "unknown key 'exp_factr' (did you mean 'exp_factor'?)",
+        ),
+        ("def make_cfgs():\n    return [{'lr': 'fast'}]\n", "key 'lr' has value 'fast'"),
+        ("import helper_mod\ndef make_cfgs():\n    return helper_mod.CFGS\n", None),
+    ],
+)
+def test_bad_sweep_files_exit_2(tmp_path, source, message):
+    path = tmp_path / "sweep.py"
+    (tmp_path / "helper_mod.py").write_text("CFGS = [{'lr': 1e-3}]\n")
+    if source is not None:
+        path.write_text(source)
+    out = plan(path)
+    if message is None:
+        assert out.returncode == 0 and out.stdout.strip().endswith("1 configs in 1 groups")
+        return
+    assert out.returncode == 2, out.stdout
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_config_fields():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "--sae.exp-factor" in out.stdout and "Latent width as a multiple" in out.stdout
