@@ -5,6 +5,7 @@ uv run train.py --sweep sweeps/lr_grid.py [--slurm-acct A] [--lr 5e-4] [--sae.k 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -130,7 +131,5 @@ def print_help() -> None:
     import tyro
 
     print(USAGE)
-    try:
+    with contextlib.suppress(SystemExit):
         tyro.cli(TrainConfig, args=["--help"], prog="train.py")
-    except SystemExit:
-        pass

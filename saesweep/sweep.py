@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -130,10 +131,8 @@ def parse_value(raw: str, hint: Any, flag: str) -> Any:
     if raw.lower() in ("true", "false"):
         candidates.insert(0, raw.lower() == "true")
     for convert in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             candidates.insert(0, convert(raw))
-        except ValueError:
-            pass
     for value in candidates:
         try:
             return coerce(value, hint, f"flag {flag}")
