@@ -17,11 +17,18 @@ from saesweep.config import TrainConfig
 from saesweep.configtools import replace_from_dict
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.plan import ensure_data, print_plan
-from saesweep.sweep import build_configs, load_sweep, parse_overrides, split_groups
+from saesweep.sweep import build_configs, deep_merge, load_sweep, parse_overrides, split_groups
 
-SWEEP_FLAGS = {"--sweep": str, "--rerun": str, "--max-parallel": int, "--executor": str}
+SWEEP_FLAGS = {
+    "--sweep": str,
+    "--rerun": str,
+    "--resume": str,
+    "--max-parallel": int,
+    "--executor": str,
+}
 EXECUTORS = ("local", "debug", "slurm")
-USAGE = """usage: train.py [--sweep FILE.py | --rerun SWEEP_DIR] [--dry-run] [--max-parallel K]
+USAGE = """usage: train.py [--sweep FILE.py | --rerun SWEEP_DIR | --resume SWEEP_DIR] [--dry-run]
+                [--max-parallel K]
                 [--executor local|debug|slurm] [--CONFIG.FIELD VALUE ...]
 
 Without --sweep, trains one SAE from the defaults and flags. Config flags (CLI > sweep > defaults):
@@ -35,9 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         print_help()
         return 0
     opts, rest = split_flags(argv)
+    if opts.get("--resume"):
+        sweep_dir = Path(opts["--resume"])
+        cfgs = load_sweep_configs(sweep_dir, {})
+        groups = split_groups(cfgs, opts.get("--max-parallel"))
+        return launch(opts, cfgs, groups, sweep_dir)
     if opts.get("--rerun"):
         source = Path(opts["--rerun"])
-        cfgs, name = load_rerun(source), f"{source.name.split('-rerun')[0]}-rerun"
+        cfgs = load_sweep_configs(source, parse_overrides(rest))
+        name = f"{source.name.split('-rerun')[0]}-rerun"
     else:
         sweep_path = Path(opts["--sweep"]) if opts.get("--sweep") else None
         sweep = load_sweep(sweep_path) if sweep_path else [{}]
@@ -47,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     if opts.get("--dry-run"):
         print_plan(groups, len(cfgs))
         return 0
+    sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_sweep_json(sweep_dir, cfgs, groups, argv)
+    return launch(opts, cfgs, groups, sweep_dir)
+
+
+def launch(opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path) -> int:
     executor = opts.get("--executor") or ("slurm" if cfgs[0].slurm_acct else "local")
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
@@ -54,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
     for group in groups:
         ensure_data(group.cfgs[0])
-    sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_sweep_json(sweep_dir, cfgs, groups, argv)
     return run_sweep(sweep_dir, groups, executor)
 
 
@@ -83,8 +100,8 @@ def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(argv[i])
             i += 1
-    if opts.get("--sweep") and opts.get("--rerun"):
-        raise UserError("give either --sweep or --rerun, not both")
+    if sum(bool(opts.get(f)) for f in ("--sweep", "--rerun", "--resume")) > 1:
+        raise UserError("give only one of --sweep, --rerun and --resume")
     return opts, rest
 
 
@@ -103,12 +120,16 @@ def write_sweep_json(sweep_dir: Path, cfgs: list[TrainConfig], groups, argv: lis
     )
 
 
-def load_rerun(sweep_dir: Path) -> list[TrainConfig]:
+def load_sweep_configs(sweep_dir: Path, overrides: dict) -> list[TrainConfig]:
+    """The merged configs recorded in a sweep directory, with `overrides` applied on top."""
     path = sweep_dir / "sweep.json"
     if not path.exists():
         raise UserError(f"{sweep_dir} is not a sweep directory (no sweep.json)")
     saved = json.loads(path.read_text())["configs"]
-    return [replace_from_dict(TrainConfig(), c, f"{path} config {i}") for i, c in enumerate(saved)]
+    return [
+        replace_from_dict(TrainConfig(), deep_merge(c, overrides), f"{path} config {i}")
+        for i, c in enumerate(saved)
+    ]
 
 
 def code_version() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,7 @@ class GroupTrainer:
             "seed": cfg.seed,
             "tag": cfg.tag,
             "run": run_dir.name,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
         sae_cfg = {
             **stack.sae.sae_lens_cfg(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from saesweep.manifest import HookPart, Part, part_key, write_merged
+from saesweep.sae.synthetic import sparse_mixture
 from saesweep.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.store import open_store
 
@@ -12,15 +13,24 @@ HOOK = "model.layers.1"
 
 
 def make_collection(
-    uri: str, shard_sizes: list[int], d: int = 16, dtype=torch.float32, seed: int = 0
+    uri: str,
+    shard_sizes: list[int],
+    d: int = 16,
+    dtype=torch.float32,
+    seed: int = 0,
+    sparse: bool = False,
 ) -> torch.Tensor:
-    """Write shards whose acts[:, 0] is each token's global index; return all acts."""
+    """Write shards whose acts[:, 0] is each token's global index (sparse=False), or tokens
+    that are sparse mixtures of 64 directions (sparse=True, for training); return all acts."""
     store = open_store(uri)
     gen = torch.Generator().manual_seed(seed)
     part, hp, start, everything = Part(0, 1, complete=True), HookPart(), 0, []
     for i, n in enumerate(shard_sizes):
-        acts = torch.randn(n, d, generator=gen)
-        acts[:, 0] = torch.arange(start, start + n, dtype=torch.float32)
+        if sparse:
+            acts = sparse_mixture(n, d, seed=seed * 1000 + i)
+        else:
+            acts = torch.randn(n, d, generator=gen)
+            acts[:, 0] = torch.arange(start, start + n, dtype=torch.float32)
         acts = acts.to(dtype)
         ids = torch.arange(start, start + n) % 30000
         data = encode_shard(acts, ids, torch.arange(start, start + n), torch.zeros(n))

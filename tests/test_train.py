@@ -1,0 +1,215 @@
+"""The group trainer and train.py end to end on synthetic collections in the real format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from synthetic import make_collection
+
+from saesweep.config import DataConfig, TrainConfig
+from saesweep.errors import UserError
+from saesweep.sae import SAEConfig
+from saesweep.sae.export import apply_exported
+from saesweep.train import GroupTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+D = 16
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("coll"))
+    make_collection(uri, [512] * 5, d=D, sparse=True)
+    return uri
+
+
+def cfg(uri: str, **kw) -> TrainConfig:
+    base = TrainConfig(
+        train_data=DataConfig(uri=uri, shards=":-1", collect=""),
+        val_data=DataConfig(uri="", shards="-1:", collect=""),
+        n_train=4096,
+        n_val=512,
+        batch_size=128,
+        warmup_steps=2,
+        log_every=4,
+        ckpt_every=5,
+        wandb_mode="disabled",
+        sae=SAEConfig(arch="topk", d_sae=64, k=4),
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def train(cfgs: list[TrainConfig], root: Path) -> list[dict]:
+    dirs = [root / f"run-{i}" for i in range(len(cfgs))]
+    return GroupTrainer(cfgs, dirs, root / "state").train()
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "sae_weights.safetensors"))
+
+
+def test_group_equals_separate_runs(coll, tmp_path):
+    cfgs = [cfg(coll, lr=lr, seed=s) for lr, s in ((1e-3, 1), (3e-3, 2), (1e-2, 3))]
+    train(cfgs, tmp_path / "group")
+    for i, c in enumerate(cfgs):
+        train([c], tmp_path / f"alone{i}")
+        alone, grouped = weights(tmp_path / f"alone{i}/run-0"), weights(tmp_path / f"group/run-{i}")
+        for name in alone:
+            torch.testing.assert_close(grouped[name], alone[name], rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_architectures_and_checkpoint_format(coll, tmp_path):
+    archs = ["topk", "batchtopk", "switch", "relu", "jumprelu"]
+    cfgs = [
+        cfg(coll, sae=SAEConfig(arch=a, d_sae=64, k=4, n_experts=2), seed=i)
+        for i, a in enumerate(archs)
+    ]
+    results = train(cfgs, tmp_path)
+    assert [r["arch"] for r in results] == archs
+    val = _val_acts(coll)
+    for i in range(len(archs)):
+        run = tmp_path / f"run-{i}"
+        sae_cfg = json.loads((run / "cfg.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert sae_cfg["d_in"] == D and sae_cfg["d_sae"] == 64
+        assert {"mse", "fvu", "l0", "dead_pct", "tokens_seen"} <= set(metrics)
+        assert metrics["tokens_seen"] == 4096 and not metrics["failed"]
+        sd = weights(run)
+        assert sd["W_enc"].shape == (D, 64) and sd["W_dec"].shape == (64, D)
+        recon = apply_exported(sae_cfg, sd, val)
+        fvu = ((recon - val) ** 2).sum() / ((val - val.mean(0)) ** 2).sum()
+        assert fvu.item() == pytest.approx(metrics["fvu"], rel=1e-3, abs=1e-4)
+        assert metrics["fvu"] < 1.0
+
+
+def _val_acts(uri: str) -> torch.Tensor:
+    from saesweep import Reader
+
+    return torch.cat(
+        list(
+            Reader(uri, batch_size=512, shuffle=False, dtype=torch.float32, shards=slice(-1, None))
+        )
+    )
+
+
+def test_diverging_sae_fails_alone(coll, tmp_path):
+    good = [cfg(coll, lr=1e-3, seed=1), cfg(coll, lr=2e-3, seed=2)]
+    bad = cfg(coll, lr=float("inf"), seed=3)
+    results = train([good[0], bad, good[1]], tmp_path / "with")
+    assert [r["failed"] for r in results] == [False, True, False]
+    train(good, tmp_path / "without")
+    for i, j in ((0, 0), (2, 1)):
+        a, b = weights(tmp_path / f"with/run-{i}"), weights(tmp_path / f"without/run-{j}")
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_group_too_big_is_refused(coll, tmp_path):
+    with pytest.raises(UserError, match="GiB"):
+        GroupTrainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
+
+
+def run_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def sweep_args(coll: str, root: Path) -> list[str]:
+    return [
+        "--sweep",
+        str(ROOT / "sweeps/lr_grid.py"),
+        "--runs-root",
+        str(root),
+        "--executor",
+        "debug",
+        "--train-data.uri",
+        coll,
+        "--train-data.collect",
+        "",
+        "--n-train",
+        "20000",
+        "--batch-size",
+        "128",
+        "--n-val",
+        "512",
+        "--sae.d-sae",
+        "64",
+        "--sae.k",
+        "4",
+        "--ckpt-every",
+        "5",
+        "--wandb-mode",
+        "disabled",
+    ]
+
+
+def only_dir(root: Path) -> Path:
+    (found,) = [p for p in root.iterdir() if p.is_dir()]
+    return found
+
+
+def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
+    ref = run_train(*sweep_args(coll, tmp_path / "ref"))
+    assert ref.wait() == 0, ref.stderr.read()
+    ref_dir = only_dir(tmp_path / "ref")
+    proc = run_train(*sweep_args(coll, tmp_path / "killed"))
+    for _ in range(1200):
+        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
+        if states and json.loads(states[0].read_text())["step"] >= 20:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_dir = only_dir(tmp_path / "killed")
+    assert not list(killed_dir.glob("runs/*/metrics.json"))
+    resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    rerun = run_train(
+        "--rerun", str(ref_dir), "--executor", "debug", "--runs-root", str(tmp_path / "rerun")
+    )
+    assert rerun.wait() == 0, rerun.stderr.read()
+    rerun_dir = only_dir(tmp_path / "rerun")
+    for run in sorted(p.name for p in (ref_dir / "runs").iterdir()):
+        expected = weights(ref_dir / "runs" / run)
+        for other in (killed_dir, rerun_dir):
+            got = weights(other / "runs" / run)
+            assert all(torch.equal(expected[k], got[k]) for k in expected), (other, run)
+    assert (ref_dir / "results.csv").read_text().count("\n") == 7
+    assert json.loads((ref_dir / "sweep.json").read_text())["configs"][3]["seed"] == 45
+
+
+def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):
+    sweep = tmp_path / "two_groups.py"
+    sweep.write_text(
+        "def make_cfgs():\n    return [{'lr': lr, 'n_train': n} "
+        "for n in (2048, 4096) for lr in (1e-3, 3e-3)]\n"
+    )
+    args = sweep_args(coll, tmp_path / "runs")
+    args[1] = str(sweep)
+    for flag in ("--executor", "--n-train"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    proc = run_train(*args, "--slurm-acct", "test", "--mem-gb", "1")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    sweep_dir = only_dir(tmp_path / "runs")
+    metrics = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("runs/*/metrics.json"))]
+    assert len(metrics) == 4
+    assert all(m["slurm_job_id"] for m in metrics)
+    assert len({m["slurm_job_id"] for m in metrics}) == 2
+    assert [m["tokens_seen"] for m in metrics] == [2048, 2048, 4096, 4096]
