@@ -372,3 +372,34 @@ def test_unknown_model_and_dataset_exit_2(tmp_path):
         ["--dataset", str(_docs(tmp_path)), "--text-column", "body", "--out", str(tmp_path / "o2")]
     )
     assert proc.wait() == 2 and "no field 'body'" in proc.stderr.read()
+
+
+def test_collect_on_slurm(tmp_path, slurm_cluster):
+    out = tmp_path / "slurm"
+    proc = _run_collect(
+        [
+            "--dataset",
+            str(_docs(tmp_path)),
+            "--out",
+            str(out),
+            "--n-machines",
+            "2",
+            "--slurm-acct",
+            "test",
+            "--ctx-len",
+            "64",
+            "--act-dtype",
+            "float32",
+            "--shard-tokens",
+            "500",
+        ]
+    )
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    parts = [
+        json.loads((out / "parts" / f"machine-{m:04d}-of-0002.json").read_text()) for m in range(2)
+    ]
+    assert all(p["complete"] for p in parts)
+    merged = read_hook(str(out), "encoder.layer.3")
+    assert sorted(set((merged["seq_ids"] >> SEQ_CHUNK_BITS).tolist())) == list(range(40))
+    assert "on 2 Slurm tasks" in stdout
