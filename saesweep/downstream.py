@@ -1,0 +1,400 @@
+"""Downstream fidelity: splice an SAE's reconstruction into the model and measure the damage.
+
+Held-out sequences are rebuilt from a collection's stored token ids (no new text): tokens are
+grouped by seq_id, ordered by position, and the tokenizer's special tokens are put back where
+the collection left them out. The SAE's reconstruction replaces the hooked module's output at
+the STORED positions only (the tokens the SAE was trained on); special tokens keep their clean
+activations. Zero ablation zeroes the same positions. See docs/evaluation.md for the formulas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Bool, Float, jaxtyped
+from torch import Tensor, nn
+
+from saesweep.checkpoint import load_sae, write_json
+from saesweep.collect.model import load_model
+from saesweep.collect.sequences import Sequence, make_batch, special_template
+from saesweep.errors import UserError
+from saesweep.manifest import find_hook
+from saesweep.sae.export import apply_exported
+from saesweep.shards import checksum, decode_shard
+from saesweep.store import open_store
+
+Run = str | Path | tuple[dict, dict[str, Tensor]]
+Positions = Literal["stored", "all"]
+
+
+# ----- the SAE ----------------------------------------------------------------------------------
+
+
+def load_run(run: Run) -> tuple[dict, dict[str, Tensor]]:
+    """(cfg, state dict) of a run directory, or the pair itself."""
+    if isinstance(run, tuple):
+        return run
+    path = Path(run)
+    if not (path / "cfg.json").exists():
+        raise UserError(f"{path} is not an SAE run directory (no cfg.json)")
+    return load_sae(path)
+
+
+# ----- the collection ---------------------------------------------------------------------------
+
+
+def parse_slice(spec: str) -> slice:
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
+    except (ValueError, TypeError):
+        raise UserError(f"shards={spec!r} is not a Python slice such as ':-1' or '-1:'") from None
+
+
+@dataclass
+class Collection:
+    """One hook of a collection: its metadata, the root config, and the chosen shards' tensors."""
+
+    meta: dict
+    config: dict
+    tensors: dict[str, Tensor]
+
+
+def read_collection(
+    uri: str, hook: str | None, shards: str = ":", names: tuple[str, ...] = ()
+) -> Collection:
+    """token_ids, seq_ids, positions (plus `names`, e.g. 'acts') of the selected shards,
+    concatenated in manifest order, checksums verified."""
+    store = open_store(uri)
+    meta = find_hook(store, hook=hook)
+    config = store.get_json("cfg.json").get("config", {}) if store.exists("cfg.json") else {}
+    chosen = meta["shards"][parse_slice(shards)]
+    if not chosen:
+        raise UserError(f"shards={shards!r} selects no shard of {uri} ({len(meta['shards'])})")
+    keep = ("token_ids", "seq_ids", "positions", *names)
+    parts = [_read_shard(store, meta["hook"], s, keep) for s in chosen]
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in keep}
+    return Collection(meta, config, tensors)
+
+
+def _read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str, Tensor]:
+    key = f"{hook}/{shard['name']}"
+    data = store.get(key)
+    if checksum(data) != shard["checksum"]:
+        raise UserError(f"shard {store.uri}/{key} is corrupt (checksum mismatch); recollect it")
+    tensors = decode_shard(data)
+    return {k: tensors[k] for k in keep}
+
+
+def rebuild_sequences(
+    tensors: dict[str, Tensor], tokenizer, exclude_special: bool, limit: int | None = None
+) -> list[Sequence]:
+    """The model inputs of the stored sequences, in seq_id order (at most `limit`).
+
+    With exclude_special the input is prefix + stored tokens + suffix (the tokenizer's
+    special_template); a sequence whose stored positions are not exactly the content positions
+    (a special token inside the text left a gap) is skipped."""
+    prefix, suffix = special_template(tokenizer) if exclude_special else ([], [])
+    out = []
+    for seq_id, tokens, positions in _grouped(tensors):
+        expected = torch.arange(len(prefix), len(prefix) + len(tokens))
+        if not torch.equal(positions, expected):
+            continue
+        ids = prefix + tokens.tolist() + suffix
+        stored = [False] * len(prefix) + [True] * len(tokens) + [False] * len(suffix)
+        out.append(Sequence(seq_id, ids, stored))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _grouped(tensors: dict[str, Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(seq_id, token ids, positions) per sequence, positions ascending."""
+    seq_ids, positions = tensors["seq_ids"].long(), tensors["positions"].long()
+    order = torch.argsort(seq_ids * (1 << 24) + positions)
+    seq_ids, positions = seq_ids[order], positions[order]
+    tokens = tensors["token_ids"].long()[order]
+    ids, counts = torch.unique_consecutive(seq_ids, return_counts=True)
+    start = 0
+    for seq_id, n in zip(ids.tolist(), counts.tolist(), strict=True):
+        yield seq_id, tokens[start : start + n], positions[start : start + n]
+        start += n
+
+
+# ----- splicing ---------------------------------------------------------------------------------
+
+
+class Splice:
+    """A forward hook on one module that rewrites its output (or its first element) at the
+    positions of `mask` with `fn`, or leaves it alone while fn is None."""
+
+    def __init__(self, module: nn.Module):
+        self.fn: Callable[[Tensor], Tensor] | None = None
+        self.mask: Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.fn is None:
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        new = h.clone()
+        rows = h[self.mask] if self.mask is not None else h.reshape(-1, h.shape[-1])
+        out = self.fn(rows).to(h.dtype)
+        if self.mask is not None:
+            new[self.mask] = out
+        else:
+            new = out.reshape(h.shape)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    @contextlib.contextmanager
+    def using(self, fn: Callable[[Tensor], Tensor] | None, mask: Tensor | None):
+        self.fn, self.mask = fn, mask
+        try:
+            yield
+        finally:
+            self.fn, self.mask = None, None
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def sae_fn(cfg: dict, sd: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    dtype = sd["W_enc"].dtype
+    return lambda x: apply_exported(cfg, sd, x.to(dtype))
+
+
+def zero_fn(x: Tensor) -> Tensor:
+    return torch.zeros_like(x)
+
+
+def is_causal(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+# ----- scores -----------------------------------------------------------------------------------
+
+
+@jaxtyped(typechecker=beartype)
+def token_ce(
+    logits: Float[Tensor, "B T V"], input_ids: Tensor, attention_mask: Tensor
+) -> tuple[float, int]:
+    """(sum of next-token cross-entropies in float64, number of predictions) over real tokens."""
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return float(ce[valid].double().sum()), int(valid.sum())
+
+
+@jaxtyped(typechecker=beartype)
+def token_kl(
+    clean: Float[Tensor, "B T V"], other: Float[Tensor, "B T V"], valid: Bool[Tensor, "B T"]
+) -> float:
+    """Sum over real positions of KL(softmax(clean) || softmax(other)), in float64."""
+    p = clean[valid].double().log_softmax(-1)
+    q = other[valid].double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+@jaxtyped(typechecker=beartype)
+def hidden_sse(
+    clean: Float[Tensor, "B T d"], other: Float[Tensor, "B T d"], valid: Bool[Tensor, "B T"]
+) -> float:
+    """Sum over real positions of ||other - clean||^2, in float64."""
+    return float((other[valid].double() - clean[valid].double()).pow(2).sum())
+
+
+class Totals:
+    """float64 sums of one evaluation: per condition CE/KL (causal) or SSE (encoder)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, value: float, count: int) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.counts[key], 1)
+
+
+# ----- the evaluation ---------------------------------------------------------------------------
+
+
+def downstream_metrics(
+    run: Run,
+    collection_uri: str,
+    n_sequences: int = 64,
+    device: str = "cpu",
+    *,
+    shards: str = "-1:",
+    batch_size: int = 8,
+    positions: Positions = "stored",
+    model: str | None = None,
+) -> dict:
+    """Downstream fidelity of one SAE on n_sequences held-out sequences of the collection.
+
+    Causal LMs: ce_clean, ce_sae, ce_zero, loss_recovered, kl. Encoders: final_mse_sae,
+    final_mse_zero, final_recovered. `shards` picks the held-out shards (the trainer's default
+    validation slice is '-1:'); `model` overrides the model named by the collection."""
+    return downstream_metrics_many(
+        [run], collection_uri, n_sequences, device, shards=shards, batch_size=batch_size,
+        positions=positions, model=model,
+    )[0]  # fmt: skip
+
+
+def downstream_metrics_many(
+    runs: list[Run],
+    collection_uri: str,
+    n_sequences: int = 64,
+    device: str = "cpu",
+    *,
+    shards: str = "-1:",
+    batch_size: int = 8,
+    positions: Positions = "stored",
+    model: str | None = None,
+) -> list[dict]:
+    """downstream_metrics of several SAEs, sharing the model, the data and the clean pass."""
+    saes = [load_run(r) for r in runs]
+    hooks = sorted({cfg["hook_name"] for cfg, _ in saes})
+    colls = {h: read_collection(collection_uri, h, shards) for h in hooks}
+    first = next(iter(colls.values()))
+    lm, tokenizer = _load_model(first, model, device)
+    results: list[dict | None] = [None] * len(saes)
+    for hook, coll in colls.items():
+        members = [i for i, (cfg, _) in enumerate(saes) if cfg["hook_name"] == hook]
+        _check_width(coll, [saes[i][0] for i in members])
+        seqs = rebuild_sequences(
+            coll.tensors, tokenizer, coll.meta.get("exclude_special", True), n_sequences
+        )
+        if not seqs:
+            raise UserError(f"{collection_uri} shards {shards!r} hold no complete sequence")
+        sds = [{k: v.to(device) for k, v in saes[i][1].items()} for i in members]
+        fns = [sae_fn(saes[i][0], sd) for i, sd in zip(members, sds, strict=True)]
+        totals = _evaluate(
+            lm, coll.meta["hook"], seqs, fns, tokenizer, device, batch_size, positions
+        )
+        for j, i in enumerate(members):
+            results[i] = _summarize(totals, j, is_causal(lm)) | {
+                "downstream_sequences": len(seqs),
+                "downstream_positions": positions,
+                "downstream_shards": shards,
+            }
+    return results  # type: ignore[return-value]
+
+
+def _load_model(coll: Collection, override: str | None, device: str):
+    name = override or coll.config.get("model") or coll.meta["model"]
+    return load_model(
+        name, coll.config.get("revision"), coll.config.get("model_dtype", "float32"), device
+    )
+
+
+def _check_width(coll: Collection, cfgs: list[dict]) -> None:
+    for cfg in cfgs:
+        if cfg["d_in"] != coll.meta["d_model"]:
+            raise UserError(
+                f"the SAE has d_in={cfg['d_in']} but hook {coll.meta['hook']} has width "
+                f"{coll.meta['d_model']}"
+            )
+
+
+@torch.inference_mode()
+def _evaluate(
+    lm: nn.Module,
+    hook: str,
+    seqs: list[Sequence],
+    fns: list[Callable[[Tensor], Tensor]],
+    tokenizer,
+    device: str,
+    batch_size: int,
+    positions: Positions,
+) -> Totals:
+    modules = dict(lm.named_modules())
+    if hook not in modules:
+        raise UserError(f"the SAE's hook_name {hook!r} is not a module of the model")
+    splice, totals = Splice(modules[hook]), Totals()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            batch = make_batch(seqs[start : start + batch_size], tokenizer.pad_token_id or 0)
+            ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
+            mask = batch.stored.to(device) if positions == "stored" else attn.bool()
+
+            def run(fn, ids=ids, attn=attn, mask=mask):
+                with splice.using(fn, mask):
+                    return _final(lm, ids, attn)
+
+            clean = run(None)
+            _accumulate(totals, "zero", clean, run(zero_fn), ids, attn, lm)
+            for j, fn in enumerate(fns):
+                _accumulate(totals, f"sae{j}", clean, run(fn), ids, attn, lm)
+            if is_causal(lm):
+                totals.add("ce_clean", *token_ce(clean, ids, attn))
+    finally:
+        splice.remove()
+    return totals
+
+
+def _final(lm: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+    """Logits (causal LM) or final hidden states (encoder), float32."""
+    out = lm(input_ids=ids, attention_mask=attn, use_cache=False)
+    return (out.logits if is_causal(lm) else out.last_hidden_state).float()
+
+
+def _accumulate(
+    totals: Totals, key: str, clean: Tensor, other: Tensor, ids: Tensor, attn: Tensor, lm
+) -> None:
+    valid = attn.bool()
+    if is_causal(lm):
+        totals.add(f"ce_{key}", *token_ce(other, ids, attn))
+        totals.add(f"kl_{key}", token_kl(clean, other, valid), int(valid.sum()))
+    else:
+        n = int(valid.sum()) * clean.shape[-1]
+        totals.add(f"mse_{key}", hidden_sse(clean, other, valid), n)
+
+
+def _summarize(totals: Totals, j: int, causal: bool) -> dict:
+    if causal:
+        clean, sae, zero = (totals.mean(k) for k in ("ce_clean", f"ce_sae{j}", "ce_zero"))
+        return {
+            "ce_clean": clean,
+            "ce_sae": sae,
+            "ce_zero": zero,
+            "loss_recovered": (zero - sae) / (zero - clean) if zero != clean else float("nan"),
+            "kl": totals.mean(f"kl_sae{j}"),
+            "kl_zero": totals.mean("kl_zero"),
+        }
+    sae, zero = totals.mean(f"mse_sae{j}"), totals.mean("mse_zero")
+    return {
+        "final_mse_sae": sae,
+        "final_mse_zero": zero,
+        "final_recovered": 1 - sae / zero if zero > 0 else float("nan"),
+    }
+
+
+def add_downstream(
+    run_dirs: list[Path],
+    uri: str,
+    n_sequences: int = 64,
+    device: str = "cpu",
+    *,
+    shards: str = "-1:",
+    batch_size: int = 8,
+) -> list[dict]:
+    """Add the downstream metrics to each run's metrics.json (rewritten atomically)."""
+    dirs = [Path(d) for d in run_dirs]
+    results = downstream_metrics_many(
+        dirs, uri, n_sequences, device, shards=shards, batch_size=batch_size
+    )
+    for run_dir, extra in zip(dirs, results, strict=True):
+        path = run_dir / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        write_json(path, metrics | extra)
+    return results
