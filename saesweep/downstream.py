@@ -73,19 +73,27 @@ def read_collection(
 ) -> Collection:
     """token_ids, seq_ids, positions (plus `names`, e.g. 'acts') of the selected shards,
     concatenated in manifest order, checksums verified."""
+    keep = ("token_ids", "seq_ids", "positions", *names)
+    meta, config, chosen = select_shards(uri, hook, shards)
+    store = open_store(uri)
+    parts = [read_shard(store, meta["hook"], s, keep) for s in chosen]
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in keep}
+    return Collection(meta, config, tensors)
+
+
+def select_shards(uri: str, hook: str | None, shards: str) -> tuple[dict, dict, list[dict]]:
+    """(hook metadata, root collection config, the manifest records of the selected shards)."""
     store = open_store(uri)
     meta = find_hook(store, hook=hook)
     config = store.get_json("cfg.json").get("config", {}) if store.exists("cfg.json") else {}
     chosen = meta["shards"][parse_slice(shards)]
     if not chosen:
         raise UserError(f"shards={shards!r} selects no shard of {uri} ({len(meta['shards'])})")
-    keep = ("token_ids", "seq_ids", "positions", *names)
-    parts = [_read_shard(store, meta["hook"], s, keep) for s in chosen]
-    tensors = {k: torch.cat([p[k] for p in parts]) for k in keep}
-    return Collection(meta, config, tensors)
+    return meta, config, chosen
 
 
-def _read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str, Tensor]:
+def read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str, Tensor]:
+    """The tensors `keep` of one shard (a manifest record), its checksum verified."""
     key = f"{hook}/{shard['name']}"
     data = store.get(key)
     if checksum(data) != shard["checksum"]:

@@ -1,0 +1,286 @@
+"""Feature inspection: the top-activating tokens of chosen SAE latents, in context, as HTML.
+
+    uv run python -m saesweep.features RUN_DIR --data URI --latents 0 5 17 --top 20 --out page.html
+
+Without --latents the most frequently firing latents are shown. The collection's shards are
+scanned one at a time (no activations held beyond one shard); the contexts (the previous
+--window stored tokens of the same sequence and the token itself) are read back afterwards from
+the shards that hold the winning tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int64, jaxtyped
+from torch import Tensor
+
+from saesweep.checkpoint import write_atomic
+from saesweep.collect.model import model_path
+from saesweep.downstream import Run, load_run, read_shard, select_shards
+from saesweep.errors import UserError, exit_on_user_error
+from saesweep.sae.export import exported_acts
+from saesweep.store import open_store
+
+
+@dataclass
+class Hit:
+    activation: float
+    row: int
+    """Index of the token among the scanned tokens (selected shards, manifest order)."""
+    seq_id: int = -1
+    position: int = -1
+    token_id: int = -1
+    context: list[int] = field(default_factory=list)
+    """Token ids of the context; the last one is the hit's own token."""
+
+
+@dataclass
+class LatentReport:
+    latent: int
+    density: float
+    """Fraction of scanned tokens on which the latent is > 0."""
+    max_activation: float
+    hits: list[Hit]
+
+
+class TopK:
+    """Running top-`k` values per column over row chunks, with each winner's global row."""
+
+    def __init__(self, k: int, n_cols: int):
+        self.k = k
+        self.values = torch.full((0, n_cols), float("-inf"))
+        self.rows = torch.zeros((0, n_cols), dtype=torch.int64)
+
+    @jaxtyped(typechecker=beartype)
+    def update(self, values: Float[Tensor, "c L"], first_row: int) -> None:
+        rows = torch.arange(first_row, first_row + len(values)).unsqueeze(1).expand_as(values)
+        all_values = torch.cat([self.values, values.float()])
+        all_rows = torch.cat([self.rows, rows])
+        top, where = all_values.topk(min(self.k, len(all_values)), dim=0)
+        self.values, self.rows = top, all_rows.gather(0, where)
+
+
+@dataclass
+class Scan:
+    latents: list[int]
+    n_tokens: int
+    fire_counts: Tensor
+    top: TopK
+    shard_offsets: list[int]
+    """Global row of each selected shard's first token (plus the total at the end)."""
+
+
+@torch.no_grad()
+def scan(
+    cfg: dict,
+    sd: dict[str, Tensor],
+    uri: str,
+    latents: list[int] | None,
+    top: int,
+    shards: str = ":",
+    chunk: int = 4096,
+) -> tuple[Scan, dict, dict, list[dict]]:
+    """Fire counts of every latent and the running top activations of `latents` (all when
+    None) over the selected shards. Returns the scan, hook metadata, root config, shards."""
+    meta, config, chosen = select_shards(uri, cfg.get("hook_name"), shards)
+    if cfg["d_in"] != meta["d_model"]:
+        raise UserError(f"the SAE has d_in={cfg['d_in']} but {uri} has width {meta['d_model']}")
+    cols = list(range(cfg["d_sae"])) if latents is None else latents
+    result = Scan(cols, 0, torch.zeros(cfg["d_sae"], dtype=torch.int64), TopK(top, len(cols)), [])
+    store, index = open_store(uri), torch.tensor(cols)
+    for shard in chosen:
+        result.shard_offsets.append(result.n_tokens)
+        acts = read_shard(store, meta["hook"], shard, ("acts",))["acts"]
+        for start in range(0, len(acts), chunk):
+            a = exported_acts(cfg, sd, acts[start : start + chunk].to(sd["W_enc"].dtype))
+            result.fire_counts += (a > 0).sum(0)
+            result.top.update(a[:, index], result.n_tokens + start)
+        result.n_tokens += len(acts)
+    result.shard_offsets.append(result.n_tokens)
+    return result, meta, config, chosen
+
+
+def reports(result: Scan, shown: list[int]) -> list[LatentReport]:
+    """Per shown latent: density, max activation, hits (positive activations only)."""
+    col = {lat: i for i, lat in enumerate(result.latents)}
+    out = []
+    for latent in shown:
+        values, rows = result.top.values[:, col[latent]], result.top.rows[:, col[latent]]
+        hits = [Hit(float(v), int(r)) for v, r in zip(values, rows, strict=True) if v > 0]
+        density = float(result.fire_counts[latent]) / max(result.n_tokens, 1)
+        out.append(LatentReport(latent, density, hits[0].activation if hits else 0.0, hits))
+    return out
+
+
+def most_frequent(fire_counts: Int64[Tensor, " d_sae"], n: int) -> list[int]:
+    order = sorted(range(len(fire_counts)), key=lambda i: (-int(fire_counts[i]), i))
+    return order[:n]
+
+
+def add_contexts(
+    latent_reports: list[LatentReport],
+    result: Scan,
+    uri: str,
+    hook: str,
+    chosen: list[dict],
+    window: int,
+) -> None:
+    """Fill each hit's seq_id, position, token id and context from the shard holding its row.
+    A sequence never spans shards, so the whole context is in that shard."""
+    hits = [h for r in latent_reports for h in r.hits]
+    offsets = torch.tensor(result.shard_offsets)
+    by_shard: dict[int, list[Hit]] = {}
+    for h in hits:
+        shard = int(torch.searchsorted(offsets, h.row, right=True)) - 1
+        by_shard.setdefault(shard, []).append(h)
+    store = open_store(uri)
+    for s, shard_hits in by_shard.items():
+        t = read_shard(store, hook, chosen[s], ("token_ids", "seq_ids", "positions"))
+        for h in shard_hits:
+            row = h.row - result.shard_offsets[s]
+            h.seq_id, h.position = int(t["seq_ids"][row]), int(t["positions"][row])
+            h.token_id = int(t["token_ids"][row])
+            same = (t["seq_ids"] == h.seq_id) & (t["positions"] <= h.position)
+            same &= t["positions"] >= h.position - window
+            rows = same.nonzero().flatten()
+            rows = rows[t["positions"][rows].argsort()]
+            h.context = t["token_ids"][rows].tolist()
+
+
+def inspect_features(
+    run: Run,
+    uri: str,
+    latents: list[int] | None = None,
+    top: int = 20,
+    *,
+    n_default: int = 10,
+    window: int = 10,
+    shards: str = ":",
+) -> tuple[list[LatentReport], int]:
+    """(reports of the latents, in the given order or by firing frequency; tokens scanned)."""
+    cfg, sd = load_run(run)
+    bad = [lat for lat in latents or [] if not 0 <= lat < cfg["d_sae"]]
+    if bad:
+        raise UserError(f"latents {bad} are out of range: the SAE has {cfg['d_sae']} latents")
+    result, meta, _, chosen = scan(cfg, sd, uri, latents, top, shards)
+    shown = latents if latents is not None else most_frequent(result.fire_counts, n_default)
+    out = reports(result, shown)
+    add_contexts(out, result, uri, meta["hook"], chosen, window)
+    return out, result.n_tokens
+
+
+# ----- HTML -------------------------------------------------------------------------------------
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 70em; }
+table { border-collapse: collapse; }
+td { padding: 2px 8px; vertical-align: top; }
+td.act { text-align: right; font-family: monospace; color: #555; }
+td.ctx { font-family: monospace; white-space: pre-wrap; }
+mark { background: #ffb347; font-weight: bold; }
+"""
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    text = tokenizer.decode([token_id])
+    return text if text.strip() else repr(text)[1:-1] or "\u2423"
+
+
+def context_html(tokenizer, hit: Hit) -> str:
+    """The context's tokens, separated by thin spaces, the last (the hit) highlighted."""
+    parts = [html.escape(token_text(tokenizer, t)) for t in hit.context]
+    if parts:
+        parts[-1] = f"<mark>{parts[-1]}</mark>"
+    return "\u2009".join(parts)
+
+
+def render_html(latent_reports: list[LatentReport], tokenizer, title: str, n_tokens: int) -> str:
+    sections = [f"<h1>{html.escape(title)}</h1><p>{n_tokens:,} tokens scanned.</p>"]
+    for r in latent_reports:
+        rows = "".join(
+            f'<tr><td class="act">{h.activation:.4g}</td>'
+            f'<td class="ctx">{context_html(tokenizer, h)}</td></tr>'
+            for h in r.hits
+        )
+        sections.append(
+            f'<section id="latent-{r.latent}"><h2>Latent {r.latent}</h2>'
+            f"<p>density {r.density:.4%} &middot; max activation {r.max_activation:.4g} "
+            f"&middot; {len(r.hits)} top tokens</p>"
+            f"<table>{rows or '<tr><td>never fires on the scanned tokens</td></tr>'}</table>"
+            "</section>"
+        )
+    body = "\n".join(sections)
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
+    )
+
+
+def load_tokenizer(config: dict, override: str | None):
+    from transformers import AutoTokenizer
+
+    name = override or config.get("model")
+    if not name:
+        raise UserError("the collection's cfg.json names no model; give --model")
+    return AutoTokenizer.from_pretrained(model_path(name), revision=config.get("revision"))
+
+
+def write_page(
+    run_dir: Path,
+    uri: str,
+    out: Path,
+    latents: list[int] | None,
+    top: int,
+    *,
+    n_default: int = 10,
+    window: int = 10,
+    shards: str = ":",
+    model: str | None = None,
+) -> list[LatentReport]:
+    """Inspect the latents and write the HTML page to `out` (atomically)."""
+    found, n_tokens = inspect_features(
+        run_dir, uri, latents, top, n_default=n_default, window=window, shards=shards
+    )
+    _, config, _ = select_shards(uri, load_run(run_dir)[0].get("hook_name"), shards)
+    page = render_html(found, load_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
+    write_atomic(out, lambda p: p.write_text(page, encoding="utf-8"))
+    return found
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m saesweep.features", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("run_dir", type=Path, help="trained SAE directory (cfg.json, weights)")
+    parser.add_argument("--data", required=True, help="collection URI (path, file://, s3://)")
+    parser.add_argument("--latents", type=int, nargs="+", help="latents to show")
+    parser.add_argument("--n-latents", type=int, default=10, help="without --latents: how many")
+    parser.add_argument("--top", type=int, default=20, help="top tokens per latent")
+    parser.add_argument("--window", type=int, default=10, help="previous tokens shown")
+    parser.add_argument("--shards", default=":", help="Python slice over the shards")
+    parser.add_argument("--model", help="tokenizer to decode with (default: the collection's)")
+    parser.add_argument("--out", type=Path, default=Path("features.html"), help="HTML page")
+    args = parser.parse_args(argv)
+    found = write_page(
+        args.run_dir,
+        args.data,
+        args.out,
+        args.latents,
+        args.top,
+        n_default=args.n_latents,
+        window=args.window,
+        shards=args.shards,
+        model=args.model,
+    )
+    print(f"wrote {args.out} ({len(found)} latents)")
+
+
+if __name__ == "__main__":
+    main()
