@@ -213,3 +213,18 @@ def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):
     assert all(m["slurm_job_id"] for m in metrics)
     assert len({m["slurm_job_id"] for m in metrics}) == 2
     assert [m["tokens_seen"] for m in metrics] == [2048, 2048, 4096, 4096]
+
+
+def test_one_live_wandb_run_per_sae(coll, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfgs = [
+        cfg(coll, lr=lr, seed=i, wandb_mode="offline", n_train=1024)
+        for i, lr in enumerate((1e-3, 2e-3))
+    ]
+    train(cfgs, tmp_path)
+    for i in range(len(cfgs)):
+        (run_dir,) = (tmp_path / f"run-{i}" / "wandb").glob("offline-run-*")
+        (log,) = run_dir.glob("*.wandb")
+        record = log.read_bytes()
+        assert b"n_train" in record and b"fvu" in record and b"dead_pct" in record
+        assert run_dir.name.endswith(f"run-{i}")
