@@ -16,7 +16,7 @@ from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import model_path
 from saesweep.collect.run import collect
 from saesweep.config import DataConfig, TrainConfig
-from saesweep.downstream import read_collection
+from saesweep.downstream import downstream_metrics, read_collection
 from saesweep.errors import UserError
 from saesweep.features import inspect_features, token_text, write_page
 from saesweep.sae import SAEConfig
@@ -138,3 +138,11 @@ def test_out_of_range_latent(trained):
     uri, run_dir = trained
     with pytest.raises(UserError, match="out of range"):
         inspect_features(run_dir, uri, [256])
+
+
+def test_downstream_of_a_trained_sae_on_minilm(trained, tmp_path):
+    """A trained SAE recovers part of the final hidden states that zero ablation destroys."""
+    uri, run_dir = trained
+    m = downstream_metrics(run_dir, uri, n_sequences=4)
+    assert 0 < m["final_mse_sae"] < m["final_mse_zero"]
+    assert 0 < m["final_recovered"] < 1
