@@ -50,6 +50,8 @@ class TrainConfig:
     """Training tokens (the data is repeated when it holds fewer)."""
     n_val: int = 100_000
     """Evaluation tokens at most."""
+    downstream_sequences: int = 64
+    """Held-out sequences for downstream fidelity (SAE spliced into the model); 0 skips it."""
     batch_size: int = 4096
     """Tokens per training step."""
     warmup_steps: int = 100
@@ -93,6 +95,7 @@ GROUP_FIELDS = (
     "val_data",
     "n_train",
     "n_val",
+    "downstream_sequences",
     "batch_size",
     "device",
     "autocast",

@@ -34,16 +34,19 @@ def load_results(sweep_dirs: list[Path]) -> list[dict]:
     for sweep_dir in sweep_dirs:
         for path in sorted(sweep_dir.glob("runs/*/metrics.json")):
             metrics = json.loads(path.read_text())
-            rows.append({c: metrics.get(c, "") for c in COLUMNS} | {"sweep": sweep_dir.name})
+            recovered = metrics.get("loss_recovered", metrics.get("final_recovered", ""))
+            row = {c: metrics.get(c, "") for c in COLUMNS}
+            rows.append(row | {"loss_recovered": recovered, "sweep": sweep_dir.name})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "failed")
-    lines = ["  ".join(f"{h:>10s}" for h in header)]
+    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "recovered", "failed")
+    width = max(len(r["run"]) for r in rows) + 2
+    lines = [f"{header[0]:<{width}s}" + "".join(f"{h:>11s}" for h in header[1:])]
     for r in rows:
+        recovered = f"{r['loss_recovered']:.3f}" if r["loss_recovered"] != "" else "-"
         cells = (
-            r["run"][-10:],
             r["arch"],
             str(r["d_sae"]),
             str(r["k"]),
@@ -51,55 +54,69 @@ def format_table(rows: list[dict]) -> str:
             f"{r['fvu']:.4f}",
             f"{r['l0']:.1f}",
             f"{r['dead_pct']:.1f}",
+            recovered,
             str(r["failed"]),
         )
-        lines.append("  ".join(f"{c:>10s}" for c in cells))
+        lines.append(f"{r['run']:<{width}s}" + "".join(f"{c:>11s}" for c in cells))
     return "\n".join(lines)
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Runs no other run beats on both L0 and FVU (lower is better for both)."""
-    ok = [r for r in rows if not r["failed"]]
+def pareto_front(rows: list[dict], metric: str = "fvu") -> list[dict]:
+    """Runs no other run beats on both L0 and `metric` (lower is better for fvu, higher for
+    loss_recovered)."""
+    sign = -1 if metric == "loss_recovered" else 1
+    ok = [(r["l0"], sign * r[metric], r) for r in rows if not r["failed"] and r[metric] != ""]
     return [
         r
-        for r in ok
-        if not any(
-            o["l0"] <= r["l0"]
-            and o["fvu"] <= r["fvu"]
-            and (o["l0"], o["fvu"]) != (r["l0"], r["fvu"])
-            for o in ok
-        )
+        for l0, m, r in ok
+        if not any(o_l0 <= l0 and o_m <= m and (o_l0, o_m) != (l0, m) for o_l0, o_m, _ in ok)
     ]
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
+    """L0 against FVU, and against loss recovered where available; frontiers dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    ok = [r for r in rows if not r["failed"]]
+    metrics = ["fvu"] + (["loss_recovered"] if any(r["loss_recovered"] != "" for r in rows) else [])
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(6.5 * len(metrics), 5), dpi=120, squeeze=False
+    )
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        _scatter(ax, rows, metric)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+LABELS = {
+    "fvu": "FVU (fraction of variance unexplained, lower is better)",
+    "loss_recovered": "downstream score recovered (higher is better)",
+}
+
+
+def _scatter(ax, rows: list[dict], metric: str) -> None:
+    ok = [r for r in rows if not r["failed"] and r[metric] != ""]
     for arch in sorted({r["arch"] for r in ok}):
         pts = [r for r in ok if r["arch"] == arch]
-        ax.scatter([r["l0"] for r in pts], [r["fvu"] for r in pts], label=arch, s=40, alpha=0.8)
-    front = sorted(pareto_front(rows), key=lambda r: r["l0"])
+        ax.scatter([r["l0"] for r in pts], [r[metric] for r in pts], label=arch, s=45, alpha=0.85)
+    front = sorted(pareto_front(rows, metric), key=lambda r: r["l0"])
     if front:
         ax.plot(
             [r["l0"] for r in front],
-            [r["fvu"] for r in front],
+            [r[metric] for r in front],
             "k--",
             lw=1,
             label="Pareto frontier",
         )
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("FVU (fraction of variance unexplained)")
-    ax.set_title("Sparsity against reconstruction, held-out activations")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token, log scale)")
+    ax.set_ylabel(LABELS[metric])
+    ax.set_title(f"L0 against {metric.replace('_', ' ')}, held-out activations")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def write_html(rows: list[dict], path: Path, title: str) -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from saesweep.checkpoint import save_sae, write_json, write_tensors
 from saesweep.config import DataConfig, TrainConfig
 from saesweep.data.reader import Reader
+from saesweep.downstream import add_downstream
 from saesweep.errors import UserError
 from saesweep.evaluate import evaluate_stack
 from saesweep.memory import check_fits
@@ -202,12 +203,31 @@ class GroupTrainer:
             )
             evals = evaluate_stack(stack.sae, val_reader, self.scale, cfg.n_val)
             for j, i in enumerate(stack.members):
-                results[i] = self._export(stack, j, i, evals[j])
-                logs[i].finish(results[i], results[i]["failed"])
+                self._export(stack, j, i, evals[j])
+        self._downstream(val)
+        results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
+        for log, metrics in zip(logs, results, strict=True):
+            log.finish({k: v for k, v in metrics.items() if k != "density_hist"}, metrics["failed"])
         self.save_state()
         return results
 
-    def _export(self, stack: Stack, j: int, i: int, evals: dict) -> dict:
+    def _downstream(self, val: DataConfig) -> None:
+        """Add loss recovered / KL (or the encoder score) to every metrics.json."""
+        cfg = self.cfgs[0]
+        if cfg.downstream_sequences <= 0:
+            return
+        try:
+            add_downstream(
+                self.run_dirs,
+                val.uri,
+                n_sequences=cfg.downstream_sequences,
+                device=cfg.device,
+                shards=val.shards,
+            )
+        except UserError as err:
+            print(f"warning: downstream fidelity skipped: {err}")
+
+    def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
         cfg, run_dir = self.cfgs[i], self.run_dirs[i]
         failed = bool(stack.failed[j])
         metrics = {
@@ -234,7 +254,6 @@ class GroupTrainer:
             "saesweep_config": dataclasses.asdict(cfg),
         }
         save_sae(run_dir, stack.sae.member_state_dict(j, input_scale=self.scale), sae_cfg, metrics)
-        return metrics
 
     def save_state(self) -> None:
         tensors = {"rng": torch.get_rng_state()}

@@ -172,6 +172,19 @@ def _run_collect(args: list[str]) -> subprocess.Popen:
     )
 
 
+def main_exit(args: list[str], capsys) -> tuple[int, str]:
+    """collect.py's main in this process: (exit status, stderr)."""
+    from saesweep.collect.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 def test_resume_after_kill_9(tmp_path):
     args = [
         "--dataset",
@@ -186,18 +199,13 @@ def test_resume_after_kill_9(tmp_path):
         "--act-dtype",
         "float32",
     ]
-    reference = _run_collect([*args, "--out", str(tmp_path / "ref")])
-    assert reference.wait() == 0, reference.stderr.read()
     proc = _run_collect([*args, "--out", str(tmp_path / "run")])
+    from saesweep.collect.cli import main
+
+    main([*args, "--out", str(tmp_path / "ref")])
     part = tmp_path / "run" / "parts" / "machine-0000-of-0001.json"
-    for _ in range(600):
-        if (
-            part.exists()
-            and len(
-                json.loads(part.read_text())["hooks"].get("encoder.layer.3", {}).get("shards", [])
-            )
-            >= 2
-        ):
+    for _ in range(6000):
+        if proc.poll() is not None or _committed(part) >= 2:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -217,11 +225,17 @@ def test_resume_after_kill_9(tmp_path):
     assert len(killed_tokens) >= 2
 
 
-def test_different_config_is_refused(demo):
-    proc = _run_collect(
+def _committed(part: Path) -> int:
+    if not part.exists():
+        return 0
+    return len(json.loads(part.read_text())["hooks"].get("encoder.layer.3", {}).get("shards", []))
+
+
+def test_different_config_is_refused(demo, capsys):
+    code, err = main_exit(
         [
             "--config",
-            "configs/demo.toml",
+            str(ROOT / "configs/demo.toml"),
             "--out",
             str(demo),
             "--ctx-len",
@@ -230,10 +244,10 @@ def test_different_config_is_refused(demo):
             "6000",
             "--shard-tokens",
             "1500",
-        ]
+        ],
+        capsys,
     )
-    assert proc.wait() == 2
-    err = proc.stderr.read()
+    assert code == 2
     assert "holds a different collection" in err and "act_dtype" in err
 
 
@@ -357,21 +371,21 @@ def test_cli_flags_override_the_toml(tmp_path):
         ("ctx_len = [\n", "not valid TOML"),
     ],
 )
-def test_bad_config_file(tmp_path, toml, message):
+def test_bad_config_file(tmp_path, toml, message, capsys):
     path = tmp_path / "c.toml"
     path.write_text(toml)
-    proc = _run_collect(["--config", str(path)])
-    assert proc.wait() == 2
-    assert message in proc.stderr.read()
+    code, err = main_exit(["--config", str(path)], capsys)
+    assert code == 2 and message in err
 
 
-def test_unknown_model_and_dataset_exit_2(tmp_path):
-    proc = _run_collect(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert proc.wait() == 2 and "cannot load model" in proc.stderr.read()
-    proc = _run_collect(
-        ["--dataset", str(_docs(tmp_path)), "--text-column", "body", "--out", str(tmp_path / "o2")]
+def test_unknown_model_and_dataset_exit_2(tmp_path, capsys):
+    code, err = main_exit(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "cannot load model" in err
+    code, err = main_exit(
+        ["--dataset", str(_docs(tmp_path)), "--text-column", "body", "--out", str(tmp_path / "o2")],
+        capsys,
     )
-    assert proc.wait() == 2 and "no field 'body'" in proc.stderr.read()
+    assert code == 2 and "no field 'body'" in err
 
 
 def test_collect_on_slurm(tmp_path, slurm_cluster):
@@ -386,6 +400,8 @@ def test_collect_on_slurm(tmp_path, slurm_cluster):
             "2",
             "--slurm-acct",
             "test",
+            "--slurm-log-dir",
+            str(tmp_path / "logs"),
             "--ctx-len",
             "64",
             "--act-dtype",

@@ -14,13 +14,16 @@ from saesweep.sweep import build_configs, load_sweep, parse_overrides, split_gro
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plan(path: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--sweep", str(path), "--dry-run", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
+    """train.py --sweep PATH --dry-run in this process: (exit status, stdout, stderr)."""
+    from saesweep.cli_train import main
+
+    try:
+        code = main(["--sweep", str(path), "--dry-run", *flags])
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize(
@@ -47,17 +50,16 @@ def test_every_sweep_file_plans(name, configs, groups):
     assert len(split_groups(cfgs)) == groups
 
 
-def test_dry_run_prints_the_plan():
-    out = plan(ROOT / "sweeps/parallel_groups.py", "--train-data.uri", "s3://nowhere/x")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert lines[-1] == "4 configs in 2 groups"
-    assert "group 0: 2 SAEs, data s3://nowhere/x layer=6" in out.stdout
-    assert "group 1: 2 SAEs, data s3://nowhere/x layer=12" in out.stdout
-    assert (
-        plan(ROOT / "sweeps/lr_grid.py", "--max-parallel", "4").stdout.strip().splitlines()[-1]
-        == "6 configs in 2 groups"
+def test_dry_run_prints_the_plan(capsys):
+    code, out, err = plan(
+        ROOT / "sweeps/parallel_groups.py", "--train-data.uri", "s3://nowhere/x", capsys=capsys
     )
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == "4 configs in 2 groups"
+    assert "group 0: 2 SAEs, data s3://nowhere/x layer=6" in out
+    assert "group 1: 2 SAEs, data s3://nowhere/x layer=12" in out
+    _, out, _ = plan(ROOT / "sweeps/lr_grid.py", "--max-parallel", "4", capsys=capsys)
+    assert out.strip().splitlines()[-1] == "6 configs in 2 groups"
 
 
 def test_seed_document_groups():
@@ -136,18 +138,18 @@ def test_groups_split_on_data_fields_only():
         ("import helper_mod\ndef make_cfgs():\n    return helper_mod.CFGS\n", None),
     ],
 )
-def test_bad_sweep_files_exit_2(tmp_path, source, message):
+def test_bad_sweep_files_exit_2(tmp_path, source, message, capsys):
     path = tmp_path / "sweep.py"
     (tmp_path / "helper_mod.py").write_text("CFGS = [{'lr': 1e-3}]\n")
     if source is not None:
         path.write_text(source)
-    out = plan(path)
+    code, out, err = plan(path, capsys=capsys)
     if message is None:
-        assert out.returncode == 0 and out.stdout.strip().endswith("1 configs in 1 groups")
+        assert code == 0 and out.strip().endswith("1 configs in 1 groups")
         return
-    assert out.returncode == 2, out.stdout
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    assert code == 2, out
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_help_lists_config_fields():

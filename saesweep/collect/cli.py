@@ -32,7 +32,7 @@ def submit(cfg: CollectConfig) -> None:
         collect_machine,
         tasks,
         executor="slurm",
-        log_dir=Path("logs") / "collect",
+        log_dir=Path(cfg.slurm_log_dir),
         slurm=slurm,
         poll_s=5.0,
     )

@@ -65,6 +65,8 @@ class CollectConfig:
     """Slurm partition for the collection tasks."""
     n_hours: float = 4.0
     """Slurm time limit per collection task, in hours."""
+    slurm_log_dir: str = "logs/collect"
+    """Local directory for the Slurm tasks' logs."""
     upload_threads: int = 2
     """Background threads that serialize and write shards."""
     max_inflight_shards: int = 4
