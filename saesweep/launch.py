@@ -24,6 +24,10 @@ Executor = Literal["slurm", "local", "debug"]
 ACTIVE_SLURM_STATES = {"RUNNING", "COMPLETING"}
 
 
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+"""Local jobs have no time limit of their own (submitit's local default is a few minutes)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SlurmConfig:
     """Where and how large each group's Slurm job is."""
@@ -80,7 +84,9 @@ def launch_groups(
     if executor == "slurm":
         return _wait(_submit_slurm_array(fn, groups, log_dir, slurm, max_concurrent), poll_s)
     if executor == "local":
-        submit = functools.partial(submitit.LocalExecutor(folder=log_dir).submit, fn)
+        local = submitit.LocalExecutor(folder=log_dir)
+        local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+        submit = functools.partial(local.submit, fn)
         max_running = max_concurrent or 1
         return _wait([], poll_s, queued=list(groups), submit=submit, max_running=max_running)
     raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
