@@ -42,6 +42,15 @@ def replace_from_dict(base: T, values: dict[str, Any], where: str) -> T:
     return dataclasses.replace(base, **changes)
 
 
+def parse_slice(spec: str) -> slice:
+    """A Python slice written as text: ':-1', '-1:', '2:5', or one index '3'."""
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
+    except (ValueError, TypeError):
+        raise UserError(f"shards={spec!r} is not a Python slice such as ':-1' or '-1:'") from None
+
+
 def coerce(value: Any, hint: Any, where: str) -> Any:
     """`value` checked against the type `hint` (ints widen to floats, lists become tuples)."""
     origin, args = get_origin(hint), get_args(hint)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from saesweep.checkpoint import load_sae, write_json
 from saesweep.collect.model import load_model
 from saesweep.collect.sequences import Sequence, make_batch, special_template
+from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
 from saesweep.sae.export import apply_exported
@@ -49,14 +50,6 @@ def load_run(run: Run) -> tuple[dict, dict[str, Tensor]]:
 
 
 # ----- the collection ---------------------------------------------------------------------------
-
-
-def parse_slice(spec: str) -> slice:
-    try:
-        parts = [int(p) if p.strip() else None for p in spec.split(":")]
-        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
-    except (ValueError, TypeError):
-        raise UserError(f"shards={spec!r} is not a Python slice such as ':-1' or '-1:'") from None
 
 
 @dataclass

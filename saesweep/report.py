@@ -91,6 +91,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+TITLES = {"fvu": "FVU", "loss_recovered": "downstream score"}
 LABELS = {
     "fvu": "FVU (fraction of variance unexplained, lower is better)",
     "loss_recovered": "downstream score recovered (higher is better)",
@@ -98,6 +99,8 @@ LABELS = {
 
 
 def _scatter(ax, rows: list[dict], metric: str) -> None:
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     ok = [r for r in rows if not r["failed"] and r[metric] != ""]
     for arch in sorted({r["arch"] for r in ok}):
         pts = [r for r in ok if r["arch"] == arch]
@@ -112,9 +115,11 @@ def _scatter(ax, rows: list[dict], metric: str) -> None:
             label="Pareto frontier",
         )
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("L0 (active latents per token, log scale)")
     ax.set_ylabel(LABELS[metric])
-    ax.set_title(f"L0 against {metric.replace('_', ' ')}, held-out activations")
+    ax.set_title(f"L0 against {TITLES[metric]}, held-out activations")
     ax.grid(alpha=0.3)
     ax.legend()
 

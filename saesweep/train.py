@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from saesweep.checkpoint import save_sae, write_json, write_tensors
 from saesweep.config import DataConfig, TrainConfig
+from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader
 from saesweep.downstream import add_downstream
 from saesweep.errors import UserError
@@ -29,14 +30,6 @@ from saesweep.runlog import RunLog
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
-
-
-def parse_slice(spec: str) -> slice:
-    try:
-        parts = [int(p) if p.strip() else None for p in spec.split(":")]
-        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
-    except (ValueError, TypeError):
-        raise UserError(f"shards={spec!r} is not a Python slice such as ':-1' or '-1:'") from None
 
 
 def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
