@@ -1,23 +1,47 @@
-"""Fetch worker processes: whole shards read straight into shared-memory slots, checksummed.
+"""Fetch worker processes: whole shards read straight into slots of one shared-memory arena.
 
-A worker takes (ticket, slot, key, n_bytes, checksum) tasks and answers (ticket, slot, status)
-with status "ok", "corrupt" (checksum still wrong after one refetch) or an error sentence.
-Only these small tuples cross process boundaries; shard bytes never do.
+A worker takes (ticket, slot, key, n_bytes, checksum) tasks and answers
+(ticket, slot, offset, status): the shard's bytes lie at `offset` in the arena, placed so that
+its "acts" rows start on a multiple of the row size (the whole arena is then one [rows, d]
+array the reader gathers batches from without copying shards). status is "ok", "corrupt"
+(checksum still wrong after one refetch) or an error sentence. Only these small tuples cross
+process boundaries; shard bytes never do.
 """
 
 from __future__ import annotations
 
 import asyncio
-from multiprocessing.shared_memory import SharedMemory
+import json
+import mmap
+import os
+import struct
 from pathlib import Path
 
 import xxhash
 
 CHUNK_BYTES = 8 << 20
+HEAD_BYTES = 64 << 10
+"""First read of a shard: enough for any safetensors header of a few tensors."""
 
 
 def xxh3_128(buf: memoryview) -> str:
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(buf)
+
+
+def header_length(head: bytes) -> int:
+    """Bytes before the tensor data of a safetensors file starting with `head`."""
+    return 8 + struct.unpack("<Q", head[:8])[0]
+
+
+def placement(head: bytes, row_bytes: int) -> int:
+    """Where in its slot a shard goes so that its acts rows are aligned (0 when the header is
+    unreadable: the checksum then calls the shard corrupt)."""
+    try:
+        n = header_length(head)
+        start = n + json.loads(head[8:n])["acts"]["data_offsets"][0]
+    except (ValueError, KeyError, TypeError, IndexError, struct.error):
+        return 0
+    return -start % row_bytes
 
 
 class LocalFetcher:
@@ -26,47 +50,65 @@ class LocalFetcher:
     def __init__(self, root: str):
         self.root = Path(root)
 
-    def fetch(self, key: str, buf: memoryview) -> None:
+    def fetch(self, key: str, slot: memoryview, n_bytes: int, row_bytes: int) -> int:
         with open(self.root / key, "rb", buffering=0) as f:
-            filled = 0
-            while filled < len(buf):
+            head = os.pread(f.fileno(), HEAD_BYTES, 0)
+            if len(head) >= 8 and header_length(head) > len(head):
+                head = os.pread(f.fileno(), min(header_length(head), n_bytes), 0)
+            pad = placement(head, row_bytes)
+            buf, filled = slot[pad : pad + n_bytes], 0
+            while filled < n_bytes:
                 n = f.readinto(buf[filled : filled + (64 << 20)])
                 if not n:
                     raise OSError(f"{self.root / key} is shorter than its manifest says")
                 filled += n
+        return pad
 
     def close(self) -> None:
         pass
 
 
 class S3Fetcher:
-    """Concurrent signed range GETs of one object's chunks, written into the slot."""
+    """The header first, then concurrent signed range GETs of the rest, written into the slot.
+
+    Made in the reader process (imports and credentials once), used in the forked workers:
+    each makes its own event loop on first use.
+    """
 
     def __init__(self, bucket: str, prefix: str, endpoint: str | None, connections: int):
         from saesweep.store.s3_async import AsyncRangeReader
 
-        self.loop = asyncio.new_event_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.reader = AsyncRangeReader(
             bucket, endpoint=endpoint, prefix=prefix, max_connections=connections
         )
 
-    def fetch(self, key: str, buf: memoryview) -> None:
-        async def fetch_all():
-            starts = range(0, len(buf), CHUNK_BYTES)
-            await asyncio.gather(
-                *(
-                    self.reader.get_range_into(
-                        key, s, min(s + CHUNK_BYTES, len(buf)), buf[s : s + CHUNK_BYTES]
-                    )
-                    for s in starts
-                )
-            )
+    def fetch(self, key: str, slot: memoryview, n_bytes: int, row_bytes: int) -> int:
+        self.loop = self.loop or asyncio.new_event_loop()
+        return self.loop.run_until_complete(self._fetch(key, slot, n_bytes, row_bytes))
 
-        self.loop.run_until_complete(fetch_all())
+    async def _fetch(self, key: str, slot: memoryview, n_bytes: int, row_bytes: int) -> int:
+        head = await self.reader.get_range(key, 0, min(HEAD_BYTES, n_bytes))
+        if len(head) >= 8 and len(head) < header_length(head) <= n_bytes:
+            head = await self.reader.get_range(key, 0, header_length(head))
+        pad = placement(head, row_bytes)
+        slot[pad : pad + len(head)] = head
+        buf = slot[pad : pad + n_bytes]
+        starts = range(len(head), n_bytes, CHUNK_BYTES)
+        await asyncio.gather(
+            *(
+                self.reader.get_range_into(
+                    key, s, min(s + CHUNK_BYTES, n_bytes), buf[s : s + CHUNK_BYTES]
+                )
+                for s in starts
+            )
+        )
+        return pad
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.reader.close())
-        self.loop.close()
+        if self.loop is not None:
+            self.loop.run_until_complete(self.reader.close())
+            self.loop.close()
 
 
 def make_fetcher(source: dict):
@@ -75,28 +117,32 @@ def make_fetcher(source: dict):
     return S3Fetcher(source["bucket"], source["prefix"], source["endpoint"], source["connections"])
 
 
-def worker_main(source: dict, slot_names: list[str], tasks, results) -> None:
-    slots = [SharedMemory(name=name) for name in slot_names]
-    fetcher = make_fetcher(source)
+def worker_main(fetcher, arena: mmap.mmap, slot_bytes: int, row_bytes: int, tasks, results) -> None:
+    """Serve fetch tasks until a None task; `fetcher` and `arena` (the reader's mapping) are
+    inherited through fork."""
+    buf = memoryview(arena)
     try:
         while (task := tasks.get()) is not None:
             ticket, slot, key, n_bytes, expected = task
-            buf = slots[slot].buf[:n_bytes]
-            results.put((ticket, slot, fetch_verified(fetcher, key, buf, expected)))
-            del buf
+            start = slot * slot_bytes
+            view = buf[start : start + slot_bytes]
+            pad, status = fetch_verified(fetcher, key, view, n_bytes, row_bytes, expected)
+            del view
+            results.put((ticket, slot, start + pad, status))
     finally:
         fetcher.close()
-        for shm in slots:
-            shm.close()
 
 
-def fetch_verified(fetcher, key: str, buf: memoryview, expected: str) -> str:
-    """Fetch and verify; a checksum mismatch is fetched once more before calling it corrupt."""
+def fetch_verified(
+    fetcher, key: str, slot: memoryview, n_bytes: int, row_bytes: int, expected: str
+) -> tuple[int, str]:
+    """(placement, status); a checksum mismatch is fetched once more before calling it corrupt."""
+    pad = 0
     for _ in range(2):
         try:
-            fetcher.fetch(key, buf)
+            pad = fetcher.fetch(key, slot, n_bytes, row_bytes)
         except Exception as err:  # reported to the reader, which names the shard
-            return f"cannot read {key}: {err}"
-        if xxh3_128(buf) == expected:
-            return "ok"
-    return "corrupt"
+            return pad, f"cannot read {key}: {err}"
+        if xxh3_128(slot[pad : pad + n_bytes]) == expected:
+            return pad, "ok"
+    return pad, "corrupt"

@@ -1,9 +1,10 @@
 """The Reader: batches of stored activations, read once, shuffled, resumable.
 
-Worker processes read whole shards into shared memory (local files: large sequential reads;
-S3: concurrent signed range GETs) and verify their checksums. The reader shuffles shard order
-per epoch and tokens across windows of several shards; a background thread assembles the next
-batches (pinned, copied to the device without blocking) before they are asked for.
+Worker processes read whole shards into one shared-memory arena (local files: large
+sequential reads; S3: concurrent signed range GETs) and verify their checksums. The reader
+shuffles shard order per epoch and tokens across windows of several shards; a background
+thread gathers each batch straight from the arena in one copy (no per-shard copies) and hands
+it on (pinned, copied to the device without blocking) before it is asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from saesweep.shards import ACT_DTYPES
 from saesweep.store import FileStore, open_store
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+SAFETENSORS_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class Reader:
@@ -33,6 +35,9 @@ class Reader:
     Every stored token comes out exactly once per epoch (the final partial batch included
     unless drop_last); the same seed gives the same order. `state_dict()` records how far the
     consumer got; `load_state_dict()` continues from there.
+
+    Shared memory: the shuffle window being served plus `prefetch_shards` shards read ahead
+    (default: one more window, so reading overlaps serving).
     """
 
     def __init__(
@@ -50,7 +55,7 @@ class Reader:
         drop_last: bool = False,
         shuffle_tokens: int = 1 << 20,
         n_workers: int = 2,
-        prefetch_shards: int = 4,
+        prefetch_shards: int | None = None,
         prefetch_batches: int = 4,
         normalize: Literal["norm"] | None = None,
         on_corrupt: Literal["raise", "skip"] = "raise",
@@ -69,12 +74,15 @@ class Reader:
         self.n_tokens = sum(s["n_tokens"] for s in self.shards)
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
         self.device = torch.device(device)
-        self.dtype = dtype or ACT_DTYPES[self.meta["dtype"]]
+        self.stored_dtype = ACT_DTYPES[self.meta["dtype"]]
+        self.dtype = dtype or self.stored_dtype
+        self._row_bytes = self.d_model * self.stored_dtype.itemsize
         self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
         avg = self.n_tokens / max(len(self.shards), 1)
         self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
         self.n_workers, self.prefetch_batches = n_workers, prefetch_batches
-        self.n_slots = max(prefetch_shards, self.shards_per_window + 1)
+        ahead = self.shards_per_window if prefetch_shards is None else max(1, prefetch_shards)
+        self.n_slots = min(self.shards_per_window + ahead, len(self.shards) * epochs)
         self.s3_connections = s3_connections
         self.normalization = self._normalization(normalize)
         self.epoch, self.tokens_in_epoch = 0, 0
@@ -163,7 +171,7 @@ class Reader:
             acts = acts.pin_memory().to(self.device, non_blocking=True)
         acts = acts.to(self.dtype)
         if self.normalization:
-            acts = acts * self.normalization["scale"]
+            acts = acts.mul_(self.normalization["scale"])
         return (acts, ids.to(self.device)) if self.with_token_ids else acts
 
     def _plan(self) -> list[tuple[int, int, list[int]]]:
@@ -186,39 +194,80 @@ class Reader:
         position, size = self.tokens_in_epoch, self.batch_size
         pending = self._empty()
         for i, (epoch, window, group) in enumerate(plan):
-            acts, ids = self._load_window(epoch, window, group)
-            acts, ids = torch.cat([pending[0], acts[skip:]]), torch.cat([pending[1], ids[skip:]])
-            skip, full = 0, len(acts) // size * size
+            rows, ids, slots = self._load_window(epoch, window, group)
+            rows, ids, skip = rows[skip:], ids[skip:], 0
+            if len(pending[1]):
+                need = size - len(pending[1])
+                head = (self._gather(rows[:need]), ids[:need])
+                pending = torch.cat([pending[0], head[0]]), torch.cat([pending[1], head[1]])
+                rows, ids = rows[need:], ids[need:]
+                if len(pending[1]) == size:
+                    position += size
+                    yield pending, (epoch, position)
+                    pending = self._empty()
+            full = len(rows) // size * size
             for start in range(0, full, size):
                 position += size
-                yield (acts[start : start + size], ids[start : start + size]), (epoch, position)
-            pending = acts[full:], ids[full:]
+                yield (
+                    (self._gather(rows[start : start + size]), ids[start : start + size]),
+                    (
+                        epoch,
+                        position,
+                    ),
+                )
+            if full < len(rows):
+                pending = self._gather(rows[full:]), ids[full:]
+            self._pipeline.release(slots)
             if i + 1 == len(plan) or plan[i + 1][0] != epoch:
-                if len(pending[0]) and not self.drop_last:
+                if len(pending[1]) and not self.drop_last:
                     yield pending, (epoch + 1, 0)
                 pending, position = self._empty(), 0
 
     def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = ACT_DTYPES[self.meta["dtype"]]
-        return torch.empty(0, self.d_model, dtype=dtype), torch.empty(0, dtype=torch.int32)
+        return torch.empty(0, self.d_model, dtype=self.stored_dtype), torch.empty(
+            0, dtype=torch.int32
+        )
 
     def _window_tokens(self, group: list[int]) -> int:
         return sum(self.shards[s]["n_tokens"] for s in group)
 
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The acts of arena rows `rows`, [len(rows), d_model], in one copy."""
+        return self._pipeline.gather(rows).view(self.stored_dtype)
+
     def _load_window(self, epoch: int, window: int, group: list[int]):
-        parts = []
+        """(arena rows, token ids) of the window's tokens in serving order, and its slots."""
+        rows, ids, slots = [], [], []
         for _ in group:
-            shard, tensors = self._pipeline.next_shard(("acts", "token_ids"))
-            if isinstance(tensors, dict):
-                parts.append(tensors)
-            else:
-                self._bad_shard(shard, tensors)
-        if not parts:
-            return self._empty()
-        acts = torch.cat([p["acts"] for p in parts])
-        ids = torch.cat([p["token_ids"] for p in parts])
-        perm = token_permutation(len(acts), self.seed, epoch, window, self.shuffle)
-        return (acts, ids) if perm is None else (acts[perm], ids[perm])
+            fetched = self._pipeline.next_shard()
+            slots.append(fetched.slot)
+            if fetched.status != "ok":
+                self._bad_shard(fetched.shard, fetched.status)
+                continue
+            first, n = self._acts_rows(fetched)
+            rows.append(torch.arange(first, first + n))
+            _, start = self._pipeline.locate(fetched, "token_ids")
+            ids.append(self._pipeline.copy(start, torch.int32, n))
+        if not rows:
+            return torch.empty(0, dtype=torch.long), self._empty()[1], slots
+        rows, ids = torch.cat(rows), torch.cat(ids)
+        perm = token_permutation(len(rows), self.seed, epoch, window, self.shuffle)
+        if perm is None:
+            return rows, ids, slots
+        return rows.index_select(0, perm), ids.index_select(0, perm), slots
+
+    def _acts_rows(self, fetched) -> tuple[int, int]:
+        """(first arena row, row count) of a fetched shard's acts, checked against the manifest."""
+        info, start = self._pipeline.locate(fetched, "acts")
+        record = self.shards[fetched.shard]
+        expected = ([record["n_tokens"], self.d_model], SAFETENSORS_NAMES[self.meta["dtype"]])
+        if (info["shape"], info["dtype"]) != expected:
+            raise UserError(
+                f"shard {self.store.child(self.hook)}/{record['name']} holds acts "
+                f"{info['shape']} {info['dtype']}, but metadata.json says {expected[0]} "
+                f"{expected[1]}; recollect it"
+            )
+        return start // self._row_bytes, record["n_tokens"]
 
     def _bad_shard(self, shard: int, status: str) -> None:
         name = f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
@@ -252,4 +301,5 @@ class Reader:
             iter(schedule),
             self.n_workers,
             self.n_slots,
+            self._row_bytes,
         )
