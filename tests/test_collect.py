@@ -419,3 +419,44 @@ def test_collect_on_slurm(tmp_path, slurm_cluster):
     merged = read_hook(str(out), "encoder.layer.3")
     assert sorted(set((merged["seq_ids"] >> SEQ_CHUNK_BITS).tolist())) == list(range(40))
     assert "on 2 Slurm tasks" in stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MiB tmpfs mount (needs root, as on the CI machines)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_stops_cleanly(small_disk, capsys):
+    out = small_disk / "coll"
+    code, err = main_exit(
+        [
+            "--out",
+            str(out),
+            "--max-tokens",
+            "8000",
+            "--shard-tokens",
+            "400",
+            "--ctx-len",
+            "64",
+            "--batch-size",
+            "8",
+            "--act-dtype",
+            "float32",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 2 and "is full" in err and str(small_disk) in err
+    part = json.loads((out / "parts/machine-0000-of-0001.json").read_text())
+    shards = part["hooks"]["encoder.layer.3"]["shards"]
+    assert shards and not part["complete"]
+    store = open_store(str(out))
+    for shard in shards:
+        assert checksum(store.get(f"encoder.layer.3/{shard['name']}")) == shard["checksum"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
