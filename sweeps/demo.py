@@ -7,8 +7,11 @@ def make_cfgs() -> list[dict]:
         {"sae": {"arch": "topk"}},
         {"sae": {"arch": "batchtopk"}},
         {"sae": {"arch": "switch", "n_experts": 4}},
-        {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 2e-3}},
-        {"sae": {"arch": "jumprelu"}, "objective": {"sparsity_coeff": 2e-3}},
+        {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 5e-3}},
+        {
+            "sae": {"arch": "jumprelu", "jumprelu_init_threshold": 0.3, "jumprelu_bandwidth": 0.05},
+            "objective": {"sparsity_coeff": 5e-3},
+        },
     ]
     return [
         {**common, **a, "sae": {**common["sae"], **a["sae"]}, "tag": a["sae"]["arch"]}

@@ -1,7 +1,13 @@
 """Shared pytest fixtures."""
 
+import os
+
 import pytest
 from slurm_cluster import SlurmCluster, SlurmClusterError, ensure_slurm_cluster
+
+# The machines have no network: a model or dataset name that is not local must fail at once,
+# not after the hub client's retries. Subprocesses inherit this.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

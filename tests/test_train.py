@@ -44,6 +44,7 @@ def cfg(uri: str, **kw) -> TrainConfig:
         log_every=4,
         ckpt_every=5,
         wandb_mode="disabled",
+        downstream_sequences=0,
         sae=SAEConfig(arch="topk", d_sae=64, k=4),
     )
     return dataclasses.replace(base, **kw)
@@ -228,3 +229,16 @@ def test_one_live_wandb_run_per_sae(coll, tmp_path, monkeypatch):
         record = log.read_bytes()
         assert b"n_train" in record and b"fvu" in record and b"dead_pct" in record
         assert run_dir.name.endswith(f"run-{i}")
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_bf16_autocast_matches_float32(coll, tmp_path, arch):
+    sae = SAEConfig(arch=arch, d_sae=64, k=4)
+    ref = train([cfg(coll, sae=sae)], tmp_path / "fp32")[0]
+    fast = train([cfg(coll, sae=sae, autocast="bfloat16")], tmp_path / "bf16")[0]
+    assert not fast["failed"]
+    assert fast["fvu"] == pytest.approx(ref["fvu"], abs=0.03)
+    assert fast["l0"] == pytest.approx(ref["l0"], rel=0.1)
+    a, b = weights(tmp_path / "fp32/run-0"), weights(tmp_path / "bf16/run-0")
+    cos = torch.nn.functional.cosine_similarity(a["W_dec"], b["W_dec"], dim=1)
+    assert cos.mean() > 0.95
