@@ -14,6 +14,7 @@ import asyncio
 import json
 import mmap
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -117,9 +118,17 @@ def make_fetcher(source: dict):
     return S3Fetcher(source["bucket"], source["prefix"], source["endpoint"], source["connections"])
 
 
+def ignore_job_signals() -> None:
+    """Leave preemption signals to the trainer: Slurm sends SIGUSR2 to every process of the job,
+    and a worker must not run the checkpoint-and-requeue handler it inherited through fork."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker_main(fetcher, arena: mmap.mmap, slot_bytes: int, row_bytes: int, tasks, results) -> None:
     """Serve fetch tasks until a None task; `fetcher` and `arena` (the reader's mapping) are
     inherited through fork."""
+    ignore_job_signals()
     buf = memoryview(arena)
     try:
         while (task := tasks.get()) is not None:
