@@ -88,6 +88,8 @@ class Reader:
         self.epoch, self.tokens_in_epoch = 0, 0
         self.corrupt_skipped: list[str] = []
         self.wait_s = 0.0
+        self.bytes_read = 0
+        """Bytes fetched from storage by finished iterations (see figures() for the total)."""
         self._pipeline: FetchPipeline | None = None
         self._started = time.perf_counter()
 
@@ -115,8 +117,10 @@ class Reader:
         """Live figures for logging: MB/s read, consumer wait time, shards in flight."""
         pipe = self._pipeline
         elapsed = time.perf_counter() - self._started
+        current = pipe.bytes_read if pipe else 0
         return {
-            "reader/mb_per_s": (pipe.bytes_read if pipe else 0) / 1e6 / max(elapsed, 1e-9),
+            "reader/bytes_read": self.bytes_read + current,
+            "reader/mb_per_s": current / 1e6 / max(elapsed, 1e-9),
             "reader/wait_s": self.wait_s,
             "reader/buffer_fill": (pipe.in_flight_count() / self.n_slots) if pipe else 0.0,
             "reader/corrupt_skipped": len(self.corrupt_skipped),
@@ -163,6 +167,7 @@ class Reader:
         finally:
             if self._pipeline is not None:
                 self._pipeline.close()
+                self.bytes_read += self._pipeline.bytes_read
                 self._pipeline = None
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Batch:
