@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from saesweep.config import TrainConfig
@@ -57,7 +58,4 @@ def ensure_data(cfg: TrainConfig) -> None:
     from saesweep.collect.run import collect
 
     print(f"{data.uri} holds no collection yet: collecting it with {data.collect}")
-    collect_cfg = load_toml(Path(data.collect))
-    import dataclasses
-
-    collect(dataclasses.replace(collect_cfg, out=data.uri))
+    collect(dataclasses.replace(load_toml(Path(data.collect)), out=data.uri))
