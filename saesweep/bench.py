@@ -1,0 +1,359 @@
+"""Benchmarks: is storage or compute the bottleneck?
+
+  uv run python -m saesweep.bench synth URI [--gb 1 --d-model 768]   write a synthetic collection
+  uv run python -m saesweep.bench reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
+  uv run python -m saesweep.bench collect [--out DIR --s3-out URI]   collection vs forward pass
+
+S3 URIs use the endpoint in S3_ENDPOINT_URL and the usual AWS credentials. CPU seconds are this
+process and its (joined) worker processes; the object store's own CPU is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saesweep.manifest import find_hook
+from saesweep.store import FileStore, open_store
+
+
+@dataclass
+class Measured:
+    """One timed run: wall and CPU seconds for n_bytes / n_tokens delivered."""
+
+    name: str
+    seconds: float
+    cpu_s: float
+    n_bytes: int
+    n_tokens: int
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.n_bytes / 1e6 / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds
+
+    @property
+    def cpu_s_per_gb(self) -> float:
+        return self.cpu_s / (self.n_bytes / 1e9)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children."""
+    usages = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+def measure(
+    name: str, run: Callable[[], int], n_bytes: int, repeat: int, before=lambda: None
+) -> Measured:
+    """The fastest of `repeat` runs of `run` (which returns the tokens it delivered), each
+    after an untimed `before()`."""
+    best = None
+    for _ in range(repeat):
+        before()
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        n_tokens = run()
+        result = Measured(name, time.perf_counter() - wall, cpu_seconds() - cpu, n_bytes, n_tokens)
+        best = result if best is None or result.seconds < best.seconds else best
+    return best
+
+
+# ---------------------------------------------------------------- synthetic collections
+
+
+def synth(uri: str, gb: float, d_model: int, shard_tokens: int) -> None:
+    """Write a collection of random bfloat16 activations (the real format) to `uri`."""
+    from saesweep.manifest import HookPart, Part, part_key, write_merged
+    from saesweep.shards import RunningStats, checksum, encode_shard, shard_name
+
+    store = open_store(uri)
+    _ensure_bucket(store)
+    hook, part, hp = "synthetic.0", Part(0, 1, complete=True), HookPart()
+    n_shards = max(1, round(gb * 1e9 / (shard_tokens * d_model * 2)))
+    for i in range(n_shards):
+        acts = torch.randn(shard_tokens, d_model).to(torch.bfloat16)
+        ids = torch.arange(shard_tokens)
+        data = encode_shard(acts, ids, ids, torch.zeros(shard_tokens))
+        store.put(f"{hook}/{shard_name(0, i)}", data)
+        record = {"name": shard_name(0, i), "n_tokens": shard_tokens, "n_bytes": len(data)}
+        hp.shards.append({**record, "checksum": checksum(data)})
+        stats = RunningStats.of(acts)
+        hp.stats = stats if hp.stats is None else hp.stats.merge(stats)
+    part.hooks[hook] = hp
+    store.put_json(part_key(0, 1), part.to_json())
+    info = {"hook": hook, "layer": 0, "d_model": d_model, "dtype": "bfloat16", "model": "synthetic"}
+    write_merged(store, [part], {hook: info})
+    print(f"wrote {n_shards} shards of {shard_tokens} tokens x {d_model} (bf16) to {store.uri}")
+
+
+def _ensure_bucket(store) -> None:
+    if isinstance(store, FileStore):
+        return
+    client = s3_client(1)
+    try:
+        client.head_bucket(Bucket=store.bucket)
+    except client.exceptions.ClientError:
+        client.create_bucket(Bucket=store.bucket)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_reader(uri: str, batch_size: int, **kwargs) -> int:
+    from saesweep.data.reader import Reader
+
+    return sum(len(batch) for batch in Reader(uri, batch_size=batch_size, **kwargs))
+
+
+def read_raw_local(paths: list[Path], sizes: list[int]) -> None:
+    """Plain sequential reads of every file into one reused buffer."""
+    buf = memoryview(bytearray(max(sizes)))
+    for path, size in zip(paths, sizes, strict=True):
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(buf[:size])
+
+
+def read_raw_s3(client, bucket: str, keys: list[str], threads: int) -> None:
+    """Concurrent whole-object GETs from a thread pool."""
+
+    def get(key: str) -> int:
+        return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    with ThreadPoolExecutor(threads) as pool:
+        sum(pool.map(get, keys))
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop files from the page cache, so that the next read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_naive(get: Callable[[str], bytes], keys: list[str], batch_size: int) -> int:
+    """The activault/sache pattern: fetch a shard, deserialize it, slice batches, repeat."""
+    from safetensors.torch import load
+
+    n_tokens = 0
+    for key in keys:
+        acts = load(get(key))["acts"]
+        n_tokens += sum(len(batch) for batch in acts.split(batch_size))
+    return n_tokens
+
+
+def s3_client(threads: int):
+    import boto3
+    from botocore.config import Config
+
+    from saesweep.store.s3 import endpoint_from_env
+
+    config = Config(max_pool_connections=threads, s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=endpoint_from_env(), config=config)
+
+
+def bench_reader(args: argparse.Namespace) -> None:
+    store = open_store(args.uri)
+    meta = find_hook(store, args.hook)
+    names = [s["name"] for s in meta["shards"]]
+    sizes = [s["n_bytes"] for s in meta["shards"]]
+    total, n_tokens = sum(sizes), meta["n_tokens"]
+    print(
+        f"{store.uri} hook {meta['hook']}: {len(names)} shards, {total / 1e9:.2f} GB, "
+        f"{n_tokens:,} tokens x {meta['d_model']} ({meta['dtype']})"
+    )
+    raw, naive, before = _baselines(store, meta["hook"], names, sizes, args)
+
+    def reader() -> int:
+        kwargs = dict(n_workers=args.n_workers, s3_connections=args.s3_connections)
+        if args.shuffle_tokens:
+            kwargs["shuffle_tokens"] = args.shuffle_tokens
+        return read_reader(args.uri, args.batch_size, hook=meta["hook"], **kwargs)
+
+    raw()  # warm-up: page cache for files, connections and server caches for S3
+    results = [
+        measure("reader", reader, total, args.repeat, before),
+        measure("raw", lambda: raw() or n_tokens, total, args.repeat, before),
+        measure("naive", naive, total, args.repeat, before),
+    ]
+    _print_table(results)
+    sae = sae_tokens_per_s(meta["d_model"], args.exp_factor, args.k, args.n_saes, args.batch_size)
+    _print_verdict(results[0], sae, args)
+
+
+def _baselines(store, hook: str, names: list[str], sizes: list[int], args):
+    """(raw, naive, before) for the store: the two baselines and what precedes each run."""
+    if isinstance(store, FileStore):
+        paths = [store.local_path(f"{hook}/{n}") for n in names]
+        raw = lambda: read_raw_local(paths, sizes)  # noqa: E731
+        naive = lambda: read_naive(lambda p: Path(p).read_bytes(), paths, args.batch_size)  # noqa: E731
+        return raw, naive, (lambda: evict(paths)) if args.cold else (lambda: None)
+    client = s3_client(args.raw_threads)
+    keys = [store.key_of(f"{hook}/{n}") for n in names]
+    raw = lambda: read_raw_s3(client, store.bucket, keys, args.raw_threads)  # noqa: E731
+    get = lambda k: client.get_object(Bucket=store.bucket, Key=k)["Body"].read()  # noqa: E731
+    return raw, lambda: read_naive(get, keys, args.batch_size), lambda: None
+
+
+def _print_table(results: list[Measured]) -> None:
+    print(f"{'method':<8} {'MB/s':>9} {'tokens/s':>12} {'CPU s/GB':>9} {'wall s':>7}")
+    for r in results:
+        print(
+            f"{r.name:<8} {r.mb_per_s:>9.0f} {r.tokens_per_s:>12,.0f} "
+            f"{r.cpu_s_per_gb:>9.2f} {r.seconds:>7.2f}"
+        )
+    reader, raw, naive = results
+    print(
+        f"reader/raw {reader.mb_per_s / raw.mb_per_s:.2f}   "
+        f"reader/naive {reader.mb_per_s / naive.mb_per_s:.2f}"
+    )
+
+
+def sae_tokens_per_s(
+    d_model: int, exp_factor: int, k: int, n_saes: int, batch_size: int, steps: int = 5
+) -> float:
+    """Tokens per second a stack of TopK SAEs trains on here (random data, after a warm-up)."""
+    from saesweep.sae import SAEConfig, make_sae
+    from saesweep.sae.optim import StackedAdam
+    from saesweep.sae.step import train_step
+
+    sae = make_sae(SAEConfig(exp_factor=exp_factor, k=k), d_model, list(range(n_saes)))
+    opt = StackedAdam(sae.parameters(), lr=[1e-4] * n_saes)
+    x = torch.randn(batch_size, d_model)
+    train_step(sae, opt, x, 0)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        train_step(sae, opt, x, step)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def _print_verdict(reader: Measured, sae_rate: float, args: argparse.Namespace) -> None:
+    print(
+        f"{args.n_saes} TopK SAE(s) (x{args.exp_factor}, k={args.k}, batch {args.batch_size}) "
+        f"train at {sae_rate:,.0f} tokens/s on {torch.get_num_threads()} torch thread(s)"
+    )
+    slower = "storage (the Reader)" if reader.tokens_per_s < sae_rate else "compute (the SAEs)"
+    print(f"bottleneck here: {slower}; reader/SAE {reader.tokens_per_s / sae_rate:.1f}")
+
+
+# ---------------------------------------------------------------- collection
+
+
+def forward_only(cfg, max_tokens: int) -> int:
+    """The collection's forward passes over the same batches with the same hooks, no writing."""
+    from saesweep.collect.model import HookedModel, load_model, resolve_hook
+    from saesweep.collect.sequences import batched, make_batch, sequences
+    from saesweep.collect.text import iter_documents
+
+    model, tokenizer = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
+    hooked = HookedModel(model, [resolve_hook(model, h)[0] for h in cfg.hooks])
+    docs = iter_documents(cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split)
+    seqs = sequences(docs, tokenizer, cfg.ctx_len, cfg.exclude_special)
+    tokens = 0
+    for seq_batch in batched(seqs, cfg.batch_size):
+        if tokens >= max_tokens:
+            break
+        batch = make_batch(seq_batch, tokenizer.pad_token_id or 0)
+        hooked.run(batch.input_ids, batch.attention_mask)
+        tokens += batch.n_stored
+    return tokens
+
+
+def run_collect(cfg) -> int:
+    from saesweep.collect.run import collect
+
+    return collect(cfg).n_tokens
+
+
+def bench_collect(args: argparse.Namespace) -> None:
+    from saesweep.collect.config import CollectConfig, load_toml
+
+    base = load_toml(Path(args.config)) if args.config else CollectConfig()
+    base = _replace(base, max_tokens=args.max_tokens, progress=False)
+    forward_only(base, base.batch_size)  # warm-up: imports, model load, first-batch costs
+    bare = measure("forward", lambda: forward_only(base, args.max_tokens), 0, 1)
+    print(f"bare forward pass: {bare.tokens_per_s:,.0f} tokens/s ({bare.seconds:.1f} s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        targets = {"local": args.out or f"{tmp}/collect"}
+        if os.environ.get("S3_ENDPOINT_URL"):
+            targets["s3"] = f"{args.s3_out.rstrip('/')}/run-{time.time_ns()}"
+        else:
+            print("s3: skipped (S3_ENDPOINT_URL is not set)")
+        for kind, out in targets.items():
+            _ensure_bucket(open_store(out))
+            run = measure(kind, lambda out=out: run_collect(_replace(base, out=out)), 0, 1)
+            print(
+                f"collect to {kind} ({out}): {run.tokens_per_s:,.0f} tokens/s "
+                f"({run.seconds:.1f} s); collect/forward {run.tokens_per_s / bare.tokens_per_s:.2f}"
+            )
+
+
+def _replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m saesweep.bench", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a synthetic collection of random activations")
+    s.add_argument("uri")
+    s.add_argument("--gb", type=float, default=1.0)
+    s.add_argument("--d-model", type=int, default=768)
+    s.add_argument("--shard-tokens", type=int, default=16384)
+    r = sub.add_parser("reader", help="Reader vs raw reads vs the naive loader, and SAE speed")
+    r.add_argument("uri")
+    r.add_argument("--hook", default=None)
+    r.add_argument("--batch-size", type=int, default=4096)
+    r.add_argument("--n-workers", type=int, default=2)
+    r.add_argument("--s3-connections", type=int, default=16)
+    r.add_argument("--shuffle-tokens", type=int, default=None, help="the Reader's window")
+    r.add_argument("--cold", action="store_true", help="local: evict the files before each run")
+    r.add_argument("--raw-threads", type=int, default=16, help="threads of the raw S3 GETs")
+    r.add_argument("--repeat", type=int, default=3, help="report the fastest of this many runs")
+    r.add_argument("--exp-factor", type=int, default=16)
+    r.add_argument("--k", type=int, default=32)
+    r.add_argument("--n-saes", type=int, default=1, help="SAEs trained on each batch")
+    c = sub.add_parser("collect", help="collection tokens/s vs the bare forward pass")
+    c.add_argument("--config", default="configs/demo.toml")
+    c.add_argument("--max-tokens", type=int, default=20000)
+    c.add_argument("--out", default=None, help="local output (default: a temporary directory)")
+    c.add_argument("--s3-out", default="s3://saesweep-bench/collect")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "synth":
+        synth(args.uri, args.gb, args.d_model, args.shard_tokens)
+    elif args.command == "reader":
+        bench_reader(args)
+    else:
+        bench_collect(args)
+
+
+if __name__ == "__main__":
+    main()
