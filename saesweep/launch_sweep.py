@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from saesweep.config import TrainConfig
 from saesweep.jobs import GroupJob
-from saesweep.launch import SlurmConfig, launch_groups
+from saesweep.launch import GroupOutcome, SlurmConfig, launch_groups
 from saesweep.report import write_report
 from saesweep.sweep import Group
 
@@ -37,8 +38,15 @@ def run_sweep(sweep_dir: Path, groups: list[Group], executor: str) -> int:
     write_report(sweep_dir)
     failed = [o for o in outcomes if o.status != "done"]
     for o in failed:
-        print(
-            f"group {o.index} failed: {o.error.strip().splitlines()[-1] if o.error else ''}\n"
-            f"  logs: {o.stdout} {o.stderr}"
-        )
+        print(f"group {o.index} failed: {failure_reason(o)}\n  logs: {o.stdout} {o.stderr}")
     return 1 if failed else 0
+
+
+def failure_reason(outcome: GroupOutcome) -> str:
+    """The last exception line of the job's stderr (or of its error text)."""
+    text = outcome.error
+    if outcome.stderr is not None and Path(outcome.stderr).exists():
+        text = Path(outcome.stderr).read_text(errors="replace") + "\n" + text
+    raised = re.findall(r"^[\w.]*(?:Error|Exception|Interrupt)\b.*$", text, flags=re.MULTILINE)
+    lines = text.strip().splitlines()
+    return raised[-1] if raised else (lines[-1] if lines else "unknown error")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from saesweep.config import TrainConfig
+from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
+from saesweep.manifest import find_hook
 from saesweep.memory import group_bytes
+from saesweep.store import open_store
 from saesweep.sweep import Group
 
 
@@ -27,7 +29,7 @@ def print_plan(groups: list[Group], n_configs: int) -> None:
         first = group.cfgs[0]
         data = first.train_data
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
-        d_model = first.sae.d_model
+        d_model = first.sae.d_model or local_d_model(data)
         memory = (
             f"~{group_bytes([c.sae for c in group.cfgs], d_model, first.batch_size) / 2**30:.2f}"
             f" GiB"
@@ -41,6 +43,16 @@ def print_plan(groups: list[Group], n_configs: int) -> None:
         for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
             print(f"  run {run_id:3d}: {describe(cfg)}")
     print(f"{n_configs} configs in {len(groups)} groups")
+
+
+def local_d_model(data: DataConfig) -> int | None:
+    """d_model from a local collection's manifest (no activations read, no network)."""
+    if "://" in data.uri.removeprefix("file://"):
+        return None
+    try:
+        return find_hook(open_store(data.uri), data.hook, data.layer)["d_model"]
+    except (UserError, OSError):
+        return None
 
 
 def ensure_data(cfg: TrainConfig) -> None:

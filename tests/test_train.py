@@ -277,3 +277,27 @@ def test_slurm_preemption_requeues_and_resumes(coll, tmp_path, slurm_cluster):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     metrics = json.loads((slurm_run / "metrics.json").read_text())
     assert metrics["tokens_seen"] == 60032 and metrics["slurm_job_id"]
+
+
+def test_failed_group_is_listed_with_its_logs(coll, tmp_path):
+    tiny = tmp_path / "tiny"
+    make_collection(str(tiny), [10, 10], d=D, sparse=True)
+    sweep = tmp_path / "two.py"
+    sweep.write_text(
+        f"def make_cfgs():\n    return [{{'train_data': {{'uri': {coll!r}}}}}, "
+        f"{{'train_data': {{'uri': {str(tiny)!r}}}}}]\n"
+    )
+    args = sweep_args(coll, tmp_path / "runs")
+    args[1] = str(sweep)
+    for flag in ("--executor", "--train-data.uri"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    proc = run_train(*args, "--n-train", "2048")
+    out, err = proc.communicate()
+    assert proc.returncode == 1
+    assert "group 1 failed" in out and "holds fewer tokens than one batch" in out
+    log = out.split("logs: ")[1].split()[0]
+    assert Path(log).exists() and "fewer tokens" in Path(log.replace(".out", ".err")).read_text()
+    sweep_dir = only_dir(tmp_path / "runs")
+    assert [p.parent.name for p in sweep_dir.glob("runs/*/metrics.json")] == ["run-000"]
+    assert "run-000" in (sweep_dir / "results.csv").read_text()
