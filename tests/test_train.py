@@ -301,3 +301,51 @@ def test_failed_group_is_listed_with_its_logs(coll, tmp_path):
     sweep_dir = only_dir(tmp_path / "runs")
     assert [p.parent.name for p in sweep_dir.glob("runs/*/metrics.json")] == ["run-000"]
     assert "run-000" in (sweep_dir / "results.csv").read_text()
+
+
+def test_missing_demo_data_is_collected_first(tmp_path):
+    toml = tmp_path / "small.toml"
+    demo = (ROOT / "configs/demo.toml").read_text()
+    for old, new in (
+        ("max_tokens = 200000", "max_tokens = 6000"),
+        ("batch_size = 32", "batch_size = 8"),
+        ("shard_tokens = 32768", "shard_tokens = 1000"),
+    ):
+        demo = demo.replace(old, new)
+    toml.write_text(demo)
+    data = tmp_path / "data"
+    proc = run_train(
+        "--sweep",
+        str(ROOT / "sweeps/demo.py"),
+        "--executor",
+        "debug",
+        "--runs-root",
+        str(tmp_path / "runs"),
+        "--train-data.uri",
+        str(data),
+        "--train-data.collect",
+        str(toml),
+        "--n-train",
+        "2048",
+        "--batch-size",
+        "256",
+        "--n-val",
+        "256",
+        "--downstream-sequences",
+        "0",
+        "--wandb-mode",
+        "disabled",
+    )
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "holds no collection yet: collecting it" in out
+    meta = json.loads((data / "encoder.layer.3/metadata.json").read_text())
+    assert meta["complete"] and meta["n_tokens"] >= 6000
+    rows = (only_dir(tmp_path / "runs") / "results.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == [
+        "topk",
+        "batchtopk",
+        "switch",
+        "relu",
+        "jumprelu",
+    ]

@@ -68,7 +68,9 @@ class Reader:
         self.shards = self.meta["shards"][shards]
         if not self.shards:
             raise UserError(
-                f"shards {shards} of {uri} selects none of its {len(self.meta['shards'])} shards"
+                f"the shard slice [{_text(shards.start)}:{_text(shards.stop)}] of {uri} selects "
+                f"none of its {len(self.meta['shards'])} shards; collect more or change the "
+                "train/val shard slices"
             )
         self.d_model = self.meta["d_model"]
         self.n_tokens = sum(s["n_tokens"] for s in self.shards)
@@ -308,3 +310,7 @@ class Reader:
             self.n_slots,
             self._row_bytes,
         )
+
+
+def _text(bound: int | None) -> str:
+    return "" if bound is None else str(bound)
