@@ -55,6 +55,13 @@ def local_d_model(data: DataConfig) -> int | None:
         return None
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """Open the train and val manifests before any job starts, so a wrong uri, hook, layer,
+    an unreachable store or missing credentials fail here with one sentence."""
+    for data in (cfg.train_data, cfg.val_data):
+        find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
+
+
 def ensure_data(cfg: TrainConfig) -> None:
     """Run the collection named by train_data.collect when a local uri holds no collection."""
     data = cfg.train_data

@@ -349,3 +349,20 @@ def test_missing_demo_data_is_collected_first(tmp_path):
         "relu",
         "jumprelu",
     ]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--train-data.layer", "7"],
+            "no hook matching hook=None layer=7; it holds: model.layers.1",
+        ),
+        (["--val-data.uri", "/nonexistent/x"], "/nonexistent/x holds no collection"),
+    ],
+)
+def test_bad_data_is_refused_before_any_job(coll, tmp_path, flags, message):
+    proc = run_train(*sweep_args(coll, tmp_path / "runs"), *flags)
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and message in err and "Traceback" not in err
+    assert not list((tmp_path / "runs").glob("*/runs/*"))
