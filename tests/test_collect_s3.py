@@ -46,7 +46,7 @@ def sorted_rows(acts: torch.Tensor) -> list[bytes]:
     return sorted(row.tobytes() for row in acts.numpy())
 
 
-def test_collect_to_s3_and_read_back(s3_env):
+def test_collect_to_s3_and_read_back(s3_env, capsys):
     cfg = CollectConfig(
         out=s3_env,
         max_tokens=3000,
@@ -72,6 +72,12 @@ def test_collect_to_s3_and_read_back(s3_env):
     shuffled = torch.cat(list(Reader(s3_env, batch_size=256, shuffle_tokens=1000, seed=1)))
     assert not torch.equal(shuffled, acts)
     assert sorted_rows(shuffled) == sorted_rows(acts)
+    secret, key_id = os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]
+    printed = capsys.readouterr()
+    written = b"".join(store.get(k) for k in store.list() if k.endswith(".json"))
+    for credential in (secret, key_id):
+        assert credential not in printed.out + printed.err
+        assert credential.encode() not in written
 
 
 SMALL = {"max_tokens": 5000, "shard_tokens": 400, "batch_size": 2, "ctx_len": 64}
