@@ -28,11 +28,32 @@ def sweep_file(directory: Path, lrs: list[float]) -> Path:
 
 def run_sweep(sweep: Path, runs_root: Path, args: argparse.Namespace) -> tuple[float, int]:
     """(wall seconds, bytes read) of one train.py process."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--sweep", str(sweep), "--executor", "debug",
-           "--runs-root", str(runs_root), "--train-data.uri", args.uri, "--n-train",
-           str(args.n_train), "--batch-size", str(args.batch_size), "--sae.exp-factor",
-           str(args.exp_factor), "--sae.k", str(args.k), "--wandb-mode", "disabled",
-           "--downstream-sequences", "0", "--log-every", "1000000"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--sweep",
+        str(sweep),
+        "--executor",
+        "debug",
+        "--runs-root",
+        str(runs_root),
+        "--train-data.uri",
+        args.uri,
+        "--n-train",
+        str(args.n_train),
+        "--batch-size",
+        str(args.batch_size),
+        "--sae.exp-factor",
+        str(args.exp_factor),
+        "--sae.k",
+        str(args.k),
+        "--wandb-mode",
+        "disabled",
+        "--downstream-sequences",
+        "0",
+        "--log-every",
+        "1000000",
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -59,13 +80,17 @@ def main(argv: list[str] | None = None) -> None:
             (tmp / f"s{i}").mkdir()
             separate.append(run_sweep(sweep_file(tmp / f"s{i}", [lr]), tmp / f"s{i}", args))
     sep_wall, sep_bytes = sum(w for w, _ in separate), sum(b for _, b in separate)
-    print(f"{args.n_saes} TopK SAEs, {args.exp_factor}x, k={args.k}, {args.n_train:,} tokens "
-          f"each, data {args.uri}")
+    print(
+        f"{args.n_saes} TopK SAEs, {args.exp_factor}x, k={args.k}, {args.n_train:,} tokens "
+        f"each, data {args.uri}"
+    )
     print(f"{'':22s}{'wall s':>10s}{'MB read':>12s}")
     print(f"{'one group':22s}{group_wall:10.1f}{group_bytes / 1e6:12.1f}")
     print(f"{'separate runs, total':22s}{sep_wall:10.1f}{sep_bytes / 1e6:12.1f}")
-    print(f"group / separate: wall {group_wall / sep_wall:.3f}, bytes read "
-          f"{group_bytes / sep_bytes:.4f} (1/{args.n_saes} = {1 / args.n_saes:.4f})")
+    print(
+        f"group / separate: wall {group_wall / sep_wall:.3f}, bytes read "
+        f"{group_bytes / sep_bytes:.4f} (1/{args.n_saes} = {1 / args.n_saes:.4f})"
+    )
 
 
 if __name__ == "__main__":
