@@ -27,36 +27,44 @@ def fire_counts(codes: Codes, d_sae: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_stack(sae: StackedSAE, reader: Reader, scale: float, n_val: int) -> list[dict]:
-    """Metrics of every member on up to n_val tokens of `reader` (raw activations * scale)."""
-    was_training = sae.training
-    sae.eval()
-    n, d = sae.n, sae.d_in
-    sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("sse", "l0")}
-    x_sum, x_sq, tokens = (
-        torch.zeros(d, dtype=torch.float64),
-        torch.zeros(d, dtype=torch.float64),
-        0,
-    )
-    counts = torch.zeros(n, sae.d_sae, dtype=torch.float64)
+def evaluate_stacks(
+    saes: list[StackedSAE], reader: Reader, scale: float, n_val: int
+) -> list[list[dict]]:
+    """Metrics of every member of every stack on up to n_val tokens of `reader` (raw
+    activations * scale), reading the evaluation data once for all of them."""
+    modes = [sae.training for sae in saes]
+    for sae in saes:
+        sae.eval()
+    d = saes[0].d_in
+    sums = [{k: torch.zeros(sae.n, dtype=torch.float64) for k in ("sse", "l0")} for sae in saes]
+    counts = [torch.zeros(sae.n, sae.d_sae, dtype=torch.float64) for sae in saes]
+    x_sum, x_sq = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    tokens = 0
     for acts in reader:
-        x = (acts[: n_val - tokens] * scale).to(sae.W_enc.dtype)
-        recon, codes = sae(x)
-        sums["sse"] += (recon.double() - x.double()).pow(2).sum((1, 2)).cpu()
-        sums["l0"] += codes.l0().double().cpu() * len(x)
-        counts += fire_counts(codes, sae.d_sae).cpu()
+        x = acts[: n_val - tokens] * scale
+        for sae, acc, count in zip(saes, sums, counts, strict=True):
+            recon, codes = sae(x.to(sae.W_enc.dtype))
+            acc["sse"] += (recon.double() - x.double()).pow(2).sum((1, 2)).cpu()
+            acc["l0"] += codes.l0().double().cpu() * len(x)
+            count += fire_counts(codes, sae.d_sae).cpu()
         x_sum += x.double().sum(0).cpu()
         x_sq += x.double().pow(2).sum(0).cpu()
         tokens += len(x)
         if tokens >= n_val:
             break
-    sae.train(was_training)
+    for sae, mode in zip(saes, modes, strict=True):
+        sae.train(mode)
     total_var = (x_sq - x_sum.pow(2) / tokens).sum()
-    overlap = decoder_overlap(sae)
-    return [
-        member_metrics(i, sums, counts[i], total_var, tokens, d, scale, overlap[i])
-        for i in range(n)
-    ]
+    results = []
+    for sae, acc, count in zip(saes, sums, counts, strict=True):
+        overlap = decoder_overlap(sae)
+        results.append(
+            [
+                member_metrics(i, acc, count[i], total_var, tokens, d, scale, overlap[i])
+                for i in range(sae.n)
+            ]
+        )
+    return results
 
 
 def member_metrics(

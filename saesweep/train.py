@@ -24,7 +24,7 @@ from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader
 from saesweep.downstream import add_downstream
 from saesweep.errors import UserError
-from saesweep.evaluate import evaluate_stack
+from saesweep.evaluate import evaluate_stacks
 from saesweep.memory import check_fits
 from saesweep.runlog import RunLog
 from saesweep.sae import StackedSAE, make_sae, stack_key
@@ -145,12 +145,16 @@ class GroupTrainer:
             RunLog(d, d.name, c, self.sweep_name, self.group_index, c.wandb_mode, c.wandb_project)
             for c, d in zip(self.cfgs, self.run_dirs, strict=True)
         ]
-        if not self._load_state():
-            self._init_b_dec()
+        fresh = not self._load_state()
         for acts in self.reader:
             if self.step >= self.total_steps:
                 break
-            metrics = self._step(acts * self.scale)
+            x = acts * self.scale
+            if fresh:
+                for stack in self.stacks:
+                    stack.sae.init_b_dec(x)
+                fresh = False
+            metrics = self._step(x)
             self.step += 1
             if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
                 self._log(logs, metrics)
@@ -172,11 +176,6 @@ class GroupTrainer:
             out.append(m)
         return out
 
-    def _init_b_dec(self) -> None:
-        first = next(iter(open_reader(self.cfgs[0].train_data, self.cfgs[0], train=True)))
-        for stack in self.stacks:
-            stack.sae.init_b_dec(first * self.scale)
-
     def _log(self, logs: list[RunLog], metrics: list[dict]) -> None:
         tokens = self.step * self.cfgs[0].batch_size
         rate = tokens / (time.perf_counter() - self.started)
@@ -189,14 +188,13 @@ class GroupTrainer:
     def _finish(self, logs: list[RunLog]) -> list[dict]:
         cfg = self.cfgs[0]
         val = dataclasses.replace(cfg.val_data, uri=cfg.val_data.uri or cfg.train_data.uri)
-        results = [None] * len(self.cfgs)
-        for stack in self.stacks:
-            val_reader = open_reader(
-                val, dataclasses.replace(cfg, batch_size=min(cfg.batch_size, cfg.n_val)), False
-            )
-            evals = evaluate_stack(stack.sae, val_reader, self.scale, cfg.n_val)
+        val_reader = open_reader(
+            val, dataclasses.replace(cfg, batch_size=min(cfg.batch_size, cfg.n_val)), False
+        )
+        evals = evaluate_stacks([s.sae for s in self.stacks], val_reader, self.scale, cfg.n_val)
+        for stack, stack_evals in zip(self.stacks, evals, strict=True):
             for j, i in enumerate(stack.members):
-                self._export(stack, j, i, evals[j])
+                self._export(stack, j, i, stack_evals[j])
         self._downstream(val)
         results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
         for log, metrics in zip(logs, results, strict=True):
