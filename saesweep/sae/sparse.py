@@ -71,51 +71,72 @@ def fired_latents(
     return hits > 0
 
 
-class _TopKEncode(torch.autograd.Function):
-    """TopK encoder whose backward touches only the k selected latents per token."""
+class _EncoderGrad(torch.autograd.Function):
+    """Identity on ReLU encoder outputs computed without autograd; the backward sends their
+    gradient to x_in, W_enc and b_enc through the selected (token, latent) pairs only."""
 
     @staticmethod
-    def forward(ctx, x_in, W_enc, b_enc, k):
-        pre = torch.bmm(x_in, W_enc) + b_enc.unsqueeze(1)
-        values, indices = torch.topk(pre.relu(), k, dim=-1, sorted=False)
-        ctx.save_for_backward(x_in, W_enc, indices, values)
-        ctx.mark_non_differentiable(indices)
-        return values, indices
+    def forward(ctx, values, indices, x_in, W_enc, b_enc):
+        ctx.save_for_backward(values, indices, x_in, W_enc)
+        return values.clone()
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_indices):
-        x_in, W_enc, indices, values = ctx.saved_tensors
-        g = grad_values * (values > 0)
-        n, B, k = g.shape
-        d_in, d_sae = W_enc.shape[1:]
-        rows = flat_indices(indices, d_sae).reshape(-1)
-        cols = (torch.arange(n * B, device=g.device).view(n, B, 1).expand(n, B, k)).reshape(-1)
-        grad_W = grad_b = grad_x = None
-        if ctx.needs_input_grad[1]:
-            coo = torch.sparse_coo_tensor(
-                torch.stack([rows, cols]),
-                g.reshape(-1),
-                (n * d_sae, n * B),
-                check_invariants=False,
-            )
-            grad_W_t = torch.sparse.mm(coo, x_in.reshape(n * B, d_in))
-            grad_W = grad_W_t.view(n, d_sae, d_in).transpose(1, 2)
+    def backward(ctx, grad_values):
+        values, indices, x_in, W_enc = ctx.saved_tensors
+        n, B, d_in = x_in.shape
+        d_sae = W_enc.shape[2]
+        g = (grad_values * (values > 0)).to(W_enc.dtype)
+        rows, cols, g = _nonzero_entries(g, indices, d_sae)
+        grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = g.new_zeros(n * d_sae).index_add_(0, rows, g.reshape(-1)).view(n, d_sae)
-        if ctx.needs_input_grad[0]:
-            grad_x = sparse_decode(g, indices, W_enc.transpose(1, 2))
-        return grad_x, grad_W, grad_b, None
+            grad_x = _scatter_tokens(rows, cols, g, W_enc, n * B).view(n, B, d_in)
+        if ctx.needs_input_grad[3]:
+            grad_W = _scatter_latents(rows, cols, g, x_in, n * d_sae)
+            grad_W = grad_W.view(n, d_sae, d_in).transpose(1, 2)
+        if ctx.needs_input_grad[4]:
+            grad_b = g.new_zeros(n * d_sae).index_add_(0, rows, g).view(n, d_sae)
+        return None, None, grad_x, grad_W, grad_b
+
+
+def _nonzero_entries(g: Tensor, indices: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(flat latent, flat token, gradient) of each nonzero entry of g [n, B, k], token-major."""
+    n, B, k = g.shape
+    keep = (g != 0).reshape(-1)
+    rows = flat_indices(indices, d_sae).reshape(-1)[keep]
+    cols = torch.arange(n * B, device=g.device).repeat_interleave(k)[keep]
+    return rows, cols, g.reshape(-1)[keep]
+
+
+def _scatter_latents(rows: Tensor, cols: Tensor, g: Tensor, x_in: Tensor, size: int) -> Tensor:
+    """[size, d_in]: row r sums g * x_in[token] over the entries of latent r."""
+    x_flat = x_in.reshape(-1, x_in.shape[-1])
+    coo = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), g, (size, x_flat.shape[0]), check_invariants=False
+    )
+    return torch.sparse.mm(coo, x_flat)
+
+
+def _scatter_tokens(rows: Tensor, cols: Tensor, g: Tensor, W_enc: Tensor, tokens: int) -> Tensor:
+    """[tokens, d_in]: token t sums g * W_enc[:, latent] over its entries (cols sorted)."""
+    d_in = W_enc.shape[1]
+    W_rows = W_enc.transpose(1, 2).contiguous().view(-1, d_in)
+    offsets = torch.searchsorted(cols, torch.arange(tokens, device=cols.device))
+    return F.embedding_bag(rows, W_rows, offsets, mode="sum", per_sample_weights=g)
 
 
 @jaxtyped(typechecker=beartype)
-def sparse_topk_encode(
+def with_encoder_grad(
+    values: Float[Tensor, "n B k"],
+    indices: Int[Tensor, "n B k"],
     x_in: Float[Tensor, "n B d_in"],
     W_enc: Float[Tensor, "n d_in d_sae"],
     b_enc: Float[Tensor, "n d_sae"],
-    k: int,
-) -> tuple[Float[Tensor, "n B k"], Int[Tensor, "n B k"]]:
-    """top-k of relu(x_in @ W_enc + b_enc) with a sparse backward (no dense [n, B, d_sae] grad).
+) -> Float[Tensor, "n B k"]:
+    """values = relu(x_in @ W_enc + b_enc) at `indices`, computed without autograd, made
+    differentiable in x_in, W_enc and b_enc.
 
-    Same values and gradients as the dense `topk(relu(bmm(x_in, W_enc) + b_enc), k)`.
+    Same gradients as gathering from the dense autograd pre-activations, at the cost of the
+    selected entries only (no dense [n, B, d_sae] gradient). Entries with value 0 (ReLU off)
+    get no gradient.
     """
-    return _TopKEncode.apply(x_in, W_enc, b_enc, k)
+    return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc)

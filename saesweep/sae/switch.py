@@ -5,7 +5,8 @@ E * sum_e f_e * P_e keeps experts in use.
 Latents are laid out expert-major: expert e owns latents [e*m, (e+1)*m), m = d_sae / E, so
 W_enc / W_dec keep the plain SAELens layout. Dispatch is vectorized with index ops and one
 batched matmul over (member, expert) pairs with a fixed per-expert capacity: no Python loop
-over experts and no host synchronization.
+over experts and no host synchronization. That matmul runs without autograd; the encoder
+gradient flows through the k selected latents per token only (sparse.with_encoder_grad).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saesweep.sae.base import Codes, SAEConfig, check
+from saesweep.sae.sparse import with_encoder_grad
 from saesweep.sae.topk import TopKSAE
 
 
@@ -57,13 +59,16 @@ class SwitchSAE(TopKSAE):
         values, local = pre.topk(self.k, dim=-1, sorted=False)
         p = probs.gather(-1, expert.unsqueeze(-1))
         indices = local + (expert * self.expert_width).unsqueeze(-1)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         extra = {"switch_dropped": 1 - kept.to(pre.dtype).mean(-1)}
         codes = Codes(values=values * p, indices=indices, extra=extra)
         codes.extra["load_balance"] = self.load_balance(probs, expert)
         return codes
 
+    @torch.no_grad()
     def expert_pre(self, x_in: Tensor, expert: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-        """relu pre-activations [n, B, m] of each token's own expert, and kept [n, B] bool.
+        """relu pre-activations [n, B, m] of each token's own expert (without autograd), and
+        kept [n, B] bool.
 
         Tokens are placed into per-expert slots [n, E, C] in batch order; a token past its
         expert's capacity C is dropped (zero pre-activations).

@@ -1,4 +1,8 @@
-"""TopK SAE (Gao et al. 2024): ReLU then top-k, AuxK loss on dead latents, unit-norm decoder."""
+"""TopK SAE (Gao et al. 2024): ReLU then top-k, AuxK loss on dead latents, unit-norm decoder.
+
+Training costs one dense matmul: the pre-activations are computed without autograd, and the
+gradient reaches the encoder through the selected latents only (sparse.with_encoder_grad).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import torch
 from torch import Tensor
 
 from saesweep.sae.base import Codes, StackedSAE, check
-from saesweep.sae.sparse import sparse_decode
+from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
 
 class TopKSAE(StackedSAE):
-    """Keeps the k largest ReLU pre-activations per token; decodes sparsely."""
+    """Keeps the k largest ReLU pre-activations per token; encoder backward and decoding
+    are sparse."""
 
     arch = "topk"
     sae_lens_architecture = "topk"
@@ -21,9 +26,16 @@ class TopKSAE(StackedSAE):
         self.aux_k = self.cfg.resolved_aux_k(self.d_in)
 
     def encode(self, x: Tensor) -> Codes:
-        pre = self.linear_pre(x)
+        x_in = self.encoder_input(x)
+        pre = self.detached_pre(x_in)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         return Codes(values=values, indices=indices, pre=pre)
+
+    @torch.no_grad()
+    def detached_pre(self, x_in: Tensor) -> Tensor:
+        """[n, B, d_sae] relu(x_in @ W_enc + b_enc), without autograd."""
+        return torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc).relu_()
 
     def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
         return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, recon, codes))}
@@ -38,13 +50,15 @@ class TopKSAE(StackedSAE):
         if not bool(dead.any()):
             return recon.new_zeros(self.n)
         residual = (x - recon).detach()
-        masked = codes.pre.where(dead.unsqueeze(1), 0)
+        masked = codes.pre.detach().where(dead.unsqueeze(1), 0)
         values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
+        x_in = self.encoder_input(x)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         aux_recon = sparse_decode(values, indices, self.W_dec)
         x = x.expand_as(recon)
         total = (x - x.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2))
         total = total.clamp_min(torch.finfo(x.dtype).tiny)
-        scale = (dead.sum(-1) / self.aux_k).clamp(max=1.0).to(recon.dtype)
+        scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
         return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total
 
     def _sae_lens_extra(self) -> dict:
