@@ -102,3 +102,19 @@ def test_switch_loss_and_grads_match_dense_reference():
     sae = make_sae(cfg, D_IN, [0, 1], objectives, dtype=torch.float64)
     _perturb(sae)
     _assert_matches_reference(sae, _x(6), _dense_switch_loss)
+
+
+def test_topk_under_bf16_autocast_keeps_float32_codes_and_grads():
+    sae = make_sae(SAEConfig(arch="topk", d_sae=D_SAE, k=K), D_IN, [0, 1])
+    x = _x().float()
+    ref_loss, ref_grads = _stack_grads(sae, x)
+    sae.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16):
+        _, codes = sae(x)
+        loss, grads = _stack_grads(sae, x)
+    assert codes.pre.dtype == torch.bfloat16 and codes.values.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=0.02, atol=0)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        cos = F.cosine_similarity(grad.flatten(1), ref_grads[name].flatten(1), dim=1)
+        assert cos.min() > 0.95, name

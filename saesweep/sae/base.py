@@ -185,12 +185,12 @@ class StackedSAE(nn.Module):
         Remembers which latents fired, for after_optimizer_step's dead-latent update.
         """
         recon, codes = self(x)
-        err = recon - x
-        mse = err.pow(2).mean(dim=(1, 2))
+        sq_err = (recon - x).pow(2).sum(dim=(1, 2))
+        mse = sq_err / recon[0].numel()
         terms = self.penalties(x, recon, codes, step)
         loss = mse + sum((c * v for c, v in terms.values()), torch.zeros_like(mse))
         self._remember(codes, x.shape[-2])
-        metrics = {"loss": loss, "mse": mse, "fvu": fvu(x, recon), "l0": codes.l0()}
+        metrics = {"loss": loss, "mse": mse, "fvu": sq_err / total_variance(x), "l0": codes.l0()}
         metrics["dead_pct"] = 100 * self.dead_mask().to(mse.dtype).mean(-1)
         metrics |= {name: v for name, (_, v) in terms.items()} | codes.extra
         return loss, {k: v.detach() for k, v in metrics.items()}
@@ -301,9 +301,16 @@ def fvu(
     x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"], recon: Float[Tensor, "n B d_in"]
 ) -> Float[Tensor, " n"]:
     """[n] fraction of variance unexplained: sum |recon - x|^2 / sum |x - mean(x)|^2."""
-    x = x.expand_as(recon)
-    total = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
-    return (recon - x).pow(2).sum(dim=(1, 2)) / total.clamp_min(torch.finfo(x.dtype).tiny)
+    return (recon - x).pow(2).sum(dim=(1, 2)) / total_variance(x)
+
+
+@jaxtyped(typechecker=beartype)
+def total_variance(
+    x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"],
+) -> Float[Tensor, ""] | Float[Tensor, " n"]:
+    """sum |x - mean(x)|^2 over the batch (per member for [n, B, d_in]), at least tiny."""
+    total = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1))
+    return total.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @jaxtyped(typechecker=beartype)

@@ -28,18 +28,41 @@ def sparse_decode(
 ) -> Float[Tensor, "n B d_in"]:
     """sum_j values[.., j] * W_dec[member, indices[.., j]] without the dense [n, B, d_sae] code.
 
-    One embedding_bag over the flat dictionary; differentiable in values and W_dec.
+    One embedding_bag over the flat dictionary; differentiable in values and W_dec (W_dec's
+    gradient by a sparse matmul, faster than embedding_bag's own backward).
     """
     n, B, k = values.shape
     d_sae, d_in = W_dec.shape[1:]
     flat = flat_indices(indices, d_sae).reshape(n * B, k)
     out = F.embedding_bag(
         flat,
-        W_dec.reshape(n * d_sae, d_in),
+        W_dec.detach().reshape(n * d_sae, d_in),
         per_sample_weights=values.reshape(n * B, k),
         mode="sum",
     )
-    return out.view(n, B, d_in)
+    return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec)
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """Identity on a sparse decode's output; the backward adds W_dec's gradient through the
+    selected rows only."""
+
+    @staticmethod
+    def forward(ctx, out, values, indices, W_dec):
+        ctx.save_for_backward(values, indices)
+        ctx.d_sae = W_dec.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices = ctx.saved_tensors
+        grad_W = None
+        if ctx.needs_input_grad[3]:
+            n, B, d_in = grad_out.shape
+            rows, cols, g = _nonzero_entries(values.to(grad_out.dtype), indices, ctx.d_sae)
+            grad_W = _scatter_latents(rows, cols, g, grad_out, n * ctx.d_sae)
+            grad_W = grad_W.view(n, ctx.d_sae, d_in)
+        return grad_out, None, None, grad_W
 
 
 @jaxtyped(typechecker=beartype)
@@ -78,7 +101,7 @@ class _EncoderGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, x_in, W_enc, b_enc):
         ctx.save_for_backward(values, indices, x_in, W_enc)
-        return values.clone()
+        return values.to(W_enc.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_values):
@@ -132,8 +155,8 @@ def with_encoder_grad(
     W_enc: Float[Tensor, "n d_in d_sae"],
     b_enc: Float[Tensor, "n d_sae"],
 ) -> Float[Tensor, "n B k"]:
-    """values = relu(x_in @ W_enc + b_enc) at `indices`, computed without autograd, made
-    differentiable in x_in, W_enc and b_enc.
+    """values = relu(x_in @ W_enc + b_enc) at `indices`, computed without autograd (maybe in
+    autocast's lower precision), made differentiable in x_in, W_enc and b_enc, in W_enc's dtype.
 
     Same gradients as gathering from the dense autograd pre-activations, at the cost of the
     selected entries only (no dense [n, B, d_sae] gradient). Entries with value 0 (ReLU off)

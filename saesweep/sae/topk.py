@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import Codes, StackedSAE, check
+from saesweep.sae.base import Codes, StackedSAE, check, total_variance
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
 
@@ -55,11 +55,8 @@ class TopKSAE(StackedSAE):
         x_in = self.encoder_input(x)
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         aux_recon = sparse_decode(values, indices, self.W_dec)
-        x = x.expand_as(recon)
-        total = (x - x.mean(1, keepdim=True)).pow(2).sum(dim=(1, 2))
-        total = total.clamp_min(torch.finfo(x.dtype).tiny)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
-        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total
+        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total_variance(x)
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}
