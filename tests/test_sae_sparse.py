@@ -1,7 +1,9 @@
 """Sparse fast paths agree with their dense references (values and gradients)."""
 
+import pytest
 import torch
 
+from saesweep.sae import sparse
 from saesweep.sae.sparse import (
     dense_decode,
     fired_latents,
@@ -20,6 +22,13 @@ def _codes(seed=0):
     return values, indices
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def backward_path(request, monkeypatch):
+    """Force _SparseCode's sparse (nonzero entries) or dense (batched matmul) backward."""
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", 1.0 if request.param == "sparse" else 0.0)
+
+
+@pytest.mark.usefixtures("backward_path")
 def test_sparse_decode_matches_dense_values_and_grads():
     values, indices = _codes()
     W = torch.randn(N, D_SAE, D_IN, dtype=torch.float64, requires_grad=True)
@@ -55,6 +64,7 @@ def test_to_dense_and_fired_latents():
     assert torch.equal(fired_latents(values, indices, D_SAE), (dense > 0).any(1))
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_with_encoder_grad_matches_dense_autograd():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(N, B, D_IN, generator=gen, dtype=torch.float64)

@@ -1,10 +1,11 @@
 """TopK and Switch training with the sparse encoder backward equal dense autograd references:
 the loss and every parameter gradient, AuxK on dead latents included."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae, sparse
 
 D_IN, D_SAE, B, K = 32, 128, 96, 6
 
@@ -63,7 +64,9 @@ def _assert_matches_reference(sae, x, reference):
             torch.testing.assert_close(grads[name][i], leaf.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_topk_loss_and_grads_match_dense_reference_with_dead_latents():
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-backward", "sparse-backward"])
+def test_topk_loss_and_grads_match_dense_reference_with_dead_latents(dense_above, monkeypatch):
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", dense_above)
     cfgs = [SAEConfig(arch="topk", d_sae=D_SAE, k=K, aux_k=12, aux_coeff=c) for c in (0.5, 1, 2)]
     sae = make_sae(cfgs, D_IN, [0, 1, 2], dtype=torch.float64)
     _perturb(sae)
