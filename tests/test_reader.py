@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from synthetic import HOOK, make_collection
 
 from saesweep import Reader
+from saesweep.data.window import Window
 from saesweep.errors import UserError
+from saesweep.shards import shard_name
 
 SIZES = [300, 250, 310, 90, 400, 120]
 TOTAL = sum(SIZES)
@@ -100,7 +103,6 @@ def test_hook_and_layer_selection(coll):
 
 
 def corrupt(uri: str, shard: int) -> str:
-    from saesweep.shards import shard_name
 
     path = f"{uri}/{HOOK}/{shard_name(0, shard)}"
     with open(path, "r+b") as f:
@@ -127,3 +129,30 @@ def test_early_break_cleans_up(coll):
         for batch in Reader(coll, batch_size=64):
             assert len(batch) == 64
             break
+
+
+def test_truncated_or_missing_shard_is_named(tmp_path):
+    uri = str(tmp_path)
+    make_collection(uri, SIZES)
+    path = f"{uri}/{HOOK}/{shard_name(0, 1)}"
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match=f"{shard_name(0, 1)} could not be read .*holds 1000 bytes"):
+        read(uri)
+    os.remove(path)
+    with pytest.raises(UserError, match=f"{shard_name(0, 1)} could not be read .*No such file"):
+        read(uri)
+
+
+def test_window_take_matches_reference_gather():
+    gen = torch.Generator().manual_seed(0)
+    acts = [torch.randn(n, 8, generator=gen).to(torch.bfloat16) for n in (5, 17, 9)]
+    ids = [torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32) for n in (5, 17, 9)]
+    order = torch.randperm(31, generator=gen)
+    window = Window(acts, ids, order)
+    all_acts, all_ids = torch.cat(acts), torch.cat(ids)
+    for start, stop in [(0, 31), (3, 20), (30, 31), (7, 7)]:
+        got_acts, got_ids = window.take(start, stop)
+        expected = order[start:stop].sort().values
+        assert torch.equal(got_acts, all_acts[expected])
+        assert torch.equal(got_ids, all_ids[expected])

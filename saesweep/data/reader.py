@@ -1,10 +1,10 @@
 """The Reader: batches of stored activations, read once, shuffled, resumable.
 
-Worker processes read whole shards into one shared-memory arena (local files: large
-sequential reads; S3: concurrent signed range GETs) and verify their checksums. The reader
-shuffles shard order per epoch and tokens across windows of several shards; a background
-thread gathers each batch straight from the arena in one copy (no per-shard copies) and hands
-it on (pinned, copied to the device without blocking) before it is asked for.
+Shards are fetched ahead and verified against their checksums (local files: mapped from the
+page cache by threads; S3: concurrent signed range GETs by worker processes into one
+shared-memory arena). The reader shuffles shard order per epoch and tokens across windows of
+several shards; a background thread gathers each batch straight from the fetched shards in one
+copy and hands it on (pinned, copied to the device without blocking) before it is asked for.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Literal
 import torch
 
 from saesweep.data.order import shard_order, token_permutation, windows
-from saesweep.data.pipeline import FetchPipeline
+from saesweep.data.pipeline import Fetched, LocalPipeline, Pipeline, S3Pipeline
+from saesweep.data.window import Window, shard_tensors
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
 from saesweep.shards import ACT_DTYPES
 from saesweep.store import FileStore, open_store
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-SAFETENSORS_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class Reader:
@@ -78,7 +78,6 @@ class Reader:
         self.device = torch.device(device)
         self.stored_dtype = ACT_DTYPES[self.meta["dtype"]]
         self.dtype = dtype or self.stored_dtype
-        self._row_bytes = self.d_model * self.stored_dtype.itemsize
         self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
         avg = self.n_tokens / max(len(self.shards), 1)
         self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
@@ -92,7 +91,7 @@ class Reader:
         self.wait_s = 0.0
         self.bytes_read = 0
         """Bytes fetched from storage by finished iterations (see figures() for the total)."""
-        self._pipeline: FetchPipeline | None = None
+        self._pipeline: Pipeline | None = None
         self._started = time.perf_counter()
 
     def _normalization(self, normalize: str | None) -> dict | None:
@@ -197,34 +196,30 @@ class Reader:
         plan, skip = self._plan(), self.tokens_in_epoch
         while plan and plan[0][0] == self.epoch and skip >= self._window_tokens(plan[0][2]):
             skip -= self._window_tokens(plan.pop(0)[2])
-        self._pipeline = self._start_pipeline(s for _, _, group in plan for s in group)
+        self._pipeline = self._start_pipeline()
+        self._pipeline.start(s for _, _, group in plan for s in group)
         position, size = self.tokens_in_epoch, self.batch_size
         pending = self._empty()
         for i, (epoch, window, group) in enumerate(plan):
-            rows, ids, slots = self._load_window(epoch, window, group)
-            rows, ids, skip = rows[skip:], ids[skip:], 0
+            tokens, fetched = self._load_window(epoch, window, group)
+            start, skip = skip, 0
             if len(pending[1]):
-                need = size - len(pending[1])
-                head = (self._gather(rows[:need]), ids[:need])
+                need = min(size - len(pending[1]), tokens.n_tokens - start)
+                head = tokens.take(start, start + need)
                 pending = torch.cat([pending[0], head[0]]), torch.cat([pending[1], head[1]])
-                rows, ids = rows[need:], ids[need:]
+                start += need
                 if len(pending[1]) == size:
                     position += size
                     yield pending, (epoch, position)
                     pending = self._empty()
-            full = len(rows) // size * size
-            for start in range(0, full, size):
+            full = start + (tokens.n_tokens - start) // size * size
+            for first in range(start, full, size):
                 position += size
-                yield (
-                    (self._gather(rows[start : start + size]), ids[start : start + size]),
-                    (
-                        epoch,
-                        position,
-                    ),
-                )
-            if full < len(rows):
-                pending = self._gather(rows[full:]), ids[full:]
-            self._pipeline.release(slots)
+                yield tokens.take(first, first + size), (epoch, position)
+            if full < tokens.n_tokens:
+                pending = tokens.take(full, tokens.n_tokens)
+            del tokens
+            self._pipeline.release(fetched)
             if i + 1 == len(plan) or plan[i + 1][0] != epoch:
                 if len(pending[1]) and not self.drop_last:
                     yield pending, (epoch + 1, 0)
@@ -238,43 +233,38 @@ class Reader:
     def _window_tokens(self, group: list[int]) -> int:
         return sum(self.shards[s]["n_tokens"] for s in group)
 
-    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """The acts of arena rows `rows`, [len(rows), d_model], in one copy."""
-        return self._pipeline.gather(rows).view(self.stored_dtype)
-
-    def _load_window(self, epoch: int, window: int, group: list[int]):
-        """(arena rows, token ids) of the window's tokens in serving order, and its slots."""
-        rows, ids, slots = [], [], []
+    def _load_window(self, epoch: int, window: int, group: list[int]) -> tuple[Window, list]:
+        """The window's tokens in serving order, and its fetched shards (to release)."""
+        acts, ids, fetched = [], [], []
         for _ in group:
-            fetched = self._pipeline.next_shard()
-            slots.append(fetched.slot)
-            if fetched.status != "ok":
-                self._bad_shard(fetched.shard, fetched.status)
+            shard = self._pipeline.next_shard()
+            fetched.append(shard)
+            if shard.status != "ok":
+                self._bad_shard(shard.shard, shard.status)
                 continue
-            first, n = self._acts_rows(fetched)
-            rows.append(torch.arange(first, first + n))
-            _, start = self._pipeline.locate(fetched, "token_ids")
-            ids.append(self._pipeline.copy(start, torch.int32, n))
-        if not rows:
-            return torch.empty(0, dtype=torch.long), self._empty()[1], slots
-        rows, ids = torch.cat(rows), torch.cat(ids)
-        perm = token_permutation(len(rows), self.seed, epoch, window, self.shuffle)
-        if perm is None:
-            return rows, ids, slots
-        return rows.index_select(0, perm), ids.index_select(0, perm), slots
+            shard_acts, shard_ids = self._shard_tensors(shard)
+            acts.append(shard_acts)
+            ids.append(shard_ids)
+        if not acts:
+            return Window([self._empty()[0]], [self._empty()[1]], None), fetched
+        n_tokens = sum(len(a) for a in acts)
+        order = token_permutation(n_tokens, self.seed, epoch, window, self.shuffle)
+        return Window(acts, ids, order), fetched
 
-    def _acts_rows(self, fetched) -> tuple[int, int]:
-        """(first arena row, row count) of a fetched shard's acts, checked against the manifest."""
-        info, start = self._pipeline.locate(fetched, "acts")
+    def _shard_tensors(self, fetched: Fetched) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a fetched shard's acts [n_tokens, d_model] and token ids, checked against
+        the manifest."""
         record = self.shards[fetched.shard]
-        expected = ([record["n_tokens"], self.d_model], SAFETENSORS_NAMES[self.meta["dtype"]])
-        if (info["shape"], info["dtype"]) != expected:
+        tensors = shard_tensors(fetched.data, ("acts", "token_ids"))
+        (shape, acts), (_, ids) = tensors["acts"], tensors["token_ids"]
+        expected = [record["n_tokens"], self.d_model]
+        if shape != expected or acts.dtype != self.stored_dtype:
             raise UserError(
                 f"shard {self.store.child(self.hook)}/{record['name']} holds acts "
-                f"{info['shape']} {info['dtype']}, but metadata.json says {expected[0]} "
-                f"{expected[1]}; recollect it"
+                f"{shape} {acts.dtype}, but metadata.json says {expected} "
+                f"{self.stored_dtype}; recollect it"
             )
-        return start // self._row_bytes, record["n_tokens"]
+        return acts.view(shape), ids
 
     def _bad_shard(self, shard: int, status: str) -> None:
         name = f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
@@ -287,29 +277,20 @@ class Reader:
         self.corrupt_skipped.append(name)
         print(f"warning: skipping {message} ({len(self.corrupt_skipped)} skipped so far)")
 
-    def _start_pipeline(self, schedule: Iterator[int]) -> FetchPipeline:
-        if isinstance(self.store, FileStore):
-            source = {"kind": "file", "root": str(self.store.local_path(self.hook))}
-        else:
-            prefix = f"{self.store.prefix}/{self.hook}".strip("/")
-            source = {
-                "kind": "s3",
-                "bucket": self.store.bucket,
-                "prefix": prefix,
-                "endpoint": self.store.endpoint,
-                "connections": self.s3_connections,
-            }
+    def _start_pipeline(self) -> Pipeline:
         keys = [s["name"] for s in self.shards]
-        return FetchPipeline(
-            source,
-            keys,
-            [s["n_bytes"] for s in self.shards],
-            [s["checksum"] for s in self.shards],
-            iter(schedule),
-            self.n_workers,
-            self.n_slots,
-            self._row_bytes,
-        )
+        sizes = [s["n_bytes"] for s in self.shards]
+        checksums = [s["checksum"] for s in self.shards]
+        common = (keys, sizes, checksums, self.n_workers, self.n_slots)
+        if isinstance(self.store, FileStore):
+            return LocalPipeline(str(self.store.local_path(self.hook)), *common)
+        source = {
+            "bucket": self.store.bucket,
+            "prefix": f"{self.store.prefix}/{self.hook}".strip("/"),
+            "endpoint": self.store.endpoint,
+            "connections": self.s3_connections,
+        }
+        return S3Pipeline(source, *common)
 
 
 def _text(bound: int | None) -> str:
