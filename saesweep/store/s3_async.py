@@ -86,7 +86,10 @@ class AsyncRangeReader:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_connections)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, read_bufsize=4 << 20
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,
+                read_bufsize=4 << 20,
             )
         return self._session
 
