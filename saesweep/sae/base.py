@@ -33,7 +33,8 @@ class Codes:
     indices: Tensor | None = None
     """Sparse code latent indices [n, B, k]."""
     pre: Tensor | None = None
-    """Pre-activations [n, B, d_sae] (after the encoder ReLU), used by AuxK and JumpReLU's L0."""
+    """Pre-activations [n, B, d_sae] (after the encoder ReLU), used by AuxK and JumpReLU's L0
+    (TopK: computed without autograd; its gradient goes through sparse.with_encoder_grad)."""
     extra: dict[str, Tensor] = field(default_factory=dict)
     """Architecture-specific per-member metrics [n] (e.g. switch dropped-token fraction)."""
 
