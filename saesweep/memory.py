@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -45,3 +47,22 @@ def check_fits(sae_cfgs: list[SAEConfig], d_in: int, batch_size: int, device: st
             f"on {device} but {have / 2**30:.1f} GiB is available; lower "
             "--max-parallel, the widths or batch_size"
         )
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed host memory in the process for the next step's tensors (glibc only).
+
+    glibc serves every allocation above 32 MiB with fresh mmap pages and unmaps them on free,
+    so each training step of a large stack page-faults its temporaries in again; on the
+    measured VM that made an 8-SAE TopK step 25 % slower. With mmap off and trimming off,
+    freed blocks are reused and the process keeps its peak footprint.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)

@@ -25,7 +25,7 @@ from saesweep.data.reader import Reader
 from saesweep.downstream import add_downstream
 from saesweep.errors import UserError
 from saesweep.evaluate import evaluate_stacks
-from saesweep.memory import check_fits
+from saesweep.memory import check_fits, reuse_freed_memory
 from saesweep.runlog import RunLog
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
@@ -87,6 +87,7 @@ class GroupTrainer:
         self.d_in = self.reader.d_model
         self._check_d_model()
         check_fits([c.sae for c in cfgs], self.d_in, first.batch_size, first.device)
+        reuse_freed_memory()
         self.stacks = self._build_stacks()
         self.step = 0
         self.started = time.perf_counter()
