@@ -2,6 +2,7 @@
 
   uv run python -m saesweep.bench synth URI [--gb 1 --d-model 768]   write a synthetic collection
   uv run python -m saesweep.bench reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
+  uv run python -m saesweep.bench sae [--arch switch --device cuda --bf16]  SAE training tokens/s
   uv run python -m saesweep.bench collect [--out DIR --s3-out URI]   collection vs forward pass
 
 S3 URIs use the endpoint in S3_ENDPOINT_URL and the usual AWS credentials. CPU seconds are this
@@ -194,7 +195,10 @@ def bench_reader(args: argparse.Namespace) -> None:
         measure("naive", naive, total, args.repeat, before),
     ]
     _print_table(results)
-    sae = sae_tokens_per_s(meta["d_model"], args.exp_factor, args.k, args.n_saes, args.batch_size)
+    from saesweep.sae import SAEConfig
+
+    sae_cfg = SAEConfig(exp_factor=args.exp_factor, k=args.k)
+    sae = sae_tokens_per_s(sae_cfg, meta["d_model"], args.n_saes, args.batch_size)
     _print_verdict(results[0], sae, args)
 
 
@@ -227,21 +231,50 @@ def _print_table(results: list[Measured]) -> None:
 
 
 def sae_tokens_per_s(
-    d_model: int, exp_factor: int, k: int, n_saes: int, batch_size: int, steps: int = 5
+    sae_cfg,
+    d_model: int,
+    n_saes: int,
+    batch_size: int,
+    steps: int = 5,
+    device: str = "cpu",
+    autocast: bool = False,
 ) -> float:
-    """Tokens per second a stack of TopK SAEs trains on here (random data, after a warm-up)."""
-    from saesweep.sae import SAEConfig, make_sae
+    """Tokens per second a stack of n_saes SAEs trains on (random data, after a warm-up step;
+    every SAE sees every token)."""
+    from saesweep.sae import make_sae
     from saesweep.sae.optim import StackedAdam
     from saesweep.sae.step import train_step
 
-    sae = make_sae(SAEConfig(exp_factor=exp_factor, k=k), d_model, list(range(n_saes)))
+    sae = make_sae(sae_cfg, d_model, list(range(n_saes))).to(device)
     opt = StackedAdam(sae.parameters(), lr=[1e-4] * n_saes)
-    x = torch.randn(batch_size, d_model)
-    train_step(sae, opt, x, 0)
+    x = torch.randn(batch_size, d_model, device=device)
+
+    def run(first: int, last: int) -> None:
+        for step in range(first, last):
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
+                train_step(sae, opt, x, step)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run(0, 2)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        train_step(sae, opt, x, step)
+    run(2, steps + 2)
     return steps * batch_size / (time.perf_counter() - start)
+
+
+def bench_sae(args: argparse.Namespace) -> None:
+    from saesweep.sae import SAEConfig
+
+    cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, n_experts=args.n_experts)
+    rate = sae_tokens_per_s(
+        cfg, args.d_model, args.n_saes, args.batch_size, args.steps, args.device, args.bf16
+    )
+    print(
+        f"{args.n_saes} {args.arch} SAE(s) d_model {args.d_model}, {args.n_latents} latents, "
+        f"k={args.k}{f', {args.n_experts} experts' if args.arch == 'switch' else ''}, "
+        f"batch {args.batch_size}, {'bf16 autocast' if args.bf16 else 'float32'} on "
+        f"{args.device}: {rate:,.0f} tokens/s per SAE"
+    )
 
 
 def _print_verdict(reader: Measured, sae_rate: float, args: argparse.Namespace) -> None:
@@ -337,6 +370,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--exp-factor", type=int, default=16)
     r.add_argument("--k", type=int, default=32)
     r.add_argument("--n-saes", type=int, default=1, help="SAEs trained on each batch")
+    t = sub.add_parser("sae", help="training tokens/s of a stack of SAEs on random data")
+    t.add_argument(
+        "--arch", default="topk", choices=["topk", "batchtopk", "switch", "relu", "jumprelu"]
+    )
+    t.add_argument("--d-model", type=int, default=768)
+    t.add_argument("--n-latents", type=int, default=24576)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--n-experts", type=int, default=32)
+    t.add_argument("--n-saes", type=int, default=1, help="SAEs stacked on each batch")
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast")
     c = sub.add_parser("collect", help="collection tokens/s vs the bare forward pass")
     c.add_argument("--config", default="configs/demo.toml")
     c.add_argument("--max-tokens", type=int, default=20000)
@@ -351,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         synth(args.uri, args.gb, args.d_model, args.shard_tokens)
     elif args.command == "reader":
         bench_reader(args)
+    elif args.command == "sae":
+        bench_sae(args)
     else:
         bench_collect(args)
 
