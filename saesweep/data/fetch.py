@@ -23,6 +23,8 @@ import xxhash
 
 CHUNK_BYTES = 8 << 20
 """Size of one S3 range GET."""
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+"""Linux: read a mapping in when it is made (elsewhere pages are read on first use)."""
 
 
 def xxh3_128(buf) -> str:
@@ -46,7 +48,7 @@ def verified(fetch: Callable[[], object], expected: str) -> tuple[object | None,
 def map_file(path: Path, n_bytes: int) -> mmap.mmap:
     """A read-only, populated mapping of a local shard of `n_bytes` bytes."""
     with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)
     if len(m) != n_bytes:
         size = len(m)
         m.close()

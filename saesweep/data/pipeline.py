@@ -7,9 +7,11 @@ handed-out shard's bytes stay valid until the reader releases it.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing as mp
 import queue
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,9 +20,9 @@ from pathlib import Path
 
 from saesweep.data.fetch import S3Fetcher, map_file, verified, worker_main
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-"""Map a range's pages in one call (Linux >= 5.14): the reader process would otherwise take one
-page fault per 4 KiB the workers wrote, which costs more than the copy itself."""
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+"""The reader process would otherwise take one page fault per 4 KiB the workers wrote, which
+costs more than the copy itself."""
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,17 @@ class S3Pipeline(Pipeline):
             self.done[t] = (slot, status)
         slot, status = self.done.pop(ticket)
         start = slot * self.slot_bytes
-        self.arena.madvise(MADV_POPULATE_READ, start, self.slot_bytes)
+        self._map_in(start)
         data = memoryview(self.arena)[start : start + self.sizes[shard]]
         return Fetched(shard, data if status == "ok" else None, status, slot)
+
+    def _map_in(self, start: int) -> None:
+        """Map a slot's pages into this process in one call where the kernel can (Linux >=
+        5.14); elsewhere they fault in on first read."""
+        if MADV_POPULATE_READ is None:
+            return
+        with contextlib.suppress(OSError):
+            self.arena.madvise(MADV_POPULATE_READ, start, self.slot_bytes)
 
     def release(self, shards: list[Fetched]) -> None:
         self.free += [f.slot for f in shards]
