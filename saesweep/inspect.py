@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import cmd
-import json
 import posixpath
-import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from saesweep.errors import UserError, exit_on_user_error
-from saesweep.shards import SEQ_CHUNK_BITS, SHARD_TENSORS, checksum, decode_shard
+from saesweep.shards import (
+    SEQ_CHUNK_BITS,
+    SHARD_TENSORS,
+    checksum,
+    decode_shard,
+    safetensors_header,
+)
 from saesweep.store import Store, open_store
 
 VERIFY_THREADS = 4
@@ -120,17 +124,6 @@ def shard_problem(store: Store, key: str, record: dict) -> str | None:
 
 
 # ---------------------------------------------------------------- shard helpers
-
-
-def safetensors_header(data: bytes, where: str) -> dict:
-    """The JSON header of a safetensors file: 8-byte little-endian length, then JSON."""
-    try:
-        (length,) = struct.unpack("<Q", data[:8])
-        if length > len(data) - 8:
-            raise ValueError
-        return json.loads(data[8 : 8 + length])
-    except (struct.error, ValueError) as err:
-        raise ValueError(f"{where} is not a safetensors file") from err
 
 
 def acts_summary(acts: torch.Tensor) -> str:
@@ -344,7 +337,7 @@ class Shell(cmd.Cmd):
             raise ValueError("usage: inspect SHARD (a path, or the shard's index in the manifest)")
         key = self._shard_key(arg.strip())
         data = self.store.get(key)
-        header = safetensors_header(data, self._uri(key))
+        header, _ = safetensors_header(data, self._uri(key))
         tensors = decode_shard(data)
         hook, name = posixpath.split(key)
         record = {s["name"]: s for s in hook_manifests(self.store).get(hook, [])}.get(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,18 @@ def encode_shard(
         "positions": positions.to(torch.int32).contiguous(),
     }
     return save_safetensors(tensors, metadata={"schema_version": str(SCHEMA_VERSION)})
+
+
+def safetensors_header(data, where: str) -> tuple[dict, int]:
+    """The JSON header of safetensors bytes (8-byte little-endian length, then JSON) and the
+    offset where the tensor data starts."""
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        if length > len(data) - 8:
+            raise ValueError
+        return json.loads(bytes(data[8 : 8 + length])), 8 + length
+    except (struct.error, ValueError) as err:
+        raise ValueError(f"{where} is not a safetensors file") from err
 
 
 def decode_shard(data: bytes) -> dict[str, torch.Tensor]:

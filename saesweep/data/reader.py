@@ -255,19 +255,23 @@ class Reader:
         """Views of a fetched shard's acts [n_tokens, d_model] and token ids, checked against
         the manifest."""
         record = self.shards[fetched.shard]
-        tensors = shard_tensors(fetched.data, ("acts", "token_ids"))
+        where = f"shard {self._shard_uri(fetched.shard)}"
+        tensors = shard_tensors(fetched.data, ("acts", "token_ids"), where)
         (shape, acts), (_, ids) = tensors["acts"], tensors["token_ids"]
         expected = [record["n_tokens"], self.d_model]
         if shape != expected or acts.dtype != self.stored_dtype:
             raise UserError(
-                f"shard {self.store.child(self.hook)}/{record['name']} holds acts "
+                f"{where} holds acts "
                 f"{shape} {acts.dtype}, but metadata.json says {expected} "
                 f"{self.stored_dtype}; recollect it"
             )
         return acts.view(shape), ids
 
+    def _shard_uri(self, shard: int) -> str:
+        return f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
+
     def _bad_shard(self, shard: int, status: str) -> None:
-        name = f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
+        name = self._shard_uri(shard)
         if status == "corrupt":
             message = f"shard {name} does not match its checksum after a refetch"
         else:

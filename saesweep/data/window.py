@@ -8,12 +8,12 @@ its inner order does not matter to a mean loss and keeps every copy a contiguous
 
 from __future__ import annotations
 
-import json
-import struct
 import warnings
 
 import numpy as np
 import torch
+
+from saesweep.shards import safetensors_header
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
@@ -23,10 +23,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def shard_tensors(data, names: tuple[str, ...]) -> dict[str, tuple[list[int], torch.Tensor]]:
+def shard_tensors(data, names: tuple[str, ...], where: str) -> dict[str, tuple[list, torch.Tensor]]:
     """(shape, flat tensor viewing `data`) of tensors `names` of the safetensors bytes `data`."""
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(bytes(data[8 : 8 + n]))
+    header, data_start = safetensors_header(data, where)
     out = {}
     for name in names:
         info = header[name]
@@ -35,7 +34,7 @@ def shard_tensors(data, names: tuple[str, ...]) -> dict[str, tuple[list[int], to
         count = (end - start) // dtype.itemsize
         with warnings.catch_warnings():  # read-only file mappings: the views are only read
             warnings.filterwarnings("ignore", "The given buffer is not writable")
-            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start)
+            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=data_start + start)
         out[name] = (info["shape"], flat)
     return out
 
