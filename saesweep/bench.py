@@ -297,7 +297,9 @@ def forward_only(cfg, max_tokens: int) -> int:
 
     model, tokenizer = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
     hooked = HookedModel(model, [resolve_hook(model, h)[0] for h in cfg.hooks])
-    docs = iter_documents(cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split)
+    docs = iter_documents(
+        cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split, cfg.streaming
+    )
     seqs = sequences(docs, tokenizer, cfg.ctx_len, cfg.exclude_special)
     tokens = 0
     for seq_batch in batched(seqs, cfg.batch_size):

@@ -42,13 +42,14 @@ def evaluate_stacks(
     tokens = 0
     for acts in reader:
         x = acts[: n_val - tokens] * scale
+        x64 = x.double()
         for sae, acc, count in zip(saes, sums, counts, strict=True):
             recon, codes = sae(x.to(sae.W_enc.dtype))
-            acc["sse"] += (recon.double() - x.double()).pow(2).sum((1, 2)).cpu()
+            acc["sse"] += (recon.double() - x64).pow(2).sum((1, 2)).cpu()
             acc["l0"] += codes.l0().double().cpu() * len(x)
             count += fire_counts(codes, sae.d_sae).cpu()
-        x_sum += x.double().sum(0).cpu()
-        x_sq += x.double().pow(2).sum(0).cpu()
+        x_sum += x64.sum(0).cpu()
+        x_sq += x64.pow(2).sum(0).cpu()
         tokens += len(x)
         if tokens >= n_val:
             break

@@ -59,9 +59,10 @@ class TopK:
 
     @jaxtyped(typechecker=beartype)
     def update(self, values: Float[Tensor, "c L"], first_row: int) -> None:
-        rows = torch.arange(first_row, first_row + len(values)).unsqueeze(1).expand_as(values)
-        all_values = torch.cat([self.values, values.float()])
-        all_rows = torch.cat([self.rows, rows])
+        """Merge the chunk's own top k (rows first_row...) into the running top k."""
+        top, where = values.float().topk(min(self.k, len(values)), dim=0)
+        all_values = torch.cat([self.values, top])
+        all_rows = torch.cat([self.rows, where + first_row])
         top, where = all_values.topk(min(self.k, len(all_values)), dim=0)
         self.values, self.rows = top, all_rows.gather(0, where)
 
@@ -100,7 +101,7 @@ def scan(
         for start in range(0, len(acts), chunk):
             a = exported_acts(cfg, sd, acts[start : start + chunk].to(sd["W_enc"].dtype))
             result.fire_counts += (a > 0).sum(0)
-            result.top.update(a[:, index], result.n_tokens + start)
+            result.top.update(a if latents is None else a[:, index], result.n_tokens + start)
         result.n_tokens += len(acts)
     result.shard_offsets.append(result.n_tokens)
     return result, meta, config, chosen
@@ -244,10 +245,11 @@ def write_page(
     model: str | None = None,
 ) -> list[LatentReport]:
     """Inspect the latents and write the HTML page to `out` (atomically)."""
+    run = load_run(run_dir)
     found, n_tokens = inspect_features(
-        run_dir, uri, latents, top, n_default=n_default, window=window, shards=shards
+        run, uri, latents, top, n_default=n_default, window=window, shards=shards
     )
-    _, config, _ = select_shards(uri, load_run(run_dir)[0].get("hook_name"), shards)
+    _, config, _ = select_shards(uri, run[0].get("hook_name"), shards)
     page = render_html(found, load_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
     write_atomic(out, lambda p: p.write_text(page, encoding="utf-8"))
     return found
