@@ -15,13 +15,16 @@ CHECKPOINT_SCHEMA = 1
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), then rename onto `path`: readers see the old file or the new one."""
+    """Call write(tmp_path), flush it to disk, then rename onto `path`: readers (and a run
+    resumed after a crash) see the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -40,9 +43,11 @@ def _json_default(obj):
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(path, lambda p: save_file(contiguous, str(p)))
+    write_atomic(path, lambda p: save_file(contiguous, str(p), metadata=metadata))
 
 
 def save_sae(run_dir: Path, weights: dict[str, torch.Tensor], sae_cfg: dict, metrics: dict) -> None:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from saesweep.checkpoint import save_sae, write_json, write_tensors
+from saesweep.checkpoint import save_sae, write_tensors
 from saesweep.config import DataConfig, TrainConfig
 from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader
@@ -30,6 +31,9 @@ from saesweep.runlog import RunLog
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
+
+STATE_FILE = "state.safetensors"
+"""A group's trainer state, in its state directory."""
 
 
 def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
@@ -248,22 +252,22 @@ class GroupTrainer:
         save_sae(run_dir, stack.sae.member_state_dict(j, input_scale=self.scale), sae_cfg, metrics)
 
     def save_state(self) -> None:
+        """One atomic file: tensors, and the step and reader position in its metadata (two
+        files would let a kill between their renames pair new weights with an old position)."""
         tensors = {"rng": torch.get_rng_state()}
         for s, stack in enumerate(self.stacks):
             tensors |= {f"{s}.sae.{k}": v for k, v in stack.sae.state_dict().items()}
             tensors |= {f"{s}.opt.{k}": v for k, v in stack.opt.state_dict().items()}
             tensors[f"{s}.failed"] = stack.failed
-        write_tensors(self.state_dir / "state.safetensors", tensors)
-        write_json(
-            self.state_dir / "state.json", {"step": self.step, "reader": self.reader.state_dict()}
-        )
+        position = {"step": self.step, "reader": self.reader.state_dict()}
+        write_tensors(self.state_dir / STATE_FILE, tensors, {"position": json.dumps(position)})
 
     def _load_state(self) -> bool:
-        meta_path = self.state_dir / "state.json"
-        if not meta_path.exists():
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
             return False
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(self.state_dir / "state.safetensors"))
+        meta = saved_position(path)
+        tensors = load_file(str(path))
         torch.set_rng_state(tensors["rng"])
         for s, stack in enumerate(self.stacks):
             stack.sae.load_state_dict(_prefixed(tensors, f"{s}.sae."))
@@ -272,6 +276,12 @@ class GroupTrainer:
         self.step = meta["step"]
         self.reader.load_state_dict(meta["reader"])
         return True
+
+
+def saved_position(path: Path) -> dict:
+    """{"step": N, "reader": Reader.state_dict()} of a saved trainer state."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["position"])
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
-from saesweep.train import GroupTrainer
+from saesweep.train import GroupTrainer, saved_position
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16
@@ -170,8 +170,8 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     ref_dir = only_dir(tmp_path / "ref")
     proc = run_train(*sweep_args(coll, tmp_path / "killed"))
     for _ in range(1200):
-        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
-        if states and json.loads(states[0].read_text())["step"] >= 20:
+        states = list((tmp_path / "killed").glob("*/groups/group-000/state.safetensors"))
+        if states and saved_position(states[0])["step"] >= 20:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -257,8 +257,8 @@ def test_slurm_preemption_requeues_and_resumes(coll, tmp_path, slurm_cluster):
     proc = run_train(*slurm_args)
     state = None
     for _ in range(3000):
-        states = list((tmp_path / "slurm").glob("*/groups/group-000/state.json"))
-        if states and json.loads(states[0].read_text())["step"] >= 30:
+        states = list((tmp_path / "slurm").glob("*/groups/group-000/state.safetensors"))
+        if states and saved_position(states[0])["step"] >= 30:
             state = states[0]
             break
         time.sleep(0.05)
