@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from synthetic import HOOK, make_collection
 
 from saesweep import Reader
-from saesweep.data.window import Window
+from saesweep.data.window import BatchBuffers, Window
 from saesweep.errors import UserError
 from saesweep.shards import shard_name
 
@@ -144,15 +145,35 @@ def test_truncated_or_missing_shard_is_named(tmp_path):
         read(uri)
 
 
-def test_window_take_matches_reference_gather():
+@pytest.mark.parametrize("n_helpers", [0, 1, 3])
+def test_window_take_matches_reference_gather(n_helpers):
     gen = torch.Generator().manual_seed(0)
-    acts = [torch.randn(n, 8, generator=gen).to(torch.bfloat16) for n in (5, 17, 9)]
-    ids = [torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32) for n in (5, 17, 9)]
-    order = torch.randperm(31, generator=gen)
-    window = Window(acts, ids, order)
+    sizes = (500, 1700, 0, 900, 3)
+    acts = [torch.randn(n, 8, generator=gen).to(torch.bfloat16) for n in sizes]
+    ids = [torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32) for n in sizes]
+    order = torch.randperm(sum(sizes), generator=gen)
+    window = Window(acts, ids, order.numpy())
     all_acts, all_ids = torch.cat(acts), torch.cat(ids)
-    for start, stop in [(0, 31), (3, 20), (30, 31), (7, 7)]:
-        got_acts, got_ids = window.take(start, stop)
-        expected = order[start:stop].sort().values
-        assert torch.equal(got_acts, all_acts[expected])
-        assert torch.equal(got_ids, all_ids[expected])
+    buffers = BatchBuffers(1500, 8, torch.bfloat16, keep=2, pinned=False)
+    with ThreadPoolExecutor(max(n_helpers, 1)) as pool:
+        helpers = (pool, n_helpers) if n_helpers else None
+        for start, stop in [(0, 3103), (3, 1503), (3100, 3103), (7, 7), (1200, 2700)]:
+            got_acts, got_ids = window.take(start, stop, buffers, helpers)
+            expected = order[start:stop].sort().values
+            assert torch.equal(got_acts, all_acts[expected])
+            assert torch.equal(got_ids, all_ids[expected])
+
+
+def test_batch_buffers_reused_only_when_nothing_uses_them():
+    buffers = BatchBuffers(16, 4, torch.float32, keep=2, pinned=False)
+    first = buffers.get(16)
+    view = first[:3]
+    address = first.data_ptr()
+    del first
+    second = buffers.get(16)
+    assert second.data_ptr() != address  # a view still uses the first buffer
+    del view
+    third = buffers.get(16)
+    assert third.data_ptr() == address
+    held = [buffers.get(16) for _ in range(3)]  # past `keep`: fresh memory, all distinct
+    assert len({t.data_ptr() for t in [second, third, *held]}) == 5

@@ -3,8 +3,9 @@
 Shards are fetched ahead and verified against their checksums (local files: mapped from the
 page cache by threads; S3: concurrent signed range GETs by worker processes into one
 shared-memory arena). The reader shuffles shard order per epoch and tokens across windows of
-several shards; a background thread gathers each batch straight from the fetched shards in one
-copy and hands it on (pinned, copied to the device without blocking) before it is asked for.
+several shards; a background thread, helped by `gather_threads - 1` more, gathers each batch
+straight from the fetched shards in one copy into a reused (for a GPU: pinned) buffer and hands
+it on (copied to the device without blocking) before it is asked for.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
 
 from saesweep.data.order import shard_order, token_permutation, windows
 from saesweep.data.pipeline import Fetched, LocalPipeline, Pipeline, S3Pipeline
-from saesweep.data.window import Window, shard_tensors
+from saesweep.data.window import BatchBuffers, Window, shard_tensors
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
 from saesweep.shards import ACT_DTYPES
@@ -55,6 +57,7 @@ class Reader:
         drop_last: bool = False,
         shuffle_tokens: int = 1 << 20,
         n_workers: int = 2,
+        gather_threads: int = 2,
         prefetch_shards: int | None = None,
         prefetch_batches: int = 4,
         normalize: Literal["norm"] | None = None,
@@ -82,6 +85,7 @@ class Reader:
         avg = self.n_tokens / max(len(self.shards), 1)
         self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
         self.n_workers, self.prefetch_batches = n_workers, prefetch_batches
+        self.gather_threads = max(1, gather_threads)
         ahead = self.shards_per_window if prefetch_shards is None else max(1, prefetch_shards)
         self.n_slots = min(self.shards_per_window + ahead, len(self.shards) * epochs)
         self.s3_connections = s3_connections
@@ -158,14 +162,21 @@ class Reader:
                     continue
             return False
 
+        helpers = (
+            ThreadPoolExecutor(self.gather_threads - 1, "saesweep-gather")
+            if self.gather_threads > 1
+            else None
+        )
         try:
-            for batch, position in self._batches():
+            for batch, position in self._batches(helpers):
                 if not put((self._to_device(batch), position)):
                     return
             put(None)
         except BaseException as err:  # handed to the consumer, which raises it
             put(err)
         finally:
+            if helpers is not None:
+                helpers.shutdown()
             if self._pipeline is not None:
                 self._pipeline.close()
                 self.bytes_read += self._pipeline.bytes_read
@@ -174,7 +185,7 @@ class Reader:
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Batch:
         acts, ids = batch
         if self.device.type == "cuda":
-            acts = acts.pin_memory().to(self.device, non_blocking=True)
+            acts = acts.to(self.device, non_blocking=True)
         acts = acts.to(self.dtype)
         if self.normalization:
             acts = acts.mul_(self.normalization["scale"])
@@ -190,9 +201,19 @@ class Reader:
             ]
         return plan
 
-    def _batches(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]]:
+    def _batches(
+        self, helpers: ThreadPoolExecutor | None
+    ) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]]:
         """Consecutive slices of each epoch's token stream (its windows' shuffled tokens, one
         after another), each with the (epoch, tokens_in_epoch) position after it."""
+        buffers = BatchBuffers(
+            self.batch_size,
+            self.d_model,
+            self.stored_dtype,
+            keep=self.prefetch_batches + 4,
+            pinned=self.device.type == "cuda",
+        )
+        gather = (helpers, self.gather_threads - 1) if helpers else None
         plan, skip = self._plan(), self.tokens_in_epoch
         while plan and plan[0][0] == self.epoch and skip >= self._window_tokens(plan[0][2]):
             skip -= self._window_tokens(plan.pop(0)[2])
@@ -215,7 +236,7 @@ class Reader:
             full = start + (tokens.n_tokens - start) // size * size
             for first in range(start, full, size):
                 position += size
-                yield tokens.take(first, first + size), (epoch, position)
+                yield tokens.take(first, first + size, buffers, gather), (epoch, position)
             if full < tokens.n_tokens:
                 pending = tokens.take(full, tokens.n_tokens)
             del tokens
