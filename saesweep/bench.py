@@ -6,7 +6,7 @@
   uv run python -m saesweep.bench collect [--out DIR --s3-out URI]   collection vs forward pass
 
 S3 URIs use the endpoint in S3_ENDPOINT_URL and the usual AWS credentials. CPU seconds are this
-process and its (joined) worker processes; the object store's own CPU is not counted.
+process and any joined child processes; the object store's own CPU is not counted.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ class DataConfig:
     shards: str = ":"
     """Python slice over the collection's shards, e.g. ':-1' (all but the last) or '-1:'."""
     n_threads: int = 2
-    """Fetch worker processes of the reader."""
+    """The reader's fetch workers: threads mapping local shards, or event-loop threads
+    receiving S3 range GETs."""
     shuffle_tokens: int = 1 << 20
     """Tokens shuffled together (the reader's shuffle window)."""
     seed: int = 0

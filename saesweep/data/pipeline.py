@@ -1,28 +1,25 @@
 """Shards fetched ahead of the reader, handed out in schedule order.
 
 Two sources behind one interface (`next_shard`, `release`, `close`, `bytes_read`): local files
-mapped by threads, S3 objects fetched by worker processes into a shared-memory arena. A
-handed-out shard's bytes stay valid until the reader releases it.
+mapped by threads, and S3 objects received by event-loop threads straight into slots of one
+arena. Either way a pool thread fetches a shard and verifies its checksum, both of which release
+the GIL. A handed-out shard's bytes stay valid until the reader releases it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import mmap
-import multiprocessing as mp
-import queue
-import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from saesweep.data.fetch import S3Fetcher, map_file, verified, worker_main
+from saesweep.data.fetch import map_file, verified
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
-"""The reader process would otherwise take one page fault per 4 KiB the workers wrote, which
-costs more than the copy itself."""
+CHUNK_BYTES = 8 << 20
+"""Size of one S3 range GET."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +33,22 @@ class Fetched:
 
 
 class Pipeline:
-    """Keeps up to n_slots shards fetched, in flight or held by the reader."""
+    """Keeps up to n_slots shards fetched, in flight or held by the reader; `fetch(shard,
+    slot)` runs on one of n_threads pool threads and returns the shard's bytes."""
 
-    def __init__(self, keys: list[str], sizes: list[int], checksums: list[str], n_slots: int):
-        self.keys, self.sizes, self.checksums, self.n_slots = keys, sizes, checksums, n_slots
+    def __init__(
+        self,
+        sizes: list[int],
+        checksums: list[str],
+        n_threads: int,
+        n_slots: int,
+        fetch: Callable[[int, int], object],
+    ):
+        self.sizes, self.checksums, self.n_slots, self.fetch = sizes, checksums, n_slots, fetch
+        self.pool = ThreadPoolExecutor(n_threads, thread_name_prefix="saesweep-fetch")
         self.schedule: Iterator[int] = iter(())
-        self.in_flight: deque = deque()
+        self.in_flight: deque[tuple[int, int, Future]] = deque()
+        self.free = list(range(n_slots))
         self.held = 0
         self.bytes_read = 0
 
@@ -54,115 +61,76 @@ class Pipeline:
             shard = next(self.schedule, None)
             if shard is None:
                 return
-            self.in_flight.append((shard, self._submit(shard)))
+            slot = self.free.pop()
+            fetch = lambda s=shard, t=slot: self.fetch(s, t)  # noqa: E731
+            job = self.pool.submit(verified, fetch, self.checksums[shard])
+            self.in_flight.append((shard, slot, job))
 
     def next_shard(self) -> Fetched:
         """The next shard in schedule order; it counts as held until `release`."""
-        shard, ticket = self.in_flight.popleft()
-        fetched = self._result(shard, ticket)
+        shard, slot, job = self.in_flight.popleft()
+        data, status = job.result()
         self.held += 1
-        if fetched.status == "ok":
+        if status == "ok":
             self.bytes_read += self.sizes[shard]
-        return fetched
+        return Fetched(shard, data if status == "ok" else None, status, slot)
 
     def release(self, shards: list[Fetched]) -> None:
         """Give shards back (their bytes may be reused) and fetch the next ones."""
         self.held -= len(shards)
+        self.free += [f.slot for f in shards]
         self._fill()
 
     def in_flight_count(self) -> int:
         return len(self.in_flight)
 
-    def _submit(self, shard: int):
-        raise NotImplementedError
-
-    def _result(self, shard: int, ticket) -> Fetched:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class LocalPipeline(Pipeline):
-    """Threads map and verify local shard files."""
-
-    def __init__(self, root: str, keys, sizes, checksums, n_threads: int, n_slots: int):
-        super().__init__(keys, sizes, checksums, n_slots)
-        self.root = Path(root)
-        self.pool = ThreadPoolExecutor(n_threads, thread_name_prefix="saesweep-map")
-
-    def _submit(self, shard: int) -> Future:
-        path, n_bytes = self.root / self.keys[shard], self.sizes[shard]
-        return self.pool.submit(verified, lambda: map_file(path, n_bytes), self.checksums[shard])
-
-    def _result(self, shard: int, ticket: Future) -> Fetched:
-        data, status = ticket.result()
-        return Fetched(shard, data if status == "ok" else None, status)
-
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
 
 
+def local_pipeline(root: str, keys, sizes, checksums, n_threads: int, n_slots: int) -> Pipeline:
+    """Threads map local shard files read-only from the page cache."""
+    paths = [Path(root) / key for key in keys]
+    return Pipeline(
+        sizes, checksums, n_threads, n_slots, lambda shard, _: map_file(paths[shard], sizes[shard])
+    )
+
+
 class S3Pipeline(Pipeline):
-    """Worker processes write S3 shards into slots of one anonymous shared mapping, made before
-    they fork so they write into it directly."""
+    """S3 shards received into slots of one private arena by `n_loops` event-loop threads
+    (signed range GETs of CHUNK_BYTES, the kernel copying each body straight into its slot).
 
-    def __init__(self, source: dict, keys, sizes, checksums, n_workers: int, n_slots: int):
-        super().__init__(keys, sizes, checksums, n_slots)
+    The arena asks for transparent huge pages: fewer page faults when it is first written and
+    fewer TLB misses when batches are gathered from it.
+    """
+
+    def __init__(self, source: dict, keys, sizes, checksums, n_loops: int, n_slots: int):
+        from saesweep.store.s3_async import BlockingRangeReader
+
         self.slot_bytes = -(-max(sizes) // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, mmap.MAP_SHARED)
-        fetcher = S3Fetcher(
-            source["bucket"], source["prefix"], source["endpoint"], source["connections"]
-        )
-        ctx = mp.get_context("fork")
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
-        args = (fetcher, self.arena, self.slot_bytes, self.tasks, self.results)
-        self.workers = [
-            ctx.Process(target=worker_main, daemon=True, args=args) for _ in range(n_workers)
+        self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, flags=mmap.MAP_PRIVATE)
+        with contextlib.suppress(AttributeError, OSError):  # not Linux, or no THP
+            self.arena.madvise(mmap.MADV_HUGEPAGE)
+        self.loops = [
+            BlockingRangeReader(
+                source["bucket"],
+                source["endpoint"],
+                prefix=source["prefix"],
+                max_connections=source["connections"],
+            )
+            for _ in range(max(1, n_loops))
         ]
-        for w in self.workers:
-            w.start()
-        self.free = list(range(n_slots))
-        self.done: dict[int, tuple[int, str]] = {}
-        self.next_ticket = 0
+        self.keys = keys
+        super().__init__(sizes, checksums, n_slots, n_slots, self._fetch)
 
-    def _submit(self, shard: int) -> int:
-        ticket, slot = self.next_ticket, self.free.pop()
-        self.next_ticket += 1
-        self.tasks.put((ticket, slot, self.keys[shard], self.sizes[shard], self.checksums[shard]))
-        return ticket
-
-    def _result(self, shard: int, ticket: int) -> Fetched:
-        while ticket not in self.done:
-            try:
-                t, slot, status = self.results.get(timeout=1.0)
-            except queue.Empty:
-                if not all(w.is_alive() for w in self.workers):
-                    raise RuntimeError("a fetch worker process died") from None
-                continue
-            self.done[t] = (slot, status)
-        slot, status = self.done.pop(ticket)
+    def _fetch(self, shard: int, slot: int) -> memoryview:
         start = slot * self.slot_bytes
-        self._map_in(start)
-        data = memoryview(self.arena)[start : start + self.sizes[shard]]
-        return Fetched(shard, data if status == "ok" else None, status, slot)
-
-    def _map_in(self, start: int) -> None:
-        """Map a slot's pages into this process in one call where the kernel can (Linux >=
-        5.14); elsewhere they fault in on first read."""
-        if MADV_POPULATE_READ is None:
-            return
-        with contextlib.suppress(OSError):
-            self.arena.madvise(MADV_POPULATE_READ, start, self.slot_bytes)
-
-    def release(self, shards: list[Fetched]) -> None:
-        self.free += [f.slot for f in shards]
-        super().release(shards)
+        view = memoryview(self.arena)[start : start + self.sizes[shard]]
+        self.loops[slot % len(self.loops)].fetch_into(self.keys[shard], view, CHUNK_BYTES)
+        return view
 
     def close(self) -> None:
-        for _ in self.workers:
-            self.tasks.put(None)
-        for w in self.workers:
-            w.join(timeout=5)
-            if w.is_alive():
-                w.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)  # no new fetches start
+        for loop in self.loops:
+            loop.close()  # running fetches end; nothing writes into the arena after this
+        super().close()

@@ -1,8 +1,8 @@
 """The Reader: batches of stored activations, read once, shuffled, resumable.
 
 Shards are fetched ahead and verified against their checksums (local files: mapped from the
-page cache by threads; S3: concurrent signed range GETs by worker processes into one
-shared-memory arena). The reader shuffles shard order per epoch and tokens across windows of
+page cache by threads; S3: concurrent signed range GETs, received by event-loop threads
+straight into one arena). The reader shuffles shard order per epoch and tokens across windows of
 several shards; a background thread, helped by `gather_threads - 1` more, gathers each batch
 straight from the fetched shards in one copy into a reused (for a GPU: pinned) buffer and hands
 it on (copied to the device without blocking) before it is asked for.
@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from saesweep.data.order import shard_order, token_permutation, windows
-from saesweep.data.pipeline import Fetched, LocalPipeline, Pipeline, S3Pipeline
+from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
 from saesweep.data.window import BatchBuffers, Window, shard_tensors
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
@@ -38,8 +38,9 @@ class Reader:
     unless drop_last); the same seed gives the same order. `state_dict()` records how far the
     consumer got; `load_state_dict()` continues from there.
 
-    Shared memory: the shuffle window being served plus `prefetch_shards` shards read ahead
-    (default: one more window, so reading overlaps serving).
+    Memory: the shuffle window being served plus `prefetch_shards` shards read ahead
+    (default: one more window, so reading overlaps serving). `n_workers`: threads mapping local
+    shards, or event-loop threads receiving S3 range GETs (`s3_connections` each).
     """
 
     def __init__(
@@ -308,7 +309,7 @@ class Reader:
         checksums = [s["checksum"] for s in self.shards]
         common = (keys, sizes, checksums, self.n_workers, self.n_slots)
         if isinstance(self.store, FileStore):
-            return LocalPipeline(str(self.store.local_path(self.hook)), *common)
+            return local_pipeline(str(self.store.local_path(self.hook)), *common)
         source = {
             "bucket": self.store.bucket,
             "prefix": f"{self.store.prefix}/{self.hook}".strip("/"),

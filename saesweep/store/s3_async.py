@@ -1,4 +1,5 @@
-"""Concurrent S3 range GETs over aiohttp, SigV4-signed with botocore, retrying transient errors."""
+"""Concurrent S3 range GETs received straight into the caller's buffers (store.http_recv),
+SigV4-signed with botocore, retrying transient errors."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import itertools
 import re
 import threading
 from concurrent.futures import Future
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-import aiohttp
-import yarl
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 from saesweep.errors import UserError
+from saesweep.store.http_recv import ConnectionPool, Reply
 from saesweep.store.s3 import CREDENTIAL_HINT, backoff_s, boto_session, region_for
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -28,14 +28,17 @@ class _Transient(Exception):
     """A failure worth retrying: 5xx, throttling, or a body cut short."""
 
 
-TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, _Transient)
+TRANSIENT = (asyncio.TimeoutError, ConnectionError, _Transient)
+"""Worth a retry: no reply, a reply cut short or broken (http_recv.ProtocolError is a
+ConnectionError), 5xx and throttling."""
 
 
 class AsyncRangeReader:
-    """Byte ranges of objects in one bucket, fetched concurrently over a pooled HTTP session.
+    """Byte ranges of objects in one bucket, fetched concurrently over kept-alive connections.
 
     Keys are relative to `prefix`. Custom endpoints (SeaweedFS, MinIO) use path-style URLs;
-    AWS uses virtual-hosted ones. Create and use it inside one event loop.
+    AWS uses virtual-hosted ones. A range GET that takes longer than read_timeout_s is dropped
+    and retried. Create and use it inside one event loop.
     """
 
     def __init__(
@@ -56,11 +59,9 @@ class AsyncRangeReader:
         self.region = region or region_for(session)
         self.max_connections, self.attempts = max_connections, attempts
         self._backoff = (backoff_base_s, backoff_cap_s)
-        self._timeout = aiohttp.ClientTimeout(
-            sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
+        self._timeouts = (connect_timeout_s, read_timeout_s)
         self._credentials = session.get_credentials()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
 
     async def __aenter__(self) -> AsyncRangeReader:
         return self
@@ -69,9 +70,9 @@ class AsyncRangeReader:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -82,16 +83,15 @@ class AsyncRangeReader:
             return f"{self.endpoint.rstrip('/')}/{self.bucket}/{path}"
         return f"https://{self.bucket}.s3.{self.region}.amazonaws.com/{path}"
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                auto_decompress=False,
-                read_bufsize=4 << 20,
+    def _connections(self, url: str) -> ConnectionPool:
+        if self._pool is None:
+            parts = urlsplit(url)
+            tls = parts.scheme == "https"
+            port = parts.port or (443 if tls else 80)
+            self._pool = ConnectionPool(
+                parts.hostname, port, tls, self.max_connections, self._timeouts[0]
             )
-        return self._session
+        return self._pool
 
     def _signed_headers(self, url: str, start: int, end: int) -> dict[str, str]:
         request = AWSRequest(method="GET", url=url, headers={"Range": f"bytes={start}-{end - 1}"})
@@ -103,6 +103,19 @@ class AsyncRangeReader:
         buffer = bytearray(end - start)
         await self.get_range_into(key, start, end, memoryview(buffer))
         return bytes(buffer)
+
+    async def get_object_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
+        """The first len(target) bytes of `key` into `target`, as concurrent range GETs of
+        chunk_bytes each."""
+        n_bytes = len(target)
+        await asyncio.gather(
+            *(
+                self.get_range_into(
+                    key, s, min(s + chunk_bytes, n_bytes), target[s : s + chunk_bytes]
+                )
+                for s in range(0, n_bytes, chunk_bytes)
+            )
+        )
 
     async def get_range_into(self, key: str, start: int, end: int, buffer: memoryview) -> None:
         """Stream bytes [start, end) of `key` into writable `buffer` (end - start bytes)."""
@@ -124,59 +137,65 @@ class AsyncRangeReader:
 
     async def _fetch_into(self, key: str, start: int, end: int, target: memoryview) -> None:
         url = self.url(key)
-        headers = self._signed_headers(url, start, end)
-        async with self._http().get(yarl.URL(url, encoded=True), headers=headers) as response:
-            if response.status not in (200, 206):
-                raise await self._status_error(response, key)
-            self._check_extent(response, key, start, end)
-            filled = 0
-            async for chunk in response.content.iter_any():
-                if filled + len(chunk) > target.nbytes:
-                    raise _Transient(f"body of {url} longer than the {target.nbytes} asked for")
-                target[filled : filled + len(chunk)] = chunk
-                filled += len(chunk)
-            if filled != target.nbytes:
-                raise _Transient(f"body of {url} cut short at {filled} of {target.nbytes} bytes")
+        request = http_get(url, self._signed_headers(url, start, end))
+        reply = await self._connections(url).get(request, target, self._timeouts[1])
+        if reply.status not in (200, 206):
+            raise self._status_error(reply, key)
+        self._check_extent(reply, key, start, end)
 
-    def _check_extent(
-        self, response: aiohttp.ClientResponse, key: str, start: int, end: int
-    ) -> None:
-        """Refuse a reply that does not cover exactly [start, end) (a range past the end)."""
-        if response.status == 200:
-            if response.content_length == end - start and start == 0:
+    def _check_extent(self, reply: Reply, key: str, start: int, end: int) -> None:
+        """Refuse a reply that does not cover exactly [start, end) (a range past the end, a
+        server that ignored the Range header or framed the body without Content-Length)."""
+        if reply.status == 200:
+            if reply.into_target and start == 0:
                 return
             raise S3ReadError(f"{self.url(key)}: the server ignored the Range header")
-        match = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+        match = CONTENT_RANGE.fullmatch(reply.headers.get("content-range", ""))
         if match is None or int(match[1]) != start or int(match[2]) != end - 1:
             raise ValueError(
                 f"bytes [{start}, {end}) run past the end of {self.url(key)} "
-                f"(Content-Range {response.headers.get('Content-Range')!r})"
+                f"(Content-Range {reply.headers.get('content-range')!r})"
+            )
+        if not reply.into_target:
+            raise S3ReadError(
+                f"{self.url(key)}: the reply's Content-Length is not the {end - start} bytes "
+                "of its Content-Range"
             )
 
-    async def _status_error(self, response: aiohttp.ClientResponse, key: str) -> Exception:
-        body = await response.text(errors="replace")
+    def _status_error(self, reply: Reply, key: str) -> Exception:
+        body = (reply.body or b"").decode("utf-8", errors="replace")
         code = re.search(r"<Code>(.*?)</Code>", body)
-        code = code[1] if code else str(response.status)
-        if response.status >= 500 or response.status == 429 or code == "SlowDown":
-            return _Transient(f"HTTP {response.status} {code}")
+        code = code[1] if code else str(reply.status)
+        if reply.status >= 500 or reply.status == 429 or code == "SlowDown":
+            return _Transient(f"HTTP {reply.status} {code}")
         if code == "NoSuchBucket":
             return UserError(
                 f"bucket {self.bucket!r} does not exist at {self._where()}; "
                 "create it or fix the store URI"
             )
-        if response.status == 404:
+        if reply.status == 404:
             return FileNotFoundError(f"s3://{self.bucket}/{self.object_key(key)} does not exist")
-        if response.status == 403:
+        if reply.status == 403:
             return UserError(
                 f"S3 at {self._where()} rejected the credentials for bucket "
                 f"{self.bucket!r} ({code}); {CREDENTIAL_HINT}"
             )
-        if response.status == 416:
+        if reply.status == 416:
             return ValueError(f"the range asked of {self.url(key)} starts past its end")
-        return S3ReadError(f"GET {self.url(key)} failed: HTTP {response.status} {code}")
+        return S3ReadError(f"GET {self.url(key)} failed: HTTP {reply.status} {code}")
 
     def _where(self) -> str:
         return self.endpoint or "AWS S3"
+
+
+def http_get(url: str, headers: dict[str, str]) -> bytes:
+    """The bytes of a GET request for `url` with `headers` (Host as SigV4 signed it)."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = parts.hostname if parts.port in (None, default) else f"{parts.hostname}:{parts.port}"
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class BlockingRangeReader:
@@ -203,6 +222,18 @@ class BlockingRangeReader:
     async def _gather(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         return list(await asyncio.gather(*(self.reader.get_range(*r) for r in ranges)))
 
+    def fetch_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
+        """Fill `target` with the start of `key` (see AsyncRangeReader.get_object_into)."""
+        coro = self.reader.get_object_into(key, target, chunk_bytes)
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _shutdown(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.reader.close()
+
     def get_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         """The bytes of each (key, start, end) range, fetched concurrently."""
         return self.submit(ranges).result()
@@ -211,9 +242,11 @@ class BlockingRangeReader:
         return self.get_ranges([(key, start, end)])[0]
 
     def close(self) -> None:
+        """Cancel what is in flight (its connections are dropped, so nothing writes into a
+        caller's buffer after this returns), then stop the loop."""
         if self._loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self.reader.close(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
