@@ -96,3 +96,8 @@ def test_s3_corrupt_shard_raises_or_skips(s3_coll):
     assert seen == [t for t in range(TOTAL) if not start <= t < start + SIZES[2]]
     assert reader.figures()["reader/corrupt_skipped"] == 1
     assert reader.corrupt_skipped == [f"{s3_coll}/{HOOK}/{name}"]
+
+
+def test_s3_read_ahead_that_cannot_fit_in_memory_is_refused(s3_coll):
+    with pytest.raises(UserError, match=r"holds \d+ shards in memory .* lower shuffle_tokens"):
+        Reader(s3_coll, batch_size=64, prefetch_shards=10**9, epochs=10**9)

@@ -25,6 +25,7 @@ from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
 from saesweep.data.window import BatchBuffers, Window, shard_tensors
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
+from saesweep.memory import available_bytes
 from saesweep.shards import ACT_DTYPES
 from saesweep.store import FileStore, open_store
 
@@ -90,6 +91,8 @@ class Reader:
         ahead = self.shards_per_window if prefetch_shards is None else max(1, prefetch_shards)
         self.n_slots = min(self.shards_per_window + ahead, len(self.shards) * epochs)
         self.s3_connections = s3_connections
+        if not isinstance(self.store, FileStore):
+            self._check_arena_fits(uri)
         self.normalization = self._normalization(normalize)
         self.epoch, self.tokens_in_epoch = 0, 0
         self.corrupt_skipped: list[str] = []
@@ -98,6 +101,18 @@ class Reader:
         """Bytes fetched from storage by finished iterations (see figures() for the total)."""
         self._pipeline: Pipeline | None = None
         self._started = time.perf_counter()
+
+    def _check_arena_fits(self, uri: str) -> None:
+        """S3 shards are held in memory (file mappings are page cache, which the kernel can
+        evict): refuse now rather than be killed when the arena fills."""
+        need = self.n_slots * max(s["n_bytes"] for s in self.shards)
+        free = available_bytes("cpu")
+        if need > free:
+            raise UserError(
+                f"reading {uri} holds {self.n_slots} shards in memory (a shuffle window of "
+                f"{self.shards_per_window} plus those read ahead), {need / 1e9:.1f} GB, but "
+                f"{free / 1e9:.1f} GB are available; lower shuffle_tokens or prefetch_shards"
+            )
 
     def _normalization(self, normalize: str | None) -> dict | None:
         if normalize is None:
