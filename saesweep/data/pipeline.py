@@ -117,6 +117,7 @@ class S3Pipeline(Pipeline):
                 source["endpoint"],
                 prefix=source["prefix"],
                 max_connections=source["connections"],
+                session=source["session"],
             )
             for _ in range(max(1, n_loops))
         ]

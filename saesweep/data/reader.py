@@ -330,6 +330,7 @@ class Reader:
             "prefix": f"{self.store.prefix}/{self.hook}".strip("/"),
             "endpoint": self.store.endpoint,
             "connections": self.s3_connections,
+            "session": self.store.session,
         }
         return S3Pipeline(source, *common)
 

@@ -38,7 +38,8 @@ class AsyncRangeReader:
 
     Keys are relative to `prefix`. Custom endpoints (SeaweedFS, MinIO) use path-style URLs;
     AWS uses virtual-hosted ones. A range GET that takes longer than read_timeout_s is dropped
-    and retried. Create and use it inside one event loop.
+    and retried. `session`: a boto3 session to take credentials and region from (default: a
+    new one). Create and use it inside one event loop.
     """
 
     def __init__(
@@ -53,8 +54,9 @@ class AsyncRangeReader:
         backoff_cap_s: float = 4.0,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
+        session=None,
     ):
-        session = boto_session()
+        session = session or boto_session()
         self.bucket, self.endpoint, self.prefix = bucket, endpoint, prefix.strip("/")
         self.region = region or region_for(session)
         self.max_connections, self.attempts = max_connections, attempts
