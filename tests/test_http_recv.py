@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 
 import pytest
 
@@ -12,7 +14,7 @@ from saesweep.store.http_recv import ConnectionPool, ProtocolError, dechunk
 REQUEST = b"GET /obj HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-async def serve(replies: list[bytes], piece: int = 1 << 20, stall: bool = False):
+async def serve(replies: list[bytes], piece: int = 1 << 20, stall: bool = False, tls=None):
     """A server that answers the n-th request (on any connection) with replies[n], sent in
     pieces of `piece` bytes; closes a connection after a reply with "Connection: close" or
     without framing. Returns (server, list of accepted connection count)."""
@@ -36,7 +38,7 @@ async def serve(replies: list[bytes], piece: int = 1 << 20, stall: bool = False)
                 break
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
     return server, accepted
 
 
@@ -46,7 +48,7 @@ def run(replies: list[bytes], targets: list[int], piece: int = 1 << 20, timeout:
     async def main():
         server, accepted = await serve(replies, piece)
         port = server.sockets[0].getsockname()[1]
-        pool = ConnectionPool("127.0.0.1", port, tls=False, limit=1, connect_timeout=5)
+        pool = ConnectionPool("127.0.0.1", port, tls=None, limit=1, connect_timeout=5)
         buffers = [bytearray(n) for n in targets]
         try:
             got = [await pool.get(REQUEST, memoryview(b), timeout) for b in buffers]
@@ -123,7 +125,7 @@ def test_a_silent_server_times_out():
     async def main():
         server, _ = await serve([ok(b"late")], stall=True)
         port = server.sockets[0].getsockname()[1]
-        pool = ConnectionPool("127.0.0.1", port, tls=False, limit=1, connect_timeout=5)
+        pool = ConnectionPool("127.0.0.1", port, tls=None, limit=1, connect_timeout=5)
         try:
             await pool.get(REQUEST, memoryview(bytearray(4)), timeout=0.2)
         finally:
@@ -140,3 +142,35 @@ def test_dechunk():
     assert dechunk(b"3\r\nab") is None
     with pytest.raises(ProtocolError):
         dechunk(b"zz\r\n")
+
+
+def test_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    body = bytes(range(256)) * 4000
+
+    async def main():
+        server, accepted = await serve([ok(body), ok(body[:10])], piece=10_000, tls=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        client_tls = ssl.create_default_context(cafile=str(cert))
+        pool = ConnectionPool("localhost", port, tls=client_tls, limit=1, connect_timeout=5)
+        buffers = [bytearray(len(body)), bytearray(10)]
+        try:
+            replies = [await pool.get(REQUEST, memoryview(b), 5.0) for b in buffers]
+        finally:
+            pool.close()
+            server.close()
+        return replies, accepted[0], buffers
+
+    replies, accepted, buffers = asyncio.run(main())
+    assert [r.into_target for r in replies] == [True, True]
+    assert bytes(buffers[0]) == body and bytes(buffers[1]) == body[:10]
+    assert accepted == 1

@@ -195,11 +195,14 @@ class Connection(asyncio.BufferedProtocol):
 
 
 class ConnectionPool:
-    """Up to `limit` kept-alive connections to one host, used one request at a time each."""
+    """Up to `limit` kept-alive connections to one host, used one request at a time each;
+    over TLS when `tls` (a client context) is given."""
 
-    def __init__(self, host: str, port: int, tls: bool, limit: int, connect_timeout: float):
+    def __init__(
+        self, host: str, port: int, tls: ssl.SSLContext | None, limit: int, connect_timeout: float
+    ):
         self.host, self.port, self.limit, self.connect_timeout = host, port, limit, connect_timeout
-        self.tls = ssl.create_default_context() if tls else None
+        self.tls = tls
         self._idle: list[Connection] = []
         self._slots: asyncio.Semaphore | None = None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import ssl
 import threading
 from concurrent.futures import Future
 from urllib.parse import quote, urlsplit
@@ -88,7 +89,7 @@ class AsyncRangeReader:
     def _connections(self, url: str) -> ConnectionPool:
         if self._pool is None:
             parts = urlsplit(url)
-            tls = parts.scheme == "https"
+            tls = ssl.create_default_context() if parts.scheme == "https" else None
             port = parts.port or (443 if tls else 80)
             self._pool = ConnectionPool(
                 parts.hostname, port, tls, self.max_connections, self._timeouts[0]
