@@ -176,3 +176,15 @@ def test_missing_bucket_is_a_user_error(s3_env):
     for call in (lambda: store.get("k"), lambda: store.exists("k"), store.list):
         with pytest.raises(UserError, match="no-such-bucket-saesweep.*create it"):
             call()
+
+
+def test_closed_range_reader_refuses_new_reads(s3_env):
+    store = open_store(s3_env)
+    store.put("obj", b"0123456789")
+    reader = reader_for(store)
+    target = memoryview(bytearray(10))
+    reader.fetch_into("obj", target, chunk_bytes=4)
+    assert bytes(target) == b"0123456789"
+    reader.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        reader.fetch_into("obj", target, chunk_bytes=4)

@@ -211,6 +211,7 @@ class BlockingRangeReader:
             target=self._loop.run_forever, daemon=True, name="s3-range-reader"
         )
         self._thread.start()
+        self._lock, self._closed = threading.Lock(), False
 
     def __enter__(self) -> BlockingRangeReader:
         return self
@@ -220,15 +221,22 @@ class BlockingRangeReader:
 
     def submit(self, ranges: list[tuple[str, int, int]]) -> Future[list[bytes]]:
         """Start fetching (key, start, end) ranges concurrently; the future gives their bytes."""
-        return asyncio.run_coroutine_threadsafe(self._gather(ranges), self._loop)
+        return self._run(lambda: self._gather(ranges))
+
+    def _run(self, make_coro) -> Future:
+        """Schedule a coroutine on the loop; once close() has begun, refuse instead (under the
+        lock, anything scheduled before is cancelled by close(), so no caller waits forever)."""
+        with self._lock:
+            if self._closed:
+                raise ConnectionError("the range reader is closed")
+            return asyncio.run_coroutine_threadsafe(make_coro(), self._loop)
 
     async def _gather(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         return list(await asyncio.gather(*(self.reader.get_range(*r) for r in ranges)))
 
     def fetch_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """Fill `target` with the start of `key` (see AsyncRangeReader.get_object_into)."""
-        coro = self.reader.get_object_into(key, target, chunk_bytes)
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        self._run(lambda: self.reader.get_object_into(key, target, chunk_bytes)).result()
 
     async def _shutdown(self) -> None:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -247,9 +255,12 @@ class BlockingRangeReader:
     def close(self) -> None:
         """Cancel what is in flight (its connections are dropped, so nothing writes into a
         caller's buffer after this returns), then stop the loop."""
-        if self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            shutdown = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        shutdown.result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
