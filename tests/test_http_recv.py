@@ -9,15 +9,19 @@ import subprocess
 
 import pytest
 
+from saesweep.errors import UserError
 from saesweep.store.http_recv import ConnectionPool, ProtocolError, dechunk
+from saesweep.store.s3_async import AsyncRangeReader, http_get
 
 REQUEST = b"GET /obj HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-async def serve(replies: list[bytes], piece: int = 1 << 20, stall: bool = False, tls=None):
+async def serve(
+    replies: list[bytes], piece: int = 1 << 20, stall: bool = False, tls=None, delay: float = 0
+):
     """A server that answers the n-th request (on any connection) with replies[n], sent in
-    pieces of `piece` bytes; closes a connection after a reply with "Connection: close" or
-    without framing. Returns (server, list of accepted connection count)."""
+    pieces of `piece` bytes `delay` s apart; closes a connection after a reply with
+    "Connection: close" or without framing. Returns (server, [accepted connections])."""
     accepted = [0]
     queue = list(replies)
 
@@ -32,9 +36,9 @@ async def serve(replies: list[bytes], piece: int = 1 << 20, stall: bool = False,
             for i in range(0, len(reply), piece):
                 writer.write(reply[i : i + piece])
                 await writer.drain()
-            head = reply.split(b"\r\n\r\n")[0]
-            framed = b"Content-Length" in head or b"chunked" in head
-            if b"Connection: close" in head or not framed:
+                await asyncio.sleep(delay)
+            framed = b"Content-Length" in reply or b"chunked" in reply
+            if b"Connection: close" in reply or not framed:
                 break
         writer.close()
 
@@ -42,11 +46,11 @@ async def serve(replies: list[bytes], piece: int = 1 << 20, stall: bool = False,
     return server, accepted
 
 
-def run(replies: list[bytes], targets: list[int], piece: int = 1 << 20, timeout: float = 5.0):
+def run(replies: list[bytes], targets: list[int], piece=1 << 20, timeout=5.0, delay=0.0):
     """(replies, accepted connections, target buffers) of len(targets) GETs in a row."""
 
     async def main():
-        server, accepted = await serve(replies, piece)
+        server, accepted = await serve(replies, piece, delay=delay)
         port = server.sockets[0].getsockname()[1]
         pool = ConnectionPool("127.0.0.1", port, tls=None, limit=1, connect_timeout=5)
         buffers = [bytearray(n) for n in targets]
@@ -144,7 +148,8 @@ def test_dechunk():
         dechunk(b"zz\r\n")
 
 
-def test_tls(tmp_path):
+def self_signed(tmp_path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for localhost (tmp_path/cert.pem)."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
@@ -155,6 +160,12 @@ def test_tls(tmp_path):
     )
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
+    return server_tls
+
+
+def test_tls(tmp_path):
+    server_tls = self_signed(tmp_path)
+    cert = tmp_path / "cert.pem"
     body = bytes(range(256)) * 4000
 
     async def main():
@@ -174,3 +185,71 @@ def test_tls(tmp_path):
     assert [r.into_target for r in replies] == [True, True]
     assert bytes(buffers[0]) == body and bytes(buffers[1]) == body[:10]
     assert accepted == 1
+
+
+def test_a_slow_but_steady_reply_is_not_a_timeout():
+    body = b"y" * 64
+    got, _, buffers = run([ok(body)], [len(body)], piece=4, timeout=0.3, delay=0.05)
+    assert got[0].into_target and bytes(buffers[0]) == body  # 1.0 s in all, 0.05 s gaps
+
+
+def test_interim_replies_are_skipped_and_http_1_0_is_not_kept_alive():
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"abc")
+    old = b"HTTP/1.0 206 Partial Content\r\nContent-Length: 2\r\n\r\nde"
+    got, accepted, buffers = run([interim, old, ok(b"fg")], [3, 2, 2])
+    assert [bytes(b) for b in buffers] == [b"abc", b"de", b"fg"]
+    assert accepted == 2
+
+
+def test_untrusted_certificate_is_a_user_error(tmp_path):
+    server_tls = self_signed(tmp_path)
+
+    async def main():
+        server, _ = await serve([ok(b"x")], tls=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        pool = ConnectionPool(
+            "localhost", port, tls=ssl.create_default_context(), limit=1, connect_timeout=5
+        )
+        try:
+            await pool.get(REQUEST, memoryview(bytearray(1)), 5.0)
+        finally:
+            pool.close()
+            server.close()
+
+    with pytest.raises(UserError, match="certificate of localhost.*failed verification"):
+        asyncio.run(main())
+
+
+def test_host_header_as_signed():
+    assert b"\r\nHost: [::1]:8333\r\n" in http_get("http://[::1]:8333/b/k", {})
+    assert b"\r\nHost: s3.example.com\r\n" in http_get("https://s3.example.com:443/b/k", {})
+
+
+def test_failed_object_read_leaves_no_range_writing(monkeypatch):
+    """One range fails (416) while another is still arriving: by the time get_object_into
+    raises, the other is cancelled, so the caller's buffer is never written afterwards."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "any")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "any")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        start = int(head.split("Range: bytes=")[1].split("-")[0])
+        if start == 0:
+            await asyncio.sleep(0.5)
+            writer.write(ok(b"X" * 10, "Content-Range: bytes 0-9/20\r\n"))
+        else:
+            writer.write(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        target = bytearray(20)
+        async with AsyncRangeReader("b", f"http://127.0.0.1:{port}") as reader:
+            with pytest.raises(ValueError, match="starts past its end"):
+                await reader.get_object_into("k", memoryview(target), 10)
+            await asyncio.sleep(0.8)
+        server.close()
+        return bytes(target)
+
+    assert asyncio.run(main()) == b"\0" * 20

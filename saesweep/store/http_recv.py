@@ -15,6 +15,8 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
+from saesweep.errors import UserError
+
 HEAD_LIMIT = 64 << 10
 """Longest status line plus headers accepted."""
 ERROR_BODY_LIMIT = 1 << 20
@@ -37,8 +39,8 @@ class Reply:
     body: bytes | None
 
 
-def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    """(status, headers) of an HTTP/1.1 status line and header block."""
+def parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
+    """(version, status, headers) of an HTTP/1.x status line and header block."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
@@ -49,7 +51,7 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         if not sep:
             raise ProtocolError(f"malformed header line: {line[:80]!r}")
         headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
+    return parts[0], int(parts[1]), headers
 
 
 def dechunk(raw: bytes) -> bytes | None:
@@ -85,6 +87,9 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport) -> None:
         self.transport, self.reusable = transport, True
 
+    def eof_received(self) -> None:
+        self.reusable = False  # the peer is closing: take no new request (connection_lost follows)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         if self._waiter is None or self._waiter.done():
@@ -101,17 +106,33 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.abort()
 
     async def get(self, request: bytes, target: memoryview, timeout: float) -> Reply:
+        """The reply to `request`; TimeoutError once no byte has arrived for `timeout` s."""
+        loop = asyncio.get_running_loop()
         self._target, self._filled, self._head_len = target, 0, 0
         self._sink, self._want, self._body, self._reply = "head", 0, bytearray(), None
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = loop.create_future()
+        self._timeout, self._last_bytes = timeout, loop.time()
+        self._timer = loop.call_later(timeout, self._check_silence)
         self.transport.write(request)
         try:
-            return await asyncio.wait_for(self._waiter, timeout)
+            return await self._waiter
         except BaseException:  # a timeout or cancellation leaves the reply half-read
             self.close()
             raise
         finally:
+            self._timer.cancel()
             self._waiter, self._target = None, None
+
+    def _check_silence(self) -> None:
+        """Fail the request after `timeout` s without a byte; otherwise look again later."""
+        if self._waiter is None or self._waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_bytes
+        if quiet >= self._timeout:
+            self._waiter.set_exception(TimeoutError(f"no reply bytes for {self._timeout:g} s"))
+        else:
+            self._timer = loop.call_later(self._timeout - quiet, self._check_silence)
 
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         if self._waiter is not None and self._sink == "target":
@@ -124,6 +145,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             if self._waiter is None or self._waiter.done():
                 raise ProtocolError("bytes arrived with no request outstanding")
+            self._last_bytes = asyncio.get_running_loop().time()
             if self._sink == "target":
                 self._filled += nbytes
                 if self._filled == len(self._target):
@@ -144,11 +166,16 @@ class Connection(asyncio.BufferedProtocol):
             if self._head_len == HEAD_LIMIT:
                 raise ProtocolError(f"reply headers longer than {HEAD_LIMIT} bytes")
             return
-        status, headers = parse_head(bytes(self._head[:end]))
-        if headers.get("connection", "").lower() == "close":
+        version, status, headers = parse_head(bytes(self._head[:end]))
+        extra = bytes(self._head[end + 4 : self._head_len])
+        if 100 <= status < 200:  # an interim reply: the real one follows
+            self._head[: len(extra)], self._head_len = extra, len(extra)
+            self._on_head()
+            return
+        keep_alive = version != "HTTP/1.0" or headers.get("connection", "").lower() == "keep-alive"
+        if headers.get("connection", "").lower() == "close" or not keep_alive:
             self.reusable = False
         self._reply = (status, headers)
-        extra = bytes(self._head[end + 4 : self._head_len])
         length = headers.get("content-length")
         length = int(length) if length is not None and length.isdigit() else None
         if status in (200, 206) and length == len(self._target):
@@ -238,7 +265,12 @@ class ConnectionPool:
                 ),
                 self.connect_timeout,
             )
-        except OSError as err:  # refused, unresolvable, TLS handshake: worth a retry
+        except ssl.SSLCertVerificationError as err:  # no retry will fix it
+            raise UserError(
+                f"the TLS certificate of {self.host}:{self.port} failed verification "
+                f"({err.verify_message}); fix the endpoint URL or the server's certificate"
+            ) from err
+        except OSError as err:  # refused, unresolvable, a dropped handshake: worth a retry
             raise ConnectionError(f"cannot connect to {self.host}:{self.port}: {err}") from err
         return conn
 

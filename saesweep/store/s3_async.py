@@ -38,7 +38,7 @@ class AsyncRangeReader:
     """Byte ranges of objects in one bucket, fetched concurrently over kept-alive connections.
 
     Keys are relative to `prefix`. Custom endpoints (SeaweedFS, MinIO) use path-style URLs;
-    AWS uses virtual-hosted ones. A range GET that takes longer than read_timeout_s is dropped
+    AWS uses virtual-hosted ones. A range GET that receives nothing for read_timeout_s is dropped
     and retried. `session`: a boto3 session to take credentials and region from (default: a
     new one). Create and use it inside one event loop.
     """
@@ -109,16 +109,11 @@ class AsyncRangeReader:
 
     async def get_object_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """The first len(target) bytes of `key` into `target`, as concurrent range GETs of
-        chunk_bytes each."""
+        chunk_bytes each. When one fails, the others are cancelled before this raises: no
+        range writes into `target` once the caller has it back."""
         n_bytes = len(target)
-        await asyncio.gather(
-            *(
-                self.get_range_into(
-                    key, s, min(s + chunk_bytes, n_bytes), target[s : s + chunk_bytes]
-                )
-                for s in range(0, n_bytes, chunk_bytes)
-            )
-        )
+        ranges = [(s, min(s + chunk_bytes, n_bytes)) for s in range(0, n_bytes, chunk_bytes)]
+        await all_or_none([self.get_range_into(key, s, e, target[s:e]) for s, e in ranges])
 
     async def get_range_into(self, key: str, start: int, end: int, buffer: memoryview) -> None:
         """Stream bytes [start, end) of `key` into writable `buffer` (end - start bytes)."""
@@ -191,11 +186,25 @@ class AsyncRangeReader:
         return self.endpoint or "AWS S3"
 
 
+async def all_or_none(coros: list) -> list:
+    """The coroutines' results, run concurrently; on the first failure the others are
+    cancelled and waited for, then that failure is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def http_get(url: str, headers: dict[str, str]) -> bytes:
     """The bytes of a GET request for `url` with `headers` (Host as SigV4 signed it)."""
     parts = urlsplit(url)
     default = {"http": 80, "https": 443}[parts.scheme]
-    host = parts.hostname if parts.port in (None, default) else f"{parts.hostname}:{parts.port}"
+    name = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host = name if parts.port in (None, default) else f"{name}:{parts.port}"
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -232,7 +241,7 @@ class BlockingRangeReader:
             return asyncio.run_coroutine_threadsafe(make_coro(), self._loop)
 
     async def _gather(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        return list(await asyncio.gather(*(self.reader.get_range(*r) for r in ranges)))
+        return await all_or_none([self.reader.get_range(*r) for r in ranges])
 
     def fetch_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """Fill `target` with the start of `key` (see AsyncRangeReader.get_object_into)."""
