@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from saesweep.errors import exit_on_user_error
 from saesweep.manifest import find_hook
 from saesweep.store import FileStore, open_store
 
@@ -393,6 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "synth":
