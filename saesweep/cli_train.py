@@ -16,7 +16,7 @@ from pathlib import Path
 from saesweep.config import TrainConfig
 from saesweep.configtools import replace_from_dict
 from saesweep.errors import UserError, exit_on_user_error
-from saesweep.plan import check_data, ensure_data, print_plan
+from saesweep.plan import check_data, check_local_device, ensure_data, print_plan
 from saesweep.sweep import build_configs, deep_merge, load_sweep, parse_overrides, split_groups
 
 SWEEP_FLAGS = {
@@ -72,6 +72,8 @@ def launch(opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path) -> int:
     from saesweep.launch_sweep import run_sweep
 
     for group in groups:
+        if executor != "slurm":
+            check_local_device(group.cfgs[0])
         ensure_data(group.cfgs[0])
         check_data(group.cfgs[0])
     return run_sweep(sweep_dir, groups, executor)

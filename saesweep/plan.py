@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
@@ -60,6 +62,16 @@ def check_data(cfg: TrainConfig) -> None:
     an unreachable store or missing credentials fail here with one sentence."""
     for data in (cfg.train_data, cfg.val_data):
         find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
+
+
+def check_local_device(cfg: TrainConfig) -> None:
+    """For jobs run on this machine: a CUDA device that torch cannot see is refused before any
+    job starts (Slurm jobs are checked where they run: a login node may have no GPU)."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {cfg.device} but this torch ({torch.__version__}) sees no CUDA device "
+            "here; use --device cpu, or --slurm-acct to run on GPU nodes"
+        )
 
 
 def ensure_data(cfg: TrainConfig) -> None:

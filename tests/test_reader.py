@@ -177,3 +177,9 @@ def test_batch_buffers_reused_only_when_nothing_uses_them():
     assert third.data_ptr() == address
     held = [buffers.get(16) for _ in range(3)]  # past `keep`: fresh memory, all distinct
     assert len({t.data_ptr() for t in [second, third, *held]}) == 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_user_error(coll):
+    with pytest.raises(UserError, match="sees no CUDA device; use device='cpu'"):
+        Reader(coll, device="cuda")

@@ -359,6 +359,11 @@ def test_missing_demo_data_is_collected_first(tmp_path):
             "no hook matching hook=None layer=7; it holds: model.layers.1",
         ),
         (["--val-data.uri", "/nonexistent/x"], "/nonexistent/x holds no collection"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda but this torch",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA"),
+        ),
     ],
 )
 def test_bad_data_is_refused_before_any_job(coll, tmp_path, flags, message):
