@@ -26,6 +26,13 @@ def group_bytes(sae_cfgs: list[SAEConfig], d_in: int, batch_size: int) -> int:
     return total
 
 
+def require_visible_device(device: str | torch.device, named: str, fix: str) -> None:
+    """A UserError when `device` is a CUDA device that this torch cannot see; `named` is how
+    the user spelled it, `fix` what to do instead."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{named} but this torch ({torch.__version__}) sees no CUDA device; {fix}")
+
+
 def available_bytes(device: str) -> int:
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))

@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
-from saesweep.memory import group_bytes
+from saesweep.memory import group_bytes, require_visible_device
 from saesweep.store import open_store
 from saesweep.sweep import Group
 
@@ -67,11 +65,9 @@ def check_data(cfg: TrainConfig) -> None:
 def check_local_device(cfg: TrainConfig) -> None:
     """For jobs run on this machine: a CUDA device that torch cannot see is refused before any
     job starts (Slurm jobs are checked where they run: a login node may have no GPU)."""
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {cfg.device} but this torch ({torch.__version__}) sees no CUDA device "
-            "here; use --device cpu, or --slurm-acct to run on GPU nodes"
-        )
+    require_visible_device(
+        cfg.device, f"--device {cfg.device}", "use --device cpu, or --slurm-acct for GPU nodes"
+    )
 
 
 def ensure_data(cfg: TrainConfig) -> None:

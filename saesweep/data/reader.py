@@ -25,7 +25,7 @@ from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
 from saesweep.data.window import BatchBuffers, Window, shard_tensors
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
-from saesweep.memory import available_bytes
+from saesweep.memory import available_bytes, require_visible_device
 from saesweep.shards import ACT_DTYPES
 from saesweep.store import FileStore, open_store
 
@@ -81,11 +81,11 @@ class Reader:
         self.n_tokens = sum(s["n_tokens"] for s in self.shards)
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(
-                f"device={str(device)!r} but this torch ({torch.__version__}) sees no CUDA "
-                "device; use device='cpu', or run where a GPU and a CUDA build of torch are"
-            )
+        require_visible_device(
+            self.device,
+            f"device={str(device)!r}",
+            "use device='cpu', or run where a GPU and a CUDA build of torch are",
+        )
         self.stored_dtype = ACT_DTYPES[self.meta["dtype"]]
         self.dtype = dtype or self.stored_dtype
         self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
