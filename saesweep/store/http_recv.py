@@ -21,7 +21,8 @@ HEAD_LIMIT = 64 << 10
 """Longest status line plus headers accepted."""
 ERROR_BODY_LIMIT = 1 << 20
 """Longest error body kept (S3 error documents are a few hundred bytes)."""
-UNTIL_CLOSE = -1
+UNTIL_CLOSE, CHUNKED = -1, -2
+"""Error bodies framed by the connection closing, or by chunked transfer encoding."""
 
 
 class ProtocolError(ConnectionError):
@@ -95,7 +96,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._waiter is None or self._waiter.done():
             return
         if self._sink == "body" and self._want == UNTIL_CLOSE:
-            self._finish()
+            self._finish(bytes(self._body))
         else:
             detail = f": {exc}" if exc else ""
             self._waiter.set_exception(ConnectionError(f"connection closed mid-reply{detail}"))
@@ -149,7 +150,7 @@ class Connection(asyncio.BufferedProtocol):
             if self._sink == "target":
                 self._filled += nbytes
                 if self._filled == len(self._target):
-                    self._finish()
+                    self._finish(None)
             elif self._sink == "head":
                 self._head_len += nbytes
                 self._on_head()
@@ -172,8 +173,8 @@ class Connection(asyncio.BufferedProtocol):
             self._head[: len(extra)], self._head_len = extra, len(extra)
             self._on_head()
             return
-        keep_alive = version != "HTTP/1.0" or headers.get("connection", "").lower() == "keep-alive"
-        if headers.get("connection", "").lower() == "close" or not keep_alive:
+        connection = headers.get("connection", "").lower()
+        if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):
             self.reusable = False
         self._reply = (status, headers)
         length = headers.get("content-length")
@@ -185,39 +186,39 @@ class Connection(asyncio.BufferedProtocol):
             self._target[: len(extra)] = extra
             self._filled = len(extra)
             if self._filled == len(self._target):
-                self._finish()
+                self._finish(None)
             return
         if status in (200, 206) or (length or 0) > ERROR_BODY_LIMIT:
             self.reusable = False  # a body we will not read: the connection cannot go on
-            self._finish(body=None)
+            self._finish(None)
             return
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        self._sink, self._want = "body", length if length is not None else UNTIL_CLOSE
-        if chunked:
-            self._want = None
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self._want = CHUNKED
         elif length is None:
-            self.reusable = False
+            self._want, self.reusable = UNTIL_CLOSE, False
+        else:
+            self._want = length
+        self._sink = "body"
         self._on_body(extra)
 
     def _on_body(self, data) -> None:
         self._body += data
         if len(self._body) > ERROR_BODY_LIMIT:
             raise ProtocolError(f"error reply body longer than {ERROR_BODY_LIMIT} bytes")
-        if self._want is None:
+        if self._want == CHUNKED:
             body = dechunk(bytes(self._body))
             if body is not None:
-                self._finish(body=body)
-        elif self._want != UNTIL_CLOSE and len(self._body) >= self._want:
+                self._finish(body)
+        elif self._want >= 0 and len(self._body) >= self._want:
             if len(self._body) > self._want:
                 raise ProtocolError("reply body longer than its Content-Length")
-            self._finish()
+            self._finish(bytes(self._body))
 
-    def _finish(self, body: bytes | None | bool = True) -> None:
+    def _finish(self, body: bytes | None) -> None:
+        """Answer the request: `body` is the error body read, None when the body went into
+        the target or was not read."""
         status, headers = self._reply
-        into_target = self._sink == "target"
-        if body is True:
-            body = None if into_target else bytes(self._body)
-        self._sink = "done"
+        into_target, self._sink = self._sink == "target", "done"
         self._waiter.set_result(Reply(status, headers, into_target, body))
 
 
