@@ -49,7 +49,7 @@ def format_table(rows: list[dict]) -> str:
         cells = (
             r["arch"],
             str(r["d_sae"]),
-            str(r["k"]),
+            "-" if r["k"] in ("", None) else str(r["k"]),
             f"{r['lr']:.2e}",
             f"{r['fvu']:.4f}",
             f"{r['l0']:.1f}",

@@ -234,7 +234,7 @@ class GroupTrainer:
             "wall_s": time.perf_counter() - self.started,
             "arch": cfg.sae.arch,
             "d_sae": stack.sae.d_sae,
-            "k": cfg.sae.k,
+            "k": stack.sae.sae_lens_cfg().get("k"),
             "lr": float(stack.opt.base_lr[j]),
             "seed": cfg.seed,
             "tag": cfg.tag,

@@ -7,9 +7,9 @@ def make_cfgs() -> list[dict]:
         {"sae": {"arch": "topk"}},
         {"sae": {"arch": "batchtopk"}},
         {"sae": {"arch": "switch", "n_experts": 4}},
-        {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 5e-3}},
+        {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 1e-2}},
         {
-            "sae": {"arch": "jumprelu", "jumprelu_init_threshold": 0.3, "jumprelu_bandwidth": 0.05},
+            "sae": {"arch": "jumprelu", "jumprelu_init_threshold": 1.5, "jumprelu_bandwidth": 0.05},
             "objective": {"sparsity_coeff": 5e-3},
         },
     ]

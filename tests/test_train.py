@@ -341,14 +341,11 @@ def test_missing_demo_data_is_collected_first(tmp_path):
     assert "holds no collection yet: collecting it" in out
     meta = json.loads((data / "encoder.layer.3/metadata.json").read_text())
     assert meta["complete"] and meta["n_tokens"] >= 6000
-    rows = (only_dir(tmp_path / "runs") / "results.csv").read_text().splitlines()
-    assert [r.split(",")[1] for r in rows[1:]] == [
-        "topk",
-        "batchtopk",
-        "switch",
-        "relu",
-        "jumprelu",
+    rows = [
+        r.split(",") for r in (only_dir(tmp_path / "runs") / "results.csv").read_text().splitlines()
     ]
+    assert [r[1] for r in rows[1:]] == ["topk", "batchtopk", "switch", "relu", "jumprelu"]
+    assert [r[3] for r in rows[1:]] == ["16", "16", "16", "", ""]
 
 
 @pytest.mark.parametrize(
