@@ -138,6 +138,24 @@ def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     assert (only_l0.log_threshold.grad <= 0).all() and (only_l0.log_threshold.grad < 0).any()
 
 
+def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
+    # bf16 spaces values 2^-7 apart near 1.0, wider than this kernel (|z - t| < 5e-4): with
+    # bf16 pre-activations the window holds no value and the thresholds get no gradient.
+    cfg = SAEConfig(arch="jumprelu", d_sae=512, jumprelu_init_threshold=1.003)
+    sae = make_sae(dataclasses.replace(cfg, jumprelu_bandwidth=1e-3), 64, [0])
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for autocast in (False, True):
+        sae.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss, _ = sae.loss(x)
+        loss.sum().backward()
+        grads.append(sae.log_threshold.grad.clone())
+    assert (grads[0] != 0).sum() > 100
+    assert torch.equal(grads[1] != 0, grads[0] != 0)
+    assert torch.nn.functional.cosine_similarity(grads[1].flatten(), grads[0].flatten(), dim=0) > 0.99
+
+
 def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
     obj = ObjectiveConfig(sparsity_coeff=0.5, sparsity_warmup_steps=10)
     sae = make_sae(_cfg("relu"), D_IN, [0], obj)

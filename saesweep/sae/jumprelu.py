@@ -69,7 +69,10 @@ class JumpReLUSAE(StackedSAE):
         return self.log_threshold.exp().unsqueeze(1)
 
     def encode(self, x: Tensor) -> Codes:
-        pre = self.linear_pre(x)
+        """Pre-activations in float32 even under autocast: bf16's spacing near a threshold
+        (2^-7 at 1.0) is wider than the kernel, whose window would then hold no value or many."""
+        with torch.autocast(x.device.type, enabled=False):
+            pre = self.linear_pre(x.to(self.W_enc.dtype))
         acts = JumpReLUFn.apply(pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         return Codes(acts=acts, pre=pre)
 
