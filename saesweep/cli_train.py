@@ -14,10 +14,16 @@ import time
 from pathlib import Path
 
 from saesweep.config import TrainConfig
-from saesweep.configtools import replace_from_dict
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.plan import check_data, check_local_device, ensure_data, print_plan
-from saesweep.sweep import build_configs, deep_merge, load_sweep, parse_overrides, split_groups
+from saesweep.sweep import (
+    build_configs,
+    deep_merge,
+    load_sweep,
+    make_config,
+    parse_overrides,
+    split_groups,
+)
 
 SWEEP_FLAGS = {
     "--sweep": str,
@@ -75,7 +81,7 @@ def launch(opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path) -> int:
         if executor != "slurm":
             check_local_device(group.cfgs[0])
         ensure_data(group.cfgs[0])
-        check_data(group.cfgs[0])
+        check_data(group)
     return run_sweep(sweep_dir, groups, executor)
 
 
@@ -130,8 +136,7 @@ def load_sweep_configs(sweep_dir: Path, overrides: dict) -> list[TrainConfig]:
         raise UserError(f"{sweep_dir} is not a sweep directory (no sweep.json)")
     saved = json.loads(path.read_text())["configs"]
     return [
-        replace_from_dict(TrainConfig(), deep_merge(c, overrides), f"{path} config {i}")
-        for i, c in enumerate(saved)
+        make_config(deep_merge(cfg, overrides), f"{path} config {i}") for i, cfg in enumerate(saved)
     ]
 
 

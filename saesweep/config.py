@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Literal
 
+from saesweep.errors import UserError
 from saesweep.sae.config import ObjectiveConfig, SAEConfig
 
 
@@ -115,3 +119,77 @@ GROUP_FIELDS = (
 """Fields that change data loading or where a job runs: configs that differ in any of them
 run in separate parallel groups. Everything else (lr, seed, sae, objective, tag, schedules)
 may differ inside a group."""
+
+
+Rule = tuple[Callable[[float], bool], str]
+
+
+def _above(low: float, optional: bool = False) -> Rule:
+    return (lambda v: (optional and v is None) or v > low), f"greater than {low}" + (
+        " or unset" if optional else ""
+    )
+
+
+def _at_least(low: int, optional: bool = False) -> Rule:
+    return (lambda v: (optional and v is None) or v >= low), f"at least {low}" + (
+        " or unset" if optional else ""
+    )
+
+
+def _fraction(open_top: bool = False) -> Rule:
+    return (lambda v: 0 <= v < 1 if open_top else 0 <= v <= 1), (
+        "in [0, 1)" if open_top else "in [0, 1]"
+    )
+
+
+VALUE_RULES: dict[str, Rule] = {
+    "lr": _above(0, optional=True),
+    "n_train": _at_least(1),
+    "n_val": _at_least(1),
+    "downstream_sequences": _at_least(0),
+    "batch_size": _at_least(2),
+    "warmup_steps": _at_least(0),
+    "decay_frac": _fraction(),
+    "max_grad_norm": _above(0),
+    "log_every": _at_least(1),
+    "ckpt_every": _at_least(1),
+    "n_hours": _above(0),
+    "gpus_per_group": _at_least(0),
+    "cpus_per_group": _at_least(1),
+    "mem_gb": _above(0, optional=True),
+    "sae.d_model": _at_least(1, optional=True),
+    "sae.exp_factor": _at_least(1),
+    "sae.d_sae": _at_least(1, optional=True),
+    "sae.k": _at_least(1),
+    "sae.n_experts": _at_least(1),
+    "sae.switch_capacity_factor": _above(0),
+    "sae.aux_k": _at_least(1, optional=True),
+    "sae.aux_coeff": _at_least(0),
+    "sae.dead_tokens": _at_least(1),
+    "sae.jumprelu_bandwidth": _above(0),
+    "sae.jumprelu_init_threshold": _above(0),
+    "sae.batchtopk_threshold_momentum": _fraction(open_top=True),
+    "sae.relu_init_norm": _above(0),
+    "objective.sparsity_coeff": _at_least(0),
+    "objective.sparsity_warmup_steps": _at_least(0),
+    "objective.load_balance_coeff": _at_least(0),
+    "train_data.n_threads": _at_least(1),
+    "train_data.shuffle_tokens": _at_least(1),
+    "val_data.n_threads": _at_least(1),
+    "val_data.shuffle_tokens": _at_least(1),
+}
+"""Allowed values of numeric fields: (test, what it must be). batch_size is at least 2
+because FVU and AuxK divide by the batch's variance."""
+
+
+def check_values(cfg: TrainConfig, where: str) -> None:
+    """Raise UserError naming the first field whose value is out of range (or not finite)."""
+    for name, (ok, want) in VALUE_RULES.items():
+        value = attrgetter(name)(cfg)
+        finite = value is None or math.isfinite(value)
+        if not (finite and ok(value)):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{where}: {name}={value!r}, but it must be {want}; "
+                f"set it in the sweep or with {flag}"
+            )

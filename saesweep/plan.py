@@ -9,6 +9,7 @@ from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
 from saesweep.manifest import find_hook
 from saesweep.memory import group_bytes, require_visible_device
+from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.sweep import Group
 
@@ -55,11 +56,21 @@ def local_d_model(data: DataConfig) -> int | None:
         return None
 
 
-def check_data(cfg: TrainConfig) -> None:
+def check_data(group: Group) -> None:
     """Open the train and val manifests before any job starts, so a wrong uri, hook, layer,
-    an unreachable store or missing credentials fail here with one sentence."""
-    for data in (cfg.train_data, cfg.val_data):
+    an unreachable store or missing credentials fail here with one sentence; then check that
+    every SAE's shape (k, experts) fits the collection's d_model."""
+    cfg = group.cfgs[0]
+    train, _ = (
         find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
+        for data in (cfg.train_data, cfg.val_data)
+    )
+    for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
+        try:
+            ARCHITECTURES[run_cfg.sae.arch].check_shape(run_cfg.sae, train["d_model"])
+        except ValueError as err:
+            where = f"run {run_id} ({run_cfg.sae.arch}, d_model {train['d_model']})"
+            raise UserError(f"{where}: {err}") from None
 
 
 def check_local_device(cfg: TrainConfig) -> None:

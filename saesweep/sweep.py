@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saesweep.config import GROUP_FIELDS, TrainConfig
+from saesweep.config import GROUP_FIELDS, TrainConfig, check_values
 from saesweep.configtools import coerce, replace_from_dict
 from saesweep.errors import UserError
 
@@ -141,11 +141,19 @@ def parse_value(raw: str, hint: Any, flag: str) -> Any:
     return coerce(raw, hint, f"flag {flag}")
 
 
+def make_config(values: dict, where: str) -> TrainConfig:
+    """The defaults with `values` (nested dicts) applied: unknown keys, wrong types and
+    out-of-range values raise UserError naming `where` and the key."""
+    cfg = replace_from_dict(TrainConfig(), values, where)
+    check_values(cfg, where)
+    return cfg
+
+
 def build_configs(sweep: list[dict], overrides: dict, where: str) -> list[TrainConfig]:
     """CLI > sweep > defaults, each dict deep-merged; config i gets seed = base seed + i."""
     cfgs = []
     for i, item in enumerate(sweep):
-        cfg = replace_from_dict(TrainConfig(), deep_merge(item, overrides), f"{where} config {i}")
+        cfg = make_config(deep_merge(item, overrides), f"{where} config {i}")
         cfgs.append(dataclasses.replace(cfg, seed=cfg.seed + i))
     return cfgs
 

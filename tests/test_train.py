@@ -356,6 +356,17 @@ def test_missing_demo_data_is_collected_first(tmp_path):
             "no hook matching hook=None layer=7; it holds: model.layers.1",
         ),
         (["--val-data.uri", "/nonexistent/x"], "/nonexistent/x holds no collection"),
+        (["--batch-size", "1"], "batch_size=1, but it must be at least 2; set it in the sweep"),
+        (["--lr", "-0.001"], "lr=-0.001, but it must be greater than 0 or unset"),
+        (["--lr", "nan"], "lr=nan, but it must be greater than 0 or unset"),
+        (["--sae.k", "0"], "sae.k=0, but it must be at least 1; set it in the sweep or with"),
+        (["--decay-frac", "1.5"], "decay_frac=1.5, but it must be in [0, 1]"),
+        (["--train-data.n-threads", "0"], "with --train-data.n-threads"),
+        (["--sae.k", "1000"], "run 0 (topk, d_model 16): k=1000 must lie in [1, d_sae=64]"),
+        (
+            ["--sae.arch", "switch", "--sae.n-experts", "3"],
+            "run 0 (switch, d_model 16): d_sae=64 must be a multiple of n_experts=3",
+        ),
         pytest.param(
             ["--device", "cuda"],
             "--device cuda but this torch",

@@ -70,7 +70,8 @@ class StackedSAE(nn.Module):
         self.cfg = stack_key(cfgs[0])
         self.cfgs, self.seeds, self.objectives = tuple(cfgs), tuple(seeds), tuple(objectives)
         self.n, self.d_in, self.d_sae = len(seeds), d_in, self.cfg.width(d_in)
-        self._check_shape()
+        self.check_shape(self.cfg, d_in)
+        self._set_shape()
         members = [
             self.init_member(torch.Generator().manual_seed(s), c)
             for s, c in zip(seeds, cfgs, strict=True)
@@ -90,8 +91,12 @@ class StackedSAE(nn.Module):
         if cfgs[0].arch != self.arch:
             raise ValueError(f"{type(self).__name__} cannot build arch {cfgs[0].arch!r}")
 
-    def _check_shape(self) -> None:
-        """Subclass hook: validate d_in / d_sae / k."""
+    @classmethod
+    def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
+        """Raise ValueError unless `cfg` can be built on inputs of width d_in (k, experts)."""
+
+    def _set_shape(self) -> None:
+        """Subclass hook: shape attributes (k, experts) from self.cfg, once checked."""
 
     def _register_member_buffers(self) -> None:
         def buf(name, values, dtype=torch.float32):

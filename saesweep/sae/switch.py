@@ -28,12 +28,16 @@ class SwitchSAE(TopKSAE):
     arch = "switch"
     sae_lens_architecture = "switch"
 
-    def _check_shape(self) -> None:
-        E = self.cfg.n_experts
-        check(E > 0 and self.d_sae % E == 0, f"d_sae={self.d_sae} must be a multiple of {E=}")
-        self.n_experts, self.expert_width = E, self.d_sae // E
-        check(0 < self.cfg.k <= self.expert_width, "k must lie in [1, d_sae / n_experts]")
-        self.k = self.cfg.k
+    @classmethod
+    def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
+        d_sae, E = cfg.width(d_in), cfg.n_experts
+        check(E > 0 and d_sae % E == 0, f"d_sae={d_sae} must be a multiple of n_experts={E}")
+        width = d_sae // E
+        check(0 < cfg.k <= width, f"k={cfg.k} must lie in [1, d_sae / n_experts = {width}]")
+
+    def _set_shape(self) -> None:
+        self.n_experts, self.k = self.cfg.n_experts, self.cfg.k
+        self.expert_width = self.d_sae // self.n_experts
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import Codes, StackedSAE, check, total_variance
+from saesweep.sae.base import Codes, SAEConfig, StackedSAE, check, total_variance
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
 
@@ -20,10 +20,13 @@ class TopKSAE(StackedSAE):
     arch = "topk"
     sae_lens_architecture = "topk"
 
-    def _check_shape(self) -> None:
-        check(0 < self.cfg.k <= self.d_sae, f"k={self.cfg.k} must lie in [1, d_sae={self.d_sae}]")
-        self.k = self.cfg.k
-        self.aux_k = self.cfg.resolved_aux_k(self.d_in)
+    @classmethod
+    def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
+        d_sae = cfg.width(d_in)
+        check(0 < cfg.k <= d_sae, f"k={cfg.k} must lie in [1, d_sae={d_sae}]")
+
+    def _set_shape(self) -> None:
+        self.k, self.aux_k = self.cfg.k, self.cfg.resolved_aux_k(self.d_in)
 
     def encode(self, x: Tensor) -> Codes:
         x_in = self.encoder_input(x)
