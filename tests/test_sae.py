@@ -206,6 +206,18 @@ def test_dead_latent_counters_and_auxk():
     assert dead_enc_grad > 0
 
 
+def test_auxk_on_a_batch_without_variance_stops_no_member():
+    cfgs = [_cfg("topk", dead_tokens=1, aux_coeff=c) for c in (1 / 32, 0.0)]
+    sae = make_sae(cfgs, D_IN, [0, 1])
+    opt = StackedAdam(sae.parameters(), lr=[1e-3, 1e-3])
+    train_step(sae, opt, _x(), 0)
+    assert sae.dead_mask().any(-1).all()
+    same = _x(1).expand(2, D_IN).clone()  # variance exactly 0: AuxK was inf, and 0 * inf NaN
+    metrics = train_step(sae, opt, same, 1)
+    assert metrics["updated"].tolist() == [True, True]
+    assert torch.isfinite(metrics["loss"]).all() and metrics["loss"][1] == metrics["mse"][1]
+
+
 def test_init_b_dec_geometric_median_resists_outliers():
     points = torch.randn(200, D_IN) * 0.1 + 1.0
     points[:20] = 1000.0

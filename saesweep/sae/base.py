@@ -194,7 +194,8 @@ class StackedSAE(nn.Module):
         sq_err = (recon - x).pow(2).sum(dim=(1, 2))
         mse = sq_err / recon[0].numel()
         terms = self.penalties(x, recon, codes, step)
-        loss = mse + sum((c * v for c, v in terms.values()), torch.zeros_like(mse))
+        weighted = (torch.where(c != 0, c * v, 0) for c, v in terms.values())  # 0 * inf: 0
+        loss = mse + sum(weighted, torch.zeros_like(mse))
         self._remember(codes, x.shape[-2])
         metrics = {"loss": loss, "mse": mse, "fvu": sq_err / total_variance(x), "l0": codes.l0()}
         metrics["dead_pct"] = 100 * self.dead_mask().to(mse.dtype).mean(-1)
