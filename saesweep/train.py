@@ -93,7 +93,8 @@ class GroupTrainer:
         check_fits([c.sae for c in cfgs], self.d_in, first.batch_size, first.device)
         reuse_freed_memory()
         self.stacks = self._build_stacks()
-        self.step = 0
+        self.step = self.first_step = 0
+        self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
         self.started = time.perf_counter()
 
     def _check_d_model(self) -> None:
@@ -182,9 +183,10 @@ class GroupTrainer:
         return out
 
     def _log(self, logs: list[RunLog], metrics: list[dict]) -> None:
-        tokens = self.step * self.cfgs[0].batch_size
-        rate = tokens / (time.perf_counter() - self.started)
-        shared = {"tokens": tokens, "tokens_per_s": rate} | self.reader.figures()
+        batch = self.cfgs[0].batch_size
+        rate = (self.step - self.first_step) * batch / (time.perf_counter() - self.started)
+        shared = {"tokens": self.step * batch, "tokens_per_s": rate, "wall_s": self.wall_s()}
+        shared |= self.reader.figures()
         for stack, m in zip(self.stacks, metrics, strict=True):
             for j, i in enumerate(stack.members):
                 values = {k: float(v[j]) for k, v in m.items() if v.dim() == 1}
@@ -231,7 +233,7 @@ class GroupTrainer:
             "failed": failed,
             "tokens_seen": self.step * cfg.batch_size,
             "steps": self.step,
-            "wall_s": time.perf_counter() - self.started,
+            "wall_s": self.wall_s(),
             "arch": cfg.sae.arch,
             "d_sae": stack.sae.d_sae,
             "k": stack.sae.sae_lens_cfg().get("k"),
@@ -259,7 +261,7 @@ class GroupTrainer:
             tensors |= {f"{s}.sae.{k}": v for k, v in stack.sae.state_dict().items()}
             tensors |= {f"{s}.opt.{k}": v for k, v in stack.opt.state_dict().items()}
             tensors[f"{s}.failed"] = stack.failed
-        position = {"step": self.step, "reader": self.reader.state_dict()}
+        position = {"step": self.step, "reader": self.reader.state_dict(), "wall_s": self.wall_s()}
         write_tensors(self.state_dir / STATE_FILE, tensors, {"position": json.dumps(position)})
 
     def _load_state(self) -> bool:
@@ -273,13 +275,18 @@ class GroupTrainer:
             stack.sae.load_state_dict(_prefixed(tensors, f"{s}.sae."))
             stack.opt.load_state_dict(_prefixed(tensors, f"{s}.opt."))
             stack.failed.copy_(tensors[f"{s}.failed"])
-        self.step = meta["step"]
+        self.step = self.first_step = meta["step"]
+        self.earlier_wall_s = meta.get("wall_s", 0.0)  # states saved before 2026-12-01 lack it
         self.reader.load_state_dict(meta["reader"])
         return True
 
+    def wall_s(self) -> float:
+        """Training wall time so far, over every process of this group (resumes included)."""
+        return self.earlier_wall_s + time.perf_counter() - self.started
+
 
 def saved_position(path: Path) -> dict:
-    """{"step": N, "reader": Reader.state_dict()} of a saved trainer state."""
+    """{"step": N, "reader": Reader.state_dict(), "wall_s": T} of a saved trainer state."""
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["position"])
 

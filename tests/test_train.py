@@ -178,8 +178,17 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     proc.wait()
     killed_dir = only_dir(tmp_path / "killed")
     assert not list(killed_dir.glob("runs/*/metrics.json"))
+    at_kill = saved_position(states[0])
     resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
     assert resumed.wait() == 0, resumed.stderr.read()
+    # the resumed process's rate counts its own steps, and wall time goes on from the state's
+    run_000 = next((killed_dir / "runs").glob("run-000*"))
+    last = json.loads((run_000 / "metrics.jsonl").read_text().splitlines()[-1])
+    own_tokens = (last["step"] - at_kill["step"]) * 128
+    own_wall = last["wall_s"] - at_kill["wall_s"]
+    assert last["tokens_per_s"] * own_wall == pytest.approx(own_tokens, rel=1e-3)
+    finished = json.loads((run_000 / "metrics.json").read_text())
+    assert finished["wall_s"] > last["wall_s"] > at_kill["wall_s"] > 0
     rerun = run_train(
         "--rerun", str(ref_dir), "--executor", "debug", "--runs-root", str(tmp_path / "rerun")
     )
