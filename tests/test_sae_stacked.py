@@ -65,13 +65,29 @@ def test_stack_equals_separate_members(arch):
         opt_i = StackedAdam(single.parameters(), lr=[LRS[i]])
         alone = _run(single, opt_i, data, steps, schedule.member(i, 3))
         for name, p in single.named_parameters():
-            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
         for name, buf in single.named_buffers():
-            torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=0, atol=0)
         for key in stacked[-1]:
             got = torch.stack([m[key][i] for m in stacked])
             want = torch.stack([m[key][0] for m in alone]).to(got.dtype)
-            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=key)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_member_arithmetic_does_not_depend_on_its_peers():
+    # a member with dead latents (AuxK codes) beside one without: the sparse/dense choice of a
+    # backward once came from the whole stack's density, so the pair differed from one alone
+    data = sparse_mixture(15 * B, D_IN, seed=1, dtype=torch.float32)
+    cfgs = [_cfg("topk", k=4, aux_k=16, dead_tokens=d) for d in (B, 10**9)]
+    saes = []
+    for members in (cfgs, cfgs[:1]):
+        sae = make_sae(members, D_IN, SEEDS[: len(members)])
+        sae.init_b_dec(data[:256])
+        _run(sae, StackedAdam(sae.parameters(), lr=LRS[: len(members)]), data, 15)
+        saes.append(sae)
+    assert saes[1].dead_mask().any()
+    for name, p in saes[1].named_parameters():
+        assert torch.equal(saes[0].get_parameter(name)[0], p[0]), name
 
 
 @pytest.mark.parametrize("arch", ARCHS)
