@@ -37,11 +37,11 @@ def test_batchtopk_mean_l0_is_k_in_training_and_threshold_at_inference():
     opt = StackedAdam(sae.parameters(), lr=[1e-3, 1e-3])
     x = torch.randn(B, D_IN) * 3
     _, codes = sae(x)
-    per_token = (codes.acts > 0).sum(-1)
+    per_token = (codes.values > 0).sum(-1)
     assert per_token.float().mean(-1).tolist() == [5.0, 5.0]
     assert per_token.min() < per_token.max(), "batch top-k lets tokens differ in L0"
     metrics = train_step(sae, opt, x, 0)
-    kept_min = codes.acts.where(codes.acts > 0, torch.inf).amin(dim=(1, 2))
+    kept_min = codes.values.where(codes.values > 0, torch.inf).amin(dim=(1, 2))
     assert metrics["l0"].tolist() == [5.0, 5.0]
     assert sae.threshold.tolist() == pytest.approx(kept_min.tolist(), rel=0.05)
     sae.eval()

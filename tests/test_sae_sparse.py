@@ -88,3 +88,22 @@ def test_with_encoder_grad_matches_dense_autograd():
     (ref_values * probe).sum().backward()
     for got, want in zip(leaves_sparse, leaves_dense, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hot_tokens", [0, 1, 3], ids=["even", "one-hot-token", "three"])
+def test_batch_topk_codes_equal_a_top_k_over_the_whole_batch(hot_tokens):
+    # hot tokens hold most of the batch's largest entries: the 4k candidates per token are
+    # not enough for them, and the candidate width must grow until it holds
+    gen = torch.Generator().manual_seed(hot_tokens)
+    pre = torch.rand(N, B, D_SAE, generator=gen, dtype=torch.float64)
+    pre[:, :hot_tokens] += 1.0
+    pre[pre < 0.3] = 0.0
+    values, indices = sparse.batch_topk_codes(pre, K)
+    flat = pre.reshape(N, -1)
+    top, where = flat.topk(K * B, dim=-1)
+    want = torch.zeros_like(flat).scatter(1, where, top).view_as(pre)
+    torch.testing.assert_close(to_dense(values, indices, D_SAE), want, rtol=0, atol=0)
+    per_token = (values > 0).sum(-1)
+    assert per_token.sum(-1).tolist() == [K * B] * N
+    if hot_tokens:
+        assert per_token.max() > 4 * K

@@ -107,6 +107,28 @@ def test_switch_loss_and_grads_match_dense_reference():
     _assert_matches_reference(sae, _x(6), _dense_switch_loss)
 
 
+def _dense_batchtopk_loss(sae, x, i, p):
+    """Member i's BatchTopK loss: the top k * B dense autograd pre-activations of the batch."""
+    pre = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu().flatten()
+    values, flat = pre.topk(K * B)
+    acts = pre.new_zeros(pre.shape).scatter(0, flat, values).view(B, D_SAE)
+    recon = acts @ p["W_dec"] + p["b_dec"]
+    return (recon - x).pow(2).mean()
+
+
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-backward", "sparse-backward"])
+def test_batchtopk_loss_and_grads_match_dense_reference(dense_above, monkeypatch):
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", dense_above)
+    cfg = SAEConfig(arch="batchtopk", d_sae=D_SAE, k=K)
+    sae = make_sae(cfg, D_IN, [0, 1], dtype=torch.float64)
+    _perturb(sae)
+    x = _x(7)
+    _, codes = sae(x)
+    per_token = (codes.values > 0).sum(-1)
+    assert per_token.sum(-1).tolist() == [K * B, K * B] and per_token.min() < per_token.max()
+    _assert_matches_reference(sae, x, _dense_batchtopk_loss)
+
+
 def test_topk_under_bf16_autocast_keeps_float32_codes_and_grads():
     sae = make_sae(SAEConfig(arch="topk", d_sae=D_SAE, k=K), D_IN, [0, 1])
     x = _x().float()

@@ -32,6 +32,9 @@ class Codes:
     """Sparse code values [n, B, k]."""
     indices: Tensor | None = None
     """Sparse code latent indices [n, B, k]."""
+    width: int | None = None
+    """Nominal entries per token of a sparse code whose last dimension is padded (BatchTopK: its
+    k), for the sparse/dense choice of its backward; None: that dimension."""
     pre: Tensor | None = None
     """Pre-activations [n, B, d_sae] (after the encoder ReLU), used by AuxK and JumpReLU's L0
     (TopK: computed without autograd; its gradient goes through sparse.with_encoder_grad)."""
@@ -157,7 +160,7 @@ class StackedSAE(nn.Module):
     def decode(self, codes: Codes) -> Tensor:
         """[n, B, d_in] reconstruction (sparse decode when the codes are sparse)."""
         if codes.values is not None:
-            out = sparse_decode(codes.values, codes.indices, self.W_dec)
+            out = sparse_decode(codes.values, codes.indices, self.W_dec, codes.width)
         else:
             out = dense_decode(codes.acts, self.W_dec)
         return out + self.b_dec.unsqueeze(1)

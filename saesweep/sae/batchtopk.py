@@ -7,11 +7,13 @@ import torch
 from torch import Tensor
 
 from saesweep.sae.base import Codes
+from saesweep.sae.sparse import batch_topk_codes, with_encoder_grad
 from saesweep.sae.topk import TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
-    """TopK over the flattened batch; inference uses the learned threshold instead."""
+    """TopK over the flattened batch; inference uses the learned threshold instead. Training
+    takes TopK's sparse path, each token's code as wide as the most any token got."""
 
     arch = "batchtopk"
     sae_lens_architecture = "jumprelu"
@@ -22,15 +24,15 @@ class BatchTopKSAE(TopKSAE):
         self._last_min_kept: Tensor | None = None
 
     def encode(self, x: Tensor) -> Codes:
-        pre = self.linear_pre(x)
         if not self.training:
+            pre = self.linear_pre(x)
             return Codes(acts=pre * (pre > self.threshold.clamp_min(0).view(-1, 1, 1)), pre=pre)
-        n, B, d_sae = pre.shape
-        values, flat_idx = pre.reshape(n, B * d_sae).topk(self.k * B, dim=-1, sorted=False)
-        acts = torch.zeros_like(pre).reshape(n, B * d_sae).scatter(1, flat_idx, values)
-        kept = values.detach().where(values.detach() > 0, torch.inf)
-        self._last_min_kept = kept.amin(dim=-1)
-        return Codes(acts=acts.view(n, B, d_sae), pre=pre)
+        x_in = self.encoder_input(x)
+        pre = self.detached_pre(x_in)
+        values, indices = batch_topk_codes(pre, self.k)
+        self._last_min_kept = values.where(values > 0, torch.inf).amin(dim=(1, 2))
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc, self.k)
+        return Codes(values=values, indices=indices, width=self.k, pre=pre)
 
     def update_running_stats(self, mask: Tensor) -> None:
         """Also move each member's threshold toward the smallest positive kept activation."""

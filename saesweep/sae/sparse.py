@@ -1,7 +1,8 @@
 """Fast paths for codes with k active latents per token, checked against dense references.
 
 A stacked code is (values [n, B, k], indices [n, B, k]) into a dictionary of d_sae latents
-per member. Members are folded into one flat dictionary of n * d_sae rows by offsetting each
+per member; entries with value 0 are padding (batch_topk_codes) or ReLU zeros and carry no
+gradient. Members are folded into one flat dictionary of n * d_sae rows by offsetting each
 member's indices, so one kernel call serves the whole stack.
 """
 
@@ -25,11 +26,13 @@ def sparse_decode(
     values: Float[Tensor, "n B k"],
     indices: Int[Tensor, "n B k"],
     W_dec: Float[Tensor, "n d_sae d_in"],
+    width: int | None = None,
 ) -> Float[Tensor, "n B d_in"]:
     """sum_j values[.., j] * W_dec[member, indices[.., j]] without the dense [n, B, d_sae] code.
 
     One embedding_bag over the flat dictionary; differentiable in values and W_dec (W_dec's
-    gradient by a sparse matmul, faster than embedding_bag's own backward).
+    gradient by a sparse matmul, faster than embedding_bag's own backward). `width`: the
+    code's nominal entries per token (default k), which sets the backward's path (DENSE_ABOVE).
     """
     n, B, k = values.shape
     d_sae, d_in = W_dec.shape[1:]
@@ -40,7 +43,8 @@ def sparse_decode(
         per_sample_weights=values.reshape(n * B, k),
         mode="sum",
     )
-    return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec)
+    dense = is_dense(width or k, d_sae)
+    return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec, dense)
 
 
 class _DecoderGrad(torch.autograd.Function):
@@ -48,9 +52,9 @@ class _DecoderGrad(torch.autograd.Function):
     selected rows only."""
 
     @staticmethod
-    def forward(ctx, out, values, indices, W_dec):
+    def forward(ctx, out, values, indices, W_dec, dense):
         ctx.save_for_backward(values, indices)
-        ctx.d_sae = W_dec.shape[1]
+        ctx.d_sae, ctx.dense = W_dec.shape[1], dense
         return out
 
     @staticmethod
@@ -58,9 +62,35 @@ class _DecoderGrad(torch.autograd.Function):
         values, indices = ctx.saved_tensors
         grad_W = None
         if ctx.needs_input_grad[3]:
-            code = _SparseCode(values.to(grad_out.dtype), indices, ctx.d_sae)
+            code = _SparseCode(values.to(grad_out.dtype), indices, ctx.d_sae, ctx.dense)
             grad_W = code.t_matmul(grad_out)
-        return grad_out, None, None, grad_W
+        return grad_out, None, None, grad_W, None
+
+
+@jaxtyped(typechecker=beartype)
+def batch_topk_codes(
+    pre: Float[Tensor, "n B d_sae"], k: int
+) -> tuple[Float[Tensor, "n B w"], Int[Tensor, "n B w"]]:
+    """Each member's k * B largest entries over the whole batch, as per-token codes (values,
+    indices) [n, B, w] with 0-valued padding.
+
+    Chosen among each token's w largest (w = 4k, doubled until it holds): if no token has all
+    of its w candidates chosen, no entry outside the candidates can beat the smallest chosen
+    one, so the choice equals a top-k over the whole batch. torch's topk over the whole batch
+    (k * B in the tens of thousands) took 4x as long here.
+    """
+    n, B, d_sae = pre.shape
+    width = min(4 * k, d_sae)
+    while True:
+        values, indices = pre.topk(width, dim=-1)  # sorted: the same order for any width
+        _, chosen = values.view(n, B * width).topk(k * B, dim=-1, sorted=False)
+        per_token = torch.zeros(n, B, dtype=torch.int64, device=pre.device)
+        per_token.scatter_add_(1, chosen // width, torch.ones_like(chosen))
+        if width == d_sae or int(per_token.max()) < width:
+            break
+        width = min(2 * width, d_sae)
+    keep = torch.zeros(n, B * width, dtype=torch.bool, device=pre.device).scatter_(1, chosen, True)
+    return values.where(keep.view(n, B, width), 0), indices
 
 
 @jaxtyped(typechecker=beartype)
@@ -75,10 +105,11 @@ def dense_decode(
 def to_dense(
     values: Float[Tensor, "n B k"], indices: Int[Tensor, "n B k"], d_sae: int
 ) -> Float[Tensor, "n B d_sae"]:
-    """Scatter a sparse code into its dense [n, B, d_sae] form."""
+    """Scatter a sparse code into its dense [n, B, d_sae] form (repeated indices add up: the
+    0-valued padding of batch_topk_codes may repeat a latent)."""
     n, B, _ = values.shape
     dense = values.new_zeros(n, B, d_sae)
-    return dense.scatter(2, indices, values)
+    return dense.scatter_add(2, indices, values)
 
 
 @jaxtyped(typechecker=beartype)
@@ -97,15 +128,16 @@ class _EncoderGrad(torch.autograd.Function):
     gradient to x_in, W_enc and b_enc through the selected (token, latent) pairs only."""
 
     @staticmethod
-    def forward(ctx, values, indices, x_in, W_enc, b_enc):
+    def forward(ctx, values, indices, x_in, W_enc, b_enc, dense):
         ctx.save_for_backward(values, indices, x_in, W_enc)
+        ctx.dense = dense
         return values.to(W_enc.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_values):
         values, indices, x_in, W_enc = ctx.saved_tensors
         g = (grad_values * (values > 0)).to(W_enc.dtype)
-        code = _SparseCode(g, indices, W_enc.shape[2])
+        code = _SparseCode(g, indices, W_enc.shape[2], ctx.dense)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_x = code.matmul(W_enc.transpose(1, 2))
@@ -113,25 +145,30 @@ class _EncoderGrad(torch.autograd.Function):
             grad_W = code.t_matmul(x_in).transpose(1, 2)
         if ctx.needs_input_grad[4]:
             grad_b = code.sum_tokens()
-        return None, None, grad_x, grad_W, grad_b
+        return None, None, grad_x, grad_W, grad_b, None
 
 
 DENSE_ABOVE = 1 / 16
-"""Code width (entries per token over d_sae) above which _SparseCode goes through the dense
-code and batched matmuls: on CPU a sparse matmul runs at about 1/16 of a dense one's FLOP rate
-(8 vs 140 GFLOP/s). The choice depends on the shape only, not on the values, so a member's
+"""Code width (nominal entries per token over d_sae) above which a backward goes through the
+dense code and batched matmuls: on CPU a sparse matmul runs at about 1/16 of a dense one's FLOP
+rate (8 vs 140 GFLOP/s). The choice depends on the shape only, not on the values, so a member's
 arithmetic does not depend on the other members of its stack (and needs no device sync)."""
+
+
+def is_dense(width: int, d_sae: int) -> bool:
+    """Whether a code of `width` entries per token takes the dense backward."""
+    return width > DENSE_ABOVE * d_sae
 
 
 class _SparseCode:
     """A code [n, B, d_sae] given as entries g [n, B, k] at indices: the products a backward
     needs, over its nonzero entries only, or through the dense code when that is faster."""
 
-    def __init__(self, g: Tensor, indices: Tensor, d_sae: int):
+    def __init__(self, g: Tensor, indices: Tensor, d_sae: int, dense: bool):
         n, B, _ = g.shape
         self.n, self.B, self.d_sae = n, B, d_sae
         self.dense = None
-        if g.shape[-1] > DENSE_ABOVE * d_sae:
+        if dense:
             self.dense = to_dense(g, indices, d_sae)
         else:
             self.rows, self.cols, self.g = _nonzero_entries(g, indices, d_sae)
@@ -180,12 +217,14 @@ def with_encoder_grad(
     x_in: Float[Tensor, "n B d_in"],
     W_enc: Float[Tensor, "n d_in d_sae"],
     b_enc: Float[Tensor, "n d_sae"],
+    width: int | None = None,
 ) -> Float[Tensor, "n B k"]:
     """values = relu(x_in @ W_enc + b_enc) at `indices`, computed without autograd (maybe in
     autocast's lower precision), made differentiable in x_in, W_enc and b_enc, in W_enc's dtype.
 
     Same gradients as gathering from the dense autograd pre-activations, at the cost of the
     selected entries only (no dense [n, B, d_sae] gradient). Entries with value 0 (ReLU off)
-    get no gradient.
+    get no gradient. `width`: as for sparse_decode.
     """
-    return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc)
+    dense = is_dense(width or values.shape[-1], W_enc.shape[-1])
+    return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc, dense)
