@@ -1,0 +1,92 @@
+"""On a CUDA device (skipped without one): the Reader's pinned batches, the SAE fast paths and
+a group trained on the GPU agree with the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from synthetic import make_collection
+from test_train import cfg, train
+
+from saesweep import Reader
+from saesweep.sae import ARCHITECTURES, SAEConfig, make_sae
+from saesweep.sae.synthetic import sparse_mixture
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+D_IN, D_SAE, B = 64, 512, 256
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("coll"))
+    make_collection(uri, [3000, 2500, 4100, 1700], d=D_IN)
+    return uri
+
+
+def test_cuda_batches_equal_cpu_batches(coll):
+    # each pinned host batch is released as soon as its copy is queued; slow matmuls after
+    # each batch keep the stream busy, so a host buffer reused before its copy ran would show
+    kw = dict(batch_size=256, shuffle_tokens=5000, seed=3, epochs=2)
+    want = list(Reader(coll, **kw))
+    busy = torch.randn(4096, 4096, device="cuda")
+    got = []
+    for batch in Reader(coll, device="cuda", **kw):
+        assert batch.is_cuda
+        for _ in range(4):
+            busy = busy @ busy / busy.norm()
+        got.append(batch)
+    assert len(got) == len(want)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+
+
+def _loss_and_grads(sae, x):
+    loss, _ = sae.loss(x)
+    loss.sum().backward()
+    return loss.detach().cpu(), {n: p.grad.cpu() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_sae_loss_and_grads_on_cuda_equal_cpu(arch):
+    cfg_ = SAEConfig(arch=arch, d_sae=D_SAE, k=8, n_experts=4, dead_tokens=1, aux_k=32)
+    x = sparse_mixture(B, D_IN, seed=1, dtype=torch.float64)
+    saes = [make_sae(cfg_, D_IN, [0, 1], dtype=torch.float64, device=d) for d in ("cpu", "cuda")]
+    for sae in saes:
+        sae.init_b_dec(x.to(sae.b_dec.device))
+        sae.tokens_since_fired[:, : D_SAE // 2] = 10  # half the latents dead: AuxK on
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = (
+        _loss_and_grads(sae, x.to(sae.b_dec.device)) for sae in saes
+    )
+    torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-9, atol=1e-12)
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(gpu_grads[name], grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "switch"])
+def test_bf16_autocast_on_cuda_is_close_to_float32(arch):
+    cfg_ = SAEConfig(arch=arch, d_sae=D_SAE, k=8, n_experts=4)
+    sae = make_sae(cfg_, D_IN, [0, 1], device="cuda")
+    x = sparse_mixture(B, D_IN, seed=2).cuda()
+    ref_loss, ref_grads = _loss_and_grads(sae, x)
+    sae.zero_grad()
+    with torch.autocast("cuda", torch.bfloat16):
+        loss, grads = _loss_and_grads(sae, x)
+    torch.testing.assert_close(loss, ref_loss, rtol=0.02, atol=0)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        cos = F.cosine_similarity(grad.flatten(1), ref_grads[name].flatten(1), dim=1)
+        assert cos.min() > 0.95, name
+
+
+def test_group_trained_on_cuda_matches_cpu(tmp_path):
+    uri = str(tmp_path / "coll")
+    make_collection(uri, [512] * 5, d=16, sparse=True)
+    base = cfg(uri, sae=SAEConfig(arch="topk", d_sae=64, k=4))
+    ref = train([base], tmp_path / "cpu")[0]
+    got = train([dataclasses.replace(base, device="cuda")], tmp_path / "cuda")[0]
+    assert not got["failed"]
+    assert got["fvu"] == pytest.approx(ref["fvu"], rel=0.05)
+    assert got["l0"] == pytest.approx(ref["l0"], abs=0.1)
