@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from saesweep.errors import UserError
-from saesweep.shards import SCHEMA_VERSION, RunningStats
+from saesweep.shards import SCHEMA_VERSION, RunningStats, shard_name
 from saesweep.store import Store
 
 
@@ -64,10 +64,21 @@ class Part:
 
 
 def load_part(store: Store, machine: int, n_machines: int) -> Part:
+    """A machine's committed part (empty if none); its shards must be numbered 0, 1, ... in
+    order, since a resume writes the next one after them."""
     key = part_key(machine, n_machines)
     if not store.exists(key):
         return Part(machine, n_machines)
-    return Part.from_json(store.get_json(key))
+    part = Part.from_json(store.get_json(key))
+    for hook, hp in part.hooks.items():
+        names = [s["name"] for s in hp.shards]
+        if names != [shard_name(machine, i) for i in range(len(names))]:
+            raise UserError(
+                f"{store.uri}/{key} lists {hook} shards out of sequence (a version before "
+                "2026-12-01 could skip a shard whose write failed); delete that part file and "
+                f"machine {machine}'s shards to collect them again"
+            )
+    return part
 
 
 def load_parts(store: Store, n_machines: int) -> list[Part]:

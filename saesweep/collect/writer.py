@@ -73,8 +73,8 @@ class ShardWriter:
         self.pending.append(self.pool.submit(self._write, shard))
 
     def close(self) -> None:
-        """Commit everything still in flight; the first write error is raised after the
-        shards before it are committed."""
+        """Commit everything still in flight, in order; the first write error is raised after
+        the shards before it are committed, and no later shard is."""
         try:
             while self.pending:
                 self._commit_oldest()
@@ -86,7 +86,10 @@ class ShardWriter:
             self._commit_oldest()
 
     def _commit_oldest(self) -> None:
-        written = self.pending.popleft().result()
+        """Commit the oldest shard once written. A failed (or interrupted) wait leaves it
+        first, so close() raises its error again and commits nothing after it."""
+        written = self.pending[0].result()
+        self.pending.popleft()
         self.commit(written)
         self.bytes_written += sum(r["n_bytes"] for r in written.records.values())
 
