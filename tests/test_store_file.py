@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from saesweep.errors import UserError
 from saesweep.store import FileStore, Store, open_store
 
 
@@ -60,3 +61,8 @@ def test_failed_put_file_leaves_previous_object_and_no_temp_files(tmp_path):
         store.put_file("a/b.bin", tmp_path / "missing-source.bin")
     assert store.get("a/b.bin") == b"old"
     assert sorted(p.name for p in (tmp_path / "root" / "a").iterdir()) == ["b.bin"]
+
+
+def test_unwritable_path_is_a_user_error():
+    with pytest.raises(UserError, match="cannot write /proc/saesweep-test/a/k"):
+        FileStore(Path("/proc/saesweep-test/a")).put("k", b"x")

@@ -178,6 +178,14 @@ def test_missing_bucket_is_a_user_error(s3_env):
             call()
 
 
+def test_malformed_endpoint_and_bucket_name_are_user_errors(s3_env, monkeypatch):
+    with pytest.raises(UserError, match="S3 refused a request for s3://Bad_Bucket!/p: .*bucket"):
+        open_store("s3://Bad_Bucket!/p").get("k")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "127.0.0.1:9")
+    with pytest.raises(UserError, match="S3_ENDPOINT_URL='127.0.0.1:9' is not a valid endpoint"):
+        open_store("s3://bucket/p").get("k")
+
+
 def test_closed_range_reader_refuses_new_reads(s3_env):
     store = open_store(s3_env)
     store.put("obj", b"0123456789")

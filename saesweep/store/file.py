@@ -25,18 +25,20 @@ class FileStore(Store):
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-            os.fchmod(fd, 0o644)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
         except OSError as err:
-            if err.errno == errno.ENOSPC:
+            raise UserError(
+                f"cannot write {dest} ({err.strerror or err}); check the path and its permissions"
+            ) from err
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                 raise UserError(
                     f"the disk holding {self.root} is full; free space there and rerun "
                     "the same command to resume"

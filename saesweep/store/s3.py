@@ -15,10 +15,13 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
     EndpointConnectionError,
     HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
+    ParamValidationError,
     PartialCredentialsError,
     ProfileNotFound,
     ReadTimeoutError,
@@ -31,7 +34,15 @@ from saesweep.store.base import Store
 MIN_PART_SIZE = 5 << 20
 DEFAULT_PART_SIZE = 32 << 20
 CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
+CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "403",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+}
 MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 THROTTLE_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
 
@@ -166,9 +177,15 @@ class S3Store(Store):
             max_pool_connections=max(32, 4 * self.upload_threads),
             s3={"addressing_style": "path"} if self.endpoint else None,
         )
-        return session.client(
-            "s3", endpoint_url=self.endpoint, config=config, region_name=region_for(session)
-        )
+        try:
+            return session.client(
+                "s3", endpoint_url=self.endpoint, config=config, region_name=region_for(session)
+            )
+        except ValueError as err:
+            raise UserError(
+                f"S3_ENDPOINT_URL={self.endpoint!r} is not a valid endpoint ({err}); "
+                "use a URL such as http://127.0.0.1:8333"
+            ) from None
 
     def key_of(self, key: str) -> str:
         """The object key in the bucket for store key `key`."""
@@ -188,17 +205,36 @@ class S3Store(Store):
         try:
             yield
         except ClientError as err:
-            mapped = self._error_for(err.response.get("Error", {}).get("Code", ""), key)
-            if mapped is None:
-                raise
-            raise mapped from err
+            raise self._client_error(err, key) from err
+        except ParamValidationError as err:
+            raise UserError(
+                f"S3 refused a request for {self.uri}: {' '.join(str(err).split())}"
+            ) from None
         except (NoCredentialsError, PartialCredentialsError) as err:
             raise UserError(f"no usable S3 credentials for {self.uri}; {CREDENTIAL_HINT}") from err
-        except EndpointConnectionError as err:
+        except (
+            EndpointConnectionError,
+            ConnectTimeoutError,
+            ConnectionClosedError,
+            ReadTimeoutError,
+        ) as err:
             raise UserError(
                 f"cannot reach the S3 endpoint {self.endpoint_name} for {self.uri}; "
                 "check S3_ENDPOINT_URL and that the server is running"
             ) from err
+
+    def _client_error(self, err: ClientError, key: str) -> Exception:
+        """FileNotFoundError or a UserError for an S3 error reply (after botocore's retries)."""
+        error = err.response.get("Error", {})
+        mapped = self._error_for(error.get("Code", ""), key)
+        if mapped is not None:
+            return mapped
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        hint = " (from AWS a bare 400 usually means expired credentials)" if status == 400 else ""
+        return UserError(
+            f"S3 at {self.endpoint_name} answered {status} {error.get('Code', '')} "
+            f"{error.get('Message', '')} for {self.child(key)}{hint}; fix that and rerun"
+        )
 
     def _error_for(self, code: str, key: str) -> Exception | None:
         """The exception to raise for S3 error `code`, or None to keep the original."""
@@ -301,11 +337,11 @@ class S3Store(Store):
 
     def _read(self, key: str, **ranged) -> bytes:
         def read() -> bytes:
-            with self._errors(key):
-                reply = self._client.get_object(Bucket=self.bucket, Key=self.key_of(key), **ranged)
-                return reply["Body"].read()
+            reply = self._client.get_object(Bucket=self.bucket, Key=self.key_of(key), **ranged)
+            return reply["Body"].read()
 
-        return with_retries(read, self.attempts, is_stream_error)
+        with self._errors(key):
+            return with_retries(read, self.attempts, is_stream_error)
 
     def get(self, key: str) -> bytes:
         return self._read(key)
