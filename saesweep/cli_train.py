@@ -15,6 +15,7 @@ from pathlib import Path
 
 from saesweep.config import TrainConfig
 from saesweep.errors import UserError, exit_on_user_error
+from saesweep.memory import check_fits
 from saesweep.plan import check_data, check_local_device, ensure_data, print_plan
 from saesweep.sweep import (
     build_configs,
@@ -67,21 +68,29 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(groups, len(cfgs))
         return 0
     sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_sweep_json(sweep_dir, cfgs, groups, argv)
-    return launch(opts, cfgs, groups, sweep_dir)
+    return launch(opts, cfgs, groups, sweep_dir, argv)
 
 
-def launch(opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path) -> int:
+def launch(
+    opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path, argv: list[str] | None = None
+) -> int:
+    """Check every group (device, data, shapes; memory where it runs here), then write
+    sweep.json (a new sweep: argv given) and run the groups."""
     executor = opts.get("--executor") or ("slurm" if cfgs[0].slurm_acct else "local")
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     from saesweep.launch_sweep import run_sweep
 
     for group in groups:
+        first = group.cfgs[0]
         if executor != "slurm":
-            check_local_device(group.cfgs[0])
-        ensure_data(group.cfgs[0])
-        check_data(group)
+            check_local_device(first)
+        ensure_data(first)
+        d_model = check_data(group)
+        if executor != "slurm":
+            check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, first.device)
+    if argv is not None:
+        write_sweep_json(sweep_dir, cfgs, groups, argv)
     return run_sweep(sweep_dir, groups, executor)
 
 
@@ -109,6 +118,8 @@ def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(argv[i])
             i += 1
+    if opts.get("--max-parallel", 1) < 1:
+        raise UserError(f"--max-parallel {opts['--max-parallel']} must be at least 1")
     if sum(bool(opts.get(f)) for f in ("--sweep", "--rerun", "--resume")) > 1:
         raise UserError("give only one of --sweep, --rerun and --resume")
     return opts, rest

@@ -158,6 +158,7 @@ VALUE_RULES: dict[str, Rule] = {
     "cpus_per_group": _at_least(1),
     "mem_gb": _above(0, optional=True),
     "sae.d_model": _at_least(1, optional=True),
+    "sae.d_vit": _at_least(1, optional=True),
     "sae.exp_factor": _at_least(1),
     "sae.d_sae": _at_least(1, optional=True),
     "sae.k": _at_least(1),

@@ -31,6 +31,8 @@ def replace_from_dict(base: T, values: dict[str, Any], where: str) -> T:
     hints = typing.get_type_hints(type(base))
     changes = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise UserError(f"{where}: key {key!r} is not a string; config keys are field names")
         name = key.replace("-", "_")
         if name not in hints or name not in field_names(type(base)):
             raise UserError(f"{where}: unknown key {key!r}{closest(name, field_names(type(base)))}")

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import submitit
 
+from saesweep.errors import UserError
+
 Executor = Literal["slurm", "local", "debug"]
 ACTIVE_SLURM_STATES = {"RUNNING", "COMPLETING"}
 
@@ -127,7 +129,13 @@ def _submit_slurm_array(
         return []
     executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
     executor.update_parameters(**_slurm_parameters(slurm, max_concurrent or len(groups)))
-    jobs = executor.map_array(fn, list(groups))
+    try:
+        jobs = executor.map_array(fn, list(groups))
+    except submitit.core.utils.FailedJobError as err:
+        reason = str(err).strip().splitlines()[-1]
+        raise UserError(
+            f"Slurm refused the job array ({reason}); check the --slurm-* flags"
+        ) from None
     print(f"[launch] submitted Slurm job array {jobs[0].job_id.split('_')[0]}", flush=True)
     return jobs
 

@@ -32,7 +32,6 @@ def run_sweep(sweep_dir: Path, groups: list[Group], executor: str) -> int:
         executor=executor,
         log_dir=sweep_dir / "logs",
         slurm=slurm_config(groups[0].cfgs[0]),
-        max_concurrent=1,
         poll_s=2.0,
     )
     write_report(sweep_dir)

@@ -56,10 +56,10 @@ def local_d_model(data: DataConfig) -> int | None:
         return None
 
 
-def check_data(group: Group) -> None:
+def check_data(group: Group) -> int:
     """Open the train and val manifests before any job starts, so a wrong uri, hook, layer,
     an unreachable store or missing credentials fail here with one sentence; then check that
-    every SAE's shape (k, experts) fits the collection's d_model."""
+    every SAE's shape (k, experts) fits the collection's d_model, which is returned."""
     cfg = group.cfgs[0]
     train, _ = (
         find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
@@ -71,6 +71,7 @@ def check_data(group: Group) -> None:
         except ValueError as err:
             where = f"run {run_id} ({run_cfg.sae.arch}, d_model {train['d_model']})"
             raise UserError(f"{where}: {err}") from None
+    return train["d_model"]
 
 
 def check_local_device(cfg: TrainConfig) -> None:

@@ -146,7 +146,17 @@ def make_config(values: dict, where: str) -> TrainConfig:
     out-of-range values raise UserError naming `where` and the key."""
     cfg = replace_from_dict(TrainConfig(), values, where)
     check_values(cfg, where)
-    return cfg
+    return _d_vit_as_d_model(cfg, where)
+
+
+def _d_vit_as_d_model(cfg: TrainConfig, where: str) -> TrainConfig:
+    sae = cfg.sae
+    if sae.d_vit is None:
+        return cfg
+    if sae.d_model not in (None, sae.d_vit):
+        raise UserError(f"{where}: sae.d_vit={sae.d_vit} and sae.d_model={sae.d_model} differ")
+    sae = dataclasses.replace(sae, d_model=sae.d_vit, d_vit=None)
+    return dataclasses.replace(cfg, sae=sae)
 
 
 def build_configs(sweep: list[dict], overrides: dict, where: str) -> list[TrainConfig]:

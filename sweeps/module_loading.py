@@ -1,4 +1,4 @@
-"""Seed document, module loading: helpers and imports are fine (d_model where it says d_vit)."""
+"""Seed document, module loading: helpers and imports are fine (verbatim; d_vit is d_model)."""
 
 
 def make_cfgs():
@@ -11,7 +11,7 @@ def make_cfgs():
                 "lr": lr,
                 "train_data": {"layer": layer, "n_threads": 8},
                 "val_data": {"layer": layer, "n_threads": 8},
-                "sae": {"exp_factor": 16, "d_model": 1024},
+                "sae": {"exp_factor": 16, "d_vit": 1024},
             }
             cfgs.append(cfg)
     return cfgs

@@ -60,6 +60,13 @@ def test_dry_run_prints_the_plan(capsys):
     assert "group 1: 2 SAEs, data s3://nowhere/x layer=12" in out
     _, out, _ = plan(ROOT / "sweeps/lr_grid.py", "--max-parallel", "4", capsys=capsys)
     assert out.strip().splitlines()[-1] == "6 configs in 2 groups"
+    code, _, err = plan(ROOT / "sweeps/lr_grid.py", "--max-parallel", "0", capsys=capsys)
+    assert code == 2 and "--max-parallel 0 must be at least 1" in err
+
+
+def test_d_vit_is_d_model():
+    (cfg,) = build_configs([{"sae": {"d_vit": 1024}}], {}, "x")
+    assert cfg.sae.d_model == 1024 and cfg.sae.d_vit is None
 
 
 def test_seed_document_groups():
@@ -135,6 +142,11 @@ def test_groups_split_on_data_fields_only():
             "unknown key 'exp_factr' (did you mean 'exp_factor'?)",
         ),
         ("def make_cfgs():\n    return [{'lr': 'fast'}]\n", "key 'lr' has value 'fast'"),
+        ("def make_cfgs():\n    return [{1: 2}]\n", "config 0: key 1 is not a string"),
+        (
+            "def make_cfgs():\n    return [{'sae': {'d_vit': 768, 'd_model': 384}}]\n",
+            "sae.d_vit=768 and sae.d_model=384 differ",
+        ),
         ("import helper_mod\ndef make_cfgs():\n    return helper_mod.CFGS\n", None),
     ],
 )

@@ -223,6 +223,19 @@ def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):
     assert all(m["slurm_job_id"] for m in metrics)
     assert len({m["slurm_job_id"] for m in metrics}) == 2
     assert [m["tokens_seen"] for m in metrics] == [2048, 2048, 4096, 4096]
+    (script,) = (sweep_dir / "logs").glob("*submission.sh")
+    assert "#SBATCH --array=0-1%2" in script.read_text()  # both groups may run at once
+
+
+def test_unknown_slurm_partition_is_one_sentence(coll, tmp_path, slurm_cluster):
+    args = sweep_args(coll, tmp_path / "runs")
+    i = args.index("--executor")
+    del args[i : i + 2]
+    proc = run_train(*args, "--slurm-acct", "test", "--slurm-partition", "nowhere")
+    out, err = proc.communicate()
+    assert proc.returncode == 2, err
+    assert "Slurm refused the job array" in err and "invalid partition" in err
+    assert "Traceback" not in err
 
 
 def test_one_live_wandb_run_per_sae(coll, tmp_path, monkeypatch):
@@ -376,6 +389,7 @@ def test_missing_demo_data_is_collected_first(tmp_path):
             ["--sae.arch", "switch", "--sae.n-experts", "3"],
             "run 0 (switch, d_model 16): d_sae=64 must be a multiple of n_experts=3",
         ),
+        (["--sae.d-sae", str(2**33)], "SAEs needs about"),
         pytest.param(
             ["--device", "cuda"],
             "--device cuda but this torch",
@@ -387,4 +401,4 @@ def test_bad_data_is_refused_before_any_job(coll, tmp_path, flags, message):
     proc = run_train(*sweep_args(coll, tmp_path / "runs"), *flags)
     out, err = proc.communicate()
     assert proc.returncode == 2 and message in err and "Traceback" not in err
-    assert not list((tmp_path / "runs").glob("*/runs/*"))
+    assert not list((tmp_path / "runs").glob("*/*"))

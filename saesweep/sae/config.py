@@ -17,6 +17,8 @@ class SAEConfig:
     """Architecture: topk, batchtopk, switch (mixture of TopK experts), relu (L1), jumprelu (L0)."""
     d_model: int | None = None
     """Width of the activations (d_in); optional, checked against the data when given."""
+    d_vit: int | None = None
+    """Another name for d_model (saev's sweep documents use it); taken as d_model."""
     exp_factor: int = 8
     """Latent width as a multiple of the activation width d_in (d_sae = exp_factor * d_in)."""
     d_sae: int | None = None
