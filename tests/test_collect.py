@@ -251,6 +251,16 @@ def test_different_config_is_refused(demo, capsys):
     assert "holds a different collection" in err and "act_dtype" in err
 
 
+def test_resume_with_other_model_weights_is_refused(tmp_path):
+    cfg = small(tmp_path / "c", max_tokens=1500)
+    collect(cfg)
+    root = open_store(cfg.out)
+    stored = root.get_json("cfg.json")
+    root.put_json("cfg.json", stored | {"model_revision": "0123abc"})
+    with pytest.raises(UserError, match="at revision 0123abc, but it now resolves to None"):
+        collect(cfg)
+
+
 @pytest.mark.parametrize(
     "family,paths",
     [

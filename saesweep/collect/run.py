@@ -26,6 +26,7 @@ def collect(cfg: CollectConfig) -> Part:
     check_root_config(store, cfg)
     part = load_part(store, cfg.machine, cfg.n_machines)
     model, tokenizer = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
+    check_model_revision(store, cfg, model)
     hooks = [resolve_hook(model, spec) for spec in cfg.hooks]
     hook_info = {
         path: _hook_info(cfg, model, spec, path, site, layer)
@@ -171,6 +172,20 @@ def _root_config(cfg: CollectConfig, model) -> dict:
             "transformers": transformers.__version__,
         },
     }
+
+
+def check_model_revision(store: Store, cfg: CollectConfig, model) -> None:
+    """Refuse to resume (or join) a collection whose model resolved to other weights: without
+    --revision, a hub model's main branch may have moved since."""
+    if not store.exists("cfg.json"):
+        return
+    stored = store.get_json("cfg.json").get("model_revision")
+    resolved = getattr(model.config, "_commit_hash", None)
+    if stored is not None and resolved != stored:
+        raise UserError(
+            f"{store.uri} was collected from {cfg.model} at revision {stored}, but it now "
+            f"resolves to {resolved}; pass --revision {stored} to continue it"
+        )
 
 
 def check_root_config(store: Store, cfg: CollectConfig) -> None:
