@@ -143,3 +143,15 @@ def find_hook(store: Store, hook: str | None = None, layer: int | None = None) -
             "its collect.py machines to finish"
         )
     return meta
+
+
+def read_statistics(store: Store, hook: str) -> dict:
+    """A hook's statistics.json; a missing one is a UserError (it is written only when a part
+    has statistics)."""
+    try:
+        return store.get_json(f"{hook}/statistics.json")
+    except FileNotFoundError:
+        raise UserError(
+            f"{store.child(hook)} has no statistics.json, which normalize='norm' needs; "
+            "recollect it or train with normalize 'none'"
+        ) from None

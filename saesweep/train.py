@@ -26,6 +26,7 @@ from saesweep.data.reader import Reader
 from saesweep.downstream import add_downstream
 from saesweep.errors import UserError
 from saesweep.evaluate import evaluate_stacks
+from saesweep.manifest import read_statistics
 from saesweep.memory import check_fits, reuse_freed_memory
 from saesweep.runlog import RunLog
 from saesweep.sae import StackedSAE, make_sae, stack_key
@@ -108,7 +109,7 @@ class GroupTrainer:
     def _input_scale(self, data: DataConfig) -> float:
         if data.normalize == "none":
             return 1.0
-        stats = self.reader.store.get_json(f"{self.reader.hook}/statistics.json")
+        stats = read_statistics(self.reader.store, self.reader.hook)
         return math.sqrt(self.reader.d_model) / stats["mean_norm"]
 
     def _build_stacks(self) -> list[Stack]:

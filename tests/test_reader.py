@@ -125,6 +125,17 @@ def test_corrupt_shard_raises_or_skips(tmp_path):
     assert reader.figures()["reader/corrupt_skipped"] == 1
 
 
+def test_damaged_manifest_or_missing_statistics_is_one_sentence(tmp_path):
+    uri = str(tmp_path)
+    make_collection(uri, SIZES)
+    (tmp_path / HOOK / "statistics.json").unlink()
+    with pytest.raises(UserError, match="has no statistics.json, which normalize='norm' needs"):
+        Reader(uri, normalize="norm")
+    (tmp_path / HOOK / "metadata.json").write_text('{"shards": [')
+    with pytest.raises(UserError, match=f"{HOOK}/metadata.json is not valid JSON"):
+        Reader(uri)
+
+
 def test_early_break_cleans_up(coll):
     for _ in range(3):
         for batch in Reader(coll, batch_size=64):

@@ -24,7 +24,7 @@ from saesweep.data.order import shard_order, token_permutation, windows
 from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
 from saesweep.data.window import BatchBuffers, Window, shard_tensors
 from saesweep.errors import UserError
-from saesweep.manifest import find_hook
+from saesweep.manifest import find_hook, read_statistics
 from saesweep.memory import available_bytes, require_visible_device
 from saesweep.shards import ACT_DTYPES
 from saesweep.store import FileStore, open_store
@@ -124,7 +124,7 @@ class Reader:
             return None
         if normalize != "norm":
             raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
-        stats = self.store.get_json(f"{self.hook}/statistics.json")
+        stats = read_statistics(self.store, self.hook)
         return {"kind": "norm", "scale": math.sqrt(self.d_model) / stats["mean_norm"]}
 
     def __len__(self) -> int:

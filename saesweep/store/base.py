@@ -6,6 +6,8 @@ import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from saesweep.errors import UserError
+
 
 class Store(ABC):
     """Objects addressed by '/'-separated keys relative to the store's root URI.
@@ -53,7 +55,11 @@ class Store(ABC):
         return f"{self.uri.rstrip('/')}/{key}"
 
     def get_json(self, key: str):
-        return json.loads(self.get(key))
+        """The JSON object at key; a damaged one is a UserError naming it."""
+        try:
+            return json.loads(self.get(key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.child(key)} is not valid JSON ({err}); it is damaged") from None
 
     def put_json(self, key: str, value) -> None:
         self.put(key, json.dumps(value, indent=1, sort_keys=True).encode() + b"\n")
