@@ -77,8 +77,6 @@ def launch(
     """Check every group (device, data, shapes; memory where it runs here), then write
     sweep.json (a new sweep: argv given) and run the groups."""
     executor = opts.get("--executor") or ("slurm" if cfgs[0].slurm_acct else "local")
-    if executor not in EXECUTORS:
-        raise UserError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     from saesweep.launch_sweep import run_sweep
 
     for group in groups:
@@ -118,6 +116,8 @@ def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(argv[i])
             i += 1
+    if opts.get("--executor", "local") not in EXECUTORS:
+        raise UserError(f"--executor {opts['--executor']!r} is not one of {', '.join(EXECUTORS)}")
     if opts.get("--max-parallel", 1) < 1:
         raise UserError(f"--max-parallel {opts['--max-parallel']} must be at least 1")
     if sum(bool(opts.get(f)) for f in ("--sweep", "--rerun", "--resume")) > 1:

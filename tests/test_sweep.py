@@ -62,6 +62,8 @@ def test_dry_run_prints_the_plan(capsys):
     assert out.strip().splitlines()[-1] == "6 configs in 2 groups"
     code, _, err = plan(ROOT / "sweeps/lr_grid.py", "--max-parallel", "0", capsys=capsys)
     assert code == 2 and "--max-parallel 0 must be at least 1" in err
+    code, _, err = plan(ROOT / "sweeps/lr_grid.py", "--executor", "foo", capsys=capsys)
+    assert code == 2 and "--executor 'foo' is not one of" in err
 
 
 def test_d_vit_is_d_model():
