@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from saesweep.collect.config import CollectConfig, parse_cli
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
-from saesweep.collect.run import collect
+from saesweep.collect.run import collect, machine_lock
 from saesweep.collect.sequences import special_template
 from saesweep.errors import UserError
 from saesweep.shards import SEQ_CHUNK_BITS, checksum, decode_shard
@@ -249,6 +249,14 @@ def test_different_config_is_refused(demo, capsys):
     )
     assert code == 2
     assert "holds a different collection" in err and "act_dtype" in err
+
+
+def test_second_process_on_one_machine_index_is_refused(tmp_path):
+    cfg = small(tmp_path / "c", max_tokens=1500)
+    busy = "another process is collecting machine 0 of 1"
+    with machine_lock(open_store(cfg.out), 0, 1), pytest.raises(UserError, match=busy):
+        collect(cfg)
+    assert collect(cfg).complete
 
 
 def test_resume_with_other_model_weights_is_refused(tmp_path):

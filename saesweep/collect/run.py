@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import math
 import time
@@ -17,13 +19,38 @@ from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
 from saesweep.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
 from saesweep.shards import ACT_DTYPES, SCHEMA_VERSION
-from saesweep.store import Store, open_store
+from saesweep.store import FileStore, Store, open_store
 
 
 def collect(cfg: CollectConfig) -> Part:
     """Collect this machine's share into cfg.out, resuming from what is already committed."""
     store = open_store(cfg.out)
     check_root_config(store, cfg)
+    with machine_lock(store, cfg.machine, cfg.n_machines):
+        return _collect_locked(cfg, store)
+
+
+@contextlib.contextmanager
+def machine_lock(store: Store, machine: int, n_machines: int):
+    """Hold this machine index for one process (local stores: an flock next to its part file;
+    S3 has no lock to take, so there running one index twice is not detected)."""
+    if not isinstance(store, FileStore):
+        yield
+        return
+    path = store.root / "parts" / f".machine-{machine:04d}-of-{n_machines:04d}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another process is collecting machine {machine} of {n_machines} into "
+                f"{store.uri}; wait for it to finish or stop it"
+            ) from None
+        yield
+
+
+def _collect_locked(cfg: CollectConfig, store: Store) -> Part:
     part = load_part(store, cfg.machine, cfg.n_machines)
     model, tokenizer = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
     check_model_revision(store, cfg, model)
