@@ -13,7 +13,7 @@ from saesweep.sae.topk import TopKSAE
 
 class BatchTopKSAE(TopKSAE):
     """TopK over the flattened batch; inference uses the learned threshold instead. Training
-    takes TopK's sparse path, each token's code as wide as the most any token got."""
+    takes TopK's sparse path, with codes padded to each token's candidate width (4k or more)."""
 
     arch = "batchtopk"
     sae_lens_architecture = "jumprelu"
