@@ -10,8 +10,11 @@ array task, which then resumes from that state.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -89,9 +92,34 @@ def launch_groups(
         local = submitit.LocalExecutor(folder=log_dir)
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
         submit = functools.partial(local.submit, fn)
-        max_running = max_concurrent or 1
-        return _wait([], poll_s, queued=list(groups), submit=submit, max_running=max_running)
+        jobs: list[submitit.Job] = []
+        with _stopping_local_jobs(jobs):
+            return _wait(
+                jobs, poll_s, queued=list(groups), submit=submit, max_running=max_concurrent or 1
+            )
     raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
+
+
+@contextlib.contextmanager
+def _stopping_local_jobs(jobs: list[submitit.Job]):
+    """Stop the running local jobs (SIGINT: they keep their last saved state) when the driver
+    is interrupted or terminated; a worker would otherwise train on alone."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+    try:
+        yield
+    except BaseException:
+        for job in jobs:
+            if not job.done():
+                job.cancel()
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int) -> dict[str, Any]:

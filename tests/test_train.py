@@ -203,6 +203,35 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     assert json.loads((ref_dir / "sweep.json").read_text())["configs"][3]["seed"] == 45
 
 
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+def test_terminated_driver_stops_its_local_job(coll, tmp_path):
+    args = sweep_args(coll, tmp_path / "runs")
+    i = args.index("--executor")
+    args[i + 1] = "local"
+    i = args.index("--n-train")
+    args[i + 1] = str(10**8)
+    driver = run_train(*args)
+    for _ in range(1200):
+        states = list((tmp_path / "runs").glob("*/groups/group-000/state.safetensors"))
+        logs = list((tmp_path / "runs").glob("*/logs/*_0_log.out"))
+        if states and logs:
+            break
+        time.sleep(0.05)
+    worker = int(logs[0].name.split("_")[0])
+    assert _alive(worker)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait() != 0
+    for _ in range(1200):
+        if not _alive(worker):
+            break
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
 def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):
     sweep = tmp_path / "two_groups.py"
     sweep.write_text(
