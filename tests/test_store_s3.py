@@ -14,15 +14,11 @@ from test_store_file import exercise_store
 from saesweep.errors import UserError
 from saesweep.store import open_store
 from saesweep.store.s3 import MIN_PART_SIZE, S3Store
-from saesweep.store.s3_async import AsyncRangeReader, BlockingRangeReader, S3ReadError
+from saesweep.store.s3_async import AsyncRangeReader, S3ReadError
 
 
 def pending_uploads(store: S3Store) -> list:
     return store._client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
-
-
-def reader_for(store: S3Store, **kwargs) -> BlockingRangeReader:
-    return BlockingRangeReader(store.bucket, store.endpoint, prefix=store.prefix, **kwargs)
 
 
 def random_ranges(size: int, n: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -80,7 +76,7 @@ def test_async_reader_many_concurrent_ranges(s3_env):
     for key, data in objects.items():
         store.put(key, data)
     ranges = [(key, s, e) for key in objects for s, e in random_ranges(1 << 20, 100)]
-    with reader_for(store, max_connections=16) as reader:
+    with store.range_reader(max_connections=16) as reader:
         got = reader.get_ranges(ranges)
     assert got == [objects[key][s:e] for key, s, e in ranges]
 
@@ -109,7 +105,7 @@ def test_async_reader_streams_into_one_buffer(s3_env):
 def test_async_reader_errors(s3_env):
     store = open_store(s3_env)
     store.put("obj", b"0123456789")
-    with reader_for(store, attempts=2) as reader:
+    with store.range_reader(attempts=2) as reader:
         with pytest.raises(FileNotFoundError, match="missing"):
             reader.get_range("missing", 0, 5)
         with pytest.raises(ValueError, match="past the end"):
@@ -121,7 +117,7 @@ def test_async_reader_retries_through_server_restart(s3_env, s3_server):
     data = os.urandom(1 << 20)
     store.put("obj", data)
     ranges = [("obj", s, e) for s, e in random_ranges(len(data), 64, seed=1)]
-    with reader_for(store, max_connections=8) as reader:
+    with store.range_reader(max_connections=8) as reader:
         assert reader.get_range("obj", 0, 100) == data[:100]
         s3_server.stop()
         pending = reader.submit(ranges)
@@ -138,7 +134,7 @@ def test_unreachable_endpoint_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match=f"{endpoint}.*S3_ENDPOINT_URL"):
         store.get("key")
     with (
-        reader_for(store, attempts=2, backoff_base_s=0.01) as reader,
+        store.range_reader(attempts=2, backoff_base_s=0.01) as reader,
         pytest.raises(S3ReadError, match="failed 2 times"),
     ):
         reader.get_range("key", 0, 10)
@@ -152,7 +148,7 @@ def test_wrong_credentials_are_a_user_error(s3_env, monkeypatch, variable):
     for call in (lambda: store.get("obj"), lambda: store.exists("obj"), store.list):
         with pytest.raises(UserError, match="credentials"):
             call()
-    with reader_for(store) as reader, pytest.raises(UserError, match="credentials"):
+    with store.range_reader() as reader, pytest.raises(UserError, match="credentials"):
         reader.get_range("obj", 0, 1)
 
 
@@ -189,7 +185,7 @@ def test_malformed_endpoint_and_bucket_name_are_user_errors(s3_env, monkeypatch)
 def test_closed_range_reader_refuses_new_reads(s3_env):
     store = open_store(s3_env)
     store.put("obj", b"0123456789")
-    reader = reader_for(store)
+    reader = store.range_reader()
     target = memoryview(bytearray(10))
     reader.fetch_into("obj", target, chunk_bytes=4)
     assert bytes(target) == b"0123456789"

@@ -104,23 +104,14 @@ class S3Pipeline(Pipeline):
     fewer TLB misses when batches are gathered from it.
     """
 
-    def __init__(self, source: dict, keys, sizes, checksums, n_loops: int, n_slots: int):
-        from saesweep.store.s3_async import BlockingRangeReader
-
+    def __init__(self, make_reader, keys, sizes, checksums, n_loops: int, n_slots: int):
+        """`make_reader()` gives one BlockingRangeReader (S3Store.range_reader); `keys` are
+        store keys."""
         self.slot_bytes = -(-max(sizes) // mmap.PAGESIZE) * mmap.PAGESIZE
         self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, flags=mmap.MAP_PRIVATE)
         with contextlib.suppress(AttributeError, OSError):  # not Linux, or no THP
             self.arena.madvise(mmap.MADV_HUGEPAGE)
-        self.loops = [
-            BlockingRangeReader(
-                source["bucket"],
-                source["endpoint"],
-                prefix=source["prefix"],
-                max_connections=source["connections"],
-                session=source["session"],
-            )
-            for _ in range(max(1, n_loops))
-        ]
+        self.loops = [make_reader() for _ in range(max(1, n_loops))]
         self.keys = keys
         super().__init__(sizes, checksums, n_slots, n_slots, self._fetch)
 

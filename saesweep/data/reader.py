@@ -324,20 +324,13 @@ class Reader:
         print(f"warning: skipping {message} ({len(self.corrupt_skipped)} skipped so far)")
 
     def _start_pipeline(self) -> Pipeline:
-        keys = [s["name"] for s in self.shards]
+        keys = [f"{self.hook}/{s['name']}" for s in self.shards]
         sizes = [s["n_bytes"] for s in self.shards]
         checksums = [s["checksum"] for s in self.shards]
         common = (keys, sizes, checksums, self.n_workers, self.n_slots)
         if isinstance(self.store, FileStore):
-            return local_pipeline(str(self.store.local_path(self.hook)), *common)
-        source = {
-            "bucket": self.store.bucket,
-            "prefix": f"{self.store.prefix}/{self.hook}".strip("/"),
-            "endpoint": self.store.endpoint,
-            "connections": self.s3_connections,
-            "session": self.store.session,
-        }
-        return S3Pipeline(source, *common)
+            return local_pipeline(str(self.store.root), *common)
+        return S3Pipeline(lambda: self.store.range_reader(self.s3_connections), *common)
 
 
 def _text(bound: int | None) -> str:

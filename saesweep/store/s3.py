@@ -191,13 +191,29 @@ class S3Store(Store):
         """The object key in the bucket for store key `key`."""
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def async_reader(self, max_connections: int = 64):
-        """An AsyncRangeReader for this store's keys (see saesweep.store.s3_async)."""
+    def async_reader(self, max_connections: int = 64, **kwargs):
+        """An AsyncRangeReader for this store's keys, sharing its session (see
+        saesweep.store.s3_async for kwargs)."""
         from saesweep.store.s3_async import AsyncRangeReader
 
         return AsyncRangeReader(
-            self.bucket, self.endpoint, max_connections=max_connections, prefix=self.prefix
+            self.bucket, self.endpoint, **self._reader_args(max_connections, kwargs)
         )
+
+    def range_reader(self, max_connections: int = 64, **kwargs):
+        """A BlockingRangeReader (its own event-loop thread) for this store's keys."""
+        from saesweep.store.s3_async import BlockingRangeReader
+
+        return BlockingRangeReader(
+            self.bucket, self.endpoint, **self._reader_args(max_connections, kwargs)
+        )
+
+    def _reader_args(self, max_connections: int, kwargs: dict) -> dict:
+        return {
+            "max_connections": max_connections,
+            "prefix": self.prefix,
+            "session": self.session,
+        } | kwargs
 
     @contextlib.contextmanager
     def _errors(self, key: str = ""):
