@@ -318,9 +318,12 @@ def fvu(
 def total_variance(
     x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"],
 ) -> Float[Tensor, ""] | Float[Tensor, " n"]:
-    """sum |x - mean(x)|^2 over the batch (per member for [n, B, d_in]), at least tiny."""
+    """sum |x - mean(x)|^2 over the batch (per member for [n, B, d_in]), at least 1e-6 of the
+    batch's energy sum |x|^2 (and tiny): a batch of identical tokens gives large finite ratios,
+    not inf."""
     total = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1))
-    return total.clamp_min(torch.finfo(x.dtype).tiny)
+    floor = 1e-6 * x.pow(2).sum(dim=(-2, -1))
+    return torch.maximum(total, floor).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @jaxtyped(typechecker=beartype)

@@ -46,8 +46,7 @@ class TopKSAE(StackedSAE):
     def auxk_loss(self, x: Tensor, recon: Tensor, codes: Codes) -> Tensor:
         """[n] AuxK: the top aux_k dead latents reconstruct the residual x - recon.
 
-        Normalized by the input's total variance (at least 1e-6 of its energy: a batch of
-        identical tokens gives a large finite loss, not inf) and scaled by min(n_dead / aux_k, 1)
+        Normalized by the input's total variance and scaled by min(n_dead / aux_k, 1)
         (EleutherAI's form of OpenAI's loss). Zero when no member has dead latents.
         """
         dead = self.dead_mask()
@@ -60,8 +59,7 @@ class TopKSAE(StackedSAE):
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         aux_recon = sparse_decode(values, indices, self.W_dec)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
-        variance = torch.maximum(total_variance(x), 1e-6 * x.pow(2).sum(dim=(-2, -1)))
-        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / variance
+        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total_variance(x)
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}
