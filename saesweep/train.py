@@ -228,7 +228,7 @@ class GroupTrainer:
 
     def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
         cfg, run_dir = self.cfgs[i], self.run_dirs[i]
-        failed = bool(stack.failed[j])
+        failed, lens_cfg = bool(stack.failed[j]), stack.sae.sae_lens_cfg()
         metrics = {
             **evals,
             "failed": failed,
@@ -237,7 +237,7 @@ class GroupTrainer:
             "wall_s": self.wall_s(),
             "arch": cfg.sae.arch,
             "d_sae": stack.sae.d_sae,
-            "k": stack.sae.sae_lens_cfg().get("k"),
+            "k": lens_cfg.get("k"),
             "lr": float(stack.opt.base_lr[j]),
             "seed": cfg.seed,
             "tag": cfg.tag,
@@ -245,7 +245,7 @@ class GroupTrainer:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
         sae_cfg = {
-            **stack.sae.sae_lens_cfg(),
+            **lens_cfg,
             "hook_name": self.reader.hook,
             "model_name": self.reader.meta["model"],
             "input_scale": self.scale,
