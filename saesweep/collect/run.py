@@ -25,9 +25,10 @@ from saesweep.store import FileStore, Store, open_store
 def collect(cfg: CollectConfig) -> Part:
     """Collect this machine's share into cfg.out, resuming from what is already committed."""
     store = open_store(cfg.out)
-    check_root_config(store, cfg)
+    stored = store.get_json("cfg.json") if store.exists("cfg.json") else None
+    check_root_config(store, cfg, stored)
     with machine_lock(store, cfg.machine, cfg.n_machines):
-        return _collect_locked(cfg, store)
+        return _collect_locked(cfg, store, stored)
 
 
 @contextlib.contextmanager
@@ -37,7 +38,8 @@ def machine_lock(store: Store, machine: int, n_machines: int):
     if not isinstance(store, FileStore):
         yield
         return
-    path = store.root / "parts" / f".machine-{machine:04d}-of-{n_machines:04d}.lock"
+    part = store.root / part_key(machine, n_machines)
+    path = part.with_name(f".{part.stem}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
@@ -50,10 +52,10 @@ def machine_lock(store: Store, machine: int, n_machines: int):
         yield
 
 
-def _collect_locked(cfg: CollectConfig, store: Store) -> Part:
+def _collect_locked(cfg: CollectConfig, store: Store, stored: dict | None) -> Part:
     part = load_part(store, cfg.machine, cfg.n_machines)
     model, tokenizer = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
-    check_model_revision(store, cfg, model)
+    check_model_revision(store, cfg, model, stored)
     hooks = [resolve_hook(model, spec) for spec in cfg.hooks]
     hook_info = {
         path: _hook_info(cfg, model, spec, path, site, layer)
@@ -201,29 +203,27 @@ def _root_config(cfg: CollectConfig, model) -> dict:
     }
 
 
-def check_model_revision(store: Store, cfg: CollectConfig, model) -> None:
-    """Refuse to resume (or join) a collection whose model resolved to other weights: without
-    --revision, a hub model's main branch may have moved since."""
-    if not store.exists("cfg.json"):
-        return
-    stored = store.get_json("cfg.json").get("model_revision")
+def check_model_revision(store: Store, cfg: CollectConfig, model, stored: dict | None) -> None:
+    """Refuse to resume (or join) a collection whose model resolved to other weights (`stored`:
+    its cfg.json): without --revision, a hub model's main branch may have moved since."""
+    revision = (stored or {}).get("model_revision")
     resolved = getattr(model.config, "_commit_hash", None)
-    if stored is not None and resolved != stored:
+    if revision is not None and resolved != revision:
         raise UserError(
-            f"{store.uri} was collected from {cfg.model} at revision {stored}, but it now "
-            f"resolves to {resolved}; pass --revision {stored} to continue it"
+            f"{store.uri} was collected from {cfg.model} at revision {revision}, but it now "
+            f"resolves to {resolved}; pass --revision {revision} to continue it"
         )
 
 
-def check_root_config(store: Store, cfg: CollectConfig) -> None:
-    """Refuse to write into a location that holds a different collection or other files."""
-    if store.exists("cfg.json"):
-        stored = store.get_json("cfg.json").get("config", {})
-        wanted = data_fields(cfg)
+def check_root_config(store: Store, cfg: CollectConfig, stored: dict | None) -> None:
+    """Refuse to write into a location that holds a different collection (`stored`: its
+    cfg.json) or other files."""
+    if stored is not None:
+        config, wanted = stored.get("config", {}), data_fields(cfg)
         diff = [
-            f"{k}: stored {stored.get(k)!r}, given {wanted[k]!r}"
+            f"{k}: stored {config.get(k)!r}, given {wanted[k]!r}"
             for k in wanted
-            if stored.get(k) != wanted[k]
+            if config.get(k) != wanted[k]
         ]
         if diff:
             raise UserError(
