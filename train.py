@@ -2,7 +2,7 @@
 
 import sys
 
-from saesweep.cli_train import main
+from saesweep.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from saesweep.manifest import HookPart, Part, part_key, write_merged
+from saesweep.format.manifest import HookPart, Part, part_key, write_merged
+from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.sae.synthetic import sparse_mixture
-from saesweep.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.store import open_store
 
 HOOK = "model.layers.1"

@@ -21,7 +21,7 @@ from saesweep.collect.model import HookedModel, load_model, resolve_hook
 from saesweep.collect.run import collect, machine_lock
 from saesweep.collect.sequences import special_template
 from saesweep.errors import UserError
-from saesweep.shards import SEQ_CHUNK_BITS, checksum, decode_shard
+from saesweep.format.shards import SEQ_CHUNK_BITS, checksum, decode_shard
 from saesweep.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from s3server import free_ports
 from saesweep import Reader
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
-from saesweep.manifest import part_key
-from saesweep.shards import checksum, decode_shard
+from saesweep.format.manifest import part_key
+from saesweep.format.shards import checksum, decode_shard
 from saesweep.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

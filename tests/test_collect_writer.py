@@ -11,8 +11,8 @@ import torch
 
 from saesweep.collect.writer import PendingShard, ShardWriter
 from saesweep.errors import UserError
-from saesweep.manifest import HookPart, Part, load_part, part_key
-from saesweep.shards import shard_name
+from saesweep.format.manifest import HookPart, Part, load_part, part_key
+from saesweep.format.shards import shard_name
 from saesweep.store.file import FileStore
 
 

@@ -11,19 +11,19 @@ from safetensors.torch import load_file
 from tiny_models import build
 from transformers import AutoTokenizer
 
-from saesweep.checkpoint import load_sae, save_sae
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import HookedModel, load_model
 from saesweep.collect.run import collect
-from saesweep.downstream import (
+from saesweep.errors import UserError
+from saesweep.evaluate.downstream import (
     add_downstream,
     downstream_metrics,
     read_collection,
     rebuild_sequences,
 )
-from saesweep.errors import UserError
+from saesweep.evaluate.steering import prompt_ids, steer, steering
 from saesweep.sae.export import apply_exported, exported_acts
-from saesweep.steering import prompt_ids, steer, steering
+from saesweep.train.checkpoint import load_sae, save_sae
 
 
 def collect_small(out: Path, model: str, max_tokens: int, **kw) -> str:

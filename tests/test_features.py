@@ -11,17 +11,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from saesweep.checkpoint import load_sae
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import model_path
 from saesweep.collect.run import collect
-from saesweep.config import DataConfig, TrainConfig
-from saesweep.downstream import downstream_metrics, read_collection
 from saesweep.errors import UserError
-from saesweep.features import inspect_features, token_text, write_page
+from saesweep.evaluate.downstream import downstream_metrics, read_collection
+from saesweep.evaluate.features import inspect_features, token_text, write_page
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import exported_acts
-from saesweep.train import GroupTrainer
+from saesweep.train.checkpoint import load_sae
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.trainer import GroupTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_cli(trained, tmp_path):
     out = tmp_path / "cli.html"
     args = [str(run_dir), "--data", uri, "--latents", "0", "5", "--top", "4", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "saesweep.features", *args],
+        [sys.executable, "-m", "saesweep.evaluate.features", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -120,7 +120,7 @@ def test_cli(trained, tmp_path):
         [
             sys.executable,
             "-m",
-            "saesweep.features",
+            "saesweep.evaluate.features",
             str(run_dir),
             "--data",
             uri,

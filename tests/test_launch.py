@@ -1,4 +1,4 @@
-"""launch_groups on the debug and local executors and on a real one-node Slurm cluster."""
+"""run_groups on the debug and local executors and on a real one-node Slurm cluster."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from saesweep.launch import SlurmConfig, launch_groups
+from saesweep.executors import SlurmConfig, run_groups
 
 # Job processes cannot import this test module: ship its functions and classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -58,7 +58,7 @@ class CountSteps(submitit.helpers.Checkpointable):
 
 @pytest.mark.parametrize("executor", ["debug", "local"])
 def test_groups_run_in_order_and_a_failure_does_not_stop_others(executor, tmp_path):
-    outcomes = launch_groups(
+    outcomes = run_groups(
         square_or_fail,
         [1, -2, 3],
         executor=executor,
@@ -82,7 +82,7 @@ def test_groups_run_in_order_and_a_failure_does_not_stop_others(executor, tmp_pa
 def test_slurm_job_array_runs_one_task_per_group(slurm_cluster, tmp_path):
     out_paths = [str(tmp_path / f"group{i}.txt") for i in range(2)]
     slurm = SlurmConfig(acct="test", n_hours=0.25, cpus_per_group=1, mem_gb=0.5)
-    outcomes = launch_groups(
+    outcomes = run_groups(
         report_slurm_job,
         out_paths,
         executor="slurm",
@@ -111,7 +111,7 @@ def test_slurm_preempted_array_task_is_requeued_and_resumes_from_its_checkpoint(
     outcomes = []
     launcher = threading.Thread(
         target=lambda: outcomes.extend(
-            launch_groups(
+            run_groups(
                 CountSteps(n_steps),
                 [str(d) for d in group_dirs],
                 executor="slurm",

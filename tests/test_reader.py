@@ -13,7 +13,7 @@ from synthetic import HOOK, make_collection
 from saesweep import Reader
 from saesweep.data.window import BatchBuffers, Window
 from saesweep.errors import UserError
-from saesweep.shards import shard_name
+from saesweep.format.shards import shard_name
 
 SIZES = [300, 250, 310, 90, 400, 120]
 TOTAL = sum(SIZES)

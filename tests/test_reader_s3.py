@@ -10,7 +10,7 @@ from synthetic import HOOK, make_collection
 
 from saesweep import Reader
 from saesweep.errors import UserError
-from saesweep.shards import shard_name
+from saesweep.format.shards import shard_name
 from saesweep.store import open_store
 
 SIZES = [300, 250, 310, 90, 400, 120, 280, 330]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from synthetic import make_collection
 
-from saesweep.checkpoint import load_sae
-from saesweep.config import DataConfig, TrainConfig
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported, exported_acts
-from saesweep.train import GroupTrainer
+from saesweep.train.checkpoint import load_sae
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.trainer import GroupTrainer
 
 ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from saesweep.errors import UserError
-from saesweep.sweep import build_configs, load_sweep, parse_overrides, split_groups
+from saesweep.train.sweep import build_configs, load_sweep, parse_overrides, split_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
     """train.py --sweep PATH --dry-run in this process: (exit status, stdout, stderr)."""
-    from saesweep.cli_train import main
+    from saesweep.train.cli import main
 
     try:
         code = main(["--sweep", str(path), "--dry-run", *flags])

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 from synthetic import make_collection
 
-from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
-from saesweep.train import GroupTrainer, saved_position
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.trainer import GroupTrainer, saved_position
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16

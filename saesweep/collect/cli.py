@@ -16,7 +16,7 @@ def collect_machine(cfg: CollectConfig) -> int:
 
 
 def submit(cfg: CollectConfig) -> None:
-    from saesweep.launch import SlurmConfig, launch_groups
+    from saesweep.executors import SlurmConfig, run_groups
 
     tasks = [
         dataclasses.replace(cfg, machine=m, slurm_acct=None, progress=False)
@@ -28,7 +28,7 @@ def submit(cfg: CollectConfig) -> None:
         n_hours=cfg.n_hours,
         gpus_per_group=int(cfg.device.startswith("cuda")),
     )
-    outcomes = launch_groups(
+    outcomes = run_groups(
         collect_machine,
         tasks,
         executor="slurm",

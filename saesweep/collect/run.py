@@ -17,8 +17,8 @@ from saesweep.collect.sequences import Batch, batched, make_batch, sequences
 from saesweep.collect.text import iter_documents
 from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
-from saesweep.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
-from saesweep.shards import ACT_DTYPES, SCHEMA_VERSION
+from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
+from saesweep.format.shards import ACT_DTYPES, SCHEMA_VERSION
 from saesweep.store import FileStore, Store, open_store
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from saesweep.errors import UserError
-from saesweep.shards import SEQ_CHUNK_BITS
+from saesweep.format.shards import SEQ_CHUNK_BITS
 
 
 @dataclass(frozen=True)

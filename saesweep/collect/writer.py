@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saesweep.shards import RunningStats, checksum, encode_shard, shard_name
+from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.store import Store
 
 

@@ -24,9 +24,9 @@ from saesweep.data.order import shard_order, token_permutation, windows
 from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
 from saesweep.data.window import BatchBuffers, Window, shard_tensors
 from saesweep.errors import UserError
-from saesweep.manifest import find_hook, read_statistics
+from saesweep.format.manifest import find_hook, read_statistics
+from saesweep.format.shards import ACT_DTYPES
 from saesweep.memory import available_bytes, require_visible_device
-from saesweep.shards import ACT_DTYPES
 from saesweep.store import FileStore, open_store
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]

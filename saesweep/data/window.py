@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 import numpy as np
 import torch
 
-from saesweep.shards import safetensors_header
+from saesweep.format.shards import safetensors_header
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from saesweep.config import DataConfig, TrainConfig
 from saesweep.errors import UserError
-from saesweep.manifest import find_hook
+from saesweep.format.manifest import find_hook
 from saesweep.memory import group_bytes, require_visible_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
-from saesweep.sweep import Group
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.sweep import Group
 
 
 def describe(cfg: TrainConfig) -> str:

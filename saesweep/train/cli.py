@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from saesweep.config import TrainConfig
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.memory import check_fits
-from saesweep.plan import check_data, check_local_device, ensure_data, print_plan
-from saesweep.sweep import (
+from saesweep.train.config import TrainConfig
+from saesweep.train.preflight import check_data, check_local_device, ensure_data, print_plan
+from saesweep.train.sweep import (
     build_configs,
     deep_merge,
     load_sweep,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_dir = Path(opts["--resume"])
         cfgs = load_sweep_configs(sweep_dir, {})
         groups = split_groups(cfgs, opts.get("--max-parallel"))
-        return launch(opts, cfgs, groups, sweep_dir)
+        return check_and_run(opts, cfgs, groups, sweep_dir)
     if opts.get("--rerun"):
         source = Path(opts["--rerun"])
         cfgs = load_sweep_configs(source, parse_overrides(rest))
@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(groups, len(cfgs))
         return 0
     sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return launch(opts, cfgs, groups, sweep_dir, argv)
+    return check_and_run(opts, cfgs, groups, sweep_dir, argv)
 
 
-def launch(
+def check_and_run(
     opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path, argv: list[str] | None = None
 ) -> int:
     """Check every group (device, data, shapes; memory where it runs here), then write
     sweep.json (a new sweep: argv given) and run the groups."""
     executor = opts.get("--executor") or ("slurm" if cfgs[0].slurm_acct else "local")
-    from saesweep.launch_sweep import run_sweep
+    from saesweep.train.run import run_sweep
 
     for group in groups:
         first = group.cfgs[0]
@@ -126,7 +126,7 @@ def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def write_sweep_json(sweep_dir: Path, cfgs: list[TrainConfig], groups, argv: list[str]) -> None:
-    from saesweep.checkpoint import write_json
+    from saesweep.train.checkpoint import write_json
 
     write_json(
         sweep_dir / "sweep.json",

@@ -20,8 +20,8 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
 from saesweep.collect.sequences import special_template
-from saesweep.downstream import Run, load_run
 from saesweep.errors import UserError
+from saesweep.evaluate.downstream import Run, load_run
 from saesweep.sae.export import exported_acts
 
 Mode = Literal["add", "clamp"]

@@ -1,9 +1,9 @@
 """Benchmarks: is storage or compute the bottleneck?
 
-  uv run python -m saesweep.bench synth URI [--gb 1 --d-model 768]   write a synthetic collection
-  uv run python -m saesweep.bench reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
-  uv run python -m saesweep.bench sae [--arch switch --device cuda --bf16]  SAE training tokens/s
-  uv run python -m saesweep.bench collect [--out DIR --s3-out URI]   collection vs forward pass
+  uv run benchmarks/bench.py synth URI [--gb 1 --d-model 768]   write a synthetic collection
+  uv run benchmarks/bench.py reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
+  uv run benchmarks/bench.py sae [--arch switch --device cuda --bf16]  SAE training tokens/s
+  uv run benchmarks/bench.py collect [--out DIR --s3-out URI]   collection vs forward pass
 
 S3 URIs use the endpoint in S3_ENDPOINT_URL and the usual AWS credentials. CPU seconds are this
 process and any joined child processes; the object store's own CPU is not counted.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from saesweep.errors import exit_on_user_error
-from saesweep.manifest import find_hook
+from saesweep.format.manifest import find_hook
 from saesweep.store import FileStore, open_store
 
 
@@ -80,8 +80,8 @@ def measure(
 
 def synth(uri: str, gb: float, d_model: int, shard_tokens: int) -> None:
     """Write a collection of random bfloat16 activations (the real format) to `uri`."""
-    from saesweep.manifest import HookPart, Part, part_key, write_merged
-    from saesweep.shards import RunningStats, checksum, encode_shard, shard_name
+    from saesweep.format.manifest import HookPart, Part, part_key, write_merged
+    from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
 
     store = open_store(uri)
     _ensure_bucket(store)
@@ -351,9 +351,7 @@ def _replace(cfg, **changes):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m saesweep.bench", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="write a synthetic collection of random activations")
     s.add_argument("uri")

@@ -1,6 +1,6 @@
 """Benchmark: one group of N SAEs against N separate one-SAE runs on the same data.
 
-    uv run python -m saesweep.bench_group [--uri data/demo] [--n-saes 8] [--n-train 100000]
+    uv run benchmarks/bench_group.py [--uri data/demo] [--n-saes 8] [--n-train 100000]
 
 Each side runs `train.py` as whole processes (debug executor, wandb and downstream fidelity off),
 so the separate runs pay what a user would pay: start-up, reading and decoding the data, and

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from saesweep.errors import UserError
-from saesweep.shards import SCHEMA_VERSION, RunningStats, shard_name
+from saesweep.format.shards import SCHEMA_VERSION, RunningStats, shard_name
 from saesweep.store import Store
 
 

@@ -68,7 +68,7 @@ class GroupOutcome:
     stderr: Path | None = None
 
 
-def launch_groups(
+def run_groups(
     fn: Callable[[Any], Any],
     groups: Sequence[Any],
     *,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saesweep.config import GROUP_FIELDS, TrainConfig, check_values
 from saesweep.configtools import coerce, replace_from_dict
 from saesweep.errors import UserError
+from saesweep.train.config import GROUP_FIELDS, TrainConfig, check_values
 
 
 def load_sweep(path: Path) -> list[dict]:

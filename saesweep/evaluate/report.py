@@ -1,6 +1,6 @@
 """Sweep results: a table, results.csv, pareto.png (L0 against FVU) and report.html.
 
-uv run python -m saesweep.report SWEEP_DIR [SWEEP_DIR ...]
+uv run python -m saesweep.evaluate.report SWEEP_DIR [SWEEP_DIR ...]
 """
 
 from __future__ import annotations
@@ -163,5 +163,5 @@ def write_report(sweep_dir: Path, others: list[Path] | None = None) -> list[dict
 if __name__ == "__main__":
     dirs = [Path(p) for p in sys.argv[1:]]
     if not dirs:
-        sys.exit("usage: python -m saesweep.report SWEEP_DIR [SWEEP_DIR ...]")
+        sys.exit("usage: python -m saesweep.evaluate.report SWEEP_DIR [SWEEP_DIR ...]")
     write_report(dirs[0], dirs[1:])

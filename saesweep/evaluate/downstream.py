@@ -22,15 +22,15 @@ from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor, nn
 
-from saesweep.checkpoint import load_sae, write_json
 from saesweep.collect.model import load_model
 from saesweep.collect.sequences import Sequence, make_batch, special_template
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
-from saesweep.manifest import find_hook
+from saesweep.format.manifest import find_hook
+from saesweep.format.shards import checksum, decode_shard
 from saesweep.sae.export import apply_exported
-from saesweep.shards import checksum, decode_shard
 from saesweep.store import open_store
+from saesweep.train.checkpoint import load_sae, write_json
 
 Run = str | Path | tuple[dict, dict[str, Tensor]]
 Positions = Literal["stored", "all"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import submitit
 
-from saesweep.sweep import Group
-from saesweep.train import GroupTrainer
+from saesweep.train.sweep import Group
+from saesweep.train.trainer import GroupTrainer
 
 
 def run_dir(sweep_dir: Path, run_id: int, tag: str) -> Path:

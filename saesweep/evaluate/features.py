@@ -1,6 +1,7 @@
 """Feature inspection: the top-activating tokens of chosen SAE latents, in context, as HTML.
 
-    uv run python -m saesweep.features RUN_DIR --data URI --latents 0 5 17 --top 20 --out page.html
+    uv run python -m saesweep.evaluate.features RUN_DIR --data URI --latents 0 5 17 \
+        --top 20 --out page.html
 
 Without --latents the most frequently firing latents are shown. The collection's shards are
 scanned one at a time (no activations held beyond one shard); the contexts (the previous
@@ -20,12 +21,12 @@ from beartype import beartype
 from jaxtyping import Float, Int64, jaxtyped
 from torch import Tensor
 
-from saesweep.checkpoint import write_atomic
 from saesweep.collect.model import model_path
-from saesweep.downstream import Run, load_run, read_shard, select_shards
 from saesweep.errors import UserError, exit_on_user_error
+from saesweep.evaluate.downstream import Run, load_run, read_shard, select_shards
 from saesweep.sae.export import exported_acts
 from saesweep.store import open_store
+from saesweep.train.checkpoint import write_atomic
 
 
 @dataclass
@@ -258,7 +259,7 @@ def write_page(
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m saesweep.features", description=__doc__.splitlines()[0]
+        prog="python -m saesweep.evaluate.features", description=__doc__.splitlines()[0]
     )
     parser.add_argument("run_dir", type=Path, help="trained SAE directory (cfg.json, weights)")
     parser.add_argument("--data", required=True, help="collection URI (path, file://, s3://)")

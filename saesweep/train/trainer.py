@@ -19,19 +19,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from saesweep.checkpoint import save_sae, write_tensors
-from saesweep.config import DataConfig, TrainConfig
 from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader
-from saesweep.downstream import add_downstream
 from saesweep.errors import UserError
-from saesweep.evaluate import evaluate_stacks
-from saesweep.manifest import read_statistics
+from saesweep.evaluate.downstream import add_downstream
+from saesweep.evaluate.metrics import evaluate_stacks
+from saesweep.format.manifest import read_statistics
 from saesweep.memory import check_fits, reuse_freed_memory
-from saesweep.runlog import RunLog
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
+from saesweep.train.checkpoint import save_sae, write_tensors
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.runlog import RunLog
 
 STATE_FILE = "state.safetensors"
 """A group's trainer state, in its state directory."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from saesweep.config import TrainConfig
-from saesweep.jobs import GroupJob
-from saesweep.launch import GroupOutcome, SlurmConfig, launch_groups
-from saesweep.report import write_report
-from saesweep.sweep import Group
+from saesweep.evaluate.report import write_report
+from saesweep.executors import GroupOutcome, SlurmConfig, run_groups
+from saesweep.train.config import TrainConfig
+from saesweep.train.group_job import GroupJob
+from saesweep.train.sweep import Group
 
 
 def slurm_config(cfg: TrainConfig) -> SlurmConfig:
@@ -26,7 +26,7 @@ def slurm_config(cfg: TrainConfig) -> SlurmConfig:
 def run_sweep(sweep_dir: Path, groups: list[Group], executor: str) -> int:
     """Exit status: 0 when every group finished, 1 otherwise."""
     print(f"sweep directory: {sweep_dir}")
-    outcomes = launch_groups(
+    outcomes = run_groups(
         GroupJob(sweep_dir),
         groups,
         executor=executor,
