@@ -1,11 +1,24 @@
-"""Build frozen config dataclasses from plain dicts (TOML files, sweep files) with clear errors."""
+"""The one config mechanism of both entry points: files and flags to frozen dataclasses.
+
+collect.py (a TOML file) and train.py (a sweep file) build their configs the same way: the
+file's dicts and the command line's `--a.b-c VALUE` flags are deep-merged (flags > file >
+defaults) and applied to the dataclass defaults, with closest-key errors for unknown keys;
+range checks live beside their fields (`field(metadata=at_least(1))`), and --help is tyro's
+rendering of the field docstrings.
+
+A nested config marked `short=True` (the Slurm settings) may also be written without its
+section: `--slurm-acct A` or `--n-hours 24` name `slurm.acct` and `slurm.n_hours`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from saesweep.errors import UserError
@@ -13,13 +26,34 @@ from saesweep.errors import UserError
 T = TypeVar("T")
 
 
-def closest(name: str, options: typing.Iterable[str]) -> str:
+def closest(name: str, options: Iterable[str]) -> str:
     """' (did you mean X?)' for the nearest option, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def field_names(cls) -> list[str]:
+def section(factory: Callable[[], Any], short: bool = False) -> Any:
+    """A nested config field; `short` lets its fields be named without the section prefix."""
+    return dataclasses.field(default_factory=factory, metadata={"short": short})
+
+
+def resolve_key(cls: type, key: str) -> list[str]:
+    """The field path `key` names in `cls`: the field itself, or a field of a short section
+    spelled `<section>_<field>` or `<field>`; [] when it names nothing."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key in fields:
+        return [key]
+    hints = typing.get_type_hints(cls)
+    for name, f in fields.items():
+        if f.metadata.get("short"):
+            inner = {g.name for g in dataclasses.fields(hints[name])}
+            for candidate in (key.removeprefix(f"{name}_"), key):
+                if candidate in inner:
+                    return [name, candidate]
+    return []
+
+
+def _options(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
@@ -28,20 +62,147 @@ def replace_from_dict(base: T, values: dict[str, Any], where: str) -> T:
 
     Unknown keys and values of the wrong type raise UserError naming `where` and the key.
     """
+    values = _nest(type(base), values, where)
     hints = typing.get_type_hints(type(base))
     changes = {}
+    for name, value in values.items():
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[name] = replace_from_dict(current, value, f"{where}.{name}")
+        else:
+            changes[name] = coerce(value, hints[name], f"{where}: key {name!r}")
+    return dataclasses.replace(base, **changes)
+
+
+def _nest(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with each key resolved to its field (short section keys nested)."""
+    out: dict[str, Any] = {}
     for key, value in values.items():
         if not isinstance(key, str):
             raise UserError(f"{where}: key {key!r} is not a string; config keys are field names")
-        name = key.replace("-", "_")
-        if name not in hints or name not in field_names(type(base)):
-            raise UserError(f"{where}: unknown key {key!r}{closest(name, field_names(type(base)))}")
-        current = getattr(base, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[name] = replace_from_dict(current, value, f"{where}.{key}")
+        path = resolve_key(cls, key.replace("-", "_"))
+        if not path:
+            raise UserError(f"{where}: unknown key {key!r}{closest(key, _options(cls))}")
+        nested = value if len(path) == 1 else {path[1]: value}
+        out = deep_merge(out, {path[0]: nested})
+    return out
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override` applied; nested dicts merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
         else:
-            changes[name] = coerce(value, hints[name], f"{where}: key {key!r}")
-    return dataclasses.replace(base, **changes)
+            out[key] = value
+    return out
+
+
+def parse_command_line(args: list[str], command: type[T], config: type, program: str):
+    """The command's own flags (fields of the `command` dataclass) as a checked instance, and
+    the config flags as a nested dict of the explicitly given fields of `config`."""
+    own, overrides = parse_flags(args, (command, config), program)
+    options = replace_from_dict(command(), own, program)
+    for name, value, want in violations(options):
+        raise UserError(f"--{name.replace('_', '-')} {value!r} must be {want}")
+    return options, overrides
+
+
+def parse_flags(args: list[str], classes: tuple[type, ...], program: str) -> list[dict]:
+    """`--a.b-c VALUE` flags (`--flag` alone for true, `--no-flag` for false on booleans) to
+    one nested dict per class of the explicitly given fields; a flag goes to the first class
+    that has its field."""
+    found: list[dict] = [{} for _ in classes]
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if not flag.startswith("--"):
+            raise UserError(f"unexpected argument {flag!r}; config flags look like --lr 1e-3")
+        name, _, inline = flag[2:].partition("=")
+        negated = name.startswith("no-") and _is_bool(classes, name[3:])
+        which, path, hint = _field_path(classes, (name[3:] if negated else name), flag, program)
+        if hint is bool and not inline:
+            value: Any = not negated
+            i += 1
+        else:
+            if not inline and i + 1 >= len(args):
+                raise UserError(f"flag {flag} needs a value")
+            value = parse_value(inline or args[i + 1], hint, flag)
+            i += 1 if inline else 2
+        node = found[which]
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return found
+
+
+def _is_bool(classes: tuple[type, ...], name: str) -> bool:
+    try:
+        return _field_path(classes, name, name, "")[2] is bool
+    except UserError:
+        return False
+
+
+def _field_path(
+    classes: tuple[type, ...], name: str, flag: str, program: str
+) -> tuple[int, list[str], Any]:
+    """Which class a dotted kebab-case flag belongs to, its field path and the field's type;
+    an unknown flag names the closest field of the last class."""
+    parts = name.replace("-", "_").split(".")
+    for which, cls in enumerate(classes):
+        path, hint, complete = _walk(cls, parts)
+        if complete and dataclasses.is_dataclass(hint):
+            raise UserError(
+                f"flag {flag} names a group of settings; give one field, e.g. {flag}.FIELD"
+            )
+        if complete:
+            return which, path, hint
+    path, cls, _ = _walk(classes[-1], parts)
+    prefix = ".".join(path)
+    fields = _options(cls) if dataclasses.is_dataclass(cls) else []
+    options = [f"{prefix}.{k}" if prefix else k for k in fields]
+    match = difflib.get_close_matches(".".join(parts), options, n=1, cutoff=0.5)
+    hint = f" (did you mean --{match[0].replace('_', '-')}?)" if match else ""
+    raise UserError(f"unknown flag {flag}{hint}; see {program} --help")
+
+
+def _walk(cls: type, parts: list[str]) -> tuple[list[str], Any, bool]:
+    """The field path `parts` name in `cls` as far as they resolve, the type reached there,
+    and whether all of them resolved."""
+    path: list[str] = []
+    for part in parts:
+        found = resolve_key(cls, part) if dataclasses.is_dataclass(cls) else []
+        if not found:
+            return path, cls, False
+        for key in found:
+            cls = typing.get_type_hints(cls)[key]
+        path += found
+    return path, cls, True
+
+
+def parse_value(raw: str, hint: Any, flag: str) -> Any:
+    """A command-line string as a value of type `hint` (a list: comma-separated)."""
+    if get_origin(hint) is tuple:
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        return tuple(parse_value(item, get_args(hint)[0], flag) for item in items)
+    candidates: list[Any] = [raw]
+    if raw.lower() in ("none", "null"):
+        candidates.insert(0, None)
+    if raw.lower() in ("true", "false"):
+        candidates.insert(0, raw.lower() == "true")
+    for convert in (int, float):
+        with contextlib.suppress(ValueError):
+            candidates.insert(0, convert(raw))
+    for value in candidates:
+        with contextlib.suppress(UserError):
+            return coerce(value, hint, f"flag {flag}")
+    choices = [
+        c for arg in (*get_args(hint), hint) if get_origin(arg) is Literal for c in get_args(arg)
+    ]
+    if choices:
+        raise UserError(f"{flag} {raw!r} is not one of {', '.join(map(str, choices))}")
+    return coerce(raw, hint, f"flag {flag}")
 
 
 def parse_slice(spec: str) -> slice:
@@ -58,10 +219,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for arg in args:
-            try:
+            with contextlib.suppress(UserError):
                 return coerce(value, arg, where)
-            except UserError:
-                continue
         raise UserError(f"{where} has value {value!r}, expected {_describe(hint)}")
     if origin is Literal:
         if value in args:
@@ -91,3 +250,58 @@ def _describe(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
+
+
+def _rule(test: Callable[[Any], bool], want: str, optional: bool) -> dict:
+    def check(value: Any) -> bool:
+        if value is None:
+            return optional
+        return math.isfinite(value) and test(value)
+
+    return {"check": (check, want + (" or unset" if optional else ""))}
+
+
+def above(low: float, optional: bool = False) -> dict:
+    """Field metadata: the value must be greater than `low`."""
+    return _rule(lambda v: v > low, f"greater than {low}", optional)
+
+
+def at_least(low: float, optional: bool = False) -> dict:
+    """Field metadata: the value must be at least `low`."""
+    return _rule(lambda v: v >= low, f"at least {low}", optional)
+
+
+def fraction(open_top: bool = False) -> dict:
+    """Field metadata: the value must lie in [0, 1] (or [0, 1))."""
+    if open_top:
+        return _rule(lambda v: 0 <= v < 1, "in [0, 1)", False)
+    return _rule(lambda v: 0 <= v <= 1, "in [0, 1]", False)
+
+
+def violations(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted field name, value, what it must be) for each field breaking the check beside it."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from violations(value, f"{name}.")
+        elif "check" in f.metadata and not f.metadata["check"][0](value):
+            yield name, value, f.metadata["check"][1]
+
+
+def check_values(cfg: Any, where: str, source: str = "the file") -> None:
+    """Raise UserError naming the first field whose value breaks the check beside it."""
+    for name, value, want in violations(cfg):
+        flag = "--" + name.replace("_", "-")
+        raise UserError(
+            f"{where}: {name}={value!r}, but it must be {want}; set it in {source} or with {flag}"
+        )
+
+
+def print_help(cls: type, prog: str, usage: str) -> None:
+    """`usage`, then every field of `cls` with its docstring (tyro's rendering)."""
+    import tyro
+
+    print(usage)
+    with contextlib.suppress(SystemExit):
+        tyro.cli(cls, args=["--help"], prog=prog)

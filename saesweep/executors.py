@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import submitit
 
+from saesweep.configtools import above, at_least
 from saesweep.errors import UserError
 
 Executor = Literal["slurm", "local", "debug"]
@@ -35,24 +36,30 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 
 @dataclasses.dataclass(frozen=True)
 class SlurmConfig:
-    """Where and how large each group's Slurm job is."""
+    """Where and how large each job is (one job per training group or collection machine)."""
 
     acct: str | None = None
-    """Slurm account; when set, each parallel group runs as one job of a Slurm job array."""
+    """Slurm account; when set, each job runs on Slurm (one job array per command)."""
     partition: str | None = None
     """Slurm partition; the cluster's default partition when unset."""
-    n_hours: float = 1.0
+    qos: str | None = None
+    """Slurm quality of service."""
+    n_hours: float = dataclasses.field(default=1.0, metadata=above(0))
     """Time limit of each job in hours; jobs checkpoint and requeue shortly before it."""
-    gpus_per_group: int = 0
-    """GPUs per group (one job per group)."""
-    cpus_per_group: int = 2
-    """CPU cores per group, used by the data-loading processes."""
-    mem_gb: float | None = None
-    """Memory per group in GB; the cluster's default when unset."""
+    gpus_per_group: int | None = dataclasses.field(default=None, metadata=at_least(0, True))
+    """GPUs per job; default 1, or 0 when the device is 'cpu' (0 for a CPU partition)."""
+    cpus_per_group: int | None = dataclasses.field(default=None, metadata=at_least(1, True))
+    """CPU cores per job; default sized to the job (docs/sweeps.md#slurm)."""
+    mem_gb: float | None = dataclasses.field(default=None, metadata=above(0, True))
+    """Host memory per job in GB; default sized to the job (docs/sweeps.md#slurm)."""
     exclude: str | None = None
     """Nodes to avoid, as a Slurm node list (e.g. 'node[01-03]')."""
     constraint: str | None = None
     """Slurm node feature constraint (e.g. 'a100')."""
+    setup: tuple[str, ...] = ()
+    """Shell lines run in the job before Python starts (e.g. 'module load cuda')."""
+    extra: tuple[str, ...] = ()
+    """Further sbatch options as KEY=VALUE (e.g. 'reservation=r1'), passed as --KEY=VALUE."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +81,23 @@ def run_groups(
     *,
     executor: Executor,
     log_dir: Path,
-    slurm: SlurmConfig,
+    slurm: SlurmConfig | Sequence[SlurmConfig],
     max_concurrent: int | None = None,
     poll_s: float = 5.0,
 ) -> list[GroupOutcome]:
     """Run `fn(group)` for every group as its own job, wait for all, return outcomes in order.
 
-    A failing group does not stop the others; its outcome carries the error and log paths.
-    `max_concurrent` caps jobs running at once (default: all for Slurm, 1 for local).
+    `slurm` is one config for every group or one per group (groups with equal configs share a
+    job array). A failing group does not stop the others; its outcome carries the error and
+    log paths. `max_concurrent` caps jobs running at once (default: all for Slurm, 1 for
+    local).
     """
     if executor == "debug":
         return [_run_in_process(fn, index, group) for index, group in enumerate(groups)]
     log_dir = Path(log_dir)
     if executor == "slurm":
-        return _wait(_submit_slurm_array(fn, groups, log_dir, slurm, max_concurrent), poll_s)
+        slurms = [slurm] * len(groups) if isinstance(slurm, SlurmConfig) else list(slurm)
+        return _wait(_submit_slurm_arrays(fn, groups, log_dir, slurms, max_concurrent), poll_s)
     if executor == "local":
         local = submitit.LocalExecutor(folder=log_dir)
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
@@ -123,12 +133,15 @@ def _stopping_local_jobs(jobs: list[submitit.Job]):
 
 
 def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for one group's job."""
+    """submitit AutoExecutor parameters for one job (the sizes already resolved)."""
     params = {
         "slurm_account": slurm.acct,
         "slurm_partition": slurm.partition,
+        "slurm_qos": slurm.qos,
         "slurm_exclude": slurm.exclude,
         "slurm_constraint": slurm.constraint,
+        "slurm_setup": list(slurm.setup) or None,
+        "slurm_additional_parameters": dict(_key_value(item) for item in slurm.extra) or None,
         "timeout_min": max(1, round(slurm.n_hours * 60)),
         "gpus_per_node": slurm.gpus_per_group,
         "cpus_per_task": slurm.cpus_per_group,
@@ -136,6 +149,13 @@ def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int) -> dict[str, A
         "slurm_array_parallelism": array_parallelism,
     }
     return {key: value for key, value in params.items() if value is not None}
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--slurm-extra {item!r} is not KEY=VALUE (e.g. reservation=r1)")
+    return key.strip().removeprefix("--"), value.strip()
 
 
 def _run_in_process(fn: Callable[[Any], Any], index: int, group: Any) -> GroupOutcome:
@@ -146,6 +166,25 @@ def _run_in_process(fn: Callable[[Any], Any], index: int, group: Any) -> GroupOu
         return GroupOutcome(index, "failed", error=traceback.format_exc(), job_id="debug")
 
 
+def _submit_slurm_arrays(
+    fn: Callable[[Any], Any],
+    groups: Sequence[Any],
+    log_dir: Path,
+    slurms: list[SlurmConfig],
+    max_concurrent: int | None,
+) -> list[submitit.Job]:
+    """One job array per distinct Slurm config; the jobs in group order."""
+    by_config: dict[SlurmConfig, list[int]] = {}
+    for index, slurm in enumerate(slurms):
+        by_config.setdefault(slurm, []).append(index)
+    jobs: dict[int, submitit.Job] = {}
+    for slurm, indices in by_config.items():
+        chosen = [groups[i] for i in indices]
+        array = _submit_slurm_array(fn, chosen, log_dir, slurm, max_concurrent)
+        jobs.update(zip(indices, array, strict=True))
+    return [jobs[index] for index in range(len(groups))]
+
+
 def _submit_slurm_array(
     fn: Callable[[Any], Any],
     groups: Sequence[Any],
@@ -153,8 +192,6 @@ def _submit_slurm_array(
     slurm: SlurmConfig,
     max_concurrent: int | None,
 ) -> list[submitit.Job]:
-    if not groups:
-        return []
     executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
     executor.update_parameters(**_slurm_parameters(slurm, max_concurrent or len(groups)))
     try:

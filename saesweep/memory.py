@@ -1,4 +1,4 @@
-"""Refuse a group that cannot fit in memory before it trains, with the numbers."""
+"""Devices and memory: resolve 'auto', refuse an invisible GPU or a group that cannot fit."""
 
 from __future__ import annotations
 
@@ -26,10 +26,36 @@ def group_bytes(sae_cfgs: list[SAEConfig], d_in: int, batch_size: int) -> int:
     return total
 
 
+def resolve_device(spec: str, cuda_available: bool | None = None) -> str:
+    """The device `spec` names where this runs: 'auto' is 'cuda' when torch sees a GPU here
+    (`cuda_available`, default torch's answer), else 'cpu'; any other spec is returned as is.
+    Call it where the work runs, never on a machine that only submits it."""
+    if spec != "auto":
+        return spec
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return "cuda" if cuda_available else "cpu"
+
+
+def is_device_spec(spec: str) -> bool:
+    """Whether `spec` is 'auto' or a device string torch accepts ('cpu', 'cuda:1', 'mps')."""
+    if spec == "auto":
+        return True
+    try:
+        torch.device(spec)
+    except RuntimeError:
+        return False
+    return True
+
+
+DEVICE_SPEC = {"check": (is_device_spec, "'auto', 'cpu', 'cuda' or 'cuda:N'")}
+"""Field metadata: the value must be a device spec."""
+
+
 def require_visible_device(device: str | torch.device, named: str, fix: str) -> None:
     """A UserError when `device` is a CUDA device that this torch cannot see; `named` is how
     the user spelled it, `fix` what to do instead."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if torch.device(resolve_device(str(device))).type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{named} but this torch ({torch.__version__}) sees no CUDA device; {fix}")
 
 

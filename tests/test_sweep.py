@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from synthetic import make_collection
 
+from saesweep.collect.config import CollectConfig
 from saesweep.errors import UserError
+from saesweep.executors import SlurmConfig
+from saesweep.memory import resolve_device
 from saesweep.train.sweep import build_configs, load_sweep, parse_overrides, split_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +106,7 @@ def test_seeds_increment_from_base():
 def test_flag_parsing():
     assert parse_overrides(["--sae.exp-factor", "16"]) == {"sae": {"exp_factor": 16}}
     assert parse_overrides(["--slurm-acct", "A", "--mem-gb", "none"]) == {
-        "slurm_acct": "A",
-        "mem_gb": None,
+        "slurm": {"acct": "A", "mem_gb": None},
     }
     with pytest.raises(UserError, match="did you mean --sae.exp-factor"):
         parse_overrides(["--sae.exp-factr", "16"])
@@ -172,3 +175,98 @@ def test_help_lists_config_fields():
     )
     assert out.returncode == 0
     assert "--sae.exp-factor" in out.stdout and "Latent width as a multiple" in out.stdout
+
+
+def test_auto_device_is_decided_where_the_work_runs():
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("cuda:1", cuda_available=False) == "cuda:1"
+    assert resolve_device("cpu", cuda_available=True) == "cpu"
+    (cfg,) = build_configs([{}], {}, "x")
+    assert cfg.device == "auto" and CollectConfig().device == "auto"
+
+
+def test_dry_run_shows_each_groups_device_and_slurm_request(capsys, tmp_path):
+    coll = tmp_path / "coll"
+    make_collection(str(coll), [512] * 3, d=768, sparse=True)
+    uri = ["--train-data.uri", str(coll)]
+    code, out, err = plan(ROOT / "sweeps/lr_grid.py", *uri, "--slurm-acct", "A", capsys=capsys)
+    assert code == 0, err
+    assert "device=auto (cuda where the job runs sees a GPU, else cpu)" in out
+    # two shuffle windows of 2**20 tokens x 768 x 4 bytes = 6 GiB, plus 4 GB
+    assert "Slurm: 1 GPU, 4 CPUs, 10 GB, 1 h (account A)" in out
+    code, out, err = plan(
+        ROOT / "sweeps/lr_grid.py",
+        *uri,
+        "--slurm-acct=A",
+        "--gpus-per-group",
+        "0",
+        "--slurm.partition",
+        "cpu",
+        "--n-hours",
+        "24",
+        "--train-data.shuffle-tokens",
+        "65536",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    line = next(li for li in out.splitlines() if "Slurm:" in li)
+    assert (
+        line.strip().startswith("Slurm: 0 GPU, 4 CPUs, ")
+        and "24 h (account A, partition cpu)" in line
+    )
+    code, out, err = plan(
+        ROOT / "sweeps/lr_grid.py", *uri, "--device", "cpu", "--slurm-acct", "A", capsys=capsys
+    )
+    assert "device=cpu" in out and "Slurm: 0 GPU" in out
+    code, out, err = plan(ROOT / "sweeps/lr_grid.py", *uri, "--device", "cpu", capsys=capsys)
+    assert "device=cpu" in out and "Slurm:" not in out
+
+
+def test_every_slurm_setting_has_a_flag():
+    flags = [
+        "--slurm-acct",
+        "A",
+        "--slurm-partition",
+        "p",
+        "--slurm-qos",
+        "high",
+        "--slurm-exclude",
+        "n[1-2]",
+        "--slurm-constraint",
+        "a100",
+        "--slurm-setup",
+        "module load cuda",
+        "--slurm-extra",
+        "reservation=r1,mail-type=END",
+        "--mem-gb",
+        "64",
+        "--cpus-per-group",
+        "8",
+        "--gpus-per-group",
+        "2",
+        "--n-hours",
+        "3",
+    ]
+    (cfg,) = build_configs([{}], parse_overrides(flags), "x")
+    assert cfg.slurm == SlurmConfig(
+        acct="A",
+        partition="p",
+        qos="high",
+        n_hours=3.0,
+        gpus_per_group=2,
+        cpus_per_group=8,
+        mem_gb=64.0,
+        exclude="n[1-2]",
+        constraint="a100",
+        setup=("module load cuda",),
+        extra=("reservation=r1", "mail-type=END"),
+    )
+    (same,) = build_configs([{"slurm_acct": "A", "slurm": {"qos": "high"}}], {}, "x")
+    assert (same.slurm.acct, same.slurm.qos) == ("A", "high")
+
+
+def test_no_dependency_names_a_file_on_this_machine():
+    for name in ("pyproject.toml", "uv.lock"):
+        text = (ROOT / name).read_text()
+        assert "file://" not in text and "path = " not in text and "{ path" not in text, name

@@ -24,6 +24,8 @@ from saesweep.train.trainer import GroupTrainer, saved_position
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16
+CPU_PARTITION = ("--gpus-per-group", "0", "--cpus-per-group", "1")
+"""The test cluster's node has no GPU and may have only two cores."""
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +122,10 @@ def test_group_too_big_is_refused(coll, tmp_path):
         GroupTrainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
 
 
-def run_train(*args: str) -> subprocess.Popen:
+def run_train(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -243,7 +245,7 @@ def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):
     for flag in ("--executor", "--n-train"):
         i = args.index(flag)
         del args[i : i + 2]
-    proc = run_train(*args, "--slurm-acct", "test", "--mem-gb", "1")
+    proc = run_train(*args, "--slurm-acct", "test", "--mem-gb", "1", *CPU_PARTITION)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     sweep_dir = only_dir(tmp_path / "runs")
@@ -260,7 +262,7 @@ def test_unknown_slurm_partition_is_one_sentence(coll, tmp_path, slurm_cluster):
     args = sweep_args(coll, tmp_path / "runs")
     i = args.index("--executor")
     del args[i : i + 2]
-    proc = run_train(*args, "--slurm-acct", "test", "--slurm-partition", "nowhere")
+    proc = run_train(*args, "--slurm-acct", "test", "--slurm-partition", "nowhere", *CPU_PARTITION)
     out, err = proc.communicate()
     assert proc.returncode == 2, err
     assert "Slurm refused the job array" in err and "invalid partition" in err
@@ -304,7 +306,7 @@ def test_slurm_preemption_requeues_and_resumes(coll, tmp_path, slurm_cluster):
     assert ref.wait() == 0, ref.stderr.read()
     slurm_args = [a.replace(str(tmp_path / "ref"), str(tmp_path / "slurm")) for a in args]
     i = slurm_args.index("--executor")
-    slurm_args[i : i + 2] = ["--slurm-acct", "test", "--mem-gb", "1"]
+    slurm_args[i : i + 2] = ["--slurm-acct", "test", "--mem-gb", "1", *CPU_PARTITION]
     proc = run_train(*slurm_args)
     state = None
     for _ in range(3000):
@@ -345,7 +347,7 @@ def test_failed_group_is_listed_with_its_logs(coll, tmp_path):
         del args[i : i + 2]
     proc = run_train(*args, "--n-train", "2048")
     out, err = proc.communicate()
-    assert proc.returncode == 1
+    assert proc.returncode == 2, "a group that stopped on the user's data exits 2"
     assert "group 1 failed" in out and "holds fewer tokens than one batch" in out
     log = out.split("logs: ")[1].split()[0]
     assert Path(log).exists() and "fewer tokens" in Path(log.replace(".out", ".err")).read_text()
@@ -364,7 +366,7 @@ def test_missing_demo_data_is_collected_first(tmp_path):
     ):
         demo = demo.replace(old, new)
     toml.write_text(demo)
-    data = tmp_path / "data"
+    data = tmp_path / "data/demo"
     proc = run_train(
         "--sweep",
         str(ROOT / "sweeps/demo.py"),
@@ -372,8 +374,6 @@ def test_missing_demo_data_is_collected_first(tmp_path):
         "debug",
         "--runs-root",
         str(tmp_path / "runs"),
-        "--train-data.uri",
-        str(data),
         "--train-data.collect",
         str(toml),
         "--n-train",
@@ -386,6 +386,7 @@ def test_missing_demo_data_is_collected_first(tmp_path):
         "0",
         "--wandb-mode",
         "disabled",
+        cwd=tmp_path,
     )
     out, err = proc.communicate()
     assert proc.returncode == 0, err
@@ -397,6 +398,37 @@ def test_missing_demo_data_is_collected_first(tmp_path):
     ]
     assert [r[1] for r in rows[1:]] == ["topk", "batchtopk", "switch", "relu", "jumprelu"]
     assert [r[3] for r in rows[1:]] == ["16", "16", "16", "", ""]
+
+
+def test_a_mistyped_uri_is_refused_and_nothing_is_written(coll, tmp_path):
+    typo = tmp_path / "dta" / "demo"
+    for uri in (str(typo), f"file://{typo}"):
+        args = sweep_args(coll, tmp_path / "runs")
+        args[args.index("--train-data.collect") + 1] = "configs/demo.toml"
+        proc = run_train(*args, "--train-data.uri", uri)
+        out, err = proc.communicate()
+        assert proc.returncode == 2, err
+        assert f"{uri} holds no collection" in err and "check --train-data.uri" in err
+        assert "collecting" not in out and "Traceback" not in err
+        assert not (tmp_path / "dta").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_corrupt_shard_names_the_flag_that_skips_it(tmp_path):
+    coll = tmp_path / "coll"
+    make_collection(str(coll), [512] * 5, d=D, sparse=True)
+    shard = sorted((coll / "model.layers.1").glob("*.safetensors"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[-8:] = bytes(8)
+    shard.write_bytes(bytes(raw))
+    args = sweep_args(str(coll), tmp_path / "runs")
+    proc = run_train(*args)
+    out, err = proc.communicate()
+    assert proc.returncode == 2, "a group that stopped on a corrupt shard exits 2"
+    assert "does not match its checksum" in out and "--train-data.on-corrupt skip" in out
+    proc = run_train(*args, "--train-data.on-corrupt", "skip", "--val-data.on-corrupt", "skip")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.count("warning: skipping shard") >= 1
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,22 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import tyro
-
-from saesweep.configtools import replace_from_dict
+from saesweep.configtools import (
+    at_least,
+    check_values,
+    deep_merge,
+    parse_command_line,
+    print_help,
+    replace_from_dict,
+    section,
+)
 from saesweep.errors import UserError
+from saesweep.executors import SlurmConfig
+from saesweep.memory import DEVICE_SPEC
 
 
 @dataclass(frozen=True)
@@ -25,8 +33,9 @@ class CollectConfig:
     """Model revision (branch, tag or commit) for hub models."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
-    device: str = "cpu"
-    """Torch device for the forward pass ('cpu', 'cuda', 'cuda:1', ...)."""
+    device: str = field(default="auto", metadata=DEVICE_SPEC)
+    """Torch device for the forward pass: 'auto' (CUDA where it runs sees a GPU, else the
+    CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     hooks: tuple[str, ...] = ("resid.3",)
     """Modules whose outputs are stored: module paths ('transformer.h.6', 'model.layers.12.mlp')
     or short forms SITE.LAYER with SITE in resid, mlp, attn ('resid.3')."""
@@ -41,9 +50,9 @@ class CollectConfig:
     """Column holding the text (HF datasets, .jsonl and .parquet files)."""
     streaming: bool = True
     """Stream the HF dataset instead of downloading it whole."""
-    ctx_len: int = 128
+    ctx_len: int = field(default=128, metadata=at_least(1))
     """Tokens per sequence, special tokens included; longer documents are split."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=at_least(1))
     """Sequences per forward pass."""
     exclude_special: bool = True
     """Do not store activations of special tokens (CLS, SEP, BOS, ...)."""
@@ -51,25 +60,22 @@ class CollectConfig:
     """Dtype of stored activations."""
     out: str = "data/demo"
     """Where to write: a path, file:// URI or s3://bucket/prefix."""
-    max_tokens: int | None = None
+    max_tokens: int | None = field(default=None, metadata=at_least(1, optional=True))
     """Stop after this many stored tokens in total (each machine takes an equal share)."""
-    shard_tokens: int = 65536
+    shard_tokens: int = field(default=65536, metadata=at_least(1))
     """Tokens per shard (shards end on batch boundaries, so they hold a little more)."""
-    machine: int = 0
+    machine: int = field(default=0, metadata=at_least(0))
     """This machine's index in 0..n_machines-1; it takes every n_machines-th document."""
-    n_machines: int = 1
+    n_machines: int = field(default=1, metadata=at_least(1))
     """Number of machines sharing the collection."""
-    slurm_acct: str | None = None
-    """Slurm account: submit n_machines tasks through submitit instead of running here."""
-    slurm_partition: str | None = None
-    """Slurm partition for the collection tasks."""
-    n_hours: float = 4.0
-    """Slurm time limit per collection task, in hours."""
+    slurm: SlurmConfig = section(lambda: SlurmConfig(n_hours=4.0), short=True)
+    """Slurm settings: with --slurm-acct, n_machines tasks are submitted instead of running
+    here (each also as --slurm-FIELD or --n-hours)."""
     slurm_log_dir: str = "logs/collect"
     """Local directory for the Slurm tasks' logs."""
-    upload_threads: int = 2
+    upload_threads: int = field(default=2, metadata=at_least(1))
     """Background threads that serialize and write shards."""
-    max_inflight_shards: int = 4
+    max_inflight_shards: int = field(default=4, metadata=at_least(1))
     """Shards held in memory while being written; beyond this the forward pass waits."""
     progress: bool = True
     """Show a progress bar."""
@@ -94,54 +100,56 @@ DATA_FIELDS = (
 """Fields that define what a collection holds; resuming with any of them changed is refused."""
 
 
-def load_toml(path: Path) -> CollectConfig:
+USAGE = """usage: collect.py [--config FILE.toml] [--FIELD VALUE ...]
+
+Flags override the TOML file, which overrides the defaults. Fields:
+"""
+
+
+@dataclass(frozen=True)
+class CollectCommand:
+    """collect.py's own flags."""
+
+    config: str | None = None
+    """TOML file of config values; flags override it, it overrides the defaults."""
+
+
+def parse_cli(argv: list[str] | None = None) -> CollectConfig:
+    """`--config FILE.toml` gives the file's values; every other flag overrides a field."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(CollectConfig, "collect.py", USAGE)
+        raise SystemExit(0)
+    command, flags = parse_command_line(argv, CollectCommand, CollectConfig, "collect.py")
+    values = _toml_values(Path(command.config)) if command.config else {}
+    where = command.config or "collect.py"
+    cfg = replace_from_dict(CollectConfig(), deep_merge(values, flags), where)
+    validate(cfg, where)
+    return cfg
+
+
+def _toml_values(path: Path) -> dict:
     try:
-        values = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
-    return replace_from_dict(CollectConfig(), values, str(path))
 
 
-def parse_cli(argv: list[str] | None = None) -> CollectConfig:
-    """`--config FILE.toml` gives the defaults; every other flag overrides a field."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = _pop_config_path(argv)
-    default = load_toml(path) if path else CollectConfig()
-    cfg = tyro.cli(
-        CollectConfig,
-        default=default,
-        args=argv,
-        description="Collect activations (use --config FILE.toml for file defaults).",
-    )
-    validate(cfg)
+def load_toml(path: Path) -> CollectConfig:
+    cfg = replace_from_dict(CollectConfig(), _toml_values(path), str(path))
+    validate(cfg, str(path))
     return cfg
 
 
-def _pop_config_path(argv: list[str]) -> Path | None:
-    for i, arg in enumerate(argv):
-        if arg == "--config":
-            if i + 1 >= len(argv):
-                raise UserError("--config needs a file path")
-            path = argv[i + 1]
-            del argv[i : i + 2]
-            return Path(path)
-        if arg.startswith("--config="):
-            del argv[i]
-            return Path(arg.split("=", 1)[1])
-    return None
-
-
-def validate(cfg: CollectConfig) -> None:
-    if not 0 <= cfg.machine < cfg.n_machines:
+def validate(cfg: CollectConfig, where: str) -> None:
+    check_values(cfg, where)
+    if not cfg.machine < cfg.n_machines:
         raise UserError(
             f"--machine {cfg.machine} must be in 0..{cfg.n_machines - 1} "
             "(--n-machines is the count)"
         )
-    for name in ("ctx_len", "batch_size", "shard_tokens", "upload_threads", "max_inflight_shards"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.hooks:
         raise UserError("give at least one hook (--hooks resid.3)")
 

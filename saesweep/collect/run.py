@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import math
@@ -19,11 +20,13 @@ from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
 from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
 from saesweep.format.shards import ACT_DTYPES, SCHEMA_VERSION
+from saesweep.memory import resolve_device
 from saesweep.store import FileStore, Store, open_store
 
 
 def collect(cfg: CollectConfig) -> Part:
     """Collect this machine's share into cfg.out, resuming from what is already committed."""
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     store = open_store(cfg.out)
     stored = store.get_json("cfg.json") if store.exists("cfg.json") else None
     check_root_config(store, cfg, stored)

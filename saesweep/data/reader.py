@@ -319,7 +319,10 @@ class Reader:
         else:
             message = f"shard {name} could not be read ({status})"
         if self.on_corrupt == "raise":
-            raise UserError(f"{message}; recollect it or pass on_corrupt='skip'")
+            raise UserError(
+                f"{message}; recollect it, or leave such shards out with train.py "
+                "--train-data.on-corrupt skip (Reader(on_corrupt='skip'))"
+            )
         self.corrupt_skipped.append(name)
         print(f"warning: skipping {message} ({len(self.corrupt_skipped)} skipped so far)")
 

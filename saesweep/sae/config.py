@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from saesweep.configtools import above, at_least, fraction
 
 Arch = Literal["topk", "batchtopk", "switch", "relu", "jumprelu"]
 
@@ -15,35 +17,35 @@ class SAEConfig:
 
     arch: Arch = "topk"
     """Architecture: topk, batchtopk, switch (mixture of TopK experts), relu (L1), jumprelu (L0)."""
-    d_model: int | None = None
+    d_model: int | None = field(default=None, metadata=at_least(1, optional=True))
     """Width of the activations (d_in); optional, checked against the data when given."""
-    d_vit: int | None = None
+    d_vit: int | None = field(default=None, metadata=at_least(1, optional=True))
     """Another name for d_model (saev's sweep documents use it); taken as d_model."""
-    exp_factor: int = 8
+    exp_factor: int = field(default=8, metadata=at_least(1))
     """Latent width as a multiple of the activation width d_in (d_sae = exp_factor * d_in)."""
-    d_sae: int | None = None
+    d_sae: int | None = field(default=None, metadata=at_least(1, optional=True))
     """Explicit latent width; overrides exp_factor when set."""
-    k: int = 32
+    k: int = field(default=32, metadata=at_least(1))
     """Active latents per token (topk, switch: per token inside its expert; batchtopk: mean)."""
-    n_experts: int = 8
+    n_experts: int = field(default=8, metadata=at_least(1))
     """Switch: number of experts; each expert is a TopK SAE of width d_sae / n_experts."""
-    switch_capacity_factor: float = 2.0
+    switch_capacity_factor: float = field(default=2.0, metadata=above(0))
     """Switch: each expert takes at most ceil(factor * batch / n_experts) tokens per batch;
     tokens past an expert's capacity get no latents. n_experts or more means no token is dropped."""
-    aux_k: int | None = None
+    aux_k: int | None = field(default=None, metadata=at_least(1, optional=True))
     """AuxK (topk, batchtopk): dead latents used to model the residual; default d_in // 2."""
-    aux_coeff: float = 1 / 32
+    aux_coeff: float = field(default=1 / 32, metadata=at_least(0))
     """AuxK loss coefficient (0 turns AuxK off). May differ between members of a stack."""
-    dead_tokens: int = 10_000_000
+    dead_tokens: int = field(default=10_000_000, metadata=at_least(1))
     """A latent is dead when it has not fired for this many tokens. May differ inside a stack."""
-    jumprelu_bandwidth: float = 0.001
+    jumprelu_bandwidth: float = field(default=0.001, metadata=above(0))
     """JumpReLU: width of the rectangle kernel of the straight-through threshold gradient."""
-    jumprelu_init_threshold: float = 0.001
+    jumprelu_init_threshold: float = field(default=0.001, metadata=above(0))
     """JumpReLU: initial threshold of every latent. May differ inside a stack."""
-    batchtopk_threshold_momentum: float = 0.99
+    batchtopk_threshold_momentum: float = field(default=0.99, metadata=fraction(open_top=True))
     """BatchTopK: momentum of the running estimate of the inference threshold (the smallest
     positive activation that batch top-k kept)."""
-    relu_init_norm: float = 0.1
+    relu_init_norm: float = field(default=0.1, metadata=above(0))
     """ReLU: initial L2 norm of every decoder row (April-2024 Anthropic recipe)."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """How init_b_dec sets the decoder bias from a data sample."""
@@ -75,9 +77,9 @@ class ObjectiveConfig:
     The reconstruction term is the mean squared error per element (mean over batch and d_in).
     """
 
-    sparsity_coeff: float = 4e-4
+    sparsity_coeff: float = field(default=4e-4, metadata=at_least(0))
     """Sparsity penalty: L1 weighted by decoder row norms (relu), L0 (jumprelu); ignored else."""
-    sparsity_warmup_steps: int = 0
+    sparsity_warmup_steps: int = field(default=0, metadata=at_least(0))
     """Steps over which the sparsity coefficient rises linearly from 0 (0: no warmup)."""
-    load_balance_coeff: float = 0.01
+    load_balance_coeff: float = field(default=0.01, metadata=at_least(0))
     """Switch: coefficient of the router load-balancing loss E * sum_e f_e * P_e."""

@@ -5,80 +5,101 @@ uv run train.py --sweep sweeps/lr_grid.py [--slurm-acct A] [--lr 5e-4] [--sae.k 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from saesweep.configtools import at_least, deep_merge, parse_command_line, print_help
 from saesweep.errors import UserError, exit_on_user_error
-from saesweep.memory import check_fits
+from saesweep.memory import check_fits, resolve_device
 from saesweep.train.config import TrainConfig
-from saesweep.train.preflight import check_data, check_local_device, ensure_data, print_plan
-from saesweep.train.sweep import (
-    build_configs,
-    deep_merge,
-    load_sweep,
-    make_config,
-    parse_overrides,
-    split_groups,
+from saesweep.train.preflight import (
+    check_data,
+    check_local_device,
+    ensure_data,
+    print_plan,
+    slurm_request,
 )
+from saesweep.train.sweep import Group, build_configs, load_sweep, make_config, split_groups
 
-SWEEP_FLAGS = {
-    "--sweep": str,
-    "--rerun": str,
-    "--resume": str,
-    "--max-parallel": int,
-    "--executor": str,
-}
-EXECUTORS = ("local", "debug", "slurm")
 USAGE = """usage: train.py [--sweep FILE.py | --rerun SWEEP_DIR | --resume SWEEP_DIR] [--dry-run]
-                [--max-parallel K]
-                [--executor local|debug|slurm] [--CONFIG.FIELD VALUE ...]
+                [--max-parallel K] [--executor local|debug|slurm] [--CONFIG.FIELD VALUE ...]
 
 Without --sweep, trains one SAE from the defaults and flags. Config flags (CLI > sweep > defaults):
 """
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """train.py's own flags; every other flag overrides a TrainConfig field."""
+
+    sweep: str | None = None
+    """Sweep file: a Python file whose make_cfgs() returns a list of config dicts."""
+    rerun: str | None = None
+    """Sweep directory to run again with its recorded configs (flags override them)."""
+    resume: str | None = None
+    """Sweep directory whose unfinished groups continue from their last saved state."""
+    max_parallel: int | None = field(default=None, metadata=at_least(1, optional=True))
+    """At most this many SAEs per group (a larger group is split)."""
+    executor: Literal["local", "debug", "slurm"] | None = None
+    """Where groups run; default slurm with --slurm-acct, else local processes."""
+    dry_run: bool = False
+    """Print the plan (groups, devices, Slurm requests) and exit; touches no data."""
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print_help()
+        print_help(TrainConfig, "train.py", USAGE)
         return 0
-    opts, rest = split_flags(argv)
-    if opts.get("--resume"):
-        sweep_dir = Path(opts["--resume"])
+    command, overrides = parse_command_line(argv, TrainCommand, TrainConfig, "train.py")
+    if sum(bool(x) for x in (command.sweep, command.rerun, command.resume)) > 1:
+        raise UserError("give only one of --sweep, --rerun and --resume")
+    if command.resume:
+        sweep_dir = Path(command.resume)
         cfgs = load_sweep_configs(sweep_dir, {})
-        groups = split_groups(cfgs, opts.get("--max-parallel"))
-        return check_and_run(opts, cfgs, groups, sweep_dir)
-    if opts.get("--rerun"):
-        source = Path(opts["--rerun"])
-        cfgs = load_sweep_configs(source, parse_overrides(rest))
+        groups = split_groups(cfgs, command.max_parallel)
+        return check_and_run(command, cfgs, groups, sweep_dir)
+    if command.rerun:
+        source = Path(command.rerun)
+        cfgs = load_sweep_configs(source, overrides)
         name = f"{source.name.split('-rerun')[0]}-rerun"
     else:
-        sweep_path = Path(opts["--sweep"]) if opts.get("--sweep") else None
+        sweep_path = Path(command.sweep) if command.sweep else None
         sweep = load_sweep(sweep_path) if sweep_path else [{}]
-        cfgs = build_configs(sweep, parse_overrides(rest), str(sweep_path or "defaults"))
+        cfgs = build_configs(sweep, overrides, str(sweep_path or "defaults"))
         name = sweep_path.stem if sweep_path else "single"
-    groups = split_groups(cfgs, opts.get("--max-parallel"))
-    if opts.get("--dry-run"):
-        print_plan(groups, len(cfgs))
+    groups = split_groups(cfgs, command.max_parallel)
+    if command.dry_run:
+        print_plan(groups, len(cfgs), executor_of(command, cfgs[0]))
         return 0
     sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return check_and_run(opts, cfgs, groups, sweep_dir, argv)
+    return check_and_run(command, cfgs, groups, sweep_dir, argv)
+
+
+def executor_of(command: TrainCommand, cfg: TrainConfig) -> str:
+    return command.executor or ("slurm" if cfg.slurm.acct else "local")
 
 
 def check_and_run(
-    opts: dict, cfgs: list[TrainConfig], groups, sweep_dir: Path, argv: list[str] | None = None
+    command: TrainCommand,
+    cfgs: list[TrainConfig],
+    groups: list[Group],
+    sweep_dir: Path,
+    argv: list[str] | None = None,
 ) -> int:
     """Check every group (device, data, shapes; memory where it runs here), then write
     sweep.json (a new sweep: argv given) and run the groups."""
-    executor = opts.get("--executor") or ("slurm" if cfgs[0].slurm_acct else "local")
+    executor = executor_of(command, cfgs[0])
     from saesweep.train.run import run_sweep
 
+    slurms = []
     for group in groups:
         first = group.cfgs[0]
         if executor != "slurm":
@@ -86,43 +107,12 @@ def check_and_run(
         ensure_data(first)
         d_model = check_data(group)
         if executor != "slurm":
-            check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, first.device)
+            device = resolve_device(first.device)
+            check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, device)
+        slurms.append(slurm_request(group, d_model))
     if argv is not None:
         write_sweep_json(sweep_dir, cfgs, groups, argv)
-    return run_sweep(sweep_dir, groups, executor)
-
-
-def split_flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """Sweep-level flags, and the config flags left over."""
-    opts: dict = {}
-    rest = []
-    i = 0
-    while i < len(argv):
-        flag, _, inline = argv[i].partition("=")
-        if flag == "--dry-run":
-            opts[flag] = True
-            i += 1
-        elif flag in SWEEP_FLAGS:
-            if not inline and i + 1 >= len(argv):
-                raise UserError(f"{flag} needs a value")
-            raw = inline or argv[i + 1]
-            try:
-                opts[flag] = SWEEP_FLAGS[flag](raw)
-            except ValueError:
-                raise UserError(
-                    f"{flag} needs a {SWEEP_FLAGS[flag].__name__}, got {raw!r}"
-                ) from None
-            i += 1 if inline else 2
-        else:
-            rest.append(argv[i])
-            i += 1
-    if opts.get("--executor", "local") not in EXECUTORS:
-        raise UserError(f"--executor {opts['--executor']!r} is not one of {', '.join(EXECUTORS)}")
-    if opts.get("--max-parallel", 1) < 1:
-        raise UserError(f"--max-parallel {opts['--max-parallel']} must be at least 1")
-    if sum(bool(opts.get(f)) for f in ("--sweep", "--rerun", "--resume")) > 1:
-        raise UserError("give only one of --sweep, --rerun and --resume")
-    return opts, rest
+    return run_sweep(sweep_dir, groups, executor, slurms)
 
 
 def write_sweep_json(sweep_dir: Path, cfgs: list[TrainConfig], groups, argv: list[str]) -> None:
@@ -165,11 +155,3 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return f"{__version__}+{commit}"
-
-
-def print_help() -> None:
-    import tyro
-
-    print(USAGE)
-    with contextlib.suppress(SystemExit):
-        tyro.cli(TrainConfig, args=["--help"], prog="train.py")

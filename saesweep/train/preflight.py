@@ -1,13 +1,16 @@
-"""Before launching: print the plan of a sweep, and collect missing demo data."""
+"""Before launching: the plan of a sweep, what each job asks Slurm for, the checks before any
+job starts, and the demo collection when it is missing."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from saesweep.errors import UserError
+from saesweep.executors import SlurmConfig
 from saesweep.format.manifest import find_hook
-from saesweep.memory import group_bytes, require_visible_device
+from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
@@ -24,23 +27,73 @@ def describe(cfg: TrainConfig) -> str:
     )
 
 
-def print_plan(groups: list[Group], n_configs: int) -> None:
-    """Each group, its data, its SAEs and a memory estimate; touches no data."""
+BASE_HOST_GB = 4
+"""Host memory of a training job before its data: Python, torch, the model for downstream
+evaluation."""
+
+
+def slurm_request(group: Group, d_model: int | None) -> SlurmConfig:
+    """The group's Slurm config with its sizes resolved (docs/sweeps.md#slurm): one GPU unless
+    the device is 'cpu'; the reader's threads plus two cores; host memory for two shuffle
+    windows at 4 bytes a value, plus the SAEs' training state when they train on the CPU,
+    plus BASE_HOST_GB (left to the partition's default while d_model is unknown)."""
+    cfg = group.cfgs[0]
+    slurm = cfg.slurm
+    gpus = slurm.gpus_per_group
+    gpus = gpus if gpus is not None else int(cfg.device != "cpu")
+    cpus = slurm.cpus_per_group or cfg.train_data.n_threads + 2
+    mem_gb = slurm.mem_gb
+    if mem_gb is None and d_model:
+        host = 2 * cfg.train_data.shuffle_tokens * d_model * 4
+        if gpus == 0:
+            host += group_memory_bytes(group, d_model)
+        mem_gb = float(BASE_HOST_GB + math.ceil(host / 2**30))
+    return dataclasses.replace(slurm, gpus_per_group=gpus, cpus_per_group=cpus, mem_gb=mem_gb)
+
+
+def group_memory_bytes(group: Group, d_model: int) -> int:
+    first = group.cfgs[0]
+    return group_bytes([c.sae for c in group.cfgs], d_model, first.batch_size)
+
+
+def describe_device(cfg: TrainConfig, executor: str) -> str:
+    """The device a group trains on, as this machine can tell it."""
+    if cfg.device != "auto":
+        return cfg.device
+    if executor == "slurm":
+        return "auto (cuda where the job runs sees a GPU, else cpu)"
+    return f"auto -> {resolve_device('auto')} (here)"
+
+
+def describe_request(slurm: SlurmConfig) -> str:
+    mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "the partition's default memory"
+    where = f"account {slurm.acct}" + (f", partition {slurm.partition}" if slurm.partition else "")
+    return (
+        f"Slurm: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs, {mem}, "
+        f"{slurm.n_hours:g} h ({where})"
+    )
+
+
+def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
+    """Each group: its data, device, what it asks Slurm for, its SAEs and a memory estimate;
+    touches no data beyond a local manifest."""
     for group in groups:
         first = group.cfgs[0]
         data = first.train_data
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
         d_model = first.sae.d_model or local_d_model(data)
         memory = (
-            f"~{group_bytes([c.sae for c in group.cfgs], d_model, first.batch_size) / 2**30:.2f}"
-            f" GiB"
+            f"~{group_memory_bytes(group, d_model) / 2**30:.2f} GiB"
             if d_model
             else "unknown until d_model is known (set sae.d_model)"
         )
         print(
             f"group {group.index}: {len(group.cfgs)} SAEs, data {data.uri} {where}, "
-            f"n_train={first.n_train:,}, device={first.device}, memory {memory}"
+            f"n_train={first.n_train:,}, device={describe_device(first, executor)}, "
+            f"memory {memory}"
         )
+        if executor == "slurm":
+            print(f"  {describe_request(slurm_request(group, d_model))}")
         for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
             print(f"  run {run_id:3d}: {describe(cfg)}")
     print(f"{n_configs} configs in {len(groups)} groups")
@@ -78,20 +131,24 @@ def check_local_device(cfg: TrainConfig) -> None:
     """For jobs run on this machine: a CUDA device that torch cannot see is refused before any
     job starts (Slurm jobs are checked where they run: a login node may have no GPU)."""
     require_visible_device(
-        cfg.device, f"--device {cfg.device}", "use --device cpu, or --slurm-acct for GPU nodes"
+        cfg.device,
+        f"--device {cfg.device}",
+        "use --device auto or cpu, or --slurm-acct for GPU nodes",
     )
 
 
 def ensure_data(cfg: TrainConfig) -> None:
-    """Run the collection named by train_data.collect when a local uri holds no collection."""
+    """Run the demo collection (train_data.collect) when train_data.uri is the default demo
+    location and holds no collection yet; any other local uri without one is refused, and
+    nothing is written."""
     data = cfg.train_data
     uri = data.uri.removeprefix("file://")
     if "://" in uri or any(Path(uri).glob("*/metadata.json")):
         return
-    if not data.collect:
+    if data.uri != DataConfig.uri or not data.collect:
         raise UserError(
-            f"{data.uri} holds no collection; run collect.py first or set "
-            "--train-data.collect CONFIG.toml"
+            f"{data.uri} holds no collection (no HOOK/metadata.json under it); check "
+            f"--train-data.uri, or run collect.py --out {data.uri} first"
         )
     from saesweep.collect.config import load_toml
     from saesweep.collect.run import collect

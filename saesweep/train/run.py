@@ -5,40 +5,40 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from saesweep.errors import EXIT_USER_ERROR, UserError
 from saesweep.evaluate.report import write_report
 from saesweep.executors import GroupOutcome, SlurmConfig, run_groups
-from saesweep.train.config import TrainConfig
 from saesweep.train.group_job import GroupJob
 from saesweep.train.sweep import Group
 
 
-def slurm_config(cfg: TrainConfig) -> SlurmConfig:
-    return SlurmConfig(
-        acct=cfg.slurm_acct,
-        partition=cfg.slurm_partition,
-        n_hours=cfg.n_hours,
-        gpus_per_group=cfg.gpus_per_group,
-        cpus_per_group=cfg.cpus_per_group,
-        mem_gb=cfg.mem_gb,
-    )
-
-
-def run_sweep(sweep_dir: Path, groups: list[Group], executor: str) -> int:
-    """Exit status: 0 when every group finished, 1 otherwise."""
+def run_sweep(
+    sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig]
+) -> int:
+    """Run every group (`slurms`: each group's resolved Slurm config), then the report.
+    Exit status: 0 when every group finished; 2 when a group stopped on the user's input (a
+    corrupt shard, a bad value: the one-sentence error is printed), else 1."""
     print(f"sweep directory: {sweep_dir}")
     outcomes = run_groups(
         GroupJob(sweep_dir),
         groups,
         executor=executor,
         log_dir=sweep_dir / "logs",
-        slurm=slurm_config(groups[0].cfgs[0]),
+        slurm=slurms,
         poll_s=2.0,
     )
     write_report(sweep_dir)
     failed = [o for o in outcomes if o.status != "done"]
-    for o in failed:
-        print(f"group {o.index} failed: {failure_reason(o)}\n  logs: {o.stdout} {o.stderr}")
-    return 1 if failed else 0
+    reasons = [failure_reason(o) for o in failed]
+    for o, reason in zip(failed, reasons, strict=True):
+        print(f"group {o.index} failed: {reason}\n  logs: {o.stdout} {o.stderr}")
+    if not failed:
+        return 0
+    return EXIT_USER_ERROR if all(r.startswith(USER_ERROR) for r in reasons) else 1
+
+
+USER_ERROR = f"{UserError.__module__}.{UserError.__name__}"
+"""How a UserError's last line starts in a job's traceback."""
 
 
 def failure_reason(outcome: GroupOutcome) -> str:

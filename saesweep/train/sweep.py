@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
 import importlib.util
 import sys
 import traceback
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from saesweep.configtools import coerce, replace_from_dict
+from saesweep.configtools import check_values, deep_merge, parse_flags, replace_from_dict
 from saesweep.errors import UserError
-from saesweep.train.config import GROUP_FIELDS, TrainConfig, check_values
+from saesweep.train.config import GROUP_FIELDS, TrainConfig
 
 
 def load_sweep(path: Path) -> list[dict]:
@@ -60,92 +56,17 @@ def _where(err: Exception, path: Path) -> str:
     return f"{type(err).__name__}: {err}{line}"
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """`base` with `override` applied; nested dicts merge key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def parse_overrides(args: list[str]) -> dict:
-    """`--a.b-c VALUE` flags to a nested dict of explicitly given TrainConfig fields."""
-    overrides: dict = {}
-    i = 0
-    while i < len(args):
-        flag = args[i]
-        if not flag.startswith("--"):
-            raise UserError(f"unexpected argument {flag!r}; config flags look like --lr 1e-3")
-        name, _, inline = flag[2:].partition("=")
-        negated = name.startswith("no-") and _is_bool(name[3:])
-        path = (name[3:] if negated else name).replace("-", "_").split(".")
-        hint = _field_type(path, flag)
-        if hint is bool and not inline:
-            value: Any = not negated
-            i += 1
-        else:
-            if not inline and i + 1 >= len(args):
-                raise UserError(f"flag {flag} needs a value")
-            raw = inline or args[i + 1]
-            value = parse_value(raw, hint, flag)
-            i += 1 if inline else 2
-        node = overrides
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
+    """train.py's config flags as a nested dict of the explicitly given TrainConfig fields."""
+    (overrides,) = parse_flags(args, (TrainConfig,), "train.py")
     return overrides
-
-
-def _is_bool(name: str) -> bool:
-    try:
-        return _field_type(name.replace("-", "_").split("."), name) is bool
-    except UserError:
-        return False
-
-
-def _field_type(path: list[str], flag: str) -> Any:
-    cls: Any = TrainConfig
-    for depth, key in enumerate(path):
-        hints = typing.get_type_hints(cls)
-        if key not in hints:
-            prefix = ".".join(path[:depth])
-            options = [f"{prefix}.{k}" if prefix else k for k in hints]
-            dotted = ".".join(path[: depth + 1])
-            match = difflib.get_close_matches(dotted, options, n=1, cutoff=0.5)
-            hint = f" (did you mean --{match[0].replace('_', '-')}?)" if match else ""
-            raise UserError(f"unknown flag {flag}{hint}; see train.py --help")
-        cls = hints[key]
-    if dataclasses.is_dataclass(cls):
-        raise UserError(f"flag {flag} names a group of settings; give one field, e.g. {flag}.FIELD")
-    return cls
-
-
-def parse_value(raw: str, hint: Any, flag: str) -> Any:
-    """A command-line string as a value of type `hint`."""
-    candidates: list[Any] = [raw]
-    if raw.lower() in ("none", "null"):
-        candidates.insert(0, None)
-    if raw.lower() in ("true", "false"):
-        candidates.insert(0, raw.lower() == "true")
-    for convert in (int, float):
-        with contextlib.suppress(ValueError):
-            candidates.insert(0, convert(raw))
-    for value in candidates:
-        try:
-            return coerce(value, hint, f"flag {flag}")
-        except UserError:
-            continue
-    return coerce(raw, hint, f"flag {flag}")
 
 
 def make_config(values: dict, where: str) -> TrainConfig:
     """The defaults with `values` (nested dicts) applied: unknown keys, wrong types and
     out-of-range values raise UserError naming `where` and the key."""
     cfg = replace_from_dict(TrainConfig(), values, where)
-    check_values(cfg, where)
+    check_values(cfg, where, "the sweep")
     return _d_vit_as_d_model(cfg, where)
 
 

@@ -25,7 +25,7 @@ from saesweep.errors import UserError
 from saesweep.evaluate.downstream import add_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
 from saesweep.format.manifest import read_statistics
-from saesweep.memory import check_fits, reuse_freed_memory
+from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
@@ -52,6 +52,7 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
         shuffle_tokens=data.shuffle_tokens,
         n_workers=data.n_threads,
         shards=parse_slice(data.shards),
+        on_corrupt=data.on_corrupt,
     )
 
 
@@ -76,6 +77,7 @@ class GroupTrainer:
         sweep_name: str = "sweep",
         group_index: int = 0,
     ):
+        cfgs = [dataclasses.replace(c, device=resolve_device(c.device)) for c in cfgs]
         self.cfgs, self.run_dirs, self.state_dir = cfgs, run_dirs, state_dir
         self.sweep_name, self.group_index = sweep_name, group_index
         first = cfgs[0]
