@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -287,6 +288,15 @@ def violations(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
             yield from violations(value, f"{name}.")
         elif "check" in f.metadata and not f.metadata["check"][0](value):
             yield name, value, f.metadata["check"][1]
+
+
+PLAIN_NAME = {
+    "check": (
+        lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", v) is not None,
+        "empty or a plain name of letters, digits and . _ + = - (no '/', no leading '.')",
+    )
+}
+"""Field metadata: the value becomes part of a path, so it must be a plain name."""
 
 
 def check_values(cfg: Any, where: str, source: str = "the file") -> None:

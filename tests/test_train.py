@@ -20,6 +20,7 @@ from saesweep.errors import UserError
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
 from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.layout import create_sweep_dir, group_lock
 from saesweep.train.trainer import GroupTrainer, saved_position
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,3 +464,36 @@ def test_bad_data_is_refused_before_any_job(coll, tmp_path, flags, message):
     out, err = proc.communicate()
     assert proc.returncode == 2 and message in err and "Traceback" not in err
     assert not list((tmp_path / "runs").glob("*/*"))
+
+
+def test_launches_in_the_same_second_get_their_own_directories(tmp_path):
+    made = [create_sweep_dir(tmp_path, "lr_grid") for _ in range(5)]
+    assert len(set(made)) == 5 and all(p.is_dir() for p in made)
+    assert any(p.name.endswith("-2") for p in made), "a name taken this second gets a suffix"
+
+
+@pytest.mark.parametrize("tag", ["/../../../escaped", "a/b", "..", ".hidden", "x\x1b[2J"])
+def test_a_tag_that_is_not_a_plain_name_is_refused(coll, tmp_path, tag):
+    proc = run_train(*sweep_args(coll, tmp_path / "runs"), "--tag", tag)
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and "tag=" in err and "plain name" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_resume_skips_finished_groups_and_refuses_a_running_one(coll, tmp_path):
+    args = sweep_args(coll, tmp_path / "runs")
+    out, err = run_train(*args, "--n-train", "2048").communicate()
+    sweep_dir = only_dir(tmp_path / "runs")
+    proc = run_train("--resume", str(sweep_dir), "--executor", "debug")
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "nothing to resume" in out, err
+    assert "sweep directory" not in out, "no group ran again"
+    (sweep_dir / "runs/run-000-lr0.0001/metrics.json").unlink()
+    with group_lock(sweep_dir, 0):
+        proc = run_train("--resume", str(sweep_dir), "--executor", "debug")
+        out, err = proc.communicate()
+        assert proc.returncode == 2 and "group 0 of" in err and "is running" in err, err
+    proc = run_train("--resume", str(sweep_dir), "--executor", "debug")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert (sweep_dir / "runs/run-000-lr0.0001/metrics.json").exists()

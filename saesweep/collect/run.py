@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import itertools
 import math
 import time
@@ -20,6 +19,7 @@ from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
 from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
 from saesweep.format.shards import ACT_DTYPES, SCHEMA_VERSION
+from saesweep.locks import held_lock
 from saesweep.memory import resolve_device
 from saesweep.store import FileStore, Store, open_store
 
@@ -42,16 +42,11 @@ def machine_lock(store: Store, machine: int, n_machines: int):
         yield
         return
     part = store.root / part_key(machine, n_machines)
-    path = part.with_name(f".{part.stem}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another process is collecting machine {machine} of {n_machines} into "
-                f"{store.uri}; wait for it to finish or stop it"
-            ) from None
+    busy = (
+        f"another process is collecting machine {machine} of {n_machines} into "
+        f"{store.uri}; wait for it to finish or stop it"
+    )
+    with held_lock(part.with_name(f".{part.stem}.lock"), busy):
         yield
 
 

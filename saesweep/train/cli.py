@@ -9,15 +9,16 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from saesweep.configtools import at_least, deep_merge, parse_command_line, print_help
 from saesweep.errors import UserError, exit_on_user_error
+from saesweep.executors import SlurmConfig
 from saesweep.memory import check_fits, resolve_device
 from saesweep.train.config import TrainConfig
+from saesweep.train.layout import check_not_running, create_sweep_dir, group_finished
 from saesweep.train.preflight import (
     check_data,
     check_local_device,
@@ -62,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if sum(bool(x) for x in (command.sweep, command.rerun, command.resume)) > 1:
         raise UserError("give only one of --sweep, --rerun and --resume")
     if command.resume:
-        sweep_dir = Path(command.resume)
-        cfgs = load_sweep_configs(sweep_dir, {})
-        groups = split_groups(cfgs, command.max_parallel)
-        return check_and_run(command, cfgs, groups, sweep_dir)
+        return resume(command)
     if command.rerun:
         source = Path(command.rerun)
         cfgs = load_sweep_configs(source, overrides)
@@ -79,26 +77,41 @@ def main(argv: list[str] | None = None) -> int:
     if command.dry_run:
         print_plan(groups, len(cfgs), executor_of(command, cfgs[0]))
         return 0
-    sweep_dir = Path(cfgs[0].runs_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return check_and_run(command, cfgs, groups, sweep_dir, argv)
+    slurms = check_groups(command, groups)
+    sweep_dir = create_sweep_dir(Path(cfgs[0].runs_root), name)
+    write_sweep_json(sweep_dir, cfgs, groups, argv)
+    return run(sweep_dir, groups, executor_of(command, cfgs[0]), slurms)
+
+
+def resume(command: TrainCommand) -> int:
+    """Continue the unfinished groups of a sweep directory from their saved state."""
+    sweep_dir = Path(command.resume)
+    cfgs = load_sweep_configs(sweep_dir, {})
+    groups = split_groups(cfgs, command.max_parallel)
+    unfinished = [g for g in groups if not group_finished(sweep_dir, g)]
+    if not unfinished:
+        print(f"nothing to resume: every group of {sweep_dir} finished (--rerun trains it again)")
+        return 0
+    for group in unfinished:
+        check_not_running(sweep_dir, group)
+    slurms = check_groups(command, unfinished)
+    return run(sweep_dir, unfinished, executor_of(command, cfgs[0]), slurms)
 
 
 def executor_of(command: TrainCommand, cfg: TrainConfig) -> str:
     return command.executor or ("slurm" if cfg.slurm.acct else "local")
 
 
-def check_and_run(
-    command: TrainCommand,
-    cfgs: list[TrainConfig],
-    groups: list[Group],
-    sweep_dir: Path,
-    argv: list[str] | None = None,
-) -> int:
-    """Check every group (device, data, shapes; memory where it runs here), then write
-    sweep.json (a new sweep: argv given) and run the groups."""
-    executor = executor_of(command, cfgs[0])
-    from saesweep.train.run import run_sweep
+def run(sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig]) -> int:
+    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help, --dry-run
 
+    return run_sweep(sweep_dir, groups, executor, slurms)
+
+
+def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig]:
+    """Check every group before any job starts (device, data, shapes; memory where it runs
+    here); each group's Slurm request."""
+    executor = executor_of(command, groups[0].cfgs[0])
     slurms = []
     for group in groups:
         first = group.cfgs[0]
@@ -110,9 +123,7 @@ def check_and_run(
             device = resolve_device(first.device)
             check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, device)
         slurms.append(slurm_request(group, d_model))
-    if argv is not None:
-        write_sweep_json(sweep_dir, cfgs, groups, argv)
-    return run_sweep(sweep_dir, groups, executor, slurms)
+    return slurms
 
 
 def write_sweep_json(sweep_dir: Path, cfgs: list[TrainConfig], groups, argv: list[str]) -> None:

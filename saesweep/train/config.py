@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from saesweep.configtools import above, at_least, fraction, section
+from saesweep.configtools import PLAIN_NAME, above, at_least, fraction, section
 from saesweep.executors import SlurmConfig
 from saesweep.memory import DEVICE_SPEC
 from saesweep.sae.config import ObjectiveConfig, SAEConfig
@@ -47,7 +47,7 @@ class TrainConfig:
     """Peak learning rate; default 2e-4 / sqrt(d_sae / 2**14)."""
     seed: int = 42
     """Seed of the SAE's initial weights; a sweep gives config i the seed base + i."""
-    tag: str = ""
+    tag: str = field(default="", metadata=PLAIN_NAME)
     """Free-form label shown in the report and run names."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

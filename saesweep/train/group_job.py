@@ -1,4 +1,4 @@
-"""What one parallel-group job does, and the sweep directory layout it writes into."""
+"""What one parallel-group job does."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ from pathlib import Path
 
 import submitit
 
+from saesweep.train.layout import group_lock, run_dir, state_dir
 from saesweep.train.sweep import Group
 from saesweep.train.trainer import GroupTrainer
-
-
-def run_dir(sweep_dir: Path, run_id: int, tag: str) -> Path:
-    return sweep_dir / "runs" / (f"run-{run_id:03d}" + (f"-{tag}" if tag else ""))
-
-
-def state_dir(sweep_dir: Path, group_index: int) -> Path:
-    return sweep_dir / "groups" / f"group-{group_index:03d}"
 
 
 class GroupJob(submitit.helpers.Checkpointable):
@@ -31,14 +24,15 @@ class GroupJob(submitit.helpers.Checkpointable):
             run_dir(self.sweep_dir, i, c.tag)
             for i, c in zip(group.run_ids, group.cfgs, strict=True)
         ]
-        trainer = GroupTrainer(
-            list(group.cfgs),
-            dirs,
-            state_dir(self.sweep_dir, group.index),
-            self.sweep_dir.name,
-            group.index,
-        )
-        results = trainer.train()
+        with group_lock(self.sweep_dir, group.index):
+            trainer = GroupTrainer(
+                list(group.cfgs),
+                dirs,
+                state_dir(self.sweep_dir, group.index),
+                self.sweep_dir.name,
+                group.index,
+            )
+            results = trainer.train()
         for metrics in results:
             print(json.dumps({k: v for k, v in metrics.items() if k != "density_hist"}))
         return results
