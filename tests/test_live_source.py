@@ -1,0 +1,121 @@
+"""The model as a data source (collect/source.py) against a collection of the same config."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+from test_collect import by_token, read_hook
+
+from saesweep.collect.config import CollectConfig
+from saesweep.collect.run import collect
+from saesweep.collect.source import VAL_EVERY, ModelSource
+from saesweep.collect.text import demo_corpus
+from saesweep.errors import UserError
+from saesweep.format.shards import SEQ_CHUNK_BITS
+
+HOOKS = {"resid.1": "encoder.layer.1", "resid.3": "encoder.layer.3"}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> CollectConfig:
+    """110 documents of varied length: documents 49 and 99 are held out."""
+    root = tmp_path_factory.mktemp("text")
+    docs = [d[: 80 + 13 * i] for i, d in zip(range(110), demo_corpus(), strict=False)]
+    path = root / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return CollectConfig(
+        dataset=str(path),
+        hooks=tuple(HOOKS),
+        ctx_len=32,
+        batch_size=8,
+        act_dtype="float32",
+        out=str(root / "coll"),
+        shard_tokens=1000,
+        progress=False,
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def collection(config) -> dict[str, dict[str, torch.Tensor]]:
+    collect(config)
+    return {path: by_token(read_hook(config.out, path)) for path in HOOKS.values()}
+
+
+def one_epoch(source: ModelSource) -> dict[str, torch.Tensor]:
+    """Every batch of the first epoch, concatenated."""
+    batches = []
+    for batch, pos in source.batches():
+        if pos.epoch > 0:
+            break
+        batches.append(batch)
+    out = {f"acts/{spec}": torch.cat([b.acts[spec] for b in batches]) for spec in HOOKS}
+    for name in ("token_ids", "seq_ids", "positions"):
+        out[name] = torch.cat([getattr(b, name) for b in batches])
+    return out
+
+
+def keys(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return tensors["seq_ids"] * 4096 + tensors["positions"].long()
+
+
+def test_live_tokens_are_the_collections_in_lockstep(config, collection):
+    stored = collection["encoder.layer.3"]
+    for split in ("train", "val"):
+        source = ModelSource(
+            config, list(HOOKS), batch_size=64, window_tokens=700, seed=3, split=split
+        )
+        live = one_epoch(source)
+        docs = live["seq_ids"] >> SEQ_CHUNK_BITS
+        held_out = docs % VAL_EVERY == VAL_EVERY - 1
+        assert bool(held_out.all()) if split == "val" else not bool(held_out.any())
+        in_split = ((stored["seq_ids"] >> SEQ_CHUNK_BITS) % VAL_EVERY == VAL_EVERY - 1) == (
+            split == "val"
+        )
+        n_windows = -(-int(in_split.sum()) // 700)
+        assert int(in_split.sum()) - len(live["token_ids"]) in range(0, 64 * n_windows)
+        assert len(set(keys(live).tolist())) == len(live["token_ids"]), "no token twice"
+        index = torch.searchsorted(keys(stored), keys(live))
+        assert torch.equal(keys(stored)[index], keys(live)), "every live token is stored"
+        assert torch.equal(stored["token_ids"][index], live["token_ids"])
+        for spec, path in HOOKS.items():
+            want = collection[path]["acts"][index]
+            torch.testing.assert_close(live[f"acts/{spec}"], want, rtol=1e-2, atol=1e-2)
+
+
+def test_batches_are_shuffled_across_sequences(config):
+    source = ModelSource(config, ["resid.3"], batch_size=64, window_tokens=2000, seed=0)
+    batch, _ = next(source.batches())
+    assert len(set(batch.seq_ids.tolist())) > 20, "a batch mixes many sequences"
+
+
+def test_resume_from_a_position_continues_exactly(config, tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": d[:600]}) + "\n" for d in itertools.islice(demo_corpus(), 8))
+    )
+    few = dataclasses.replace(config, dataset=str(path))
+    source = ModelSource(few, list(HOOKS), batch_size=64, window_tokens=300, seed=5)
+    run = list(itertools.islice(source.batches(), 40))
+    assert {pos.window for _, pos in run} != {0} and {0, 1} <= {pos.epoch for _, pos in run}
+    for cut in (3, 17, 33):
+        resumed = ModelSource(few, list(HOOKS), batch_size=64, window_tokens=300, seed=5)
+        again = itertools.islice(resumed.batches(run[cut][1]), len(run) - cut - 1)
+        for (want, want_pos), (got, got_pos) in zip(run[cut + 1 :], again, strict=True):
+            assert got_pos == want_pos
+            assert torch.equal(got.seq_ids, want.seq_ids)
+            for spec in HOOKS:
+                assert torch.equal(got.acts[spec], want.acts[spec])
+
+
+def test_a_split_without_one_batch_is_one_sentence(config, tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(json.dumps({"text": "one short document"}) + "\n")
+    tiny = dataclasses.replace(config, dataset=str(path))
+    source = ModelSource(tiny, ["resid.3"], batch_size=64, window_tokens=100, seed=0)
+    with pytest.raises(UserError, match="holds no whole batch of 64 tokens"):
+        next(source.batches())
