@@ -13,14 +13,10 @@ import mmap
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
+from saesweep.format.shards import checksum
 
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 """Linux: read a mapping in when it is made (elsewhere pages are read on first use)."""
-
-
-def xxh3_128(buf) -> str:
-    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(buf)
 
 
 def verified(fetch: Callable[[], object], expected: str) -> tuple[object | None, str]:
@@ -32,7 +28,7 @@ def verified(fetch: Callable[[], object], expected: str) -> tuple[object | None,
             buf = fetch()
         except Exception as err:  # reported to the reader, which names the shard
             return None, str(err) or type(err).__name__
-        if xxh3_128(buf) == expected:
+        if checksum(buf) == expected:
             return buf, "ok"
     return buf, "corrupt"
 

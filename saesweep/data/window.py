@@ -16,14 +16,7 @@ from concurrent.futures import Executor
 import numpy as np
 import torch
 
-from saesweep.format.shards import safetensors_header
-
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "I32": torch.int32,
-}
+from saesweep.format.shards import SAFETENSORS_DTYPES, safetensors_header
 
 
 def shard_tensors(data, names: tuple[str, ...], where: str) -> dict[str, tuple[list, torch.Tensor]]:

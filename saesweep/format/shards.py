@@ -13,7 +13,18 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 SCHEMA_VERSION = 1
-ACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+"""safetensors dtype codes of the tensors a shard holds."""
+ACT_DTYPES = {
+    str(t).removeprefix("torch."): t for t in (torch.bfloat16, torch.float16, torch.float32)
+}
+"""Activation dtypes a collection may store, by their names in metadata.json."""
 SHARD_TENSORS = ("acts", "token_ids", "seq_ids", "positions")
 SEQ_CHUNK_BITS = 20
 """seq_ids = document index << SEQ_CHUNK_BITS | chunk index within the document."""

@@ -22,6 +22,7 @@ import torch
 
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.format.shards import (
+    ACT_DTYPES,
     SEQ_CHUNK_BITS,
     SHARD_TENSORS,
     checksum,
@@ -33,7 +34,6 @@ from saesweep.store import Store, open_store
 VERIFY_THREADS = 4
 STATS_DIMS = 4
 TEXT_CHARS = 1000
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 ID_BYTES_PER_TOKEN = 4 + 8 + 4
 """token_ids int32 + seq_ids int64 + positions int32."""
 
@@ -292,8 +292,8 @@ class Shell(cmd.Cmd):
         per_token = f"{n_bytes / n_tokens:,.1f}" if n_tokens else "-"
         meta = hook_metadata(self.store, hook)
         payload = ""
-        if meta.get("dtype") in DTYPE_BYTES and "d_model" in meta:
-            width = meta["d_model"] * DTYPE_BYTES[meta["dtype"]] + ID_BYTES_PER_TOKEN
+        if meta.get("dtype") in ACT_DTYPES and "d_model" in meta:
+            width = meta["d_model"] * ACT_DTYPES[meta["dtype"]].itemsize + ID_BYTES_PER_TOKEN
             payload = f" (tensor data alone: {width:,})"
         print(
             f"{hook}: {len(shards):,} shards, {n_tokens:,} tokens, {n_bytes:,} bytes, "
