@@ -13,22 +13,22 @@ import mmap
 from collections.abc import Callable
 from pathlib import Path
 
-from saesweep.format.shards import checksum
+from saesweep.format.shards import shard_problem
 
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 """Linux: read a mapping in when it is made (elsewhere pages are read on first use)."""
 
 
-def verified(fetch: Callable[[], object], expected: str) -> tuple[object | None, str]:
-    """(buffer, status) of `fetch()`; a checksum mismatch is fetched once more before calling
-    it corrupt."""
+def verified(fetch: Callable[[], object], record: dict) -> tuple[object | None, str]:
+    """(buffer, status) of `fetch()` for a shard's manifest record; a mismatch is fetched once
+    more before calling it corrupt."""
     buf = None
     for _ in range(2):
         try:
             buf = fetch()
         except Exception as err:  # reported to the reader, which names the shard
             return None, str(err) or type(err).__name__
-        if checksum(buf) == expected:
+        if shard_problem(buf, record) is None:
             return buf, "ok"
     return buf, "corrupt"
 

@@ -27,7 +27,7 @@ from saesweep.collect.sequences import Sequence, make_batch, special_template
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook
-from saesweep.format.shards import checksum, decode_shard
+from saesweep.format.shards import decode_shard, shard_problem
 from saesweep.sae.export import apply_exported
 from saesweep.store import open_store
 from saesweep.train.checkpoint import load_sae, write_json
@@ -88,11 +88,15 @@ def select_shards(uri: str, hook: str | None, shards: str) -> tuple[dict, dict, 
 def read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str, Tensor]:
     """The tensors `keep` of one shard (a manifest record), its checksum verified."""
     key = f"{hook}/{shard['name']}"
+    where = f"shard {store.child(key)}"
     data = store.get(key)
-    if checksum(data) != shard["checksum"]:
-        raise UserError(f"shard {store.uri}/{key} is corrupt (checksum mismatch); recollect it")
-    tensors = decode_shard(data)
-    return {k: tensors[k] for k in keep}
+    problem = shard_problem(data, shard)
+    if problem is not None:
+        raise UserError(f"{where} is corrupt ({problem}); recollect it")
+    try:
+        return decode_shard(data, keep, where)
+    except ValueError as err:
+        raise UserError(f"{err}; recollect it") from None
 
 
 def rebuild_sequences(

@@ -14,9 +14,25 @@ from saesweep.errors import UserError
 from saesweep.format.shards import SCHEMA_VERSION, RunningStats, shard_name
 from saesweep.store import Store
 
+PARTS = "parts/"
+"""Where the machines' part files live, under the collection root."""
+
 
 def part_key(machine: int, n_machines: int) -> str:
-    return f"parts/machine-{machine:04d}-of-{n_machines:04d}.json"
+    return f"{PARTS}machine-{machine:04d}-of-{n_machines:04d}.json"
+
+
+def is_part_key(key: str) -> bool:
+    return key.startswith(PARTS) and key.endswith(".json")
+
+
+def metadata_key(hook: str) -> str:
+    return f"{hook}/metadata.json"
+
+
+def is_metadata_key(key: str) -> bool:
+    """Whether `key` is a hook's metadata.json (directly under a hook directory)."""
+    return key.endswith("/metadata.json") and key.count("/") == 1
 
 
 @dataclass
@@ -89,10 +105,9 @@ def write_merged(store: Store, parts: list[Part], hook_info: dict[str, dict]) ->
     """Write metadata.json and statistics.json of every hook from the parts."""
     complete = all(p.complete for p in parts)
     for hook, info in hook_info.items():
-        shards, stats = [], None
+        shards, stats = merged_shards(parts, hook), None
         for part in parts:
             hp = part.hooks.get(hook, HookPart())
-            shards += [{**s, "machine": part.machine} for s in hp.shards]
             if hp.stats:
                 stats = hp.stats if stats is None else stats.merge(hp.stats)
         meta = {
@@ -102,15 +117,34 @@ def write_merged(store: Store, parts: list[Part], hook_info: dict[str, dict]) ->
             "n_tokens": sum(s["n_tokens"] for s in shards),
             "shards": shards,
         }
-        store.put_json(f"{hook}/metadata.json", meta)
+        store.put_json(metadata_key(hook), meta)
         if stats is not None:
             store.put_json(f"{hook}/statistics.json", stats.summary())
 
 
+def merged_shards(parts: list[Part], hook: str) -> list[dict]:
+    """The shard records of `hook` from every part, in machine order, each with its machine."""
+    return [
+        {**s, "machine": part.machine}
+        for part in parts
+        for s in part.hooks.get(hook, HookPart()).shards
+    ]
+
+
 def list_hooks(store: Store) -> list[dict]:
     """metadata.json of every hook in the collection at `store`."""
-    keys = [k for k in store.list() if k.endswith("/metadata.json") and k.count("/") == 1]
-    return [store.get_json(k) for k in keys]
+    return [store.get_json(k) for k in store.list() if is_metadata_key(k)]
+
+
+def hook_manifests(store: Store) -> dict[str, list[dict]]:
+    """Hook directory -> its shard records: from metadata.json, else merged from the machines'
+    part files (a multi-machine collection writes metadata.json only when every part is done)."""
+    keys = store.list()
+    manifests = {k.split("/")[0]: store.get_json(k)["shards"] for k in keys if is_metadata_key(k)}
+    parts = [Part.from_json(store.get_json(k)) for k in keys if is_part_key(k)]
+    for hook in {h for part in parts for h in part.hooks} - set(manifests):
+        manifests[hook] = merged_shards(parts, hook)
+    return dict(sorted(manifests.items()))
 
 
 def find_hook(store: Store, hook: str | None = None, layer: int | None = None) -> dict:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from saesweep.errors import UserError, exit_on_user_error
+from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
 from saesweep.format.shards import (
     ACT_DTYPES,
     SEQ_CHUNK_BITS,
@@ -28,6 +29,7 @@ from saesweep.format.shards import (
     checksum,
     decode_shard,
     safetensors_header,
+    shard_problem,
 )
 from saesweep.store import Store, open_store
 
@@ -59,7 +61,7 @@ def open_collection(uri: str) -> Store:
 
 
 def _is_collection_key(key: str) -> bool:
-    return key.startswith("parts/") or (key.endswith("/metadata.json") and key.count("/") == 1)
+    return key.startswith(PARTS) or is_metadata_key(key)
 
 
 def object_sizes(store: Store, prefix: str = "") -> dict[str, int]:
@@ -85,42 +87,18 @@ def _s3_sizes(store, prefix: str) -> dict[str, int]:
     return {k: s for k, s in sizes.items() if not prefix or k == prefix or k.startswith(under)}
 
 
-def hook_manifests(store: Store) -> dict[str, list[dict]]:
-    """Hook directory -> its shard records: from metadata.json, else from the machines' part
-    files (a multi-machine collection writes metadata.json only when every part is done)."""
-    keys = store.list()
-    manifests = {
-        key.split("/")[0]: store.get_json(key)["shards"]
-        for key in keys
-        if key.endswith("/metadata.json") and key.count("/") == 1
-    }
-    merged = set(manifests)
-    for key in keys:
-        if key.startswith("parts/") and key.endswith(".json"):
-            for hook, hook_part in store.get_json(key)["hooks"].items():
-                if hook not in merged:
-                    manifests.setdefault(hook, []).extend(hook_part["shards"])
-    return dict(sorted(manifests.items()))
-
-
 def hook_metadata(store: Store, hook: str) -> dict:
     """`<hook>/metadata.json`, or {} while it is not written yet."""
-    key = f"{hook}/metadata.json"
+    key = metadata_key(hook)
     return store.get_json(key) if store.exists(key) else {}
 
 
-def shard_problem(store: Store, key: str, record: dict) -> str | None:
+def stored_shard_problem(store: Store, key: str, record: dict) -> str | None:
     """Why the shard at `key` does not match its manifest record, or None when it does."""
     try:
-        data = store.get(key)
+        return shard_problem(store.get(key), record)
     except FileNotFoundError:
         return "missing"
-    if len(data) != record["n_bytes"]:
-        return f"size {len(data):,} bytes, manifest n_bytes {record['n_bytes']:,}"
-    found = checksum(data)
-    if found != record["checksum"]:
-        return f"checksum mismatch (manifest {record['checksum']}, file {found})"
-    return None
 
 
 # ---------------------------------------------------------------- shard helpers
@@ -317,7 +295,9 @@ class Shell(cmd.Cmd):
         jobs = [(h, s) for h, shards in hook_manifests(self.store).items() for s in shards]
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
             problems = list(
-                pool.map(lambda j: shard_problem(self.store, f"{j[0]}/{j[1]['name']}", j[1]), jobs)
+                pool.map(
+                    lambda j: stored_shard_problem(self.store, f"{j[0]}/{j[1]['name']}", j[1]), jobs
+                )
             )
         bad = [(h, s["name"], p) for (h, s), p in zip(jobs, problems, strict=True) if p]
         for hook, name, problem in bad:
@@ -338,7 +318,7 @@ class Shell(cmd.Cmd):
         key = self._shard_key(arg.strip())
         data = self.store.get(key)
         header, _ = safetensors_header(data, self._uri(key))
-        tensors = decode_shard(data)
+        tensors = decode_shard(data, where=self._uri(key))
         hook, name = posixpath.split(key)
         record = {s["name"]: s for s in hook_manifests(self.store).get(hook, [])}.get(name)
         print(f"shard {self._uri(key)}: {len(data):,} bytes")
