@@ -26,7 +26,7 @@ from saesweep.errors import UserError, exit_on_user_error
 from saesweep.evaluate.downstream import Run, load_run, read_shard, select_shards
 from saesweep.sae.export import exported_acts
 from saesweep.store import open_store
-from saesweep.train.checkpoint import write_atomic
+from saesweep.store.file import write_atomic
 
 
 @dataclass
@@ -252,7 +252,7 @@ def write_page(
     )
     _, config, _ = select_shards(uri, run[0].get("hook_name"), shards)
     page = render_html(found, load_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
-    write_atomic(out, lambda p: p.write_text(page, encoding="utf-8"))
+    write_atomic(out, lambda f: f.write(page.encode("utf-8")))
     return found
 
 

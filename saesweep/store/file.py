@@ -6,10 +6,40 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from saesweep.errors import UserError
 from saesweep.store.base import Store
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it onto
+    `path`: readers (and a run resumed after a crash) see the old file or the new one, never a
+    mix. A full disk or an unwritable directory is a UserError naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(
+            f"cannot write {path} ({err.strerror or err}); check the path and its permissions"
+        ) from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise UserError(
+                f"cannot write {path}: the disk holding it is full; free space there and "
+                "rerun the same command to resume"
+            ) from err
+        raise
 
 
 class FileStore(Store):
@@ -20,40 +50,15 @@ class FileStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def _write_atomically(self, key: str, write) -> None:
-        dest = self._path(key)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        except OSError as err:
-            raise UserError(
-                f"cannot write {dest} ({err.strerror or err}); check the path and its permissions"
-            ) from err
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise UserError(
-                    f"the disk holding {self.root} is full; free space there and rerun "
-                    "the same command to resume"
-                ) from err
-            raise
-
     def put(self, key: str, data: bytes) -> None:
-        self._write_atomically(key, lambda f: f.write(data))
+        write_atomic(self._path(key), lambda f: f.write(data))
 
     def put_file(self, key: str, path: Path) -> None:
         def copy(f):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, f, length=16 << 20)
 
-        self._write_atomically(key, copy)
+        write_atomic(self._path(key), copy)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()

@@ -4,35 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from saesweep.store.file import write_atomic
 
 CHECKPOINT_SCHEMA = 1
 
 
-def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), flush it to disk, then rename onto `path`: readers (and a run
-    resumed after a crash) see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value) -> None:
-    write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=1, default=_json_default)))
+    text = json.dumps(value, indent=1, default=_json_default)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _json_default(obj):
@@ -47,7 +31,8 @@ def write_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(path, lambda p: save_file(contiguous, str(p), metadata=metadata))
+    data = save(contiguous, metadata=metadata)  # bytes: a full disk is an OSError, not Rust's
+    write_atomic(path, lambda f: f.write(data))
 
 
 def save_sae(run_dir: Path, weights: dict[str, torch.Tensor], sae_cfg: dict, metrics: dict) -> None:
