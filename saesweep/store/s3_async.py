@@ -14,9 +14,14 @@ from urllib.parse import quote, urlsplit
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
-from saesweep.errors import UserError
 from saesweep.store.http_recv import ConnectionPool, Reply
-from saesweep.store.s3 import CREDENTIAL_HINT, backoff_s, boto_session, region_for
+from saesweep.store.s3_common import (
+    backoff_s,
+    boto_session,
+    is_transient_reply,
+    region_for,
+    reply_error,
+)
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -164,20 +169,12 @@ class AsyncRangeReader:
         body = (reply.body or b"").decode("utf-8", errors="replace")
         code = re.search(r"<Code>(.*?)</Code>", body)
         code = code[1] if code else str(reply.status)
-        if reply.status >= 500 or reply.status == 429 or code == "SlowDown":
+        if is_transient_reply(reply.status, code):
             return _Transient(f"HTTP {reply.status} {code}")
-        if code == "NoSuchBucket":
-            return UserError(
-                f"bucket {self.bucket!r} does not exist at {self._where()}; "
-                "create it or fix the store URI"
-            )
-        if reply.status == 404:
-            return FileNotFoundError(f"s3://{self.bucket}/{self.object_key(key)} does not exist")
-        if reply.status == 403:
-            return UserError(
-                f"S3 at {self._where()} rejected the credentials for bucket "
-                f"{self.bucket!r} ({code}); {CREDENTIAL_HINT}"
-            )
+        uri = f"s3://{self.bucket}/{self.object_key(key)}"
+        mapped = reply_error(reply.status, code, uri, self._where())
+        if mapped is not None:
+            return mapped
         if reply.status == 416:
             return ValueError(f"the range asked of {self.url(key)} starts past its end")
         return S3ReadError(f"GET {self.url(key)} failed: HTTP {reply.status} {code}")
