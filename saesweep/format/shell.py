@@ -64,29 +64,6 @@ def _is_collection_key(key: str) -> bool:
     return key.startswith(PARTS) or is_metadata_key(key)
 
 
-def object_sizes(store: Store, prefix: str = "") -> dict[str, int]:
-    """Size in bytes of every object under `prefix` (the keys `store.list(prefix)` gives)."""
-    from saesweep.store.s3 import S3Store
-
-    if isinstance(store, S3Store):
-        return _s3_sizes(store, prefix)
-    return {key: store.size(key) for key in store.list(prefix)}
-
-
-def _s3_sizes(store, prefix: str) -> dict[str, int]:
-    """One LIST per 1000 objects (sizes come with the listing) instead of a HEAD per object."""
-    start = store.key_of(prefix) if prefix else (f"{store.prefix}/" if store.prefix else "")
-    pages = store._client.get_paginator("list_objects_v2").paginate(
-        Bucket=store.bucket, Prefix=start
-    )
-    with store._errors():
-        objects = [(o["Key"], o["Size"]) for page in pages for o in page.get("Contents", [])]
-    strip = len(store.prefix) + 1 if store.prefix else 0
-    sizes = {name[strip:]: size for name, size in objects if not name.endswith("/")}
-    under = prefix.rstrip("/") + "/"
-    return {k: s for k, s in sizes.items() if not prefix or k == prefix or k.startswith(under)}
-
-
 def hook_metadata(store: Store, hook: str) -> dict:
     """`<hook>/metadata.json`, or {} while it is not written yet."""
     key = metadata_key(hook)
@@ -197,7 +174,7 @@ class Shell(cmd.Cmd):
     def _children(self, prefix: str) -> dict[str, tuple[int, int]]:
         """Immediate children of `prefix` -> (objects, bytes); directories end with '/'."""
         children: dict[str, tuple[int, int]] = {}
-        for key, size in object_sizes(self.store, prefix).items():
+        for key, size in self.store.list_sizes(prefix).items():
             rest = key[len(prefix) + 1 :] if prefix else key
             head, sep, _ = rest.partition("/")
             name = head + sep
@@ -257,14 +234,14 @@ class Shell(cmd.Cmd):
     def do_sizecheck(self, arg: str) -> None:
         """sizecheck: total bytes here, and per hook the bytes per token and whether every
         shard's size equals its manifest n_bytes."""
-        sizes = object_sizes(self.store, self.cwd)
+        sizes = self.store.list_sizes(self.cwd)
         total = sum(sizes.values())
         print(f"total {total:,} bytes ({_human(total)}) in {len(sizes):,} objects")
         for hook, shards in self._scoped_hooks().items():
             self._size_report(hook, shards)
 
     def _size_report(self, hook: str, shards: list[dict]) -> None:
-        sizes = object_sizes(self.store, hook)
+        sizes = self.store.list_sizes(hook)
         n_tokens = sum(s["n_tokens"] for s in shards)
         n_bytes = sum(sizes.get(f"{hook}/{s['name']}", 0) for s in shards)
         per_token = f"{n_bytes / n_tokens:,.1f}" if n_tokens else "-"

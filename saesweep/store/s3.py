@@ -340,16 +340,20 @@ class S3Store(Store):
         return self._head(key)["ContentLength"]
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """One LIST per 1000 objects (sizes come with the listing), not a HEAD per object."""
         start = self.key_of(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=start
         )
         with self._errors():
-            names = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+            objects = [(o["Key"], o["Size"]) for page in pages for o in page.get("Contents", [])]
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = (name[strip:] for name in names if not name.endswith("/"))
+        sizes = {name[strip:]: size for name, size in objects if not name.endswith("/")}
         under = prefix.rstrip("/") + "/"
-        return sorted(k for k in keys if not prefix or k == prefix or k.startswith(under))
+        return {k: n for k, n in sizes.items() if not prefix or k == prefix or k.startswith(under)}
 
     def delete(self, key: str) -> None:
         with self._errors(key):
