@@ -124,8 +124,12 @@ class Reader:
             return None
         if normalize != "norm":
             raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
-        stats = read_statistics(self.store, self.hook)
-        return {"kind": "norm", "scale": math.sqrt(self.d_model) / stats["mean_norm"]}
+        return {"kind": "norm", "scale": self.norm_scale()}
+
+    def norm_scale(self) -> float:
+        """The factor that brings this hook's mean L2 norm per token to sqrt(d_model), from
+        statistics.json (normalize='norm')."""
+        return math.sqrt(self.d_model) / read_statistics(self.store, self.hook)["mean_norm"]
 
     def __len__(self) -> int:
         per_epoch = self.n_tokens / self.batch_size

@@ -24,7 +24,6 @@ from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import add_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
-from saesweep.format.manifest import read_statistics
 from saesweep.memory import check_fits, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
@@ -109,8 +108,7 @@ class GroupTrainer:
     def _input_scale(self, data: DataConfig) -> float:
         if data.normalize == "none":
             return 1.0
-        stats = read_statistics(self.reader.store, self.reader.hook)
-        return math.sqrt(self.reader.d_model) / stats["mean_norm"]
+        return self.reader.norm_scale()
 
     def _build_stacks(self) -> list[Stack]:
         buckets: dict = {}
