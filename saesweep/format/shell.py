@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from saesweep.collect.model import load_tokenizer
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
 from saesweep.format.shards import (
@@ -104,20 +105,6 @@ def first_sequence(tensors: dict[str, torch.Tensor]) -> tuple[int, list[int], li
     positions = tensors["positions"][mask]
     order = positions.argsort()
     return int(seq_ids[0]), tensors["token_ids"][mask][order].tolist(), positions[order].tolist()
-
-
-def load_tokenizer(model: str, revision: str | None, download: bool):
-    """The collection model's tokenizer from local files (or the hub if `download`), else None."""
-    try:
-        from transformers import AutoTokenizer
-
-        from saesweep.collect.model import model_path
-
-        return AutoTokenizer.from_pretrained(
-            model_path(model), revision=revision, local_files_only=not download
-        )
-    except Exception:
-        return None
 
 
 # ---------------------------------------------------------------- the shell
@@ -364,7 +351,11 @@ class Shell(cmd.Cmd):
         if model is None:
             return None, None
         if model not in self._tokenizers:
-            self._tokenizers[model] = load_tokenizer(model, cfg.get("revision"), self.download)
+            try:
+                found = load_tokenizer(model, cfg.get("revision"), self.download)
+            except UserError:
+                found = None
+            self._tokenizers[model] = found
         return self._tokenizers[model], model
 
     def do_stats(self, arg: str) -> None:
