@@ -28,7 +28,7 @@ from botocore.exceptions import (
 
 from saesweep.errors import UserError
 from saesweep.store.base import Store
-from saesweep.store.s3_async import AsyncRangeReader, BlockingRangeReader
+from saesweep.store.s3_async import BlockingRangeReader
 from saesweep.store.s3_common import (
     CREDENTIAL_HINT,
     backoff_s,
@@ -161,25 +161,19 @@ class S3Store(Store):
         """The object key in the bucket for store key `key`."""
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def async_reader(self, max_connections: int = 64, **kwargs):
-        """An AsyncRangeReader for this store's keys, sharing its session (see
-        saesweep.store.s3_async for kwargs)."""
-        return AsyncRangeReader(
-            self.bucket, self.endpoint, **self._reader_args(max_connections, kwargs)
-        )
+    def range_reader(self, max_connections: int = 64, **kwargs) -> BlockingRangeReader:
+        """A BlockingRangeReader (its own event-loop thread) for this store's keys (see
+        saesweep.store.s3_async for kwargs), sharing this store's session."""
+        return BlockingRangeReader(max_connections=max_connections, **self.reader_args(), **kwargs)
 
-    def range_reader(self, max_connections: int = 64, **kwargs):
-        """A BlockingRangeReader (its own event-loop thread) for this store's keys."""
-        return BlockingRangeReader(
-            self.bucket, self.endpoint, **self._reader_args(max_connections, kwargs)
-        )
-
-    def _reader_args(self, max_connections: int, kwargs: dict) -> dict:
+    def reader_args(self) -> dict:
+        """What a range reader of this store's keys is made with: where, and the session."""
         return {
-            "max_connections": max_connections,
+            "bucket": self.bucket,
+            "endpoint": self.endpoint,
             "prefix": self.prefix,
             "session": self.session,
-        } | kwargs
+        }
 
     @contextlib.contextmanager
     def _errors(self, key: str = ""):

@@ -106,12 +106,6 @@ class AsyncRangeReader:
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
         return dict(request.headers.items())
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of `key`."""
-        buffer = bytearray(end - start)
-        await self.get_range_into(key, start, end, memoryview(buffer))
-        return bytes(buffer)
-
     async def get_object_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """The first len(target) bytes of `key` into `target`, as concurrent range GETs of
         chunk_bytes each. When one fails, the others are cancelled before this raises: no
@@ -225,11 +219,7 @@ class BlockingRangeReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def submit(self, ranges: list[tuple[str, int, int]]) -> Future[list[bytes]]:
-        """Start fetching (key, start, end) ranges concurrently; the future gives their bytes."""
-        return self._run(lambda: self._gather(ranges))
-
-    def _run(self, make_coro) -> Future:
+    def schedule(self, make_coro) -> Future:
         """Schedule a coroutine on the loop; once close() has begun, refuse instead (under the
         lock, anything scheduled before is cancelled by close(), so no caller waits forever)."""
         with self._lock:
@@ -237,12 +227,9 @@ class BlockingRangeReader:
                 raise ConnectionError("the range reader is closed")
             return asyncio.run_coroutine_threadsafe(make_coro(), self._loop)
 
-    async def _gather(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        return await all_or_none([self.reader.get_range(*r) for r in ranges])
-
     def fetch_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """Fill `target` with the start of `key` (see AsyncRangeReader.get_object_into)."""
-        self._run(lambda: self.reader.get_object_into(key, target, chunk_bytes)).result()
+        self.schedule(lambda: self.reader.get_object_into(key, target, chunk_bytes)).result()
 
     async def _shutdown(self) -> None:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -250,13 +237,6 @@ class BlockingRangeReader:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.reader.close()
-
-    def get_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        """The bytes of each (key, start, end) range, fetched concurrently."""
-        return self.submit(ranges).result()
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        return self.get_ranges([(key, start, end)])[0]
 
     def close(self) -> None:
         """Cancel what is in flight (its connections are dropped, so nothing writes into a
