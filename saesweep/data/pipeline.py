@@ -89,9 +89,9 @@ class Pipeline:
         self.pool.shutdown(cancel_futures=True)
 
 
-def local_pipeline(root: str, keys, records, n_threads: int, n_slots: int) -> Pipeline:
-    """Threads map local shard files read-only from the page cache."""
-    paths = [Path(root) / key for key in keys]
+def local_pipeline(paths: list[Path], records, n_threads: int, n_slots: int) -> Pipeline:
+    """Threads map local shard files (FileStore.local_path: inside the store) read-only from
+    the page cache."""
     return Pipeline(
         records,
         n_threads,

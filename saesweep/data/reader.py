@@ -332,10 +332,11 @@ class Reader:
 
     def _start_pipeline(self) -> Pipeline:
         keys = [f"{self.hook}/{s['name']}" for s in self.shards]
-        common = (keys, self.shards, self.n_workers, self.n_slots)
+        common = (self.shards, self.n_workers, self.n_slots)
         if isinstance(self.store, FileStore):
-            return local_pipeline(str(self.store.root), *common)
-        return S3Pipeline(lambda: self.store.range_reader(self.s3_connections), *common)
+            return local_pipeline([self.store.local_path(k) for k in keys], *common)
+        make_reader = lambda: self.store.range_reader(self.s3_connections)  # noqa: E731
+        return S3Pipeline(make_reader, keys, *common)
 
 
 def _text(bound: int | None) -> str:

@@ -27,6 +27,8 @@ ACT_DTYPES = {
 }
 """Activation dtypes a collection may store, by their names in metadata.json."""
 SHARD_TENSORS = ("acts", "token_ids", "seq_ids", "positions")
+MAX_HEADER_BYTES = 100_000_000
+"""The longest safetensors header read (the safetensors library's own limit)."""
 SEQ_CHUNK_BITS = 20
 """seq_ids = document index << SEQ_CHUNK_BITS | chunk index within the document."""
 
@@ -55,10 +57,10 @@ def encode_shard(
 
 def safetensors_header(data, where: str) -> tuple[dict, int]:
     """The JSON header of safetensors bytes (8-byte little-endian length, then JSON) and the
-    offset where the tensor data starts."""
+    offset where the tensor data starts. The length is checked before anything is read."""
     try:
         (length,) = struct.unpack("<Q", data[:8])
-        if length > len(data) - 8:
+        if length > min(len(data) - 8, MAX_HEADER_BYTES):
             raise ValueError
         return json.loads(bytes(data[8 : 8 + length])), 8 + length
     except (struct.error, ValueError) as err:

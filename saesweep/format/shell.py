@@ -23,6 +23,7 @@ import torch
 from saesweep.collect.model import load_tokenizer
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
+from saesweep.format.names import printable
 from saesweep.format.shards import (
     ACT_DTYPES,
     SEQ_CHUNK_BITS,
@@ -74,6 +75,9 @@ def hook_metadata(store: Store, hook: str) -> dict:
 def stored_shard_problem(store: Store, key: str, record: dict) -> str | None:
     """Why the shard at `key` does not match its manifest record, or None when it does."""
     try:
+        size = store.size(key)
+        if size != record["n_bytes"]:  # before reading: a size is no reason to read it all
+            return f"size {size:,} bytes, manifest n_bytes {record['n_bytes']:,}"
         return shard_problem(store.get(key), record)
     except FileNotFoundError:
         return "missing"
@@ -126,7 +130,7 @@ class Shell(cmd.Cmd):
 
     @property
     def prompt(self) -> str:
-        return f"{self._uri(self.cwd)}> "
+        return printable(f"{self._uri(self.cwd)}> ")
 
     def _uri(self, key: str) -> str:
         return self.store.child(key) if key else self.store.uri
@@ -139,7 +143,7 @@ class Shell(cmd.Cmd):
         return "" if key == "." else key
 
     def _fail(self, message: str, status: int = 1) -> None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        say(f"error: {message}", file=sys.stderr, flush=True)
         self.status = max(self.status, status)
 
     def onecmd(self, line: str) -> bool:
@@ -192,7 +196,7 @@ class Shell(cmd.Cmd):
             raise FileNotFoundError(f"nothing at {self._uri(prefix)}")
         for name, (n, size) in children.items():
             suffix = f"  ({n:,} object{'s' * (n != 1)})" if name.endswith("/") else ""
-            print(f"{size:>15,}  {name or posixpath.basename(prefix)}{suffix}")
+            say(f"{size:>15,}  {name or posixpath.basename(prefix)}{suffix}")
 
     def do_cd(self, arg: str) -> None:
         """cd [PATH]: change the current prefix ('..' goes up, '/' or nothing goes to the root)."""
@@ -209,12 +213,12 @@ class Shell(cmd.Cmd):
 
     def do_pwd(self, arg: str) -> None:
         """pwd: the URI of the current prefix."""
-        print(self._uri(self.cwd))
+        say(self._uri(self.cwd))
 
     def do_filecount(self, arg: str) -> None:
         """filecount: number of objects under the current prefix (recursively)."""
         n = len(self.store.list(self.cwd))
-        print(f"{n:,} objects under {self._uri(self.cwd)}")
+        say(f"{n:,} objects under {self._uri(self.cwd)}")
 
     # -- checks
 
@@ -223,7 +227,7 @@ class Shell(cmd.Cmd):
         shard's size equals its manifest n_bytes."""
         sizes = self.store.list_sizes(self.cwd)
         total = sum(sizes.values())
-        print(f"total {total:,} bytes ({_human(total)}) in {len(sizes):,} objects")
+        say(f"total {total:,} bytes ({_human(total)}) in {len(sizes):,} objects")
         for hook, shards in self._scoped_hooks().items():
             self._size_report(hook, shards)
 
@@ -237,7 +241,7 @@ class Shell(cmd.Cmd):
         if meta.get("dtype") in ACT_DTYPES and "d_model" in meta:
             width = meta["d_model"] * ACT_DTYPES[meta["dtype"]].itemsize + ID_BYTES_PER_TOKEN
             payload = f" (tensor data alone: {width:,})"
-        print(
+        say(
             f"{hook}: {len(shards):,} shards, {n_tokens:,} tokens, {n_bytes:,} bytes, "
             f"{per_token} bytes/token{payload}"
         )
@@ -245,12 +249,12 @@ class Shell(cmd.Cmd):
         bad = [b for b in bad if b[1] != b[2]]
         for name, found, wanted in bad:
             what = "missing" if found is None else f"{found:,} bytes"
-            print(f"  SIZE MISMATCH {hook}/{name}: {what}, manifest n_bytes {wanted:,}")
+            say(f"  SIZE MISMATCH {hook}/{name}: {what}, manifest n_bytes {wanted:,}")
         listed = {f"{hook}/{s['name']}" for s in shards}
         extra = [k for k in sizes if k.endswith(".safetensors") and k not in listed]
         if extra:
-            print(f"  {len(extra)} shard file(s) not in the manifest (in flight or abandoned)")
-        print(f"  shard sizes {'all match' if not bad else 'DO NOT match'} the manifest")
+            say(f"  {len(extra)} shard file(s) not in the manifest (in flight or abandoned)")
+        say(f"  shard sizes {'all match' if not bad else 'DO NOT match'} the manifest")
         if bad:
             self.status = max(self.status, 1)
 
@@ -265,10 +269,10 @@ class Shell(cmd.Cmd):
             )
         bad = [(h, s["name"], p) for (h, s), p in zip(jobs, problems, strict=True) if p]
         for hook, name, problem in bad:
-            print(f"BAD {hook}/{name}: {problem}")
+            say(f"BAD {hook}/{name}: {problem}")
         hooks = len({h for h, _ in jobs})
         verdict = "all ok" if not bad else f"{len(bad)} BAD"
-        print(f"verified {len(jobs):,} shards in {hooks} hook(s): {verdict}")
+        say(f"verified {len(jobs):,} shards in {hooks} hook(s): {verdict}")
         if bad:
             self.status = max(self.status, 1)
 
@@ -280,20 +284,26 @@ class Shell(cmd.Cmd):
         if not arg.strip():
             raise ValueError("usage: inspect SHARD (a path, or the shard's index in the manifest)")
         key = self._shard_key(arg.strip())
+        hook, name = posixpath.split(key)
+        record = {s["name"]: s for s in hook_manifests(self.store).get(hook, [])}.get(name)
+        size = self.store.size(key)
+        if record is not None and size != record["n_bytes"]:
+            raise ValueError(
+                f"{self._uri(key)} holds {size:,} bytes, its manifest n_bytes "
+                f"{record['n_bytes']:,}; not read (verify lists such shards)"
+            )
         data = self.store.get(key)
         header, _ = safetensors_header(data, self._uri(key))
         tensors = decode_shard(data, where=self._uri(key))
-        hook, name = posixpath.split(key)
-        record = {s["name"]: s for s in hook_manifests(self.store).get(hook, [])}.get(name)
-        print(f"shard {self._uri(key)}: {len(data):,} bytes")
-        print(f"header metadata: {header.get('__metadata__', {})}")
+        say(f"shard {self._uri(key)}: {len(data):,} bytes")
+        say(f"header metadata: {header.get('__metadata__', {})}")
         order = [t for t in SHARD_TENSORS if t in tensors] + sorted(set(tensors) - {*SHARD_TENSORS})
         for tname in order:
             tensor = tensors[tname]
-            print(f"  {tname}: shape {list(tensor.shape)} dtype {str(tensor.dtype)[6:]}")
+            say(f"  {tname}: shape {list(tensor.shape)} dtype {str(tensor.dtype)[6:]}")
         if "acts" in tensors:
-            print(f"acts: {acts_summary(tensors['acts'])}")
-        print(self._checksum_line(data, record))
+            say(f"acts: {acts_summary(tensors['acts'])}")
+        say(self._checksum_line(data, record))
         if {"seq_ids", "token_ids", "positions"} <= set(tensors) and len(tensors["seq_ids"]):
             self._show_first_sequence(tensors, hook)
 
@@ -330,18 +340,18 @@ class Shell(cmd.Cmd):
     def _show_first_sequence(self, tensors: dict[str, torch.Tensor], hook: str) -> None:
         seq_id, ids, positions = first_sequence(tensors)
         doc, chunk = seq_id >> SEQ_CHUNK_BITS, seq_id & ((1 << SEQ_CHUNK_BITS) - 1)
-        print(
+        say(
             f"first sequence: seq_id {seq_id} (document {doc}, chunk {chunk}), "
             f"{len(ids)} tokens at positions {positions[0]}..{positions[-1]}"
         )
-        print(f"token_ids: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
+        say(f"token_ids: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
         tokenizer, model = self._tokenizer(hook)
         if tokenizer is None:
-            print(f"text: (not decoded: cannot load the tokenizer of model {model!r})")
+            say(f"text: (not decoded: cannot load the tokenizer of model {model!r})")
             return
         text = tokenizer.decode(ids)
         more = f" ... ({len(text) - TEXT_CHARS:,} more chars)" if len(text) > TEXT_CHARS else ""
-        print(f"text: {text[:TEXT_CHARS]}{more}")
+        say(f"text: {text[:TEXT_CHARS]}{more}")
 
     def _tokenizer(self, hook: str):
         """(tokenizer or None, model name) for the collection, from metadata.json/cfg.json."""
@@ -379,16 +389,16 @@ class Shell(cmd.Cmd):
     def _stats_report(self, hook: str) -> None:
         key = f"{hook}/statistics.json"
         if not self.store.exists(key):
-            print(f"{hook}: no statistics.json yet")
+            say(f"{hook}: no statistics.json yet")
             return
         stats, meta = self.store.get_json(key), hook_metadata(self.store, hook)
         mean, std, k = stats["mean"], stats["std"], STATS_DIMS
         agree = "" if "n_tokens" not in meta else _agree(stats["n"], meta["n_tokens"])
-        print(f"{hook}: n {stats['n']:,} tokens{agree}, mean norm {stats['mean_norm']:.6g}")
-        print(f"  mean[:{k}] {_floats(mean[:k])}  std[:{k}] {_floats(std[:k])}  ({len(mean)} dims)")
+        say(f"{hook}: n {stats['n']:,} tokens{agree}, mean norm {stats['mean_norm']:.6g}")
+        say(f"  mean[:{k}] {_floats(mean[:k])}  std[:{k}] {_floats(std[:k])}  ({len(mean)} dims)")
         avg_std = sum(std) / max(len(std), 1)
         avg_abs_mean = sum(abs(m) for m in mean) / max(len(mean), 1)
-        print(f"  over all dims: mean |mean| {avg_abs_mean:.4g}, mean std {avg_std:.4g}")
+        say(f"  over all dims: mean |mean| {avg_abs_mean:.4g}, mean std {avg_std:.4g}")
 
     # -- leaving
 
@@ -400,11 +410,18 @@ class Shell(cmd.Cmd):
 
     def do_EOF(self, arg: str) -> bool:
         """Ctrl-D leaves the shell."""
-        print()
+        say()
         return True
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def say(*parts: object, file=None, flush: bool = False) -> None:
+    """print, with names from the collection made harmless: no terminal escapes or carriage
+    returns that could rewrite what was printed (newlines and tabs are kept)."""
+    text = printable(" ".join(str(p) for p in parts), keep="\n\t")
+    print(text, file=file or sys.stdout, flush=flush)
 
 
 def _one_line(err: BaseException) -> str:
@@ -468,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shell.cmdloop()
     except KeyboardInterrupt:
-        print()
+        say()
     return 0
 
 

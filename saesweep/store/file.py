@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from saesweep.errors import UserError
+from saesweep.format.names import printable
 from saesweep.store.base import Store
 
 
@@ -42,13 +44,38 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (a FIFO or device in a collection would
+    hang or never end a read); a directory is an IsADirectoryError, anything else an OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fdopen(fd, "rb")
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    raise OSError(f"{path} is not a regular file")
+
+
 class FileStore(Store):
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.uri = f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        """The file behind `key`; a key that leads outside the root (an absolute path, '..', a
+        symlink out) is a UserError."""
+        path = self.root / key
+        if (
+            key.startswith("/")
+            or ".." in key.split("/")
+            or not path.resolve().is_relative_to(self.root)
+        ):
+            raise UserError(
+                f"the key {printable(repr(key))} leads outside the store at {self.uri} (an "
+                "absolute path, '..' or a symlink out of it); a collection's names stay inside it"
+            )
+        return path
 
     def put(self, key: str, data: bytes) -> None:
         write_atomic(self._path(key), lambda f: f.write(data))
@@ -61,10 +88,11 @@ class FileStore(Store):
         write_atomic(self._path(key), copy)
 
     def get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        with open_regular(self._path(key)) as f:
+            return f.read()
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        with open(self._path(key), "rb") as f:
+        with open_regular(self._path(key)) as f:
             f.seek(start)
             return f.read(end - start)
 
