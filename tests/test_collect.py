@@ -339,6 +339,34 @@ def test_collect_tiny_models(tmp_path, family):
     assert torch.equal(*[read_hook(str(tmp_path / "out"), m["hook"])["token_ids"] for m in metas])
 
 
+def test_float16_overflow_stops_the_collection(tmp_path):
+    """A residual stream beyond float16's 65,504, collected as float16: one sentence, and no
+    shard of inf committed."""
+    source = build("gpt2", tmp_path)
+    model, tokenizer = load_model(str(source), None, "float32", "cpu")
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e8)
+    model.save_pretrained(tmp_path / "huge")
+    tokenizer.save_pretrained(tmp_path / "huge")
+    cfg = small(
+        tmp_path / "out",
+        model=str(tmp_path / "huge"),
+        hooks=("resid.1",),
+        act_dtype="float16",
+        max_tokens=800,
+        shard_tokens=300,
+    )
+    with pytest.raises(
+        UserError,
+        match=r"hook transformer.h.1 produced non-finite activations \(inf or NaN\) in batch 0 "
+        r".*float16.*--act-dtype bfloat16 or float32",
+    ):
+        collect(cfg)
+    part = tmp_path / "out" / "parts" / "machine-0000-of-0001.json"
+    committed = json.loads(part.read_text())["hooks"] if part.exists() else {}
+    assert committed == {} and not (tmp_path / "out" / "transformer.h.1" / "metadata.json").exists()
+
+
 def test_local_text_sources(tmp_path):
     from saesweep.collect.text import iter_documents
 

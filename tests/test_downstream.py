@@ -95,7 +95,7 @@ def test_rebuilt_sequences_equal_the_model_inputs(colls):
     model_dir, uri = colls["gpt2"]
     coll = read_collection(uri, None, ":", names=("acts",))
     model, tok = load_model(model_dir, None, "float32", "cpu")
-    seqs = rebuild_sequences(coll.tensors, tok, True)
+    seqs = rebuild_sequences(coll.tensors, tok, True, ctx_len=coll.meta["ctx_len"])
     assert len({s.seq_id for s in seqs}) == len(torch.unique(coll.tensors["seq_ids"]))
     hooked = HookedModel(model, [coll.meta["hook"]])
     t = coll.tensors

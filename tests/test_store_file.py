@@ -28,6 +28,9 @@ def exercise_store(store: Store, tmp_path: Path) -> None:
     assert store.list("acts") == ["acts/metadata.json", "acts/shard-0.bin", "acts/shard-1.bin"]
     assert store.list() == store.list("acts") + ["actsx/other.bin"]
     assert store.list("nothing-here") == []
+    sizes = {"acts/metadata.json": store.size("acts/metadata.json"), "acts/shard-0.bin": 1000}
+    assert store.list_sizes("acts") == sizes | {"acts/shard-1.bin": 3}
+    assert store.list_sizes("actsx") == {"actsx/other.bin": 5}
     store.put("acts/shard-1.bin", b"replaced")
     assert store.get("acts/shard-1.bin") == b"replaced"
     src = tmp_path / "upload.bin"

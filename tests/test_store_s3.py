@@ -8,6 +8,7 @@ import pickle
 import random
 
 import pytest
+from s3_ranges import async_reader, get_range, get_ranges, submit
 from s3server import free_ports
 from test_store_file import exercise_store
 
@@ -77,7 +78,7 @@ def test_async_reader_many_concurrent_ranges(s3_env):
         store.put(key, data)
     ranges = [(key, s, e) for key in objects for s, e in random_ranges(1 << 20, 100)]
     with store.range_reader(max_connections=16) as reader:
-        got = reader.get_ranges(ranges)
+        got = get_ranges(reader, ranges)
     assert got == [objects[key][s:e] for key, s, e in ranges]
 
 
@@ -90,7 +91,7 @@ def test_async_reader_streams_into_one_buffer(s3_env):
     async def read_all() -> bytearray:
         out = bytearray(len(data))
         view = memoryview(out)
-        async with store.async_reader(max_connections=8) as reader:
+        async with async_reader(store, max_connections=8) as reader:
             await asyncio.gather(
                 *(
                     reader.get_range_into("obj", s, e, view[s:e])
@@ -107,9 +108,9 @@ def test_async_reader_errors(s3_env):
     store.put("obj", b"0123456789")
     with store.range_reader(attempts=2) as reader:
         with pytest.raises(FileNotFoundError, match="missing"):
-            reader.get_range("missing", 0, 5)
+            get_range(reader, "missing", 0, 5)
         with pytest.raises(ValueError, match="past the end"):
-            reader.get_range("obj", 5, 20)
+            get_range(reader, "obj", 5, 20)
 
 
 def test_async_reader_retries_through_server_restart(s3_env, s3_server):
@@ -118,9 +119,9 @@ def test_async_reader_retries_through_server_restart(s3_env, s3_server):
     store.put("obj", data)
     ranges = [("obj", s, e) for s, e in random_ranges(len(data), 64, seed=1)]
     with store.range_reader(max_connections=8) as reader:
-        assert reader.get_range("obj", 0, 100) == data[:100]
+        assert get_range(reader, "obj", 0, 100) == data[:100]
         s3_server.stop()
-        pending = reader.submit(ranges)
+        pending = submit(reader, ranges)
         s3_server.start()
         assert pending.result() == [data[s:e] for _, s, e in ranges]
 
@@ -137,7 +138,7 @@ def test_unreachable_endpoint_is_a_user_error(monkeypatch):
         store.range_reader(attempts=2, backoff_base_s=0.01) as reader,
         pytest.raises(S3ReadError, match="failed 2 times"),
     ):
-        reader.get_range("key", 0, 10)
+        get_range(reader, "key", 0, 10)
 
 
 @pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
@@ -149,7 +150,7 @@ def test_wrong_credentials_are_a_user_error(s3_env, monkeypatch, variable):
         with pytest.raises(UserError, match="credentials"):
             call()
     with store.range_reader() as reader, pytest.raises(UserError, match="credentials"):
-        reader.get_range("obj", 0, 1)
+        get_range(reader, "obj", 0, 1)
 
 
 def test_missing_credentials_are_a_user_error(s3_env, monkeypatch, tmp_path):

@@ -19,9 +19,10 @@ from synthetic import make_collection
 from saesweep.errors import UserError
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
+from saesweep.train.checkpoint import saved_position
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.layout import create_sweep_dir, group_lock
-from saesweep.train.trainer import GroupTrainer, saved_position
+from saesweep.train.trainer import GroupTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16

@@ -25,6 +25,20 @@ def model_path(name: str) -> str:
     return name
 
 
+def load_tokenizer(name: str, revision: str | None, download: bool = True):
+    """The tokenizer of model `name` (from local files only unless `download`), or a UserError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            model_path(name), revision=revision, local_files_only=not download
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load the tokenizer of model {name!r} ({str(err).splitlines()[0]})"
+        ) from None
+
+
 def load_model(name: str, revision: str | None, dtype: str, device: str):
     """The model (LM head kept for causal LMs, unused in collection) and its tokenizer."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer

@@ -106,7 +106,7 @@ def _collect_part(
     )
     start = time.perf_counter()
     try:
-        for seq_batch in batches:
+        for n_batch, seq_batch in enumerate(batches):
             if quota is not None and tokens >= quota:
                 break
             batch = make_batch(seq_batch, tokenizer.pad_token_id or 0)
@@ -120,7 +120,7 @@ def _collect_part(
             )
             if shard.n_tokens >= cfg.shard_tokens:
                 writer.submit(shard)
-                shard = PendingShard(shard.index + 1, seq_ordinal)
+                shard = PendingShard(shard.index + 1, seq_ordinal, first_batch=n_batch + 1)
         if shard.n_tokens:
             writer.submit(shard)
     finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from saesweep.errors import UserError
 from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.store import Store
 
@@ -32,6 +33,8 @@ class PendingShard:
     positions: list[torch.Tensor] = field(default_factory=list)
     copy_done: list = field(default_factory=list)
     """CUDA events to wait for before the host copies may be read."""
+    first_batch: int = 0
+    """Number of this shard's first batch in this collection run (for messages)."""
 
     @property
     def n_tokens(self) -> int:
@@ -99,6 +102,8 @@ class ShardWriter:
         token_ids = torch.cat(shard.token_ids)
         seq_ids = torch.cat(shard.seq_ids)
         positions = torch.cat(shard.positions)
+        for hook, parts in shard.acts.items():
+            check_finite(hook, parts, shard.first_batch)
         records, stats = {}, {}
         for hook, parts in shard.acts.items():
             acts = torch.cat(parts)
@@ -113,3 +118,15 @@ class ShardWriter:
             }
             stats[hook] = RunningStats.of(acts)
         return WrittenShard(shard.index, shard.seq_end, records, stats)
+
+
+def check_finite(hook: str, batches: list[torch.Tensor], first_batch: int) -> None:
+    """Refuse activations that hold inf or NaN (before any file of the shard is written)."""
+    for n, acts in enumerate(batches, first_batch):
+        if not bool(torch.isfinite(acts).all()):
+            raise UserError(
+                f"hook {hook} produced non-finite activations (inf or NaN) in batch {n} of this "
+                f"run, stored as {str(acts.dtype).removeprefix('torch.')}: float16 overflows "
+                "beyond 65,504; collect with --act-dtype bfloat16 or float32 (if those also "
+                "fail, the model itself produces NaN)"
+            )

@@ -10,39 +10,35 @@ status is "ok", "corrupt" (checksum still wrong after one refetch) or an error s
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-import xxhash
+from saesweep.format.shards import shard_problem
+from saesweep.store.file import open_regular
 
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 """Linux: read a mapping in when it is made (elsewhere pages are read on first use)."""
 
 
-def xxh3_128(buf) -> str:
-    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(buf)
-
-
-def verified(fetch: Callable[[], object], expected: str) -> tuple[object | None, str]:
-    """(buffer, status) of `fetch()`; a checksum mismatch is fetched once more before calling
-    it corrupt."""
+def verified(fetch: Callable[[], object], record: dict) -> tuple[object | None, str]:
+    """(buffer, status) of `fetch()` for a shard's manifest record; a mismatch is fetched once
+    more before calling it corrupt."""
     buf = None
     for _ in range(2):
         try:
             buf = fetch()
         except Exception as err:  # reported to the reader, which names the shard
             return None, str(err) or type(err).__name__
-        if xxh3_128(buf) == expected:
+        if shard_problem(buf, record) is None:
             return buf, "ok"
     return buf, "corrupt"
 
 
 def map_file(path: Path, n_bytes: int) -> mmap.mmap:
     """A read-only, populated mapping of a local shard of `n_bytes` bytes."""
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)
-    if len(m) != n_bytes:
-        size = len(m)
-        m.close()
-        raise OSError(f"{path} holds {size} bytes, its manifest says {n_bytes}")
-    return m
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != n_bytes:  # checked before the mapping reads anything in
+            raise OSError(f"{path} holds {size} bytes, its manifest says {n_bytes}")
+        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)

@@ -34,17 +34,18 @@ class Fetched:
 
 class Pipeline:
     """Keeps up to n_slots shards fetched, in flight or held by the reader; `fetch(shard,
-    slot)` runs on one of n_threads pool threads and returns the shard's bytes."""
+    slot)` runs on one of n_threads pool threads and returns the bytes of the shard whose
+    manifest record is records[shard]."""
 
     def __init__(
         self,
-        sizes: list[int],
-        checksums: list[str],
+        records: list[dict],
         n_threads: int,
         n_slots: int,
         fetch: Callable[[int, int], object],
     ):
-        self.sizes, self.checksums, self.n_slots, self.fetch = sizes, checksums, n_slots, fetch
+        self.records, self.n_slots, self.fetch = records, n_slots, fetch
+        self.sizes = [r["n_bytes"] for r in records]
         self.pool = ThreadPoolExecutor(n_threads, thread_name_prefix="saesweep-fetch")
         self.schedule: Iterator[int] = iter(())
         self.in_flight: deque[tuple[int, int, Future]] = deque()
@@ -63,7 +64,7 @@ class Pipeline:
                 return
             slot = self.free.pop()
             fetch = lambda s=shard, t=slot: self.fetch(s, t)  # noqa: E731
-            job = self.pool.submit(verified, fetch, self.checksums[shard])
+            job = self.pool.submit(verified, fetch, self.records[shard])
             self.in_flight.append((shard, slot, job))
 
     def next_shard(self) -> Fetched:
@@ -88,11 +89,14 @@ class Pipeline:
         self.pool.shutdown(cancel_futures=True)
 
 
-def local_pipeline(root: str, keys, sizes, checksums, n_threads: int, n_slots: int) -> Pipeline:
-    """Threads map local shard files read-only from the page cache."""
-    paths = [Path(root) / key for key in keys]
+def local_pipeline(paths: list[Path], records, n_threads: int, n_slots: int) -> Pipeline:
+    """Threads map local shard files (FileStore.local_path: inside the store) read-only from
+    the page cache."""
     return Pipeline(
-        sizes, checksums, n_threads, n_slots, lambda shard, _: map_file(paths[shard], sizes[shard])
+        records,
+        n_threads,
+        n_slots,
+        lambda shard, _: map_file(paths[shard], records[shard]["n_bytes"]),
     )
 
 
@@ -104,16 +108,17 @@ class S3Pipeline(Pipeline):
     fewer TLB misses when batches are gathered from it.
     """
 
-    def __init__(self, make_reader, keys, sizes, checksums, n_loops: int, n_slots: int):
+    def __init__(self, make_reader, keys, records, n_loops: int, n_slots: int):
         """`make_reader()` gives one BlockingRangeReader (S3Store.range_reader); `keys` are
         store keys."""
-        self.slot_bytes = -(-max(sizes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        largest = max(r["n_bytes"] for r in records)
+        self.slot_bytes = -(-largest // mmap.PAGESIZE) * mmap.PAGESIZE
         self.arena = mmap.mmap(-1, n_slots * self.slot_bytes, flags=mmap.MAP_PRIVATE)
         with contextlib.suppress(AttributeError, OSError):  # not Linux, or no THP
             self.arena.madvise(mmap.MADV_HUGEPAGE)
         self.loops = [make_reader() for _ in range(max(1, n_loops))]
         self.keys = keys
-        super().__init__(sizes, checksums, n_slots, n_slots, self._fetch)
+        super().__init__(records, n_slots, n_slots, self._fetch)
 
     def _fetch(self, shard: int, slot: int) -> memoryview:
         start = slot * self.slot_bytes

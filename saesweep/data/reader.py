@@ -22,10 +22,10 @@ import torch
 
 from saesweep.data.order import shard_order, token_permutation, windows
 from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
-from saesweep.data.window import BatchBuffers, Window, shard_tensors
+from saesweep.data.window import BatchBuffers, Window
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook, read_statistics
-from saesweep.format.shards import ACT_DTYPES
+from saesweep.format.shards import ACT_DTYPES, decode_shard
 from saesweep.memory import available_bytes, require_visible_device
 from saesweep.store import FileStore, open_store
 
@@ -124,8 +124,12 @@ class Reader:
             return None
         if normalize != "norm":
             raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
-        stats = read_statistics(self.store, self.hook)
-        return {"kind": "norm", "scale": math.sqrt(self.d_model) / stats["mean_norm"]}
+        return {"kind": "norm", "scale": self.norm_scale()}
+
+    def norm_scale(self) -> float:
+        """The factor that brings this hook's mean L2 norm per token to sqrt(d_model), from
+        statistics.json (normalize='norm')."""
+        return math.sqrt(self.d_model) / read_statistics(self.store, self.hook)["mean_norm"]
 
     def __len__(self) -> int:
         per_epoch = self.n_tokens / self.batch_size
@@ -298,16 +302,19 @@ class Reader:
         the manifest."""
         record = self.shards[fetched.shard]
         where = f"shard {self._shard_uri(fetched.shard)}"
-        tensors = shard_tensors(fetched.data, ("acts", "token_ids"), where)
-        (shape, acts), (_, ids) = tensors["acts"], tensors["token_ids"]
+        try:
+            tensors = decode_shard(fetched.data, ("acts", "token_ids"), where)
+        except ValueError as err:
+            raise UserError(f"{err}; recollect it") from None
+        acts, ids = tensors["acts"], tensors["token_ids"]
         expected = [record["n_tokens"], self.d_model]
-        if shape != expected or acts.dtype != self.stored_dtype:
+        if list(acts.shape) != expected or acts.dtype != self.stored_dtype:
             raise UserError(
                 f"{where} holds acts "
-                f"{shape} {acts.dtype}, but metadata.json says {expected} "
+                f"{list(acts.shape)} {acts.dtype}, but metadata.json says {expected} "
                 f"{self.stored_dtype}; recollect it"
             )
-        return acts.view(shape), ids
+        return acts, ids
 
     def _shard_uri(self, shard: int) -> str:
         return f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
@@ -328,12 +335,11 @@ class Reader:
 
     def _start_pipeline(self) -> Pipeline:
         keys = [f"{self.hook}/{s['name']}" for s in self.shards]
-        sizes = [s["n_bytes"] for s in self.shards]
-        checksums = [s["checksum"] for s in self.shards]
-        common = (keys, sizes, checksums, self.n_workers, self.n_slots)
+        common = (self.shards, self.n_workers, self.n_slots)
         if isinstance(self.store, FileStore):
-            return local_pipeline(str(self.store.root), *common)
-        return S3Pipeline(lambda: self.store.range_reader(self.s3_connections), *common)
+            return local_pipeline([self.store.local_path(k) for k in keys], *common)
+        make_reader = lambda: self.store.range_reader(self.s3_connections)  # noqa: E731
+        return S3Pipeline(make_reader, keys, *common)
 
 
 def _text(bound: int | None) -> str:

@@ -10,36 +10,10 @@ a contiguous write).
 from __future__ import annotations
 
 import sys
-import warnings
 from concurrent.futures import Executor
 
 import numpy as np
 import torch
-
-from saesweep.format.shards import safetensors_header
-
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "I32": torch.int32,
-}
-
-
-def shard_tensors(data, names: tuple[str, ...], where: str) -> dict[str, tuple[list, torch.Tensor]]:
-    """(shape, flat tensor viewing `data`) of tensors `names` of the safetensors bytes `data`."""
-    header, data_start = safetensors_header(data, where)
-    out = {}
-    for name in names:
-        info = header[name]
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        count = (end - start) // dtype.itemsize
-        with warnings.catch_warnings():  # read-only file mappings: the views are only read
-            warnings.filterwarnings("ignore", "The given buffer is not writable")
-            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=data_start + start)
-        out[name] = (info["shape"], flat)
-    return out
 
 
 class BatchBuffers:

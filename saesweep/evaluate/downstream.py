@@ -27,7 +27,7 @@ from saesweep.collect.sequences import Sequence, make_batch, special_template
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook
-from saesweep.format.shards import checksum, decode_shard
+from saesweep.format.shards import decode_shard, shard_problem
 from saesweep.sae.export import apply_exported
 from saesweep.store import open_store
 from saesweep.train.checkpoint import load_sae, write_json
@@ -88,26 +88,43 @@ def select_shards(uri: str, hook: str | None, shards: str) -> tuple[dict, dict, 
 def read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str, Tensor]:
     """The tensors `keep` of one shard (a manifest record), its checksum verified."""
     key = f"{hook}/{shard['name']}"
+    where = f"shard {store.child(key)}"
+    size = store.size(key)
+    if size != shard["n_bytes"]:  # checked before the whole object is read
+        raise UserError(
+            f"{where} holds {size:,} bytes, but its manifest says {shard['n_bytes']:,}; "
+            "recollect it"
+        )
     data = store.get(key)
-    if checksum(data) != shard["checksum"]:
-        raise UserError(f"shard {store.uri}/{key} is corrupt (checksum mismatch); recollect it")
-    tensors = decode_shard(data)
-    return {k: tensors[k] for k in keep}
+    problem = shard_problem(data, shard)
+    if problem is not None:
+        raise UserError(f"{where} is corrupt ({problem}); recollect it")
+    try:
+        return decode_shard(data, keep, where)
+    except ValueError as err:
+        raise UserError(f"{err}; recollect it") from None
 
 
 def rebuild_sequences(
-    tensors: dict[str, Tensor], tokenizer, exclude_special: bool, limit: int | None = None
+    tensors: dict[str, Tensor],
+    tokenizer,
+    exclude_special: bool,
+    limit: int | None = None,
+    *,
+    ctx_len: int,
 ) -> list[Sequence]:
     """The model inputs of the stored sequences, in seq_id order (at most `limit`).
 
     With exclude_special the input is prefix + stored tokens + suffix (the tokenizer's
     special_template); a sequence whose stored positions are not exactly the content positions
-    (a special token inside the text left a gap) is skipped."""
+    (a special token inside the text left a gap), or that is longer than the collection's
+    ctx_len (which no collection writes), is skipped."""
     prefix, suffix = special_template(tokenizer) if exclude_special else ([], [])
     out = []
     for seq_id, tokens, positions in _grouped(tensors):
         expected = torch.arange(len(prefix), len(prefix) + len(tokens))
-        if not torch.equal(positions, expected):
+        too_long = len(prefix) + len(tokens) + len(suffix) > ctx_len
+        if too_long or not torch.equal(positions, expected):
             continue
         ids = prefix + tokens.tolist() + suffix
         stored = [False] * len(prefix) + [True] * len(tokens) + [False] * len(suffix)
@@ -272,8 +289,9 @@ def downstream_metrics_many(
     for hook, coll in colls.items():
         members = [i for i, (cfg, _) in enumerate(saes) if cfg["hook_name"] == hook]
         _check_width(coll, [saes[i][0] for i in members])
+        exclude_special = coll.meta.get("exclude_special", True)
         seqs = rebuild_sequences(
-            coll.tensors, tokenizer, coll.meta.get("exclude_special", True), n_sequences
+            coll.tensors, tokenizer, exclude_special, n_sequences, ctx_len=coll.meta["ctx_len"]
         )
         if not seqs:
             raise UserError(f"{collection_uri} shards {shards!r} hold no complete sequence")

@@ -21,12 +21,12 @@ from beartype import beartype
 from jaxtyping import Float, Int64, jaxtyped
 from torch import Tensor
 
-from saesweep.collect.model import model_path
+from saesweep.collect.model import load_tokenizer
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.evaluate.downstream import Run, load_run, read_shard, select_shards
 from saesweep.sae.export import exported_acts
 from saesweep.store import open_store
-from saesweep.train.checkpoint import write_atomic
+from saesweep.store.file import write_atomic
 
 
 @dataclass
@@ -224,13 +224,12 @@ def render_html(latent_reports: list[LatentReport], tokenizer, title: str, n_tok
     )
 
 
-def load_tokenizer(config: dict, override: str | None):
-    from transformers import AutoTokenizer
-
+def collection_tokenizer(config: dict, override: str | None):
+    """The tokenizer of `override`, else of the model the collection's cfg.json names."""
     name = override or config.get("model")
     if not name:
         raise UserError("the collection's cfg.json names no model; give --model")
-    return AutoTokenizer.from_pretrained(model_path(name), revision=config.get("revision"))
+    return load_tokenizer(name, config.get("revision"))
 
 
 def write_page(
@@ -251,8 +250,8 @@ def write_page(
         run, uri, latents, top, n_default=n_default, window=window, shards=shards
     )
     _, config, _ = select_shards(uri, run[0].get("hook_name"), shards)
-    page = render_html(found, load_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
-    write_atomic(out, lambda p: p.write_text(page, encoding="utf-8"))
+    page = render_html(found, collection_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
+    write_atomic(out, lambda f: f.write(page.encode("utf-8")))
     return found
 
 

@@ -11,12 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from saesweep.errors import UserError
+from saesweep.format.names import checked_name, checked_records, printable
 from saesweep.format.shards import SCHEMA_VERSION, RunningStats, shard_name
 from saesweep.store import Store
 
+PARTS = "parts/"
+"""Where the machines' part files live, under the collection root."""
+
 
 def part_key(machine: int, n_machines: int) -> str:
-    return f"parts/machine-{machine:04d}-of-{n_machines:04d}.json"
+    return f"{PARTS}machine-{machine:04d}-of-{n_machines:04d}.json"
+
+
+def is_part_key(key: str) -> bool:
+    return key.startswith(PARTS) and key.endswith(".json")
+
+
+def metadata_key(hook: str) -> str:
+    return f"{hook}/metadata.json"
+
+
+def is_metadata_key(key: str) -> bool:
+    """Whether `key` is a hook's metadata.json (directly under a hook directory)."""
+    return key.endswith("/metadata.json") and key.count("/") == 1
 
 
 @dataclass
@@ -64,21 +81,52 @@ class Part:
 
 
 def load_part(store: Store, machine: int, n_machines: int) -> Part:
-    """A machine's committed part (empty if none); its shards must be numbered 0, 1, ... in
-    order, since a resume writes the next one after them."""
+    """A machine's committed part (empty if none)."""
     key = part_key(machine, n_machines)
     if not store.exists(key):
         return Part(machine, n_machines)
-    part = Part.from_json(store.get_json(key))
-    for hook, hp in part.hooks.items():
-        names = [s["name"] for s in hp.shards]
-        if names != [shard_name(machine, i) for i in range(len(names))]:
-            raise UserError(
-                f"{store.uri}/{key} lists {hook} shards out of sequence (a version before "
-                "2026-12-01 could skip a shard whose write failed); delete that part file and "
-                f"machine {machine}'s shards to collect them again"
-            )
-    return part
+    return read_part(store, key, machine)
+
+
+def read_part(store: Store, key: str, machine: int | None = None) -> Part:
+    """The part file at `key`, its hook and shard names and sizes checked; for `machine`'s own
+    part also that its shards are numbered 0, 1, ... in order (a resume writes the next)."""
+    obj, where = store.get_json(key), store.child(key)
+    hooks = obj.get("hooks") if isinstance(obj, dict) else None
+    if not isinstance(hooks, dict):
+        raise UserError(f"{where} has no 'hooks' object; it is damaged")
+    for hook, hook_part in hooks.items():
+        checked_name(hook, where, "a hook")
+        shards = (hook_part or {}).get("shards")
+        if machine is not None and isinstance(shards, list):
+            _check_sequence(where, hook, shards, machine)
+        checked_records(shards, f"{where} (hook {hook})")
+    return Part.from_json(obj)
+
+
+def _check_sequence(where: str, hook: str, shards: list, machine: int) -> None:
+    names = [s.get("name") if isinstance(s, dict) else None for s in shards]
+    if names != [shard_name(machine, i) for i in range(len(names))]:
+        raise UserError(
+            f"{where} lists {hook} shards out of sequence (a version before "
+            "2026-12-01 could skip a shard whose write failed); delete that part file and "
+            f"machine {machine}'s shards to collect them again"
+        )
+
+
+def read_metadata(store: Store, key: str) -> dict:
+    """The metadata.json at `key` (from a listing), its names checked: the hook it names is
+    the directory it lies in, and its shards are plain names."""
+    meta, where, directory = store.get_json(key), store.child(key), key.split("/")[0]
+    checked_name(directory, store.uri, "a hook directory")
+    hook = meta.get("hook") if isinstance(meta, dict) else None
+    if hook != directory:
+        raise UserError(
+            f"{where} names hook {printable(repr(hook))}, not the directory {directory!r} it "
+            "lies in; the collection is damaged or was not written by saesweep"
+        )
+    checked_records(meta.get("shards"), where)
+    return meta
 
 
 def load_parts(store: Store, n_machines: int) -> list[Part]:
@@ -89,10 +137,9 @@ def write_merged(store: Store, parts: list[Part], hook_info: dict[str, dict]) ->
     """Write metadata.json and statistics.json of every hook from the parts."""
     complete = all(p.complete for p in parts)
     for hook, info in hook_info.items():
-        shards, stats = [], None
+        shards, stats = merged_shards(parts, hook), None
         for part in parts:
             hp = part.hooks.get(hook, HookPart())
-            shards += [{**s, "machine": part.machine} for s in hp.shards]
             if hp.stats:
                 stats = hp.stats if stats is None else stats.merge(hp.stats)
         meta = {
@@ -102,15 +149,36 @@ def write_merged(store: Store, parts: list[Part], hook_info: dict[str, dict]) ->
             "n_tokens": sum(s["n_tokens"] for s in shards),
             "shards": shards,
         }
-        store.put_json(f"{hook}/metadata.json", meta)
+        store.put_json(metadata_key(hook), meta)
         if stats is not None:
             store.put_json(f"{hook}/statistics.json", stats.summary())
 
 
+def merged_shards(parts: list[Part], hook: str) -> list[dict]:
+    """The shard records of `hook` from every part, in machine order, each with its machine."""
+    return [
+        {**s, "machine": part.machine}
+        for part in parts
+        for s in part.hooks.get(hook, HookPart()).shards
+    ]
+
+
 def list_hooks(store: Store) -> list[dict]:
     """metadata.json of every hook in the collection at `store`."""
-    keys = [k for k in store.list() if k.endswith("/metadata.json") and k.count("/") == 1]
-    return [store.get_json(k) for k in keys]
+    return [read_metadata(store, k) for k in store.list() if is_metadata_key(k)]
+
+
+def hook_manifests(store: Store) -> dict[str, list[dict]]:
+    """Hook directory -> its shard records: from metadata.json, else merged from the machines'
+    part files (a multi-machine collection writes metadata.json only when every part is done)."""
+    keys = store.list()
+    manifests = {
+        k.split("/")[0]: read_metadata(store, k)["shards"] for k in keys if is_metadata_key(k)
+    }
+    parts = [read_part(store, k) for k in keys if is_part_key(k)]
+    for hook in {h for part in parts for h in part.hooks} - set(manifests):
+        manifests[hook] = merged_shards(parts, hook)
+    return dict(sorted(manifests.items()))
 
 
 def find_hook(store: Store, hook: str | None = None, layer: int | None = None) -> dict:

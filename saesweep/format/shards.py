@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import xxhash
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 SCHEMA_VERSION = 1
-ACT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+"""safetensors dtype codes of the tensors a shard holds."""
+ACT_DTYPES = {
+    str(t).removeprefix("torch."): t for t in (torch.bfloat16, torch.float16, torch.float32)
+}
+"""Activation dtypes a collection may store, by their names in metadata.json."""
 SHARD_TENSORS = ("acts", "token_ids", "seq_ids", "positions")
+MAX_HEADER_BYTES = 100_000_000
+"""The longest safetensors header read (the safetensors library's own limit)."""
 SEQ_CHUNK_BITS = 20
 """seq_ids = document index << SEQ_CHUNK_BITS | chunk index within the document."""
 
@@ -43,18 +57,51 @@ def encode_shard(
 
 def safetensors_header(data, where: str) -> tuple[dict, int]:
     """The JSON header of safetensors bytes (8-byte little-endian length, then JSON) and the
-    offset where the tensor data starts."""
+    offset where the tensor data starts. The length is checked before anything is read."""
     try:
         (length,) = struct.unpack("<Q", data[:8])
-        if length > len(data) - 8:
+        if length > min(len(data) - 8, MAX_HEADER_BYTES):
             raise ValueError
         return json.loads(bytes(data[8 : 8 + length])), 8 + length
     except (struct.error, ValueError) as err:
         raise ValueError(f"{where} is not a safetensors file") from err
 
 
-def decode_shard(data: bytes) -> dict[str, torch.Tensor]:
-    return load_safetensors(data)
+def decode_shard(
+    data, names: tuple[str, ...] | None = None, where: str = "the shard"
+) -> dict[str, torch.Tensor]:
+    """Tensors `names` (default: all) of safetensors bytes `data`, as views of `data` (no copy:
+    a read-only file mapping stays read-only)."""
+    header, data_start = safetensors_header(data, where)
+    names = tuple(n for n in header if n != "__metadata__") if names is None else names
+    return {name: _tensor_view(data, data_start, header, name, where) for name in names}
+
+
+def _tensor_view(data, data_start: int, header: dict, name: str, where: str) -> torch.Tensor:
+    info = header.get(name)
+    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{where} holds no tensor {name!r} of a shard's dtypes")
+    dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info.get("shape")
+    start, end = info.get("data_offsets", (0, -1))
+    n_bytes = math.prod(shape) * dtype.itemsize if isinstance(shape, list) else -1
+    if end - start != n_bytes or start < 0 or data_start + end > len(data):
+        raise ValueError(f"{where}: the header's shape or offsets of {name!r} do not fit the file")
+    with warnings.catch_warnings():  # read-only file mappings: the views are only read
+        warnings.filterwarnings("ignore", "The given buffer is not writable")
+        flat = torch.frombuffer(
+            data, dtype=dtype, count=n_bytes // dtype.itemsize, offset=data_start + start
+        )
+    return flat.view(shape)
+
+
+def shard_problem(data, record: dict) -> str | None:
+    """Why shard bytes differ from their manifest record (n_bytes, checksum), or None."""
+    if len(data) != record["n_bytes"]:
+        return f"size {len(data):,} bytes, manifest n_bytes {record['n_bytes']:,}"
+    found = checksum(data)
+    if found != record["checksum"]:
+        return f"checksum mismatch (manifest {record['checksum']}, file {found})"
+    return None
 
 
 @dataclass

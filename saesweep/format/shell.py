@@ -20,20 +20,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from saesweep.collect.model import load_tokenizer
 from saesweep.errors import UserError, exit_on_user_error
+from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
+from saesweep.format.names import printable
 from saesweep.format.shards import (
+    ACT_DTYPES,
     SEQ_CHUNK_BITS,
     SHARD_TENSORS,
     checksum,
     decode_shard,
     safetensors_header,
+    shard_problem,
 )
 from saesweep.store import Store, open_store
 
 VERIFY_THREADS = 4
 STATS_DIMS = 4
 TEXT_CHARS = 1000
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 ID_BYTES_PER_TOKEN = 4 + 8 + 4
 """token_ids int32 + seq_ids int64 + positions int32."""
 
@@ -59,68 +63,24 @@ def open_collection(uri: str) -> Store:
 
 
 def _is_collection_key(key: str) -> bool:
-    return key.startswith("parts/") or (key.endswith("/metadata.json") and key.count("/") == 1)
-
-
-def object_sizes(store: Store, prefix: str = "") -> dict[str, int]:
-    """Size in bytes of every object under `prefix` (the keys `store.list(prefix)` gives)."""
-    from saesweep.store.s3 import S3Store
-
-    if isinstance(store, S3Store):
-        return _s3_sizes(store, prefix)
-    return {key: store.size(key) for key in store.list(prefix)}
-
-
-def _s3_sizes(store, prefix: str) -> dict[str, int]:
-    """One LIST per 1000 objects (sizes come with the listing) instead of a HEAD per object."""
-    start = store.key_of(prefix) if prefix else (f"{store.prefix}/" if store.prefix else "")
-    pages = store._client.get_paginator("list_objects_v2").paginate(
-        Bucket=store.bucket, Prefix=start
-    )
-    with store._errors():
-        objects = [(o["Key"], o["Size"]) for page in pages for o in page.get("Contents", [])]
-    strip = len(store.prefix) + 1 if store.prefix else 0
-    sizes = {name[strip:]: size for name, size in objects if not name.endswith("/")}
-    under = prefix.rstrip("/") + "/"
-    return {k: s for k, s in sizes.items() if not prefix or k == prefix or k.startswith(under)}
-
-
-def hook_manifests(store: Store) -> dict[str, list[dict]]:
-    """Hook directory -> its shard records: from metadata.json, else from the machines' part
-    files (a multi-machine collection writes metadata.json only when every part is done)."""
-    keys = store.list()
-    manifests = {
-        key.split("/")[0]: store.get_json(key)["shards"]
-        for key in keys
-        if key.endswith("/metadata.json") and key.count("/") == 1
-    }
-    merged = set(manifests)
-    for key in keys:
-        if key.startswith("parts/") and key.endswith(".json"):
-            for hook, hook_part in store.get_json(key)["hooks"].items():
-                if hook not in merged:
-                    manifests.setdefault(hook, []).extend(hook_part["shards"])
-    return dict(sorted(manifests.items()))
+    return key.startswith(PARTS) or is_metadata_key(key)
 
 
 def hook_metadata(store: Store, hook: str) -> dict:
     """`<hook>/metadata.json`, or {} while it is not written yet."""
-    key = f"{hook}/metadata.json"
+    key = metadata_key(hook)
     return store.get_json(key) if store.exists(key) else {}
 
 
-def shard_problem(store: Store, key: str, record: dict) -> str | None:
+def stored_shard_problem(store: Store, key: str, record: dict) -> str | None:
     """Why the shard at `key` does not match its manifest record, or None when it does."""
     try:
-        data = store.get(key)
+        size = store.size(key)
+        if size != record["n_bytes"]:  # before reading: a size is no reason to read it all
+            return f"size {size:,} bytes, manifest n_bytes {record['n_bytes']:,}"
+        return shard_problem(store.get(key), record)
     except FileNotFoundError:
         return "missing"
-    if len(data) != record["n_bytes"]:
-        return f"size {len(data):,} bytes, manifest n_bytes {record['n_bytes']:,}"
-    found = checksum(data)
-    if found != record["checksum"]:
-        return f"checksum mismatch (manifest {record['checksum']}, file {found})"
-    return None
 
 
 # ---------------------------------------------------------------- shard helpers
@@ -151,20 +111,6 @@ def first_sequence(tensors: dict[str, torch.Tensor]) -> tuple[int, list[int], li
     return int(seq_ids[0]), tensors["token_ids"][mask][order].tolist(), positions[order].tolist()
 
 
-def load_tokenizer(model: str, revision: str | None, download: bool):
-    """The collection model's tokenizer from local files (or the hub if `download`), else None."""
-    try:
-        from transformers import AutoTokenizer
-
-        from saesweep.collect.model import model_path
-
-        return AutoTokenizer.from_pretrained(
-            model_path(model), revision=revision, local_files_only=not download
-        )
-    except Exception:
-        return None
-
-
 # ---------------------------------------------------------------- the shell
 
 
@@ -184,7 +130,7 @@ class Shell(cmd.Cmd):
 
     @property
     def prompt(self) -> str:
-        return f"{self._uri(self.cwd)}> "
+        return printable(f"{self._uri(self.cwd)}> ")
 
     def _uri(self, key: str) -> str:
         return self.store.child(key) if key else self.store.uri
@@ -197,7 +143,7 @@ class Shell(cmd.Cmd):
         return "" if key == "." else key
 
     def _fail(self, message: str, status: int = 1) -> None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        say(f"error: {message}", file=sys.stderr, flush=True)
         self.status = max(self.status, status)
 
     def onecmd(self, line: str) -> bool:
@@ -219,7 +165,7 @@ class Shell(cmd.Cmd):
     def _children(self, prefix: str) -> dict[str, tuple[int, int]]:
         """Immediate children of `prefix` -> (objects, bytes); directories end with '/'."""
         children: dict[str, tuple[int, int]] = {}
-        for key, size in object_sizes(self.store, prefix).items():
+        for key, size in self.store.list_sizes(prefix).items():
             rest = key[len(prefix) + 1 :] if prefix else key
             head, sep, _ = rest.partition("/")
             name = head + sep
@@ -250,7 +196,7 @@ class Shell(cmd.Cmd):
             raise FileNotFoundError(f"nothing at {self._uri(prefix)}")
         for name, (n, size) in children.items():
             suffix = f"  ({n:,} object{'s' * (n != 1)})" if name.endswith("/") else ""
-            print(f"{size:>15,}  {name or posixpath.basename(prefix)}{suffix}")
+            say(f"{size:>15,}  {name or posixpath.basename(prefix)}{suffix}")
 
     def do_cd(self, arg: str) -> None:
         """cd [PATH]: change the current prefix ('..' goes up, '/' or nothing goes to the root)."""
@@ -267,35 +213,35 @@ class Shell(cmd.Cmd):
 
     def do_pwd(self, arg: str) -> None:
         """pwd: the URI of the current prefix."""
-        print(self._uri(self.cwd))
+        say(self._uri(self.cwd))
 
     def do_filecount(self, arg: str) -> None:
         """filecount: number of objects under the current prefix (recursively)."""
         n = len(self.store.list(self.cwd))
-        print(f"{n:,} objects under {self._uri(self.cwd)}")
+        say(f"{n:,} objects under {self._uri(self.cwd)}")
 
     # -- checks
 
     def do_sizecheck(self, arg: str) -> None:
         """sizecheck: total bytes here, and per hook the bytes per token and whether every
         shard's size equals its manifest n_bytes."""
-        sizes = object_sizes(self.store, self.cwd)
+        sizes = self.store.list_sizes(self.cwd)
         total = sum(sizes.values())
-        print(f"total {total:,} bytes ({_human(total)}) in {len(sizes):,} objects")
+        say(f"total {total:,} bytes ({_human(total)}) in {len(sizes):,} objects")
         for hook, shards in self._scoped_hooks().items():
             self._size_report(hook, shards)
 
     def _size_report(self, hook: str, shards: list[dict]) -> None:
-        sizes = object_sizes(self.store, hook)
+        sizes = self.store.list_sizes(hook)
         n_tokens = sum(s["n_tokens"] for s in shards)
         n_bytes = sum(sizes.get(f"{hook}/{s['name']}", 0) for s in shards)
         per_token = f"{n_bytes / n_tokens:,.1f}" if n_tokens else "-"
         meta = hook_metadata(self.store, hook)
         payload = ""
-        if meta.get("dtype") in DTYPE_BYTES and "d_model" in meta:
-            width = meta["d_model"] * DTYPE_BYTES[meta["dtype"]] + ID_BYTES_PER_TOKEN
+        if meta.get("dtype") in ACT_DTYPES and "d_model" in meta:
+            width = meta["d_model"] * ACT_DTYPES[meta["dtype"]].itemsize + ID_BYTES_PER_TOKEN
             payload = f" (tensor data alone: {width:,})"
-        print(
+        say(
             f"{hook}: {len(shards):,} shards, {n_tokens:,} tokens, {n_bytes:,} bytes, "
             f"{per_token} bytes/token{payload}"
         )
@@ -303,12 +249,12 @@ class Shell(cmd.Cmd):
         bad = [b for b in bad if b[1] != b[2]]
         for name, found, wanted in bad:
             what = "missing" if found is None else f"{found:,} bytes"
-            print(f"  SIZE MISMATCH {hook}/{name}: {what}, manifest n_bytes {wanted:,}")
+            say(f"  SIZE MISMATCH {hook}/{name}: {what}, manifest n_bytes {wanted:,}")
         listed = {f"{hook}/{s['name']}" for s in shards}
         extra = [k for k in sizes if k.endswith(".safetensors") and k not in listed]
         if extra:
-            print(f"  {len(extra)} shard file(s) not in the manifest (in flight or abandoned)")
-        print(f"  shard sizes {'all match' if not bad else 'DO NOT match'} the manifest")
+            say(f"  {len(extra)} shard file(s) not in the manifest (in flight or abandoned)")
+        say(f"  shard sizes {'all match' if not bad else 'DO NOT match'} the manifest")
         if bad:
             self.status = max(self.status, 1)
 
@@ -317,14 +263,16 @@ class Shell(cmd.Cmd):
         jobs = [(h, s) for h, shards in hook_manifests(self.store).items() for s in shards]
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
             problems = list(
-                pool.map(lambda j: shard_problem(self.store, f"{j[0]}/{j[1]['name']}", j[1]), jobs)
+                pool.map(
+                    lambda j: stored_shard_problem(self.store, f"{j[0]}/{j[1]['name']}", j[1]), jobs
+                )
             )
         bad = [(h, s["name"], p) for (h, s), p in zip(jobs, problems, strict=True) if p]
         for hook, name, problem in bad:
-            print(f"BAD {hook}/{name}: {problem}")
+            say(f"BAD {hook}/{name}: {problem}")
         hooks = len({h for h, _ in jobs})
         verdict = "all ok" if not bad else f"{len(bad)} BAD"
-        print(f"verified {len(jobs):,} shards in {hooks} hook(s): {verdict}")
+        say(f"verified {len(jobs):,} shards in {hooks} hook(s): {verdict}")
         if bad:
             self.status = max(self.status, 1)
 
@@ -336,20 +284,26 @@ class Shell(cmd.Cmd):
         if not arg.strip():
             raise ValueError("usage: inspect SHARD (a path, or the shard's index in the manifest)")
         key = self._shard_key(arg.strip())
-        data = self.store.get(key)
-        header, _ = safetensors_header(data, self._uri(key))
-        tensors = decode_shard(data)
         hook, name = posixpath.split(key)
         record = {s["name"]: s for s in hook_manifests(self.store).get(hook, [])}.get(name)
-        print(f"shard {self._uri(key)}: {len(data):,} bytes")
-        print(f"header metadata: {header.get('__metadata__', {})}")
+        size = self.store.size(key)
+        if record is not None and size != record["n_bytes"]:
+            raise ValueError(
+                f"{self._uri(key)} holds {size:,} bytes, its manifest n_bytes "
+                f"{record['n_bytes']:,}; not read (verify lists such shards)"
+            )
+        data = self.store.get(key)
+        header, _ = safetensors_header(data, self._uri(key))
+        tensors = decode_shard(data, where=self._uri(key))
+        say(f"shard {self._uri(key)}: {len(data):,} bytes")
+        say(f"header metadata: {header.get('__metadata__', {})}")
         order = [t for t in SHARD_TENSORS if t in tensors] + sorted(set(tensors) - {*SHARD_TENSORS})
         for tname in order:
             tensor = tensors[tname]
-            print(f"  {tname}: shape {list(tensor.shape)} dtype {str(tensor.dtype)[6:]}")
+            say(f"  {tname}: shape {list(tensor.shape)} dtype {str(tensor.dtype)[6:]}")
         if "acts" in tensors:
-            print(f"acts: {acts_summary(tensors['acts'])}")
-        print(self._checksum_line(data, record))
+            say(f"acts: {acts_summary(tensors['acts'])}")
+        say(self._checksum_line(data, record))
         if {"seq_ids", "token_ids", "positions"} <= set(tensors) and len(tensors["seq_ids"]):
             self._show_first_sequence(tensors, hook)
 
@@ -386,18 +340,18 @@ class Shell(cmd.Cmd):
     def _show_first_sequence(self, tensors: dict[str, torch.Tensor], hook: str) -> None:
         seq_id, ids, positions = first_sequence(tensors)
         doc, chunk = seq_id >> SEQ_CHUNK_BITS, seq_id & ((1 << SEQ_CHUNK_BITS) - 1)
-        print(
+        say(
             f"first sequence: seq_id {seq_id} (document {doc}, chunk {chunk}), "
             f"{len(ids)} tokens at positions {positions[0]}..{positions[-1]}"
         )
-        print(f"token_ids: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
+        say(f"token_ids: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
         tokenizer, model = self._tokenizer(hook)
         if tokenizer is None:
-            print(f"text: (not decoded: cannot load the tokenizer of model {model!r})")
+            say(f"text: (not decoded: cannot load the tokenizer of model {model!r})")
             return
         text = tokenizer.decode(ids)
         more = f" ... ({len(text) - TEXT_CHARS:,} more chars)" if len(text) > TEXT_CHARS else ""
-        print(f"text: {text[:TEXT_CHARS]}{more}")
+        say(f"text: {text[:TEXT_CHARS]}{more}")
 
     def _tokenizer(self, hook: str):
         """(tokenizer or None, model name) for the collection, from metadata.json/cfg.json."""
@@ -407,7 +361,11 @@ class Shell(cmd.Cmd):
         if model is None:
             return None, None
         if model not in self._tokenizers:
-            self._tokenizers[model] = load_tokenizer(model, cfg.get("revision"), self.download)
+            try:
+                found = load_tokenizer(model, cfg.get("revision"), self.download)
+            except UserError:
+                found = None
+            self._tokenizers[model] = found
         return self._tokenizers[model], model
 
     def do_stats(self, arg: str) -> None:
@@ -431,16 +389,16 @@ class Shell(cmd.Cmd):
     def _stats_report(self, hook: str) -> None:
         key = f"{hook}/statistics.json"
         if not self.store.exists(key):
-            print(f"{hook}: no statistics.json yet")
+            say(f"{hook}: no statistics.json yet")
             return
         stats, meta = self.store.get_json(key), hook_metadata(self.store, hook)
         mean, std, k = stats["mean"], stats["std"], STATS_DIMS
         agree = "" if "n_tokens" not in meta else _agree(stats["n"], meta["n_tokens"])
-        print(f"{hook}: n {stats['n']:,} tokens{agree}, mean norm {stats['mean_norm']:.6g}")
-        print(f"  mean[:{k}] {_floats(mean[:k])}  std[:{k}] {_floats(std[:k])}  ({len(mean)} dims)")
+        say(f"{hook}: n {stats['n']:,} tokens{agree}, mean norm {stats['mean_norm']:.6g}")
+        say(f"  mean[:{k}] {_floats(mean[:k])}  std[:{k}] {_floats(std[:k])}  ({len(mean)} dims)")
         avg_std = sum(std) / max(len(std), 1)
         avg_abs_mean = sum(abs(m) for m in mean) / max(len(mean), 1)
-        print(f"  over all dims: mean |mean| {avg_abs_mean:.4g}, mean std {avg_std:.4g}")
+        say(f"  over all dims: mean |mean| {avg_abs_mean:.4g}, mean std {avg_std:.4g}")
 
     # -- leaving
 
@@ -452,11 +410,18 @@ class Shell(cmd.Cmd):
 
     def do_EOF(self, arg: str) -> bool:
         """Ctrl-D leaves the shell."""
-        print()
+        say()
         return True
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def say(*parts: object, file=None, flush: bool = False) -> None:
+    """print, with names from the collection made harmless: no terminal escapes or carriage
+    returns that could rewrite what was printed (newlines and tabs are kept)."""
+    text = printable(" ".join(str(p) for p in parts), keep="\n\t")
+    print(text, file=file or sys.stdout, flush=flush)
 
 
 def _one_line(err: BaseException) -> str:
@@ -520,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shell.cmdloop()
     except KeyboardInterrupt:
-        print()
+        say()
     return 0
 
 

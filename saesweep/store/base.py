@@ -46,6 +46,10 @@ class Store(ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix` (recursively), sorted."""
 
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size in bytes of every object under `prefix` (the keys `list(prefix)` gives)."""
+        return {key: self.size(key) for key in self.list(prefix)}
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key` if present."""

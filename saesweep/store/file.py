@@ -5,11 +5,56 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from saesweep.errors import UserError
+from saesweep.format.names import printable
 from saesweep.store.base import Store
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it onto
+    `path`: readers (and a run resumed after a crash) see the old file or the new one, never a
+    mix. A full disk or an unwritable directory is a UserError naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(
+            f"cannot write {path} ({err.strerror or err}); check the path and its permissions"
+        ) from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise UserError(
+                f"cannot write {path}: the disk holding it is full; free space there and "
+                "rerun the same command to resume"
+            ) from err
+        raise
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (a FIFO or device in a collection would
+    hang or never end a read); a directory is an IsADirectoryError, anything else an OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fdopen(fd, "rb")
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    raise OSError(f"{path} is not a regular file")
 
 
 class FileStore(Store):
@@ -18,48 +63,36 @@ class FileStore(Store):
         self.uri = f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        return self.root / key
-
-    def _write_atomically(self, key: str, write) -> None:
-        dest = self._path(key)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        except OSError as err:
+        """The file behind `key`; a key that leads outside the root (an absolute path, '..', a
+        symlink out) is a UserError."""
+        path = self.root / key
+        if (
+            key.startswith("/")
+            or ".." in key.split("/")
+            or not path.resolve().is_relative_to(self.root)
+        ):
             raise UserError(
-                f"cannot write {dest} ({err.strerror or err}); check the path and its permissions"
-            ) from err
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                raise UserError(
-                    f"the disk holding {self.root} is full; free space there and rerun "
-                    "the same command to resume"
-                ) from err
-            raise
+                f"the key {printable(repr(key))} leads outside the store at {self.uri} (an "
+                "absolute path, '..' or a symlink out of it); a collection's names stay inside it"
+            )
+        return path
 
     def put(self, key: str, data: bytes) -> None:
-        self._write_atomically(key, lambda f: f.write(data))
+        write_atomic(self._path(key), lambda f: f.write(data))
 
     def put_file(self, key: str, path: Path) -> None:
         def copy(f):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, f, length=16 << 20)
 
-        self._write_atomically(key, copy)
+        write_atomic(self._path(key), copy)
 
     def get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        with open_regular(self._path(key)) as f:
+            return f.read()
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        with open(self._path(key), "rb") as f:
+        with open_regular(self._path(key)) as f:
             f.seek(start)
             return f.read(end - start)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,28 +22,24 @@ from botocore.exceptions import (
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
-    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
 
 from saesweep.errors import UserError
 from saesweep.store.base import Store
+from saesweep.store.s3_async import BlockingRangeReader
+from saesweep.store.s3_common import (
+    CREDENTIAL_HINT,
+    backoff_s,
+    boto_session,
+    is_transient_reply,
+    region_for,
+    reply_error,
+)
 
 MIN_PART_SIZE = 5 << 20
 DEFAULT_PART_SIZE = 32 << 20
-CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-CREDENTIAL_CODES = {
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AccessDenied",
-    "403",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-}
-MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
-THROTTLE_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -60,39 +55,14 @@ def endpoint_from_env() -> str | None:
     return os.environ.get("S3_ENDPOINT_URL") or None
 
 
-def region_for(session: boto3.session.Session) -> str:
-    """The signing region: AWS_REGION, else the session's region, else us-east-1."""
-    return os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
-
-
-def boto_session() -> boto3.session.Session:
-    """A boto3 session with credentials present, or a UserError naming the env vars."""
-    try:
-        session = boto3.session.Session()
-    except ProfileNotFound as err:
-        raise UserError(
-            f"AWS profile {err.kwargs.get('profile')!r} (AWS_PROFILE) is not "
-            f"configured; fix AWS_PROFILE or {CREDENTIAL_HINT}"
-        ) from err
-    if session.get_credentials() is None:
-        raise UserError(f"no S3 credentials found; {CREDENTIAL_HINT}")
-    return session
-
-
 def is_transient(err: BaseException) -> bool:
     """Whether an S3 call failed for a reason worth retrying (network, 5xx, throttling)."""
     if isinstance(err, HTTPClientError):
         return True
     if isinstance(err, ClientError):
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or err.response.get("Error", {}).get("Code") in THROTTLE_CODES
+        return is_transient_reply(status, err.response.get("Error", {}).get("Code", ""))
     return False
-
-
-def backoff_s(attempt: int, base: float = 0.25, cap: float = 8.0) -> float:
-    """Exponential backoff (half fixed, half jitter) before retry number `attempt` (0-based)."""
-    delay = min(cap, base * 2**attempt)
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 def with_retries(call, attempts: int, retryable):
@@ -191,29 +161,19 @@ class S3Store(Store):
         """The object key in the bucket for store key `key`."""
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def async_reader(self, max_connections: int = 64, **kwargs):
-        """An AsyncRangeReader for this store's keys, sharing its session (see
-        saesweep.store.s3_async for kwargs)."""
-        from saesweep.store.s3_async import AsyncRangeReader
+    def range_reader(self, max_connections: int = 64, **kwargs) -> BlockingRangeReader:
+        """A BlockingRangeReader (its own event-loop thread) for this store's keys (see
+        saesweep.store.s3_async for kwargs), sharing this store's session."""
+        return BlockingRangeReader(max_connections=max_connections, **self.reader_args(), **kwargs)
 
-        return AsyncRangeReader(
-            self.bucket, self.endpoint, **self._reader_args(max_connections, kwargs)
-        )
-
-    def range_reader(self, max_connections: int = 64, **kwargs):
-        """A BlockingRangeReader (its own event-loop thread) for this store's keys."""
-        from saesweep.store.s3_async import BlockingRangeReader
-
-        return BlockingRangeReader(
-            self.bucket, self.endpoint, **self._reader_args(max_connections, kwargs)
-        )
-
-    def _reader_args(self, max_connections: int, kwargs: dict) -> dict:
+    def reader_args(self) -> dict:
+        """What a range reader of this store's keys is made with: where, and the session."""
         return {
-            "max_connections": max_connections,
+            "bucket": self.bucket,
+            "endpoint": self.endpoint,
             "prefix": self.prefix,
             "session": self.session,
-        } | kwargs
+        }
 
     @contextlib.contextmanager
     def _errors(self, key: str = ""):
@@ -242,32 +202,20 @@ class S3Store(Store):
     def _client_error(self, err: ClientError, key: str) -> Exception:
         """FileNotFoundError or a UserError for an S3 error reply (after botocore's retries)."""
         error = err.response.get("Error", {})
-        mapped = self._error_for(error.get("Code", ""), key)
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        mapped = self._error_for(error.get("Code", ""), key, status)
         if mapped is not None:
             return mapped
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
         hint = " (from AWS a bare 400 usually means expired credentials)" if status == 400 else ""
         return UserError(
-            f"S3 at {self.endpoint_name} answered {status} {error.get('Code', '')} "
+            f"S3 at {self.endpoint_name} answered {status or '?'} {error.get('Code', '')} "
             f"{error.get('Message', '')} for {self.child(key)}{hint}; fix that and rerun"
         )
 
-    def _error_for(self, code: str, key: str) -> Exception | None:
+    def _error_for(self, code: str, key: str, status: int = 0) -> Exception | None:
         """The exception to raise for S3 error `code`, or None to keep the original."""
-        if code in MISSING_KEY_CODES:
-            return FileNotFoundError(f"{self.child(key)} does not exist")
-        if code == "NoSuchBucket":
-            return UserError(
-                f"bucket {self.bucket!r} does not exist at {self.endpoint_name}; "
-                "create it or fix the store URI"
-            )
-        if code in CREDENTIAL_CODES or code == "Forbidden":
-            return UserError(
-                f"S3 at {self.endpoint_name} rejected the credentials for "
-                f"{self.uri} ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                "or AWS_PROFILE and their permissions on the bucket"
-            )
-        return None
+        where = self.child(key) if key else self.uri
+        return reply_error(status, code, where, self.endpoint_name)
 
     def _check_bucket(self) -> None:
         """Raise a UserError if the bucket is missing (HEAD on a key cannot tell)."""
@@ -386,16 +334,20 @@ class S3Store(Store):
         return self._head(key)["ContentLength"]
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """One LIST per 1000 objects (sizes come with the listing), not a HEAD per object."""
         start = self.key_of(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=start
         )
         with self._errors():
-            names = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+            objects = [(o["Key"], o["Size"]) for page in pages for o in page.get("Contents", [])]
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = (name[strip:] for name in names if not name.endswith("/"))
+        sizes = {name[strip:]: size for name, size in objects if not name.endswith("/")}
         under = prefix.rstrip("/") + "/"
-        return sorted(k for k in keys if not prefix or k == prefix or k.startswith(under))
+        return {k: n for k, n in sizes.items() if not prefix or k == prefix or k.startswith(under)}
 
     def delete(self, key: str) -> None:
         with self._errors(key):

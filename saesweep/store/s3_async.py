@@ -14,9 +14,14 @@ from urllib.parse import quote, urlsplit
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
-from saesweep.errors import UserError
 from saesweep.store.http_recv import ConnectionPool, Reply
-from saesweep.store.s3 import CREDENTIAL_HINT, backoff_s, boto_session, region_for
+from saesweep.store.s3_common import (
+    backoff_s,
+    boto_session,
+    is_transient_reply,
+    region_for,
+    reply_error,
+)
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -101,12 +106,6 @@ class AsyncRangeReader:
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
         return dict(request.headers.items())
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of `key`."""
-        buffer = bytearray(end - start)
-        await self.get_range_into(key, start, end, memoryview(buffer))
-        return bytes(buffer)
-
     async def get_object_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """The first len(target) bytes of `key` into `target`, as concurrent range GETs of
         chunk_bytes each. When one fails, the others are cancelled before this raises: no
@@ -164,20 +163,12 @@ class AsyncRangeReader:
         body = (reply.body or b"").decode("utf-8", errors="replace")
         code = re.search(r"<Code>(.*?)</Code>", body)
         code = code[1] if code else str(reply.status)
-        if reply.status >= 500 or reply.status == 429 or code == "SlowDown":
+        if is_transient_reply(reply.status, code):
             return _Transient(f"HTTP {reply.status} {code}")
-        if code == "NoSuchBucket":
-            return UserError(
-                f"bucket {self.bucket!r} does not exist at {self._where()}; "
-                "create it or fix the store URI"
-            )
-        if reply.status == 404:
-            return FileNotFoundError(f"s3://{self.bucket}/{self.object_key(key)} does not exist")
-        if reply.status == 403:
-            return UserError(
-                f"S3 at {self._where()} rejected the credentials for bucket "
-                f"{self.bucket!r} ({code}); {CREDENTIAL_HINT}"
-            )
+        uri = f"s3://{self.bucket}/{self.object_key(key)}"
+        mapped = reply_error(reply.status, code, uri, self._where())
+        if mapped is not None:
+            return mapped
         if reply.status == 416:
             return ValueError(f"the range asked of {self.url(key)} starts past its end")
         return S3ReadError(f"GET {self.url(key)} failed: HTTP {reply.status} {code}")
@@ -228,11 +219,7 @@ class BlockingRangeReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def submit(self, ranges: list[tuple[str, int, int]]) -> Future[list[bytes]]:
-        """Start fetching (key, start, end) ranges concurrently; the future gives their bytes."""
-        return self._run(lambda: self._gather(ranges))
-
-    def _run(self, make_coro) -> Future:
+    def schedule(self, make_coro) -> Future:
         """Schedule a coroutine on the loop; once close() has begun, refuse instead (under the
         lock, anything scheduled before is cancelled by close(), so no caller waits forever)."""
         with self._lock:
@@ -240,12 +227,9 @@ class BlockingRangeReader:
                 raise ConnectionError("the range reader is closed")
             return asyncio.run_coroutine_threadsafe(make_coro(), self._loop)
 
-    async def _gather(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        return await all_or_none([self.reader.get_range(*r) for r in ranges])
-
     def fetch_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
         """Fill `target` with the start of `key` (see AsyncRangeReader.get_object_into)."""
-        self._run(lambda: self.reader.get_object_into(key, target, chunk_bytes)).result()
+        self.schedule(lambda: self.reader.get_object_into(key, target, chunk_bytes)).result()
 
     async def _shutdown(self) -> None:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -253,13 +237,6 @@ class BlockingRangeReader:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.reader.close()
-
-    def get_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        """The bytes of each (key, start, end) range, fetched concurrently."""
-        return self.submit(ranges).result()
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        return self.get_ranges([(key, start, end)])[0]
 
     def close(self) -> None:
         """Cancel what is in flight (its connections are dropped, so nothing writes into a

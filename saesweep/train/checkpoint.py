@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from saesweep.errors import UserError
+from saesweep.store.file import write_atomic
 
 CHECKPOINT_SCHEMA = 1
 
 
-def write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), flush it to disk, then rename onto `path`: readers (and a run
-    resumed after a crash) see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value) -> None:
-    write_atomic(path, lambda p: p.write_text(json.dumps(value, indent=1, default=_json_default)))
+    text = json.dumps(value, indent=1, default=_json_default)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _json_default(obj):
@@ -47,7 +34,8 @@ def write_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(path, lambda p: save_file(contiguous, str(p), metadata=metadata))
+    data = save(contiguous, metadata=metadata)  # bytes: a full disk is an OSError, not Rust's
+    write_atomic(path, lambda f: f.write(data))
 
 
 def save_sae(run_dir: Path, weights: dict[str, torch.Tensor], sae_cfg: dict, metrics: dict) -> None:
@@ -56,6 +44,31 @@ def save_sae(run_dir: Path, weights: dict[str, torch.Tensor], sae_cfg: dict, met
     write_tensors(run_dir / "sae_weights.safetensors", weights)
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "cfg.json", {**sae_cfg, "saesweep_schema_version": CHECKPOINT_SCHEMA})
+
+
+def saved_position(path: Path) -> dict:
+    """{"step": N, "reader": Reader.state_dict(), "wall_s": T} of a saved trainer state."""
+    with _damaged_state(path), safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["position"])
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, position) of a saved trainer state."""
+    position = saved_position(path)
+    with _damaged_state(path):
+        return load_file(str(path)), position
+
+
+@contextlib.contextmanager
+def _damaged_state(path: Path):
+    """A state file that cannot be read (truncated, not safetensors) is a UserError naming it."""
+    try:
+        yield
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"the trainer state {path} is damaged ({err}); delete it to train that group "
+            "from its start, or resume from a copy"
+        ) from None
 
 
 def load_sae(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

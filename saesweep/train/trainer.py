@@ -16,20 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import add_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
-from saesweep.format.manifest import read_statistics
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
-from saesweep.train.checkpoint import save_sae, write_tensors
+from saesweep.train.checkpoint import load_state, save_sae, write_tensors
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.runlog import RunLog
 
@@ -111,8 +108,7 @@ class GroupTrainer:
     def _input_scale(self, data: DataConfig) -> float:
         if data.normalize == "none":
             return 1.0
-        stats = read_statistics(self.reader.store, self.reader.hook)
-        return math.sqrt(self.reader.d_model) / stats["mean_norm"]
+        return self.reader.norm_scale()
 
     def _build_stacks(self) -> list[Stack]:
         buckets: dict = {}
@@ -271,8 +267,7 @@ class GroupTrainer:
         path = self.state_dir / STATE_FILE
         if not path.exists():
             return False
-        meta = saved_position(path)
-        tensors = load_file(str(path))
+        tensors, meta = load_state(path)
         torch.set_rng_state(tensors["rng"])
         for s, stack in enumerate(self.stacks):
             stack.sae.load_state_dict(_prefixed(tensors, f"{s}.sae."))
@@ -286,12 +281,6 @@ class GroupTrainer:
     def wall_s(self) -> float:
         """Training wall time so far, over every process of this group (resumes included)."""
         return self.earlier_wall_s + time.perf_counter() - self.started
-
-
-def saved_position(path: Path) -> dict:
-    """{"step": N, "reader": Reader.state_dict(), "wall_s": T} of a saved trainer state."""
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["position"])
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

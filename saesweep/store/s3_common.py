@@ -1,0 +1,75 @@
+"""What both S3 clients share (store.s3 over boto3, store.s3_async's range reader): the
+session and signing region, retry backoff, and the meaning of S3's error replies."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import boto3
+from botocore.exceptions import ProfileNotFound
+
+from saesweep.errors import UserError
+
+CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+}
+MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+THROTTLE_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
+
+
+def region_for(session: boto3.session.Session) -> str:
+    """The signing region: AWS_REGION, else the session's region, else us-east-1."""
+    return os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
+
+
+def boto_session() -> boto3.session.Session:
+    """A boto3 session with credentials present, or a UserError naming the env vars."""
+    try:
+        session = boto3.session.Session()
+    except ProfileNotFound as err:
+        raise UserError(
+            f"AWS profile {err.kwargs.get('profile')!r} (AWS_PROFILE) is not "
+            f"configured; fix AWS_PROFILE or {CREDENTIAL_HINT}"
+        ) from err
+    if session.get_credentials() is None:
+        raise UserError(f"no S3 credentials found; {CREDENTIAL_HINT}")
+    return session
+
+
+def backoff_s(attempt: int, base: float = 0.25, cap: float = 8.0) -> float:
+    """Exponential backoff (half fixed, half jitter) before retry number `attempt` (0-based)."""
+    delay = min(cap, base * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def is_transient_reply(status: int, code: str) -> bool:
+    """Whether an S3 error reply is worth retrying: 5xx, 429 or a throttling code."""
+    return status >= 500 or status == 429 or code in THROTTLE_CODES
+
+
+def reply_error(status: int, code: str, uri: str, endpoint: str) -> Exception | None:
+    """FileNotFoundError or a UserError for S3's error reply (HTTP `status`, error `code`) to a
+    request for the object or bucket at `uri`, or None when the reply means none of those."""
+    bucket = uri.removeprefix("s3://").partition("/")[0]
+    if code == "NoSuchBucket":
+        return UserError(
+            f"bucket {bucket!r} does not exist at {endpoint}; create it or fix the store URI"
+        )
+    if code in MISSING_KEY_CODES or status == 404:
+        return FileNotFoundError(f"{uri} does not exist")
+    if code in CREDENTIAL_CODES or status == 403:
+        return UserError(
+            f"S3 at {endpoint} rejected the credentials for {uri} ({code}); check "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE and their permissions on "
+            "the bucket"
+        )
+    return None
