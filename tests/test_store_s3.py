@@ -6,6 +6,9 @@ import asyncio
 import os
 import pickle
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from s3_ranges import async_reader, get_range, get_ranges, submit
@@ -16,6 +19,8 @@ from saesweep.errors import UserError
 from saesweep.store import open_store
 from saesweep.store.s3 import MIN_PART_SIZE, S3Store
 from saesweep.store.s3_async import AsyncRangeReader, S3ReadError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pending_uploads(store: S3Store) -> list:
@@ -193,3 +198,23 @@ def test_closed_range_reader_refuses_new_reads(s3_env):
     reader.close()
     with pytest.raises(ConnectionError, match="closed"):
         reader.fetch_into("obj", target, chunk_bytes=4)
+
+
+def test_credentials_in_the_endpoint_url_are_refused_and_never_printed(s3_server, tmp_path):
+    """A password written into S3_ENDPOINT_URL would be echoed by every error message into
+    the logs; it is refused, shown redacted, before any request."""
+    host = s3_server.endpoint.split("://", 1)[1]
+    env = {**os.environ, **s3_server.env(), "S3_ENDPOINT_URL": f"http://user:hunter2pw@{host}"}
+    runs = tmp_path / "runs"
+    commands = [
+        ["collect.py", "--out", "s3://creds/x", "--max-tokens", "100", "--device", "cpu"],
+        ["train.py", "--train-data.uri", "s3://creds/x", "--runs-root", str(runs)],
+    ]
+    for command in commands:
+        proc = subprocess.run(
+            [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "S3_ENDPOINT_URL=http://***@" in proc.stderr and "carries credentials" in proc.stderr
+        assert "hunter2pw" not in proc.stdout + proc.stderr
+    assert not runs.exists()

@@ -7,6 +7,7 @@ import itertools
 import os
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,8 +52,19 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def endpoint_from_env() -> str | None:
-    """The custom S3 endpoint from S3_ENDPOINT_URL, or None for AWS."""
-    return os.environ.get("S3_ENDPOINT_URL") or None
+    """The custom S3 endpoint from S3_ENDPOINT_URL, or None for AWS. An endpoint that carries
+    a user name or password is refused: S3 clients never send them (requests are signed with
+    the AWS_* keys), so they would only be printed, into logs, by the first error message."""
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or None
+    parts = urllib.parse.urlsplit(endpoint or "")
+    _, at, host = parts.netloc.rpartition("@")
+    if at:
+        shown = parts._replace(netloc=f"***@{host}").geturl()
+        raise UserError(
+            f"S3_ENDPOINT_URL={shown} carries credentials, which S3 requests never "
+            "use; remove them from the URL and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    return endpoint
 
 
 def is_transient(err: BaseException) -> bool:
