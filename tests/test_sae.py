@@ -28,8 +28,7 @@ def test_topk_l0_is_exactly_k():
     x = torch.randn(B, D_IN) * 3
     _, codes = sae(x)
     assert (codes.values > 0).sum(-1).eq(6).all()
-    _, metrics = sae.loss(x)
-    assert metrics["l0"].tolist() == [6.0, 6.0]
+    assert sae.loss(x).metrics["l0"].tolist() == [6.0, 6.0]
 
 
 def test_batchtopk_mean_l0_is_k_in_training_and_threshold_at_inference():
@@ -59,7 +58,7 @@ def test_switch_vectorized_dispatch_matches_per_expert_loop():
     x = _x()
     _, codes = sae(x)
     got = to_dense(codes.values, codes.indices, D_SAE)
-    assert codes.extra["switch_dropped"].tolist() == [0.0, 0.0]
+    assert codes.dropped.tolist() == [0.0, 0.0]
     for i in range(2):
         torch.testing.assert_close(got[i], _switch_loop_reference(sae, i, x))
 
@@ -89,7 +88,7 @@ def test_switch_capacity_drops_tokens_past_capacity():
     for e in range(sae.n_experts):
         tokens = (expert[0] == e).nonzero().squeeze(1)
         assert not alive[tokens[capacity:]].any()
-    dropped = codes.extra["switch_dropped"].item()
+    dropped = codes.dropped.item()
     expected = sum(max(0, int((expert[0] == e).sum()) - capacity) for e in range(4)) / B
     assert dropped == pytest.approx(expected) and dropped > 0
 
@@ -99,9 +98,9 @@ def test_switch_load_balance_loss_reaches_the_router():
 
     def router_grad(coeff):
         sae = make_sae(_cfg("switch"), D_IN, [0], ObjectiveConfig(load_balance_coeff=coeff))
-        loss, metrics = sae.loss(x)
-        loss.sum().backward()
-        return sae.W_router.grad.clone(), metrics
+        result = sae.loss(x)
+        result.loss.sum().backward()
+        return sae.W_router.grad.clone(), result.metrics
 
     g0, m0 = router_grad(0.0)
     g1, m1 = router_grad(10.0)
@@ -128,9 +127,9 @@ def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     obj = ObjectiveConfig(sparsity_coeff=1e-2)
     cfg = _cfg("jumprelu", jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.5)
     sae = make_sae(cfg, D_IN, [0], obj)
-    loss, metrics = sae.loss(_x())
-    assert metrics["sparsity_loss"].item() == metrics["l0"].item()
-    loss.sum().backward()
+    result = sae.loss(_x())
+    assert result.metrics["sparsity_loss"].item() == result.metrics["l0"].item()
+    result.loss.sum().backward()
     assert sae.log_threshold.grad.abs().sum() > 0
     # thresholds near many pre-activations: the L0 term pushes them up (negative gradient)
     only_l0 = make_sae(cfg, D_IN, [0], obj)
@@ -148,7 +147,7 @@ def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
     for autocast in (False, True):
         sae.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            loss, _ = sae.loss(x)
+            loss = sae.loss(x).loss
         loss.sum().backward()
         grads.append(sae.log_threshold.grad.clone())
     assert (grads[0] != 0).sum() > 100
@@ -166,7 +165,7 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
     _, codes = sae(x)
     norms = sae.W_dec[0].norm(dim=-1)
     expected = (codes.acts[0] * norms).sum(-1).mean()
-    _, metrics = sae.loss(x, step=4)
+    metrics = sae.loss(x, step=4).metrics
     assert metrics["sparsity_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["loss"].item() == pytest.approx(
         metrics["mse"].item() + 0.5 * 0.4 * expected.item(), rel=1e-5
@@ -178,32 +177,48 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
 def test_unit_norm_decoder_grad_projection_and_renormalization():
     sae = make_sae(_cfg("topk"), D_IN, [0, 1])
     opt = StackedAdam(sae.parameters(), lr=[1e-2, 1e-2])
-    loss, _ = sae.loss(_x())
-    loss.sum().backward()
+    result = sae.loss(_x())
+    result.loss.sum().backward()
     sae.before_optimizer_step()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert parallel.abs().max() < 1e-6
     opt.step()
-    sae.after_optimizer_step()
+    sae.after_optimizer_step(result)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, D_SAE))
 
 
 def test_dead_latent_counters_and_auxk():
     sae = make_sae(_cfg("topk", dead_tokens=2 * B, aux_k=16), D_IN, [0, 1])
     x = _x()
-    sae.loss(x)
-    fired = sae._last_fired.clone()
-    sae.after_optimizer_step(update_mask=torch.tensor([True, False]))
+    result = sae.loss(x)
+    fired = result.fired
+    sae.after_optimizer_step(result, update_mask=torch.tensor([True, False]))
     assert torch.equal(sae.tokens_since_fired[0], torch.where(fired[0], 0, B))
     assert sae.tokens_since_fired[1].eq(0).all()
     with torch.no_grad():
         sae.tokens_since_fired[:, :64] = 10 * B  # half the latents dead
-    loss, metrics = sae.loss(x)
-    assert metrics["dead_pct"].tolist() == [50.0, 50.0]
-    assert (metrics["aux_loss"] > 0).all()
-    loss.sum().backward()
+    result = sae.loss(x)
+    assert result.metrics["dead_pct"].tolist() == [50.0, 50.0]
+    assert (result.metrics["aux_loss"] > 0).all()
+    result.loss.sum().backward()
     dead_enc_grad = sae.W_enc.grad[..., :64].abs().sum()
     assert dead_enc_grad > 0
+
+
+def test_after_optimizer_step_uses_the_loss_result_it_is_given():
+    # loss() leaves the module as it was; the counters and threshold follow the result passed
+    sae = make_sae(_cfg("batchtopk", dead_tokens=2 * B), D_IN, [0, 1])
+    state, attrs = {k: v.clone() for k, v in sae.state_dict().items()}, dict(vars(sae))
+    first = sae.loss(_x(seed=1))
+    second = sae.loss(torch.randn(B // 2, D_IN, generator=torch.Generator().manual_seed(2)))
+    assert vars(sae) == attrs
+    assert all(torch.equal(v, state[k]) for k, v in sae.state_dict().items())
+    assert not torch.equal(first.fired, second.fired)
+    assert (first.tokens, second.tokens) == (B, B // 2)
+    sae.after_optimizer_step(first)
+    assert torch.equal(sae.tokens_since_fired, torch.where(first.fired, 0, B))
+    assert sae.threshold.tolist() == first.threshold_sample.tolist()
+    assert first.threshold_sample.tolist() != second.threshold_sample.tolist()
 
 
 def test_auxk_on_a_batch_without_variance_stops_no_member():
@@ -254,6 +269,6 @@ def test_every_architecture_learns_sparse_synthetic_data(arch):
         train_step(sae, opt, data[s * B : (s + 1) * B], s)
     sae.eval()
     with torch.no_grad():
-        _, metrics = sae.loss(held_out)
+        metrics = sae.loss(held_out).metrics
     assert metrics["fvu"].item() < 0.2, metrics  # measured 0.05 - 0.11
     assert metrics["l0"].item() < 48, metrics

@@ -28,7 +28,7 @@ def _leaves(sae, i):
 
 
 def _stack_grads(sae, x):
-    loss, _ = sae.loss(x)
+    loss = sae.loss(x).loss
     loss.sum().backward()
     return loss.detach(), {name: p.grad for name, p in sae.named_parameters()}
 

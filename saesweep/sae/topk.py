@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import Codes, SAEConfig, StackedSAE, check, total_variance
+from saesweep.sae.base import SAEConfig, StackedSAE, check, total_variance
+from saesweep.sae.codes import Codes, SparseCodes
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
 
@@ -33,7 +34,7 @@ class TopKSAE(StackedSAE):
         pre = self.detached_pre(x_in)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
-        return Codes(values=values, indices=indices, pre=pre)
+        return SparseCodes(values, indices, self.d_sae, pre=pre)
 
     @torch.no_grad()
     def detached_pre(self, x_in: Tensor) -> Tensor:
