@@ -137,6 +137,39 @@ def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     assert (only_l0.log_threshold.grad <= 0).all() and (only_l0.log_threshold.grad < 0).any()
 
 
+def _papers_log_threshold_grad(sae, i, x, lam, eps):
+    """Member i's d loss / d log(threshold) by the paper's pseudo-derivatives, from dense raw
+    pre-activations z: d/dt of z H(z - t) is -(t / eps) K((z - t) / eps), of H(z - t) is
+    -(1 / eps) K((z - t) / eps), K the rectangle on (-1/2, 1/2)."""
+    p = {k: v[i].detach() for k, v in sae.named_parameters()}
+    z = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    t = p["log_threshold"].exp()
+    acts = (z * (z > t)).requires_grad_()
+    ((acts @ p["W_dec"] + p["b_dec"] - x).pow(2).mean()).backward()
+    kernel = ((z - t).abs() < eps / 2).to(z.dtype) / eps
+    d_t = (acts.grad * -(t * kernel)).sum(0) + lam * (-kernel).mean(0)
+    return t * d_t, t * (-kernel).mean(0)
+
+
+def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_bandwidth():
+    # SAELens's defaults: threshold 0.01 < bandwidth / 2. A ReLU before the estimators made every
+    # negative pre-activation a 0 inside the kernel window: -(1 / eps) P(z <= 0) extra
+    lam, eps = 0.125, 0.05  # lam exact in the float32 buffer it is stored in
+    cfg = _cfg("jumprelu", jumprelu_bandwidth=eps, jumprelu_init_threshold=0.01)
+    sae = make_sae(cfg, D_IN, [0, 1], ObjectiveConfig(sparsity_coeff=lam), dtype=torch.float64)
+    x = _x().double()
+    sae.loss(x).loss.sum().backward()
+    l0_only = make_sae(cfg, D_IN, [0, 1], dtype=torch.float64)
+    l0_only.penalties(x, None, l0_only.encode(x), 0)["sparsity_loss"][1].sum().backward()
+    for i in range(2):
+        want, want_l0 = _papers_log_threshold_grad(sae, i, x, lam, eps)
+        assert (want_l0 != 0).sum() > 10
+        torch.testing.assert_close(sae.log_threshold.grad[i], want, rtol=1e-10, atol=1e-12)
+        got_l0 = l0_only.log_threshold.grad[i]
+        torch.testing.assert_close(got_l0, want_l0, rtol=1e-10, atol=1e-12)
+        assert got_l0.mean().item() == pytest.approx(want_l0.mean().item(), rel=1e-10)
+
+
 def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
     # bf16 spaces values 2^-7 apart near 1.0, wider than this kernel (|z - t| < 5e-4): with
     # bf16 pre-activations the window holds no value and the thresholds get no gradient.

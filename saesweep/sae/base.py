@@ -135,9 +135,13 @@ class StackedSAE(nn.Module):
         x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
         return x - self.b_dec.unsqueeze(1) if self.apply_b_dec_to_input else x
 
+    def linear(self, x: Tensor) -> Tensor:
+        """[n, B, d_sae] encoder_input(x) @ W_enc + b_enc (the raw pre-activations)."""
+        return torch.bmm(self.encoder_input(x), self.W_enc) + self.b_enc.unsqueeze(1)
+
     def linear_pre(self, x: Tensor) -> Tensor:
         """[n, B, d_sae] relu(encoder_input(x) @ W_enc + b_enc)."""
-        return (torch.bmm(self.encoder_input(x), self.W_enc) + self.b_enc.unsqueeze(1)).relu()
+        return self.linear(x).relu()
 
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError

@@ -25,7 +25,8 @@ class DenseCodes:
     acts: Tensor
     """Latent activations [n, B, d_sae]."""
     pre: Tensor | None = None
-    """Pre-activations [n, B, d_sae] (after the encoder ReLU), for AuxK and JumpReLU's L0."""
+    """Pre-activations [n, B, d_sae]: after the encoder ReLU for AuxK (BatchTopK at
+    inference), raw for JumpReLU's L0."""
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """[n, B, d_in] acts @ W_dec, without the decoder bias."""

@@ -55,7 +55,12 @@ class StepFn(torch.autograd.Function):
 
 
 class JumpReLUSAE(StackedSAE):
-    """f = relu(pre) * (pre > exp(log_threshold)); penalty L0 through the same STE."""
+    """f = pre * (pre > exp(log_threshold)); penalty L0 through the same STE.
+
+    Both straight-through estimators see the raw pre-activation, as in the paper, SAELens and
+    dictionary_learning: a ReLU before them would make every negative pre-activation an atom at
+    0, inside the kernel window whenever threshold < bandwidth / 2.
+    """
 
     arch = "jumprelu"
     sae_lens_architecture = "jumprelu"
@@ -73,7 +78,7 @@ class JumpReLUSAE(StackedSAE):
         """Pre-activations in float32 even under autocast: bf16's spacing near a threshold
         (2^-7 at 1.0) is wider than the kernel, whose window would then hold no value or many."""
         with torch.autocast(x.device.type, enabled=False):
-            pre = self.linear_pre(x.to(self.W_enc.dtype))
+            pre = self.linear(x.to(self.W_enc.dtype))
         acts = JumpReLUFn.apply(pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         return DenseCodes(acts, pre=pre)
 
