@@ -263,7 +263,24 @@ def test_auxk_on_a_batch_without_variance_stops_no_member():
     same = _x(1).expand(2, D_IN).clone()  # variance exactly 0: AuxK was inf, and 0 * inf NaN
     metrics = train_step(sae, opt, same, 1)
     assert metrics["updated"].tolist() == [True, True]
-    assert torch.isfinite(metrics["loss"]).all() and metrics["loss"][1] == metrics["mse"][1]
+    assert torch.isfinite(metrics["loss"]).all() and metrics["loss"][1] == metrics["fvu"][1]
+
+
+def test_auxk_weight_against_reconstruction_does_not_depend_on_the_data_scale():
+    # FVU and AuxK share the batch's total variance: scaling x scales both alike (it once
+    # divided a per-element MSE, so AuxK's effective weight grew as 1 / variance)
+    sae = make_sae(_cfg("topk", aux_k=16, aux_coeff=0.5), D_IN, [0, 1], dtype=torch.float64)
+    with torch.no_grad():
+        sae.tokens_since_fired[:, ::2] = 10**9
+    terms = []
+    for scale in (1.0, 100.0):
+        m = sae.loss(_x().double() * scale).metrics
+        aux = 0.5 * m["aux_loss"]
+        terms.append((m["loss"] - aux, aux))
+    (main_1, aux_1), (main_100, aux_100) = terms
+    assert (aux_1 > 0).all()
+    torch.testing.assert_close(aux_100 / main_100, aux_1 / main_1, rtol=1e-9, atol=0)
+    torch.testing.assert_close(main_100, main_1, rtol=1e-9, atol=0)
 
 
 def test_init_b_dec_geometric_median_resists_outliers():

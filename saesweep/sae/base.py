@@ -47,6 +47,9 @@ class StackedSAE(nn.Module):
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_to_input: ClassVar[bool] = True
     unit_norm_decoder: ClassVar[bool] = True
+    fvu_objective: ClassVar[bool] = False
+    """The loss's reconstruction term: FVU (squared error over the batch's total variance,
+    the denominator of AuxK too) when True, else the mean squared error per element."""
 
     def __init__(
         self,
@@ -187,11 +190,12 @@ class StackedSAE(nn.Module):
         result.loss.sum()."""
         recon, codes = self(x)
         sq_err = (recon - x).pow(2).sum(dim=(1, 2))
-        mse = sq_err / recon[0].numel()
+        mse, fvu = sq_err / recon[0].numel(), sq_err / total_variance(x)
         terms = self.penalties(x, recon, codes, step)
         weighted = (torch.where(c != 0, c * v, 0) for c, v in terms.values())  # 0 * inf: 0
-        loss = mse + sum(weighted, torch.zeros_like(mse))
-        metrics = {"loss": loss, "mse": mse, "fvu": sq_err / total_variance(x), "l0": codes.l0()}
+        main = fvu if self.fvu_objective else mse
+        loss = main + sum(weighted, torch.zeros_like(mse))
+        metrics = {"loss": loss, "mse": mse, "fvu": fvu, "l0": codes.l0()}
         metrics["dead_pct"] = 100 * self.dead_mask().to(mse.dtype).mean(-1)
         metrics |= {name: v for name, (_, v) in terms.items()} | self.code_metrics(codes)
         return LossResult(

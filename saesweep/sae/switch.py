@@ -41,6 +41,7 @@ class SwitchSAE(TopKSAE):
 
     arch = "switch"
     sae_lens_architecture = "switch"
+    fvu_objective = False  # no AuxK; the load-balance coefficient weighs against the MSE
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:

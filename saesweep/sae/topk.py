@@ -1,5 +1,8 @@
 """TopK SAE (Gao et al. 2024): ReLU then top-k, AuxK loss on dead latents, unit-norm decoder.
 
+Objective FVU + aux_coeff * AuxK, both over the batch's total variance (EleutherAI's sparsify):
+the weight of AuxK against reconstruction does not depend on the data's scale.
+
 Training costs one dense matmul: the pre-activations are computed without autograd, and the
 gradient reaches the encoder through the selected latents only (sparse.with_encoder_grad).
 """
@@ -20,6 +23,7 @@ class TopKSAE(StackedSAE):
 
     arch = "topk"
     sae_lens_architecture = "topk"
+    fvu_objective = True
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
@@ -47,8 +51,9 @@ class TopKSAE(StackedSAE):
     def auxk_loss(self, x: Tensor, recon: Tensor, codes: Codes) -> Tensor:
         """[n] AuxK: the top aux_k dead latents reconstruct the residual x - recon.
 
-        Normalized by the input's total variance and scaled by min(n_dead / aux_k, 1)
-        (EleutherAI's form of OpenAI's loss). Zero when no member has dead latents.
+        Normalized by the input's total variance (the FVU term's denominator) and scaled by
+        min(n_dead / aux_k, 1) (EleutherAI's form of OpenAI's loss). Zero when no member has
+        dead latents.
         """
         dead = self.dead_mask()
         if not bool(dead.any()):
