@@ -1,6 +1,9 @@
 """Per-architecture behaviour of the stacked SAEs on real tensors."""
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +208,17 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
     )
     assert sae.sparsity_at(20).item() == pytest.approx(0.5)
     assert sae.W_dec.norm(dim=-1).min().item() == pytest.approx(0.1, rel=1e-4)  # April-2024 init
+
+
+def test_help_names_the_sparsity_coefficient_conversion():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "train.py"), "--help"], cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    help_text = " ".join(out.stdout.replace("\u2502", " ").split())  # without the box edges
+    assert "--objective.sparsity-coeff" in help_text
+    assert "is d_in x sparsity_coeff: pass lambda / d_in" in help_text
 
 
 def test_unit_norm_decoder_grad_projection_and_renormalization():
