@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import make_collection
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.base import geometric_median
@@ -14,6 +15,8 @@ from saesweep.sae.optim import StackedAdam
 from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
 from saesweep.sae.synthetic import sparse_mixture
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.trainer import GroupTrainer
 
 D_IN, D_SAE, B = 32, 128, 128
 
@@ -51,6 +54,19 @@ def test_batchtopk_mean_l0_is_k_in_training_and_threshold_at_inference():
     _, codes = sae(x)
     expected = pre * (pre > sae.threshold.view(-1, 1, 1))
     assert torch.equal(codes.acts, expected)
+
+
+def test_batchtopk_threshold_is_updated_in_float32_under_bf16_autocast():
+    sae = make_sae(_cfg("batchtopk", k=5), D_IN, [0, 1])
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    with torch.autocast("cpu", torch.bfloat16):
+        result = sae.loss(torch.randn(B, D_IN, generator=torch.Generator().manual_seed(4)) * 3)
+    sample = result.threshold_sample
+    assert sample.dtype == torch.float32 and (sample > 0).all()
+    sae.after_optimizer_step(result)
+    mom = sae.cfg.batchtopk_threshold_momentum
+    assert torch.equal(sae.threshold, mom * torch.full((2,), 0.3) + (1 - mom) * sample)
 
 
 def test_switch_vectorized_dispatch_matches_per_expert_loop():
@@ -295,6 +311,17 @@ def test_auxk_weight_against_reconstruction_does_not_depend_on_the_data_scale():
     assert (aux_1 > 0).all()
     torch.testing.assert_close(aux_100 / main_100, aux_1 / main_1, rtol=1e-9, atol=0)
     torch.testing.assert_close(main_100, main_1, rtol=1e-9, atol=0)
+
+
+def test_trainer_gives_jumprelu_adam_without_momentum(tmp_path):
+    # Rajamanoharan et al. 2024 and dictionary_learning train JumpReLU with Adam beta1 = 0
+    make_collection(str(tmp_path / "coll"), [256] * 2, d=D_IN)
+    data = DataConfig(uri=str(tmp_path / "coll"), shards=":-1", collect="")
+    base = TrainConfig(train_data=data, n_train=256, batch_size=128, wandb_mode="disabled")
+    cfgs = [dataclasses.replace(base, sae=_cfg(arch)) for arch in ("jumprelu", "topk")]
+    trainer = GroupTrainer(cfgs, [tmp_path / "a", tmp_path / "b"], tmp_path / "state")
+    betas = {s.sae.arch: s.opt.betas for s in trainer.stacks}
+    assert betas == {"jumprelu": (0.0, 0.999), "topk": (0.9, 0.999)}
 
 
 def test_init_b_dec_geometric_median_resists_outliers():

@@ -47,6 +47,8 @@ class StackedSAE(nn.Module):
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_to_input: ClassVar[bool] = True
     unit_norm_decoder: ClassVar[bool] = True
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam's (beta1, beta2) for this architecture's optimizer."""
     fvu_objective: ClassVar[bool] = False
     """The loss's reconstruction term: FVU (squared error over the batch's total variance,
     the denominator of AuxK too) when True, else the mean squared error per element."""

@@ -35,11 +35,12 @@ class BatchTopKSAE(TopKSAE):
 
     def threshold_sample(self, codes: Codes) -> Tensor | None:
         """[n] smallest positive activation the batch top-k kept (training codes only), in the
-        pre-activations' dtype."""
+        threshold's dtype: under autocast the running estimate is still updated in float32, as
+        SAELens does."""
         if not isinstance(codes, SparseCodes):
             return None
         values = codes.values.detach()
-        return values.where(values > 0, torch.inf).amin(dim=(1, 2)).to(codes.pre.dtype)
+        return values.where(values > 0, torch.inf).amin(dim=(1, 2)).to(self.threshold.dtype)
 
     def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
         """Also move each member's threshold toward the smallest positive kept activation."""

@@ -64,6 +64,7 @@ class JumpReLUSAE(StackedSAE):
 
     arch = "jumprelu"
     sae_lens_architecture = "jumprelu"
+    adam_betas = (0.0, 0.999)  # the paper's and dictionary_learning's: no momentum
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
