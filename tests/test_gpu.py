@@ -44,7 +44,7 @@ def test_cuda_batches_equal_cpu_batches(coll):
 
 
 def _loss_and_grads(sae, x):
-    loss, _ = sae.loss(x)
+    loss = sae.loss(x).loss
     loss.sum().backward()
     return loss.detach().cpu(), {n: p.grad.cpu() for n, p in sae.named_parameters()}
 

@@ -1,9 +1,13 @@
 """Per-architecture behaviour of the stacked SAEs on real tensors."""
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from synthetic import make_collection
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.base import geometric_median
@@ -11,6 +15,8 @@ from saesweep.sae.optim import StackedAdam
 from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
 from saesweep.sae.synthetic import sparse_mixture
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.trainer import GroupTrainer
 
 D_IN, D_SAE, B = 32, 128, 128
 
@@ -28,8 +34,7 @@ def test_topk_l0_is_exactly_k():
     x = torch.randn(B, D_IN) * 3
     _, codes = sae(x)
     assert (codes.values > 0).sum(-1).eq(6).all()
-    _, metrics = sae.loss(x)
-    assert metrics["l0"].tolist() == [6.0, 6.0]
+    assert sae.loss(x).metrics["l0"].tolist() == [6.0, 6.0]
 
 
 def test_batchtopk_mean_l0_is_k_in_training_and_threshold_at_inference():
@@ -51,6 +56,19 @@ def test_batchtopk_mean_l0_is_k_in_training_and_threshold_at_inference():
     assert torch.equal(codes.acts, expected)
 
 
+def test_batchtopk_threshold_is_updated_in_float32_under_bf16_autocast():
+    sae = make_sae(_cfg("batchtopk", k=5), D_IN, [0, 1])
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    with torch.autocast("cpu", torch.bfloat16):
+        result = sae.loss(torch.randn(B, D_IN, generator=torch.Generator().manual_seed(4)) * 3)
+    sample = result.threshold_sample
+    assert sample.dtype == torch.float32 and (sample > 0).all()
+    sae.after_optimizer_step(result)
+    mom = sae.cfg.batchtopk_threshold_momentum
+    assert torch.equal(sae.threshold, mom * torch.full((2,), 0.3) + (1 - mom) * sample)
+
+
 def test_switch_vectorized_dispatch_matches_per_expert_loop():
     cfg = _cfg("switch", k=3, switch_capacity_factor=4.0)  # capacity = whole batch
     sae = make_sae(cfg, D_IN, [0, 1])
@@ -59,7 +77,7 @@ def test_switch_vectorized_dispatch_matches_per_expert_loop():
     x = _x()
     _, codes = sae(x)
     got = to_dense(codes.values, codes.indices, D_SAE)
-    assert codes.extra["switch_dropped"].tolist() == [0.0, 0.0]
+    assert codes.dropped.tolist() == [0.0, 0.0]
     for i in range(2):
         torch.testing.assert_close(got[i], _switch_loop_reference(sae, i, x))
 
@@ -89,7 +107,7 @@ def test_switch_capacity_drops_tokens_past_capacity():
     for e in range(sae.n_experts):
         tokens = (expert[0] == e).nonzero().squeeze(1)
         assert not alive[tokens[capacity:]].any()
-    dropped = codes.extra["switch_dropped"].item()
+    dropped = codes.dropped.item()
     expected = sum(max(0, int((expert[0] == e).sum()) - capacity) for e in range(4)) / B
     assert dropped == pytest.approx(expected) and dropped > 0
 
@@ -99,9 +117,9 @@ def test_switch_load_balance_loss_reaches_the_router():
 
     def router_grad(coeff):
         sae = make_sae(_cfg("switch"), D_IN, [0], ObjectiveConfig(load_balance_coeff=coeff))
-        loss, metrics = sae.loss(x)
-        loss.sum().backward()
-        return sae.W_router.grad.clone(), metrics
+        result = sae.loss(x)
+        result.loss.sum().backward()
+        return sae.W_router.grad.clone(), result.metrics
 
     g0, m0 = router_grad(0.0)
     g1, m1 = router_grad(10.0)
@@ -128,14 +146,47 @@ def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     obj = ObjectiveConfig(sparsity_coeff=1e-2)
     cfg = _cfg("jumprelu", jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.5)
     sae = make_sae(cfg, D_IN, [0], obj)
-    loss, metrics = sae.loss(_x())
-    assert metrics["sparsity_loss"].item() == metrics["l0"].item()
-    loss.sum().backward()
+    result = sae.loss(_x())
+    assert result.metrics["sparsity_loss"].item() == result.metrics["l0"].item()
+    result.loss.sum().backward()
     assert sae.log_threshold.grad.abs().sum() > 0
     # thresholds near many pre-activations: the L0 term pushes them up (negative gradient)
     only_l0 = make_sae(cfg, D_IN, [0], obj)
     only_l0.penalties(_x(), None, only_l0.encode(_x()), 0)["sparsity_loss"][1].sum().backward()
     assert (only_l0.log_threshold.grad <= 0).all() and (only_l0.log_threshold.grad < 0).any()
+
+
+def _papers_log_threshold_grad(sae, i, x, lam, eps):
+    """Member i's d loss / d log(threshold) by the paper's pseudo-derivatives, from dense raw
+    pre-activations z: d/dt of z H(z - t) is -(t / eps) K((z - t) / eps), of H(z - t) is
+    -(1 / eps) K((z - t) / eps), K the rectangle on (-1/2, 1/2)."""
+    p = {k: v[i].detach() for k, v in sae.named_parameters()}
+    z = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    t = p["log_threshold"].exp()
+    acts = (z * (z > t)).requires_grad_()
+    ((acts @ p["W_dec"] + p["b_dec"] - x).pow(2).mean()).backward()
+    kernel = ((z - t).abs() < eps / 2).to(z.dtype) / eps
+    d_t = (acts.grad * -(t * kernel)).sum(0) + lam * (-kernel).mean(0)
+    return t * d_t, t * (-kernel).mean(0)
+
+
+def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_bandwidth():
+    # SAELens's defaults: threshold 0.01 < bandwidth / 2. A ReLU before the estimators made every
+    # negative pre-activation a 0 inside the kernel window: -(1 / eps) P(z <= 0) extra
+    lam, eps = 0.125, 0.05  # lam exact in the float32 buffer it is stored in
+    cfg = _cfg("jumprelu", jumprelu_bandwidth=eps, jumprelu_init_threshold=0.01)
+    sae = make_sae(cfg, D_IN, [0, 1], ObjectiveConfig(sparsity_coeff=lam), dtype=torch.float64)
+    x = _x().double()
+    sae.loss(x).loss.sum().backward()
+    l0_only = make_sae(cfg, D_IN, [0, 1], dtype=torch.float64)
+    l0_only.penalties(x, None, l0_only.encode(x), 0)["sparsity_loss"][1].sum().backward()
+    for i in range(2):
+        want, want_l0 = _papers_log_threshold_grad(sae, i, x, lam, eps)
+        assert (want_l0 != 0).sum() > 10
+        torch.testing.assert_close(sae.log_threshold.grad[i], want, rtol=1e-10, atol=1e-12)
+        got_l0 = l0_only.log_threshold.grad[i]
+        torch.testing.assert_close(got_l0, want_l0, rtol=1e-10, atol=1e-12)
+        assert got_l0.mean().item() == pytest.approx(want_l0.mean().item(), rel=1e-10)
 
 
 def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
@@ -148,7 +199,7 @@ def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
     for autocast in (False, True):
         sae.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            loss, _ = sae.loss(x)
+            loss = sae.loss(x).loss
         loss.sum().backward()
         grads.append(sae.log_threshold.grad.clone())
     assert (grads[0] != 0).sum() > 100
@@ -166,7 +217,7 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
     _, codes = sae(x)
     norms = sae.W_dec[0].norm(dim=-1)
     expected = (codes.acts[0] * norms).sum(-1).mean()
-    _, metrics = sae.loss(x, step=4)
+    metrics = sae.loss(x, step=4).metrics
     assert metrics["sparsity_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["loss"].item() == pytest.approx(
         metrics["mse"].item() + 0.5 * 0.4 * expected.item(), rel=1e-5
@@ -175,35 +226,62 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
     assert sae.W_dec.norm(dim=-1).min().item() == pytest.approx(0.1, rel=1e-4)  # April-2024 init
 
 
+def test_help_names_the_sparsity_coefficient_conversion():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "train.py"), "--help"], cwd=root, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    help_text = " ".join(out.stdout.replace("\u2502", " ").split())  # without the box edges
+    assert "--objective.sparsity-coeff" in help_text
+    assert "is d_in x sparsity_coeff: pass lambda / d_in" in help_text
+
+
 def test_unit_norm_decoder_grad_projection_and_renormalization():
     sae = make_sae(_cfg("topk"), D_IN, [0, 1])
     opt = StackedAdam(sae.parameters(), lr=[1e-2, 1e-2])
-    loss, _ = sae.loss(_x())
-    loss.sum().backward()
+    result = sae.loss(_x())
+    result.loss.sum().backward()
     sae.before_optimizer_step()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
     assert parallel.abs().max() < 1e-6
     opt.step()
-    sae.after_optimizer_step()
+    sae.after_optimizer_step(result)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, D_SAE))
 
 
 def test_dead_latent_counters_and_auxk():
     sae = make_sae(_cfg("topk", dead_tokens=2 * B, aux_k=16), D_IN, [0, 1])
     x = _x()
-    sae.loss(x)
-    fired = sae._last_fired.clone()
-    sae.after_optimizer_step(update_mask=torch.tensor([True, False]))
+    result = sae.loss(x)
+    fired = result.fired
+    sae.after_optimizer_step(result, update_mask=torch.tensor([True, False]))
     assert torch.equal(sae.tokens_since_fired[0], torch.where(fired[0], 0, B))
     assert sae.tokens_since_fired[1].eq(0).all()
     with torch.no_grad():
         sae.tokens_since_fired[:, :64] = 10 * B  # half the latents dead
-    loss, metrics = sae.loss(x)
-    assert metrics["dead_pct"].tolist() == [50.0, 50.0]
-    assert (metrics["aux_loss"] > 0).all()
-    loss.sum().backward()
+    result = sae.loss(x)
+    assert result.metrics["dead_pct"].tolist() == [50.0, 50.0]
+    assert (result.metrics["aux_loss"] > 0).all()
+    result.loss.sum().backward()
     dead_enc_grad = sae.W_enc.grad[..., :64].abs().sum()
     assert dead_enc_grad > 0
+
+
+def test_after_optimizer_step_uses_the_loss_result_it_is_given():
+    # loss() leaves the module as it was; the counters and threshold follow the result passed
+    sae = make_sae(_cfg("batchtopk", dead_tokens=2 * B), D_IN, [0, 1])
+    state, attrs = {k: v.clone() for k, v in sae.state_dict().items()}, dict(vars(sae))
+    first = sae.loss(_x(seed=1))
+    second = sae.loss(torch.randn(B // 2, D_IN, generator=torch.Generator().manual_seed(2)))
+    assert vars(sae) == attrs
+    assert all(torch.equal(v, state[k]) for k, v in sae.state_dict().items())
+    assert not torch.equal(first.fired, second.fired)
+    assert (first.tokens, second.tokens) == (B, B // 2)
+    sae.after_optimizer_step(first)
+    assert torch.equal(sae.tokens_since_fired, torch.where(first.fired, 0, B))
+    assert sae.threshold.tolist() == first.threshold_sample.tolist()
+    assert first.threshold_sample.tolist() != second.threshold_sample.tolist()
 
 
 def test_auxk_on_a_batch_without_variance_stops_no_member():
@@ -215,7 +293,35 @@ def test_auxk_on_a_batch_without_variance_stops_no_member():
     same = _x(1).expand(2, D_IN).clone()  # variance exactly 0: AuxK was inf, and 0 * inf NaN
     metrics = train_step(sae, opt, same, 1)
     assert metrics["updated"].tolist() == [True, True]
-    assert torch.isfinite(metrics["loss"]).all() and metrics["loss"][1] == metrics["mse"][1]
+    assert torch.isfinite(metrics["loss"]).all() and metrics["loss"][1] == metrics["fvu"][1]
+
+
+def test_auxk_weight_against_reconstruction_does_not_depend_on_the_data_scale():
+    # FVU and AuxK share the batch's total variance: scaling x scales both alike (it once
+    # divided a per-element MSE, so AuxK's effective weight grew as 1 / variance)
+    sae = make_sae(_cfg("topk", aux_k=16, aux_coeff=0.5), D_IN, [0, 1], dtype=torch.float64)
+    with torch.no_grad():
+        sae.tokens_since_fired[:, ::2] = 10**9
+    terms = []
+    for scale in (1.0, 100.0):
+        m = sae.loss(_x().double() * scale).metrics
+        aux = 0.5 * m["aux_loss"]
+        terms.append((m["loss"] - aux, aux))
+    (main_1, aux_1), (main_100, aux_100) = terms
+    assert (aux_1 > 0).all()
+    torch.testing.assert_close(aux_100 / main_100, aux_1 / main_1, rtol=1e-9, atol=0)
+    torch.testing.assert_close(main_100, main_1, rtol=1e-9, atol=0)
+
+
+def test_trainer_gives_jumprelu_adam_without_momentum(tmp_path):
+    # Rajamanoharan et al. 2024 and dictionary_learning train JumpReLU with Adam beta1 = 0
+    make_collection(str(tmp_path / "coll"), [256] * 2, d=D_IN)
+    data = DataConfig(uri=str(tmp_path / "coll"), shards=":-1", collect="")
+    base = TrainConfig(train_data=data, n_train=256, batch_size=128, wandb_mode="disabled")
+    cfgs = [dataclasses.replace(base, sae=_cfg(arch)) for arch in ("jumprelu", "topk")]
+    trainer = GroupTrainer(cfgs, [tmp_path / "a", tmp_path / "b"], tmp_path / "state")
+    betas = {s.sae.arch: s.opt.betas for s in trainer.stacks}
+    assert betas == {"jumprelu": (0.0, 0.999), "topk": (0.9, 0.999)}
 
 
 def test_init_b_dec_geometric_median_resists_outliers():
@@ -254,6 +360,6 @@ def test_every_architecture_learns_sparse_synthetic_data(arch):
         train_step(sae, opt, data[s * B : (s + 1) * B], s)
     sae.eval()
     with torch.no_grad():
-        _, metrics = sae.loss(held_out)
+        metrics = sae.loss(held_out).metrics
     assert metrics["fvu"].item() < 0.2, metrics  # measured 0.05 - 0.11
     assert metrics["l0"].item() < 48, metrics

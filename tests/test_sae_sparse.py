@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from saesweep.sae import sparse
+from saesweep.sae import DenseCodes, SparseCodes, sparse
 from saesweep.sae.sparse import (
     dense_decode,
-    fired_latents,
     sparse_decode,
     to_dense,
     with_encoder_grad,
@@ -61,7 +60,12 @@ def test_to_dense_and_fired_latents():
     dense = to_dense(values, indices, D_SAE)
     assert dense.shape == (N, B, D_SAE)
     assert torch.equal((dense > 0).sum(-1), (values > 0).sum(-1))
-    assert torch.equal(fired_latents(values, indices, D_SAE), (dense > 0).any(1))
+    codes = SparseCodes(values, indices, D_SAE)
+    assert torch.equal(codes.fired(), (dense > 0).any(1))
+    assert torch.equal(codes.fire_counts(), DenseCodes(dense).fire_counts())
+    assert torch.equal(codes.l0(), DenseCodes(dense).l0())
+    W = torch.randn(N, D_SAE, D_IN, dtype=torch.float64)
+    torch.testing.assert_close(codes.decode(W), DenseCodes(dense).decode(W))
 
 
 @pytest.mark.usefixtures("backward_path")

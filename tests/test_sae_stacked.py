@@ -115,7 +115,7 @@ def test_nan_member_is_detected_and_masked(arch):
     with torch.no_grad():
         bad.W_enc[1, 0, 0] = math.nan
     before = {n: p[1].clone() for n, p in bad.named_parameters()}
-    loss, _ = bad.loss(data[:B])
+    loss = bad.loss(data[:B]).loss
     assert bad.finite_members(loss).tolist() == [True, False, True]
     opt_ref, opt_bad = StackedAdam(ref.parameters(), lr=LRS), StackedAdam(bad.parameters(), lr=LRS)
     _run(ref, opt_ref, data, 5)
@@ -226,7 +226,7 @@ def test_sae_lens_cfg_fields():
 def test_per_member_inputs_equal_shared_input(arch):
     sae = make_sae(_cfg(arch), D_IN, SEEDS, dtype=torch.float64)
     x = _data(1)
-    shared, m_shared = sae.loss(x)
-    per_member, m_per = sae.loss(x.expand(3, *x.shape).clone())
-    torch.testing.assert_close(shared, per_member)
-    torch.testing.assert_close(m_shared["fvu"], m_per["fvu"])
+    shared = sae.loss(x)
+    per_member = sae.loss(x.expand(3, *x.shape).clone())
+    torch.testing.assert_close(shared.loss, per_member.loss)
+    torch.testing.assert_close(shared.metrics["fvu"], per_member.metrics["fvu"])

@@ -28,7 +28,7 @@ def _leaves(sae, i):
 
 
 def _stack_grads(sae, x):
-    loss, _ = sae.loss(x)
+    loss = sae.loss(x).loss
     loss.sum().backward()
     return loss.detach(), {name: p.grad for name, p in sae.named_parameters()}
 
@@ -42,11 +42,11 @@ def _dense_topk_loss(sae, x, i, p):
     x_in = x - p["b_dec"]
     pre = (x_in @ p["W_enc"] + p["b_enc"]).relu()
     recon = _dense(*pre.topk(K), D_SAE) @ p["W_dec"] + p["b_dec"]
-    loss = (recon - x).pow(2).mean()
+    total = (x - x.mean(0)).pow(2).sum()
+    loss = (recon - x).pow(2).sum() / total
     dead = sae.dead_mask()[i]
     if dead.any():
         aux_recon = _dense(*pre.where(dead, 0).topk(sae.aux_k), D_SAE) @ p["W_dec"]
-        total = (x - x.mean(0)).pow(2).sum()
         scale = min(int(dead.sum()) / sae.aux_k, 1.0)
         aux = scale * (aux_recon - (x - recon).detach()).pow(2).sum() / total
         loss = loss + sae.aux_coeff[i] * aux
@@ -113,7 +113,7 @@ def _dense_batchtopk_loss(sae, x, i, p):
     values, flat = pre.topk(K * B)
     acts = pre.new_zeros(pre.shape).scatter(0, flat, values).view(B, D_SAE)
     recon = acts @ p["W_dec"] + p["b_dec"]
-    return (recon - x).pow(2).mean()
+    return (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
 @pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-backward", "sparse-backward"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from synthetic import make_collection
 
-from saesweep.sae import SAEConfig
+from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported, exported_acts
 from saesweep.train.checkpoint import load_sae
 from saesweep.train.config import DataConfig, TrainConfig
@@ -54,3 +54,57 @@ def test_sae_lens_loads_and_matches(run_dirs, arch):
         torch.testing.assert_close(sae.encode(x), ours_acts, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sae(x), apply_exported(cfg, sd, x), rtol=1e-5, atol=1e-5)
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (16, 32)
+
+
+def _saelens_training_sae(arch: str, sae, coefficient: float):
+    """SAELens's own training SAE for member 0 of `sae`, its coefficient = `coefficient`."""
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    shape = dict(d_in=sae.d_in, d_sae=sae.d_sae, dtype="float64")
+    if arch == "relu":
+        cfg = StandardTrainingSAEConfig(
+            **shape, l1_coefficient=coefficient, apply_b_dec_to_input=False
+        )
+        lens = StandardTrainingSAE(cfg)
+    else:
+        cfg = JumpReLUTrainingSAEConfig(
+            **shape,
+            l0_coefficient=coefficient,
+            jumprelu_bandwidth=sae.cfg.jumprelu_bandwidth,
+            jumprelu_init_threshold=sae.cfgs[0].jumprelu_init_threshold,
+        )
+        lens = JumpReLUTrainingSAE(cfg)
+    with torch.no_grad():
+        for name, value in sae.member_state_dict(0).items():
+            lens.get_parameter(name).copy_(value)
+    return lens
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_sparsity_coeff_times_d_in_is_saelens_coefficient(arch):
+    # ours: per-element MSE + c * penalty; SAELens (and the papers): squared error summed over
+    # d_in + lambda * penalty. With lambda = d_in * c the two losses differ by the factor d_in
+    from sae_lens.saes.sae import TrainStepInput
+
+    d_in, c = 16, 2**-6
+    cfg = SAEConfig(arch=arch, d_sae=64, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01)
+    sae = make_sae(cfg, d_in, [0], ObjectiveConfig(sparsity_coeff=c), dtype=torch.float64)
+    x = torch.randn(256, d_in, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = sae.loss(x)
+    result.loss.sum().backward()
+    assert result.metrics["sparsity_loss"].item() > 0
+    lens = _saelens_training_sae(arch, sae, d_in * c)
+    key = "l1" if arch == "relu" else "l0"
+    out = lens.training_forward_pass(TrainStepInput(x, {key: d_in * c}, None, 0, False))
+    out.loss.backward()
+    assert d_in * result.loss.item() == pytest.approx(out.loss.item(), rel=1e-12)
+    for name in ("W_enc", "b_enc", "W_dec"):
+        grad = lens.get_parameter(name).grad
+        torch.testing.assert_close(
+            d_in * sae.get_parameter(name).grad[0], grad, rtol=1e-9, atol=1e-12
+        )
+    if arch == "jumprelu":  # SAELens trains the threshold itself, saesweep its log
+        theta = sae.log_threshold[0].exp()
+        want = lens.threshold.grad.double() * theta
+        torch.testing.assert_close(d_in * sae.log_threshold.grad[0], want, rtol=1e-5, atol=1e-7)

@@ -9,21 +9,10 @@ from __future__ import annotations
 import torch
 
 from saesweep.data.reader import Reader
-from saesweep.sae import Codes, StackedSAE
+from saesweep.sae import StackedSAE
 
 DENSITY_BINS = torch.arange(-8.0, 0.5, 0.5)
 """log10 firing-frequency bin edges of the density histogram."""
-
-
-def fire_counts(codes: Codes, d_sae: int) -> torch.Tensor:
-    """[n, d_sae] number of tokens on which each latent fired."""
-    if codes.values is not None:
-        counts = torch.zeros(
-            codes.values.shape[0], d_sae, dtype=torch.float64, device=codes.values.device
-        )
-        fired = (codes.values > 0).to(torch.float64).flatten(1)
-        return counts.scatter_add_(1, codes.indices.flatten(1), fired)
-    return (codes.acts > 0).sum(1).to(torch.float64)
 
 
 @torch.no_grad()
@@ -47,7 +36,7 @@ def evaluate_stacks(
             recon, codes = sae(x.to(sae.W_enc.dtype))
             acc["sse"] += (recon.double() - x64).pow(2).sum((1, 2)).cpu()
             acc["l0"] += codes.l0().double().cpu() * len(x)
-            count += fire_counts(codes, sae.d_sae).cpu()
+            count += codes.fire_counts().cpu()
         x_sum += x64.sum(0).cpu()
         x_sq += x64.pow(2).sum(0).cpu()
         tokens += len(x)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from saesweep.sae.base import Codes, StackedSAE, fvu
+from saesweep.sae.base import LossResult, StackedSAE, fvu
 from saesweep.sae.batchtopk import BatchTopKSAE
+from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.config import PER_MEMBER_FIELDS, ObjectiveConfig, SAEConfig, stack_key
 from saesweep.sae.jumprelu import JumpReLUSAE
 from saesweep.sae.relu import ReLUSAE
@@ -22,8 +23,11 @@ __all__ = [
     "ARCHITECTURES",
     "PER_MEMBER_FIELDS",
     "Codes",
+    "DenseCodes",
+    "LossResult",
     "ObjectiveConfig",
     "SAEConfig",
+    "SparseCodes",
     "StackedSAE",
     "fvu",
     "make_sae",

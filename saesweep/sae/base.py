@@ -8,7 +8,7 @@ same batch x [B, d_in]; their losses are independent, so the objective is loss.s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -16,41 +16,28 @@ from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor, nn
 
+from saesweep.sae.codes import Codes
 from saesweep.sae.config import ObjectiveConfig, SAEConfig, stack_key
-from saesweep.sae.sparse import dense_decode, fired_latents, sparse_decode
 
-__all__ = ["Codes", "ObjectiveConfig", "SAEConfig", "StackedSAE", "geometric_median"]
+__all__ = ["LossResult", "ObjectiveConfig", "SAEConfig", "StackedSAE", "geometric_median"]
 
 
-@dataclass
-class Codes:
-    """Latent codes of one stacked forward pass: sparse (values, indices) or dense acts."""
+@dataclass(frozen=True)
+class LossResult:
+    """What one loss() call hands the optimizer step and the dead-latent bookkeeping (nothing
+    is kept on the module between the two)."""
 
-    acts: Tensor | None = None
-    """Dense codes [n, B, d_sae]."""
-    values: Tensor | None = None
-    """Sparse code values [n, B, k]."""
-    indices: Tensor | None = None
-    """Sparse code latent indices [n, B, k]."""
-    width: int | None = None
-    """Nominal entries per token of a sparse code whose last dimension is padded (BatchTopK: its
-    k), for the sparse/dense choice of its backward; None: that dimension."""
-    pre: Tensor | None = None
-    """Pre-activations [n, B, d_sae] (after the encoder ReLU), used by AuxK and JumpReLU's L0
-    (TopK: computed without autograd; its gradient goes through sparse.with_encoder_grad)."""
-    extra: dict[str, Tensor] = field(default_factory=dict)
-    """Architecture-specific per-member metrics [n] (e.g. switch dropped-token fraction)."""
-
-    def fired(self, d_sae: int) -> Tensor:
-        """[n, d_sae] bool: latents that fired anywhere in the batch."""
-        if self.values is not None:
-            return fired_latents(self.values, self.indices, d_sae)
-        return (self.acts > 0).any(dim=1)
-
-    def l0(self) -> Tensor:
-        """[n] mean number of active latents per token."""
-        codes = self.values if self.values is not None else self.acts
-        return (codes > 0).sum(-1).to(codes.dtype).mean(-1)
+    loss: Tensor
+    """[n] loss per member; optimize loss.sum()."""
+    metrics: dict[str, Tensor]
+    """Detached per-member metrics [n]."""
+    fired: Tensor
+    """[n, d_sae] bool: latents that fired anywhere in the batch."""
+    tokens: int
+    """Tokens in the batch."""
+    threshold_sample: Tensor | None = None
+    """[n] a new sample of a running inference threshold (BatchTopK: the smallest positive
+    activation the batch top-k kept); None for architectures without one."""
 
 
 class StackedSAE(nn.Module):
@@ -60,6 +47,11 @@ class StackedSAE(nn.Module):
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_to_input: ClassVar[bool] = True
     unit_norm_decoder: ClassVar[bool] = True
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam's (beta1, beta2) for this architecture's optimizer."""
+    fvu_objective: ClassVar[bool] = False
+    """The loss's reconstruction term: FVU (squared error over the batch's total variance,
+    the denominator of AuxK too) when True, else the mean squared error per element."""
 
     def __init__(
         self,
@@ -82,8 +74,6 @@ class StackedSAE(nn.Module):
         for name in members[0]:
             self.register_parameter(name, nn.Parameter(torch.stack([m[name] for m in members])))
         self._register_member_buffers()
-        self._last_fired: Tensor | None = None
-        self._last_batch = 0
 
     def _check_members(self, cfgs, seeds, objectives) -> None:
         if not (len(cfgs) == len(seeds) == len(objectives) > 0):
@@ -150,20 +140,20 @@ class StackedSAE(nn.Module):
         x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
         return x - self.b_dec.unsqueeze(1) if self.apply_b_dec_to_input else x
 
+    def linear(self, x: Tensor) -> Tensor:
+        """[n, B, d_sae] encoder_input(x) @ W_enc + b_enc (the raw pre-activations)."""
+        return torch.bmm(self.encoder_input(x), self.W_enc) + self.b_enc.unsqueeze(1)
+
     def linear_pre(self, x: Tensor) -> Tensor:
         """[n, B, d_sae] relu(encoder_input(x) @ W_enc + b_enc)."""
-        return (torch.bmm(self.encoder_input(x), self.W_enc) + self.b_enc.unsqueeze(1)).relu()
+        return self.linear(x).relu()
 
     def encode(self, x: Tensor) -> Codes:
         raise NotImplementedError
 
     def decode(self, codes: Codes) -> Tensor:
         """[n, B, d_in] reconstruction (sparse decode when the codes are sparse)."""
-        if codes.values is not None:
-            out = sparse_decode(codes.values, codes.indices, self.W_dec, codes.width)
-        else:
-            out = dense_decode(codes.acts, self.W_dec)
-        return out + self.b_dec.unsqueeze(1)
+        return codes.decode(self.W_dec) + self.b_dec.unsqueeze(1)
 
     @jaxtyped(typechecker=beartype)
     def forward(
@@ -185,25 +175,38 @@ class StackedSAE(nn.Module):
         """name -> (coeff [n], value [n]); the loss adds coeff * value."""
         return {}
 
+    def code_metrics(self, codes: Codes) -> dict[str, Tensor]:
+        """Architecture-specific per-member metrics [n] of the codes (e.g. Switch's dropped
+        tokens)."""
+        return {}
+
+    def threshold_sample(self, codes: Codes) -> Tensor | None:
+        """[n] sample for a running inference threshold (LossResult.threshold_sample)."""
+        return None
+
     @jaxtyped(typechecker=beartype)
     def loss(
         self, x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"], step: int = 0
-    ) -> tuple[Float[Tensor, " n"], dict[str, Tensor]]:
-        """(loss per member [n], metrics of [n] tensors). Optimize loss.sum().
-
-        Remembers which latents fired, for after_optimizer_step's dead-latent update.
-        """
+    ) -> LossResult:
+        """Loss per member, metrics, and what after_optimizer_step needs. Optimize
+        result.loss.sum()."""
         recon, codes = self(x)
         sq_err = (recon - x).pow(2).sum(dim=(1, 2))
-        mse = sq_err / recon[0].numel()
+        mse, fvu = sq_err / recon[0].numel(), sq_err / total_variance(x)
         terms = self.penalties(x, recon, codes, step)
         weighted = (torch.where(c != 0, c * v, 0) for c, v in terms.values())  # 0 * inf: 0
-        loss = mse + sum(weighted, torch.zeros_like(mse))
-        self._remember(codes, x.shape[-2])
-        metrics = {"loss": loss, "mse": mse, "fvu": sq_err / total_variance(x), "l0": codes.l0()}
+        main = fvu if self.fvu_objective else mse
+        loss = main + sum(weighted, torch.zeros_like(mse))
+        metrics = {"loss": loss, "mse": mse, "fvu": fvu, "l0": codes.l0()}
         metrics["dead_pct"] = 100 * self.dead_mask().to(mse.dtype).mean(-1)
-        metrics |= {name: v for name, (_, v) in terms.items()} | codes.extra
-        return loss, {k: v.detach() for k, v in metrics.items()}
+        metrics |= {name: v for name, (_, v) in terms.items()} | self.code_metrics(codes)
+        return LossResult(
+            loss=loss,
+            metrics={k: v.detach() for k, v in metrics.items()},
+            fired=codes.fired().detach(),
+            tokens=x.shape[-2],
+            threshold_sample=self.threshold_sample(codes),
+        )
 
     @staticmethod
     def finite_members(loss: Tensor) -> Tensor:
@@ -221,28 +224,20 @@ class StackedSAE(nn.Module):
         g.sub_((g * W).sum(-1, keepdim=True) * W)
 
     @torch.no_grad()
-    def after_optimizer_step(self, update_mask: Tensor | None = None) -> None:
+    def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
         """Renormalize decoder rows and update dead-latent counters and running statistics
-        from the last loss() call, for members in update_mask ([n] bool, default all)."""
+        from `result` (this step's loss), for members in update_mask ([n] bool, default all)."""
         mask = self._mask(update_mask)
         if self.unit_norm_decoder:
             unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
             self.W_dec.copy_(torch.where(mask.view(-1, 1, 1), unit, self.W_dec))
-        self.update_running_stats(mask)
+        self.update_running_stats(result, mask)
 
-    def update_running_stats(self, mask: Tensor) -> None:
+    def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
         """Dead-latent counters; subclasses add their own running estimates."""
-        if self._last_fired is None:
-            return
-        counts = torch.where(self._last_fired, 0, self.tokens_since_fired + self._last_batch)
+        counts = torch.where(result.fired, 0, self.tokens_since_fired + result.tokens)
         old = self.tokens_since_fired
         self.tokens_since_fired.copy_(torch.where(mask.unsqueeze(1), counts, old))
-        self._last_fired = None
-
-    def _remember(self, codes: Codes, batch: int) -> None:
-        if self.training:
-            self._last_fired = codes.fired(self.d_sae).detach()
-            self._last_batch = batch
 
     def _mask(self, mask: Tensor | None) -> Tensor:
         if mask is None:

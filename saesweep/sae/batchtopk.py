@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import Codes
+from saesweep.sae.base import LossResult
+from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.sparse import batch_topk_codes, with_encoder_grad
 from saesweep.sae.topk import TopKSAE
 
@@ -21,29 +22,35 @@ class BatchTopKSAE(TopKSAE):
     def _register_member_buffers(self) -> None:
         super()._register_member_buffers()
         self.register_buffer("threshold", torch.full((self.n,), -1.0))
-        self._last_min_kept: Tensor | None = None
 
     def encode(self, x: Tensor) -> Codes:
         if not self.training:
             pre = self.linear_pre(x)
-            return Codes(acts=pre * (pre > self.threshold.clamp_min(0).view(-1, 1, 1)), pre=pre)
+            return DenseCodes(pre * (pre > self.threshold.clamp_min(0).view(-1, 1, 1)), pre=pre)
         x_in = self.encoder_input(x)
         pre = self.detached_pre(x_in)
         values, indices = batch_topk_codes(pre, self.k)
-        self._last_min_kept = values.where(values > 0, torch.inf).amin(dim=(1, 2))
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc, self.k)
-        return Codes(values=values, indices=indices, width=self.k, pre=pre)
+        return SparseCodes(values, indices, self.d_sae, width=self.k, pre=pre)
 
-    def update_running_stats(self, mask: Tensor) -> None:
+    def threshold_sample(self, codes: Codes) -> Tensor | None:
+        """[n] smallest positive activation the batch top-k kept (training codes only), in the
+        threshold's dtype: under autocast the running estimate is still updated in float32, as
+        SAELens does."""
+        if not isinstance(codes, SparseCodes):
+            return None
+        values = codes.values.detach()
+        return values.where(values > 0, torch.inf).amin(dim=(1, 2)).to(self.threshold.dtype)
+
+    def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
         """Also move each member's threshold toward the smallest positive kept activation."""
-        super().update_running_stats(mask)
-        if self._last_min_kept is None:
+        super().update_running_stats(result, mask)
+        m, thr = result.threshold_sample, self.threshold
+        if m is None:
             return
-        m, thr = self._last_min_kept, self.threshold
         mom = self.cfg.batchtopk_threshold_momentum
         new = torch.where(thr < 0, m, mom * thr + (1 - mom) * m)
         self.threshold.copy_(torch.where(mask & torch.isfinite(m), new, thr))
-        self._last_min_kept = None
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"threshold": self.threshold[i].clamp_min(0).expand(self.d_sae)}

@@ -74,11 +74,14 @@ def stack_key(cfg: SAEConfig) -> SAEConfig:
 class ObjectiveConfig:
     """Training objective weights; every field may differ between members of a stack.
 
-    The reconstruction term is the mean squared error per element (mean over batch and d_in).
+    The reconstruction term is the mean squared error per element (mean over batch and d_in) for
+    relu, jumprelu and switch, and the FVU for topk and batchtopk (see SAEConfig.aux_coeff).
     """
 
     sparsity_coeff: float = field(default=4e-4, metadata=at_least(0))
-    """Sparsity penalty: L1 weighted by decoder row norms (relu), L0 (jumprelu); ignored else."""
+    """Sparsity penalty per element: L1 weighted by decoder row norms (relu), L0 (jumprelu);
+    ignored else. The papers' and SAELens's lambda (l1_coefficient, l0_coefficient), weighed
+    against the squared error summed over d_in, is d_in x sparsity_coeff: pass lambda / d_in."""
     sparsity_warmup_steps: int = field(default=0, metadata=at_least(0))
     """Steps over which the sparsity coefficient rises linearly from 0 (0: no warmup)."""
     load_balance_coeff: float = field(default=0.01, metadata=at_least(0))

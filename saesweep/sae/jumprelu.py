@@ -8,7 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import Codes, SAEConfig, StackedSAE
+from saesweep.sae.base import SAEConfig, StackedSAE
+from saesweep.sae.codes import DenseCodes
 
 
 def _rectangle(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -54,10 +55,16 @@ class StepFn(torch.autograd.Function):
 
 
 class JumpReLUSAE(StackedSAE):
-    """f = relu(pre) * (pre > exp(log_threshold)); penalty L0 through the same STE."""
+    """f = pre * (pre > exp(log_threshold)); penalty L0 through the same STE.
+
+    Both straight-through estimators see the raw pre-activation, as in the paper, SAELens and
+    dictionary_learning: a ReLU before them would make every negative pre-activation an atom at
+    0, inside the kernel window whenever threshold < bandwidth / 2.
+    """
 
     arch = "jumprelu"
     sae_lens_architecture = "jumprelu"
+    adam_betas = (0.0, 0.999)  # the paper's and dictionary_learning's: no momentum
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
@@ -68,15 +75,15 @@ class JumpReLUSAE(StackedSAE):
         """[n, 1, d_sae] thresholds."""
         return self.log_threshold.exp().unsqueeze(1)
 
-    def encode(self, x: Tensor) -> Codes:
+    def encode(self, x: Tensor) -> DenseCodes:
         """Pre-activations in float32 even under autocast: bf16's spacing near a threshold
         (2^-7 at 1.0) is wider than the kernel, whose window would then hold no value or many."""
         with torch.autocast(x.device.type, enabled=False):
-            pre = self.linear_pre(x.to(self.W_enc.dtype))
+            pre = self.linear(x.to(self.W_enc.dtype))
         acts = JumpReLUFn.apply(pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
-        return Codes(acts=acts, pre=pre)
+        return DenseCodes(acts, pre=pre)
 
-    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+    def penalties(self, x: Tensor, recon: Tensor, codes: DenseCodes, step: int) -> dict:
         l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         return {"sparsity_loss": (self.sparsity_at(step), l0.sum(-1).mean(-1))}
 

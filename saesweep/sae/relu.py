@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saesweep.sae.base import Codes, SAEConfig, StackedSAE
+from saesweep.sae.base import SAEConfig, StackedSAE
+from saesweep.sae.codes import Codes, DenseCodes
 
 
 class ReLUSAE(StackedSAE):
@@ -19,8 +20,8 @@ class ReLUSAE(StackedSAE):
     def init_dec_norm(self, cfg: SAEConfig) -> float:
         return cfg.relu_init_norm
 
-    def encode(self, x: Tensor) -> Codes:
-        return Codes(acts=self.linear_pre(x))
+    def encode(self, x: Tensor) -> DenseCodes:
+        return DenseCodes(self.linear_pre(x))
 
     def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
         return {"sparsity_loss": (self.sparsity_at(step), self.weighted_l1(codes.acts))}

@@ -112,17 +112,6 @@ def to_dense(
     return dense.scatter_add(2, indices, values)
 
 
-@jaxtyped(typechecker=beartype)
-def fired_latents(
-    values: Float[Tensor, "n B k"], indices: Int[Tensor, "n B k"], d_sae: int
-) -> torch.Tensor:
-    """[n, d_sae] bool: which latents had a positive value anywhere in the batch."""
-    n = values.shape[0]
-    hits = values.new_zeros(n, d_sae)
-    hits.scatter_add_(1, indices.reshape(n, -1), (values > 0).to(values.dtype).reshape(n, -1))
-    return hits > 0
-
-
 class _EncoderGrad(torch.autograd.Function):
     """Identity on ReLU encoder outputs computed without autograd; the backward sends their
     gradient to x_in, W_enc and b_enc through the selected (token, latent) pairs only."""

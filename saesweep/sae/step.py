@@ -22,11 +22,11 @@ def train_step(
     [n] bool) are left untouched. Returns per-member metrics [n], plus "updated" and
     "grad_norm"."""
     opt.zero_grad()
-    loss, metrics = sae.loss(x, step)
-    ok = sae.finite_members(loss)
+    result = sae.loss(x, step)
+    ok = sae.finite_members(result.loss)
     if active is not None:
         ok &= active.to(ok.device)
-    loss.where(ok, torch.zeros_like(loss)).sum().backward()
+    result.loss.where(ok, torch.zeros_like(result.loss)).sum().backward()
     sae.before_optimizer_step()
     if max_grad_norm is None:
         norms = member_grad_norms(sae.parameters())
@@ -34,5 +34,5 @@ def train_step(
         norms = clip_grad_norm_(sae.parameters(), max_norm=max_grad_norm)
     ok &= torch.isfinite(norms).to(ok.device)
     opt.step(update_mask=ok)
-    sae.after_optimizer_step(update_mask=ok)
-    return metrics | {"updated": ok, "grad_norm": norms}
+    sae.after_optimizer_step(result, update_mask=ok)
+    return result.metrics | {"updated": ok, "grad_norm": norms}

@@ -12,14 +12,28 @@ gradient flows through the k selected latents per token only (sparse.with_encode
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saesweep.sae.base import Codes, SAEConfig, check
+from saesweep.sae.base import SAEConfig, check
+from saesweep.sae.codes import SparseCodes
 from saesweep.sae.sparse import with_encoder_grad
 from saesweep.sae.topk import TopKSAE
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutedCodes(SparseCodes):
+    """Switch codes with the routing that produced them."""
+
+    probs: Tensor
+    """Router probabilities [n, B, E]."""
+    expert: Tensor
+    """Chosen expert [n, B]."""
+    dropped: Tensor
+    """[n] fraction of tokens dropped past their expert's capacity."""
 
 
 class SwitchSAE(TopKSAE):
@@ -27,6 +41,7 @@ class SwitchSAE(TopKSAE):
 
     arch = "switch"
     sae_lens_architecture = "switch"
+    fvu_objective = False  # no AuxK; the load-balance coefficient weighs against the MSE
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
@@ -56,7 +71,7 @@ class SwitchSAE(TopKSAE):
         probs = logits.softmax(dim=-1)
         return probs, probs.argmax(dim=-1)
 
-    def encode(self, x: Tensor) -> Codes:
+    def encode(self, x: Tensor) -> RoutedCodes:
         x_in = self.encoder_input(x)
         probs, expert = self.route(x_in)
         pre, kept = self.expert_pre(x_in, expert, self.capacity(x_in.shape[1]))
@@ -64,10 +79,15 @@ class SwitchSAE(TopKSAE):
         p = probs.gather(-1, expert.unsqueeze(-1))
         indices = local + (expert * self.expert_width).unsqueeze(-1)
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
-        extra = {"switch_dropped": 1 - kept.to(pre.dtype).mean(-1)}
-        codes = Codes(values=values * p, indices=indices, extra=extra)
-        codes.extra["load_balance"] = self.load_balance(probs, expert)
-        return codes
+        dropped = 1 - kept.to(pre.dtype).mean(-1)
+        return RoutedCodes(
+            values=values * p,
+            indices=indices,
+            d_sae=self.d_sae,
+            probs=probs,
+            expert=expert,
+            dropped=dropped,
+        )
 
     @torch.no_grad()
     def expert_pre(self, x_in: Tensor, expert: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
@@ -99,8 +119,12 @@ class SwitchSAE(TopKSAE):
         f = F.one_hot(expert, self.n_experts).to(probs.dtype).mean(dim=1)
         return self.n_experts * (f * probs.mean(dim=1)).sum(-1)
 
-    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
-        return {"load_balance": (self.load_balance_coeff, codes.extra.pop("load_balance"))}
+    def penalties(self, x: Tensor, recon: Tensor, codes: RoutedCodes, step: int) -> dict:
+        lb = self.load_balance(codes.probs, codes.expert)
+        return {"load_balance": (self.load_balance_coeff, lb)}
+
+    def code_metrics(self, codes: RoutedCodes) -> dict[str, Tensor]:
+        return {"switch_dropped": codes.dropped}
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"W_router": self.W_router[i] * s, "b_router": self.b_router[i]}

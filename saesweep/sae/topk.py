@@ -1,5 +1,8 @@
 """TopK SAE (Gao et al. 2024): ReLU then top-k, AuxK loss on dead latents, unit-norm decoder.
 
+Objective FVU + aux_coeff * AuxK, both over the batch's total variance (EleutherAI's sparsify):
+the weight of AuxK against reconstruction does not depend on the data's scale.
+
 Training costs one dense matmul: the pre-activations are computed without autograd, and the
 gradient reaches the encoder through the selected latents only (sparse.with_encoder_grad).
 """
@@ -9,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import Codes, SAEConfig, StackedSAE, check, total_variance
+from saesweep.sae.base import SAEConfig, StackedSAE, check, total_variance
+from saesweep.sae.codes import Codes, SparseCodes
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
 
@@ -19,6 +23,7 @@ class TopKSAE(StackedSAE):
 
     arch = "topk"
     sae_lens_architecture = "topk"
+    fvu_objective = True
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
@@ -33,7 +38,7 @@ class TopKSAE(StackedSAE):
         pre = self.detached_pre(x_in)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
-        return Codes(values=values, indices=indices, pre=pre)
+        return SparseCodes(values, indices, self.d_sae, pre=pre)
 
     @torch.no_grad()
     def detached_pre(self, x_in: Tensor) -> Tensor:
@@ -46,8 +51,9 @@ class TopKSAE(StackedSAE):
     def auxk_loss(self, x: Tensor, recon: Tensor, codes: Codes) -> Tensor:
         """[n] AuxK: the top aux_k dead latents reconstruct the residual x - recon.
 
-        Normalized by the input's total variance and scaled by min(n_dead / aux_k, 1)
-        (EleutherAI's form of OpenAI's loss). Zero when no member has dead latents.
+        Normalized by the input's total variance (the FVU term's denominator) and scaled by
+        min(n_dead / aux_k, 1) (EleutherAI's form of OpenAI's loss). Zero when no member has
+        dead latents.
         """
         dead = self.dead_mask()
         if not bool(dead.any()):

@@ -136,7 +136,7 @@ class GroupTrainer:
                 Stack(
                     members,
                     sae,
-                    StackedAdam(sae.parameters(), lrs),
+                    StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
                     schedule,
                     torch.tensor([c.max_grad_norm for c in cfgs], device=device),
                     torch.zeros(len(members), dtype=torch.bool, device=device),
