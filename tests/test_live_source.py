@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_collect import by_token, read_hook
 
 from saesweep.collect.config import CollectConfig
@@ -16,6 +18,10 @@ from saesweep.collect.source import VAL_EVERY, ModelSource
 from saesweep.collect.text import demo_corpus
 from saesweep.errors import UserError
 from saesweep.format.shards import SEQ_CHUNK_BITS
+from saesweep.sae import SAEConfig
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.sweep import split_groups
+from saesweep.train.trainer import GroupTrainer
 
 HOOKS = {"resid.1": "encoder.layer.1", "resid.3": "encoder.layer.3"}
 
@@ -119,3 +125,42 @@ def test_a_split_without_one_batch_is_one_sentence(config, tmp_path):
     source = ModelSource(tiny, ["resid.3"], batch_size=64, window_tokens=100, seed=0)
     with pytest.raises(UserError, match="holds no whole batch of 64 tokens"):
         next(source.batches())
+
+
+def live_cfg(toml: Path, layer: int, seed: int) -> TrainConfig:
+    return TrainConfig(
+        seed=seed,
+        train_data=DataConfig(source="model", collect=str(toml), layer=layer, shuffle_tokens=1024),
+        val_data=DataConfig(uri="", source="model", collect=str(toml), layer=layer),
+        n_train=2048,
+        n_val=256,
+        batch_size=128,
+        warmup_steps=2,
+        log_every=4,
+        ckpt_every=5,
+        wandb_mode="disabled",
+        downstream_sequences=0,
+        device="cpu",
+        sae=SAEConfig(arch="topk", d_sae=256, k=8),
+    )
+
+
+def test_one_forward_pass_feeds_saes_on_three_layers(config, tmp_path):
+    toml = tmp_path / "live.toml"
+    toml.write_text(
+        f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
+    )
+    cfgs = [live_cfg(toml, layer, 10 + layer) for layer in (1, 2, 3)]
+    (group,) = split_groups(cfgs)
+    assert len(group.cfgs) == 3, "hook and layer do not split a live group"
+    together = GroupTrainer(cfgs, [tmp_path / f"g{i}" for i in range(3)], tmp_path / "gs").train()
+    assert [m["tokens_seen"] for m in together] == [2048] * 3
+    for i, cfg in enumerate(cfgs):
+        (alone,) = GroupTrainer([cfg], [tmp_path / f"a{i}"], tmp_path / f"as{i}").train()
+        assert alone["fvu"] == together[i]["fvu"]
+        want = load_file(str(tmp_path / f"g{i}" / "sae_weights.safetensors"))
+        got = load_file(str(tmp_path / f"a{i}" / "sae_weights.safetensors"))
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        saved = json.loads((tmp_path / f"a{i}" / "cfg.json").read_text())
+        assert saved["hook_name"] == f"encoder.layer.{cfg.train_data.layer}"
+    assert together[0]["fvu"] != together[2]["fvu"], "each stack read its own layer"

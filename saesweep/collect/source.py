@@ -133,6 +133,18 @@ class ModelSource:
                 )
             pos = SourcePosition(pos.epoch + 1, 0, pos.window)
 
+    def first_tokens(self, n_tokens: int) -> dict[str, torch.Tensor]:
+        """The first n_tokens stored tokens of the split (fewer if it holds fewer), in text
+        order: a sample for estimating statistics."""
+        parts, total = [], 0
+        for seq_batch in batched(self._sequences(), self.cfg.batch_size):
+            parts.append(self._forward(seq_batch))
+            total += parts[-1].n_tokens
+            if total >= n_tokens:
+                break
+        window = _concat(parts)
+        return {spec: window.acts[path][:n_tokens] for spec, path in self.hooks.items()}
+
     def _sequences(self) -> Iterator[Sequence]:
         cfg = self.cfg
         docs = iter_documents(

@@ -119,7 +119,7 @@ def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig
             check_local_device(first)
         ensure_data(first)
         d_model = check_data(group)
-        if executor != "slurm":
+        if executor != "slurm" and d_model is not None:
             device = resolve_device(first.device)
             check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, device)
         slurms.append(slurm_request(group, d_model))

@@ -27,14 +27,20 @@ class DataConfig:
     """The reader's fetch workers: threads mapping local shards, or event-loop threads
     receiving S3 range GETs."""
     shuffle_tokens: int = field(default=1 << 20, metadata=at_least(1))
-    """Tokens shuffled together (the reader's shuffle window)."""
+    """Tokens shuffled together: the reader's shuffle window, or with source 'model' the
+    window of consecutive sequences' tokens computed before it is served in random order."""
     seed: int = 0
     """Data order seed (shared by the whole group that reads this data)."""
     normalize: Literal["norm", "none"] = "norm"
     """'norm': scale inputs so E||x|| = sqrt(d_model) (folded back into saved weights)."""
+    source: Literal["store", "model"] = "store"
+    """'store': read the collection at uri. 'model': run the model of the collection config
+    `collect` while training; hook and layer name what to hook, and configs that differ only
+    in them share one group and one forward pass per batch (docs/training.md)."""
     collect: str = "configs/demo.toml"
-    """Collection config (TOML) that makes the demo collection when uri is the default demo
-    location and holds none yet ('' to never collect)."""
+    """Collection config (TOML, collect.py's keys). Source 'store': it makes the demo
+    collection when uri is the default demo location and holds none yet ('' never collects).
+    Source 'model': the model, text, ctx_len, special tokens and dtypes to run."""
     on_corrupt: Literal["raise", "skip"] = "raise"
     """A shard that fails its checksum: 'raise' stops the group, 'skip' leaves it out."""
 

@@ -14,6 +14,7 @@ from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.sources import hook_spec
 from saesweep.train.sweep import Group
 
 
@@ -81,6 +82,11 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
         first = group.cfgs[0]
         data = first.train_data
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
+        if data.source == "model":
+            hooks = sorted({hook_spec(c.train_data) or "its first hook" for c in group.cfgs})
+            where = (
+                f"from the model of {data.collect}, one forward pass for hooks {', '.join(hooks)}"
+            )
         d_model = first.sae.d_model or local_d_model(data)
         memory = (
             f"~{group_memory_bytes(group, d_model) / 2**30:.2f} GiB"
@@ -88,7 +94,8 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
             else "unknown until d_model is known (set sae.d_model)"
         )
         print(
-            f"group {group.index}: {len(group.cfgs)} SAEs, data {data.uri} {where}, "
+            f"group {group.index}: {len(group.cfgs)} SAEs, data "
+            f"{where if data.source == 'model' else f'{data.uri} {where}'}, "
             f"n_train={first.n_train:,}, device={describe_device(first, executor)}, "
             f"memory {memory}"
         )
@@ -109,11 +116,18 @@ def local_d_model(data: DataConfig) -> int | None:
         return None
 
 
-def check_data(group: Group) -> int:
+def check_data(group: Group) -> int | None:
     """Open the train and val manifests before any job starts, so a wrong uri, hook, layer,
     an unreachable store or missing credentials fail here with one sentence; then check that
-    every SAE's shape (k, experts) fits the collection's d_model, which is returned."""
+    every SAE's shape (k, experts) fits the collection's d_model, which is returned. With
+    source 'model' only the collection config is read (d_model is known once the model
+    loads, in the job: None)."""
     cfg = group.cfgs[0]
+    if cfg.train_data.source == "model":
+        from saesweep.collect.config import load_toml
+
+        load_toml(Path(cfg.train_data.collect))
+        return None
     train, _ = (
         find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
         for data in (cfg.train_data, cfg.val_data)
@@ -143,7 +157,7 @@ def ensure_data(cfg: TrainConfig) -> None:
     nothing is written."""
     data = cfg.train_data
     uri = data.uri.removeprefix("file://")
-    if "://" in uri or any(Path(uri).glob("*/metadata.json")):
+    if data.source == "model" or "://" in uri or any(Path(uri).glob("*/metadata.json")):
         return
     if data.uri != DataConfig.uri or not data.collect:
         raise UserError(

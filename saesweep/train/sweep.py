@@ -100,6 +100,15 @@ class Group:
 
 
 def group_key(cfg: TrainConfig) -> tuple:
+    """Equal for configs that can share a group. With source 'model' the hook and layer are
+    not part of it: one forward pass feeds every hook the group reads."""
+    if cfg.train_data.source == "model":
+        unhooked = {"hook": None, "layer": None}
+        cfg = dataclasses.replace(
+            cfg,
+            train_data=dataclasses.replace(cfg.train_data, **unhooked),
+            val_data=dataclasses.replace(cfg.val_data, **unhooked),
+        )
     return tuple(repr(getattr(cfg, name)) for name in GROUP_FIELDS)
 
 

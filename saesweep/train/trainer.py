@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-from saesweep.configtools import parse_slice
-from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import add_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
@@ -27,30 +25,12 @@ from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
 from saesweep.train.checkpoint import load_state, save_sae, write_tensors
-from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.config import TrainConfig
 from saesweep.train.runlog import RunLog
+from saesweep.train.sources import open_source
 
 STATE_FILE = "state.safetensors"
 """A group's trainer state, in its state directory."""
-
-
-def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
-    return Reader(
-        data.uri,
-        hook=data.hook,
-        layer=data.layer,
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        seed=data.seed,
-        epochs=1,
-        device=cfg.device,
-        dtype=torch.float32,
-        drop_last=train,
-        shuffle_tokens=data.shuffle_tokens,
-        n_workers=data.n_threads,
-        shards=parse_slice(data.shards),
-        on_corrupt=data.on_corrupt,
-    )
 
 
 @dataclass
@@ -58,6 +38,8 @@ class Stack:
     """SAEs stepped together: their sweep indices, module, optimizer and schedule."""
 
     members: list[int]
+    hook: str
+    """The module path whose activations the stack reads."""
     sae: StackedSAE
     opt: StackedAdam
     schedule: LRSchedule
@@ -78,17 +60,13 @@ class GroupTrainer:
         self.cfgs, self.run_dirs, self.state_dir = cfgs, run_dirs, state_dir
         self.sweep_name, self.group_index = sweep_name, group_index
         first = cfgs[0]
-        self.reader = open_reader(first.train_data, first, train=True)
-        usable = len(self.reader) // max(self.reader.epochs, 1) * first.batch_size
-        if usable == 0:
-            raise UserError(
-                f"{first.train_data.uri} holds fewer tokens than one batch "
-                f"({first.batch_size}); lower batch_size or collect more"
-            )
+        self.source = open_source(cfgs)
         self.total_steps = math.ceil(first.n_train / first.batch_size)
-        self.reader.epochs = math.ceil(first.n_train / usable)
-        self.scale = self._input_scale(first.train_data)
-        self.d_in = self.reader.d_model
+        self.d_in = self.source.d_model
+        self.scales = {
+            hook: self.source.norm_scale(hook) if first.train_data.normalize == "norm" else 1.0
+            for hook in self.source.hooks.values()
+        }
         self._check_d_model()
         check_fits([c.sae for c in cfgs], self.d_in, first.batch_size, first.device)
         reuse_freed_memory()
@@ -105,18 +83,13 @@ class GroupTrainer:
                     f"activations of width {self.d_in}"
                 )
 
-    def _input_scale(self, data: DataConfig) -> float:
-        if data.normalize == "none":
-            return 1.0
-        return self.reader.norm_scale()
-
     def _build_stacks(self) -> list[Stack]:
         buckets: dict = {}
         for i, cfg in enumerate(self.cfgs):
-            buckets.setdefault(stack_key(cfg.sae), []).append(i)
+            buckets.setdefault((self.source.hook_of(cfg), stack_key(cfg.sae)), []).append(i)
         stacks = []
         device = torch.device(self.cfgs[0].device)
-        for members in buckets.values():
+        for (hook, _), members in buckets.items():
             cfgs = [self.cfgs[i] for i in members]
             sae = make_sae(
                 [c.sae for c in cfgs],
@@ -135,6 +108,7 @@ class GroupTrainer:
             stacks.append(
                 Stack(
                     members,
+                    hook,
                     sae,
                     StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
                     schedule,
@@ -151,13 +125,13 @@ class GroupTrainer:
             for c, d in zip(self.cfgs, self.run_dirs, strict=True)
         ]
         fresh = not self._load_state()
-        for acts in self.reader:
+        for acts in self.source:
             if self.step >= self.total_steps:
                 break
-            x = acts * self.scale
+            x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
             if fresh:
                 for stack in self.stacks:
-                    stack.sae.init_b_dec(x)
+                    stack.sae.init_b_dec(x[stack.hook])
                 fresh = False
             metrics = self._step(x)
             self.step += 1
@@ -167,10 +141,11 @@ class GroupTrainer:
                 self.save_state()
         return self._finish(logs)
 
-    def _step(self, x: torch.Tensor) -> list[dict]:
+    def _step(self, batch: dict[str, torch.Tensor]) -> list[dict]:
         cfg = self.cfgs[0]
         out = []
         for stack in self.stacks:
+            x = batch[stack.hook]
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
             with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
                 m = train_step(
@@ -185,7 +160,7 @@ class GroupTrainer:
         batch = self.cfgs[0].batch_size
         rate = (self.step - self.first_step) * batch / (time.perf_counter() - self.started)
         shared = {"tokens": self.step * batch, "tokens_per_s": rate, "wall_s": self.wall_s()}
-        shared |= self.reader.figures()
+        shared |= self.source.figures()
         for stack, m in zip(self.stacks, metrics, strict=True):
             for j, i in enumerate(stack.members):
                 values = {k: float(v[j]) for k, v in m.items() if v.dim() == 1}
@@ -193,33 +168,33 @@ class GroupTrainer:
 
     def _finish(self, logs: list[RunLog]) -> list[dict]:
         cfg = self.cfgs[0]
-        val = dataclasses.replace(cfg.val_data, uri=cfg.val_data.uri or cfg.train_data.uri)
-        val_reader = open_reader(
-            val, dataclasses.replace(cfg, batch_size=min(cfg.batch_size, cfg.n_val)), False
-        )
-        evals = evaluate_stacks([s.sae for s in self.stacks], val_reader, self.scale, cfg.n_val)
-        for stack, stack_evals in zip(self.stacks, evals, strict=True):
-            for j, i in enumerate(stack.members):
-                self._export(stack, j, i, stack_evals[j])
-        self._downstream(val)
+        held_out = self.source.held_out()
+        for hook, data in held_out.items():
+            stacks = [s for s in self.stacks if s.hook == hook]
+            evals = evaluate_stacks([s.sae for s in stacks], data, self.scales[hook], cfg.n_val)
+            for stack, stack_evals in zip(stacks, evals, strict=True):
+                for j, i in enumerate(stack.members):
+                    self._export(stack, j, i, stack_evals[j])
+        self._downstream()
         results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
         for log, metrics in zip(logs, results, strict=True):
             log.finish({k: v for k, v in metrics.items() if k != "density_hist"}, metrics["failed"])
         self.save_state()
         return results
 
-    def _downstream(self, val: DataConfig) -> None:
+    def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
         cfg = self.cfgs[0]
-        if cfg.downstream_sequences <= 0:
+        uri = self.source.downstream_uri
+        if cfg.downstream_sequences <= 0 or uri is None:
             return
         try:
             add_downstream(
                 self.run_dirs,
-                val.uri,
+                uri,
                 n_sequences=cfg.downstream_sequences,
                 device=cfg.device,
-                shards=val.shards,
+                shards=cfg.val_data.shards,
             )
         except UserError as err:
             print(f"warning: downstream fidelity skipped: {err}")
@@ -244,13 +219,18 @@ class GroupTrainer:
         }
         sae_cfg = {
             **lens_cfg,
-            "hook_name": self.reader.hook,
-            "model_name": self.reader.meta["model"],
-            "input_scale": self.scale,
+            "hook_name": stack.hook,
+            "model_name": self.source.model_name,
+            "input_scale": self.scales[stack.hook],
             "seed": cfg.seed,
             "saesweep_config": dataclasses.asdict(cfg),
         }
-        save_sae(run_dir, stack.sae.member_state_dict(j, input_scale=self.scale), sae_cfg, metrics)
+        save_sae(
+            run_dir,
+            stack.sae.member_state_dict(j, input_scale=self.scales[stack.hook]),
+            sae_cfg,
+            metrics,
+        )
 
     def save_state(self) -> None:
         """One atomic file: tensors, and the step and reader position in its metadata (two
@@ -260,7 +240,7 @@ class GroupTrainer:
             tensors |= {f"{s}.sae.{k}": v for k, v in stack.sae.state_dict().items()}
             tensors |= {f"{s}.opt.{k}": v for k, v in stack.opt.state_dict().items()}
             tensors[f"{s}.failed"] = stack.failed
-        position = {"step": self.step, "reader": self.reader.state_dict(), "wall_s": self.wall_s()}
+        position = {"step": self.step, "reader": self.source.state_dict(), "wall_s": self.wall_s()}
         write_tensors(self.state_dir / STATE_FILE, tensors, {"position": json.dumps(position)})
 
     def _load_state(self) -> bool:
@@ -275,7 +255,7 @@ class GroupTrainer:
             stack.failed.copy_(tensors[f"{s}.failed"])
         self.step = self.first_step = meta["step"]
         self.earlier_wall_s = meta.get("wall_s", 0.0)  # states saved before 2026-12-01 lack it
-        self.reader.load_state_dict(meta["reader"])
+        self.source.load_state_dict(meta["reader"])
         return True
 
     def wall_s(self) -> float:

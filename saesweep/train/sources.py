@@ -1,0 +1,178 @@
+"""A group's data source as the trainer sees it: batches of every hook the group reads.
+
+`store`: the Reader over a collection (one hook per group). `model`: collect.source's
+ModelSource, one forward pass per batch for every hook of the group. Both yield
+{hook: [batch, d] float32 on the group's device} and know their input scales (normalize
+'norm': E||x|| = sqrt(d_model)), their position (for resume) and their held-out data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from saesweep.collect.config import load_toml
+from saesweep.collect.source import ModelSource, SourcePosition
+from saesweep.configtools import parse_slice
+from saesweep.data.reader import Reader
+from saesweep.errors import UserError
+from saesweep.train.config import DataConfig, TrainConfig
+
+NORM_SAMPLE_TOKENS = 1 << 15
+"""With source 'model', the input scale is estimated from the first NORM_SAMPLE_TOKENS
+stored tokens of the training text."""
+
+
+def hook_spec(data: DataConfig) -> str | None:
+    """The hook a config reads: its hook, else 'resid.<layer>', else None (the only one)."""
+    if data.hook is not None:
+        return data.hook
+    return f"resid.{data.layer}" if data.layer is not None else None
+
+
+def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
+    return Reader(
+        data.uri,
+        hook=data.hook,
+        layer=data.layer,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        seed=data.seed,
+        epochs=1,
+        device=cfg.device,
+        dtype=torch.float32,
+        drop_last=train,
+        shuffle_tokens=data.shuffle_tokens,
+        n_workers=data.n_threads,
+        shards=parse_slice(data.shards),
+        on_corrupt=data.on_corrupt,
+    )
+
+
+class StoreSource:
+    """The Reader over one hook of a collection, repeated to n_train tokens."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.reader = open_reader(cfg.train_data, cfg, train=True)
+        usable = len(self.reader) * cfg.batch_size
+        if usable == 0:
+            raise UserError(
+                f"{cfg.train_data.uri} holds fewer tokens than one batch "
+                f"({cfg.batch_size}); lower batch_size or collect more"
+            )
+        self.reader.epochs = math.ceil(cfg.n_train / usable)
+        self.d_model, self.model_name = self.reader.d_model, self.reader.meta["model"]
+        self.hooks = {hook_spec(cfg.train_data): self.reader.hook}
+        """Spec (as configs name it) -> module path."""
+
+    def hook_of(self, cfg: TrainConfig) -> str:
+        return self.reader.hook
+
+    def norm_scale(self, hook: str) -> float:
+        return self.reader.norm_scale()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return ({self.reader.hook: acts} for acts in self.reader)
+
+    def state_dict(self) -> dict:
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state)
+
+    def figures(self) -> dict[str, float]:
+        return self.reader.figures()
+
+    def held_out(self) -> dict[str, Iterable[torch.Tensor]]:
+        """Held-out batches (evaluation reads up to n_val tokens): val_data, by default the
+        train collection's last shard."""
+        cfg = self.cfg
+        val = dataclasses.replace(cfg.val_data, uri=cfg.val_data.uri or cfg.train_data.uri)
+        batch = min(cfg.batch_size, cfg.n_val)
+        return {
+            self.reader.hook: open_reader(val, dataclasses.replace(cfg, batch_size=batch), False)
+        }
+
+    @property
+    def downstream_uri(self) -> str | None:
+        return self.cfg.val_data.uri or self.cfg.train_data.uri
+
+
+class LiveSource:
+    """The model of the collection config `train_data.collect`, hooked at every hook the
+    group's configs read; one forward pass per batch of sequences feeds all of them."""
+
+    def __init__(self, cfgs: list[TrainConfig]):
+        cfg = cfgs[0]
+        collect_cfg = load_toml(Path(cfg.train_data.collect))
+        specs = sorted({hook_spec(c.train_data) or collect_cfg.hooks[0] for c in cfgs})
+        collect_cfg = dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
+        self.cfg, self.collect_cfg = cfg, collect_cfg
+        self.source = ModelSource(
+            collect_cfg, specs, cfg.batch_size, cfg.train_data.shuffle_tokens, cfg.train_data.seed
+        )
+        self.d_model, self.model_name = self.source.d_model, collect_cfg.model
+        self.hooks = self.source.hooks
+        self.position = SourcePosition()
+        self.scales = self._norm_scales()
+
+    def hook_of(self, cfg: TrainConfig) -> str:
+        return self.hooks[hook_spec(cfg.train_data) or self.collect_cfg.hooks[0]]
+
+    def norm_scale(self, hook: str) -> float:
+        return self.scales[hook]
+
+    def _norm_scales(self) -> dict[str, float]:
+        sample = self.source.first_tokens(NORM_SAMPLE_TOKENS)
+        return {
+            path: math.sqrt(self.d_model) / float(sample[spec].float().norm(dim=1).mean())
+            for spec, path in self.hooks.items()
+        }
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch, position in self.source.batches(self.position):
+            self.position = position
+            yield {path: batch.acts[spec].float() for spec, path in self.hooks.items()}
+
+    def state_dict(self) -> dict:
+        return vars(self.position).copy()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = SourcePosition(**state)
+
+    def figures(self) -> dict[str, float]:
+        return {}
+
+    def held_out(self) -> dict[str, list[torch.Tensor]]:
+        """Up to n_val tokens of the held-out documents, every hook from the same forward
+        passes."""
+        cfg = self.cfg
+        val = ModelSource(
+            self.collect_cfg, list(self.hooks), min(cfg.batch_size, cfg.n_val), cfg.n_val, 0, "val"
+        )
+        out: dict[str, list[torch.Tensor]] = {path: [] for path in self.hooks.values()}
+        tokens = 0
+        for batch, pos in val.batches():
+            if pos.epoch > 0:
+                break
+            for spec, path in self.hooks.items():
+                out[path].append(batch.acts[spec].float())
+            tokens += len(batch.token_ids)
+            if tokens >= cfg.n_val:
+                break
+        return out
+
+    @property
+    def downstream_uri(self) -> str | None:
+        return None
+
+
+def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:
+    if cfgs[0].train_data.source == "model":
+        return LiveSource(cfgs)
+    return StoreSource(cfgs[0])
