@@ -1,4 +1,4 @@
-"""Sweep results: a table, results.csv, pareto.png (L0 against FVU) and report.html.
+"""Sweep results: health verdicts, a table, results.csv, pareto.png and report.html.
 
 uv run python -m saesweep.evaluate.report SWEEP_DIR [SWEEP_DIR ...]
 """
@@ -6,10 +6,14 @@ uv run python -m saesweep.evaluate.report SWEEP_DIR [SWEEP_DIR ...]
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import json
 import sys
 from pathlib import Path
+
+from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
+from saesweep.train.checkpoint import write_json
 
 COLUMNS = (
     "run",
@@ -22,6 +26,8 @@ COLUMNS = (
     "dead_pct",
     "mse",
     "loss_recovered",
+    "health",
+    "health_reasons",
     "tokens_seen",
     "failed",
     "tag",
@@ -29,19 +35,42 @@ COLUMNS = (
 )
 
 
-def load_results(sweep_dirs: list[Path]) -> list[dict]:
+def load_results(sweep_dirs: list[Path], health: HealthConfig | None = None) -> list[dict]:
+    """One row per run (COLUMNS, plus "_path": its metrics.json and "_metrics": its contents),
+    with its health verdict under `health` (default thresholds when None)."""
     rows = []
     for sweep_dir in sweep_dirs:
         for path in sorted(sweep_dir.glob("runs/*/metrics.json")):
             metrics = json.loads(path.read_text())
-            recovered = metrics.get("loss_recovered", metrics.get("final_recovered", ""))
-            row = {c: metrics.get(c, "") for c in COLUMNS}
-            rows.append(row | {"loss_recovered": recovered, "sweep": sweep_dir.name})
+            verdict = assess(metrics, health)
+            row = {c: metrics.get(c, "") for c in COLUMNS} | {
+                "loss_recovered": metrics.get(fidelity_key(metrics), ""),
+                "health": verdict.verdict,
+                "health_reasons": verdict.summary(),
+                "sweep": sweep_dir.name,
+            }
+            rows.append(row | {"_path": path, "_metrics": metrics, "_health": verdict})
     return rows
 
 
+def record_health(rows: list[dict], health: HealthConfig | None = None) -> None:
+    """Write each row's verdict into its run's metrics.json (atomically): `health`,
+    `health_reasons`, `health_not_measured` and the `health_thresholds` it was judged by."""
+    thresholds = dataclasses.asdict(health or HealthConfig())
+    for row in rows:
+        verdict = row["_health"]
+        fields = {
+            "health": verdict.verdict,
+            "health_reasons": list(verdict.reasons),
+            "health_not_measured": list(verdict.not_measured),
+            "health_thresholds": thresholds,
+        }
+        write_json(row["_path"], row["_metrics"] | fields)
+
+
 def format_table(rows: list[dict]) -> str:
-    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "recovered", "failed")
+    """The printed table, then one line per run that did not pass, with its reasons."""
+    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "recovered", "health")
     width = max(len(r["run"]) for r in rows) + 2
     lines = [f"{header[0]:<{width}s}" + "".join(f"{h:>11s}" for h in header[1:])]
     for r in rows:
@@ -55,9 +84,11 @@ def format_table(rows: list[dict]) -> str:
             f"{r['l0']:.1f}",
             f"{r['dead_pct']:.1f}",
             recovered,
-            str(r["failed"]),
+            r["health"],
         )
         lines.append(f"{r['run']:<{width}s}" + "".join(f"{c:>11s}" for c in cells))
+    unhealthy = [r for r in rows if r["_health"].reasons]
+    lines += [f"{r['run']}: {r['health']}: {r['health_reasons']}" for r in unhealthy]
     return "\n".join(lines)
 
 
@@ -127,7 +158,9 @@ def _scatter(ax, rows: list[dict], metric: str) -> None:
 def write_html(rows: list[dict], path: Path, title: str) -> None:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>"
+        f"<tr class='health-{r['health']}'>"
+        + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS)
+        + "</tr>"
         for r in rows
     )
     path.write_text(
@@ -143,15 +176,20 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_report(sweep_dir: Path, others: list[Path] | None = None) -> list[dict]:
-    """Print the table and write results.csv, pareto.png and report.html into sweep_dir."""
-    rows = load_results([sweep_dir, *(others or [])])
+def write_report(
+    sweep_dir: Path, others: list[Path] | None = None, health: HealthConfig | None = None
+) -> list[dict]:
+    """Judge every run's health (thresholds `health`, default HealthConfig()) into its
+    metrics.json, print the table and write results.csv, pareto.png and report.html into
+    sweep_dir (`others`: more sweep directories shown beside it, their verdicts rewritten too)."""
+    rows = load_results([sweep_dir, *(others or [])], health)
     if not rows:
         print(f"no finished runs under {sweep_dir}")
         return rows
+    record_health(rows, health)
     print(format_table(rows))
     with open(sweep_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plot_pareto(rows, sweep_dir / "pareto.png")

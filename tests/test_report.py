@@ -1,0 +1,136 @@
+"""The sweep report on a real small sweep: tiny GPT-2 activations, SAEs trained in seconds."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny_models import build
+
+from saesweep.collect.config import CollectConfig
+from saesweep.collect.run import collect
+from saesweep.evaluate.health import HealthConfig, assess
+from saesweep.evaluate.report import write_report
+from saesweep.sae import SAEConfig
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.layout import run_dir, state_dir
+from saesweep.train.trainer import GroupTrainer
+
+SAES = [
+    ("topk", 1e-3, 4),
+    ("topk", 3e-3, 4),
+    ("topk", 1e-2, 4),
+    ("topk", 3e-3, 8),
+    ("relu", 3e-3, 4),
+]
+"""(arch, lr, k) of the sweep's runs: an lr sweep at fixed k, a second k, a second arch."""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished sweep directory (runs/run-NNN with checkpoints and metrics.json, with
+    downstream loss recovered), before any report."""
+    root = tmp_path_factory.mktemp("report")
+    model = str(build("gpt2", root / "models"))
+    uri = str(root / "coll")
+    collect(
+        CollectConfig(
+            model=model,
+            hooks=("resid.1",),
+            out=uri,
+            max_tokens=900,
+            shard_tokens=300,
+            ctx_len=32,
+            batch_size=4,
+            act_dtype="float32",
+            progress=False,
+        )
+    )
+    base = TrainConfig(
+        train_data=DataConfig(uri=uri, shards=":-1", collect=""),
+        val_data=DataConfig(uri="", shards="-1:", collect=""),
+        n_train=2048,
+        n_val=300,
+        batch_size=64,
+        warmup_steps=2,
+        ckpt_every=100,
+        wandb_mode="disabled",
+        downstream_sequences=4,
+        device="cpu",
+    )
+    cfgs = [
+        dataclasses.replace(base, lr=lr, seed=i, sae=SAEConfig(arch=arch, d_sae=128, k=k))
+        for i, (arch, lr, k) in enumerate(SAES)
+    ]
+    sweep_dir = root / "sweep-test"
+    dirs = [run_dir(sweep_dir, i, c.tag) for i, c in enumerate(cfgs)]
+    GroupTrainer(cfgs, dirs, state_dir(sweep_dir, 0)).train()
+    return sweep_dir
+
+
+@pytest.fixture
+def sweep(trained, tmp_path) -> Path:
+    """A private copy of the trained sweep, for a test to change and report on."""
+    return Path(shutil.copytree(trained, tmp_path / trained.name))
+
+
+def metrics(sweep: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("runs/*/metrics.json"))]
+
+
+def results_csv(sweep: Path) -> list[dict]:
+    with open(sweep / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_run_gets_its_verdict_everywhere(sweep, capsys):
+    before = metrics(sweep)
+    assert all("loss_recovered" in m for m in before)
+    rows = write_report(sweep)
+    after, table = metrics(sweep), results_csv(sweep)
+    printed = capsys.readouterr().out
+    assert len(rows) == len(table) == len(SAES)
+    for old, new, line in zip(before, after, table, strict=True):
+        health = assess(old)
+        assert new["health"] == line["health"] == health.verdict
+        assert new["health_reasons"] == list(health.reasons)
+        assert new["health_not_measured"] == list(health.not_measured)
+        assert "absorption" in new["health_not_measured"]
+        assert line["health_reasons"] == health.summary()
+        assert new["health_thresholds"] == dataclasses.asdict(HealthConfig())
+        assert {k: new[k] for k in old} == old
+        assert f"{new['run']}: {health.verdict}: {health.summary()}" in printed or (
+            not health.reasons
+        )
+    assert "class='health-" in (sweep / "report.html").read_text()
+
+
+def test_dead_latents_fail_with_the_reason(sweep, capsys):
+    path = sorted(sweep.glob("runs/*/metrics.json"))[1]
+    changed = json.loads(path.read_text()) | {"dead_pct": 34.375, "l0": 64.0}
+    changed["loss_recovered"] = 0.95
+    path.write_text(json.dumps(changed))
+    write_report(sweep)
+    run = changed["run"]
+    assert json.loads(path.read_text())["health"] == "fail"
+    assert json.loads(path.read_text())["health_reasons"] == ["dead 34 % > 20 %"]
+    line = next(r for r in results_csv(sweep) if r["run"] == run)
+    assert (line["health"], line["health_reasons"]) == (
+        "fail",
+        "dead 34 % > 20 %; absorption not measured",
+    )
+    assert f"{run}: fail: dead 34 % > 20 %; absorption not measured" in capsys.readouterr().out
+    assert "dead 34 % &gt; 20 %" in (sweep / "report.html").read_text()
+
+
+def test_thresholds_come_from_the_report_call(sweep):
+    strict = HealthConfig(l0_min=0.0, l0_max=1.0)
+    write_report(sweep, health=strict)
+    for m in metrics(sweep):
+        assert m["health"] in ("warn", "fail")
+        assert f"L0 {m['l0']:.0f} > 1" in m["health_reasons"]
+        assert m["health_thresholds"]["l0_max"] == 1.0
