@@ -9,25 +9,29 @@ import shutil
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 from tiny_models import build
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
 from saesweep.evaluate.health import HealthConfig, assess
-from saesweep.evaluate.report import write_report
+from saesweep.evaluate.report import best_runs, varied_params, write_report
 from saesweep.sae import SAEConfig
+from saesweep.sae.config import ObjectiveConfig
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.layout import run_dir, state_dir
 from saesweep.train.trainer import GroupTrainer
 
 SAES = [
-    ("topk", 1e-3, 4),
-    ("topk", 3e-3, 4),
-    ("topk", 1e-2, 4),
-    ("topk", 3e-3, 8),
-    ("relu", 3e-3, 4),
+    ("topk", 1e-3, 4, 4e-4),
+    ("topk", 3e-3, 4, 4e-4),
+    ("topk", 1e-2, 4, 4e-4),
+    ("topk", 3e-3, 8, 4e-4),
+    ("relu", 3e-3, 4, 4e-4),
+    ("relu", 3e-3, 4, 4e-3),
 ]
-"""(arch, lr, k) of the sweep's runs: an lr sweep at fixed k, a second k, a second arch."""
+"""(arch, lr, k, sparsity_coeff) of the sweep's runs: an lr sweep at fixed k, a second k, a
+second architecture at two sparsity coefficients."""
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,14 @@ def trained(tmp_path_factory) -> Path:
         device="cpu",
     )
     cfgs = [
-        dataclasses.replace(base, lr=lr, seed=i, sae=SAEConfig(arch=arch, d_sae=128, k=k))
-        for i, (arch, lr, k) in enumerate(SAES)
+        dataclasses.replace(
+            base,
+            lr=lr,
+            seed=i,
+            sae=SAEConfig(arch=arch, d_sae=128, k=k),
+            objective=ObjectiveConfig(sparsity_coeff=coeff),
+        )
+        for i, (arch, lr, k, coeff) in enumerate(SAES)
     ]
     sweep_dir = root / "sweep-test"
     dirs = [run_dir(sweep_dir, i, c.tag) for i, c in enumerate(cfgs)]
@@ -134,3 +144,37 @@ def test_thresholds_come_from_the_report_call(sweep):
         assert m["health"] in ("warn", "fail")
         assert f"L0 {m['l0']:.0f} > 1" in m["health_reasons"]
         assert m["health_thresholds"]["l0_max"] == 1.0
+
+
+def test_the_report_finds_what_the_sweep_varies(sweep):
+    rows = write_report(sweep)
+    assert varied_params(rows) == ["arch", "lr", "k", "objective.sparsity_coeff"]
+    table = results_csv(sweep)
+    assert list(table[0])[-1] == "objective.sparsity_coeff"
+    assert [float(r["objective.sparsity_coeff"]) for r in table] == [s[3] for s in SAES]
+    assert [float(r["lr"]) for r in table] == [s[1] for s in SAES]
+    assert [r["k"] for r in table] == ["4", "4", "4", "8", "", ""]
+    metrics_plots, params = 4, 4
+    assert imread(sweep / "sweep.png").shape[:2] == (320 * metrics_plots, 420 * params)
+    assert imread(sweep / "pareto.png").shape[:2] == (550, 2 * 715)
+
+
+def test_an_lr_sweep_at_fixed_k_is_plotted_against_lr(sweep):
+    for run in sorted(sweep.glob("runs/*"))[3:]:
+        shutil.rmtree(run)
+    rows = write_report(sweep)
+    assert varied_params(rows) == ["lr"]
+    assert imread(sweep / "sweep.png").shape[:2] == (320 * 4, 420)
+
+
+def test_best_run_per_metric(sweep):
+    rows = write_report(sweep)
+    runs = [m for m in metrics(sweep) if not m["failed"]]
+    best = best_runs(rows)
+    assert best["fvu"]["run"] == min(runs, key=lambda m: m["fvu"])["run"]
+    assert best["loss_recovered"]["run"] == max(runs, key=lambda m: m["loss_recovered"])["run"]
+    assert best["dead_pct"]["dead_pct"] == min(m["dead_pct"] for m in runs)
+    assert "l0" not in best
+    page = (sweep / "report.html").read_text()
+    assert page.count("title='best fvu'") == 1
+    assert f"FVU: {best['fvu']['run']} " in page
