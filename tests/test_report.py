@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from chromium import Chromium
 from matplotlib.image import imread
 from tiny_models import build
 
@@ -178,3 +179,60 @@ def test_best_run_per_metric(sweep):
     page = (sweep / "report.html").read_text()
     assert page.count("title='best fvu'") == 1
     assert f"FVU: {best['fvu']['run']} " in page
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium = Chromium(tmp_path_factory.mktemp("chromium"))
+    yield chromium
+    chromium.close()
+
+
+RENDERED = """(async () => {
+  const images = [...document.images];
+  await Promise.all(images.map((i) => i.decode()));
+  const rows = [...document.querySelectorAll("#runs tbody tr")];
+  return {
+    images: images.map((i) => [i.naturalWidth, i.naturalHeight, i.clientWidth > 0]),
+    runs: rows.map((r) => r.children[0].textContent),
+    health: rows.map((r) => r.querySelector("td.health").textContent),
+    best: [...document.querySelectorAll("td.best")].map((td) => td.title).sort(),
+  };
+})()"""
+
+SORT_BY = """((column) => {
+  const th = [...document.querySelectorAll("#runs th")].find((h) => h.textContent === column);
+  const runs = () =>
+    [...document.querySelectorAll("#runs tbody tr")].map((r) => r.children[0].textContent);
+  th.click();
+  const up = runs();
+  th.click();
+  return [up, runs()];
+})"""
+
+
+def test_report_renders_in_a_real_browser(sweep, browser):
+    rows = write_report(sweep)
+    assert browser.open((sweep / "report.html").as_uri()) == []
+    page = browser.evaluate(RENDERED)
+    assert page["images"] == [[1430, 550, True], [1680, 1280, True]]
+    assert page["runs"] == [r["run"] for r in rows]
+    assert page["health"] == [r["health"] for r in rows]
+    assert page["best"] == ["best dead_pct", "best fvu", "best loss_recovered", "best mse"]
+    by_fvu = [r["run"] for r in sorted(rows, key=lambda r: r["fvu"])]
+    assert browser.evaluate(f"{SORT_BY}('fvu')") == [by_fvu, by_fvu[::-1]]
+    by_k = [r["run"] for r in sorted(rows, key=lambda r: r["k"] or float("inf"))]
+    assert browser.evaluate(f"{SORT_BY}('k')")[0] == by_k
+
+
+def test_the_browser_check_sees_errors(browser, tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text(
+        "<!doctype html><link rel='icon' href='data:,'><img src='missing.png'>"
+        "<script>console.error('boom')</script><script>notAFunction()</script>"
+    )
+    errors = browser.open(page.as_uri())
+    assert len(errors) == 3
+    assert any("boom" in e for e in errors)
+    assert any("notAFunction is not defined" in e for e in errors)
+    assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in errors)
