@@ -15,6 +15,7 @@ from tiny_models import build
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
+from saesweep.evaluate.absorption import AbsorptionConfig, add_absorption
 from saesweep.evaluate.health import HealthConfig, assess
 from saesweep.evaluate.report import best_runs, varied_params, write_report
 from saesweep.sae import SAEConfig
@@ -236,3 +237,26 @@ def test_the_browser_check_sees_errors(browser, tmp_path):
     assert any("boom" in e for e in errors)
     assert any("notAFunction is not defined" in e for e in errors)
     assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in errors)
+
+
+def test_absorption_of_every_run_reaches_the_report(sweep):
+    uri = json.loads((sweep / "runs/run-000/cfg.json").read_text())["saesweep_config"]
+    uri = uri["train_data"]["uri"]
+    lenient = AbsorptionConfig(min_probe_f1=0.0, min_true_positives=1, max_k=3)
+    added = add_absorption(sorted(sweep.glob("runs/*")), uri, shards=":", cfg=lenient)
+    assert len({a["absorption_tokens"] for a in added}) == 1
+    for a in added:
+        assert a["absorption_letters"] >= 1
+        assert 0.0 <= a["absorption"] <= 1.0
+        assert 0.0 <= a["absorption_full"] <= 1.0
+    rows = write_report(sweep)
+    table = results_csv(sweep)
+    for a, m, line in zip(added, metrics(sweep), table, strict=True):
+        assert float(line["absorption"]) == pytest.approx(a["absorption"])
+        assert m["absorption_by_letter"] == a["absorption_by_letter"]
+        assert "absorption" not in m["health_not_measured"]
+        assert (f"absorption {a['absorption']:.2f}" in line["health_reasons"]) == (
+            a["absorption"] > 0.25
+        )
+    assert best_runs(rows)["absorption"]["absorption"] == min(a["absorption"] for a in added)
+    assert imread(sweep / "pareto.png").shape[:2] == (550, 3 * 715)

@@ -29,6 +29,7 @@ COLUMNS = (
     "dead_pct",
     "mse",
     "loss_recovered",
+    "absorption",
     "health",
     "health_reasons",
     "tokens_seen",
@@ -108,7 +109,7 @@ def varied_params(rows: list[dict]) -> list[str]:
     return [k for k in ordered if len({json.dumps(r["_params"].get(k)) for r in rows}) > 1]
 
 
-BEST = {"fvu": min, "mse": min, "dead_pct": min, "loss_recovered": max}
+BEST = {"fvu": min, "mse": min, "dead_pct": min, "loss_recovered": max, "absorption": min}
 """Metrics with a best run, and which end is best (L0 has none: it is chosen, not won)."""
 
 
@@ -170,10 +171,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def pareto_front(rows: list[dict], metric: str = "fvu") -> list[dict]:
-    """Runs no other run beats on both L0 and `metric` (lower is better for fvu, higher for
-    loss_recovered)."""
-    sign = -1 if metric == "loss_recovered" else 1
-    ok = [(r["l0"], sign * r[metric], r) for r in rows if not r["failed"] and r[metric] != ""]
+    """Runs no other run beats on both L0 and `metric` (its better end as in BEST)."""
+    sign = -1 if BEST[metric] is max else 1
+    ok = [(r["l0"], sign * r[metric], r) for r in rows if not r["failed"] and _finite(r[metric])]
     return [
         r
         for l0, m, r in ok
@@ -190,15 +190,15 @@ def _pyplot():
     return plt
 
 
-def has_recovered(rows: list[dict]) -> bool:
-    return any(_finite(r["loss_recovered"]) for r in rows)
+def measured(rows: list[dict], metric: str) -> bool:
+    return any(_finite(r[metric]) for r in rows)
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
-    """L0 against FVU, and against loss recovered where available: one series per
+    """L0 against FVU, and against loss recovered and absorption where measured: one series per
     architecture, frontiers dashed, the best run starred."""
     plt = _pyplot()
-    metrics = ["fvu"] + (["loss_recovered"] if has_recovered(rows) else [])
+    metrics = ["fvu"] + [m for m in ("loss_recovered", "absorption") if measured(rows, m)]
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(6.5 * len(metrics), 5), dpi=110, squeeze=False
     )
@@ -220,6 +220,7 @@ TITLES = {
 LABELS = {
     "fvu": "FVU (fraction of variance unexplained, lower is better)",
     "loss_recovered": "downstream score recovered (higher is better)",
+    "absorption": "mean absorption fraction (lower is better)",
 }
 
 
@@ -265,15 +266,16 @@ def _star(ax, x, y, metric: str) -> None:
         )
 
 
-SWEPT_METRICS = ("fvu", "loss_recovered", "l0", "dead_pct")
-"""The metrics plotted against each varied parameter (loss_recovered where measured)."""
+SWEPT_METRICS = ("fvu", "loss_recovered", "absorption", "l0", "dead_pct")
+"""The metrics plotted against each varied parameter (loss_recovered, absorption: where
+measured)."""
 
 
 def plot_sweep(rows: list[dict], params: list[str], path: Path) -> None:
     """A grid: each metric (rows) against each parameter the sweep varies (columns), one series
     per architecture, the best run per metric starred."""
     plt = _pyplot()
-    metrics = [m for m in SWEPT_METRICS if m != "loss_recovered" or has_recovered(rows)]
+    metrics = [m for m in SWEPT_METRICS if measured(rows, m)]
     fig, axes = plt.subplots(
         len(metrics),
         len(params),
