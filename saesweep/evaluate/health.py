@@ -7,9 +7,10 @@ latents <= 10-20 %, absorption <= 0.25). docs/evaluation.md defines each check.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from saesweep.configtools import at_least, fraction
 from saesweep.errors import UserError
 
 Verdict = Literal["pass", "warn", "fail"]
@@ -20,20 +21,20 @@ LEVELS: tuple[Verdict, ...] = ("pass", "warn", "fail")
 class HealthConfig:
     """Thresholds of the health verdict (a run's worst check is its verdict)."""
 
-    recovered_pass: float = 0.70
+    recovered_pass: float = field(default=0.70, metadata=at_least(0))
     """Downstream fidelity (loss_recovered, or final_recovered for encoder models) at or above
     this passes; between recovered_fail and this warns."""
-    recovered_fail: float = 0.60
+    recovered_fail: float = field(default=0.60, metadata=at_least(0))
     """Downstream fidelity below this fails."""
-    l0_min: float = 20.0
+    l0_min: float = field(default=20.0, metadata=at_least(0))
     """L0 below this warns (a deliberately very sparse sweep is not broken, so it never fails)."""
-    l0_max: float = 200.0
+    l0_max: float = field(default=200.0, metadata=at_least(0))
     """L0 above this warns."""
-    dead_pass_pct: float = 10.0
+    dead_pass_pct: float = field(default=10.0, metadata=at_least(0))
     """Dead latents (% of d_sae) at or below this pass; up to dead_fail_pct they warn."""
-    dead_fail_pct: float = 20.0
+    dead_fail_pct: float = field(default=20.0, metadata=at_least(0))
     """Dead latents (% of d_sae) above this fail."""
-    absorption_max: float = 0.25
+    absorption_max: float = field(default=0.25, metadata=fraction())
     """Mean absorption fraction above this warns."""
 
     def __post_init__(self) -> None:
