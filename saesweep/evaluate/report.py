@@ -1,15 +1,22 @@
-"""Sweep results: a table, results.csv, pareto.png (L0 against FVU) and report.html.
+"""Sweep results: health verdicts, a table, results.csv, pareto.png and report.html.
 
 uv run python -m saesweep.evaluate.report SWEEP_DIR [SWEEP_DIR ...]
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import dataclasses
 import html
 import json
+import math
+import re
 import sys
 from pathlib import Path
+
+from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
+from saesweep.train.checkpoint import write_json
 
 COLUMNS = (
     "run",
@@ -22,6 +29,9 @@ COLUMNS = (
     "dead_pct",
     "mse",
     "loss_recovered",
+    "absorption",
+    "health",
+    "health_reasons",
     "tokens_seen",
     "failed",
     "tag",
@@ -29,19 +39,116 @@ COLUMNS = (
 )
 
 
-def load_results(sweep_dirs: list[Path]) -> list[dict]:
+def load_results(sweep_dirs: list[Path], health: HealthConfig | None = None) -> list[dict]:
+    """One row per run: COLUMNS, with its health verdict under `health` (default thresholds
+    when None), plus "_path" (its metrics.json), "_metrics" (its contents), "_health" (the
+    Health) and "_params" (its configuration, see run_params)."""
     rows = []
     for sweep_dir in sweep_dirs:
         for path in sorted(sweep_dir.glob("runs/*/metrics.json")):
             metrics = json.loads(path.read_text())
-            recovered = metrics.get("loss_recovered", metrics.get("final_recovered", ""))
-            row = {c: metrics.get(c, "") for c in COLUMNS}
-            rows.append(row | {"loss_recovered": recovered, "sweep": sweep_dir.name})
+            verdict = assess(metrics, health)
+            row = {c: metrics.get(c, "") for c in COLUMNS} | {
+                "loss_recovered": metrics.get(fidelity_key(metrics), ""),
+                "health": verdict.verdict,
+                "health_reasons": verdict.summary(),
+                "sweep": sweep_dir.name,
+            }
+            private = {"_path": path, "_metrics": metrics, "_health": verdict}
+            rows.append(row | private | {"_params": run_params(path.parent, metrics)})
     return rows
 
 
+IGNORED = ("seed", "tag")
+"""Config fields never taken as what a sweep varies: the seed differs in every run (base +
+index) and the tag is a label."""
+RESOLVED = (
+    "lr",
+    "sae.arch",
+    "sae.d_sae",
+    "sae.exp_factor",
+    "sae.k",
+    "train_data.hook",
+    "train_data.layer",
+)
+"""Config fields replaced by the values the run resolved: lr, arch, d_sae, k (None where the
+architecture has none) from metrics.json, hook (the module read, for a hook or a layer) from
+cfg.json."""
+
+
+def run_params(run_dir: Path, metrics: dict) -> dict:
+    """The run's configuration as flat dotted keys (`objective.sparsity_coeff`,
+    `train_data.layer`), from cfg.json's saesweep_config, with the resolved lr, arch, d_sae, k
+    and hook."""
+    cfg_path = run_dir / "cfg.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    flat = _flatten(cfg.get("saesweep_config", {}))
+    params = {k: v for k, v in flat.items() if k not in IGNORED + RESOLVED}
+    resolved = {k: metrics.get(k) for k in ("arch", "lr", "d_sae", "k")}
+    return params | resolved | {"hook": cfg.get("hook_name")}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+FIRST = ("arch", "lr", "d_sae", "k", "hook")
+"""Varied parameters listed first, in this order; the others follow alphabetically."""
+
+
+def varied_params(rows: list[dict]) -> list[str]:
+    """The configuration keys whose values differ between the rows' runs."""
+    keys = {k for r in rows for k in r["_params"]}
+    ordered = [k for k in FIRST if k in keys] + sorted(keys - set(FIRST))
+    return [k for k in ordered if len({json.dumps(r["_params"].get(k)) for r in rows}) > 1]
+
+
+BEST = {"fvu": min, "mse": min, "dead_pct": min, "loss_recovered": max, "absorption": min}
+"""Metrics with a best run, and which end is best (L0 has none: it is chosen, not won)."""
+
+
+def best_runs(rows: list[dict]) -> dict[str, dict]:
+    """metric -> the best row among runs that did not fail and measured the metric."""
+    best = {}
+    for metric, pick in BEST.items():
+        ok = [r for r in rows if not r["failed"] and _finite(r[metric])]
+        if ok:
+            best[metric] = pick(ok, key=lambda r, m=metric: r[m])
+    return best
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
+def record_health(rows: list[dict], health: HealthConfig | None = None) -> None:
+    """Write each row's verdict into its run's metrics.json (atomically): `health`,
+    `health_reasons`, `health_not_measured` and the `health_thresholds` it was judged by."""
+    thresholds = dataclasses.asdict(health or HealthConfig())
+    for row in rows:
+        verdict = row["_health"]
+        fields = {
+            "health": verdict.verdict,
+            "health_reasons": list(verdict.reasons),
+            "health_not_measured": list(verdict.not_measured),
+            "health_thresholds": thresholds,
+        }
+        write_json(row["_path"], row["_metrics"] | fields)
+
+
 def format_table(rows: list[dict]) -> str:
-    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "recovered", "failed")
+    """The printed table, then one line per run that did not pass, with its reasons."""
+    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "recovered", "health")
     width = max(len(r["run"]) for r in rows) + 2
     lines = [f"{header[0]:<{width}s}" + "".join(f"{h:>11s}" for h in header[1:])]
     for r in rows:
@@ -55,17 +162,18 @@ def format_table(rows: list[dict]) -> str:
             f"{r['l0']:.1f}",
             f"{r['dead_pct']:.1f}",
             recovered,
-            str(r["failed"]),
+            r["health"],
         )
         lines.append(f"{r['run']:<{width}s}" + "".join(f"{c:>11s}" for c in cells))
+    unhealthy = [r for r in rows if r["_health"].reasons]
+    lines += [f"{r['run']}: {r['health']}: {r['health_reasons']}" for r in unhealthy]
     return "\n".join(lines)
 
 
 def pareto_front(rows: list[dict], metric: str = "fvu") -> list[dict]:
-    """Runs no other run beats on both L0 and `metric` (lower is better for fvu, higher for
-    loss_recovered)."""
-    sign = -1 if metric == "loss_recovered" else 1
-    ok = [(r["l0"], sign * r[metric], r) for r in rows if not r["failed"] and r[metric] != ""]
+    """Runs no other run beats on both L0 and `metric` (its better end as in BEST)."""
+    sign = -1 if BEST[metric] is max else 1
+    ok = [(r["l0"], sign * r[metric], r) for r in rows if not r["failed"] and _finite(r[metric])]
     return [
         r
         for l0, m, r in ok
@@ -73,47 +181,61 @@ def pareto_front(rows: list[dict], metric: str = "fvu") -> list[dict]:
     ]
 
 
-def plot_pareto(rows: list[dict], path: Path) -> None:
-    """L0 against FVU, and against loss recovered where available; frontiers dashed."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["fvu"] + (["loss_recovered"] if any(r["loss_recovered"] != "" for r in rows) else [])
+    return plt
+
+
+def measured(rows: list[dict], metric: str) -> bool:
+    return any(_finite(r[metric]) for r in rows)
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    """L0 against FVU, and against loss recovered and absorption where measured: one series per
+    architecture, frontiers dashed, the best run starred."""
+    plt = _pyplot()
+    metrics = ["fvu"] + [m for m in ("loss_recovered", "absorption") if measured(rows, m)]
     fig, axes = plt.subplots(
-        1, len(metrics), figsize=(6.5 * len(metrics), 5), dpi=120, squeeze=False
+        1, len(metrics), figsize=(6.5 * len(metrics), 5), dpi=110, squeeze=False
     )
+    best = best_runs(rows)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        _scatter(ax, rows, metric)
+        _scatter(ax, rows, metric, best.get(metric))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-TITLES = {"fvu": "FVU", "loss_recovered": "downstream score"}
+TITLES = {
+    "fvu": "FVU",
+    "loss_recovered": "downstream score",
+    "l0": "L0",
+    "dead_pct": "dead latents %",
+    "absorption": "absorption",
+}
 LABELS = {
     "fvu": "FVU (fraction of variance unexplained, lower is better)",
     "loss_recovered": "downstream score recovered (higher is better)",
+    "absorption": "mean absorption fraction (lower is better)",
 }
 
 
-def _scatter(ax, rows: list[dict], metric: str) -> None:
+def _scatter(ax, rows: list[dict], metric: str, best: dict | None) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    ok = [r for r in rows if not r["failed"] and r[metric] != ""]
+    ok = [r for r in rows if not r["failed"] and _finite(r[metric])]
     for arch in sorted({r["arch"] for r in ok}):
         pts = [r for r in ok if r["arch"] == arch]
-        ax.scatter([r["l0"] for r in pts], [r[metric] for r in pts], label=arch, s=45, alpha=0.85)
+        ys = [r[metric] for r in pts]
+        ax.scatter([r["l0"] for r in pts], ys, label=arch, s=45, alpha=0.85, c=_color(rows, arch))
     front = sorted(pareto_front(rows, metric), key=lambda r: r["l0"])
     if front:
-        ax.plot(
-            [r["l0"] for r in front],
-            [r[metric] for r in front],
-            "k--",
-            lw=1,
-            label="Pareto frontier",
-        )
+        ax.plot([r["l0"] for r in front], [r[metric] for r in front], "k--", lw=1, label="frontier")
+    _star(ax, best and best["l0"], best and best[metric], metric)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -124,40 +246,224 @@ def _scatter(ax, rows: list[dict], metric: str) -> None:
     ax.legend()
 
 
-def write_html(rows: list[dict], path: Path, title: str) -> None:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>"
-        for r in rows
+def _color(rows: list[dict], arch: str) -> str:
+    """The same color for an architecture in every panel."""
+    return f"C{sorted({r['arch'] for r in rows}).index(arch) % 10}"
+
+
+def _star(ax, x, y, metric: str) -> None:
+    if x is not None:
+        ax.scatter(
+            [x],
+            [y],
+            marker="*",
+            s=260,
+            facecolor="none",
+            edgecolor="k",
+            lw=1.3,
+            label=f"best {TITLES[metric]}",
+            zorder=3,
+        )
+
+
+SWEPT_METRICS = ("fvu", "loss_recovered", "absorption", "l0", "dead_pct")
+"""The metrics plotted against each varied parameter (loss_recovered, absorption: where
+measured)."""
+
+
+def plot_sweep(rows: list[dict], params: list[str], path: Path) -> None:
+    """A grid: each metric (rows) against each parameter the sweep varies (columns), one series
+    per architecture, the best run per metric starred."""
+    plt = _pyplot()
+    metrics = [m for m in SWEPT_METRICS if measured(rows, m)]
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(params),
+        figsize=(4.2 * len(params), 3.2 * len(metrics)),
+        dpi=100,
+        squeeze=False,
+    )
+    best = best_runs(rows)
+    for j, param in enumerate(params):
+        axis = _param_axis(rows, param)
+        for i, metric in enumerate(metrics):
+            _against(axes[i][j], rows, axis, metric, best.get(metric))
+            axes[i][j].set_xlabel(param)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _param_axis(rows: list[dict], param: str) -> dict:
+    """How to place a parameter on an x axis: {"x": run -> position (None: not set), "ticks":
+    categorical labels or None, "log": whether numeric values span a decade or more}."""
+    values = {r["run"] + r["sweep"]: r["_params"].get(param) for r in rows}
+    numbers = [v for v in values.values() if v is not None]
+    if numbers and all(_finite(v) for v in numbers):
+        log = min(numbers) > 0 and max(numbers) / min(numbers) >= 10
+        return {"x": values, "ticks": None, "log": log}
+    labels = sorted({json.dumps(v) if not isinstance(v, str) else v for v in numbers}, key=_natural)
+    where = {label: i for i, label in enumerate(labels)}
+    x = {
+        k: None if v is None else where[v if isinstance(v, str) else json.dumps(v)]
+        for k, v in values.items()
+    }
+    return {"x": x, "ticks": labels, "log": False}
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _against(ax, rows: list[dict], axis: dict, metric: str, best: dict | None) -> None:
+    placed = [(axis["x"][r["run"] + r["sweep"]], r) for r in rows if not r["failed"]]
+    placed = [(x, r) for x, r in placed if x is not None and _finite(r[metric])]
+    for arch in sorted({r["arch"] for _, r in placed}):
+        pts = [(x, r[metric]) for x, r in placed if r["arch"] == arch]
+        ax.scatter(*zip(*pts, strict=True), label=arch, s=30, alpha=0.85, c=_color(rows, arch))
+    hit = [x for x, r in placed if best is not None and r is best]
+    _star(ax, hit[0] if hit else None, best and best[metric], metric)
+    if axis["log"]:
+        ax.set_xscale("log")
+    if axis["ticks"] is not None:
+        ax.set_xticks(range(len(axis["ticks"])), axis["ticks"], rotation=20, fontsize=8)
+    ax.set_ylabel(TITLES[metric])
+    ax.grid(alpha=0.3)
+    if placed:
+        ax.legend(fontsize=7)
+
+
+STYLE = (
+    "body{font-family:sans-serif;margin:1em 2em}img{max-width:100%}"
+    "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;text-align:right;"
+    "border-bottom:1px solid #ddd}th{cursor:pointer;background:#f3f3f3;position:sticky;top:0}"
+    "th[data-dir=asc]::after{content:' \\25b2'}th[data-dir=desc]::after{content:' \\25bc'}"
+    "td.reasons{text-align:left}td.best{font-weight:bold;background:#e6f4ea}"
+    ".health-pass td.health{background:#c8e6c9}.health-warn td.health{background:#fff3c4}"
+    ".health-fail td.health{background:#ffcdd2}"
+)
+
+SORT_JS = """
+document.querySelectorAll("#runs th").forEach((th, i) => th.addEventListener("click", () => {
+  const body = document.querySelector("#runs tbody");
+  const dir = th.dataset.dir === "asc" ? -1 : 1;
+  document.querySelectorAll("#runs th").forEach((h) => delete h.dataset.dir);
+  th.dataset.dir = dir === 1 ? "asc" : "desc";
+  const num = th.dataset.type === "num";
+  const key = (tr) => {
+    const v = tr.children[i].dataset.v;
+    return num ? (v === "" ? Infinity : Number(v)) : v;
+  };
+  const order = (a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * dir;
+  body.append(...[...body.rows].sort(order));
+}));
+"""
+"""Click a header: sort the rows by that column (numerically for numeric columns; runs
+without a value last), click again to reverse."""
+
+
+def write_html(
+    rows: list[dict], columns: list[str], images: dict[str, Path], path: Path, title: str
+) -> None:
+    """A page that needs nothing else: summary, the images inlined, the sortable table."""
+    figures = "".join(
+        f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
+        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        for caption, p in images.items()
     )
     path.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-        "</title><style>body{font-family:sans-serif}td,th{padding:2px 8px;"
-        "text-align:right}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><img src='pareto.png' alt='L0 against FVU'>"
-        f"<table><tr>{head}</tr>{body}</table></body></html>\n"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<link rel='icon' href='data:,'><style>{STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{_summary(rows, columns)}{figures}"
+        "<h2>Runs</h2><p>Click a column header to sort; &#9733; marks the best run per metric."
+        f"</p>{_table(rows, columns)}<script>{SORT_JS}</script></body></html>\n"
     )
+
+
+def _summary(rows: list[dict], columns: list[str]) -> str:
+    counts = {v: sum(r["health"] == v for r in rows) for v in ("pass", "warn", "fail")}
+    health = ", ".join(f"{n} {v}" for v, n in counts.items())
+    best = "; ".join(
+        f"{TITLES.get(m, m)}: {r['run']} ({_fmt(r[m])})" for m, r in best_runs(rows).items()
+    )
+    varied = ", ".join(varied_params(rows)) or "nothing"
+    return (
+        f"<p id='summary'>{len(rows)} runs. Health: {health}. The sweep varies: "
+        f"{html.escape(varied)}. Best: {html.escape(best or 'none')}.</p>"
+    )
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    numeric = {
+        c: any(_number(r[c]) for r in rows)
+        and all(_number(r[c]) or r[c] in ("", None) for r in rows)
+        for c in columns
+    }
+    head = "".join(
+        f"<th{' data-type=num' if numeric[c] else ''}>{html.escape(c)}</th>" for c in columns
+    )
+    best = {m: r for m, r in best_runs(rows).items()}
+    body = "".join(
+        f"<tr class='health-{r['health']}'>"
+        + "".join(_cell(r, c, best.get(c) is r) for c in columns)
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table id='runs'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(row: dict, column: str, best: bool) -> str:
+    value = row[column]
+    raw = repr(value) if _finite(value) else ("" if _number(value) or value is None else str(value))
+    shown = _fmt(value) + (" \u2605" if best else "")
+    kind = {"health": "health", "health_reasons": "reasons"}.get(column, "best" if best else "")
+    cls = f" class='{kind}'" if kind else ""
+    title = f" title='best {html.escape(column)}'" if best else ""
+    return f"<td{cls}{title} data-v='{html.escape(raw)}'>{html.escape(shown)}</td>"
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return ""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_report(sweep_dir: Path, others: list[Path] | None = None) -> list[dict]:
-    """Print the table and write results.csv, pareto.png and report.html into sweep_dir."""
-    rows = load_results([sweep_dir, *(others or [])])
+def write_report(
+    sweep_dir: Path, others: list[Path] | None = None, health: HealthConfig | None = None
+) -> list[dict]:
+    """Judge every run's health (thresholds `health`, default HealthConfig()) into its
+    metrics.json, print the table and write results.csv, pareto.png, sweep.png (when the
+    sweep varies anything) and report.html into sweep_dir (`others`: more sweep directories
+    shown beside it, their verdicts rewritten too)."""
+    rows = load_results([sweep_dir, *(others or [])], health)
     if not rows:
         print(f"no finished runs under {sweep_dir}")
         return rows
+    record_health(rows, health)
     print(format_table(rows))
+    params = varied_params(rows)
+    columns = [*COLUMNS, *(p for p in params if p not in COLUMNS)]
+    for row in rows:
+        row.update({p: _cell_value(row["_params"].get(p)) for p in columns if p not in COLUMNS})
     with open(sweep_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot_pareto(rows, sweep_dir / "pareto.png")
-    write_html(rows, sweep_dir / "report.html", sweep_dir.name)
+    images = {"L0 against reconstruction and downstream fidelity": sweep_dir / "pareto.png"}
+    plot_pareto(rows, images["L0 against reconstruction and downstream fidelity"])
+    if params:
+        images["Metrics against what the sweep varies"] = sweep_dir / "sweep.png"
+        plot_sweep(rows, params, sweep_dir / "sweep.png")
+    write_html(rows, columns, images, sweep_dir / "report.html", sweep_dir.name)
     print(f"report: {sweep_dir / 'report.html'}")
     return rows
+
+
+def _cell_value(value):
+    """A parameter as a table cell: numbers and strings as they are, the rest as JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) or _number(value) else json.dumps(value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Health verdicts: every run passes, warns or fails against documented thresholds.
+
+The defaults are saetrain's health metrics (loss recovered >= 60-70 %, L0 within 20-200, dead
+latents <= 10-20 %, absorption <= 0.25). docs/evaluation.md defines each check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from saesweep.configtools import at_least, fraction
+from saesweep.errors import UserError
+
+Verdict = Literal["pass", "warn", "fail"]
+LEVELS: tuple[Verdict, ...] = ("pass", "warn", "fail")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Thresholds of the health verdict (a run's worst check is its verdict)."""
+
+    recovered_pass: float = field(default=0.70, metadata=at_least(0))
+    """Downstream fidelity (loss_recovered, or final_recovered for encoder models) at or above
+    this passes; between recovered_fail and this warns."""
+    recovered_fail: float = field(default=0.60, metadata=at_least(0))
+    """Downstream fidelity below this fails."""
+    l0_min: float = field(default=20.0, metadata=at_least(0))
+    """L0 below this warns (a deliberately very sparse sweep is not broken, so it never fails)."""
+    l0_max: float = field(default=200.0, metadata=at_least(0))
+    """L0 above this warns."""
+    dead_pass_pct: float = field(default=10.0, metadata=at_least(0))
+    """Dead latents (% of d_sae) at or below this pass; up to dead_fail_pct they warn."""
+    dead_fail_pct: float = field(default=20.0, metadata=at_least(0))
+    """Dead latents (% of d_sae) above this fail."""
+    absorption_max: float = field(default=0.25, metadata=fraction())
+    """Mean absorption fraction above this warns."""
+
+    def __post_init__(self) -> None:
+        for low, high in (("recovered_fail", "recovered_pass"), ("l0_min", "l0_max")):
+            if getattr(self, low) > getattr(self, high):
+                raise UserError(f"health thresholds: {low} must not exceed {high}")
+        if self.dead_pass_pct > self.dead_fail_pct:
+            raise UserError("health thresholds: dead_pass_pct must not exceed dead_fail_pct")
+
+
+@dataclass(frozen=True)
+class Health:
+    """A run's verdict, the reasons for anything short of pass, and the metrics not measured."""
+
+    verdict: Verdict
+    reasons: tuple[str, ...]
+    not_measured: tuple[str, ...]
+
+    def summary(self) -> str:
+        """Reasons, then "<metric> not measured" for each missing one, joined by "; "."""
+        return "; ".join([*self.reasons, *(f"{m} not measured" for m in self.not_measured)])
+
+
+def assess(metrics: dict, cfg: HealthConfig | None = None) -> Health:
+    """The health of one run from its metrics.json contents."""
+    cfg = cfg or HealthConfig()
+    if metrics.get("failed"):
+        return Health("fail", ("training failed (a non-finite loss or gradient)",), ())
+    checks = [_fidelity(metrics, cfg), _l0(metrics, cfg), _dead(metrics, cfg)]
+    checks.append(_absorption(metrics, cfg))
+    found = [c for c in checks if isinstance(c, tuple)]
+    verdict = max((level for level, _ in found), key=LEVELS.index, default="pass")
+    return Health(
+        verdict,
+        tuple(reason for _, reason in found),
+        tuple(c for c in checks if isinstance(c, str)),
+    )
+
+
+Check = tuple[Verdict, str] | str | None
+"""(warn|fail, reason); the name of a metric that is not measured; or None for a pass."""
+
+
+def fidelity_key(metrics: dict) -> str:
+    """loss_recovered (causal LMs) when present, else the encoder score final_recovered."""
+    return "loss_recovered" if _measured(metrics.get("loss_recovered")) else "final_recovered"
+
+
+def _fidelity(metrics: dict, cfg: HealthConfig) -> Check:
+    key = fidelity_key(metrics)
+    value, name = metrics.get(key), key.replace("_", " ")
+    if not _measured(value):
+        return "loss recovered"
+    shown = _pair(100 * value, 100 * cfg.recovered_fail, 100 * cfg.recovered_pass)
+    if value < cfg.recovered_fail:
+        return "fail", f"{name} {shown[0]} % < {shown[1]} %"
+    if value < cfg.recovered_pass:
+        return "warn", f"{name} {shown[0]} % < {shown[2]} %"
+    return None
+
+
+def _l0(metrics: dict, cfg: HealthConfig) -> Check:
+    value = metrics.get("l0")
+    if not _measured(value):
+        return "L0"
+    shown = _pair(value, cfg.l0_min, cfg.l0_max)
+    if value < cfg.l0_min:
+        return "warn", f"L0 {shown[0]} < {shown[1]}"
+    if value > cfg.l0_max:
+        return "warn", f"L0 {shown[0]} > {shown[2]}"
+    return None
+
+
+def _dead(metrics: dict, cfg: HealthConfig) -> Check:
+    value = metrics.get("dead_pct")
+    if not _measured(value):
+        return "dead latents"
+    shown = _pair(value, cfg.dead_fail_pct, cfg.dead_pass_pct)
+    if value > cfg.dead_fail_pct:
+        return "fail", f"dead {shown[0]} % > {shown[1]} %"
+    if value > cfg.dead_pass_pct:
+        return "warn", f"dead {shown[0]} % > {shown[2]} %"
+    return None
+
+
+def _absorption(metrics: dict, cfg: HealthConfig) -> Check:
+    value = metrics.get("absorption")
+    if not _measured(value):
+        return "absorption"
+    if value > cfg.absorption_max:
+        shown = _pair(value, cfg.absorption_max)
+        return "warn", f"absorption {shown[0]} > {shown[1]}"
+    return None
+
+
+def _measured(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pair(value: float, *thresholds: float) -> tuple[str, ...]:
+    """The value and thresholds as short numbers: each threshold exactly (to 4 decimals), the
+    value with as many decimals as the most precise threshold, and more where it would read
+    equal to a threshold it differs from (20.04 against 20 shows as 20.04)."""
+    limits = [_trim(f"{t:.4f}") for t in thresholds]
+    digits = max(len(t.partition(".")[2]) for t in limits)
+    shown = _trim(f"{value:.{digits}f}")
+    pairs = list(zip(thresholds, limits, strict=True))
+    while digits < 4 and any(shown == s and value != t for t, s in pairs):
+        digits += 1
+        shown = _trim(f"{value:.{digits}f}")
+    return (shown, *limits)
+
+
+def _trim(text: str) -> str:
+    return text.rstrip("0").rstrip(".") if "." in text else text

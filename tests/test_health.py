@@ -1,0 +1,72 @@
+"""Health verdicts against the documented thresholds."""
+
+from __future__ import annotations
+
+import pytest
+
+from saesweep.errors import UserError
+from saesweep.evaluate.health import HealthConfig, assess
+
+HEALTHY = {"fvu": 0.1, "l0": 64.0, "dead_pct": 2.0, "loss_recovered": 0.9, "failed": False}
+
+
+def test_healthy_run_passes_and_names_what_was_not_measured():
+    health = assess(HEALTHY)
+    assert health.verdict == "pass"
+    assert health.reasons == ()
+    assert health.not_measured == ("absorption",)
+    assert health.summary() == "absorption not measured"
+
+
+@pytest.mark.parametrize(
+    ("change", "verdict", "reason"),
+    [
+        ({"dead_pct": 34.0}, "fail", "dead 34 % > 20 %"),
+        ({"dead_pct": 15.0}, "warn", "dead 15 % > 10 %"),
+        ({"dead_pct": 20.04}, "fail", "dead 20.04 % > 20 %"),
+        ({"dead_pct": 20.0}, "warn", "dead 20 % > 10 %"),
+        ({"loss_recovered": 0.55}, "fail", "loss recovered 55 % < 60 %"),
+        ({"loss_recovered": 0.65}, "warn", "loss recovered 65 % < 70 %"),
+        ({"l0": 8.0}, "warn", "L0 8 < 20"),
+        ({"l0": 200.4}, "warn", "L0 200.4 > 200"),
+        ({"absorption": 0.31}, "warn", "absorption 0.31 > 0.25"),
+    ],
+)
+def test_each_threshold(change, verdict, reason):
+    health = assess(HEALTHY | change)
+    assert (health.verdict, health.reasons) == (verdict, (reason,))
+
+
+def test_worst_check_wins_and_every_reason_is_kept():
+    health = assess(HEALTHY | {"l0": 300.0, "dead_pct": 34.0, "absorption": 0.1})
+    assert health.verdict == "fail"
+    assert health.reasons == ("L0 300 > 200", "dead 34 % > 20 %")
+    assert health.not_measured == ()
+
+
+def test_encoder_score_stands_in_for_loss_recovered():
+    encoder = {k: v for k, v in HEALTHY.items() if k != "loss_recovered"}
+    health = assess(encoder | {"final_recovered": 0.5})
+    assert health.reasons == ("final recovered 50 % < 60 %",)
+
+
+def test_missing_or_undefined_metric_is_not_measured_not_a_failure():
+    no_downstream = {k: v for k, v in HEALTHY.items() if k != "loss_recovered"}
+    assert assess(no_downstream).verdict == "pass"
+    assert assess(no_downstream).not_measured == ("loss recovered", "absorption")
+    undefined = assess(HEALTHY | {"loss_recovered": float("nan")})
+    assert (undefined.verdict, undefined.not_measured[0]) == ("pass", "loss recovered")
+
+
+def test_failed_training_fails():
+    health = assess(HEALTHY | {"failed": True})
+    assert health.verdict == "fail"
+    assert health.reasons == ("training failed (a non-finite loss or gradient)",)
+
+
+def test_thresholds_are_configurable_and_checked():
+    strict = HealthConfig(dead_pass_pct=1.0, dead_fail_pct=1.5, l0_max=50.0)
+    health = assess(HEALTHY, strict)
+    assert (health.verdict, health.reasons) == ("fail", ("L0 64 > 50", "dead 2 % > 1.5 %"))
+    with pytest.raises(UserError, match="dead_pass_pct must not exceed dead_fail_pct"):
+        HealthConfig(dead_pass_pct=30.0)

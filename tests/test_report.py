@@ -1,0 +1,262 @@
+"""The sweep report on a real small sweep: tiny GPT-2 activations, SAEs trained in seconds."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from chromium import Chromium
+from matplotlib.image import imread
+from tiny_models import build
+
+from saesweep.collect.config import CollectConfig
+from saesweep.collect.run import collect
+from saesweep.evaluate.absorption import AbsorptionConfig, add_absorption
+from saesweep.evaluate.health import HealthConfig, assess
+from saesweep.evaluate.report import best_runs, varied_params, write_report
+from saesweep.sae import SAEConfig
+from saesweep.sae.config import ObjectiveConfig
+from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.layout import run_dir, state_dir
+from saesweep.train.trainer import GroupTrainer
+
+SAES = [
+    ("topk", 1e-3, 4, 4e-4),
+    ("topk", 3e-3, 4, 4e-4),
+    ("topk", 1e-2, 4, 4e-4),
+    ("topk", 3e-3, 8, 4e-4),
+    ("relu", 3e-3, 4, 4e-4),
+    ("relu", 3e-3, 4, 4e-3),
+]
+"""(arch, lr, k, sparsity_coeff) of the sweep's runs: an lr sweep at fixed k, a second k, a
+second architecture at two sparsity coefficients."""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished sweep directory (runs/run-NNN with checkpoints and metrics.json, with
+    downstream loss recovered), before any report."""
+    root = tmp_path_factory.mktemp("report")
+    model = str(build("gpt2", root / "models"))
+    uri = str(root / "coll")
+    collect(
+        CollectConfig(
+            model=model,
+            hooks=("resid.1",),
+            out=uri,
+            max_tokens=900,
+            shard_tokens=300,
+            ctx_len=32,
+            batch_size=4,
+            act_dtype="float32",
+            progress=False,
+        )
+    )
+    base = TrainConfig(
+        train_data=DataConfig(uri=uri, shards=":-1", collect=""),
+        val_data=DataConfig(uri="", shards="-1:", collect=""),
+        n_train=2048,
+        n_val=300,
+        batch_size=64,
+        warmup_steps=2,
+        ckpt_every=100,
+        wandb_mode="disabled",
+        downstream_sequences=4,
+        device="cpu",
+    )
+    cfgs = [
+        dataclasses.replace(
+            base,
+            lr=lr,
+            seed=i,
+            sae=SAEConfig(arch=arch, d_sae=128, k=k),
+            objective=ObjectiveConfig(sparsity_coeff=coeff),
+        )
+        for i, (arch, lr, k, coeff) in enumerate(SAES)
+    ]
+    sweep_dir = root / "sweep-test"
+    dirs = [run_dir(sweep_dir, i, c.tag) for i, c in enumerate(cfgs)]
+    GroupTrainer(cfgs, dirs, state_dir(sweep_dir, 0)).train()
+    return sweep_dir
+
+
+@pytest.fixture
+def sweep(trained, tmp_path) -> Path:
+    """A private copy of the trained sweep, for a test to change and report on."""
+    return Path(shutil.copytree(trained, tmp_path / trained.name))
+
+
+def metrics(sweep: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("runs/*/metrics.json"))]
+
+
+def results_csv(sweep: Path) -> list[dict]:
+    with open(sweep / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_run_gets_its_verdict_everywhere(sweep, capsys):
+    before = metrics(sweep)
+    assert all("loss_recovered" in m for m in before)
+    rows = write_report(sweep)
+    after, table = metrics(sweep), results_csv(sweep)
+    printed = capsys.readouterr().out
+    assert len(rows) == len(table) == len(SAES)
+    for old, new, line in zip(before, after, table, strict=True):
+        health = assess(old)
+        assert new["health"] == line["health"] == health.verdict
+        assert new["health_reasons"] == list(health.reasons)
+        assert new["health_not_measured"] == list(health.not_measured)
+        assert "absorption" in new["health_not_measured"]
+        assert line["health_reasons"] == health.summary()
+        assert new["health_thresholds"] == dataclasses.asdict(HealthConfig())
+        assert {k: new[k] for k in old} == old
+        assert f"{new['run']}: {health.verdict}: {health.summary()}" in printed or (
+            not health.reasons
+        )
+    assert "class='health-" in (sweep / "report.html").read_text()
+
+
+def test_dead_latents_fail_with_the_reason(sweep, capsys):
+    path = sorted(sweep.glob("runs/*/metrics.json"))[1]
+    changed = json.loads(path.read_text()) | {"dead_pct": 34.375, "l0": 64.0}
+    changed["loss_recovered"] = 0.95
+    path.write_text(json.dumps(changed))
+    write_report(sweep)
+    run = changed["run"]
+    assert json.loads(path.read_text())["health"] == "fail"
+    assert json.loads(path.read_text())["health_reasons"] == ["dead 34 % > 20 %"]
+    line = next(r for r in results_csv(sweep) if r["run"] == run)
+    assert (line["health"], line["health_reasons"]) == (
+        "fail",
+        "dead 34 % > 20 %; absorption not measured",
+    )
+    assert f"{run}: fail: dead 34 % > 20 %; absorption not measured" in capsys.readouterr().out
+    assert "dead 34 % &gt; 20 %" in (sweep / "report.html").read_text()
+
+
+def test_thresholds_come_from_the_report_call(sweep):
+    strict = HealthConfig(l0_min=0.0, l0_max=1.0)
+    write_report(sweep, health=strict)
+    for m in metrics(sweep):
+        assert m["health"] in ("warn", "fail")
+        assert f"L0 {m['l0']:.0f} > 1" in m["health_reasons"]
+        assert m["health_thresholds"]["l0_max"] == 1.0
+
+
+def test_the_report_finds_what_the_sweep_varies(sweep):
+    rows = write_report(sweep)
+    assert varied_params(rows) == ["arch", "lr", "k", "objective.sparsity_coeff"]
+    table = results_csv(sweep)
+    assert list(table[0])[-1] == "objective.sparsity_coeff"
+    assert [float(r["objective.sparsity_coeff"]) for r in table] == [s[3] for s in SAES]
+    assert [float(r["lr"]) for r in table] == [s[1] for s in SAES]
+    assert [r["k"] for r in table] == ["4", "4", "4", "8", "", ""]
+    metrics_plots, params = 4, 4
+    assert imread(sweep / "sweep.png").shape[:2] == (320 * metrics_plots, 420 * params)
+    assert imread(sweep / "pareto.png").shape[:2] == (550, 2 * 715)
+
+
+def test_an_lr_sweep_at_fixed_k_is_plotted_against_lr(sweep):
+    for run in sorted(sweep.glob("runs/*"))[3:]:
+        shutil.rmtree(run)
+    rows = write_report(sweep)
+    assert varied_params(rows) == ["lr"]
+    assert imread(sweep / "sweep.png").shape[:2] == (320 * 4, 420)
+
+
+def test_best_run_per_metric(sweep):
+    rows = write_report(sweep)
+    runs = [m for m in metrics(sweep) if not m["failed"]]
+    best = best_runs(rows)
+    assert best["fvu"]["run"] == min(runs, key=lambda m: m["fvu"])["run"]
+    assert best["loss_recovered"]["run"] == max(runs, key=lambda m: m["loss_recovered"])["run"]
+    assert best["dead_pct"]["dead_pct"] == min(m["dead_pct"] for m in runs)
+    assert "l0" not in best
+    page = (sweep / "report.html").read_text()
+    assert page.count("title='best fvu'") == 1
+    assert f"FVU: {best['fvu']['run']} " in page
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium = Chromium(tmp_path_factory.mktemp("chromium"))
+    yield chromium
+    chromium.close()
+
+
+RENDERED = """(async () => {
+  const images = [...document.images];
+  await Promise.all(images.map((i) => i.decode()));
+  const rows = [...document.querySelectorAll("#runs tbody tr")];
+  return {
+    images: images.map((i) => [i.naturalWidth, i.naturalHeight, i.clientWidth > 0]),
+    runs: rows.map((r) => r.children[0].textContent),
+    health: rows.map((r) => r.querySelector("td.health").textContent),
+    best: [...document.querySelectorAll("td.best")].map((td) => td.title).sort(),
+  };
+})()"""
+
+SORT_BY = """((column) => {
+  const th = [...document.querySelectorAll("#runs th")].find((h) => h.textContent === column);
+  const runs = () =>
+    [...document.querySelectorAll("#runs tbody tr")].map((r) => r.children[0].textContent);
+  th.click();
+  const up = runs();
+  th.click();
+  return [up, runs()];
+})"""
+
+
+def test_report_renders_in_a_real_browser(sweep, browser):
+    rows = write_report(sweep)
+    assert browser.open((sweep / "report.html").as_uri()) == []
+    page = browser.evaluate(RENDERED)
+    assert page["images"] == [[1430, 550, True], [1680, 1280, True]]
+    assert page["runs"] == [r["run"] for r in rows]
+    assert page["health"] == [r["health"] for r in rows]
+    assert page["best"] == ["best dead_pct", "best fvu", "best loss_recovered", "best mse"]
+    by_fvu = [r["run"] for r in sorted(rows, key=lambda r: r["fvu"])]
+    assert browser.evaluate(f"{SORT_BY}('fvu')") == [by_fvu, by_fvu[::-1]]
+    by_k = [r["run"] for r in sorted(rows, key=lambda r: r["k"] or float("inf"))]
+    assert browser.evaluate(f"{SORT_BY}('k')")[0] == by_k
+
+
+def test_the_browser_check_sees_errors(browser, tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text(
+        "<!doctype html><link rel='icon' href='data:,'><img src='missing.png'>"
+        "<script>console.error('boom')</script><script>notAFunction()</script>"
+    )
+    errors = browser.open(page.as_uri())
+    assert len(errors) == 3
+    assert any("boom" in e for e in errors)
+    assert any("notAFunction is not defined" in e for e in errors)
+    assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in errors)
+
+
+def test_absorption_of_every_run_reaches_the_report(sweep):
+    uri = json.loads((sweep / "runs/run-000/cfg.json").read_text())["saesweep_config"]
+    uri = uri["train_data"]["uri"]
+    lenient = AbsorptionConfig(min_probe_f1=0.0, min_true_positives=1, max_k=3)
+    added = add_absorption(sorted(sweep.glob("runs/*")), uri, shards=":", cfg=lenient)
+    assert len({a["absorption_tokens"] for a in added}) == 1
+    for a in added:
+        assert a["absorption_letters"] >= 1
+        assert 0.0 <= a["absorption"] <= 1.0
+        assert 0.0 <= a["absorption_full"] <= 1.0
+    rows = write_report(sweep)
+    table = results_csv(sweep)
+    for a, m, line in zip(added, metrics(sweep), table, strict=True):
+        assert float(line["absorption"]) == pytest.approx(a["absorption"])
+        assert m["absorption_by_letter"] == a["absorption_by_letter"]
+        assert "absorption" not in m["health_not_measured"]
+        assert (f"absorption {a['absorption']:.2f}" in line["health_reasons"]) == (
+            a["absorption"] > 0.25
+        )
+    assert best_runs(rows)["absorption"]["absorption"] == min(a["absorption"] for a in added)
+    assert imread(sweep / "pareto.png").shape[:2] == (550, 3 * 715)
