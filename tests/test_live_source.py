@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_collect import by_token, read_hook
+from test_train import run_train
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
@@ -19,6 +23,7 @@ from saesweep.collect.text import demo_corpus
 from saesweep.errors import UserError
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
+from saesweep.train.checkpoint import saved_position
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.sweep import split_groups
 from saesweep.train.trainer import GroupTrainer
@@ -164,3 +169,39 @@ def test_one_forward_pass_feeds_saes_on_three_layers(config, tmp_path):
         saved = json.loads((tmp_path / f"a{i}" / "cfg.json").read_text())
         assert saved["hook_name"] == f"encoder.layer.{cfg.train_data.layer}"
     assert together[0]["fvu"] != together[2]["fvu"], "each stack read its own layer"
+
+
+def test_kill_9_and_resume_of_a_live_group_is_bit_identical(config, tmp_path):
+    toml = tmp_path / "live.toml"
+    toml.write_text(f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\n')
+    sweep = tmp_path / "live.py"
+    live = {"source": "model", "collect": str(toml), "shuffle_tokens": 1024}
+    sweep.write_text(
+        "def make_cfgs():\n"
+        f"    return [{{'train_data': {{**{live!r}, 'layer': layer}}, "
+        f"'val_data': {{**{live!r}, 'layer': layer}}, 'tag': f'l{{layer}}'}} for layer in (1, 3)]\n"
+    )
+    args = [
+        "--sweep", str(sweep), "--executor", "debug", "--n-train", "6144", "--batch-size", "128",
+        "--n-val", "256", "--ckpt-every", "5", "--log-every", "5", "--downstream-sequences", "0",
+        "--wandb-mode", "disabled", "--sae.d-sae", "256", "--sae.k", "8", "--device", "cpu",
+    ]  # fmt: skip
+    ref = run_train(*args, "--runs-root", str(tmp_path / "ref"))
+    assert ref.wait() == 0, ref.stderr.read()
+    proc = run_train(*args, "--runs-root", str(tmp_path / "killed"))
+    for _ in range(2400):
+        states = list((tmp_path / "killed").glob("*/groups/group-000/state.safetensors"))
+        if states and saved_position(states[0])["step"] >= 15:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (killed_dir,) = (tmp_path / "killed").iterdir()
+    assert not list(killed_dir.glob("runs/*/metrics.json")), "killed before the end"
+    resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    (ref_dir,) = (tmp_path / "ref").iterdir()
+    for run in ("run-000-l1", "run-001-l3"):
+        want = load_file(str(ref_dir / "runs" / run / "sae_weights.safetensors"))
+        got = load_file(str(killed_dir / "runs" / run / "sae_weights.safetensors"))
+        assert all(torch.equal(want[k], got[k]) for k in want), run

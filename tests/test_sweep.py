@@ -46,6 +46,7 @@ def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
         ("k_grid", 4, 1),
         ("archs", 5, 1),
         ("demo", 5, 1),
+        ("live_layers", 3, 1),
     ],
 )
 def test_every_sweep_file_plans(name, configs, groups):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saesweep.configtools import PLAIN_NAME, above, at_least, fraction, section
+from saesweep.evaluate.health import HealthConfig
 from saesweep.executors import SlurmConfig
 from saesweep.memory import DEVICE_SPEC
 from saesweep.sae.config import ObjectiveConfig, SAEConfig
@@ -90,6 +91,8 @@ class TrainConfig:
     """wandb: offline runs (sync later with `wandb sync`), online, or disabled."""
     wandb_project: str = "saesweep"
     """wandb project."""
+    health: HealthConfig = section(HealthConfig)
+    """Thresholds of the health verdict in the report (the first config's count)."""
     slurm: SlurmConfig = section(SlurmConfig, short=True)
     """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
 

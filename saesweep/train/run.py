@@ -27,7 +27,7 @@ def run_sweep(
         slurm=slurms,
         poll_s=2.0,
     )
-    write_report(sweep_dir)
+    write_report(sweep_dir, health=groups[0].cfgs[0].health)
     failed = [o for o in outcomes if o.status != "done"]
     reasons = [failure_reason(o) for o in failed]
     for o, reason in zip(failed, reasons, strict=True):
