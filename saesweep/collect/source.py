@@ -118,15 +118,17 @@ class ModelSource:
         pos = start
         while True:
             seqs = itertools.islice(self._sequences(), pos.seq_done, None)
+            whole_batches = 0
             for window in self._windows(seqs):
                 order = self._order(pos.window, window.n_tokens)
                 n_batches = window.n_tokens // self.batch_size
+                whole_batches += n_batches
                 for b in range(pos.batches_done, n_batches):
                     rows = order[b * self.batch_size : (b + 1) * self.batch_size]
                     after = dataclasses.replace(pos, batches_done=b + 1)
                     yield self._take(window, rows), after
                 pos = SourcePosition(pos.epoch, pos.seq_done + window.n_seqs, pos.window + 1)
-            if pos.seq_done == 0:
+            if whole_batches == 0 and pos.epoch == start.epoch and start.seq_done == 0:
                 raise UserError(
                     f"the {self.split} split of {self.cfg.dataset} holds no whole batch of "
                     f"{self.batch_size} tokens; use more text or a smaller batch_size"
