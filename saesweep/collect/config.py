@@ -31,6 +31,8 @@ class CollectConfig:
     """HF model name or local directory; 'demo' is the packaged all-MiniLM-L6-v2."""
     revision: str | None = None
     """Model revision (branch, tag or commit) for hub models."""
+    trust_remote_code: bool = False
+    """Run the code a hub model ships with it (only for a model you trust)."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
     device: str = field(default="auto", metadata=DEVICE_SPEC)

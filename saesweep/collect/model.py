@@ -25,37 +25,66 @@ def model_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str, revision: str | None, download: bool = True):
-    """The tokenizer of model `name` (from local files only unless `download`), or a UserError."""
+def load_tokenizer(
+    name: str, revision: str | None, download: bool = False, trust_remote_code: bool = False
+):
+    """The tokenizer of model `name`, from local files and the cache unless `download`, or a
+    UserError."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(
-            model_path(name), revision=revision, local_files_only=not download
+            model_path(name),
+            revision=revision,
+            local_files_only=not download,
+            trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load the tokenizer of model {name!r} ({str(err).splitlines()[0]})"
-        ) from None
+        raise _load_error(f"the tokenizer of model {name!r}", err, download) from None
 
 
-def load_model(name: str, revision: str | None, dtype: str, device: str):
-    """The model (LM head kept for causal LMs, unused in collection) and its tokenizer."""
+def load_model(
+    name: str,
+    revision: str | None,
+    dtype: str,
+    device: str,
+    *,
+    download: bool = True,
+    trust_remote_code: bool = False,
+):
+    """The model (LM head kept for causal LMs, unused in collection) and its tokenizer; from
+    local files and the cache unless `download`. A model that ships its own code is refused
+    unless `trust_remote_code` (never an interactive prompt)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(name)
+    options = {
+        "revision": revision,
+        "local_files_only": not download,
+        "trust_remote_code": trust_remote_code,
+    }
     try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        config = AutoConfig.from_pretrained(path, **options)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **options)
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load model {name!r}: give a local model directory or a hub name "
-            f"that is reachable or cached ({str(err).splitlines()[0]})"
-        ) from None
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+        raise _load_error(f"model {name!r}", err, download) from None
     return model.to(device).eval(), tokenizer
+
+
+def _load_error(what: str, err: Exception, download: bool) -> UserError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "trust_remote_code" in str(err):
+        return UserError(
+            f"cannot load {what}: it ships its own code, which runs only with "
+            "--trust-remote-code (pass it only for a model you trust)"
+        )
+    where = "a local model directory or a reachable or cached hub name"
+    if not download:
+        where = "a local model directory or one in the local cache (downloads are off here)"
+    return UserError(f"cannot load {what}: give {where} ({reason})")
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

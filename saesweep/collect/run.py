@@ -52,7 +52,13 @@ def machine_lock(store: Store, machine: int, n_machines: int):
 
 def _collect_locked(cfg: CollectConfig, store: Store, stored: dict | None) -> Part:
     part = load_part(store, cfg.machine, cfg.n_machines)
-    model, tokenizer = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
+    model, tokenizer = load_model(
+        cfg.model,
+        cfg.revision,
+        cfg.model_dtype,
+        cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     check_model_revision(store, cfg, model, stored)
     hooks = [resolve_hook(model, spec) for spec in cfg.hooks]
     hook_info = {

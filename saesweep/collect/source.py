@@ -103,7 +103,11 @@ class ModelSource:
             split,
         )
         model, self.tokenizer = load_model(
-            cfg.model, cfg.revision, cfg.model_dtype, self.cfg.device
+            cfg.model,
+            cfg.revision,
+            cfg.model_dtype,
+            self.cfg.device,
+            trust_remote_code=cfg.trust_remote_code,
         )
         self.hooks = {spec: resolve_hook(model, spec)[0] for spec in hooks}
         self.hooked = HookedModel(model, sorted(set(self.hooks.values())))

@@ -239,7 +239,7 @@ def absorption_metrics(
 ) -> list[dict]:
     """The absorption metrics of several SAEs (run directories or (cfg, state dict) pairs):
     per hook, the held-out shards are read, labelled and probed once for all its SAEs."""
-    from saesweep.evaluate.features import load_tokenizer
+    from saesweep.evaluate.features import collection_tokenizer
 
     cfg = cfg or AbsorptionConfig()
     saes = [load_run(r) for r in runs]
@@ -247,7 +247,7 @@ def absorption_metrics(
     for hook in sorted({s[0]["hook_name"] for s in saes}):
         coll = read_collection(uri, hook, shards, names=("acts",))
         ids = coll.tensors["token_ids"]
-        tokenizer = load_tokenizer({"model": coll.meta["model"]} | coll.config, None)
+        tokenizer = collection_tokenizer({"model": coll.meta["model"]} | coll.config, None)
         task = make_task(coll.tensors["acts"], ids, first_letters(ids, tokenizer), cfg)
         for i, sae in enumerate(saes):
             if sae[0]["hook_name"] == hook:

@@ -310,9 +310,12 @@ def downstream_metrics_many(
 
 
 def _load_model(coll: Collection, override: str | None, device: str):
+    """The model a collection names loads from local files and the cache only (a collection
+    may come from anyone); one the caller names explicitly may be downloaded."""
     name = override or coll.config.get("model") or coll.meta["model"]
+    dtype = coll.config.get("model_dtype", "float32")
     return load_model(
-        name, coll.config.get("revision"), coll.config.get("model_dtype", "float32"), device
+        name, coll.config.get("revision"), dtype, device, download=override is not None
     )
 
 
