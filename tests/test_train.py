@@ -399,6 +399,11 @@ def test_missing_demo_data_is_collected_first(tmp_path):
         r.split(",") for r in (only_dir(tmp_path / "runs") / "results.csv").read_text().splitlines()
     ]
     assert [r[1] for r in rows[1:]] == ["topk", "batchtopk", "switch", "relu", "jumprelu"]
+    metrics = json.loads(
+        next(only_dir(tmp_path / "runs").glob("runs/run-000*/metrics.json")).read_text()
+    )
+    # 256 held-out tokens are too few for any letter's probe: measured, but NaN
+    assert metrics["absorption_tokens"] > 0 and metrics["absorption_letters"] == 0
     assert [r[3] for r in rows[1:]] == ["16", "16", "16", "", ""]
 
 

@@ -31,8 +31,9 @@ EPS = 1e-8
 class AbsorptionConfig:
     """Settings of the first-letter absorption evaluation (SAEBench's values as defaults)."""
 
-    n_tokens: int = field(default=8192, metadata=at_least(1))
-    """Alphabetic held-out tokens used at most (the first ones in stored order)."""
+    n_tokens: int = field(default=8192, metadata=at_least(0))
+    """Alphabetic held-out tokens used at most (the first ones in stored order); 0 skips the
+    evaluation in training."""
     test_every: int = field(default=5, metadata=at_least(2))
     """Tokens whose id is divisible by this are the test split (unseen words); the rest train."""
     min_probe_f1: float = field(default=0.6, metadata=fraction())

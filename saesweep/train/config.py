@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saesweep.configtools import PLAIN_NAME, above, at_least, fraction, section
+from saesweep.evaluate.absorption import AbsorptionConfig
 from saesweep.evaluate.health import HealthConfig
 from saesweep.executors import SlurmConfig
 from saesweep.memory import DEVICE_SPEC
@@ -91,6 +92,9 @@ class TrainConfig:
     """wandb: offline runs (sync later with `wandb sync`), online, or disabled."""
     wandb_project: str = "saesweep"
     """wandb project."""
+    absorption: AbsorptionConfig = section(AbsorptionConfig)
+    """Feature absorption at the end of training, for collections with a tokenizer
+    (docs/evaluation.md)."""
     health: HealthConfig = section(HealthConfig)
     """Thresholds of the health verdict in the report (the first config's count)."""
     slurm: SlurmConfig = section(SlurmConfig, short=True)
@@ -103,6 +107,7 @@ GROUP_FIELDS = (
     "n_train",
     "n_val",
     "downstream_sequences",
+    "absorption",
     "batch_size",
     "device",
     "autocast",

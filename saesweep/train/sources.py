@@ -99,7 +99,7 @@ class StoreSource:
         }
 
     @property
-    def downstream_uri(self) -> str | None:
+    def held_out_uri(self) -> str | None:
         return self.cfg.val_data.uri or self.cfg.train_data.uri
 
 
@@ -168,7 +168,7 @@ class LiveSource:
         return out
 
     @property
-    def downstream_uri(self) -> str | None:
+    def held_out_uri(self) -> str | None:
         return None
 
 

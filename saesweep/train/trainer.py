@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from saesweep.errors import UserError
+from saesweep.evaluate.absorption import add_absorption
 from saesweep.evaluate.downstream import add_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
@@ -176,6 +177,7 @@ class GroupTrainer:
                 for j, i in enumerate(stack.members):
                     self._export(stack, j, i, stack_evals[j])
         self._downstream()
+        self._absorption()
         results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
         for log, metrics in zip(logs, results, strict=True):
             log.finish({k: v for k, v in metrics.items() if k != "density_hist"}, metrics["failed"])
@@ -185,7 +187,7 @@ class GroupTrainer:
     def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
         cfg = self.cfgs[0]
-        uri = self.source.downstream_uri
+        uri = self.source.held_out_uri
         if cfg.downstream_sequences <= 0 or uri is None:
             return
         try:
@@ -198,6 +200,18 @@ class GroupTrainer:
             )
         except UserError as err:
             print(f"warning: downstream fidelity skipped: {err}")
+
+    def _absorption(self) -> None:
+        """Add feature absorption to every metrics.json (store sources: it needs the stored
+        token ids and the collection's tokenizer)."""
+        cfg = self.cfgs[0]
+        uri = self.source.held_out_uri
+        if cfg.absorption.n_tokens <= 0 or uri is None:
+            return
+        try:
+            add_absorption(self.run_dirs, uri, cfg.val_data.shards, cfg.absorption)
+        except UserError as err:
+            print(f"warning: absorption skipped: {err}")
 
     def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
         cfg, run_dir = self.cfgs[i], self.run_dirs[i]
