@@ -101,3 +101,40 @@ def test_s3_corrupt_shard_raises_or_skips(s3_coll):
 def test_s3_read_ahead_that_cannot_fit_in_memory_is_refused(s3_coll):
     with pytest.raises(UserError, match=r"holds \d+ shards in memory .* lower shuffle_tokens"):
         Reader(s3_coll, batch_size=64, prefetch_shards=10**9, epochs=10**9)
+
+
+def test_an_outage_longer_than_ten_retries_is_waited_out(s3_env, s3_server):
+    """30 s without the server: past the old fixed 10 attempts (at most ~24 s of backoff),
+    inside the retry budget; the epoch then continues exactly."""
+    sizes = [200] * 12
+    make_collection(s3_env, sizes)
+    kw = {"seed": 3, **SMALL, "shuffle_tokens": 200}
+    expected = read(s3_env, **kw)
+    restart = threading.Timer(30, s3_server.start)
+    got = []
+    try:
+        for i, batch in enumerate(Reader(s3_env, **kw)):
+            got.append(batch)
+            if i == 1:
+                s3_server.stop()
+                restart.start()
+    finally:
+        restart.join()
+        if s3_server.proc.poll() is not None:
+            s3_server.start()
+    assert token_index(got) == expected
+
+
+def test_a_store_away_past_the_retry_budget_is_named_unreachable(s3_env, s3_server):
+    make_collection(s3_env, [200] * 12)
+    reader = Reader(s3_env, **{**SMALL, "shuffle_tokens": 200}, retry_s=2.0)
+    batches = iter(reader)
+    next(batches)
+    s3_server.stop()
+    try:
+        with pytest.raises(UserError, match="has not answered reads of .* for 2 s") as err:
+            for _ in batches:
+                pass
+        assert "--train-data.retry-s" in str(err.value) and "recollect" not in str(err.value)
+    finally:
+        s3_server.start()

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from saesweep.errors import UserError
 from saesweep.format.shards import shard_problem
 from saesweep.store.file import open_regular
 
@@ -28,6 +29,8 @@ def verified(fetch: Callable[[], object], record: dict) -> tuple[object | None, 
     for _ in range(2):
         try:
             buf = fetch()
+        except UserError:  # the store is away or refuses us: no shard's fault
+            raise
         except Exception as err:  # reported to the reader, which names the shard
             return None, str(err) or type(err).__name__
         if shard_problem(buf, record) is None:

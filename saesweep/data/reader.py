@@ -41,7 +41,10 @@ class Reader:
 
     Memory: the shuffle window being served plus `prefetch_shards` shards read ahead
     (default: one more window, so reading overlaps serving). `n_workers`: threads mapping local
-    shards, or event-loop threads receiving S3 range GETs (`s3_connections` each).
+    shards, or event-loop threads receiving S3 range GETs (`s3_connections` each). An S3
+    store that fails transiently (down, restarting, failing over) is retried with backoff for
+    up to `retry_s` seconds, and reading continues exactly where it was; past that, one
+    sentence names the store as unreachable.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Reader:
         normalize: Literal["norm"] | None = None,
         on_corrupt: Literal["raise", "skip"] = "raise",
         s3_connections: int = 16,
+        retry_s: float = 300.0,
         shards: slice = slice(None),
     ):
         self.store = open_store(uri)
@@ -95,7 +99,7 @@ class Reader:
         self.gather_threads = max(1, gather_threads)
         ahead = self.shards_per_window if prefetch_shards is None else max(1, prefetch_shards)
         self.n_slots = min(self.shards_per_window + ahead, len(self.shards) * epochs)
-        self.s3_connections = s3_connections
+        self.s3_connections, self.retry_s = s3_connections, retry_s
         if not isinstance(self.store, FileStore):
             self._check_arena_fits(uri)
         self.normalization = self._normalization(normalize)
@@ -338,7 +342,7 @@ class Reader:
         common = (self.shards, self.n_workers, self.n_slots)
         if isinstance(self.store, FileStore):
             return local_pipeline([self.store.local_path(k) for k in keys], *common)
-        make_reader = lambda: self.store.range_reader(self.s3_connections)  # noqa: E731
+        make_reader = lambda: self.store.range_reader(self.s3_connections, retry_s=self.retry_s)  # noqa: E731
         return S3Pipeline(make_reader, keys, *common)
 
 

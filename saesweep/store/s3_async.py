@@ -8,12 +8,14 @@ import itertools
 import re
 import ssl
 import threading
+import time
 from concurrent.futures import Future
 from urllib.parse import quote, urlsplit
 
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
+from saesweep.errors import UserError
 from saesweep.store.http_recv import ConnectionPool, Reply
 from saesweep.store.s3_common import (
     backoff_s,
@@ -28,6 +30,10 @@ CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 class S3ReadError(OSError):
     """A range read that still failed after all its retries."""
+
+
+class StoreUnreachable(UserError):
+    """The store kept failing transiently for longer than the retry budget."""
 
 
 class _Transient(Exception):
@@ -55,9 +61,10 @@ class AsyncRangeReader:
         region: str | None = None,
         max_connections: int = 64,
         prefix: str = "",
-        attempts: int = 10,
+        attempts: int | None = None,
+        retry_s: float = 300.0,
         backoff_base_s: float = 0.25,
-        backoff_cap_s: float = 4.0,
+        backoff_cap_s: float = 8.0,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
         session=None,
@@ -65,7 +72,7 @@ class AsyncRangeReader:
         session = session or boto_session()
         self.bucket, self.endpoint, self.prefix = bucket, endpoint, prefix.strip("/")
         self.region = region or region_for(session)
-        self.max_connections, self.attempts = max_connections, attempts
+        self.max_connections, self.attempts, self.retry_s = max_connections, attempts, retry_s
         self._backoff = (backoff_base_s, backoff_cap_s)
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._credentials = session.get_credentials()
@@ -121,15 +128,23 @@ class AsyncRangeReader:
             raise ValueError(f"buffer holds {target.nbytes} bytes, range needs {end - start}")
         if end == start:
             return
+        first_failure = None
         for attempt in itertools.count():
             try:
                 return await self._fetch_into(key, start, end, target)
             except TRANSIENT as err:
-                if attempt + 1 >= self.attempts:
+                first_failure = first_failure or time.monotonic()
+                if self.attempts is not None and attempt + 1 >= self.attempts:
                     raise S3ReadError(
                         f"reading bytes [{start}, {end}) of {self.url(key)} failed "
                         f"{self.attempts} times; last error: {err!r}"
                     ) from err
+                if time.monotonic() - first_failure >= self.retry_s:
+                    raise StoreUnreachable(
+                        f"S3 at {self._where()} has not answered reads of {self.url(key)} for "
+                        f"{self.retry_s:g} s (last error: {err!r}); check that it is running "
+                        "and reachable, or allow a longer outage with --train-data.retry-s"
+                    ) from None
                 await asyncio.sleep(backoff_s(attempt, *self._backoff))
 
     async def _fetch_into(self, key: str, start: int, end: int, target: memoryview) -> None:

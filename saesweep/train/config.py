@@ -45,6 +45,9 @@ class DataConfig:
     Source 'model': the model, text, ctx_len, special tokens and dtypes to run."""
     on_corrupt: Literal["raise", "skip"] = "raise"
     """A shard that fails its checksum: 'raise' stops the group, 'skip' leaves it out."""
+    retry_s: float = field(default=300.0, metadata=above(0))
+    """How long an S3 store may fail transiently (down, restarting) before training stops
+    with 'unreachable'; reads are retried with backoff and continue exactly."""
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
         n_workers=data.n_threads,
         shards=parse_slice(data.shards),
         on_corrupt=data.on_corrupt,
+        retry_s=data.retry_s,
     )
 
 
