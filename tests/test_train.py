@@ -73,6 +73,21 @@ def test_group_equals_separate_runs(coll, tmp_path):
             torch.testing.assert_close(grouped[name], alone[name], rtol=1e-4, atol=1e-5)
 
 
+def test_evaluation_while_training_is_logged_and_changes_nothing(coll, tmp_path):
+    cfgs = [cfg(coll, seed=1), cfg(coll, seed=2, sae=SAEConfig(arch="relu", d_sae=64))]
+    plain = train(cfgs, tmp_path / "plain")
+    evaluated = train([dataclasses.replace(c, eval_every=8) for c in cfgs], tmp_path / "eval")
+    for i in range(2):
+        got, want = weights(tmp_path / f"eval/run-{i}"), weights(tmp_path / f"plain/run-{i}")
+        assert all(torch.equal(got[k], want[k]) for k in want), "evaluating changed training"
+        lines = [json.loads(x) for x in (tmp_path / f"eval/run-{i}/metrics.jsonl").open()]
+        evals = [x for x in lines if "eval/fvu" in x]
+        assert [x["step"] for x in evals] == [8, 16, 24, 32]
+        assert all(x["eval/seconds"] > 0 and 0 <= x["eval/dead_pct"] <= 100 for x in evals)
+        assert evals[-1]["eval/fvu"] == evaluated[i]["fvu"] == plain[i]["fvu"]
+        assert evals[0]["eval/fvu"] > evals[-1]["eval/fvu"], "the SAE improves while training"
+
+
 def test_mixed_architectures_and_checkpoint_format(coll, tmp_path):
     archs = ["topk", "batchtopk", "switch", "relu", "jumprelu"]
     cfgs = [

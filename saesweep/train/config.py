@@ -80,6 +80,9 @@ class TrainConfig:
     """Fraction of training over which the learning rate decays."""
     max_grad_norm: float = field(default=1.0, metadata=above(0))
     """Per-SAE gradient-norm clip."""
+    eval_every: int = field(default=0, metadata=at_least(0))
+    """Steps between evaluations while training (FVU, L0, dead % on up to n_val held-out
+    tokens, logged as eval/*); 0 evaluates only at the end."""
     log_every: int = field(default=20, metadata=at_least(1))
     """Steps between metric logs."""
     ckpt_every: int = field(default=200, metadata=at_least(1))
@@ -114,6 +117,7 @@ GROUP_FIELDS = (
     "batch_size",
     "device",
     "autocast",
+    "eval_every",
     "log_every",
     "ckpt_every",
     "runs_root",

@@ -73,6 +73,7 @@ class GroupTrainer:
         reuse_freed_memory()
         self.stacks = self._build_stacks()
         self.step = self.first_step = 0
+        self.held_out_batches: dict[str, list[torch.Tensor]] | None = None
         self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
         self.started = time.perf_counter()
 
@@ -138,6 +139,8 @@ class GroupTrainer:
             self.step += 1
             if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
                 self._log(logs, metrics)
+            if self.cfgs[0].eval_every and self.step % self.cfgs[0].eval_every == 0:
+                self._evaluate_while_training(logs)
             if self.step % self.cfgs[0].ckpt_every == 0:
                 self.save_state()
         return self._finish(logs)
@@ -167,15 +170,38 @@ class GroupTrainer:
                 values = {k: float(v[j]) for k, v in m.items() if v.dim() == 1}
                 logs[i].log(self.step, values | shared | {"failed": bool(stack.failed[j])})
 
-    def _finish(self, logs: list[RunLog]) -> list[dict]:
-        cfg = self.cfgs[0]
-        held_out = self.source.held_out()
+    def _evaluate_while_training(self, logs: list[RunLog]) -> None:
+        """FVU, L0 and dead % of every SAE on the held-out tokens (read once, then kept in
+        memory: n_val tokens per hook), logged as eval/* with the seconds it took."""
+        started = time.perf_counter()
+        if self.held_out_batches is None:
+            self.held_out_batches = {
+                hook: [acts.clone() for acts in _first(data, self.cfgs[0].n_val)]
+                for hook, data in self.source.held_out().items()
+            }
+        evals = self._evaluate(self.held_out_batches)
+        seconds = time.perf_counter() - started
+        for i, metrics in evals.items():
+            values = {f"eval/{k}": metrics[k] for k in ("fvu", "l0", "dead_pct", "mse")}
+            logs[i].log(self.step, values | {"eval/seconds": seconds})
+
+    def _evaluate(self, held_out: dict) -> dict[int, dict]:
+        """Every run's metrics on held-out data ({hook: batches}), by run index."""
+        out = {}
         for hook, data in held_out.items():
             stacks = [s for s in self.stacks if s.hook == hook]
-            evals = evaluate_stacks([s.sae for s in stacks], data, self.scales[hook], cfg.n_val)
+            evals = evaluate_stacks(
+                [s.sae for s in stacks], data, self.scales[hook], self.cfgs[0].n_val
+            )
             for stack, stack_evals in zip(stacks, evals, strict=True):
-                for j, i in enumerate(stack.members):
-                    self._export(stack, j, i, stack_evals[j])
+                out |= {i: stack_evals[j] for j, i in enumerate(stack.members)}
+        return out
+
+    def _finish(self, logs: list[RunLog]) -> list[dict]:
+        evals = self._evaluate(self.held_out_batches or self.source.held_out())
+        for stack in self.stacks:
+            for j, i in enumerate(stack.members):
+                self._export(stack, j, i, evals[i])
         self._downstream()
         self._absorption()
         results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
@@ -279,3 +305,13 @@ class GroupTrainer:
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _first(batches, n_tokens: int):
+    """The batches of `batches` up to n_tokens tokens (the last one cut)."""
+    tokens = 0
+    for acts in batches:
+        yield acts[: n_tokens - tokens]
+        tokens += len(acts)
+        if tokens >= n_tokens:
+            return
