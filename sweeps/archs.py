@@ -1,4 +1,4 @@
-"""TopK, BatchTopK, Switch, ReLU-L1 and JumpReLU side by side at one width."""
+"""TopK, BatchTopK, Switch, ReLU-L1, JumpReLU and Matryoshka side by side at one width."""
 
 
 def make_cfgs() -> list[dict]:
@@ -12,4 +12,5 @@ def make_cfgs() -> list[dict]:
             "tag": "relu",
         },
         {"sae": {"arch": "jumprelu"}, "objective": {"sparsity_coeff": 2e-3}, "tag": "jumprelu"},
+        {"sae": {"arch": "matryoshka", "k": 32}, "tag": "matryoshka"},
     ]

@@ -344,6 +344,7 @@ CONVERGENCE = {
     "switch": ObjectiveConfig(load_balance_coeff=0.01),
     "relu": ObjectiveConfig(sparsity_coeff=1e-2, sparsity_warmup_steps=50),
     "jumprelu": ObjectiveConfig(sparsity_coeff=3e-3, sparsity_warmup_steps=50),
+    "matryoshka": ObjectiveConfig(),
 }
 
 

@@ -11,12 +11,13 @@ from saesweep.sae.batchtopk import BatchTopKSAE
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.config import PER_MEMBER_FIELDS, ObjectiveConfig, SAEConfig, stack_key
 from saesweep.sae.jumprelu import JumpReLUSAE
+from saesweep.sae.matryoshka import MatryoshkaSAE
 from saesweep.sae.relu import ReLUSAE
 from saesweep.sae.switch import SwitchSAE
 from saesweep.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[StackedSAE]] = {
-    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, SwitchSAE, ReLUSAE, JumpReLUSAE)
+    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, SwitchSAE, ReLUSAE, JumpReLUSAE, MatryoshkaSAE)
 }
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Literal
 
 from saesweep.configtools import above, at_least, fraction
 
-Arch = Literal["topk", "batchtopk", "switch", "relu", "jumprelu"]
+Arch = Literal["topk", "batchtopk", "switch", "relu", "jumprelu", "matryoshka"]
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class SAEConfig:
     """Architecture and shape of one sparse autoencoder."""
 
     arch: Arch = "topk"
-    """Architecture: topk, batchtopk, switch (mixture of TopK experts), relu (L1), jumprelu (L0)."""
+    """Architecture: topk, batchtopk, switch (mixture of TopK experts), relu (L1), jumprelu (L0),
+    matryoshka (BatchTopK with nested dictionaries)."""
     d_model: int | None = field(default=None, metadata=at_least(1, optional=True))
     """Width of the activations (d_in); optional, checked against the data when given."""
     d_vit: int | None = field(default=None, metadata=at_least(1, optional=True))
@@ -45,6 +46,9 @@ class SAEConfig:
     batchtopk_threshold_momentum: float = field(default=0.99, metadata=fraction(open_top=True))
     """BatchTopK: momentum of the running estimate of the inference threshold (the smallest
     positive activation that batch top-k kept)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Matryoshka: the nested dictionary sizes below d_sae, increasing (e.g. 1024,4096);
+    () means d_sae/16 and d_sae/4. The full d_sae is always the last one."""
     relu_init_norm: float = field(default=0.1, metadata=above(0))
     """ReLU: initial L2 norm of every decoder row (April-2024 Anthropic recipe)."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
