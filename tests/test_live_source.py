@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_collect import by_token, read_hook
+from test_train import cfg as train_cfg
 from test_train import run_train
 
 from saesweep.collect.config import CollectConfig
@@ -133,18 +134,14 @@ def test_a_split_without_one_batch_is_one_sentence(config, tmp_path):
 
 
 def live_cfg(toml: Path, layer: int, seed: int) -> TrainConfig:
-    return TrainConfig(
+    live = {"source": "model", "collect": str(toml), "layer": layer}
+    return train_cfg(
+        "",
         seed=seed,
-        train_data=DataConfig(source="model", collect=str(toml), layer=layer, shuffle_tokens=1024),
-        val_data=DataConfig(uri="", source="model", collect=str(toml), layer=layer),
+        train_data=DataConfig(**live, shuffle_tokens=1024),
+        val_data=DataConfig(uri="", **live),
         n_train=2048,
         n_val=256,
-        batch_size=128,
-        warmup_steps=2,
-        log_every=4,
-        ckpt_every=5,
-        wandb_mode="disabled",
-        downstream_sequences=0,
         device="cpu",
         sae=SAEConfig(arch="topk", d_sae=256, k=8),
     )

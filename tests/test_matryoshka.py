@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from test_collect import read_hook, small
+from test_train import cfg as train_cfg
 
 from saesweep.collect.run import collect
 from saesweep.sae import SAEConfig, make_sae
@@ -16,7 +17,6 @@ from saesweep.sae.base import total_variance
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.step import train_step
 from saesweep.sae.synthetic import sparse_mixture
-from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 
 
@@ -83,14 +83,10 @@ def test_checkpoint_records_the_widths(tmp_path):
     from synthetic import make_collection
 
     make_collection(str(tmp_path / "coll"), [512] * 4, d=16, sparse=True)
-    cfg = TrainConfig(
-        train_data=DataConfig(uri=str(tmp_path / "coll"), shards=":-1", collect=""),
-        val_data=DataConfig(uri="", shards="-1:", collect=""),
+    cfg = train_cfg(
+        str(tmp_path / "coll"),
         n_train=1024,
         n_val=256,
-        batch_size=128,
-        wandb_mode="disabled",
-        downstream_sequences=0,
         device="cpu",
         sae=SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka_widths=(8, 16)),
     )

@@ -111,9 +111,9 @@ class LiveSource:
     def __init__(self, cfgs: list[TrainConfig]):
         cfg = cfgs[0]
         collect_cfg = load_toml(Path(cfg.train_data.collect))
-        specs = sorted({hook_spec(c.train_data) or collect_cfg.hooks[0] for c in cfgs})
         collect_cfg = dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
         self.cfg, self.collect_cfg = cfg, collect_cfg
+        specs = sorted({self._spec(c) for c in cfgs})
         self.source = ModelSource(
             collect_cfg, specs, cfg.batch_size, cfg.train_data.shuffle_tokens, cfg.train_data.seed
         )
@@ -122,8 +122,12 @@ class LiveSource:
         self.position = SourcePosition()
         self.scales = self._norm_scales()
 
+    def _spec(self, cfg: TrainConfig) -> str:
+        """The hook a config reads, as specified (default: the collection config's first)."""
+        return hook_spec(cfg.train_data) or self.collect_cfg.hooks[0]
+
     def hook_of(self, cfg: TrainConfig) -> str:
-        return self.hooks[hook_spec(cfg.train_data) or self.collect_cfg.hooks[0]]
+        return self.hooks[self._spec(cfg)]
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]
