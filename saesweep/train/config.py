@@ -90,6 +90,15 @@ class TrainConfig:
     device: str = field(default="auto", metadata=DEVICE_SPEC)
     """Torch device of the group: 'auto' (CUDA where the job runs sees a GPU, else the CPU),
     'cpu', 'cuda' or 'cuda:N'."""
+    procs_per_group: int = field(default=1, metadata=at_least(1))
+    """Processes per group under torch.distributed: one per GPU (NCCL) with a CUDA device,
+    or CPU processes (gloo) with device 'cpu' (docs/distributed.md)."""
+    parallel: Literal["sae", "data"] = "sae"
+    """With procs_per_group > 1: 'sae' spreads the group's SAEs over the processes (results
+    bit-identical to one process); 'data' splits each batch and averages gradients."""
+    dist_timeout_s: float = field(default=300.0, metadata=above(0))
+    """Seconds a process waits in a collective before the group fails (a rank that hangs);
+    a rank that dies ends the others at once."""
     autocast: Literal["none", "bfloat16"] = "none"
     """bf16 autocast for the SAE forward/backward on GPUs."""
     runs_root: str = "runs"
@@ -116,6 +125,9 @@ GROUP_FIELDS = (
     "absorption",
     "batch_size",
     "device",
+    "procs_per_group",
+    "parallel",
+    "dist_timeout_s",
     "autocast",
     "eval_every",
     "log_every",
