@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from saesweep.sae.base import LossResult
+from saesweep.sae.base import LossResult, total_variance
 from saesweep.train.config import TrainConfig
 
 Mode = Literal["sae", "data"]
@@ -224,6 +224,7 @@ class DataParallelSync:
         return value / self.world.size
 
 
-def data_slice(x: torch.Tensor, world: World) -> torch.Tensor:
-    """This rank's rows of a batch in data mode (batch_size divides by the ranks)."""
-    return x.tensor_split(world.size)[world.rank]
+def data_slice(x: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of a batch in data mode (batch_size divides by the ranks), and its
+    share of the batch's FVU denominator (StackedSAE.loss)."""
+    return x.tensor_split(world.size)[world.rank], total_variance(x) / world.size

@@ -191,9 +191,9 @@ class GroupTrainer:
         cfg = self.cfgs[0]
         out = []
         for stack in self.stacks:
-            x = batch[stack.hook]
+            x, variance = batch[stack.hook], None
             if self.sync is not None:
-                x = data_slice(x, self.world)
+                x, variance = data_slice(x, self.world)
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
             with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
                 m = train_step(
@@ -204,6 +204,7 @@ class GroupTrainer:
                     stack.max_grad_norm,
                     active=~stack.failed,
                     sync=self.sync,
+                    variance=variance,
                 )
             stack.failed |= ~m["updated"]
             m["lr"] = stack.opt.lr
