@@ -126,8 +126,11 @@ def test_two_task_group_on_slurm(coll, tmp_path, slurm_cluster):  # noqa: F811
     steps = ["--n-train", "6400"]
     finished(run_train(*mixed_args(coll, tmp_path, "one", *steps, "--executor", "debug")))
     slurm = ["--slurm-acct", "test", "--mem-gb", "1", *CPU_PARTITION, "--procs-per-group", "2"]
-    finished(run_train(*mixed_args(coll, tmp_path, "slurm", *steps, *slurm)))
+    finished(run_train(*mixed_args(coll, tmp_path, "slurm", *steps, *slurm, "--eval-every", "20")))
     sweep_dir = only_dir(tmp_path / "slurm")
     assert_same_runs(only_dir(tmp_path / "one"), sweep_dir, exact=True)
+    for run in (sweep_dir / "runs").iterdir():  # held-out data broadcast to both ranks
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").open()]
+        assert [x["step"] for x in lines if "eval/fvu" in x] == [20, 40], run
     logs = sorted(p.name.split("_")[1] for p in sweep_dir.glob("logs/*_log.out"))
     assert logs == ["0", "1"], "one Slurm job, two tasks"

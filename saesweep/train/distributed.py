@@ -10,6 +10,7 @@ latents, thresholds and metrics are averaged or combined across ranks before eac
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -67,18 +68,29 @@ def start_world(cfg: TrainConfig, device: str) -> World:
     import submitit
 
     env = submitit.helpers.TorchDistributedEnvironment().export(
-        set_cuda_visible_devices=device.startswith("cuda"), overwrite=True
+        set_cuda_visible_devices=False, overwrite=True
     )
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
-        device = "cuda:0"  # each task sees only its own GPU
-        torch.cuda.set_device(0)
+        # the node's GPUs by local rank (CUDA may already be initialized: not by env var)
+        device = f"cuda:{env.local_rank}"
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads(env.local_world_size))
     dist.init_process_group(
         backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), init_method="env://"
     )
     if env.world_size != cfg.procs_per_group:
         raise RuntimeError(f"{env.world_size} tasks started for {cfg.procs_per_group} processes")
     return World(env.rank, env.world_size, cfg.parallel, device)
+
+
+def cpu_threads(tasks_on_node: int) -> int:
+    """Torch threads of one CPU process: Slurm's cores per task, else this process's cores
+    shared by the group's processes on this node (local tasks share one CPU set)."""
+    if "SLURM_CPUS_PER_TASK" in os.environ:
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    return max(1, len(os.sched_getaffinity(0)) // tasks_on_node)
 
 
 def stop_world(world: World) -> None:
