@@ -213,16 +213,17 @@ class GroupTrainer:
     def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
         cfg = self.cfgs[0]
-        uri = self.source.held_out_uri
-        if cfg.downstream_sequences <= 0 or uri is None:
+        data = self.source.held_out_data
+        if cfg.downstream_sequences <= 0 or data is None:
             return
         try:
             add_downstream(
                 self.run_dirs,
-                uri,
+                data.uri,
                 n_sequences=cfg.downstream_sequences,
                 device=cfg.device,
-                shards=cfg.val_data.shards,
+                shards=data.shards,
+                anonymous=data.anonymous,
             )
         except UserError as err:
             print(f"warning: downstream fidelity skipped: {err}")
@@ -231,11 +232,13 @@ class GroupTrainer:
         """Add feature absorption to every metrics.json (store sources: it needs the stored
         token ids and the collection's tokenizer)."""
         cfg = self.cfgs[0]
-        uri = self.source.held_out_uri
-        if cfg.absorption.n_tokens <= 0 or uri is None:
+        data = self.source.held_out_data
+        if cfg.absorption.n_tokens <= 0 or data is None:
             return
         try:
-            add_absorption(self.run_dirs, uri, cfg.val_data.shards, cfg.absorption)
+            add_absorption(
+                self.run_dirs, data.uri, data.shards, cfg.absorption, anonymous=data.anonymous
+            )
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
 
