@@ -28,7 +28,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from saesweep.errors import UserError
+from saesweep.errors import UserError, redact
 from saesweep.store.base import Store
 from saesweep.store.s3_async import BlockingRangeReader
 from saesweep.store.s3_common import (
@@ -51,6 +51,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     if not bucket:
         raise UserError(f"store URI {uri!r} names no bucket; use s3://BUCKET/PREFIX")
+    if "@" in bucket:
+        raise UserError(
+            f"store URI {redact(uri)} carries credentials, which S3 URIs never hold; use "
+            "s3://BUCKET/PREFIX and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     return bucket, prefix.strip("/")
 
 
@@ -59,12 +64,9 @@ def endpoint_from_env() -> str | None:
     a user name or password is refused: S3 clients never send them (requests are signed with
     the AWS_* keys), so they would only be printed, into logs, by the first error message."""
     endpoint = os.environ.get("S3_ENDPOINT_URL") or None
-    parts = urllib.parse.urlsplit(endpoint or "")
-    _, at, host = parts.netloc.rpartition("@")
-    if at:
-        shown = parts._replace(netloc=f"***@{host}").geturl()
+    if "@" in urllib.parse.urlsplit(endpoint or "").netloc:
         raise UserError(
-            f"S3_ENDPOINT_URL={shown} carries credentials, which S3 requests never "
+            f"S3_ENDPOINT_URL={redact(endpoint)} carries credentials, which S3 requests never "
             "use; remove them from the URL and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         )
     return endpoint
