@@ -25,13 +25,15 @@ from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
-from saesweep.train.checkpoint import load_state, save_sae, write_tensors
+from saesweep.train.checkpoint import WEIGHTS_CHECKSUM, load_state, save_sae, write_tensors
 from saesweep.train.config import TrainConfig
 from saesweep.train.runlog import RunLog
 from saesweep.train.sources import open_source
 
 STATE_FILE = "state.safetensors"
 """A group's trainer state, in its state directory."""
+SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
+"""metrics.json keys left out of the wandb summary."""
 
 
 @dataclass
@@ -206,7 +208,8 @@ class GroupTrainer:
         self._absorption()
         results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
         for log, metrics in zip(logs, results, strict=True):
-            log.finish({k: v for k, v in metrics.items() if k != "density_hist"}, metrics["failed"])
+            summary = {k: v for k, v in metrics.items() if k not in SUMMARY_SKIPS}
+            log.finish(summary, metrics["failed"])
         self.save_state()
         return results
 
