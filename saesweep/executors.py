@@ -110,16 +110,38 @@ def run_groups(
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
         n_tasks = dict(zip(map(id, groups), tasks, strict=True))
 
-        def submit(group):
+        def submit_group(group):
             local.update_parameters(tasks_per_node=n_tasks[id(group)])
             return local.submit(fn, group)
 
+        submit = _cancellable(submit_group)
         jobs: list[submitit.Job] = []
         with _stopping_local_jobs(jobs):
             return _wait(
                 jobs, poll_s, queued=list(groups), submit=submit, max_running=max_concurrent or 1
             )
     raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
+
+
+def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submitit.Job]:
+    """`submit`, starting submitit's local controller with SIGINT's default action, so that
+    job.cancel() (a SIGINT to the controller, which then stops its worker) works. A driver that
+    ignores SIGINT (started in the background by a non-interactive shell, as CI scripts and
+    `cmd &` in a script do) would otherwise pass the ignoring on: exec keeps an ignored
+    signal ignored, but resets a caught one to its default, so SIGINT is caught while the
+    controller is started, then restored."""
+
+    def submit_cancellable(group: Any) -> submitit.Job:
+        in_main = threading.current_thread() is threading.main_thread()
+        if not in_main or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            return submit(group)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # ignored here, too
+        try:
+            return submit(group)
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return submit_cancellable
 
 
 @contextlib.contextmanager

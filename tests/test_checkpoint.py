@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from test_collect import small_disk  # noqa: F401 (a fixture: a real 3 MiB tmpfs)
 
 from saesweep.errors import UserError
+from saesweep.evaluate.report import load_results
 from saesweep.train.checkpoint import (
+    WEIGHTS_CHECKSUM,
     commit_state,
+    load_sae,
     load_state,
+    save_sae,
     saved_state,
     write_json,
     write_tensors,
@@ -71,3 +76,56 @@ def test_full_disk_is_one_sentence_and_leaves_no_file(small_disk):  # noqa: F811
     with pytest.raises(UserError, match=f"cannot write {path}: the disk holding it is full"):
         write_tensors(path, {"W_enc": torch.zeros(1 << 20)})  # 4 MiB on a 3 MiB disk
     assert [p.name for p in run_dir.iterdir()] == ["cfg.json"]
+
+
+def checkpoint(run_dir, value: float, lr: float) -> None:
+    weights = {"W_enc": torch.full((4, 8), value), "b_dec": torch.zeros(4)}
+    save_sae(run_dir, weights, {"d_in": 4, "d_sae": 8}, {"lr": lr, "fvu": value})
+
+
+def test_a_checkpoint_is_committed_as_one_unit(tmp_path):
+    """Weights, cfg.json and metrics.json are bound by the weights' checksum; metrics.json,
+    the commit point, goes first and comes last: whatever write was cut short, no reader takes
+    one checkpoint's weights with another's cfg or metrics."""
+    run_dir = tmp_path / "runs" / "run-000"
+    checkpoint(run_dir, 1.0, 1e-3)
+    cfg, sd = load_sae(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert cfg[WEIGHTS_CHECKSUM] == metrics[WEIGHTS_CHECKSUM] and torch.equal(
+        sd["W_enc"], torch.ones(4, 8)
+    )
+    assert load_results([tmp_path])[0]["lr"] == 1e-3
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "cfg.json", "metrics.json", "sae_weights.safetensors"
+    ]  # fmt: skip
+
+    old = {name: (run_dir / name).read_bytes() for name in ("cfg.json", "metrics.json")}
+    other = tmp_path / "other" / "run-000"
+    checkpoint(other, 2.0, 3e-5)
+    # a write of the second checkpoint cut short after its weights: metrics.json is gone (the
+    # run reads as unfinished) and its weights do not pass for the first one's
+    (run_dir / "metrics.json").unlink()
+    shutil.copy(other / "sae_weights.safetensors", run_dir / "sae_weights.safetensors")
+    assert load_results([tmp_path]) == []
+    with pytest.raises(UserError, match="sae_weights.safetensors is not the one .*cfg.json"):
+        load_sae(run_dir)
+    # files mixed between runs (copied, or written by two runs): refused by name
+    (run_dir / "metrics.json").write_bytes((other / "metrics.json").read_bytes())
+    shutil.copy(other / "sae_weights.safetensors", run_dir / "sae_weights.safetensors")
+    (run_dir / "cfg.json").write_bytes(old["cfg.json"])
+    with pytest.raises(UserError, match="metrics.json is not the one .*cfg.json"):
+        load_results([tmp_path])
+    # rewritten as a whole: one unit again
+    checkpoint(run_dir, 2.0, 3e-5)
+    assert load_sae(run_dir)[1]["W_enc"][0, 0] == 2.0
+    assert [r["lr"] for r in load_results([tmp_path])] == [3e-5]
+
+
+def test_checkpoints_without_the_checksum_still_load(tmp_path):
+    """SAELens's own directories and older saesweep checkpoints have no checksum."""
+    run_dir = tmp_path / "runs" / "run-000"
+    write_tensors(run_dir / "sae_weights.safetensors", {"W_enc": torch.ones(4, 8)})
+    write_json(run_dir / "cfg.json", {"d_in": 4, "d_sae": 8})
+    write_json(run_dir / "metrics.json", {"lr": 1e-3})
+    assert torch.equal(load_sae(run_dir)[1]["W_enc"], torch.ones(4, 8))
+    assert load_results([tmp_path])[0]["lr"] == 1e-3

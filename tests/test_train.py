@@ -139,13 +139,17 @@ def test_group_too_big_is_refused(coll, tmp_path):
         GroupTrainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
 
 
-def run_train(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
+def run_train(*args: str, cwd: Path = ROOT, ignore_sigint: bool = False) -> subprocess.Popen:
+    """train.py in a subprocess; `ignore_sigint`: started as a non-interactive shell starts a
+    background command (`train.py ... &` in a script), with SIGINT ignored."""
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ignore if ignore_sigint else None,
     )
 
 
@@ -227,13 +231,17 @@ def _alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
-def test_terminated_driver_stops_its_local_job(coll, tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_terminated_driver_stops_its_local_job(coll, tmp_path, sigint):
+    """The local job is cancelled with SIGINT; a driver that ignores SIGINT (a background
+    command of a script: the full test suite run that way failed here) must not pass the
+    ignoring on to submitit's controller, or the worker trains on alone."""
     args = sweep_args(coll, tmp_path / "runs")
     i = args.index("--executor")
     args[i + 1] = "local"
     i = args.index("--n-train")
     args[i + 1] = str(10**8)
-    driver = run_train(*args)
+    driver = run_train(*args, ignore_sigint=sigint == "ignored")
     for _ in range(1200):
         states = list((tmp_path / "runs").glob("*/groups/group-000/state.json"))
         logs = list((tmp_path / "runs").glob("*/logs/*_0_log.out"))

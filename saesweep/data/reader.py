@@ -44,7 +44,8 @@ class Reader:
     shards, or event-loop threads receiving S3 range GETs (`s3_connections` each). An S3
     store that fails transiently (down, restarting, failing over) is retried with backoff for
     up to `retry_s` seconds, and reading continues exactly where it was; past that, one
-    sentence names the store as unreachable.
+    sentence names the store as unreachable. S3 reads are unsigned (a public bucket) without
+    AWS credentials or with `anonymous`.
     """
 
     def __init__(
@@ -70,8 +71,9 @@ class Reader:
         s3_connections: int = 16,
         retry_s: float = 300.0,
         shards: slice = slice(None),
+        anonymous: bool = False,
     ):
-        self.store = open_store(uri)
+        self.store = open_store(uri, anonymous)
         self.meta = find_hook(self.store, hook, layer)
         self.hook = self.meta["hook"]
         self.shards = self.meta["shards"][shards]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +49,9 @@ class DataConfig:
     retry_s: float = field(default=300.0, metadata=above(0))
     """How long an S3 store may fail transiently (down, restarting) before training stops
     with 'unreachable'; reads are retried with backoff and continue exactly."""
+    anonymous: bool = False
+    """S3 uri: send unsigned requests (a public bucket) even when AWS credentials are
+    configured; without credentials reads are unsigned anyway. Ignored for local paths."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train_data: DataConfig = field(default_factory=lambda: DataConfig(shards=":-1"))
     val_data: DataConfig = field(default_factory=lambda: DataConfig(uri="", shards="-1:"))
+    """Held-out data; uri '' reads the train collection (see held_out_data)."""
     n_train: int = field(default=1_000_000, metadata=at_least(1))
     """Training tokens (the data is repeated when it holds fewer)."""
     n_val: int = field(default=100_000, metadata=at_least(1))
@@ -114,6 +119,15 @@ class TrainConfig:
     """Thresholds of the health verdict in the report (the first config's count)."""
     slurm: SlurmConfig = section(SlurmConfig, short=True)
     """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
+
+    @property
+    def held_out_data(self) -> DataConfig:
+        """val_data as it is read: uri '' is the train collection, read as train_data reads
+        it (anonymous when train_data is)."""
+        if self.val_data.uri:
+            return self.val_data
+        anonymous = self.val_data.anonymous or self.train_data.anonymous
+        return dataclasses.replace(self.val_data, uri=self.train_data.uri, anonymous=anonymous)
 
 
 GROUP_FIELDS = (

@@ -145,7 +145,7 @@ def local_d_model(data: DataConfig) -> int | None:
     if "://" in data.uri.removeprefix("file://"):
         return None
     try:
-        return find_hook(open_store(data.uri), data.hook, data.layer)["d_model"]
+        return find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)["d_model"]
     except (UserError, OSError):
         return None
 
@@ -163,8 +163,8 @@ def check_data(group: Group) -> int | None:
         load_toml(Path(cfg.train_data.collect))
         return None
     train, _ = (
-        find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
-        for data in (cfg.train_data, cfg.val_data)
+        find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)
+        for data in (cfg.train_data, cfg.held_out_data)
     )
     for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
         try:

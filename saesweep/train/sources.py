@@ -51,6 +51,7 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
         shards=parse_slice(data.shards),
         on_corrupt=data.on_corrupt,
         retry_s=data.retry_s,
+        anonymous=data.anonymous,
     )
 
 
@@ -93,15 +94,14 @@ class StoreSource:
         """Held-out batches (evaluation reads up to n_val tokens): val_data, by default the
         train collection's last shard."""
         cfg = self.cfg
-        val = dataclasses.replace(cfg.val_data, uri=cfg.val_data.uri or cfg.train_data.uri)
         batch = min(cfg.batch_size, cfg.n_val)
-        return {
-            self.reader.hook: open_reader(val, dataclasses.replace(cfg, batch_size=batch), False)
-        }
+        val = open_reader(cfg.held_out_data, dataclasses.replace(cfg, batch_size=batch), False)
+        return {self.reader.hook: val}
 
     @property
-    def held_out_uri(self) -> str | None:
-        return self.cfg.val_data.uri or self.cfg.train_data.uri
+    def held_out_data(self) -> DataConfig | None:
+        """The stored held-out data (downstream and absorption read it), or None."""
+        return self.cfg.held_out_data
 
 
 class LiveSource:
@@ -173,7 +173,7 @@ class LiveSource:
         return out
 
     @property
-    def held_out_uri(self) -> str | None:
+    def held_out_data(self) -> DataConfig | None:
         return None
 
 

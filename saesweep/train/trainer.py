@@ -26,6 +26,7 @@ from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
 from saesweep.train.checkpoint import (
+    WEIGHTS_CHECKSUM,
     commit_state,
     load_state,
     save_sae,
@@ -43,6 +44,9 @@ from saesweep.train.distributed import (
 )
 from saesweep.train.runlog import RunLog
 from saesweep.train.sources import open_source
+
+SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
+"""metrics.json keys left out of the wandb summary."""
 
 
 @dataclass
@@ -273,23 +277,25 @@ class GroupTrainer:
         results = {i: json.loads((d / "metrics.json").read_text()) for i, d in enumerate(dirs)}
         for i, log in logs.items():
             metrics = results[i]
-            log.finish({k: v for k, v in metrics.items() if k != "density_hist"}, metrics["failed"])
+            summary = {k: v for k, v in metrics.items() if k not in SUMMARY_SKIPS}
+            log.finish(summary, metrics["failed"])
         self.save_state()
         return list(results.values()) if self.world.leader else [results[i] for i in self.reported]
 
     def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
         cfg = self.cfgs[0]
-        uri = self.source.held_out_uri
-        if cfg.downstream_sequences <= 0 or uri is None:
+        data = self.source.held_out_data
+        if cfg.downstream_sequences <= 0 or data is None:
             return
         try:
             add_downstream(
                 self.run_dirs,
-                uri,
+                data.uri,
                 n_sequences=cfg.downstream_sequences,
                 device=cfg.device,
-                shards=cfg.val_data.shards,
+                shards=data.shards,
+                anonymous=data.anonymous,
             )
         except UserError as err:
             print(f"warning: downstream fidelity skipped: {err}")
@@ -298,11 +304,13 @@ class GroupTrainer:
         """Add feature absorption to every metrics.json (store sources: it needs the stored
         token ids and the collection's tokenizer)."""
         cfg = self.cfgs[0]
-        uri = self.source.held_out_uri
-        if cfg.absorption.n_tokens <= 0 or uri is None:
+        data = self.source.held_out_data
+        if cfg.absorption.n_tokens <= 0 or data is None:
             return
         try:
-            add_absorption(self.run_dirs, uri, cfg.val_data.shards, cfg.absorption)
+            add_absorption(
+                self.run_dirs, data.uri, data.shards, cfg.absorption, anonymous=data.anonymous
+            )
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
 
