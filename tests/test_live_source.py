@@ -19,7 +19,8 @@ from test_train import run_train
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
-from saesweep.collect.source import VAL_EVERY, ModelSource
+from saesweep.collect.sequences import VAL_EVERY
+from saesweep.collect.source import ModelSource
 from saesweep.collect.text import demo_corpus
 from saesweep.errors import UserError
 from saesweep.format.shards import SEQ_CHUNK_BITS

@@ -48,6 +48,9 @@ class CollectConfig:
     """HF dataset config name."""
     split: str = "train"
     """HF dataset split."""
+    doc_split: Literal["all", "train", "val"] = "all"
+    """Documents to collect: 'all', 'train' (all but every 50th: the text a live source
+    trains on) or 'val' (every 50th, index % 50 == 49: the held-out text)."""
     text_column: str = "text"
     """Column holding the text (HF datasets, .jsonl and .parquet files)."""
     streaming: bool = True
@@ -91,6 +94,7 @@ DATA_FIELDS = (
     "dataset",
     "dataset_config",
     "split",
+    "doc_split",
     "text_column",
     "ctx_len",
     "exclude_special",
@@ -154,6 +158,13 @@ def validate(cfg: CollectConfig, where: str) -> None:
         )
     if not cfg.hooks:
         raise UserError("give at least one hook (--hooks resid.3)")
+
+
+def stored_data_fields(stored: dict) -> dict:
+    """The data fields of a cfg.json's config; a field it lacks (written before the field
+    existed) has its default."""
+    defaults = data_fields(CollectConfig())
+    return {k: stored.get(k, defaults[k]) for k in DATA_FIELDS}
 
 
 def data_fields(cfg: CollectConfig) -> dict:

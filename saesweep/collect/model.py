@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saesweep.collect.sequences import Batch
 from saesweep.errors import UserError
+from saesweep.format.shards import ACT_DTYPES
 
 SITES = ("resid", "mlp", "attn")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -172,3 +174,20 @@ class HookedModel:
         if missing:
             raise UserError(f"hooks {sorted(missing)} did not run in the forward pass")
         return self.captured
+
+    def stored(
+        self, batch: Batch, device: str, act_dtype: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass over `batch` on `device`, kept at its stored positions, as a
+        collection stores them: every hook's output [n, d] in act_dtype (on the device),
+        token ids [n] int32, sequence ids [n] int64 and positions [n] int32."""
+        outputs = self.run(batch.input_ids.to(device), batch.attention_mask.to(device))
+        keep = batch.stored.to(device)
+        acts = {path: out[keep].to(ACT_DTYPES[act_dtype]) for path, out in outputs.items()}
+        n_rows, width = batch.stored.shape
+        return (
+            acts,
+            batch.input_ids[batch.stored].to(torch.int32),
+            batch.seq_ids[:, None].expand(n_rows, width)[batch.stored],
+            torch.arange(width, dtype=torch.int32).expand(n_rows, width)[batch.stored],
+        )

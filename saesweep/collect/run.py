@@ -11,14 +11,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from saesweep.collect.config import CollectConfig, data_fields
+from saesweep.collect.config import CollectConfig, data_fields, stored_data_fields
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
-from saesweep.collect.sequences import Batch, batched, make_batch, sequences
+from saesweep.collect.sequences import batched, make_batch, sequences
 from saesweep.collect.text import iter_documents
 from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
 from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
-from saesweep.format.shards import ACT_DTYPES, SCHEMA_VERSION
+from saesweep.format.shards import SCHEMA_VERSION
 from saesweep.locks import held_lock
 from saesweep.memory import resolve_device
 from saesweep.store import FileStore, Store, open_store
@@ -27,12 +27,19 @@ from saesweep.store import FileStore, Store, open_store
 def collect(cfg: CollectConfig) -> Part:
     """Collect this machine's share into cfg.out, resuming from what is already committed."""
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    store, stored = open_collection(cfg)
+    with machine_lock(store, cfg.machine, cfg.n_machines):
+        return _collect_locked(cfg, store, stored)
+
+
+def open_collection(cfg: CollectConfig) -> tuple[Store, dict | None]:
+    """cfg.out opened for writing and its cfg.json (None when new); a location that holds a
+    different collection or other files is refused."""
     store = open_store(cfg.out)
     store.check_writable()
     stored = store.get_json("cfg.json") if store.exists("cfg.json") else None
     check_root_config(store, cfg, stored)
-    with machine_lock(store, cfg.machine, cfg.n_machines):
-        return _collect_locked(cfg, store, stored)
+    return store, stored
 
 
 @contextlib.contextmanager
@@ -52,7 +59,6 @@ def machine_lock(store: Store, machine: int, n_machines: int):
 
 
 def _collect_locked(cfg: CollectConfig, store: Store, stored: dict | None) -> Part:
-    part = load_part(store, cfg.machine, cfg.n_machines)
     model, tokenizer = load_model(
         cfg.model,
         cfg.revision,
@@ -60,6 +66,19 @@ def _collect_locked(cfg: CollectConfig, store: Store, stored: dict | None) -> Pa
         cfg.device,
         trust_remote_code=cfg.trust_remote_code,
     )
+    part, hook_info = start_part(cfg, store, model, stored)
+    if not part.complete:
+        _collect_part(cfg, store, part, HookedModel(model, list(hook_info)), tokenizer, hook_info)
+    merge_parts(store, cfg.n_machines, hook_info)
+    return part
+
+
+def start_part(
+    cfg: CollectConfig, store: Store, model, stored: dict | None
+) -> tuple[Part, dict[str, dict]]:
+    """This machine's committed part and every hook's metadata (module path -> fields),
+    once `model` is known to be the stored one; (re)writes cfg.json."""
+    part = load_part(store, cfg.machine, cfg.n_machines)
     check_model_revision(store, cfg, model, stored)
     hooks = [resolve_hook(model, spec) for spec in cfg.hooks]
     hook_info = {
@@ -67,12 +86,76 @@ def _collect_locked(cfg: CollectConfig, store: Store, stored: dict | None) -> Pa
         for spec, (path, site, layer) in zip(cfg.hooks, hooks, strict=True)
     }
     store.put_json("cfg.json", _root_config(cfg, model))
-    if not part.complete:
-        _collect_part(cfg, store, part, HookedModel(model, list(hook_info)), tokenizer, hook_info)
-    parts = load_parts(store, cfg.n_machines)
+    return part, hook_info
+
+
+def merge_parts(store: Store, n_machines: int, hook_info: dict[str, dict]) -> None:
+    """Write the merged metadata.json and statistics.json once every machine's part is
+    complete."""
+    parts = load_parts(store, n_machines)
     if all(p.complete for p in parts):
         write_merged(store, parts, hook_info)
-    return part
+
+
+class PartWriter:
+    """Batches of stored tokens appended to this machine's part: shards cut on batch
+    boundaries once they hold shard_tokens, written in the background and committed in order
+    (the part file; with one machine also the merged metadata and statistics)."""
+
+    def __init__(self, cfg: CollectConfig, store: Store, part: Part, hook_info: dict[str, dict]):
+        self.cfg, self.store, self.part = cfg, store, part
+        self.seq_done = part.seq_done
+        """Sequences added so far (committed or not), from the part's first."""
+        self.n_batches = 0
+
+        def commit(written: WrittenShard) -> None:
+            _commit(store, part, written, hook_info if cfg.n_machines == 1 else None)
+
+        self.writer = ShardWriter(
+            store,
+            {h: h for h in hook_info},
+            cfg.machine,
+            cfg.upload_threads,
+            cfg.max_inflight_shards,
+            commit,
+        )
+        n_shards = len(next(iter(part.hooks.values()), HookPart()).shards)
+        self.shard = PendingShard(n_shards, part.seq_done)
+
+    def add(
+        self,
+        stored: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor],
+        n_seqs: int,
+    ) -> None:
+        """One batch of n_seqs sequences as HookedModel.stored gives it."""
+        self.shard.add(*stored)
+        self.seq_done += n_seqs
+        self.shard.seq_end = self.seq_done
+        self.n_batches += 1
+        if self.shard.n_tokens >= self.cfg.shard_tokens:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.shard.n_tokens:
+            self.writer.submit(self.shard)
+            self.shard = PendingShard(
+                self.shard.index + 1, self.seq_done, first_batch=self.n_batches
+            )
+
+    def flush(self) -> None:
+        """Commit every batch added so far (the last shard may hold fewer than shard_tokens)."""
+        self._submit()
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Commit what is in flight and stop the threads (a last shard not yet submitted is
+        dropped: an error's rerun writes it again)."""
+        self.writer.close()
+
+    def complete(self) -> None:
+        """Mark the part complete (after flush and close)."""
+        self.part.complete = True
+        self.store.put_json(part_key(self.part.machine, self.part.n_machines), self.part.to_json())
 
 
 def _collect_part(
@@ -87,22 +170,18 @@ def _collect_part(
     docs = iter_documents(
         cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split, cfg.streaming
     )
-    seqs = sequences(docs, tokenizer, cfg.ctx_len, cfg.exclude_special, cfg.machine, cfg.n_machines)
-    batches = batched(itertools.islice(seqs, part.seq_done, None), cfg.batch_size)
-
-    def commit(written: WrittenShard) -> None:
-        _commit(store, part, written, hook_info if cfg.n_machines == 1 else None)
-
-    writer = ShardWriter(
-        store,
-        {h: h for h in hook_info},
+    seqs = sequences(
+        docs,
+        tokenizer,
+        cfg.ctx_len,
+        cfg.exclude_special,
         cfg.machine,
-        cfg.upload_threads,
-        cfg.max_inflight_shards,
-        commit,
+        cfg.n_machines,
+        cfg.doc_split,
     )
-    tokens, seq_ordinal = part.n_tokens, part.seq_done
-    shard = PendingShard(len(next(iter(part.hooks.values()), HookPart()).shards), seq_ordinal)
+    batches = batched(itertools.islice(seqs, part.seq_done, None), cfg.batch_size)
+    out = PartWriter(cfg, store, part, hook_info)
+    tokens = part.n_tokens
     bar = tqdm(
         total=quota,
         initial=tokens,
@@ -113,55 +192,26 @@ def _collect_part(
     )
     start = time.perf_counter()
     try:
-        for n_batch, seq_batch in enumerate(batches):
+        for seq_batch in batches:
             if quota is not None and tokens >= quota:
                 break
             batch = make_batch(seq_batch, tokenizer.pad_token_id or 0)
-            _add_batch(shard, hooked, batch, cfg)
+            out.add(hooked.stored(batch, cfg.device, cfg.act_dtype), len(seq_batch))
             tokens += batch.n_stored
-            seq_ordinal += len(seq_batch)
-            shard.seq_end = seq_ordinal
             bar.update(batch.n_stored)
             bar.set_postfix_str(
-                f"{writer.bytes_written / 1e6 / (time.perf_counter() - start):.1f} MB/s"
+                f"{out.writer.bytes_written / 1e6 / (time.perf_counter() - start):.1f} MB/s"
             )
-            if shard.n_tokens >= cfg.shard_tokens:
-                writer.submit(shard)
-                shard = PendingShard(shard.index + 1, seq_ordinal, first_batch=n_batch + 1)
-        if shard.n_tokens:
-            writer.submit(shard)
+        out.flush()
     finally:
-        writer.close()
+        out.close()
         bar.close()
-    part.complete = True
-    store.put_json(part_key(part.machine, part.n_machines), part.to_json())
+    out.complete()
     elapsed = time.perf_counter() - start
     print(
         f"collected {part.n_tokens:,} tokens for {len(hook_info)} hook(s) on machine "
         f"{cfg.machine}/{cfg.n_machines} into {store.uri} in {elapsed:.1f}s "
-        f"({writer.bytes_written / 1e6:.1f} MB written)"
-    )
-
-
-def _add_batch(shard: PendingShard, hooked: HookedModel, batch: Batch, cfg: CollectConfig) -> None:
-    device = torch.device(cfg.device)
-    outputs = hooked.run(batch.input_ids.to(device), batch.attention_mask.to(device))
-    keep = batch.stored.to(device)
-    on_gpu = device.type == "cuda"
-    for hook, out in outputs.items():
-        acts = out[keep].to(ACT_DTYPES[cfg.act_dtype])
-        host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=on_gpu)
-        host.copy_(acts, non_blocking=on_gpu)
-        shard.acts.setdefault(hook, []).append(host)
-    if on_gpu:
-        event = torch.cuda.Event()
-        event.record()
-        shard.copy_done.append(event)
-    n_rows, width = batch.stored.shape
-    shard.token_ids.append(batch.input_ids[batch.stored].to(torch.int32))
-    shard.seq_ids.append(batch.seq_ids[:, None].expand(n_rows, width)[batch.stored])
-    shard.positions.append(
-        torch.arange(width, dtype=torch.int32).expand(n_rows, width)[batch.stored]
+        f"({out.writer.bytes_written / 1e6:.1f} MB written)"
     )
 
 
@@ -224,7 +274,7 @@ def check_root_config(store: Store, cfg: CollectConfig, stored: dict | None) -> 
     """Refuse to write into a location that holds a different collection (`stored`: its
     cfg.json) or other files."""
     if stored is not None:
-        config, wanted = stored.get("config", {}), data_fields(cfg)
+        config, wanted = stored_data_fields(stored.get("config", {})), data_fields(cfg)
         diff = [
             f"{k}: stored {config.get(k)!r}, given {wanted[k]!r}"
             for k in wanted

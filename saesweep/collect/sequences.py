@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from saesweep.errors import UserError
 from saesweep.format.shards import SEQ_CHUNK_BITS
+
+VAL_EVERY = 50
+"""Every VAL_EVERY-th document (index % VAL_EVERY == VAL_EVERY - 1) is held out for
+validation: 2 % of the text."""
+
+DocSplit = Literal["all", "train", "val"]
+"""Which documents: all, the training split (all but the held-out ones) or the held-out."""
+
+
+def in_doc_split(doc_index: int, doc_split: DocSplit) -> bool:
+    """Whether document `doc_index` belongs to `doc_split` (the one owner of the rule)."""
+    if doc_split == "all":
+        return True
+    return (doc_index % VAL_EVERY == VAL_EVERY - 1) == (doc_split == "val")
 
 
 @dataclass(frozen=True)
@@ -27,17 +42,19 @@ def sequences(
     exclude_special: bool,
     machine: int = 0,
     n_machines: int = 1,
+    doc_split: DocSplit = "all",
 ) -> Iterator[Sequence]:
-    """This machine's sequences: documents i with i % n_machines == machine, each split into
-    chunks that fit ctx_len with the tokenizer's special tokens added. A sequence never spans
-    two documents, so the machines' outputs together equal one machine's."""
+    """This machine's sequences: documents i of `doc_split` with i % n_machines == machine,
+    each split into chunks that fit ctx_len with the tokenizer's special tokens added. A
+    sequence never spans two documents, so the machines' outputs together equal one
+    machine's."""
     prefix, suffix = special_template(tokenizer)
     room = ctx_len - len(prefix) - len(suffix)
     if room < 1:
         raise UserError(f"ctx_len {ctx_len} leaves no room beside the tokenizer's special tokens")
     special = set(tokenizer.all_special_ids)
     for doc_index, text in enumerate(documents):
-        if doc_index % n_machines != machine:
+        if doc_index % n_machines != machine or not in_doc_split(doc_index, doc_split):
             continue
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         for chunk in range(min(-(-len(ids) // room), 1 << SEQ_CHUNK_BITS)):

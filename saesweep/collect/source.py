@@ -5,16 +5,20 @@ hooks) without a store. Forward passes fill a window of at least `window_tokens`
 tokens from consecutive sequences; the window is served in a seeded random order as batches,
 every hook in lockstep (row i of each hook's batch is the same token), then the next window is
 computed. Tokens of a window that do not fill a last whole batch are dropped. Documents with
-index i % VAL_EVERY == VAL_EVERY - 1 are held out: the train split never sees them, the val
-split sees only them.
+index i % VAL_EVERY == VAL_EVERY - 1 (collect.sequences) are held out: the train split never
+sees them, the val split sees only them.
 
 The position (sequences consumed before the current window, the window's index, batches
 served from it, epoch) is all a resume needs: the window is computed again from its first
 sequence, deterministically, and its served batches are skipped.
+
+With a cache (train.py --train-data.cache-to), the first epoch's sequences are also written,
+in sequence order as they are computed, as an ordinary collection of the train split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Iterator
@@ -25,15 +29,17 @@ import torch
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
+from saesweep.collect.run import (
+    PartWriter,
+    machine_lock,
+    merge_parts,
+    open_collection,
+    start_part,
+)
 from saesweep.collect.sequences import Sequence, batched, make_batch, sequences
 from saesweep.collect.text import iter_documents
 from saesweep.errors import UserError
-from saesweep.format.shards import ACT_DTYPES, SEQ_CHUNK_BITS
 from saesweep.memory import resolve_device
-
-VAL_EVERY = 50
-"""Every VAL_EVERY-th document (index % VAL_EVERY == VAL_EVERY - 1) is held out for
-validation: 2 % of the text."""
 
 Split = Literal["train", "val"]
 
@@ -90,6 +96,7 @@ class ModelSource:
         window_tokens: int,
         seed: int,
         split: Split = "train",
+        cache_to: str = "",
     ):
         if window_tokens < batch_size:
             raise UserError(
@@ -113,6 +120,8 @@ class ModelSource:
         self.hooked = HookedModel(model, sorted(set(self.hooks.values())))
         self.d_model = int(model.config.hidden_size)
         """Width of every hook's activations (as a collection records it)."""
+        self.cache = Cache(cache_config(self.cfg, hooks, cache_to), model) if cache_to else None
+        """Where the first epoch's sequences are written (train split only), or None."""
 
     def batches(
         self, start: SourcePosition = SourcePosition()
@@ -120,10 +129,13 @@ class ModelSource:
         """Batches from `start` on, forever (the text repeats by epochs), each with the
         position after it."""
         pos = start
+        if self.cache is not None and start.epoch > 0:
+            self.cache.check_complete()
         while True:
             seqs = itertools.islice(self._sequences(), pos.seq_done, None)
+            cache = self.cache if pos.epoch == 0 else None
             whole_batches = 0
-            for window in self._windows(seqs):
+            for window in self._windows(seqs, pos.seq_done, cache):
                 order = self._order(pos.window, window.n_tokens)
                 n_batches = window.n_tokens // self.batch_size
                 whole_batches += n_batches
@@ -132,6 +144,8 @@ class ModelSource:
                     after = dataclasses.replace(pos, batches_done=b + 1)
                     yield self._take(window, rows), after
                 pos = SourcePosition(pos.epoch, pos.seq_done + window.n_seqs, pos.window + 1)
+            if cache is not None:
+                cache.finish()
             if whole_batches == 0 and pos.epoch == start.epoch and start.seq_done == 0:
                 raise UserError(
                     f"the {self.split} split of {self.cfg.dataset} holds no whole batch of "
@@ -156,19 +170,23 @@ class ModelSource:
         docs = iter_documents(
             cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split, cfg.streaming
         )
-        held_out = VAL_EVERY - 1
-        for seq in sequences(docs, self.tokenizer, cfg.ctx_len, cfg.exclude_special):
-            is_val = (seq.seq_id >> SEQ_CHUNK_BITS) % VAL_EVERY == held_out
-            if is_val == (self.split == "val"):
-                yield seq
+        return sequences(
+            docs, self.tokenizer, cfg.ctx_len, cfg.exclude_special, doc_split=self.split
+        )
 
-    def _windows(self, seqs: Iterator[Sequence]) -> Iterator[Window]:
+    def _windows(
+        self, seqs: Iterator[Sequence], first: int, cache: Cache | None
+    ) -> Iterator[Window]:
         """Windows of at least window_tokens stored tokens (the last one of an epoch may hold
-        fewer), from consecutive sequences."""
+        fewer), from consecutive sequences (`first`: the first one's ordinal), each forward
+        pass also written to `cache`."""
         pending: list[Window] = []
         n_tokens = 0
         for seq_batch in batched(seqs, self.cfg.batch_size):
             part = self._forward(seq_batch)
+            if cache is not None:
+                cache.add(first, part)
+            first += part.n_seqs
             pending.append(part)
             n_tokens += part.n_tokens
             if n_tokens >= self.window_tokens:
@@ -179,19 +197,7 @@ class ModelSource:
 
     def _forward(self, seqs: list[Sequence]) -> Window:
         batch = make_batch(seqs, self.tokenizer.pad_token_id or 0)
-        device = torch.device(self.cfg.device)
-        outputs = self.hooked.run(batch.input_ids.to(device), batch.attention_mask.to(device))
-        keep = batch.stored.to(device)
-        dtype = ACT_DTYPES[self.cfg.act_dtype]
-        acts = {path: out[keep].to(dtype) for path, out in outputs.items()}
-        n_rows, width = batch.stored.shape
-        return Window(
-            acts,
-            batch.input_ids[batch.stored].to(torch.int32),
-            batch.seq_ids[:, None].expand(n_rows, width)[batch.stored],
-            torch.arange(width, dtype=torch.int32).expand(n_rows, width)[batch.stored],
-            len(seqs),
-        )
+        return Window(*self.hooked.stored(batch, self.cfg.device, self.cfg.act_dtype), len(seqs))
 
     def _order(self, window: int, n_tokens: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + window)
@@ -215,3 +221,73 @@ def _concat(parts: list[Window]) -> Window:
         torch.cat([p.positions for p in parts]),
         sum(p.n_seqs for p in parts),
     )
+
+
+def cache_config(cfg: CollectConfig, hooks: list[str], uri: str) -> CollectConfig:
+    """The collection a live source of `cfg` caches into `uri`: the train split of the text,
+    the source's hooks, one machine, no token budget."""
+    return dataclasses.replace(
+        cfg,
+        hooks=tuple(hooks),
+        out=uri,
+        doc_split="train",
+        max_tokens=None,
+        machine=0,
+        n_machines=1,
+        progress=False,
+    )
+
+
+class Cache:
+    """A live source's training sequences written, in sequence order, as an ordinary
+    collection of `cfg` (collect.py's writer and commits). Sequences already committed (by
+    an earlier run that was killed) are not written again; a cache that is complete is left
+    as it is."""
+
+    def __init__(self, cfg: CollectConfig, model):
+        self.uri = cfg.out
+        store, stored = open_collection(cfg)
+        self.lock = contextlib.ExitStack()
+        self.lock.enter_context(machine_lock(store, 0, 1))
+        part, self.hook_info = start_part(cfg, store, model, stored)
+        self.store = store
+        self.out = None if part.complete else PartWriter(cfg, store, part, self.hook_info)
+        """None once the cache is complete."""
+
+    def add(self, first: int, part: Window) -> None:
+        """Forward pass `part` of the sequences from ordinal `first` on."""
+        if self.out is None or first + part.n_seqs <= self.out.seq_done:
+            return
+        if first != self.out.seq_done:
+            raise self._gap(f"sequence {first}")
+        self.out.add((part.acts, part.token_ids, part.seq_ids, part.positions), part.n_seqs)
+
+    def check_complete(self) -> None:
+        """A source that continues after the first epoch needs a complete cache."""
+        if self.out is not None:
+            raise self._gap("the second epoch or later")
+
+    def _gap(self, where: str) -> UserError:
+        return UserError(
+            f"the cache {self.uri} holds the first {self.out.seq_done} sequences of the "
+            f"training text, but this run continues at {where}; delete it or give "
+            "--train-data.cache-to a new location"
+        )
+
+    def flush(self) -> None:
+        """Commit every sequence computed so far (a last shard may be short)."""
+        if self.out is not None:
+            self.out.flush()
+
+    def finish(self) -> None:
+        """Commit everything and mark the cache complete: a collection readers accept."""
+        if self.out is None:
+            return
+        try:
+            self.out.flush()
+        finally:
+            self.out.close()
+        self.out.complete()
+        merge_parts(self.store, 1, self.hook_info)
+        self.out = None
+        self.lock.close()

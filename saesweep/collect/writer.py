@@ -40,6 +40,29 @@ class PendingShard:
     def n_tokens(self) -> int:
         return sum(len(t) for t in self.token_ids)
 
+    def add(
+        self,
+        acts: dict[str, torch.Tensor],
+        token_ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """One batch's stored tokens (acts: hook -> [n, d] in the stored dtype, on any
+        device). Acts on a GPU are copied to pinned host memory without blocking it."""
+        on_gpu = False
+        for hook, batch_acts in acts.items():
+            on_gpu = batch_acts.device.type == "cuda"
+            host = torch.empty(batch_acts.shape, dtype=batch_acts.dtype, pin_memory=on_gpu)
+            host.copy_(batch_acts, non_blocking=on_gpu)
+            self.acts.setdefault(hook, []).append(host)
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+            self.copy_done.append(event)
+        self.token_ids.append(token_ids.cpu())
+        self.seq_ids.append(seq_ids.cpu())
+        self.positions.append(positions.cpu())
+
 
 @dataclass
 class WrittenShard:
@@ -75,12 +98,16 @@ class ShardWriter:
             self._commit_oldest()
         self.pending.append(self.pool.submit(self._write, shard))
 
+    def flush(self) -> None:
+        """Commit everything submitted so far, in order; the first write error is raised
+        after the shards before it are committed, and no later shard is."""
+        while self.pending:
+            self._commit_oldest()
+
     def close(self) -> None:
-        """Commit everything still in flight, in order; the first write error is raised after
-        the shards before it are committed, and no later shard is."""
+        """flush(), then stop the threads (also when flush raises)."""
         try:
-            while self.pending:
-                self._commit_oldest()
+            self.flush()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
 

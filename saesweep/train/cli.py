@@ -20,6 +20,7 @@ from saesweep.memory import check_fits, resolve_device
 from saesweep.train.config import TrainConfig
 from saesweep.train.layout import check_not_running, create_sweep_dir, group_finished
 from saesweep.train.preflight import (
+    check_caches,
     check_data,
     check_local_device,
     check_processes,
@@ -113,6 +114,7 @@ def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig
     """Check every group before any job starts (device, data, shapes; memory where it runs
     here); each group's Slurm request."""
     executor = executor_of(command, groups[0].cfgs[0])
+    check_caches(groups)
     slurms = []
     for group in groups:
         first = group.cfgs[0]

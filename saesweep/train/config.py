@@ -44,6 +44,10 @@ class DataConfig:
     """Collection config (TOML, collect.py's keys). Source 'store': it makes the demo
     collection when uri is the default demo location and holds none yet ('' never collects).
     Source 'model': the model, text, ctx_len, special tokens and dtypes to run."""
+    cache_to: str = ""
+    """Source 'model': also write the training text's activations, as they are computed, as
+    a collection at this path, file:// URI or s3://bucket/prefix (read it later with --uri);
+    a resumed run continues it ('' writes none)."""
     on_corrupt: Literal["raise", "skip"] = "raise"
     """A shard that fails its checksum: 'raise' stops the group, 'skip' leaves it out."""
     retry_s: float = field(default=300.0, metadata=above(0))

@@ -14,7 +14,7 @@ from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.sources import hook_spec
+from saesweep.train.sources import hook_spec, live_hooks
 from saesweep.train.sweep import Group
 
 
@@ -157,11 +157,19 @@ def check_data(group: Group) -> int | None:
     source 'model' only the collection config is read (d_model is known once the model
     loads, in the job: None)."""
     cfg = group.cfgs[0]
+    if cfg.val_data.cache_to:
+        raise UserError("--val-data.cache-to is not used; cache with --train-data.cache-to")
     if cfg.train_data.source == "model":
         from saesweep.collect.config import load_toml
 
-        load_toml(Path(cfg.train_data.collect))
+        collect_cfg = load_toml(Path(cfg.train_data.collect))
+        if cfg.train_data.cache_to:
+            check_cache(group, collect_cfg)
         return None
+    if cfg.train_data.cache_to:
+        raise UserError(
+            "--train-data.cache-to needs --train-data.source model (a store is cached already)"
+        )
     train, _ = (
         find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)
         for data in (cfg.train_data, cfg.held_out_data)
@@ -173,6 +181,28 @@ def check_data(group: Group) -> int | None:
             where = f"run {run_id} ({run_cfg.sae.arch}, d_model {train['d_model']})"
             raise UserError(f"{where}: {err}") from None
     return train["d_model"]
+
+
+def check_cache(group: Group, collect_cfg) -> None:
+    """A cache location that holds another collection (or other files) is refused before any
+    job starts; one that holds this group's cache is continued by the job."""
+    from saesweep.collect.run import open_collection
+    from saesweep.collect.source import cache_config
+
+    uri = group.cfgs[0].train_data.cache_to
+    open_collection(cache_config(collect_cfg, live_hooks(group.cfgs, collect_cfg), uri))
+
+
+def check_caches(groups: list[Group]) -> None:
+    """Each cache location is written by one group."""
+    caches = [g.cfgs[0].train_data.cache_to for g in groups if g.cfgs[0].train_data.cache_to]
+    for uri in set(caches):
+        if caches.count(uri) > 1:
+            raise UserError(
+                f"--train-data.cache-to {uri} is shared by {caches.count(uri)} groups; give "
+                "each group its own cache (configs that differ in group fields are separate "
+                "groups)"
+            )
 
 
 def check_local_device(cfg: TrainConfig) -> None:

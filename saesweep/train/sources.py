@@ -9,13 +9,14 @@ ModelSource, one forward pass per batch for every hook of the group. Both yield
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from saesweep.collect.config import load_toml
+from saesweep.collect.config import CollectConfig, load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader
@@ -32,6 +33,12 @@ def hook_spec(data: DataConfig) -> str | None:
     if data.hook is not None:
         return data.hook
     return f"resid.{data.layer}" if data.layer is not None else None
+
+
+def live_hooks(cfgs: list[TrainConfig], collect_cfg: CollectConfig) -> list[str]:
+    """The hooks a live group's forward pass feeds, as its configs specify them (a config
+    with neither hook nor layer reads the collection config's first hook)."""
+    return sorted({hook_spec(c.train_data) or collect_cfg.hooks[0] for c in cfgs})
 
 
 def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
@@ -106,28 +113,35 @@ class StoreSource:
 
 class LiveSource:
     """The model of the collection config `train_data.collect`, hooked at every hook the
-    group's configs read; one forward pass per batch of sequences feeds all of them."""
+    group's configs read; one forward pass per batch of sequences feeds all of them. It
+    serves the group's ceil(n_train / batch_size) batches; with `train_data.cache_to` it also
+    writes the training sequences it computes there as a collection, complete once the text's
+    first epoch or the training ends."""
 
     def __init__(self, cfgs: list[TrainConfig]):
         cfg = cfgs[0]
         collect_cfg = load_toml(Path(cfg.train_data.collect))
         collect_cfg = dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
         self.cfg, self.collect_cfg = cfg, collect_cfg
-        specs = sorted({self._spec(c) for c in cfgs})
         self.source = ModelSource(
-            collect_cfg, specs, cfg.batch_size, cfg.train_data.shuffle_tokens, cfg.train_data.seed
+            collect_cfg,
+            live_hooks(cfgs, collect_cfg),
+            cfg.batch_size,
+            cfg.train_data.shuffle_tokens,
+            cfg.train_data.seed,
+            cache_to=cfg.train_data.cache_to,
         )
         self.d_model, self.model_name = self.source.d_model, collect_cfg.model
         self.hooks = self.source.hooks
         self.position = SourcePosition()
+        self.served = 0
+        """Batches served since the start of training (resumes included)."""
+        self.n_batches = math.ceil(cfg.n_train / cfg.batch_size)
         self.scales = self._norm_scales()
 
-    def _spec(self, cfg: TrainConfig) -> str:
-        """The hook a config reads, as specified (default: the collection config's first)."""
-        return hook_spec(cfg.train_data) or self.collect_cfg.hooks[0]
-
     def hook_of(self, cfg: TrainConfig) -> str:
-        return self.hooks[self._spec(cfg)]
+        (spec,) = live_hooks([cfg], self.collect_cfg)
+        return self.hooks[spec]
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]
@@ -140,15 +154,25 @@ class LiveSource:
         }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch, position in self.source.batches(self.position):
-            self.position = position
+        batches = self.source.batches(self.position)
+        for batch, position in itertools.islice(batches, self.n_batches - self.served):
+            self.position, self.served = position, self.served + 1
             yield {path: batch.acts[spec].float() for spec, path in self.hooks.items()}
+        if self.source.cache is not None:
+            self.source.cache.finish()
 
     def state_dict(self) -> dict:
-        return vars(self.position).copy()
+        """The position after the last batch served. The cache first commits every sequence
+        computed so far, so a resume from this state recomputes nothing it lacks and writes
+        only sequences it does not hold."""
+        if self.source.cache is not None:
+            self.source.cache.flush()
+        return vars(self.position) | {"served": self.served}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = SourcePosition(**state)
+        position = dict(state)
+        self.served = position.pop("served")
+        self.position = SourcePosition(**position)
 
     def figures(self) -> dict[str, float]:
         return {}
