@@ -157,8 +157,6 @@ def check_data(group: Group) -> int | None:
     source 'model' only the collection config is read (d_model is known once the model
     loads, in the job: None)."""
     cfg = group.cfgs[0]
-    if cfg.val_data.cache_to:
-        raise UserError("--val-data.cache-to is not used; cache with --train-data.cache-to")
     if cfg.train_data.source == "model":
         from saesweep.collect.config import load_toml
 
@@ -166,10 +164,6 @@ def check_data(group: Group) -> int | None:
         if cfg.train_data.cache_to:
             check_cache(group, collect_cfg)
         return None
-    if cfg.train_data.cache_to:
-        raise UserError(
-            "--train-data.cache-to needs --train-data.source model (a store is cached already)"
-        )
     train, _ = (
         find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)
         for data in (cfg.train_data, cfg.held_out_data)
@@ -194,7 +188,15 @@ def check_cache(group: Group, collect_cfg) -> None:
 
 
 def check_caches(groups: list[Group]) -> None:
-    """Each cache location is written by one group."""
+    """cache_to only for a live train source, and each location written by one group."""
+    for group in groups:
+        cfg = group.cfgs[0]
+        if cfg.val_data.cache_to:
+            raise UserError("--val-data.cache-to is not used; cache with --train-data.cache-to")
+        if cfg.train_data.cache_to and cfg.train_data.source != "model":
+            raise UserError(
+                "--train-data.cache-to needs --train-data.source model (a store is cached already)"
+            )
     caches = [g.cfgs[0].train_data.cache_to for g in groups if g.cfgs[0].train_data.cache_to]
     for uri in set(caches):
         if caches.count(uri) > 1:

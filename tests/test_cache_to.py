@@ -1,0 +1,184 @@
+"""--train-data.cache-to: a live group writes the training text's activations as a collection."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_collect import read_hook
+from test_live_source import config  # noqa: F401 (the fixture)
+from test_train import cfg as train_cfg
+from test_train import run_train
+
+from saesweep.collect.config import CollectConfig
+from saesweep.collect.run import collect
+from saesweep.collect.sequences import VAL_EVERY
+from saesweep.data.reader import Reader
+from saesweep.format.shards import SEQ_CHUNK_BITS
+from saesweep.sae import SAEConfig
+from saesweep.store import open_store
+from saesweep.train.checkpoint import saved_state
+from saesweep.train.config import DataConfig
+from saesweep.train.trainer import GroupTrainer
+
+HOOKS = ("resid.1", "resid.3")
+PATHS = ("encoder.layer.1", "encoder.layer.3")
+SHARD_TOKENS = 300
+
+
+def write_toml(text: CollectConfig, path: Path) -> Path:
+    path.write_text(
+        f'dataset = "{text.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
+        f"shard_tokens = {SHARD_TOKENS}\n"
+    )
+    return path
+
+
+def manifest(uri: str, hook: str) -> dict:
+    return open_store(uri).get_json(f"{hook}/metadata.json")
+
+
+@pytest.fixture(scope="module")
+def cached(config, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
+    """A live group on layers 1 and 3 trained with a cache: (its collection config, cache)."""
+    root = tmp_path_factory.mktemp("cached")
+    toml, cache = write_toml(config, root / "live.toml"), root / "cache"
+    cfgs = []
+    for layer in (1, 3):
+        live = {"source": "model", "collect": str(toml), "layer": layer}
+        data = DataConfig(**live, shuffle_tokens=1024, cache_to=str(cache))
+        cfgs.append(
+            train_cfg(
+                "",
+                seed=layer,
+                train_data=data,
+                val_data=DataConfig(uri="", **live),
+                n_train=2048,
+                n_val=256,
+                ckpt_every=1000,
+                device="cpu",
+                sae=SAEConfig(arch="topk", d_sae=64, k=4),
+            )
+        )
+    results = GroupTrainer(cfgs, [root / "r1", root / "r3"], root / "state").train()
+    assert [r["tokens_seen"] for r in results] == [2048, 2048]
+    return toml, cache
+
+
+def test_cache_equals_collect_of_the_train_split(config, cached, tmp_path):  # noqa: F811
+    toml, cache = cached
+    n_tokens = manifest(str(cache), PATHS[0])["n_tokens"]
+    assert 2048 <= n_tokens < 2048 + 2 * 1024, "the windows training computed, no more"
+    out = tmp_path / "collected"
+    collect(
+        dataclasses.replace(
+            config,
+            hooks=HOOKS,
+            out=str(out),
+            doc_split="train",
+            max_tokens=n_tokens,
+            shard_tokens=SHARD_TOKENS,
+        )
+    )
+    for path in PATHS:
+        got, want = manifest(str(cache), path), manifest(str(out), path)
+        assert got["complete"] and want["complete"]
+        assert len(got["shards"]) > 3
+        assert got["shards"] == want["shards"], "the same shard files (checksums)"
+        assert {k: got[k] for k in got if k != "shards"} == {
+            k: want[k] for k in want if k != "shards"
+        }
+        cached_tensors, collected = read_hook(str(cache), path), read_hook(str(out), path)
+        for name in ("token_ids", "seq_ids", "positions", "acts"):
+            assert torch.equal(cached_tensors[name], collected[name]), name
+        documents = cached_tensors["seq_ids"] >> SEQ_CHUNK_BITS
+        assert not bool((documents % VAL_EVERY == VAL_EVERY - 1).any()), "train split only"
+        got_stats = open_store(str(cache)).get_json(f"{path}/statistics.json")
+        want_stats = open_store(str(out)).get_json(f"{path}/statistics.json")
+        assert got_stats["n"] == want_stats["n"] == n_tokens
+        for key in ("mean", "std", "m2"):
+            torch.testing.assert_close(
+                torch.tensor(got_stats[key], dtype=torch.float64),
+                torch.tensor(want_stats[key], dtype=torch.float64),
+                rtol=1e-9,
+                atol=1e-9,
+            )
+    stored, wanted = (json.loads((p / "cfg.json").read_text())["config"] for p in (cache, out))
+    assert stored == wanted | {"max_tokens": None}
+    reader = Reader(str(cache), hook="resid.3", batch_size=256, shuffle=False, drop_last=False)
+    assert sum(len(b) for b in reader) == n_tokens, "a later sweep reads the cache"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["model", "2"], "holds a different collection (hooks: stored"),
+        (["store", "1"], "--train-data.cache-to needs --train-data.source model"),
+    ],
+)
+def test_a_cache_of_another_config_is_refused(cached, tmp_path, flags, message):
+    toml, cache = cached
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    source, layer = flags
+    proc = run_train(
+        "--train-data.source", source, "--train-data.collect", str(toml),
+        "--train-data.layer", layer, "--train-data.cache-to", str(cache),
+        "--runs-root", str(tmp_path), "--executor", "debug", "--device", "cpu",
+    )  # fmt: skip
+    assert proc.wait() == 2
+    err = proc.stderr.read().strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before, "nothing written"
+
+
+def test_kill_9_and_resume_continue_the_cache_without_gap_or_duplicate(
+    config,  # noqa: F811
+    tmp_path,
+):
+    toml = write_toml(config, tmp_path / "live.toml")
+    sweep = tmp_path / "live.py"
+    live = {"source": "model", "collect": str(toml), "layer": 1, "shuffle_tokens": 512}
+    sweep.write_text(
+        f"def make_cfgs():\n    return [{{'train_data': {live!r}, 'val_data': {live!r}}}]\n"
+    )
+    args = [
+        "--sweep", str(sweep), "--executor", "debug", "--n-train", "4096", "--batch-size", "128",
+        "--n-val", "256", "--ckpt-every", "5", "--log-every", "5", "--downstream-sequences", "0",
+        "--wandb-mode", "disabled", "--sae.d-sae", "64", "--sae.k", "4", "--device", "cpu",
+    ]  # fmt: skip
+    ref_cache, cache = str(tmp_path / "ref-cache"), str(tmp_path / "cache")
+    ref = run_train(
+        *args, "--runs-root", str(tmp_path / "ref"), "--train-data.cache-to", str(ref_cache)
+    )
+    assert ref.wait() == 0, ref.stderr.read()
+    proc = run_train(
+        *args, "--runs-root", str(tmp_path / "killed"), "--train-data.cache-to", str(cache)
+    )
+    while proc.poll() is None:
+        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
+        if states and saved_state(states[0].parent)["step"] >= 10:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "still training when killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    part = open_store(cache).get_json("parts/machine-0000-of-0001.json")
+    assert not part["complete"] and part["seq_done"] > 0, "killed with a partial cache"
+    (killed_dir,) = (tmp_path / "killed").iterdir()
+    resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    got, want = manifest(cache, PATHS[0]), manifest(ref_cache, PATHS[0])
+    assert got["complete"] and got["n_tokens"] >= 4096
+    assert got["shards"] == want["shards"], "the same shards, byte for byte"
+    got_tensors, want_tensors = read_hook(cache, PATHS[0]), read_hook(ref_cache, PATHS[0])
+    assert torch.equal(got_tensors["token_ids"], want_tensors["token_ids"])
+    seq_ids = got_tensors["seq_ids"].unique_consecutive()
+    assert len(seq_ids) == len(seq_ids.unique()), "no sequence twice"
+    stats = f"{PATHS[0]}/statistics.json"
+    assert open_store(cache).get_json(stats) == open_store(ref_cache).get_json(stats)
