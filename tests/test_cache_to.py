@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from test_train import run_train
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
 from saesweep.collect.sequences import VAL_EVERY
+from saesweep.collect.source import ModelSource
+from saesweep.collect.text import demo_corpus
 from saesweep.data.reader import Reader
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
@@ -182,3 +185,21 @@ def test_kill_9_and_resume_continue_the_cache_without_gap_or_duplicate(
     assert len(seq_ids) == len(seq_ids.unique()), "no sequence twice"
     stats = f"{PATHS[0]}/statistics.json"
     assert open_store(cache).get_json(stats) == open_store(ref_cache).get_json(stats)
+
+
+def test_a_whole_epoch_completes_the_cache(config, tmp_path):  # noqa: F811
+    path = tmp_path / "few.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": d[:600]}) + "\n" for d in itertools.islice(demo_corpus(), 60))
+    )
+    few = dataclasses.replace(config, dataset=str(path), hooks=("resid.3",))
+    source = ModelSource(
+        few, ["resid.3"], batch_size=64, window_tokens=300, seed=0, cache_to=str(tmp_path / "c")
+    )
+    first_epoch = itertools.takewhile(lambda served: served[1].epoch == 0, source.batches())
+    served = [batch for batch, _ in first_epoch]
+    meta = manifest(str(tmp_path / "c"), PATHS[1])
+    assert meta["complete"], "complete at the end of the first epoch, before the second"
+    collect(dataclasses.replace(few, out=str(tmp_path / "all"), doc_split="train"))
+    assert meta["shards"] == manifest(str(tmp_path / "all"), PATHS[1])["shards"]
+    assert sum(len(b.token_ids) for b in served) <= meta["n_tokens"]
