@@ -83,7 +83,9 @@ class JumpReLUSAE(StackedSAE):
         acts = JumpReLUFn.apply(pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         return DenseCodes(acts, pre=pre)
 
-    def penalties(self, x: Tensor, recon: Tensor, codes: DenseCodes, step: int) -> dict:
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: DenseCodes, step: int
+    ) -> dict:
         l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         return {"sparsity_loss": (self.sparsity_at(step), l0.sum(-1).mean(-1))}
 

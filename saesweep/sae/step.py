@@ -16,13 +16,14 @@ def train_step(
     step: int,
     max_grad_norm: float | Tensor | None = 1.0,
     active: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """loss -> backward -> before_optimizer_step -> clip -> masked Adam step ->
     after_optimizer_step. Members with a non-finite loss or gradient (or not in `active`,
-    [n] bool) are left untouched. Returns per-member metrics [n], plus "updated" and
-    "grad_norm"."""
+    [n] bool) are left untouched. `target`: a transcoder's target batch. Returns per-member
+    metrics [n], plus "updated" and "grad_norm"."""
     opt.zero_grad()
-    result = sae.loss(x, step)
+    result = sae.loss(x, step, target)
     ok = sae.finite_members(result.loss)
     if active is not None:
         ok &= active.to(ok.device)

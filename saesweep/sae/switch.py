@@ -119,7 +119,9 @@ class SwitchSAE(TopKSAE):
         f = F.one_hot(expert, self.n_experts).to(probs.dtype).mean(dim=1)
         return self.n_experts * (f * probs.mean(dim=1)).sum(-1)
 
-    def penalties(self, x: Tensor, recon: Tensor, codes: RoutedCodes, step: int) -> dict:
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: RoutedCodes, step: int
+    ) -> dict:
         lb = self.load_balance(codes.probs, codes.expert)
         return {"load_balance": (self.load_balance_coeff, lb)}
 

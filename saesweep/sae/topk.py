@@ -45,27 +45,27 @@ class TopKSAE(StackedSAE):
         """[n, B, d_sae] relu(x_in @ W_enc + b_enc), without autograd."""
         return torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc).relu_()
 
-    def penalties(self, x: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
-        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, recon, codes))}
+    def penalties(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, target, recon, codes))}
 
-    def auxk_loss(self, x: Tensor, recon: Tensor, codes: Codes) -> Tensor:
-        """[n] AuxK: the top aux_k dead latents reconstruct the residual x - recon.
+    def auxk_loss(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes) -> Tensor:
+        """[n] AuxK: the top aux_k dead latents reconstruct the residual target - recon.
 
-        Normalized by the input's total variance (the FVU term's denominator) and scaled by
+        Normalized by the target's total variance (the FVU term's denominator) and scaled by
         min(n_dead / aux_k, 1) (EleutherAI's form of OpenAI's loss). Zero when no member has
         dead latents.
         """
         dead = self.dead_mask()
         if not bool(dead.any()):
             return recon.new_zeros(self.n)
-        residual = (x - recon).detach()
+        residual = (target - recon).detach()
         masked = codes.pre.detach().where(dead.unsqueeze(1), 0)
         values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
         x_in = self.encoder_input(x)
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         aux_recon = sparse_decode(values, indices, self.W_dec)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
-        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total_variance(x)
+        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total_variance(target)
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}
