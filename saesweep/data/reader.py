@@ -140,16 +140,9 @@ class Reader:
         self._started = time.perf_counter()
 
     def _hook_data(self, meta: dict, shards: slice, uri: str) -> HookData:
-        """A served hook's records, refused unless they hold the same tokens per shard as
-        `hook`'s."""
+        """A served hook's chosen records, refused unless it stores `hook`'s tokens."""
+        check_same_tokens(uri, self.meta, meta)
         records = meta["shards"][shards]
-        if [r["n_tokens"] for r in records] != [r["n_tokens"] for r in self.shards]:
-            raise UserError(
-                f"hooks {self.hook} and {meta['hook']} of {uri} store different tokens "
-                f"({sum(r['n_tokens'] for r in self.shards):,} in {len(self.shards)} shards "
-                f"against {sum(r['n_tokens'] for r in records):,} in {len(records)}); read "
-                "hooks collected together, in one collection run"
-            )
         return HookData(meta["hook"], records, meta["d_model"], ACT_DTYPES[meta["dtype"]])
 
     def _check_arena_fits(self, uri: str) -> None:
@@ -412,6 +405,18 @@ class Reader:
             return local_pipeline([self.store.local_path(k) for k in keys], *common)
         make_reader = lambda: self.store.range_reader(self.s3_connections, retry_s=self.retry_s)  # noqa: E731
         return S3Pipeline(make_reader, keys, *common)
+
+
+def check_same_tokens(uri: str, first: dict, other: dict) -> None:
+    """Refuse a hook (metadata `other`) whose shards hold other numbers of tokens than those
+    of `first`: they were not collected together, so row i would not be the same token."""
+    a, b = ([s["n_tokens"] for s in m["shards"]] for m in (first, other))
+    if a != b:
+        raise UserError(
+            f"hooks {first['hook']} and {other['hook']} of {uri} store different tokens "
+            f"({sum(a):,} in {len(a)} shards against {sum(b):,} in {len(b)}); read hooks "
+            "collected together, in one collection run"
+        )
 
 
 def _take(windows: list[Window], start: int, stop: int, buffers=None, gather=None) -> Taken:

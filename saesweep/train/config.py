@@ -23,6 +23,13 @@ class DataConfig:
     """Hook to read (module path or short form); optional when the collection has one hook."""
     layer: int | None = None
     """Layer to read, as an alternative to hook."""
+    target_hook: str | None = None
+    """Transcoders: the hook the decoder predicts from the input hook's activations (module
+    path or short form); None with target_layer None: the input hook (an ordinary SAE). From a
+    store it must hold the same tokens (collected in the same run); val_data's default is
+    train_data's."""
+    target_layer: int | None = None
+    """Transcoders: the target's layer, as an alternative to target_hook."""
     shards: str = ":"
     """Python slice over the collection's shards, e.g. ':-1' (all but the last) or '-1:'."""
     n_threads: int = field(default=2, metadata=at_least(1))

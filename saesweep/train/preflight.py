@@ -14,7 +14,7 @@ from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.sources import hook_spec
+from saesweep.train.sources import hook_spec, store_hooks, target_spec, val_data
 from saesweep.train.sweep import Group
 
 
@@ -82,8 +82,11 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
         first = group.cfgs[0]
         data = first.train_data
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
+        if target_spec(data) is not None:
+            where += f" -> target {target_spec(data)}"
         if data.source == "model":
-            hooks = sorted({hook_spec(c.train_data) or "its first hook" for c in group.cfgs})
+            hooks = {hook_spec(c.train_data) or "its first hook" for c in group.cfgs}
+            hooks = sorted(hooks | {target_spec(c.train_data) for c in group.cfgs} - {None})
             where = (
                 f"from the model of {data.collect}, one forward pass for hooks {', '.join(hooks)}"
             )
@@ -121,17 +124,15 @@ def check_data(group: Group) -> int | None:
     an unreachable store or missing credentials fail here with one sentence; then check that
     every SAE's shape (k, experts) fits the collection's d_model, which is returned. With
     source 'model' only the collection config is read (d_model is known once the model
-    loads, in the job: None)."""
+    loads, in the job: None). Transcoders' target hooks must exist beside their input hooks
+    and hold the same tokens."""
     cfg = group.cfgs[0]
     if cfg.train_data.source == "model":
         from saesweep.collect.config import load_toml
 
         load_toml(Path(cfg.train_data.collect))
         return None
-    train, _ = (
-        find_hook(open_store(data.uri or cfg.train_data.uri), data.hook, data.layer)
-        for data in (cfg.train_data, cfg.val_data)
-    )
+    (train, _), _ = (store_hooks(data) for data in (cfg.train_data, val_data(cfg)))
     for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
         try:
             ARCHITECTURES[run_cfg.sae.arch].check_shape(run_cfg.sae, train["d_model"])

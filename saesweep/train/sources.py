@@ -1,9 +1,10 @@
 """A group's data source as the trainer sees it: batches of every hook the group reads.
 
-`store`: the Reader over a collection (one hook per group). `model`: collect.source's
-ModelSource, one forward pass per batch for every hook of the group. Both yield
-{hook: [batch, d] float32 on the group's device} and know their input scales (normalize
-'norm': E||x|| = sqrt(d_model)), their position (for resume) and their held-out data.
+`store`: the Reader over a collection (one input hook per group, and the target hook of its
+transcoders, in lockstep). `model`: collect.source's ModelSource, one forward pass per batch
+for every hook of the group, targets included. Both yield {hook: [batch, d] float32 on the
+group's device} and know each hook's input scale (normalize 'norm': E||x|| = sqrt(d)), their
+position (for resume) and their held-out data (batches of the same dicts).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 from saesweep.collect.config import load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
-from saesweep.data.reader import Reader
+from saesweep.data.reader import Reader, check_same_tokens
 from saesweep.errors import UserError
+from saesweep.format.manifest import find_hook
+from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
 
 NORM_SAMPLE_TOKENS = 1 << 15
@@ -34,11 +37,51 @@ def hook_spec(data: DataConfig) -> str | None:
     return f"resid.{data.layer}" if data.layer is not None else None
 
 
+def target_spec(data: DataConfig) -> str | None:
+    """The target hook a config names: target_hook, else 'resid.<target_layer>', else None
+    (an SAE: no target)."""
+    if data.target_hook is not None:
+        return data.target_hook
+    return f"resid.{data.target_layer}" if data.target_layer is not None else None
+
+
+def val_data(cfg: TrainConfig) -> DataConfig:
+    """val_data with what it leaves unset taken from train_data: the uri, the input hook
+    (hook and layer) and the target hook (target_hook and target_layer); without a training
+    target it reads none either."""
+    val, train = cfg.val_data, cfg.train_data
+    fields = {"uri": val.uri or train.uri}
+    if val.hook is None and val.layer is None:
+        fields |= {"hook": train.hook, "layer": train.layer}
+    no_target = val.target_hook is None and val.target_layer is None
+    if no_target or target_spec(train) is None:
+        fields |= {"target_hook": train.target_hook, "target_layer": train.target_layer}
+    return dataclasses.replace(val, **fields)
+
+
+def store_hooks(data: DataConfig) -> tuple[dict, dict | None]:
+    """(metadata of the input hook, of the target hook or None) in the collection at data.uri;
+    a target that is the input hook or stores other tokens is refused."""
+    store = open_store(data.uri)
+    meta = find_hook(store, data.hook, data.layer)
+    if data.target_hook is None and data.target_layer is None:
+        return meta, None
+    target = find_hook(store, data.target_hook, data.target_layer)
+    if target["hook"] == meta["hook"]:
+        raise UserError(
+            f"the target hook {target['hook']} is the input hook; leave target_hook and "
+            "target_layer unset for an ordinary SAE"
+        )
+    check_same_tokens(data.uri, meta, target)
+    return meta, target
+
+
 def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
+    meta, target = store_hooks(data)
     return Reader(
         data.uri,
-        hook=data.hook,
-        layer=data.layer,
+        hook=meta["hook"],
+        extra_hooks=[target["hook"]] if target else [],
         batch_size=cfg.batch_size,
         shuffle=train,
         seed=data.seed,
@@ -55,7 +98,8 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
 
 
 class StoreSource:
-    """The Reader over one hook of a collection, repeated to n_train tokens."""
+    """The Reader over one hook of a collection (and its transcoders' target hook, in
+    lockstep), repeated to n_train tokens."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -69,16 +113,26 @@ class StoreSource:
         self.reader.epochs = math.ceil(cfg.n_train / usable)
         self.d_model, self.model_name = self.reader.d_model, self.reader.meta["model"]
         self.hooks = {hook_spec(cfg.train_data): self.reader.hook}
-        """Spec (as configs name it) -> module path."""
+        """Spec (as configs name it) -> module path, targets included."""
+        self.target = self.reader.hooks[1].hook if len(self.reader.hooks) > 1 else None
+        if self.target is not None:
+            self.hooks[target_spec(cfg.train_data)] = self.target
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self.reader.hook
 
+    def target_of(self, cfg: TrainConfig) -> str:
+        """The module path the config's SAE reconstructs (its input hook) or predicts."""
+        return self.target or self.reader.hook
+
+    def width(self, hook: str) -> int:
+        return next(h.d_model for h in self.reader.hooks if h.hook == hook)
+
     def norm_scale(self, hook: str) -> float:
-        return self.reader.norm_scale()
+        return self.reader.norm_scale(hook)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return ({self.reader.hook: acts} for acts in self.reader)
+        return _dicts(self.reader)
 
     def state_dict(self) -> dict:
         return self.reader.state_dict()
@@ -89,15 +143,15 @@ class StoreSource:
     def figures(self) -> dict[str, float]:
         return self.reader.figures()
 
-    def held_out(self) -> dict[str, Iterable[torch.Tensor]]:
+    def held_out(self) -> Iterable[dict[str, torch.Tensor]]:
         """Held-out batches (evaluation reads up to n_val tokens): val_data, by default the
-        train collection's last shard."""
+        train collection's last shard, its hooks those of train_data unless set."""
         cfg = self.cfg
-        val = dataclasses.replace(cfg.val_data, uri=cfg.val_data.uri or cfg.train_data.uri)
         batch = min(cfg.batch_size, cfg.n_val)
-        return {
-            self.reader.hook: open_reader(val, dataclasses.replace(cfg, batch_size=batch), False)
-        }
+        val = open_reader(val_data(cfg), dataclasses.replace(cfg, batch_size=batch), False)
+        # named after the training hooks, which the stacks know (val may read other ones)
+        names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
+        return ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
 
     @property
     def held_out_uri(self) -> str | None:
@@ -106,20 +160,28 @@ class StoreSource:
 
 class LiveSource:
     """The model of the collection config `train_data.collect`, hooked at every hook the
-    group's configs read; one forward pass per batch of sequences feeds all of them."""
+    group's configs read (transcoders' targets are just more hooks); one forward pass per
+    batch of sequences feeds all of them."""
 
     def __init__(self, cfgs: list[TrainConfig]):
         cfg = cfgs[0]
         collect_cfg = load_toml(Path(cfg.train_data.collect))
         collect_cfg = dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
         self.cfg, self.collect_cfg = cfg, collect_cfg
-        specs = sorted({self._spec(c) for c in cfgs})
+        targets = {target_spec(c.train_data) for c in cfgs} - {None}
+        specs = sorted({self._spec(c) for c in cfgs} | targets)
         self.source = ModelSource(
             collect_cfg, specs, cfg.batch_size, cfg.train_data.shuffle_tokens, cfg.train_data.seed
         )
         self.d_model, self.model_name = self.source.d_model, collect_cfg.model
         self.hooks = self.source.hooks
         self.position = SourcePosition()
+        for c in cfgs:
+            if self.target_of(c) == self.hook_of(c) and target_spec(c.train_data):
+                raise UserError(
+                    f"the target hook {self.hook_of(c)} is the input hook; leave target_hook "
+                    "and target_layer unset for an ordinary SAE"
+                )
         self.scales = self._norm_scales()
 
     def _spec(self, cfg: TrainConfig) -> str:
@@ -128,6 +190,14 @@ class LiveSource:
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self.hooks[self._spec(cfg)]
+
+    def target_of(self, cfg: TrainConfig) -> str:
+        """The module path the config's SAE reconstructs (its input hook) or predicts."""
+        spec = target_spec(cfg.train_data)
+        return self.hooks[spec] if spec is not None else self.hook_of(cfg)
+
+    def width(self, hook: str) -> int:
+        return self.d_model
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]
@@ -153,20 +223,18 @@ class LiveSource:
     def figures(self) -> dict[str, float]:
         return {}
 
-    def held_out(self) -> dict[str, list[torch.Tensor]]:
+    def held_out(self) -> list[dict[str, torch.Tensor]]:
         """Up to n_val tokens of the held-out documents, every hook from the same forward
         passes."""
         cfg = self.cfg
         val = ModelSource(
             self.collect_cfg, list(self.hooks), min(cfg.batch_size, cfg.n_val), cfg.n_val, 0, "val"
         )
-        out: dict[str, list[torch.Tensor]] = {path: [] for path in self.hooks.values()}
-        tokens = 0
+        out, tokens = [], 0
         for batch, pos in val.batches():
             if pos.epoch > 0:
                 break
-            for spec, path in self.hooks.items():
-                out[path].append(batch.acts[spec].float())
+            out.append({path: batch.acts[spec].float() for spec, path in self.hooks.items()})
             tokens += len(batch.token_ids)
             if tokens >= cfg.n_val:
                 break
@@ -175,6 +243,12 @@ class LiveSource:
     @property
     def held_out_uri(self) -> str | None:
         return None
+
+
+def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
+    """The reader's batches as {hook: acts}."""
+    for batch in reader:
+        yield batch if isinstance(batch, dict) else {reader.hook: batch}
 
 
 def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:

@@ -41,6 +41,8 @@ class Stack:
     members: list[int]
     hook: str
     """The module path whose activations the stack reads."""
+    target: str
+    """The module path it reconstructs: its hook (SAEs), or a transcoder's target hook."""
     sae: StackedSAE
     opt: StackedAdam
     schedule: LRSchedule
@@ -88,10 +90,11 @@ class GroupTrainer:
     def _build_stacks(self) -> list[Stack]:
         buckets: dict = {}
         for i, cfg in enumerate(self.cfgs):
-            buckets.setdefault((self.source.hook_of(cfg), stack_key(cfg.sae)), []).append(i)
+            key = (self.source.hook_of(cfg), self.source.target_of(cfg), stack_key(cfg.sae))
+            buckets.setdefault(key, []).append(i)
         stacks = []
         device = torch.device(self.cfgs[0].device)
-        for (hook, _), members in buckets.items():
+        for (hook, target, _), members in buckets.items():
             cfgs = [self.cfgs[i] for i in members]
             sae = make_sae(
                 [c.sae for c in cfgs],
@@ -99,6 +102,7 @@ class GroupTrainer:
                 [c.seed for c in cfgs],
                 [c.objective for c in cfgs],
                 device=device,
+                d_out=self.source.width(target) if target != hook else None,
             )
             lrs = [c.lr if c.lr is not None else default_lr(sae.d_sae) for c in cfgs]
             schedule = LRSchedule(
@@ -111,6 +115,7 @@ class GroupTrainer:
                 Stack(
                     members,
                     hook,
+                    target,
                     sae,
                     StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
                     schedule,
@@ -133,7 +138,7 @@ class GroupTrainer:
             x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
             if fresh:
                 for stack in self.stacks:
-                    stack.sae.init_b_dec(x[stack.hook])
+                    stack.sae.init_b_dec(x[stack.target])
                 fresh = False
             metrics = self._step(x)
             self.step += 1
@@ -150,10 +155,11 @@ class GroupTrainer:
         out = []
         for stack in self.stacks:
             x = batch[stack.hook]
+            target = batch[stack.target] if stack.sae.transcoder else None
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
             with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
                 m = train_step(
-                    stack.sae, stack.opt, x, self.step, stack.max_grad_norm, active=~stack.failed
+                    stack.sae, stack.opt, x, self.step, stack.max_grad_norm, ~stack.failed, target
                 )
             stack.failed |= ~m["updated"]
             m["lr"] = stack.opt.lr
@@ -175,27 +181,25 @@ class GroupTrainer:
         memory: n_val tokens per hook), logged as eval/* with the seconds it took."""
         started = time.perf_counter()
         if self.held_out_batches is None:
-            self.held_out_batches = {
-                hook: [acts.clone() for acts in _first(data, self.cfgs[0].n_val)]
-                for hook, data in self.source.held_out().items()
-            }
+            self.held_out_batches = [
+                {hook: acts.clone() for hook, acts in batch.items()}
+                for batch in _first(self.source.held_out(), self.cfgs[0].n_val)
+            ]
         evals = self._evaluate(self.held_out_batches)
         seconds = time.perf_counter() - started
         for i, metrics in evals.items():
             values = {f"eval/{k}": metrics[k] for k in ("fvu", "l0", "dead_pct", "mse")}
             logs[i].log(self.step, values | {"eval/seconds": seconds})
 
-    def _evaluate(self, held_out: dict) -> dict[int, dict]:
-        """Every run's metrics on held-out data ({hook: batches}), by run index."""
-        out = {}
-        for hook, data in held_out.items():
-            stacks = [s for s in self.stacks if s.hook == hook]
-            evals = evaluate_stacks(
-                [s.sae for s in stacks], data, self.scales[hook], self.cfgs[0].n_val
-            )
-            for stack, stack_evals in zip(stacks, evals, strict=True):
-                out |= {i: stack_evals[j] for j, i in enumerate(stack.members)}
-        return out
+    def _evaluate(self, held_out) -> dict[int, dict]:
+        """Every run's metrics on held-out data (batches of {hook: acts}), by run index."""
+        stacks = [(s.sae, s.hook, s.target) for s in self.stacks]
+        evals = evaluate_stacks(stacks, held_out, self.scales, self.cfgs[0].n_val)
+        return {
+            i: stack_evals[j]
+            for stack, stack_evals in zip(self.stacks, evals, strict=True)
+            for j, i in enumerate(stack.members)
+        }
 
     def _finish(self, logs: list[RunLog]) -> list[dict]:
         evals = self._evaluate(self.held_out_batches or self.source.held_out())
@@ -257,20 +261,21 @@ class GroupTrainer:
             "run": run_dir.name,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
+        scales = self.scales[stack.hook], self.scales[stack.target]
         sae_cfg = {
             **lens_cfg,
             "hook_name": stack.hook,
+            **(
+                {"hook_name_out": stack.target, "target_scale": scales[1]}
+                if stack.sae.transcoder
+                else {}
+            ),
             "model_name": self.source.model_name,
-            "input_scale": self.scales[stack.hook],
+            "input_scale": scales[0],
             "seed": cfg.seed,
             "saesweep_config": dataclasses.asdict(cfg),
         }
-        save_sae(
-            run_dir,
-            stack.sae.member_state_dict(j, input_scale=self.scales[stack.hook]),
-            sae_cfg,
-            metrics,
-        )
+        save_sae(run_dir, stack.sae.member_state_dict(j, *scales), sae_cfg, metrics)
 
     def save_state(self) -> None:
         """One atomic file: tensors, and the step and reader position in its metadata (two
@@ -308,10 +313,10 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 
 def _first(batches, n_tokens: int):
-    """The batches of `batches` up to n_tokens tokens (the last one cut)."""
+    """The batches ({hook: acts}) of `batches` up to n_tokens tokens (the last one cut)."""
     tokens = 0
-    for acts in batches:
-        yield acts[: n_tokens - tokens]
-        tokens += len(acts)
+    for batch in batches:
+        yield {hook: acts[: n_tokens - tokens] for hook, acts in batch.items()}
+        tokens += len(next(iter(batch.values())))
         if tokens >= n_tokens:
             return
