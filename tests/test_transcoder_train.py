@@ -171,3 +171,55 @@ def test_a_live_group_feeds_the_target_from_the_same_forward_pass(config, tmp_pa
     assert (saved["hook_name"], saved["hook_name_out"]) == ("encoder.layer.1", "encoder.layer.3")
     assert saved["architecture"] == "topk_skip_transcoder"
     assert 0 < tc["fvu"] < 1 and tc["fvu"] != sae["fvu"]
+
+
+def _transcoder(d: int, hook: str, target: str, skip: float) -> tuple[dict, dict]:
+    """A relu skip transcoder whose latents never fire: it predicts skip * x."""
+    cfg = {
+        "architecture": "skip_transcoder",
+        "d_in": d,
+        "d_sae": 4,
+        "d_out": d,
+        "apply_b_dec_to_input": False,
+        "hook_name": hook,
+        "hook_name_out": target,
+    }
+    sd = {
+        "W_enc": torch.zeros(d, 4),
+        "b_enc": torch.zeros(4),
+        "W_dec": torch.zeros(4, d),
+        "b_dec": torch.zeros(d),
+        "W_skip": skip * torch.eye(d),
+    }
+    return cfg, sd
+
+
+def test_downstream_splices_the_prediction_from_the_input_hook(tmp_path):
+    from tiny_models import build
+
+    from saesweep.collect.config import CollectConfig
+    from saesweep.collect.run import collect
+    from saesweep.evaluate.downstream import downstream_metrics_many
+
+    model = str(build("gpt2", tmp_path / "models"))
+    uri = str(tmp_path / "coll")
+    collect(
+        CollectConfig(
+            model=model, hooks=("resid.0", "resid.1"), out=uri, max_tokens=600,
+            shard_tokens=200, ctx_len=32, batch_size=4, act_dtype="float32", progress=False,
+        )
+    )  # fmt: skip
+    h0, h1 = "transformer.h.0", "transformer.h.1"
+    zero, skip_block, backwards = (
+        _transcoder(32, h0, h1, 0.0),
+        _transcoder(32, h0, h1, 1.0),
+        _transcoder(32, h1, h0, 1.0),
+    )
+    zero_m, skip_m = downstream_metrics_many([zero, skip_block], uri, 6, shards=":")
+    # predicting 0 is zero ablation of the target; predicting h.0's output skips block 1
+    assert zero_m["ce_sae"] == pytest.approx(zero_m["ce_zero"], abs=1e-9)
+    assert zero_m["loss_recovered"] == pytest.approx(0.0, abs=1e-9)
+    assert skip_m["ce_zero"] == zero_m["ce_zero"]
+    assert skip_m["ce_sae"] not in (pytest.approx(skip_m["ce_clean"]), skip_m["ce_zero"])
+    with pytest.raises(UserError, match="input hook transformer.h.1 does not run before"):
+        downstream_metrics_many([backwards], uri, 2, shards=":")
