@@ -47,8 +47,9 @@ class DataConfig:
     `collect` while training; hook and layer name what to hook, and configs that differ only
     in them share one group and one forward pass per batch (docs/training.md)."""
     collect: str = "configs/demo.toml"
-    """Collection config (TOML, collect.py's keys). Source 'store': it makes the demo
-    collection when uri is the default demo location and holds none yet ('' never collects).
+    """Collection config (TOML, collect.py's keys). Source 'store': it makes the collection
+    when uri is the default demo location or the config's `out` and holds none yet ('' never
+    collects).
     Source 'model': the model, text, ctx_len, special tokens and dtypes to run."""
     on_corrupt: Literal["raise", "skip"] = "raise"
     """A shard that fails its checksum: 'raise' stops the group, 'skip' leaves it out."""

@@ -153,20 +153,21 @@ def check_local_device(cfg: TrainConfig) -> None:
 
 
 def ensure_data(cfg: TrainConfig) -> None:
-    """Run the demo collection (train_data.collect) when train_data.uri is the default demo
-    location and holds no collection yet; any other local uri without one is refused, and
-    nothing is written."""
+    """Run the collection config train_data.collect when train_data.uri is the default demo
+    location or that config's own `out`, and holds no collection yet; any other local uri
+    without one is refused, and nothing is written."""
     data = cfg.train_data
     uri = data.uri.removeprefix("file://")
     if data.source == "model" or "://" in uri or any(Path(uri).glob("*/metadata.json")):
         return
-    if data.uri != DataConfig.uri or not data.collect:
+    from saesweep.collect.config import load_toml
+    from saesweep.collect.run import collect
+
+    collect_cfg = load_toml(Path(data.collect)) if data.collect else None
+    if collect_cfg is None or data.uri not in (DataConfig.uri, collect_cfg.out):
         raise UserError(
             f"{data.uri} holds no collection (no HOOK/metadata.json under it); check "
             f"--train-data.uri, or run collect.py --out {data.uri} first"
         )
-    from saesweep.collect.config import load_toml
-    from saesweep.collect.run import collect
-
     print(f"{data.uri} holds no collection yet: collecting it with {data.collect}")
-    collect(dataclasses.replace(load_toml(Path(data.collect)), out=data.uri))
+    collect(dataclasses.replace(collect_cfg, out=data.uri))
