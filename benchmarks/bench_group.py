@@ -26,15 +26,17 @@ def sweep_file(directory: Path, lrs: list[float]) -> Path:
     return path
 
 
-def run_sweep(sweep: Path, runs_root: Path, args: argparse.Namespace) -> tuple[float, int]:
-    """(wall seconds, bytes read) of one train.py process."""
+def run_sweep(
+    sweep: Path, runs_root: Path, args: argparse.Namespace, flags: tuple[str, ...] = ()
+) -> tuple[float, int]:
+    """(wall seconds, bytes read) of one train.py process (debug executor unless `flags`
+    name one)."""
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
         "--sweep",
         str(sweep),
-        "--executor",
-        "debug",
+        *(flags if "--executor" in flags else ("--executor", "debug", *flags)),
         "--runs-root",
         str(runs_root),
         "--train-data.uri",

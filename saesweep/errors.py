@@ -1,8 +1,10 @@
-"""User-facing errors: one clear sentence, exit status 2, no traceback."""
+"""User-facing errors: one clear sentence, exit status 2, no traceback; the one redaction of
+credentials written into URLs."""
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -12,8 +14,21 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 2
 
 
+URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
+"""The user name and password part of a URL (scheme://USER:PASS@host)."""
+
+
+def redact(text: str) -> str:
+    """`text` with every URL's user name and password shown as *** (scheme://***@host/...)."""
+    return URL_USERINFO.sub(r"\1***@", text)
+
+
 class UserError(Exception):
-    """A failure the user can fix; its message names what to fix."""
+    """A failure the user can fix; its message names what to fix. Shown (str, tracebacks,
+    logs) with credentials in URLs redacted."""
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:

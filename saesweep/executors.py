@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import signal
 import threading
 import time
@@ -47,7 +46,9 @@ class SlurmConfig:
     n_hours: float = dataclasses.field(default=1.0, metadata=above(0))
     """Time limit of each job in hours; jobs checkpoint and requeue shortly before it."""
     gpus_per_group: int | None = dataclasses.field(default=None, metadata=at_least(0, True))
-    """GPUs per job; default 1, or 0 when the device is 'cpu' (0 for a CPU partition)."""
+    """GPUs per job; default one per process of the group, or 0 when the device is 'cpu'."""
+    nodes_per_group: int = dataclasses.field(default=1, metadata=at_least(1))
+    """Nodes per job: a group's procs_per_group processes are spread evenly over them."""
     cpus_per_group: int | None = dataclasses.field(default=None, metadata=at_least(1, True))
     """CPU cores per job; default sized to the job (docs/sweeps.md#slurm)."""
     mem_gb: float | None = dataclasses.field(default=None, metadata=above(0, True))
@@ -84,30 +85,63 @@ def run_groups(
     slurm: SlurmConfig | Sequence[SlurmConfig],
     max_concurrent: int | None = None,
     poll_s: float = 5.0,
+    tasks: Sequence[int] | None = None,
 ) -> list[GroupOutcome]:
     """Run `fn(group)` for every group as its own job, wait for all, return outcomes in order.
 
     `slurm` is one config for every group or one per group (groups with equal configs share a
-    job array). A failing group does not stop the others; its outcome carries the error and
-    log paths. `max_concurrent` caps jobs running at once (default: all for Slurm, 1 for
-    local).
+    job array). `tasks`: processes per group (default 1 each); a job of several runs `fn` in
+    each, with submitit's task environment (rank 0's result is the group's). A failing group
+    does not stop the others; its outcome carries the error and log paths. `max_concurrent`
+    caps jobs running at once (default: all for Slurm, 1 for local).
     """
+    tasks = list(tasks) if tasks is not None else [1] * len(groups)
     if executor == "debug":
+        if max(tasks) > 1:
+            raise UserError("the debug executor runs one process per group: use --executor local")
         return [_run_in_process(fn, index, group) for index, group in enumerate(groups)]
     log_dir = Path(log_dir)
     if executor == "slurm":
         slurms = [slurm] * len(groups) if isinstance(slurm, SlurmConfig) else list(slurm)
-        return _wait(_submit_slurm_arrays(fn, groups, log_dir, slurms, max_concurrent), poll_s)
+        jobs = _submit_slurm_arrays(fn, groups, log_dir, slurms, tasks, max_concurrent)
+        return _wait(jobs, poll_s)
     if executor == "local":
         local = submitit.LocalExecutor(folder=log_dir)
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
-        submit = functools.partial(local.submit, fn)
+        n_tasks = dict(zip(map(id, groups), tasks, strict=True))
+
+        def submit_group(group):
+            local.update_parameters(tasks_per_node=n_tasks[id(group)])
+            return local.submit(fn, group)
+
+        submit = _cancellable(submit_group)
         jobs: list[submitit.Job] = []
         with _stopping_local_jobs(jobs):
             return _wait(
                 jobs, poll_s, queued=list(groups), submit=submit, max_running=max_concurrent or 1
             )
     raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
+
+
+def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submitit.Job]:
+    """`submit`, starting submitit's local controller with SIGINT's default action, so that
+    job.cancel() (a SIGINT to the controller, which then stops its worker) works. A driver that
+    ignores SIGINT (started in the background by a non-interactive shell, as CI scripts and
+    `cmd &` in a script do) would otherwise pass the ignoring on: exec keeps an ignored
+    signal ignored, but resets a caught one to its default, so SIGINT is caught while the
+    controller is started, then restored."""
+
+    def submit_cancellable(group: Any) -> submitit.Job:
+        in_main = threading.current_thread() is threading.main_thread()
+        if not in_main or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            return submit(group)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # ignored here, too
+        try:
+            return submit(group)
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return submit_cancellable
 
 
 @contextlib.contextmanager
@@ -132,8 +166,13 @@ def _stopping_local_jobs(jobs: list[submitit.Job]):
             signal.signal(signal.SIGTERM, previous)
 
 
-def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for one job (the sizes already resolved)."""
+def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int, tasks: int) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for one job of `tasks` processes (the sizes already
+    resolved; GPUs, CPUs and memory per node)."""
+    nodes = slurm.nodes_per_group
+    if tasks % nodes:
+        raise UserError(f"procs_per_group={tasks} does not split evenly over {nodes} nodes")
+    gpus = slurm.gpus_per_group
     params = {
         "slurm_account": slurm.acct,
         "slurm_partition": slurm.partition,
@@ -143,7 +182,9 @@ def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int) -> dict[str, A
         "slurm_setup": list(slurm.setup) or None,
         "slurm_additional_parameters": dict(_key_value(item) for item in slurm.extra) or None,
         "timeout_min": max(1, round(slurm.n_hours * 60)),
-        "gpus_per_node": slurm.gpus_per_group,
+        "nodes": nodes,
+        "tasks_per_node": tasks // nodes,
+        "gpus_per_node": None if gpus is None else -(-gpus // nodes),
         "cpus_per_task": slurm.cpus_per_group,
         "mem_gb": slurm.mem_gb,
         "slurm_array_parallelism": array_parallelism,
@@ -171,16 +212,17 @@ def _submit_slurm_arrays(
     groups: Sequence[Any],
     log_dir: Path,
     slurms: list[SlurmConfig],
+    tasks: list[int],
     max_concurrent: int | None,
 ) -> list[submitit.Job]:
-    """One job array per distinct Slurm config; the jobs in group order."""
-    by_config: dict[SlurmConfig, list[int]] = {}
-    for index, slurm in enumerate(slurms):
-        by_config.setdefault(slurm, []).append(index)
+    """One job array per distinct Slurm config and task count; the jobs in group order."""
+    by_config: dict[tuple[SlurmConfig, int], list[int]] = {}
+    for index, key in enumerate(zip(slurms, tasks, strict=True)):
+        by_config.setdefault(key, []).append(index)
     jobs: dict[int, submitit.Job] = {}
-    for slurm, indices in by_config.items():
+    for (slurm, n_tasks), indices in by_config.items():
         chosen = [groups[i] for i in indices]
-        array = _submit_slurm_array(fn, chosen, log_dir, slurm, max_concurrent)
+        array = _submit_slurm_array(fn, chosen, log_dir, slurm, n_tasks, max_concurrent)
         jobs.update(zip(indices, array, strict=True))
     return [jobs[index] for index in range(len(groups))]
 
@@ -190,10 +232,11 @@ def _submit_slurm_array(
     groups: Sequence[Any],
     log_dir: Path,
     slurm: SlurmConfig,
+    tasks: int,
     max_concurrent: int | None,
 ) -> list[submitit.Job]:
     executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
-    executor.update_parameters(**_slurm_parameters(slurm, max_concurrent or len(groups)))
+    executor.update_parameters(**_slurm_parameters(slurm, max_concurrent or len(groups), tasks))
     try:
         jobs = executor.map_array(fn, list(groups))
     except submitit.core.utils.FailedJobError as err:
@@ -233,11 +276,29 @@ def _wait(
 
 
 def _outcome(index: int, job: submitit.Job) -> GroupOutcome:
-    logs = {"job_id": job.job_id, "stdout": job.paths.stdout, "stderr": job.paths.stderr}
-    error = job.exception()
-    if error is None:
-        return GroupOutcome(index, "done", result=job.result(), **logs)
-    return GroupOutcome(index, "failed", error=str(error), **logs)
+    """How the job ended; for a job of several tasks, the first task that failed of its own
+    accord (not because a peer went away), with that task's logs."""
+    tasks = [job.task(k) for k in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    errors = [task.exception() for task in tasks]
+    failed = [(task, str(e)) for task, e in zip(tasks, errors, strict=True) if e is not None]
+    if not failed:
+        return GroupOutcome(index, "done", result=tasks[0].result(), **_logs(job, tasks[0]))
+    task, error = next((f for f in failed if not _peer_gone(f[1])), failed[0])
+    if len(tasks) > 1:
+        error = f"rank {tasks.index(task)} of {len(tasks)}: {error}"
+    return GroupOutcome(index, "failed", error=error, **_logs(job, task))
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistNetworkError")
+"""How a collective fails when another rank of the group died (gloo, NCCL)."""
+
+
+def _peer_gone(error: str) -> bool:
+    return any(phrase in error for phrase in PEER_GONE)
+
+
+def _logs(job: submitit.Job, task: submitit.Job) -> dict[str, Any]:
+    return {"job_id": job.job_id, "stdout": task.paths.stdout, "stderr": task.paths.stderr}
 
 
 def _activity(job: submitit.Job) -> str:

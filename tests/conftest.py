@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import contextlib
 import os
 
 import pytest
@@ -22,9 +23,9 @@ def slurm_cluster() -> SlurmCluster:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server for the whole session, always SIGKILLed at the end."""
-    from s3server import SeaweedServer
+    from s3server import PUBLIC_BUCKET, SeaweedServer
 
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"), public_buckets=(PUBLIC_BUCKET,))
     try:
         server.start()
         yield server
@@ -44,3 +45,18 @@ def s3_env(monkeypatch, s3_server) -> str:
     bucket = f"test-{uuid.uuid4().hex[:16]}"
     s3_server.create_bucket(bucket)
     return f"s3://{bucket}/run"
+
+
+@pytest.fixture
+def public_s3(s3_env, s3_server) -> str:
+    """A fresh prefix in the server's public bucket (anyone reads it, only credentials write);
+    the AWS env vars point at the server with admin credentials. Returns s3://PUBLIC/PREFIX."""
+    import uuid
+
+    from s3server import PUBLIC_BUCKET
+
+    client = s3_server.client()
+    exists = (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists)
+    with contextlib.suppress(*exists):
+        client.create_bucket(Bucket=PUBLIC_BUCKET)
+    return f"s3://{PUBLIC_BUCKET}/{uuid.uuid4().hex[:16]}"

@@ -18,6 +18,11 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+PUBLIC_BUCKET = "saesweep-public"
+"""The bucket the tests' server lets anyone read and list without credentials."""
+
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
 PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
@@ -47,11 +52,35 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-class SeaweedServer:
-    """One `weed server` (master, volume, filer, S3) in `root`; restartable on the same ports."""
+def without_credentials(env: dict[str, str], tmp: Path) -> dict[str, str]:
+    """`env` with no AWS credentials anywhere boto3 looks (env, config files, instance
+    metadata): what a user without an account has."""
+    env = {k: v for k, v in env.items() if k not in CREDENTIAL_VARS}
+    return env | {
+        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
-    def __init__(self, root: Path):
+
+def drop_credentials(monkeypatch, tmp: Path) -> None:
+    """Remove every AWS credential from this process's environment, with pytest's
+    `monkeypatch` (S3_ENDPOINT_URL stays)."""
+    bare = without_credentials(dict(os.environ), tmp)
+    for name in set(os.environ) - set(bare):
+        monkeypatch.delenv(name)
+    for name, value in bare.items():
+        monkeypatch.setenv(name, value)
+
+
+class SeaweedServer:
+    """One `weed server` (master, volume, filer, S3) in `root`; restartable on the same ports.
+    `public_buckets`: buckets that unsigned (anonymous) requests may read and list, as a
+    public bucket on AWS allows; nobody may write them without credentials."""
+
+    def __init__(self, root: Path, public_buckets: tuple[str, ...] = ()):
         self.root = Path(root)
+        self.public_buckets = tuple(public_buckets)
         self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.access_key = "saesweep-test-admin"
@@ -67,7 +96,11 @@ class SeaweedServer:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
         }
-        (self.root / "identities.json").write_text(json.dumps({"identities": [identity]}))
+        identities = [identity]
+        if self.public_buckets:  # SeaweedFS's name for requests that carry no signature
+            actions = [f"{a}:{b}" for b in self.public_buckets for a in ("Read", "List")]
+            identities.append({"name": "anonymous", "actions": actions})
+        (self.root / "identities.json").write_text(json.dumps({"identities": identities}))
 
     def command(self) -> list[str]:
         ports = [f"-{flag}={port}" for flag, port in self.ports.items()]

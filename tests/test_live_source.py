@@ -24,7 +24,7 @@ from saesweep.collect.text import demo_corpus
 from saesweep.errors import UserError
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
-from saesweep.train.checkpoint import saved_position
+from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.sweep import split_groups
 from saesweep.train.trainer import GroupTrainer
@@ -187,8 +187,8 @@ def test_kill_9_and_resume_of_a_live_group_is_bit_identical(config, tmp_path):
     assert ref.wait() == 0, ref.stderr.read()
     proc = run_train(*args, "--runs-root", str(tmp_path / "killed"))
     for _ in range(2400):
-        states = list((tmp_path / "killed").glob("*/groups/group-000/state.safetensors"))
-        if states and saved_position(states[0])["step"] >= 15:
+        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
+        if states and saved_state(states[0].parent)["step"] >= 15:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)

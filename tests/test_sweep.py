@@ -196,7 +196,7 @@ def test_dry_run_shows_each_groups_device_and_slurm_request(capsys, tmp_path):
     assert code == 0, err
     assert "device=auto (cuda where the job runs sees a GPU, else cpu)" in out
     # two shuffle windows of 2**20 tokens x 768 x 4 bytes = 6 GiB, plus 4 GB
-    assert "Slurm: 1 GPU, 4 CPUs, 10 GB, 1 h (account A)" in out
+    assert "Slurm: 1 GPU, 4 CPUs per process, 10 GB per node, 1 node(s), 1 h (account A)" in out
     code, out, err = plan(
         ROOT / "sweeps/lr_grid.py",
         *uri,
@@ -214,7 +214,7 @@ def test_dry_run_shows_each_groups_device_and_slurm_request(capsys, tmp_path):
     assert code == 0, err
     line = next(li for li in out.splitlines() if "Slurm:" in li)
     assert (
-        line.strip().startswith("Slurm: 0 GPU, 4 CPUs, ")
+        line.strip().startswith("Slurm: 0 GPU, 4 CPUs per process, ")
         and "24 h (account A, partition cpu)" in line
     )
     code, out, err = plan(
@@ -223,6 +223,21 @@ def test_dry_run_shows_each_groups_device_and_slurm_request(capsys, tmp_path):
     assert "device=cpu" in out and "Slurm: 0 GPU" in out
     code, out, err = plan(ROOT / "sweeps/lr_grid.py", *uri, "--device", "cpu", capsys=capsys)
     assert "device=cpu" in out and "Slurm:" not in out
+    # a group of 4 processes on 2 nodes: 4 GPUs, and per node 2 x 4 GB plus the windows
+    code, out, err = plan(
+        ROOT / "sweeps/lr_grid.py",
+        *uri,
+        "--slurm-acct",
+        "A",
+        "--procs-per-group",
+        "4",
+        "--nodes-per-group",
+        "2",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert "Slurm: 4 GPU, 4 CPUs per process, 14 GB per node, 2 node(s)" in out
+    assert "4 processes, parallel sae" in out
 
 
 def test_every_slurm_setting_has_a_flag():

@@ -19,7 +19,7 @@ from synthetic import make_collection
 from saesweep.errors import UserError
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
-from saesweep.train.checkpoint import saved_position
+from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.layout import create_sweep_dir, group_lock
 from saesweep.train.trainer import GroupTrainer
@@ -139,13 +139,17 @@ def test_group_too_big_is_refused(coll, tmp_path):
         GroupTrainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
 
 
-def run_train(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
+def run_train(*args: str, cwd: Path = ROOT, ignore_sigint: bool = False) -> subprocess.Popen:
+    """train.py in a subprocess; `ignore_sigint`: started as a non-interactive shell starts a
+    background command (`train.py ... &` in a script), with SIGINT ignored."""
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ignore if ignore_sigint else None,
     )
 
 
@@ -189,15 +193,15 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     ref_dir = only_dir(tmp_path / "ref")
     proc = run_train(*sweep_args(coll, tmp_path / "killed"))
     for _ in range(1200):
-        states = list((tmp_path / "killed").glob("*/groups/group-000/state.safetensors"))
-        if states and saved_position(states[0])["step"] >= 20:
+        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
+        if states and saved_state(states[0].parent)["step"] >= 20:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_dir = only_dir(tmp_path / "killed")
     assert not list(killed_dir.glob("runs/*/metrics.json"))
-    at_kill = saved_position(states[0])
+    at_kill = saved_state(states[0].parent)
     resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
     assert resumed.wait() == 0, resumed.stderr.read()
     # the resumed process's rate counts its own steps, and wall time goes on from the state's
@@ -227,15 +231,19 @@ def _alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
-def test_terminated_driver_stops_its_local_job(coll, tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_terminated_driver_stops_its_local_job(coll, tmp_path, sigint):
+    """The local job is cancelled with SIGINT; a driver that ignores SIGINT (a background
+    command of a script: the full test suite run that way failed here) must not pass the
+    ignoring on to submitit's controller, or the worker trains on alone."""
     args = sweep_args(coll, tmp_path / "runs")
     i = args.index("--executor")
     args[i + 1] = "local"
     i = args.index("--n-train")
     args[i + 1] = str(10**8)
-    driver = run_train(*args)
+    driver = run_train(*args, ignore_sigint=sigint == "ignored")
     for _ in range(1200):
-        states = list((tmp_path / "runs").glob("*/groups/group-000/state.safetensors"))
+        states = list((tmp_path / "runs").glob("*/groups/group-000/state.json"))
         logs = list((tmp_path / "runs").glob("*/logs/*_0_log.out"))
         if states and logs:
             break
@@ -327,8 +335,8 @@ def test_slurm_preemption_requeues_and_resumes(coll, tmp_path, slurm_cluster):
     proc = run_train(*slurm_args)
     state = None
     for _ in range(3000):
-        states = list((tmp_path / "slurm").glob("*/groups/group-000/state.safetensors"))
-        if states and saved_position(states[0])["step"] >= 30:
+        states = list((tmp_path / "slurm").glob("*/groups/group-000/state.json"))
+        if states and saved_state(states[0].parent)["step"] >= 30:
             state = states[0]
             break
         time.sleep(0.05)

@@ -28,6 +28,7 @@ def collect(cfg: CollectConfig) -> Part:
     """Collect this machine's share into cfg.out, resuming from what is already committed."""
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     store = open_store(cfg.out)
+    store.check_writable()
     stored = store.get_json("cfg.json") if store.exists("cfg.json") else None
     check_root_config(store, cfg, stored)
     with machine_lock(store, cfg.machine, cfg.n_machines):

@@ -62,7 +62,8 @@ class Reader:
     shards, or event-loop threads receiving S3 range GETs (`s3_connections` each). An S3
     store that fails transiently (down, restarting, failing over) is retried with backoff for
     up to `retry_s` seconds, and reading continues exactly where it was; past that, one
-    sentence names the store as unreachable.
+    sentence names the store as unreachable. S3 reads are unsigned (a public bucket) without
+    AWS credentials or with `anonymous`.
 
     `extra_hooks` (module paths or short forms) are served with `hook` in lockstep: each
     batch is then {hook: acts} for every hook (with_token_ids: ({hook: acts}, token ids)).
@@ -93,8 +94,9 @@ class Reader:
         retry_s: float = 300.0,
         shards: slice = slice(None),
         extra_hooks: Sequence[str] = (),
+        anonymous: bool = False,
     ):
-        self.store = open_store(uri)
+        self.store = open_store(uri, anonymous)
         self.meta = find_hook(self.store, hook, layer)
         self.hook = self.meta["hook"]
         self.shards = self.meta["shards"][shards]

@@ -236,7 +236,11 @@ def _mean(values: list[float]) -> float:
 
 
 def absorption_metrics(
-    runs: list, uri: str, shards: str = "-1:", cfg: AbsorptionConfig | None = None
+    runs: list,
+    uri: str,
+    shards: str = "-1:",
+    cfg: AbsorptionConfig | None = None,
+    anonymous: bool = False,
 ) -> list[dict]:
     """The absorption metrics of several SAEs (run directories or (cfg, state dict) pairs):
     per hook, the held-out shards are read, labelled and probed once for all its SAEs."""
@@ -246,7 +250,7 @@ def absorption_metrics(
     saes = [load_run(r) for r in runs]
     results: list[dict] = [{}] * len(saes)
     for hook in sorted({s[0]["hook_name"] for s in saes}):
-        coll = read_collection(uri, hook, shards, names=("acts",))
+        coll = read_collection(uri, hook, shards, names=("acts",), anonymous=anonymous)
         ids = coll.tensors["token_ids"]
         tokenizer = collection_tokenizer({"model": coll.meta["model"]} | coll.config, None)
         task = make_task(coll.tensors["acts"], ids, first_letters(ids, tokenizer), cfg)
@@ -260,11 +264,15 @@ def absorption_metrics(
 
 
 def add_absorption(
-    run_dirs: list[Path], uri: str, shards: str = "-1:", cfg: AbsorptionConfig | None = None
+    run_dirs: list[Path],
+    uri: str,
+    shards: str = "-1:",
+    cfg: AbsorptionConfig | None = None,
+    anonymous: bool = False,
 ) -> list[dict]:
     """Add the absorption metrics to each run's metrics.json (rewritten atomically)."""
     dirs = [Path(d) for d in run_dirs]
-    results = absorption_metrics(dirs, uri, shards, cfg)
+    results = absorption_metrics(dirs, uri, shards, cfg, anonymous)
     for run_dir, extra in zip(dirs, results, strict=True):
         path = run_dir / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}

@@ -64,21 +64,27 @@ class Collection:
 
 
 def read_collection(
-    uri: str, hook: str | None, shards: str = ":", names: tuple[str, ...] = ()
+    uri: str,
+    hook: str | None,
+    shards: str = ":",
+    names: tuple[str, ...] = (),
+    anonymous: bool = False,
 ) -> Collection:
     """token_ids, seq_ids, positions (plus `names`, e.g. 'acts') of the selected shards,
-    concatenated in manifest order, checksums verified."""
+    concatenated in manifest order, checksums verified (`anonymous`: see open_store)."""
     keep = ("token_ids", "seq_ids", "positions", *names)
-    meta, config, chosen = select_shards(uri, hook, shards)
-    store = open_store(uri)
+    meta, config, chosen = select_shards(uri, hook, shards, anonymous)
+    store = open_store(uri, anonymous)
     parts = [read_shard(store, meta["hook"], s, keep) for s in chosen]
     tensors = {k: torch.cat([p[k] for p in parts]) for k in keep}
     return Collection(meta, config, tensors)
 
 
-def select_shards(uri: str, hook: str | None, shards: str) -> tuple[dict, dict, list[dict]]:
+def select_shards(
+    uri: str, hook: str | None, shards: str, anonymous: bool = False
+) -> tuple[dict, dict, list[dict]]:
     """(hook metadata, root collection config, the manifest records of the selected shards)."""
-    store = open_store(uri)
+    store = open_store(uri, anonymous)
     meta = find_hook(store, hook=hook)
     config = store.get_json("cfg.json").get("config", {}) if store.exists("cfg.json") else {}
     chosen = meta["shards"][parse_slice(shards)]
@@ -258,6 +264,7 @@ def downstream_metrics(
     batch_size: int = 8,
     positions: Positions = "stored",
     model: str | None = None,
+    anonymous: bool = False,
 ) -> dict:
     """Downstream fidelity of one SAE on n_sequences held-out sequences of the collection.
 
@@ -266,7 +273,7 @@ def downstream_metrics(
     validation slice is '-1:'); `model` overrides the model named by the collection."""
     return downstream_metrics_many(
         [run], collection_uri, n_sequences, device, shards=shards, batch_size=batch_size,
-        positions=positions, model=model,
+        positions=positions, model=model, anonymous=anonymous,
     )[0]  # fmt: skip
 
 
@@ -280,11 +287,13 @@ def downstream_metrics_many(
     batch_size: int = 8,
     positions: Positions = "stored",
     model: str | None = None,
+    anonymous: bool = False,
 ) -> list[dict]:
     """downstream_metrics of several SAEs, sharing the model, the data and the clean pass."""
     saes = [load_run(r) for r in runs]
     pairs = sorted({_hooks(cfg) for cfg, _ in saes}, key=str)
-    colls = {h: read_collection(collection_uri, h, shards) for h in sorted({h for h, _ in pairs})}
+    hooks = sorted({h for h, _ in pairs})
+    colls = {h: read_collection(collection_uri, h, shards, anonymous=anonymous) for h in hooks}
     first = next(iter(colls.values()))
     lm, tokenizer = _load_model(first, model, device)
     results: list[dict | None] = [None] * len(saes)
@@ -461,11 +470,12 @@ def add_downstream(
     *,
     shards: str = "-1:",
     batch_size: int = 8,
+    anonymous: bool = False,
 ) -> list[dict]:
     """Add the downstream metrics to each run's metrics.json (rewritten atomically)."""
     dirs = [Path(d) for d in run_dirs]
     results = downstream_metrics_many(
-        dirs, uri, n_sequences, device, shards=shards, batch_size=batch_size
+        dirs, uri, n_sequences, device, shards=shards, batch_size=batch_size, anonymous=anonymous
     )
     for run_dir, extra in zip(dirs, results, strict=True):
         path = run_dir / "metrics.json"

@@ -25,7 +25,7 @@ from saesweep.collect.model import load_tokenizer
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.evaluate.downstream import Run, load_run, read_shard, select_shards
 from saesweep.sae.export import exported_acts
-from saesweep.store import open_store
+from saesweep.store import ANONYMOUS_HELP, open_store
 from saesweep.store.file import write_atomic
 
 
@@ -87,15 +87,16 @@ def scan(
     top: int,
     shards: str = ":",
     chunk: int = 4096,
+    anonymous: bool = False,
 ) -> tuple[Scan, dict, dict, list[dict]]:
     """Fire counts of every latent and the running top activations of `latents` (all when
     None) over the selected shards. Returns the scan, hook metadata, root config, shards."""
-    meta, config, chosen = select_shards(uri, cfg.get("hook_name"), shards)
+    meta, config, chosen = select_shards(uri, cfg.get("hook_name"), shards, anonymous)
     if cfg["d_in"] != meta["d_model"]:
         raise UserError(f"the SAE has d_in={cfg['d_in']} but {uri} has width {meta['d_model']}")
     cols = list(range(cfg["d_sae"])) if latents is None else latents
     result = Scan(cols, 0, torch.zeros(cfg["d_sae"], dtype=torch.int64), TopK(top, len(cols)), [])
-    store, index = open_store(uri), torch.tensor(cols)
+    store, index = open_store(uri, anonymous), torch.tensor(cols)
     for shard in chosen:
         result.shard_offsets.append(result.n_tokens)
         acts = read_shard(store, meta["hook"], shard, ("acts",))["acts"]
@@ -132,6 +133,7 @@ def add_contexts(
     hook: str,
     chosen: list[dict],
     window: int,
+    anonymous: bool = False,
 ) -> None:
     """Fill each hit's seq_id, position, token id and context from the shard holding its row.
     A sequence never spans shards, so the whole context is in that shard."""
@@ -141,7 +143,7 @@ def add_contexts(
     for h in hits:
         shard = int(torch.searchsorted(offsets, h.row, right=True)) - 1
         by_shard.setdefault(shard, []).append(h)
-    store = open_store(uri)
+    store = open_store(uri, anonymous)
     for s, shard_hits in by_shard.items():
         t = read_shard(store, hook, chosen[s], ("token_ids", "seq_ids", "positions"))
         for h in shard_hits:
@@ -164,16 +166,18 @@ def inspect_features(
     n_default: int = 10,
     window: int = 10,
     shards: str = ":",
+    anonymous: bool = False,
 ) -> tuple[list[LatentReport], int]:
-    """(reports of the latents, in the given order or by firing frequency; tokens scanned)."""
+    """(reports of the latents, in the given order or by firing frequency; tokens scanned).
+    `anonymous`: unsigned S3 reads (see open_store)."""
     cfg, sd = load_run(run)
     bad = [lat for lat in latents or [] if not 0 <= lat < cfg["d_sae"]]
     if bad:
         raise UserError(f"latents {bad} are out of range: the SAE has {cfg['d_sae']} latents")
-    result, meta, _, chosen = scan(cfg, sd, uri, latents, top, shards)
+    result, meta, _, chosen = scan(cfg, sd, uri, latents, top, shards, anonymous=anonymous)
     shown = latents if latents is not None else most_frequent(result.fire_counts, n_default)
     out = reports(result, shown)
-    add_contexts(out, result, uri, meta["hook"], chosen, window)
+    add_contexts(out, result, uri, meta["hook"], chosen, window, anonymous)
     return out, result.n_tokens
 
 
@@ -243,13 +247,15 @@ def write_page(
     window: int = 10,
     shards: str = ":",
     model: str | None = None,
+    anonymous: bool = False,
 ) -> list[LatentReport]:
     """Inspect the latents and write the HTML page to `out` (atomically)."""
     run = load_run(run_dir)
     found, n_tokens = inspect_features(
-        run, uri, latents, top, n_default=n_default, window=window, shards=shards
-    )
-    _, config, _ = select_shards(uri, run[0].get("hook_name"), shards)
+        run, uri, latents, top, n_default=n_default, window=window, shards=shards,
+        anonymous=anonymous,
+    )  # fmt: skip
+    _, config, _ = select_shards(uri, run[0].get("hook_name"), shards, anonymous)
     page = render_html(found, collection_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
     write_atomic(out, lambda f: f.write(page.encode("utf-8")))
     return found
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=10, help="previous tokens shown")
     parser.add_argument("--shards", default=":", help="Python slice over the shards")
     parser.add_argument("--model", help="tokenizer to decode with (default: the collection's)")
+    parser.add_argument("--anonymous", action="store_true", help=ANONYMOUS_HELP)
     parser.add_argument("--out", type=Path, default=Path("features.html"), help="HTML page")
     args = parser.parse_args(argv)
     found = write_page(
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         window=args.window,
         shards=args.shards,
         model=args.model,
+        anonymous=args.anonymous,
     )
     print(f"wrote {args.out} ({len(found)} latents)")
 

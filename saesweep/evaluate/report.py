@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
-from saesweep.train.checkpoint import write_json
+from saesweep.train.checkpoint import check_unit, write_json
 
 COLUMNS = (
     "run",
@@ -48,6 +48,7 @@ def load_results(sweep_dirs: list[Path], health: HealthConfig | None = None) -> 
         for path in sorted(sweep_dir.glob("runs/*/metrics.json")):
             metrics = json.loads(path.read_text())
             verdict = assess(metrics, health)
+            params = run_params(path.parent, metrics)
             row = {c: metrics.get(c, "") for c in COLUMNS} | {
                 "loss_recovered": metrics.get(fidelity_key(metrics), ""),
                 "health": verdict.verdict,
@@ -55,7 +56,7 @@ def load_results(sweep_dirs: list[Path], health: HealthConfig | None = None) -> 
                 "sweep": sweep_dir.name,
             }
             private = {"_path": path, "_metrics": metrics, "_health": verdict}
-            rows.append(row | private | {"_params": run_params(path.parent, metrics)})
+            rows.append(row | private | {"_params": params})
     return rows
 
 
@@ -82,6 +83,7 @@ def run_params(run_dir: Path, metrics: dict) -> dict:
     and hook."""
     cfg_path = run_dir / "cfg.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    check_unit(run_dir, cfg, metrics)
     flat = _flatten(cfg.get("saesweep_config", {}))
     params = {k: v for k, v in flat.items() if k not in IGNORED + RESOLVED}
     resolved = {k: metrics.get(k) for k in ("arch", "lr", "d_sae", "k")}

@@ -7,6 +7,7 @@ import math
 import struct
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,15 @@ SEQ_CHUNK_BITS = 20
 def checksum(data: bytes | memoryview) -> str:
     """The checksum recorded for a shard: xxh3-128 of its bytes, as 'xxh3_128:<hex>'."""
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+def file_checksum(path: Path, chunk: int = 16 << 20) -> str:
+    """`checksum` of the file at `path`, read in chunks (bounded memory)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return "xxh3_128:" + digest.hexdigest()
 
 
 def shard_name(machine: int, index: int) -> str:

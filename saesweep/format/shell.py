@@ -33,7 +33,7 @@ from saesweep.format.shards import (
     safetensors_header,
     shard_problem,
 )
-from saesweep.store import Store, open_store
+from saesweep.store import ANONYMOUS_HELP, Store, open_store
 
 VERIFY_THREADS = 4
 STATS_DIMS = 4
@@ -45,9 +45,10 @@ ID_BYTES_PER_TOKEN = 4 + 8 + 4
 # ---------------------------------------------------------------- store helpers
 
 
-def open_collection(uri: str) -> Store:
-    """The store at `uri`, or a UserError when it cannot be read or holds no collection."""
-    store = open_store(uri)
+def open_collection(uri: str, anonymous: bool = False) -> Store:
+    """The store at `uri`, or a UserError when it cannot be read or holds no collection
+    (`anonymous`: unsigned S3 reads, see open_store)."""
+    store = open_store(uri, anonymous)
     try:
         found = store.exists("cfg.json") or any(_is_collection_key(k) for k in store.list())
     except UserError:
@@ -470,6 +471,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let `inspect` download the model's tokenizer from the hub (default: local only)",
     )
+    parser.add_argument("--anonymous", action="store_true", help=ANONYMOUS_HELP)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="command to run, e.g. verify")
     return parser.parse_args(argv)
 
@@ -477,7 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shell = Shell(open_collection(args.uri), download=args.download)
+    shell = Shell(open_collection(args.uri, args.anonymous), download=args.download)
     if args.command:
         for line in " ".join(args.command).split(";"):
             shell.onecmd(line.strip())

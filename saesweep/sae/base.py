@@ -204,9 +204,12 @@ class StackedSAE(nn.Module):
         ramp = (step / warm.clamp_min(1)).clamp(max=1.0)
         return self.sparsity_coeff * torch.where(warm > 0, ramp, torch.ones_like(ramp))
 
-    def penalties(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+    ) -> dict:
         """name -> (coeff [n], value [n]); the loss adds coeff * value. x is the input, target
-        what recon approximates (x itself for an SAE)."""
+        what recon approximates (x itself for an SAE), `variance` the FVU denominator
+        (loss())."""
         return {}
 
     def code_metrics(self, codes: Codes) -> dict[str, Tensor]:
@@ -224,17 +227,21 @@ class StackedSAE(nn.Module):
         x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"],
         step: int = 0,
         target: Float[Tensor, "B d_out"] | None = None,
+        variance: Tensor | None = None,
     ) -> LossResult:
         """Loss per member, metrics, and what after_optimizer_step needs. Optimize
         result.loss.sum(). A transcoder needs `target`, the same tokens at its target hook;
-        an SAE takes none (it reconstructs x)."""
+        an SAE takes none (it reconstructs x). `variance`: the FVU denominator, default
+        total_variance(target); a slice of a batch split over data-parallel ranks passes its
+        share of the whole batch's, so that the ranks' mean loss is the whole batch's."""
         if (target is not None) != self.transcoder:
             raise ValueError("a transcoder's loss needs a target, an SAE's takes none")
         target = x if target is None else target
+        variance = total_variance(target) if variance is None else variance
         recon, codes = self(x)
         sq_err = (recon - target).pow(2).sum(dim=(1, 2))
-        mse, fvu = sq_err / recon[0].numel(), sq_err / total_variance(target)
-        terms = self.penalties(x, target, recon, codes, step)
+        mse, fvu = sq_err / recon[0].numel(), sq_err / variance
+        terms = self.penalties(x, target, recon, codes, step, variance)
         weighted = (torch.where(c != 0, c * v, 0) for c, v in terms.values())  # 0 * inf: 0
         main = fvu if self.fvu_objective else mse
         loss = main + sum(weighted, torch.zeros_like(mse))
@@ -379,10 +386,14 @@ def sae_architecture(architecture: str) -> str:
 
 @jaxtyped(typechecker=beartype)
 def fvu(
-    x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"], recon: Float[Tensor, "n B d_in"]
+    x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"],
+    recon: Float[Tensor, "n B d_in"],
+    variance: Tensor | None = None,
 ) -> Float[Tensor, " n"]:
-    """[n] fraction of variance unexplained: sum |recon - x|^2 / sum |x - mean(x)|^2."""
-    return (recon - x).pow(2).sum(dim=(1, 2)) / total_variance(x)
+    """[n] fraction of variance unexplained: sum |recon - x|^2 / sum |x - mean(x)|^2 (or
+    over `variance`, loss()'s denominator)."""
+    variance = total_variance(x) if variance is None else variance
+    return (recon - x).pow(2).sum(dim=(1, 2)) / variance
 
 
 @jaxtyped(typechecker=beartype)

@@ -47,11 +47,15 @@ class MatryoshkaSAE(BatchTopKSAE):
         super()._set_shape()
         self.widths = prefix_widths(self.cfg, self.d_in)
 
-    def penalties(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+    ) -> dict:
         """BatchTopK's terms, plus the FVU of every prefix but the full dictionary (which is
         the main term) with coefficient 1."""
-        inner = sum(fvu(target, self.predict(x, _prefix(codes, w))) for w in self.widths[:-1])
-        return super().penalties(x, target, recon, codes, step) | {
+        inner = sum(
+            fvu(target, self.predict(x, _prefix(codes, w)), variance) for w in self.widths[:-1]
+        )
+        return super().penalties(x, target, recon, codes, step, variance) | {
             "prefix_fvu": (self.sparsity_coeff.new_ones(self.n), inner)
         }
 

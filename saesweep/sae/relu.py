@@ -23,7 +23,9 @@ class ReLUSAE(StackedSAE):
     def encode(self, x: Tensor) -> DenseCodes:
         return DenseCodes(self.linear_pre(x))
 
-    def penalties(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+    ) -> dict:
         return {"sparsity_loss": (self.sparsity_at(step), self.weighted_l1(codes.acts))}
 
     def weighted_l1(self, acts: Tensor) -> Tensor:

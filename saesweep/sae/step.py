@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import StackedSAE
+from saesweep.sae.base import LossResult, StackedSAE
 from saesweep.sae.optim import StackedAdam, clip_grad_norm_, member_grad_norms
+
+
+class StepSync(Protocol):
+    """Combines the ranks of a data-parallel group inside one step."""
+
+    def gradients(self, params: Iterable[torch.nn.Parameter]) -> None: ...
+    def all_ok(self, ok: Tensor) -> Tensor: ...
+    def combine(self, result: LossResult) -> LossResult: ...
 
 
 def train_step(
@@ -17,17 +28,25 @@ def train_step(
     max_grad_norm: float | Tensor | None = 1.0,
     active: Tensor | None = None,
     target: Tensor | None = None,
+    sync: StepSync | None = None,
+    variance: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """loss -> backward -> before_optimizer_step -> clip -> masked Adam step ->
     after_optimizer_step. Members with a non-finite loss or gradient (or not in `active`,
-    [n] bool) are left untouched. `target`: a transcoder's target batch. Returns per-member
-    metrics [n], plus "updated" and "grad_norm"."""
+    [n] bool) are left untouched. `target`: a transcoder's target batch. `sync`
+    (data-parallel training) makes every replica take the whole batch's step (x and target
+    its slice, `variance` its share of the batch's FVU denominator: StackedSAE.loss).
+    Returns per-member metrics [n], plus "updated" and "grad_norm"."""
     opt.zero_grad()
-    result = sae.loss(x, step, target)
+    result = sae.loss(x, step, target, variance)
     ok = sae.finite_members(result.loss)
     if active is not None:
         ok &= active.to(ok.device)
     result.loss.where(ok, torch.zeros_like(result.loss)).sum().backward()
+    if sync is not None:
+        sync.gradients(sae.parameters())
+        ok = sync.all_ok(ok)
+        result = sync.combine(result)
     sae.before_optimizer_step()
     if max_grad_norm is None:
         norms = member_grad_norms(sae.parameters())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import SAEConfig, StackedSAE, check, total_variance
+from saesweep.sae.base import SAEConfig, StackedSAE, check
 from saesweep.sae.codes import Codes, SparseCodes
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
@@ -45,10 +45,14 @@ class TopKSAE(StackedSAE):
         """[n, B, d_sae] relu(x_in @ W_enc + b_enc), without autograd."""
         return torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc).relu_()
 
-    def penalties(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int) -> dict:
-        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, target, recon, codes))}
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+    ) -> dict:
+        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, target, recon, codes, variance))}
 
-    def auxk_loss(self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes) -> Tensor:
+    def auxk_loss(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, variance: Tensor
+    ) -> Tensor:
         """[n] AuxK: the top aux_k dead latents reconstruct the residual target - recon.
 
         Normalized by the target's total variance (the FVU term's denominator) and scaled by
@@ -65,7 +69,7 @@ class TopKSAE(StackedSAE):
         values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
         aux_recon = sparse_decode(values, indices, self.W_dec)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
-        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / total_variance(target)
+        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / variance
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}

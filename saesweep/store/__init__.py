@@ -8,15 +8,22 @@ from saesweep.errors import UserError
 from saesweep.store.base import Store
 from saesweep.store.file import FileStore
 
-__all__ = ["Store", "FileStore", "open_store"]
+__all__ = ["ANONYMOUS_HELP", "Store", "FileStore", "open_store"]
+
+ANONYMOUS_HELP = (
+    "S3 URIs: send unsigned requests (a public bucket) even when AWS credentials are "
+    "configured; without credentials reads are unsigned anyway"
+)
 
 
-def open_store(uri: str) -> Store:
-    """The store behind `uri`; S3 needs credentials in the usual AWS places."""
+def open_store(uri: str, anonymous: bool = False) -> Store:
+    """The store behind `uri`. S3 signs its requests with credentials from the usual AWS places;
+    without any, or with `anonymous` (ignored for local paths), it sends unsigned ones, which
+    read a public bucket; writes need credentials."""
     if uri.startswith("s3://"):
         from saesweep.store.s3 import S3Store
 
-        return S3Store.from_uri(uri)
+        return S3Store.from_uri(uri, anonymous=anonymous)
     if uri.startswith("file://"):
         return FileStore(Path(uri.removeprefix("file://")))
     if "://" in uri:

@@ -54,6 +54,11 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove `key` if present."""
 
+    def check_writable(self) -> None:
+        """Raise a UserError, before anything is written, when this store cannot be written
+        for a reason known in advance (S3 without credentials); otherwise nothing."""
+        return None
+
     def child(self, key: str) -> str:
         """The full URI of `key`."""
         return f"{self.uri.rstrip('/')}/{key}"

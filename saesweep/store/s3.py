@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -27,11 +28,13 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from saesweep.errors import UserError
+from saesweep.errors import UserError, redact
 from saesweep.store.base import Store
 from saesweep.store.s3_async import BlockingRangeReader
 from saesweep.store.s3_common import (
     CREDENTIAL_HINT,
+    Access,
+    access_for,
     backoff_s,
     boto_session,
     is_transient_reply,
@@ -48,6 +51,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     if not bucket:
         raise UserError(f"store URI {uri!r} names no bucket; use s3://BUCKET/PREFIX")
+    if "@" in bucket:
+        raise UserError(
+            f"store URI {redact(uri)} carries credentials, which S3 URIs never hold; use "
+            "s3://BUCKET/PREFIX and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     return bucket, prefix.strip("/")
 
 
@@ -56,12 +64,9 @@ def endpoint_from_env() -> str | None:
     a user name or password is refused: S3 clients never send them (requests are signed with
     the AWS_* keys), so they would only be printed, into logs, by the first error message."""
     endpoint = os.environ.get("S3_ENDPOINT_URL") or None
-    parts = urllib.parse.urlsplit(endpoint or "")
-    _, at, host = parts.netloc.rpartition("@")
-    if at:
-        shown = parts._replace(netloc=f"***@{host}").geturl()
+    if "@" in urllib.parse.urlsplit(endpoint or "").netloc:
         raise UserError(
-            f"S3_ENDPOINT_URL={shown} carries credentials, which S3 requests never "
+            f"S3_ENDPOINT_URL={redact(endpoint)} carries credentials, which S3 requests never "
             "use; remove them from the URL and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         )
     return endpoint
@@ -94,7 +99,11 @@ def is_stream_error(err: BaseException) -> bool:
 
 
 class S3Store(Store):
-    """Objects under s3://bucket/prefix; picklable, with one lazily made client per process."""
+    """Objects under s3://bucket/prefix; picklable, with one lazily made client per process.
+
+    Requests are signed with the configured AWS credentials; without any, or with
+    `anonymous=True`, they are sent unsigned, which reads a public bucket (s3_common.Access).
+    Writes always need credentials."""
 
     def __init__(
         self,
@@ -104,6 +113,7 @@ class S3Store(Store):
         part_size: int = DEFAULT_PART_SIZE,
         upload_threads: int = 4,
         attempts: int = 4,
+        anonymous: bool = False,
     ):
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)")
@@ -112,17 +122,20 @@ class S3Store(Store):
         self.attempts, self._bucket_seen = attempts, False
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client_pid, self._client_obj, self._lock = None, None, threading.Lock()
-        self._session_obj = None
+        self.anonymous, self._session_obj, self._access_obj = anonymous, None, None
 
     @classmethod
     def from_uri(cls, uri: str, **kwargs) -> S3Store:
-        """The store for s3://bucket/prefix, with the endpoint from S3_ENDPOINT_URL."""
+        """The store for s3://bucket/prefix, with the endpoint from S3_ENDPOINT_URL (kwargs:
+        the constructor's, e.g. anonymous=True)."""
         bucket, prefix = parse_s3_uri(uri)
         return cls(bucket, prefix, endpoint=endpoint_from_env(), **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_client_pid=None, _client_obj=None, _lock=None, _session_obj=None)
+        state.update(
+            _client_pid=None, _client_obj=None, _lock=None, _session_obj=None, _access_obj=None
+        )
         return state
 
     def __setstate__(self, state):
@@ -140,6 +153,16 @@ class S3Store(Store):
         return self._session_obj
 
     @property
+    def access(self) -> Access:
+        """Whether this process's requests are signed (s3_common.Access)."""
+        _ = self._client
+        return self._access_obj
+
+    def check_writable(self) -> None:
+        """A UserError naming the missing credentials when this store cannot be written."""
+        self.access.require_write(self.uri)
+
+    @property
     def _client(self):
         if self._client_pid != os.getpid():
             with self._lock:
@@ -150,7 +173,9 @@ class S3Store(Store):
 
     def _make_client(self):
         session = self._session_obj = boto_session()
+        self._access_obj = access_for(session, self.anonymous)
         config = Config(
+            signature_version=None if self._access_obj.signed else UNSIGNED,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             retries={"mode": "standard", "total_max_attempts": self.attempts},
@@ -185,6 +210,7 @@ class S3Store(Store):
             "endpoint": self.endpoint,
             "prefix": self.prefix,
             "session": self.session,
+            "anonymous": self.anonymous,
         }
 
     @contextlib.contextmanager
@@ -227,7 +253,7 @@ class S3Store(Store):
     def _error_for(self, code: str, key: str, status: int = 0) -> Exception | None:
         """The exception to raise for S3 error `code`, or None to keep the original."""
         where = self.child(key) if key else self.uri
-        return reply_error(status, code, where, self.endpoint_name)
+        return reply_error(status, code, where, self.endpoint_name, self.access)
 
     def _check_bucket(self) -> None:
         """Raise a UserError if the bucket is missing (HEAD on a key cannot tell)."""
@@ -241,10 +267,12 @@ class S3Store(Store):
         self._bucket_seen = True
 
     def put(self, key: str, data: bytes) -> None:
+        self.check_writable()
         with self._errors(key):
             self._client.put_object(Bucket=self.bucket, Key=self.key_of(key), Body=data)
 
     def put_file(self, key: str, path: Path) -> None:
+        self.check_writable()
         size = Path(path).stat().st_size
         if size <= self.part_size:
             with self._errors(key), open(path, "rb") as f:
@@ -362,5 +390,6 @@ class S3Store(Store):
         return {k: n for k, n in sizes.items() if not prefix or k == prefix or k.startswith(under)}
 
     def delete(self, key: str) -> None:
+        self.check_writable()
         with self._errors(key):
             self._client.delete_object(Bucket=self.bucket, Key=self.key_of(key))

@@ -1,5 +1,6 @@
 """Concurrent S3 range GETs received straight into the caller's buffers (store.http_recv),
-SigV4-signed with botocore, retrying transient errors."""
+SigV4-signed with botocore (or unsigned: anonymous reads of a public bucket), retrying
+transient errors."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from botocore.awsrequest import AWSRequest
 from saesweep.errors import UserError
 from saesweep.store.http_recv import ConnectionPool, Reply
 from saesweep.store.s3_common import (
+    access_for,
     backoff_s,
     boto_session,
     is_transient_reply,
@@ -51,7 +53,8 @@ class AsyncRangeReader:
     Keys are relative to `prefix`. Custom endpoints (SeaweedFS, MinIO) use path-style URLs;
     AWS uses virtual-hosted ones. A range GET that receives nothing for read_timeout_s is dropped
     and retried. `session`: a boto3 session to take credentials and region from (default: a
-    new one). Create and use it inside one event loop.
+    new one); without credentials, or with `anonymous`, requests are unsigned (no
+    Authorization header). Create and use it inside one event loop.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class AsyncRangeReader:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
         session=None,
+        anonymous: bool = False,
     ):
         session = session or boto_session()
         self.bucket, self.endpoint, self.prefix = bucket, endpoint, prefix.strip("/")
@@ -75,7 +79,7 @@ class AsyncRangeReader:
         self.max_connections, self.attempts, self.retry_s = max_connections, attempts, retry_s
         self._backoff = (backoff_base_s, backoff_cap_s)
         self._timeouts = (connect_timeout_s, read_timeout_s)
-        self._credentials = session.get_credentials()
+        self.access = access_for(session, anonymous)
         self._pool: ConnectionPool | None = None
 
     async def __aenter__(self) -> AsyncRangeReader:
@@ -108,9 +112,12 @@ class AsyncRangeReader:
             )
         return self._pool
 
-    def _signed_headers(self, url: str, start: int, end: int) -> dict[str, str]:
+    def _headers(self, url: str, start: int, end: int) -> dict[str, str]:
+        """The request's headers: its Range, plus the SigV4 signature unless anonymous."""
         request = AWSRequest(method="GET", url=url, headers={"Range": f"bytes={start}-{end - 1}"})
-        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
+        if self.access.signed:
+            frozen = self.access.credentials.get_frozen_credentials()
+            S3SigV4Auth(frozen, "s3", self.region).add_auth(request)
         return dict(request.headers.items())
 
     async def get_object_into(self, key: str, target: memoryview, chunk_bytes: int) -> None:
@@ -149,7 +156,7 @@ class AsyncRangeReader:
 
     async def _fetch_into(self, key: str, start: int, end: int, target: memoryview) -> None:
         url = self.url(key)
-        request = http_get(url, self._signed_headers(url, start, end))
+        request = http_get(url, self._headers(url, start, end))
         reply = await self._connections(url).get(request, target, self._timeouts[1])
         if reply.status not in (200, 206):
             raise self._status_error(reply, key)
@@ -181,7 +188,7 @@ class AsyncRangeReader:
         if is_transient_reply(reply.status, code):
             return _Transient(f"HTTP {reply.status} {code}")
         uri = f"s3://{self.bucket}/{self.object_key(key)}"
-        mapped = reply_error(reply.status, code, uri, self._where())
+        mapped = reply_error(reply.status, code, uri, self._where(), self.access)
         if mapped is not None:
             return mapped
         if reply.status == 416:

@@ -22,6 +22,7 @@ from saesweep.train.layout import check_not_running, create_sweep_dir, group_fin
 from saesweep.train.preflight import (
     check_data,
     check_local_device,
+    check_processes,
     ensure_data,
     print_plan,
     slurm_request,
@@ -117,6 +118,7 @@ def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig
         first = group.cfgs[0]
         if executor != "slurm":
             check_local_device(first)
+        check_processes(group, executor)
         ensure_data(first)
         d_model = check_data(group)
         if executor != "slurm" and d_model is not None:

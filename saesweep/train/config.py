@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,6 +57,9 @@ class DataConfig:
     retry_s: float = field(default=300.0, metadata=above(0))
     """How long an S3 store may fail transiently (down, restarting) before training stops
     with 'unreachable'; reads are retried with backoff and continue exactly."""
+    anonymous: bool = False
+    """S3 uri: send unsigned requests (a public bucket) even when AWS credentials are
+    configured; without credentials reads are unsigned anyway. Ignored for local paths."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train_data: DataConfig = field(default_factory=lambda: DataConfig(shards=":-1"))
     val_data: DataConfig = field(default_factory=lambda: DataConfig(uri="", shards="-1:"))
+    """Held-out data; uri '' reads the train collection (see held_out_data)."""
     n_train: int = field(default=1_000_000, metadata=at_least(1))
     """Training tokens (the data is repeated when it holds fewer)."""
     n_val: int = field(default=100_000, metadata=at_least(1))
@@ -98,6 +103,15 @@ class TrainConfig:
     device: str = field(default="auto", metadata=DEVICE_SPEC)
     """Torch device of the group: 'auto' (CUDA where the job runs sees a GPU, else the CPU),
     'cpu', 'cuda' or 'cuda:N'."""
+    procs_per_group: int = field(default=1, metadata=at_least(1))
+    """Processes per group under torch.distributed: one per GPU (NCCL) with a CUDA device,
+    or CPU processes (gloo) with device 'cpu' (docs/distributed.md)."""
+    parallel: Literal["sae", "data"] = "sae"
+    """With procs_per_group > 1: 'sae' spreads the group's SAEs over the processes (results
+    bit-identical to one process); 'data' splits each batch and averages gradients."""
+    dist_timeout_s: float = field(default=300.0, metadata=above(0))
+    """Seconds a process waits in a collective before the group fails (a rank that hangs);
+    a rank that dies ends the others at once."""
     autocast: Literal["none", "bfloat16"] = "none"
     """bf16 autocast for the SAE forward/backward on GPUs."""
     runs_root: str = "runs"
@@ -114,6 +128,22 @@ class TrainConfig:
     slurm: SlurmConfig = section(SlurmConfig, short=True)
     """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
 
+    @property
+    def held_out_data(self) -> DataConfig:
+        """val_data as it is read, what it leaves unset taken from train_data: uri '' is the
+        train collection (read anonymously when train_data is), no hook or layer the input
+        hook, no target (or a train_data without one) the training target."""
+        val, train = self.val_data, self.train_data
+        fields = {}
+        if not val.uri:
+            fields |= {"uri": train.uri, "anonymous": val.anonymous or train.anonymous}
+        if val.hook is None and val.layer is None:
+            fields |= {"hook": train.hook, "layer": train.layer}
+        no_val_target = val.target_hook is None and val.target_layer is None
+        if no_val_target or (train.target_hook is None and train.target_layer is None):
+            fields |= {"target_hook": train.target_hook, "target_layer": train.target_layer}
+        return dataclasses.replace(val, **fields)
+
 
 GROUP_FIELDS = (
     "train_data",
@@ -124,6 +154,9 @@ GROUP_FIELDS = (
     "absorption",
     "batch_size",
     "device",
+    "procs_per_group",
+    "parallel",
+    "dist_timeout_s",
     "autocast",
     "eval_every",
     "log_every",

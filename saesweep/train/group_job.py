@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import submitit
 
+from saesweep.memory import resolve_device
+from saesweep.train.distributed import start_world, stop_world
 from saesweep.train.layout import group_lock, run_dir, state_dir
 from saesweep.train.sweep import Group
 from saesweep.train.trainer import GroupTrainer
@@ -20,19 +24,31 @@ class GroupJob(submitit.helpers.Checkpointable):
         self.sweep_dir = sweep_dir
 
     def __call__(self, group: Group) -> list[dict]:
+        """Train the group (as one of its procs_per_group processes: rank 0 holds its lock,
+        returns and prints the group's metrics)."""
         dirs = [
             run_dir(self.sweep_dir, i, c.tag)
             for i, c in zip(group.run_ids, group.cfgs, strict=True)
         ]
-        with group_lock(self.sweep_dir, group.index):
-            trainer = GroupTrainer(
-                list(group.cfgs),
-                dirs,
-                state_dir(self.sweep_dir, group.index),
-                self.sweep_dir.name,
-                group.index,
-            )
-            results = trainer.train()
-        for metrics in results:
-            print(json.dumps({k: v for k, v in metrics.items() if k != "density_hist"}))
+        first = group.cfgs[0]
+        world = start_world(first, resolve_device(first.device))
+        if world.size > 1:
+            print(f"[group] rank {world.rank} of {world.size}, pid {os.getpid()}", flush=True)
+        try:
+            lock = group_lock(self.sweep_dir, group.index) if world.leader else nullcontext()
+            with lock:
+                trainer = GroupTrainer(
+                    list(group.cfgs),
+                    dirs,
+                    state_dir(self.sweep_dir, group.index),
+                    self.sweep_dir.name,
+                    group.index,
+                    world,
+                )
+                results = trainer.train()
+        finally:
+            stop_world(world)
+        if world.leader:
+            for metrics in results:
+                print(json.dumps({k: v for k, v in metrics.items() if k != "density_hist"}))
         return results

@@ -14,7 +14,7 @@ from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.sources import hook_spec, store_hooks, target_spec, val_data
+from saesweep.train.sources import hook_spec, store_hooks, target_spec
 from saesweep.train.sweep import Group
 
 
@@ -34,22 +34,54 @@ evaluation."""
 
 
 def slurm_request(group: Group, d_model: int | None) -> SlurmConfig:
-    """The group's Slurm config with its sizes resolved (docs/sweeps.md#slurm): one GPU unless
-    the device is 'cpu'; the reader's threads plus two cores; host memory for two shuffle
-    windows at 4 bytes a value, plus the SAEs' training state when they train on the CPU,
-    plus BASE_HOST_GB (left to the partition's default while d_model is unknown)."""
+    """The group's Slurm config with its sizes resolved (docs/sweeps.md#slurm): one GPU per
+    process unless the device is 'cpu'; per process the reader's threads plus two cores; per
+    node BASE_HOST_GB per process, plus two shuffle windows at 4 bytes a value, plus the
+    SAEs' training state when they train on the CPU (memory left to the partition's default
+    while d_model is unknown)."""
     cfg = group.cfgs[0]
     slurm = cfg.slurm
+    procs_per_node = max(1, cfg.procs_per_group // slurm.nodes_per_group)
     gpus = slurm.gpus_per_group
-    gpus = gpus if gpus is not None else int(cfg.device != "cpu")
+    gpus = gpus if gpus is not None else cfg.procs_per_group * int(cfg.device != "cpu")
     cpus = slurm.cpus_per_group or cfg.train_data.n_threads + 2
     mem_gb = slurm.mem_gb
     if mem_gb is None and d_model:
         host = 2 * cfg.train_data.shuffle_tokens * d_model * 4
         if gpus == 0:
-            host += group_memory_bytes(group, d_model)
-        mem_gb = float(BASE_HOST_GB + math.ceil(host / 2**30))
+            replicas = procs_per_node if cfg.parallel == "data" else 1
+            host += group_memory_bytes(group, d_model) * replicas
+        mem_gb = float(BASE_HOST_GB * procs_per_node + math.ceil(host / 2**30))
     return dataclasses.replace(slurm, gpus_per_group=gpus, cpus_per_group=cpus, mem_gb=mem_gb)
+
+
+def check_processes(group: Group, executor: str) -> None:
+    """A group of several processes must be one they can share: an SAE for every process
+    in sae mode, a batch that splits evenly in data mode, GPUs enough where it runs here."""
+    cfg = group.cfgs[0]
+    procs, where = cfg.procs_per_group, f"group {group.index}"
+    if procs == 1:
+        return
+    if cfg.parallel == "sae" and len(group.cfgs) < procs:
+        raise UserError(
+            f"{where} has {len(group.cfgs)} SAEs for {procs} processes; lower "
+            "--procs-per-group or use --parallel data"
+        )
+    if cfg.parallel == "data" and cfg.batch_size % procs:
+        raise UserError(
+            f"{where}: batch_size {cfg.batch_size} does not split over {procs} processes; "
+            "make it a multiple of --procs-per-group"
+        )
+    if executor != "slurm" and cfg.slurm.nodes_per_group > 1:
+        raise UserError("--nodes-per-group needs Slurm (--slurm-acct); local groups use one node")
+    if executor != "slurm" and resolve_device(cfg.device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < procs:
+            raise UserError(
+                f"{where} asks for {procs} processes, one per GPU, but this machine has "
+                f"{torch.cuda.device_count()}; lower --procs-per-group or use --device cpu"
+            )
 
 
 def group_memory_bytes(group: Group, d_model: int) -> int:
@@ -70,8 +102,8 @@ def describe_request(slurm: SlurmConfig) -> str:
     mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "the partition's default memory"
     where = f"account {slurm.acct}" + (f", partition {slurm.partition}" if slurm.partition else "")
     return (
-        f"Slurm: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs, {mem}, "
-        f"{slurm.n_hours:g} h ({where})"
+        f"Slurm: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs per process, {mem} per "
+        f"node, {slurm.nodes_per_group} node(s), {slurm.n_hours:g} h ({where})"
     )
 
 
@@ -102,6 +134,8 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
             f"n_train={first.n_train:,}, device={describe_device(first, executor)}, "
             f"memory {memory}"
         )
+        if first.procs_per_group > 1:
+            print(f"  {first.procs_per_group} processes, parallel {first.parallel}")
         if executor == "slurm":
             print(f"  {describe_request(slurm_request(group, d_model))}")
         for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
@@ -114,7 +148,7 @@ def local_d_model(data: DataConfig) -> int | None:
     if "://" in data.uri.removeprefix("file://"):
         return None
     try:
-        return find_hook(open_store(data.uri), data.hook, data.layer)["d_model"]
+        return find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)["d_model"]
     except (UserError, OSError):
         return None
 
@@ -132,7 +166,7 @@ def check_data(group: Group) -> int | None:
 
         load_toml(Path(cfg.train_data.collect))
         return None
-    (train, _), _ = (store_hooks(data) for data in (cfg.train_data, val_data(cfg)))
+    (train, _), _ = (store_hooks(data) for data in (cfg.train_data, cfg.held_out_data))
     for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
         try:
             ARCHITECTURES[run_cfg.sae.arch].check_shape(run_cfg.sae, train["d_model"])

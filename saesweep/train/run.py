@@ -26,6 +26,7 @@ def run_sweep(
         log_dir=sweep_dir / "logs",
         slurm=slurms,
         poll_s=2.0,
+        tasks=[g.cfgs[0].procs_per_group for g in groups],
     )
     write_report(sweep_dir, health=groups[0].cfgs[0].health)
     failed = [o for o in outcomes if o.status != "done"]

@@ -45,24 +45,10 @@ def target_spec(data: DataConfig) -> str | None:
     return f"resid.{data.target_layer}" if data.target_layer is not None else None
 
 
-def val_data(cfg: TrainConfig) -> DataConfig:
-    """val_data with what it leaves unset taken from train_data: the uri, the input hook
-    (hook and layer) and the target hook (target_hook and target_layer); without a training
-    target it reads none either."""
-    val, train = cfg.val_data, cfg.train_data
-    fields = {"uri": val.uri or train.uri}
-    if val.hook is None and val.layer is None:
-        fields |= {"hook": train.hook, "layer": train.layer}
-    no_target = val.target_hook is None and val.target_layer is None
-    if no_target or target_spec(train) is None:
-        fields |= {"target_hook": train.target_hook, "target_layer": train.target_layer}
-    return dataclasses.replace(val, **fields)
-
-
 def store_hooks(data: DataConfig) -> tuple[dict, dict | None]:
     """(metadata of the input hook, of the target hook or None) in the collection at data.uri;
     a target that is the input hook or stores other tokens is refused."""
-    store = open_store(data.uri)
+    store = open_store(data.uri, data.anonymous)
     meta = find_hook(store, data.hook, data.layer)
     if data.target_hook is None and data.target_layer is None:
         return meta, None
@@ -94,6 +80,7 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
         shards=parse_slice(data.shards),
         on_corrupt=data.on_corrupt,
         retry_s=data.retry_s,
+        anonymous=data.anonymous,
     )
 
 
@@ -148,14 +135,15 @@ class StoreSource:
         train collection's last shard, its hooks those of train_data unless set."""
         cfg = self.cfg
         batch = min(cfg.batch_size, cfg.n_val)
-        val = open_reader(val_data(cfg), dataclasses.replace(cfg, batch_size=batch), False)
+        val = open_reader(cfg.held_out_data, dataclasses.replace(cfg, batch_size=batch), False)
         # named after the training hooks, which the stacks know (val may read other ones)
         names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
         return ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
 
     @property
-    def held_out_uri(self) -> str | None:
-        return self.cfg.val_data.uri or self.cfg.train_data.uri
+    def held_out_data(self) -> DataConfig | None:
+        """The stored held-out data (downstream and absorption read it), or None."""
+        return self.cfg.held_out_data
 
 
 class LiveSource:
@@ -241,7 +229,7 @@ class LiveSource:
         return out
 
     @property
-    def held_out_uri(self) -> str | None:
+    def held_out_data(self) -> DataConfig | None:
         return None
 
 

@@ -25,13 +25,28 @@ from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
-from saesweep.train.checkpoint import load_state, save_sae, write_tensors
+from saesweep.train.checkpoint import (
+    WEIGHTS_CHECKSUM,
+    commit_state,
+    load_state,
+    save_sae,
+    saved_state,
+    write_tensors,
+)
 from saesweep.train.config import TrainConfig
+from saesweep.train.distributed import (
+    DataParallelSync,
+    SharedSource,
+    World,
+    assign_runs,
+    data_slice,
+    held_out_tensors,
+)
 from saesweep.train.runlog import RunLog
 from saesweep.train.sources import open_source
 
-STATE_FILE = "state.safetensors"
-"""A group's trainer state, in its state directory."""
+SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
+"""metrics.json keys left out of the wandb summary."""
 
 
 @dataclass
@@ -58,12 +73,14 @@ class GroupTrainer:
         state_dir: Path,
         sweep_name: str = "sweep",
         group_index: int = 0,
+        world: World | None = None,
     ):
-        cfgs = [dataclasses.replace(c, device=resolve_device(c.device)) for c in cfgs]
+        self.world = world or World(device=resolve_device(cfgs[0].device))
+        cfgs = [dataclasses.replace(c, device=self.world.device) for c in cfgs]
         self.cfgs, self.run_dirs, self.state_dir = cfgs, run_dirs, state_dir
         self.sweep_name, self.group_index = sweep_name, group_index
         first = cfgs[0]
-        self.source = open_source(cfgs)
+        self.source = self._open_source()
         self.total_steps = math.ceil(first.n_train / first.batch_size)
         self.d_in = self.source.d_model
         self.scales = {
@@ -71,13 +88,31 @@ class GroupTrainer:
             for hook in self.source.hooks.values()
         }
         self._check_d_model()
-        check_fits([c.sae for c in cfgs], self.d_in, first.batch_size, first.device)
+        self.trained = self._runs_of_this_rank()
+        """Indices of the runs this process trains."""
+        self.reported = self.trained if self.world.mode == "sae" or self.world.leader else []
+        """Indices of the runs this process logs and exports (data mode: rank 0, all)."""
+        check_fits([cfgs[i].sae for i in self.trained], self.d_in, first.batch_size, first.device)
         reuse_freed_memory()
         self.stacks = self._build_stacks()
+        self.sync = DataParallelSync(self.world) if self.world.mode == "data" else None
         self.step = self.first_step = 0
         self.held_out_batches: dict[str, list[torch.Tensor]] | None = None
         self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
         self.started = time.perf_counter()
+
+    def _open_source(self):
+        """The group's source; with several processes, rank 0's shared with every rank."""
+        if self.world.size == 1:
+            return open_source(self.cfgs)
+        inner = open_source(self.cfgs) if self.world.leader else None
+        return SharedSource(self.world, inner, self.cfgs)
+
+    def _runs_of_this_rank(self) -> list[int]:
+        if self.world.mode == "data" or self.world.size == 1:
+            return list(range(len(self.cfgs)))
+        widths = [c.sae.width(self.d_in) for c in self.cfgs]
+        return assign_runs(widths, self.d_in, self.world.size)[self.world.rank]
 
     def _check_d_model(self) -> None:
         for cfg in self.cfgs:
@@ -89,7 +124,8 @@ class GroupTrainer:
 
     def _build_stacks(self) -> list[Stack]:
         buckets: dict = {}
-        for i, cfg in enumerate(self.cfgs):
+        for i in self.trained:
+            cfg = self.cfgs[i]
             key = (self.source.hook_of(cfg), self.source.target_of(cfg), stack_key(cfg.sae))
             buckets.setdefault(key, []).append(i)
         stacks = []
@@ -127,10 +163,7 @@ class GroupTrainer:
 
     def train(self) -> list[dict]:
         """Train to n_train tokens (resuming from saved state), evaluate, save checkpoints."""
-        logs = [
-            RunLog(d, d.name, c, self.sweep_name, self.group_index, c.wandb_mode, c.wandb_project)
-            for c, d in zip(self.cfgs, self.run_dirs, strict=True)
-        ]
+        logs = {i: self._run_log(i) for i in self.reported}
         fresh = not self._load_state()
         for acts in self.source:
             if self.step >= self.total_steps:
@@ -144,52 +177,84 @@ class GroupTrainer:
             self.step += 1
             if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
                 self._log(logs, metrics)
-            if self.cfgs[0].eval_every and self.step % self.cfgs[0].eval_every == 0:
+            every = self.cfgs[0].eval_every
+            if every and self.step % every == 0 and self.reported:
                 self._evaluate_while_training(logs)
             if self.step % self.cfgs[0].ckpt_every == 0:
                 self.save_state()
         return self._finish(logs)
 
+    def _run_log(self, i: int) -> RunLog:
+        cfg, run_dir = self.cfgs[i], self.run_dirs[i]
+        return RunLog(
+            run_dir,
+            run_dir.name,
+            cfg,
+            self.sweep_name,
+            self.group_index,
+            cfg.wandb_mode,
+            cfg.wandb_project,
+        )
+
     def _step(self, batch: dict[str, torch.Tensor]) -> list[dict]:
         cfg = self.cfgs[0]
         out = []
         for stack in self.stacks:
-            x = batch[stack.hook]
+            x, variance = batch[stack.hook], None
             target = batch[stack.target] if stack.sae.transcoder else None
+            if self.sync is not None:
+                x, target, variance = data_slice(self.world, x, target)
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
             with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
                 m = train_step(
-                    stack.sae, stack.opt, x, self.step, stack.max_grad_norm, ~stack.failed, target
+                    stack.sae,
+                    stack.opt,
+                    x,
+                    self.step,
+                    stack.max_grad_norm,
+                    active=~stack.failed,
+                    target=target,
+                    sync=self.sync,
+                    variance=variance,
                 )
             stack.failed |= ~m["updated"]
             m["lr"] = stack.opt.lr
             out.append(m)
         return out
 
-    def _log(self, logs: list[RunLog], metrics: list[dict]) -> None:
+    def _log(self, logs: dict[int, RunLog], metrics: list[dict]) -> None:
         batch = self.cfgs[0].batch_size
         rate = (self.step - self.first_step) * batch / (time.perf_counter() - self.started)
         shared = {"tokens": self.step * batch, "tokens_per_s": rate, "wall_s": self.wall_s()}
         shared |= self.source.figures()
         for stack, m in zip(self.stacks, metrics, strict=True):
             for j, i in enumerate(stack.members):
+                if i not in logs:
+                    continue
                 values = {k: float(v[j]) for k, v in m.items() if v.dim() == 1}
                 logs[i].log(self.step, values | shared | {"failed": bool(stack.failed[j])})
 
-    def _evaluate_while_training(self, logs: list[RunLog]) -> None:
+    def _evaluate_while_training(self, logs: dict[int, RunLog]) -> None:
         """FVU, L0 and dead % of every SAE on the held-out tokens (read once, then kept in
         memory: n_val tokens per hook), logged as eval/* with the seconds it took."""
         started = time.perf_counter()
-        if self.held_out_batches is None:
-            self.held_out_batches = [
-                {hook: acts.clone() for hook, acts in batch.items()}
-                for batch in _first(self.source.held_out(), self.cfgs[0].n_val)
-            ]
-        evals = self._evaluate(self.held_out_batches)
+        evals = self._evaluate(self._held_out())
         seconds = time.perf_counter() - started
         for i, metrics in evals.items():
             values = {f"eval/{k}": metrics[k] for k in ("fvu", "l0", "dead_pct", "mse")}
             logs[i].log(self.step, values | {"eval/seconds": seconds})
+
+    def _held_out(self) -> list[dict[str, torch.Tensor]]:
+        """Up to n_val held-out tokens ({hook: acts} batches, every hook's rows the same
+        tokens), in memory (read on first use)."""
+        if self.held_out_batches is None:
+            cfg = self.cfgs[0]
+            batch = min(cfg.batch_size, cfg.n_val)
+            if isinstance(self.source, SharedSource):
+                self.held_out_batches = self.source.held_out(cfg.n_val, batch)
+            else:
+                self.held_out_batches = held_out_tensors(self.source, cfg.n_val, batch)
+        return self.held_out_batches
 
     def _evaluate(self, held_out) -> dict[int, dict]:
         """Every run's metrics on held-out data (batches of {hook: acts}), by run index."""
@@ -201,32 +266,42 @@ class GroupTrainer:
             for j, i in enumerate(stack.members)
         }
 
-    def _finish(self, logs: list[RunLog]) -> list[dict]:
-        evals = self._evaluate(self.held_out_batches or self.source.held_out())
-        for stack in self.stacks:
-            for j, i in enumerate(stack.members):
-                self._export(stack, j, i, evals[i])
-        self._downstream()
-        self._absorption()
-        results = [json.loads((d / "metrics.json").read_text()) for d in self.run_dirs]
-        for log, metrics in zip(logs, results, strict=True):
-            log.finish({k: v for k, v in metrics.items() if k != "density_hist"}, metrics["failed"])
+    def _finish(self, logs: dict[int, RunLog]) -> list[dict]:
+        """Evaluate and export every run, then (rank 0) downstream fidelity and absorption of
+        the whole group; the group's metrics on rank 0, this rank's on the others."""
+        if self.reported:
+            evals = self._evaluate(self._held_out())
+            for stack in self.stacks:
+                for j, i in enumerate(stack.members):
+                    self._export(stack, j, i, evals[i])
+        self.world.barrier()
+        if self.world.leader:
+            self._downstream()
+            self._absorption()
+        self.world.barrier()
+        dirs = self.run_dirs
+        results = {i: json.loads((d / "metrics.json").read_text()) for i, d in enumerate(dirs)}
+        for i, log in logs.items():
+            metrics = results[i]
+            summary = {k: v for k, v in metrics.items() if k not in SUMMARY_SKIPS}
+            log.finish(summary, metrics["failed"])
         self.save_state()
-        return results
+        return list(results.values()) if self.world.leader else [results[i] for i in self.reported]
 
     def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
         cfg = self.cfgs[0]
-        uri = self.source.held_out_uri
-        if cfg.downstream_sequences <= 0 or uri is None:
+        data = self.source.held_out_data
+        if cfg.downstream_sequences <= 0 or data is None:
             return
         try:
             add_downstream(
                 self.run_dirs,
-                uri,
+                data.uri,
                 n_sequences=cfg.downstream_sequences,
                 device=cfg.device,
-                shards=cfg.val_data.shards,
+                shards=data.shards,
+                anonymous=data.anonymous,
             )
         except UserError as err:
             print(f"warning: downstream fidelity skipped: {err}")
@@ -235,11 +310,13 @@ class GroupTrainer:
         """Add feature absorption to every metrics.json (store sources: it needs the stored
         token ids and the collection's tokenizer)."""
         cfg = self.cfgs[0]
-        uri = self.source.held_out_uri
-        if cfg.absorption.n_tokens <= 0 or uri is None:
+        data = self.source.held_out_data
+        if cfg.absorption.n_tokens <= 0 or data is None:
             return
         try:
-            add_absorption(self.run_dirs, uri, cfg.val_data.shards, cfg.absorption)
+            add_absorption(
+                self.run_dirs, data.uri, data.shards, cfg.absorption, anonymous=data.anonymous
+            )
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
 
@@ -278,29 +355,52 @@ class GroupTrainer:
         save_sae(run_dir, stack.sae.member_state_dict(j, *scales), sae_cfg, metrics)
 
     def save_state(self) -> None:
-        """One atomic file: tensors, and the step and reader position in its metadata (two
-        files would let a kill between their renames pair new weights with an old position)."""
-        tensors = {"rng": torch.get_rng_state()}
-        for s, stack in enumerate(self.stacks):
-            tensors |= {f"{s}.sae.{k}": v for k, v in stack.sae.state_dict().items()}
-            tensors |= {f"{s}.opt.{k}": v for k, v in stack.opt.state_dict().items()}
-            tensors[f"{s}.failed"] = stack.failed
-        position = {"step": self.step, "reader": self.source.state_dict(), "wall_s": self.wall_s()}
-        write_tensors(self.state_dir / STATE_FILE, tensors, {"position": json.dumps(position)})
+        """Each rank's tensors in its own file named by step, then one commit (rank 0's
+        atomic state.json: step, reader position, files), so a kill at any moment leaves the
+        last commit whole and no mix of ranks from different steps. In data mode rank 0's
+        replica stands for all."""
+        name = f"state-{self.step:08d}.rank-{self.world.rank}.safetensors"
+        if self.world.mode == "sae" or self.world.leader:
+            tensors = {"rng": torch.get_rng_state()}
+            for s, stack in enumerate(self.stacks):
+                tensors |= {f"{s}.sae.{k}": v for k, v in stack.sae.state_dict().items()}
+                tensors |= {f"{s}.opt.{k}": v for k, v in stack.opt.state_dict().items()}
+                tensors[f"{s}.failed"] = stack.failed
+            write_tensors(self.state_dir / name, tensors)
+        self.world.barrier()
+        if self.world.leader:
+            n_files = self.world.size if self.world.mode == "sae" else 1
+            commit_state(
+                self.state_dir,
+                {
+                    "step": self.step,
+                    "reader": self.source.state_dict(),
+                    "wall_s": self.wall_s(),
+                    "procs": self.world.size,
+                    "parallel": self.world.mode,
+                    "files": [name.replace(".rank-0.", f".rank-{r}.") for r in range(n_files)],
+                },
+            )
 
     def _load_state(self) -> bool:
-        path = self.state_dir / STATE_FILE
-        if not path.exists():
+        commit = self.world.share(saved_state(self.state_dir) if self.world.leader else None)
+        if commit is None:
             return False
-        tensors, meta = load_state(path)
+        if (commit["procs"], commit["parallel"]) != (self.world.size, self.world.mode):
+            raise UserError(
+                f"the state in {self.state_dir} was saved by {commit['procs']} processes in "
+                f"parallel mode {commit['parallel']!r}; resume it the same way"
+            )
+        files = commit["files"]
+        tensors = load_state(self.state_dir / files[self.world.rank if len(files) > 1 else 0])
         torch.set_rng_state(tensors["rng"])
         for s, stack in enumerate(self.stacks):
             stack.sae.load_state_dict(_prefixed(tensors, f"{s}.sae."))
             stack.opt.load_state_dict(_prefixed(tensors, f"{s}.opt."))
             stack.failed.copy_(tensors[f"{s}.failed"])
-        self.step = self.first_step = meta["step"]
-        self.earlier_wall_s = meta.get("wall_s", 0.0)  # states saved before 2026-12-01 lack it
-        self.source.load_state_dict(meta["reader"])
+        self.step = self.first_step = commit["step"]
+        self.earlier_wall_s = commit["wall_s"]
+        self.source.load_state_dict(commit["reader"])
         return True
 
     def wall_s(self) -> float:
@@ -310,13 +410,3 @@ class GroupTrainer:
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _first(batches, n_tokens: int):
-    """The batches ({hook: acts}) of `batches` up to n_tokens tokens (the last one cut)."""
-    tokens = 0
-    for batch in batches:
-        yield {hook: acts[: n_tokens - tokens] for hook, acts in batch.items()}
-        tokens += len(next(iter(batch.values())))
-        if tokens >= n_tokens:
-            return

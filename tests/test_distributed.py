@@ -1,0 +1,136 @@
+"""A group over several processes (torch.distributed, gloo on CPU): SAEs split over ranks
+are bit-identical to one process, data-parallel replicas match it to float tolerance, a
+killed rank ends the group and --resume continues it exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import CPU_PARTITION, coll, only_dir, run_train, weights  # noqa: F401
+
+from saesweep.train.checkpoint import saved_state
+from saesweep.train.distributed import assign_runs
+
+MIXED = """
+def make_cfgs():
+    return [
+        {"lr": 1e-3, "sae": {"arch": "topk", "d_sae": 64, "k": 4}},
+        {"lr": 3e-3, "sae": {"arch": "relu", "d_sae": 32}},
+        {"lr": 2e-3, "sae": {"arch": "topk", "d_sae": 64, "k": 4}},
+        {"lr": 1e-3, "sae": {"arch": "relu", "d_sae": 32}},
+    ]
+"""
+
+
+def mixed_args(coll: str, tmp_path: Path, root: str, *extra: str) -> list[str]:  # noqa: F811
+    sweep = tmp_path / "mixed.py"
+    sweep.write_text(MIXED)
+    return [
+        "--sweep", str(sweep), "--runs-root", str(tmp_path / root), "--device", "cpu",
+        "--train-data.uri", coll, "--train-data.collect", "", "--batch-size", "128",
+        "--n-val", "512", "--ckpt-every", "5", "--wandb-mode", "disabled", *extra,
+    ]  # fmt: skip
+
+
+def finished(proc) -> None:
+    out, err = proc.communicate()
+    assert proc.returncode == 0, out + err
+
+
+def assert_same_runs(a: Path, b: Path, exact: bool) -> None:
+    runs = sorted(p.name for p in (a / "runs").iterdir())
+    assert runs == sorted(p.name for p in (b / "runs").iterdir()) and len(runs) == 4
+    for run in runs:
+        want, got = weights(a / "runs" / run), weights(b / "runs" / run)
+        for name in want:
+            if exact:
+                assert torch.equal(want[name], got[name]), (run, name)
+            else:
+                torch.testing.assert_close(got[name], want[name], rtol=2e-3, atol=2e-4)
+
+
+def test_costliest_first_to_the_least_loaded_rank():
+    assert assign_runs([64, 32, 64, 32], 16, 2) == [[0, 1], [2, 3]]
+    assert assign_runs([128, 32, 32, 32, 32], 16, 2) == [[0], [1, 2, 3, 4]]
+    assert assign_runs([8] * 5, 16, 3) == [[0, 3], [1, 4], [2]]
+
+
+def _pid_of_rank(sweep_root: Path, rank: int) -> int | None:
+    for log in sweep_root.glob(f"*/logs/*_{rank}_log.out"):
+        for line in log.read_text().splitlines():
+            if line.startswith(f"[group] rank {rank} of 2, pid "):
+                return int(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+def test_sae_mode_is_bit_identical_and_survives_a_killed_rank(coll, tmp_path):  # noqa: F811
+    steps = ["--n-train", "60000"]
+    finished(run_train(*mixed_args(coll, tmp_path, "one", *steps, "--executor", "debug")))
+    two = ["--executor", "local", "--procs-per-group", "2", *steps]
+    proc = run_train(*mixed_args(coll, tmp_path, "two", *two))
+    state = None
+    for _ in range(6000):
+        states = list((tmp_path / "two").glob("*/groups/group-000/state.json"))
+        if states and saved_state(states[0].parent)["step"] >= 30:
+            state = states[0].parent
+            break
+        time.sleep(0.02)
+    assert state is not None, "the two-process group never committed a state"
+    commit = saved_state(state)
+    assert commit["procs"] == 2 and [f.split(".")[1] for f in commit["files"]] == [
+        "rank-0",
+        "rank-1",
+    ]
+    victim, survivor = _pid_of_rank(tmp_path / "two", 1), _pid_of_rank(tmp_path / "two", 0)
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate()
+    assert proc.returncode == 1, out + err
+    assert "group 0 failed: " in out and "rank 1 of 2" in out, out
+    assert "_1_log.out" in out.split("group 0 failed: ")[1], "names the killed rank's log"
+    assert not _alive(survivor), "the surviving rank stopped with its group"
+    sweep_dir = only_dir(tmp_path / "two")
+    assert not list(sweep_dir.glob("runs/*/metrics.json"))
+    finished(run_train("--resume", str(sweep_dir)))
+    assert_same_runs(only_dir(tmp_path / "one"), sweep_dir, exact=True)
+    results = (sweep_dir / "results.csv").read_text().splitlines()
+    assert len(results) == 5
+
+
+def test_data_mode_matches_one_process(coll, tmp_path):  # noqa: F811
+    steps = ["--n-train", "12800"]
+    finished(run_train(*mixed_args(coll, tmp_path, "one", *steps, "--executor", "debug")))
+    two = ["--procs-per-group", "2", "--parallel", "data", *steps]
+    finished(run_train(*mixed_args(coll, tmp_path, "two", "--executor", "local", *two)))
+    one, two_dir = only_dir(tmp_path / "one"), only_dir(tmp_path / "two")
+    assert_same_runs(one, two_dir, exact=False)
+    for run in (one / "runs").iterdir():
+        want = json.loads((run / "metrics.json").read_text())
+        got = json.loads((two_dir / "runs" / run.name / "metrics.json").read_text())
+        assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-2)
+        assert got["l0"] == pytest.approx(want["l0"], rel=1e-2)
+        assert got["tokens_seen"] == want["tokens_seen"] == 12800
+
+
+def test_two_task_group_on_slurm(coll, tmp_path, slurm_cluster):  # noqa: F811
+    steps = ["--n-train", "6400"]
+    finished(run_train(*mixed_args(coll, tmp_path, "one", *steps, "--executor", "debug")))
+    slurm = ["--slurm-acct", "test", "--mem-gb", "1", *CPU_PARTITION, "--procs-per-group", "2"]
+    finished(run_train(*mixed_args(coll, tmp_path, "slurm", *steps, *slurm, "--eval-every", "20")))
+    sweep_dir = only_dir(tmp_path / "slurm")
+    assert_same_runs(only_dir(tmp_path / "one"), sweep_dir, exact=True)
+    for run in (sweep_dir / "runs").iterdir():  # held-out data broadcast to both ranks
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").open()]
+        assert [x["step"] for x in lines if "eval/fvu" in x] == [20, 40], run
+    logs = sorted(p.name.split("_")[1] for p in sweep_dir.glob("logs/*_log.out"))
+    assert logs == ["0", "1"], "one Slurm job, two tasks"
