@@ -6,10 +6,12 @@ import torch
 
 from saesweep.format.manifest import HookPart, Part, part_key, write_merged
 from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
-from saesweep.sae.synthetic import sparse_mixture
+from saesweep.sae.synthetic import sparse_map, sparse_mixture
 from saesweep.store import open_store
 
 HOOK = "model.layers.1"
+TARGET = "model.layers.2"
+"""The second hook of make_collection(target_d=...), short name resid.2."""
 
 
 def make_collection(
@@ -19,46 +21,66 @@ def make_collection(
     dtype=torch.float32,
     seed: int = 0,
     sparse: bool = False,
+    target_d: int | None = None,
+    target_sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """Write shards whose acts[:, 0] is each token's global index (sparse=False), or tokens
-    that are sparse mixtures of 64 directions (sparse=True, for training); return all acts."""
+    that are sparse mixtures of 64 directions (sparse=True, for training); return all acts.
+
+    With target_d, a second hook TARGET of that width stores the same tokens (or the tokens
+    of target_sizes, to test refusals): acts[:, 0] the global index again, or with sparse=True
+    the planted sparse map of HOOK's tokens (sparse.synthetic.sparse_map)."""
     store = open_store(uri)
     gen = torch.Generator().manual_seed(seed)
-    part, hp, start, everything = Part(0, 1, complete=True), HookPart(), 0, []
-    for i, n in enumerate(shard_sizes):
-        if sparse:
-            acts = sparse_mixture(n, d, seed=seed * 1000 + i)
-        else:
-            acts = torch.randn(n, d, generator=gen)
-            acts[:, 0] = torch.arange(start, start + n, dtype=torch.float32)
-        acts = acts.to(dtype)
-        ids = torch.arange(start, start + n) % 30000
-        data = encode_shard(acts, ids, torch.arange(start, start + n), torch.zeros(n))
-        store.put(f"{HOOK}/{shard_name(0, i)}", data)
-        hp.shards.append(
-            {
-                "name": shard_name(0, i),
-                "n_tokens": n,
-                "n_bytes": len(data),
-                "checksum": checksum(data),
-            }
-        )
-        stats = RunningStats.of(acts)
-        hp.stats = stats if hp.stats is None else hp.stats.merge(stats)
-        everything.append(acts)
-        start += n
-    part.hooks[HOOK], part.seq_done = hp, start
+    target_gen = torch.Generator().manual_seed(seed + 1)
+    hooks = {HOOK: (d, shard_sizes)}
+    if target_d is not None:
+        hooks[TARGET] = (target_d, target_sizes or shard_sizes)
+    part, everything = Part(0, 1, complete=True), []
+    for hook, (width, sizes) in hooks.items():
+        hp, start = HookPart(), 0
+        for i, n in enumerate(sizes):
+            if sparse and hook == HOOK:
+                acts = sparse_mixture(n, width, seed=seed * 1000 + i)
+            elif sparse:
+                acts = sparse_map(n, d, width, seed=seed * 1000 + i)[1]
+            else:
+                acts = torch.randn(n, width, generator=gen if hook == HOOK else target_gen)
+                acts[:, 0] = torch.arange(start, start + n, dtype=torch.float32)
+            acts = acts.to(dtype)
+            ids = torch.arange(start, start + n) % 30000
+            data = encode_shard(acts, ids, torch.arange(start, start + n), torch.zeros(n))
+            store.put(f"{hook}/{shard_name(0, i)}", data)
+            hp.shards.append(
+                {
+                    "name": shard_name(0, i),
+                    "n_tokens": n,
+                    "n_bytes": len(data),
+                    "checksum": checksum(data),
+                }
+            )
+            stats = RunningStats.of(acts)
+            hp.stats = stats if hp.stats is None else hp.stats.merge(stats)
+            if hook == HOOK:
+                everything.append(acts)
+            start += n
+        part.hooks[hook] = hp
+    part.seq_done = sum(shard_sizes)
     store.put_json(part_key(0, 1), part.to_json())
     info = {
-        "hook": HOOK,
-        "short_name": "resid.1",
         "site": "resid",
-        "layer": 1,
-        "d_model": d,
         "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
         "ctx_len": 64,
         "model": "synthetic",
         "exclude_special": True,
     }
-    write_merged(store, [part], {HOOK: info})
+    write_merged(
+        store,
+        [part],
+        {
+            hook: info
+            | {"hook": hook, "short_name": f"resid.{layer}", "layer": layer, "d_model": w}
+            for (hook, (w, _)), layer in zip(hooks.items(), (1, 2), strict=False)
+        },
+    )
     return torch.cat(everything)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from synthetic import HOOK, make_collection
+from synthetic import HOOK, TARGET, make_collection
 
 from saesweep import Reader
 from saesweep.data.window import BatchBuffers, Window
@@ -93,7 +93,7 @@ def test_normalize_scales_mean_norm(coll):
     reader = Reader(coll, batch_size=TOTAL, normalize="norm")
     acts = next(iter(reader))
     assert acts.norm(dim=1).mean().item() == pytest.approx(math.sqrt(16), rel=1e-4)
-    assert reader.normalization["scale"] > 0
+    assert reader.normalization["scales"][HOOK] > 0
 
 
 def test_hook_and_layer_selection(coll):
@@ -194,3 +194,68 @@ def test_batch_buffers_reused_only_when_nothing_uses_them():
 def test_cuda_device_without_cuda_is_a_user_error(coll):
     with pytest.raises(UserError, match="sees no CUDA device; use device='cpu'"):
         Reader(coll, device="cuda")
+
+
+# ----- several hooks in lockstep (a transcoder's input and target) -------------------------
+
+
+@pytest.fixture(scope="module")
+def coll2(tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("coll2"))
+    make_collection(uri, SIZES, target_d=12)
+    return uri
+
+
+def lockstep_rows(batches) -> list[int]:
+    """Token indices of ({hook: acts}, ids) batches, checking that every hook's row i and the
+    stored token id are the same token."""
+    rows = []
+    for acts, ids in batches:
+        assert set(acts) == {HOOK, TARGET}
+        assert acts[HOOK].shape[1] == 16 and acts[TARGET].shape[1] == 12
+        index = acts[HOOK][:, 0].long()
+        assert torch.equal(acts[TARGET][:, 0].long(), index)
+        assert torch.equal(ids.long(), index % 30000)
+        rows += index.tolist()
+    return rows
+
+
+@pytest.mark.parametrize("kw", [{"seed": 3}, {"seed": 3, "epochs": 2, "drop_last": True}])
+def test_two_hooks_are_served_in_lockstep(coll2, kw):
+    kw = {"batch_size": 64, "shuffle_tokens": 500, "hook": HOOK, **kw}
+    reader = Reader(coll2, extra_hooks=["resid.2"], with_token_ids=True, **kw)
+    rows = lockstep_rows(reader)
+    assert rows == token_index(Reader(coll2, **kw))  # the single hook's order
+    assert sorted(rows[:TOTAL]) == list(range(TOTAL)) or kw.get("drop_last")
+    manifest_bytes = sum(s["n_bytes"] for h in reader.hooks for s in h.shards) * kw.get("epochs", 1)
+    assert reader.figures()["reader/bytes_read"] == manifest_bytes  # each shard read once
+
+
+def test_two_hooks_resume_in_lockstep(coll2):
+    kw = {"batch_size": 64, "shuffle_tokens": 500, "seed": 7, "epochs": 2}
+    kw |= {"hook": HOOK, "extra_hooks": [TARGET], "with_token_ids": True}
+    full = lockstep_rows(Reader(coll2, **kw))
+    reader, head = Reader(coll2, **kw), []
+    for i, batch in enumerate(reader):
+        head.append(batch)
+        if i == 12:
+            break
+    resumed = Reader(coll2, **kw)
+    resumed.load_state_dict(reader.state_dict())
+    assert lockstep_rows(head) + lockstep_rows(resumed) == full
+
+
+def test_each_hook_is_normalized_by_its_own_scale(coll2):
+    reader = Reader(coll2, hook=HOOK, batch_size=TOTAL, normalize="norm", extra_hooks=[TARGET])
+    (batch,) = list(reader)
+    for hook, width in ((HOOK, 16), (TARGET, 12)):
+        assert batch[hook].norm(dim=1).mean().item() == pytest.approx(width**0.5, rel=1e-4)
+    assert reader.norm_scale(TARGET) != reader.norm_scale()
+
+
+def test_a_target_with_other_tokens_is_refused(tmp_path):
+    make_collection(str(tmp_path), SIZES, target_d=12, target_sizes=SIZES[:-1])
+    with pytest.raises(UserError, match=r"store different tokens .* one collection run"):
+        Reader(str(tmp_path), hook=HOOK, extra_hooks=[TARGET])
+    with pytest.raises(UserError, match="has no hook matching hook='resid.7'"):
+        Reader(str(tmp_path), hook=HOOK, extra_hooks=["resid.7"])

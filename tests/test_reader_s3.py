@@ -138,3 +138,18 @@ def test_a_store_away_past_the_retry_budget_is_named_unreachable(s3_env, s3_serv
         assert "--train-data.retry-s" in str(err.value) and "recollect" not in str(err.value)
     finally:
         s3_server.start()
+
+
+def test_s3_two_hooks_in_lockstep_in_the_local_order(s3_env, tmp_path):
+    from test_reader import lockstep_rows
+
+    for uri in (s3_env, str(tmp_path)):
+        make_collection(uri, SIZES, target_d=12)
+    kw = {**SMALL, "seed": 4, "epochs": 2, "hook": HOOK, "extra_hooks": ["resid.2"]}
+    kw["with_token_ids"] = True
+    reader = Reader(s3_env, **kw)
+    from_s3 = lockstep_rows(reader)
+    assert sorted(from_s3[:TOTAL]) == list(range(TOTAL))
+    assert from_s3 == lockstep_rows(Reader(str(tmp_path), **kw))
+    sizes = sum(s["n_bytes"] for h in reader.hooks for s in h.shards)
+    assert reader.figures()["reader/bytes_read"] == 2 * sizes  # two epochs, each shard once

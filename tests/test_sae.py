@@ -151,10 +151,9 @@ def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     result.loss.sum().backward()
     assert sae.log_threshold.grad.abs().sum() > 0
     # thresholds near many pre-activations: the L0 term pushes them up (negative gradient)
-    only_l0 = make_sae(cfg, D_IN, [0], obj)
-    only_l0.penalties(_x(), None, only_l0.encode(_x()), 0, total_variance(_x()))["sparsity_loss"][
-        1
-    ].sum().backward()
+    only_l0, x = make_sae(cfg, D_IN, [0], obj), _x()
+    terms = only_l0.penalties(x, x, None, only_l0.encode(x), 0, total_variance(x))
+    terms["sparsity_loss"][1].sum().backward()
     assert (only_l0.log_threshold.grad <= 0).all() and (only_l0.log_threshold.grad < 0).any()
 
 
@@ -181,9 +180,8 @@ def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_band
     x = _x().double()
     sae.loss(x).loss.sum().backward()
     l0_only = make_sae(cfg, D_IN, [0, 1], dtype=torch.float64)
-    l0_only.penalties(x, None, l0_only.encode(x), 0, total_variance(x))["sparsity_loss"][
-        1
-    ].sum().backward()
+    terms = l0_only.penalties(x, x, None, l0_only.encode(x), 0, total_variance(x))
+    terms["sparsity_loss"][1].sum().backward()
     for i in range(2):
         want, want_l0 = _papers_log_threshold_grad(sae, i, x, lam, eps)
         assert (want_l0 != 0).sum() > 10

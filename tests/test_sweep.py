@@ -47,6 +47,7 @@ def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
         ("archs", 6, 1),
         ("demo", 5, 1),
         ("live_layers", 3, 1),
+        ("transcoders", 5, 3),
     ],
 )
 def test_every_sweep_file_plans(name, configs, groups):

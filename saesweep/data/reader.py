@@ -6,6 +6,10 @@ straight into one arena). The reader shuffles shard order per epoch and tokens a
 several shards; a background thread, helped by `gather_threads - 1` more, gathers each batch
 straight from the fetched shards in one copy into a reused (for a GPU: pinned) buffer and hands
 it on (copied to the device without blocking) before it is asked for.
+
+Several hooks of one collection (a transcoder's input and target) are served in lockstep: the
+same shard schedule and token permutation for each, so row i of every hook's batch is the same
+token (checked against the stored token ids), and each hook's bytes are fetched once.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,7 +34,20 @@ from saesweep.format.shards import ACT_DTYPES, decode_shard
 from saesweep.memory import available_bytes, require_visible_device
 from saesweep.store import FileStore, open_store
 
-Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Acts = torch.Tensor | dict[str, torch.Tensor]
+Batch = Acts | tuple[Acts, torch.Tensor]
+Taken = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+"""A batch before it leaves the reader: each hook's acts, and the token ids."""
+
+
+@dataclass(frozen=True)
+class HookData:
+    """One hook the reader serves: its manifest records (the chosen shards) and shapes."""
+
+    hook: str
+    shards: list[dict]
+    d_model: int
+    stored_dtype: torch.dtype
 
 
 class Reader:
@@ -46,6 +64,10 @@ class Reader:
     up to `retry_s` seconds, and reading continues exactly where it was; past that, one
     sentence names the store as unreachable. S3 reads are unsigned (a public bucket) without
     AWS credentials or with `anonymous`.
+
+    `extra_hooks` (module paths or short forms) are served with `hook` in lockstep: each
+    batch is then {hook: acts} for every hook (with_token_ids: ({hook: acts}, token ids)).
+    They must store the same tokens in the same shards as `hook` (one collection run).
     """
 
     def __init__(
@@ -71,6 +93,7 @@ class Reader:
         s3_connections: int = 16,
         retry_s: float = 300.0,
         shards: slice = slice(None),
+        extra_hooks: Sequence[str] = (),
         anonymous: bool = False,
     ):
         self.store = open_store(uri, anonymous)
@@ -84,6 +107,12 @@ class Reader:
                 "train/val shard slices"
             )
         self.d_model = self.meta["d_model"]
+        metas = [self.meta, *(find_hook(self.store, h) for h in extra_hooks)]
+        metas = list({m["hook"]: m for m in metas}.values())
+        self.hooks = [self._hook_data(m, shards, uri) for m in metas]
+        """Every hook served, `hook` first."""
+        self.serves_dicts = bool(extra_hooks)
+        """Batches are {hook: acts} (extra_hooks given), else acts."""
         self.n_tokens = sum(s["n_tokens"] for s in self.shards)
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
         self.device = torch.device(device)
@@ -92,8 +121,7 @@ class Reader:
             f"device={str(device)!r}",
             "use device='cpu', or run where a GPU and a CUDA build of torch are",
         )
-        self.stored_dtype = ACT_DTYPES[self.meta["dtype"]]
-        self.dtype = dtype or self.stored_dtype
+        self.dtype = dtype or self.hooks[0].stored_dtype
         self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
         avg = self.n_tokens / max(len(self.shards), 1)
         self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
@@ -110,13 +138,19 @@ class Reader:
         self.wait_s = 0.0
         self.bytes_read = 0
         """Bytes fetched from storage by finished iterations (see figures() for the total)."""
-        self._pipeline: Pipeline | None = None
+        self._pipelines: list[Pipeline] = []
         self._started = time.perf_counter()
+
+    def _hook_data(self, meta: dict, shards: slice, uri: str) -> HookData:
+        """A served hook's chosen records, refused unless it stores `hook`'s tokens."""
+        check_same_tokens(uri, self.meta, meta)
+        records = meta["shards"][shards]
+        return HookData(meta["hook"], records, meta["d_model"], ACT_DTYPES[meta["dtype"]])
 
     def _check_arena_fits(self, uri: str) -> None:
         """S3 shards are held in memory (file mappings are page cache, which the kernel can
         evict): refuse now rather than be killed when the arena fills."""
-        need = self.n_slots * max(s["n_bytes"] for s in self.shards)
+        need = self.n_slots * sum(max(s["n_bytes"] for s in h.shards) for h in self.hooks)
         free = available_bytes("cpu")
         if need > free:
             raise UserError(
@@ -130,12 +164,13 @@ class Reader:
             return None
         if normalize != "norm":
             raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
-        return {"kind": "norm", "scale": self.norm_scale()}
+        return {"kind": "norm", "scales": {h.hook: self.norm_scale(h.hook) for h in self.hooks}}
 
-    def norm_scale(self) -> float:
-        """The factor that brings this hook's mean L2 norm per token to sqrt(d_model), from
-        statistics.json (normalize='norm')."""
-        return math.sqrt(self.d_model) / read_statistics(self.store, self.hook)["mean_norm"]
+    def norm_scale(self, hook: str | None = None) -> float:
+        """The factor that brings a served hook's mean L2 norm per token (default `hook`'s) to
+        sqrt(its d_model), from statistics.json (normalize='norm')."""
+        data = next(h for h in self.hooks if h.hook == (hook or self.hook))
+        return math.sqrt(data.d_model) / read_statistics(self.store, data.hook)["mean_norm"]
 
     def __len__(self) -> int:
         per_epoch = self.n_tokens / self.batch_size
@@ -151,14 +186,15 @@ class Reader:
 
     def figures(self) -> dict[str, float]:
         """Live figures for logging: MB/s read, consumer wait time, shards in flight."""
-        pipe = self._pipeline
+        pipes = self._pipelines
         elapsed = time.perf_counter() - self._started
-        current = pipe.bytes_read if pipe else 0
+        current = sum(p.bytes_read for p in pipes)
+        in_flight = sum(p.in_flight_count() for p in pipes)
         return {
             "reader/bytes_read": self.bytes_read + current,
             "reader/mb_per_s": current / 1e6 / max(elapsed, 1e-9),
             "reader/wait_s": self.wait_s,
-            "reader/buffer_fill": (pipe.in_flight_count() / self.n_slots) if pipe else 0.0,
+            "reader/buffer_fill": in_flight / (self.n_slots * len(self.hooks)) if pipes else 0.0,
             "reader/corrupt_skipped": len(self.corrupt_skipped),
         }
 
@@ -208,18 +244,23 @@ class Reader:
         finally:
             if helpers is not None:
                 helpers.shutdown()
-            if self._pipeline is not None:
-                self._pipeline.close()
-                self.bytes_read += self._pipeline.bytes_read
-                self._pipeline = None
+            for pipe in self._pipelines:
+                pipe.close()
+                self.bytes_read += pipe.bytes_read
+            self._pipelines = []
 
-    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Batch:
-        acts, ids = batch
-        if self.device.type == "cuda":
-            acts = acts.to(self.device, non_blocking=True)
-        acts = acts.to(self.dtype)
-        if self.normalization:
-            acts = acts.mul_(self.normalization["scale"])
+    def _to_device(self, batch: Taken) -> Batch:
+        hook_acts, ids = batch
+        out = []
+        for h, acts in enumerate(hook_acts):
+            if self.device.type == "cuda":
+                acts = acts.to(self.device, non_blocking=True)
+            acts = acts.to(self.dtype)
+            if self.normalization:
+                acts = acts.mul_(self.normalization["scales"][self.hooks[h].hook])
+            out.append(acts)
+        acts = {h.hook: a for h, a in zip(self.hooks, out, strict=True)}
+        acts = acts if self.serves_dicts else out[0]
         return (acts, ids.to(self.device)) if self.with_token_ids else acts
 
     def _plan(self) -> list[tuple[int, int, list[int]]]:
@@ -234,99 +275,119 @@ class Reader:
 
     def _batches(
         self, helpers: ThreadPoolExecutor | None
-    ) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]]:
+    ) -> Iterator[tuple[Taken, tuple[int, int]]]:
         """Consecutive slices of each epoch's token stream (its windows' shuffled tokens, one
         after another), each with the (epoch, tokens_in_epoch) position after it."""
-        buffers = BatchBuffers(
-            self.batch_size,
-            self.d_model,
-            self.stored_dtype,
-            keep=self.prefetch_batches + 4,
-            pinned=self.device.type == "cuda",
-        )
+        buffers = [
+            BatchBuffers(
+                self.batch_size,
+                h.d_model,
+                h.stored_dtype,
+                keep=self.prefetch_batches + 4,
+                pinned=self.device.type == "cuda",
+            )
+            for h in self.hooks
+        ]
         gather = (helpers, self.gather_threads - 1) if helpers else None
         plan, skip = self._plan(), self.tokens_in_epoch
         while plan and plan[0][0] == self.epoch and skip >= self._window_tokens(plan[0][2]):
             skip -= self._window_tokens(plan.pop(0)[2])
-        self._pipeline = self._start_pipeline()
-        self._pipeline.start(s for _, _, group in plan for s in group)
+        self._pipelines = [self._start_pipeline(h) for h in self.hooks]
+        for pipe in self._pipelines:
+            pipe.start(s for _, _, group in plan for s in group)
         position, size = self.tokens_in_epoch, self.batch_size
         pending = self._empty()
         for i, (epoch, window, group) in enumerate(plan):
             tokens, fetched = self._load_window(epoch, window, group)
             start, skip = skip, 0
             if len(pending[1]):
-                need = min(size - len(pending[1]), tokens.n_tokens - start)
-                head = tokens.take(start, start + need)
-                pending = torch.cat([pending[0], head[0]]), torch.cat([pending[1], head[1]])
+                need = min(size - len(pending[1]), tokens[0].n_tokens - start)
+                head = _take(tokens, start, start + need)
+                pending = _concat(pending, head)
                 start += need
                 if len(pending[1]) == size:
                     position += size
                     yield pending, (epoch, position)
                     pending = self._empty()
-            full = start + (tokens.n_tokens - start) // size * size
+            full = start + (tokens[0].n_tokens - start) // size * size
             for first in range(start, full, size):
                 position += size
-                yield tokens.take(first, first + size, buffers, gather), (epoch, position)
-            if full < tokens.n_tokens:
-                pending = tokens.take(full, tokens.n_tokens)
+                yield _take(tokens, first, first + size, buffers, gather), (epoch, position)
+            if full < tokens[0].n_tokens:
+                pending = _take(tokens, full, tokens[0].n_tokens)
             del tokens
-            self._pipeline.release(fetched)
+            for pipe, shards in zip(self._pipelines, fetched, strict=True):
+                pipe.release(shards)
             if i + 1 == len(plan) or plan[i + 1][0] != epoch:
                 if len(pending[1]) and not self.drop_last:
                     yield pending, (epoch + 1, 0)
                 pending, position = self._empty(), 0
 
-    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.empty(0, self.d_model, dtype=self.stored_dtype), torch.empty(
-            0, dtype=torch.int32
-        )
+    def _empty(self) -> Taken:
+        acts = tuple(torch.empty(0, h.d_model, dtype=h.stored_dtype) for h in self.hooks)
+        return acts, torch.empty(0, dtype=torch.int32)
 
     def _window_tokens(self, group: list[int]) -> int:
         return sum(self.shards[s]["n_tokens"] for s in group)
 
-    def _load_window(self, epoch: int, window: int, group: list[int]) -> tuple[Window, list]:
-        """The window's tokens in serving order, and its fetched shards (to release)."""
-        acts, ids, fetched = [], [], []
+    def _load_window(
+        self, epoch: int, window: int, group: list[int]
+    ) -> tuple[list[Window], list[list[Fetched]]]:
+        """The window's tokens in serving order, one Window per hook, all in the same order,
+        and each hook's fetched shards (to release). A shard bad in any hook leaves the
+        window in every hook."""
+        acts: list[list[torch.Tensor]] = [[] for _ in self.hooks]
+        ids, fetched = [], [[] for _ in self.hooks]
         for _ in group:
-            shard = self._pipeline.next_shard()
-            fetched.append(shard)
-            if shard.status != "ok":
-                self._bad_shard(shard.shard, shard.status)
+            shards = [pipe.next_shard() for pipe in self._pipelines]
+            for h, shard in enumerate(shards):
+                fetched[h].append(shard)
+            bad = next(((h, s) for h, s in enumerate(shards) if s.status != "ok"), None)
+            if bad is not None:
+                self._bad_shard(bad[0], bad[1].shard, bad[1].status)
                 continue
-            shard_acts, shard_ids = self._shard_tensors(shard)
-            acts.append(shard_acts)
-            ids.append(shard_ids)
-        if not acts:
-            return Window([self._empty()[0]], [self._empty()[1]], None), fetched
-        n_tokens = sum(len(a) for a in acts)
+            tensors = [self._shard_tensors(h, shard) for h, shard in enumerate(shards)]
+            for h, (shard_acts, shard_ids) in enumerate(tensors):
+                if h and not torch.equal(shard_ids, tensors[0][1]):
+                    raise UserError(
+                        f"shard {self._shard_uri(h, shards[h].shard)} holds other tokens than "
+                        f"{self._shard_uri(0, shards[0].shard)}; read hooks collected together"
+                    )
+                acts[h].append(shard_acts)
+            ids.append(tensors[0][1])
+        if not ids:
+            empty_acts, empty_ids = self._empty()
+            return [Window([a], [empty_ids], None) for a in empty_acts], fetched
+        n_tokens = sum(len(i) for i in ids)
         order = token_permutation(n_tokens, self.seed, epoch, window, self.shuffle)
-        return Window(acts, ids, order), fetched
+        return [Window(a, ids, order) for a in acts], fetched
 
-    def _shard_tensors(self, fetched: Fetched) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of a fetched shard's acts [n_tokens, d_model] and token ids, checked against
-        the manifest."""
-        record = self.shards[fetched.shard]
-        where = f"shard {self._shard_uri(fetched.shard)}"
+    def _shard_tensors(self, h: int, fetched: Fetched) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a fetched shard's acts [n_tokens, d_model] and token ids (hook h),
+        checked against the manifest."""
+        data = self.hooks[h]
+        record = data.shards[fetched.shard]
+        where = f"shard {self._shard_uri(h, fetched.shard)}"
         try:
             tensors = decode_shard(fetched.data, ("acts", "token_ids"), where)
         except ValueError as err:
             raise UserError(f"{err}; recollect it") from None
         acts, ids = tensors["acts"], tensors["token_ids"]
-        expected = [record["n_tokens"], self.d_model]
-        if list(acts.shape) != expected or acts.dtype != self.stored_dtype:
+        expected = [record["n_tokens"], data.d_model]
+        if list(acts.shape) != expected or acts.dtype != data.stored_dtype:
             raise UserError(
                 f"{where} holds acts "
                 f"{list(acts.shape)} {acts.dtype}, but metadata.json says {expected} "
-                f"{self.stored_dtype}; recollect it"
+                f"{data.stored_dtype}; recollect it"
             )
         return acts, ids
 
-    def _shard_uri(self, shard: int) -> str:
-        return f"{self.store.child(self.hook)}/{self.shards[shard]['name']}"
+    def _shard_uri(self, h: int, shard: int) -> str:
+        data = self.hooks[h]
+        return f"{self.store.child(data.hook)}/{data.shards[shard]['name']}"
 
-    def _bad_shard(self, shard: int, status: str) -> None:
-        name = self._shard_uri(shard)
+    def _bad_shard(self, h: int, shard: int, status: str) -> None:
+        name = self._shard_uri(h, shard)
         if status == "corrupt":
             message = f"shard {name} does not match its checksum after a refetch"
         else:
@@ -339,13 +400,38 @@ class Reader:
         self.corrupt_skipped.append(name)
         print(f"warning: skipping {message} ({len(self.corrupt_skipped)} skipped so far)")
 
-    def _start_pipeline(self) -> Pipeline:
-        keys = [f"{self.hook}/{s['name']}" for s in self.shards]
-        common = (self.shards, self.n_workers, self.n_slots)
+    def _start_pipeline(self, data: HookData) -> Pipeline:
+        keys = [f"{data.hook}/{s['name']}" for s in data.shards]
+        common = (data.shards, self.n_workers, self.n_slots)
         if isinstance(self.store, FileStore):
             return local_pipeline([self.store.local_path(k) for k in keys], *common)
         make_reader = lambda: self.store.range_reader(self.s3_connections, retry_s=self.retry_s)  # noqa: E731
         return S3Pipeline(make_reader, keys, *common)
+
+
+def check_same_tokens(uri: str, first: dict, other: dict) -> None:
+    """Refuse a hook (metadata `other`) whose shards hold other numbers of tokens than those
+    of `first`: they were not collected together, so row i would not be the same token."""
+    a, b = ([s["n_tokens"] for s in m["shards"]] for m in (first, other))
+    if a != b:
+        raise UserError(
+            f"hooks {first['hook']} and {other['hook']} of {uri} store different tokens "
+            f"({sum(a):,} in {len(a)} shards against {sum(b):,} in {len(b)}); read hooks "
+            "collected together, in one collection run"
+        )
+
+
+def _take(windows: list[Window], start: int, stop: int, buffers=None, gather=None) -> Taken:
+    """Tokens order[start:stop] of every hook's window (the same tokens in each)."""
+    taken = [
+        w.take(start, stop, buffers[h] if buffers else None, gather) for h, w in enumerate(windows)
+    ]
+    return tuple(acts for acts, _ in taken), taken[0][1]
+
+
+def _concat(a: Taken, b: Taken) -> Taken:
+    acts = tuple(torch.cat([x, y]) for x, y in zip(a[0], b[0], strict=True))
+    return acts, torch.cat([a[1], b[1]])
 
 
 def _text(bound: int | None) -> str:

@@ -4,7 +4,9 @@ Held-out sequences are rebuilt from a collection's stored token ids (no new text
 grouped by seq_id, ordered by position, and the tokenizer's special tokens are put back where
 the collection left them out. The SAE's reconstruction replaces the hooked module's output at
 the STORED positions only (the tokens the SAE was trained on); special tokens keep their clean
-activations. Zero ablation zeroes the same positions. See docs/evaluation.md for the formulas.
+activations. Zero ablation zeroes the same positions. A transcoder replaces its target hook's
+output with its prediction from its input hook's output in the same forward pass (the input
+hook must run first). See docs/evaluation.md for the formulas.
 """
 
 from __future__ import annotations
@@ -289,13 +291,15 @@ def downstream_metrics_many(
 ) -> list[dict]:
     """downstream_metrics of several SAEs, sharing the model, the data and the clean pass."""
     saes = [load_run(r) for r in runs]
-    hooks = sorted({cfg["hook_name"] for cfg, _ in saes})
+    pairs = sorted({_hooks(cfg) for cfg, _ in saes}, key=str)
+    hooks = sorted({h for h, _ in pairs})
     colls = {h: read_collection(collection_uri, h, shards, anonymous=anonymous) for h in hooks}
     first = next(iter(colls.values()))
     lm, tokenizer = _load_model(first, model, device)
     results: list[dict | None] = [None] * len(saes)
-    for hook, coll in colls.items():
-        members = [i for i, (cfg, _) in enumerate(saes) if cfg["hook_name"] == hook]
+    for hook, target in pairs:
+        coll = colls[hook]
+        members = [i for i, (cfg, _) in enumerate(saes) if _hooks(cfg) == (hook, target)]
         _check_width(coll, [saes[i][0] for i in members])
         exclude_special = coll.meta.get("exclude_special", True)
         seqs = rebuild_sequences(
@@ -306,7 +310,7 @@ def downstream_metrics_many(
         sds = [{k: v.to(device) for k, v in saes[i][1].items()} for i in members]
         fns = [sae_fn(saes[i][0], sd) for i, sd in zip(members, sds, strict=True)]
         totals = _evaluate(
-            lm, coll.meta["hook"], seqs, fns, tokenizer, device, batch_size, positions
+            lm, (coll.meta["hook"], target), seqs, fns, tokenizer, device, batch_size, positions
         )
         for j, i in enumerate(members):
             results[i] = _summarize(totals, j, is_causal(lm)) | {
@@ -315,6 +319,11 @@ def downstream_metrics_many(
                 "downstream_shards": shards,
             }
     return results  # type: ignore[return-value]
+
+
+def _hooks(cfg: dict) -> tuple[str, str | None]:
+    """(input hook, target hook or None) of an SAE's cfg.json."""
+    return cfg["hook_name"], cfg.get("hook_name_out")
 
 
 def _load_model(coll: Collection, override: str | None, device: str):
@@ -339,7 +348,7 @@ def _check_width(coll: Collection, cfgs: list[dict]) -> None:
 @torch.inference_mode()
 def _evaluate(
     lm: nn.Module,
-    hook: str,
+    hooks: tuple[str, str | None],
     seqs: list[Sequence],
     fns: list[Callable[[Tensor], Tensor]],
     tokenizer,
@@ -347,10 +356,17 @@ def _evaluate(
     batch_size: int,
     positions: Positions,
 ) -> Totals:
+    """hooks: (input hook, target hook or None); with a target the fns are transcoders,
+    splicing the target with their prediction from the input hook of the same pass."""
     modules = dict(lm.named_modules())
-    if hook not in modules:
-        raise UserError(f"the SAE's hook_name {hook!r} is not a module of the model")
-    splice, totals = Splice(modules[hook]), Totals()
+    for name in filter(None, hooks):
+        if name not in modules:
+            raise UserError(f"the SAE's hook {name!r} is not a module of the model")
+    hook, target = hooks
+    splice, totals = Splice(modules[target or hook]), Totals()
+    capture = Capture(lm, modules[hook]) if target is not None else None
+    if capture is not None:
+        fns = [_from_input(capture, splice, fn, hook, target) for fn in fns]
     try:
         for start in range(0, len(seqs), batch_size):
             batch = make_batch(seqs[start : start + batch_size], tokenizer.pad_token_id or 0)
@@ -369,7 +385,44 @@ def _evaluate(
                 totals.add("ce_clean", *token_ce(clean, ids, attn))
     finally:
         splice.remove()
+        if capture is not None:
+            capture.remove()
     return totals
+
+
+class Capture:
+    """Forward hooks keeping one module's output (or its first element) of the model's
+    current forward pass (None until the module has run in it)."""
+
+    def __init__(self, model: nn.Module, module: nn.Module):
+        self.out: Tensor | None = None
+        self.handles = [
+            model.register_forward_pre_hook(self._reset),
+            module.register_forward_hook(self._hook),
+        ]
+
+    def _reset(self, module, inputs):
+        self.out = None
+
+    def _hook(self, module, inputs, output):
+        self.out = output[0] if isinstance(output, tuple) else output
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _from_input(capture: Capture, splice: Splice, fn, hook: str, target: str):
+    """A splice function for the target hook that applies the transcoder `fn` to the input
+    hook's rows of the same forward pass (at the splice's positions)."""
+
+    def apply(rows: Tensor) -> Tensor:
+        if capture.out is None:
+            raise UserError(f"the transcoder's input hook {hook} does not run before {target}")
+        x = capture.out
+        return fn(x[splice.mask] if splice.mask is not None else x.reshape(-1, x.shape[-1]))
+
+    return apply
 
 
 def _final(lm: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:

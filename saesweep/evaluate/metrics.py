@@ -6,9 +6,11 @@ variance centered on the evaluation data's own mean.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable
 
-from saesweep.data.reader import Reader
+import torch
+from torch import Tensor
+
 from saesweep.sae import StackedSAE
 
 DENSITY_BINS = torch.arange(-8.0, 0.5, 0.5)
@@ -17,40 +19,55 @@ DENSITY_BINS = torch.arange(-8.0, 0.5, 0.5)
 
 @torch.no_grad()
 def evaluate_stacks(
-    saes: list[StackedSAE], reader: Reader, scale: float, n_val: int
+    stacks: list[tuple[StackedSAE, str, str]],
+    batches: Iterable[dict[str, Tensor]],
+    scales: dict[str, float],
+    n_val: int,
 ) -> list[list[dict]]:
-    """Metrics of every member of every stack on up to n_val tokens of `reader` (raw
-    activations * scale), reading the evaluation data once for all of them."""
+    """Metrics of every member of every stack (sae, input hook, target hook: the input hook
+    for an SAE) on up to n_val tokens of `batches` ({hook: raw activations}, every hook the
+    same tokens; each hook scaled by scales[hook]), reading the evaluation data once for all
+    of them. A transcoder's FVU and mse are against its target."""
+    saes = [sae for sae, _, _ in stacks]
     modes = [sae.training for sae in saes]
     for sae in saes:
         sae.eval()
-    d = saes[0].d_in
+    targets = sorted({target for _, _, target in stacks})
     sums = [{k: torch.zeros(sae.n, dtype=torch.float64) for k in ("sse", "l0")} for sae in saes]
     counts = [torch.zeros(sae.n, sae.d_sae, dtype=torch.float64) for sae in saes]
-    x_sum, x_sq = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    moments = {t: [torch.zeros((), dtype=torch.float64)] * 2 for t in targets}
     tokens = 0
-    for acts in reader:
-        x = acts[: n_val - tokens] * scale
-        x64 = x.double()
-        for sae, acc, count in zip(saes, sums, counts, strict=True):
-            recon, codes = sae(x.to(sae.W_enc.dtype))
-            acc["sse"] += (recon.double() - x64).pow(2).sum((1, 2)).cpu()
-            acc["l0"] += codes.l0().double().cpu() * len(x)
+    for batch in batches:
+        x = {h: acts[: n_val - tokens] * scales[h] for h, acts in batch.items()}
+        for (sae, hook, target), acc, count in zip(stacks, sums, counts, strict=True):
+            recon, codes = sae(x[hook].to(sae.W_enc.dtype))
+            acc["sse"] += (recon.double() - x[target].double()).pow(2).sum((1, 2)).cpu()
+            acc["l0"] += codes.l0().double().cpu() * len(x[hook])
             count += codes.fire_counts().cpu()
-        x_sum += x64.sum(0).cpu()
-        x_sq += x64.pow(2).sum(0).cpu()
-        tokens += len(x)
+        for t in targets:
+            y = x[t].double()
+            moments[t] = [moments[t][0] + y.sum(0).cpu(), moments[t][1] + y.pow(2).sum(0).cpu()]
+        tokens += len(next(iter(x.values())))
         if tokens >= n_val:
             break
     for sae, mode in zip(saes, modes, strict=True):
         sae.train(mode)
-    total_var = (x_sq - x_sum.pow(2) / tokens).sum()
+    total_var = {t: (sq - s.pow(2) / tokens).sum() for t, (s, sq) in moments.items()}
     results = []
-    for sae, acc, count in zip(saes, sums, counts, strict=True):
+    for (sae, _, target), acc, count in zip(stacks, sums, counts, strict=True):
         overlap = decoder_overlap(sae)
         results.append(
             [
-                member_metrics(i, acc, count[i], total_var, tokens, d, scale, overlap[i])
+                member_metrics(
+                    i,
+                    acc,
+                    count[i],
+                    total_var[target],
+                    tokens,
+                    sae.d_out,
+                    scales[target],
+                    overlap[i],
+                )
                 for i in range(sae.n)
             ]
         )

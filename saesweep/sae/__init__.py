@@ -44,12 +44,14 @@ def make_sae(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    d_out: int | None = None,
 ) -> StackedSAE:
-    """A stack of len(seeds) SAEs. cfg / objective: one for all members or one per member;
-    members must agree on stack_key(cfg) (architecture and shape)."""
+    """A stack of len(seeds) SAEs, or transcoders predicting a target of width d_out. cfg /
+    objective: one for all members or one per member; members must agree on stack_key(cfg)
+    (architecture and shape)."""
     n = len(seeds)
     cfgs = [cfg] * n if isinstance(cfg, SAEConfig) else list(cfg)
     objective = objective if objective is not None else ObjectiveConfig()
     objectives = [objective] * n if isinstance(objective, ObjectiveConfig) else list(objective)
     cls = ARCHITECTURES[cfgs[0].arch]
-    return cls(cfgs, d_in, list(seeds), objectives).to(device=device, dtype=dtype)
+    return cls(cfgs, d_in, list(seeds), objectives, d_out).to(device=device, dtype=dtype)

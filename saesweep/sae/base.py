@@ -1,8 +1,16 @@
 """The stacked SAE base: n SAEs of one architecture and shape, stepped with batched matmuls.
 
 Every parameter carries a leading member dimension n. Member i's slice is an ordinary SAE:
-W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. All members see the
+W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out]. All members see the
 same batch x [B, d_in]; their losses are independent, so the objective is loss.sum().
+
+An SAE reconstructs its input (d_out = d_in). A transcoder (built with d_out, which may equal
+d_in) predicts a target y [B, d_out], another hook's activations of the same tokens, from x:
+its b_dec lives in the target's space, so it is never subtracted from the encoder's input
+(SAELens's transcoders refuse apply_b_dec_to_input too), and its encoder is drawn apart from
+its decoder instead of as the decoder's transpose. With SAEConfig.skip a learned linear map
+W_skip [d_in, d_out], initialized to zeros, adds x @ W_skip to the prediction (skip
+transcoders, Paulo et al. 2025).
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ class StackedSAE(nn.Module):
 
     arch: ClassVar[str]
     sae_lens_architecture: ClassVar[str]
-    apply_b_dec_to_input: ClassVar[bool] = True
+    subtract_b_dec: ClassVar[bool] = True
+    """The architecture subtracts b_dec from the encoder's input (SAEs only; the instance's
+    apply_b_dec_to_input says whether this stack does)."""
     unit_norm_decoder: ClassVar[bool] = True
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam's (beta1, beta2) for this architecture's optimizer."""
@@ -59,12 +69,18 @@ class StackedSAE(nn.Module):
         d_in: int,
         seeds: Sequence[int],
         objectives: Sequence[ObjectiveConfig],
+        d_out: int | None = None,
     ):
+        """d_out: the target's width for a transcoder; None builds SAEs."""
         super().__init__()
         self._check_members(cfgs, seeds, objectives)
         self.cfg = stack_key(cfgs[0])
         self.cfgs, self.seeds, self.objectives = tuple(cfgs), tuple(seeds), tuple(objectives)
         self.n, self.d_in, self.d_sae = len(seeds), d_in, self.cfg.width(d_in)
+        self.transcoder = d_out is not None
+        self.d_out = d_out if d_out is not None else d_in
+        self.apply_b_dec_to_input = self.subtract_b_dec and not self.transcoder
+        check(self.transcoder or not self.cfg.skip, "sae.skip needs a target hook (a transcoder)")
         self.check_shape(self.cfg, d_in)
         self._set_shape()
         members = [
@@ -110,20 +126,29 @@ class StackedSAE(nn.Module):
         return 1.0
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
-        """One member's initial parameters from its own generator (float32, CPU)."""
-        W_dec = torch.randn(self.d_sae, self.d_in, generator=gen)
-        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * self.init_dec_norm(cfg)
-        return {
-            "W_enc": W_dec.T.clone(),
+        """One member's initial parameters from its own generator (float32, CPU): decoder rows
+        of norm init_dec_norm, the encoder their transpose (a transcoder's: its own draw of
+        columns of that norm), W_skip zeros."""
+        norm = self.init_dec_norm(cfg)
+        W_dec = torch.randn(self.d_sae, self.d_out, generator=gen)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * norm
+        W_enc = W_dec.T.clone()
+        if self.transcoder:
+            W_enc = torch.randn(self.d_in, self.d_sae, generator=gen)
+            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * norm
+        member = {
+            "W_enc": W_enc,
             "b_enc": torch.zeros(self.d_sae),
             "W_dec": W_dec,
-            "b_dec": torch.zeros(self.d_in),
+            "b_dec": torch.zeros(self.d_out),
         }
+        return member | ({"W_skip": torch.zeros(self.d_in, self.d_out)} if cfg.skip else {})
 
     @torch.no_grad()
     @jaxtyped(typechecker=beartype)
-    def init_b_dec(self, sample: Float[Tensor, "m d_in"]) -> None:
-        """Set every member's b_dec from a data sample (in the SAE's normalized input space)."""
+    def init_b_dec(self, sample: Float[Tensor, "m d_out"]) -> None:
+        """Set every member's b_dec from a data sample of what it reconstructs (the input of an
+        SAE, the target of a transcoder), in the normalized space it trains in."""
         kind = self.cfg.b_dec_init
         if kind == "zeros":
             center = torch.zeros_like(sample[0])
@@ -152,16 +177,24 @@ class StackedSAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, codes: Codes) -> Tensor:
-        """[n, B, d_in] reconstruction (sparse decode when the codes are sparse)."""
+        """[n, B, d_out] codes @ W_dec + b_dec (sparse decode when the codes are sparse)."""
         return codes.decode(self.W_dec) + self.b_dec.unsqueeze(1)
+
+    def predict(self, x: Tensor, codes: Codes) -> Tensor:
+        """[n, B, d_out] decode(codes), plus the skip path x @ W_skip of a skip transcoder."""
+        out = self.decode(codes)
+        if not self.cfg.skip:
+            return out
+        return out + torch.bmm(x.expand(self.n, *x.shape[-2:]), self.W_skip)
 
     @jaxtyped(typechecker=beartype)
     def forward(
         self, x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"]
-    ) -> tuple[Float[Tensor, "n B d_in"], Codes]:
-        """Reconstruct x for every member: (recon [n, B, d_in], codes)."""
+    ) -> tuple[Float[Tensor, "n B d_out"], Codes]:
+        """Reconstruct x (an SAE) or predict the target from x (a transcoder), for every
+        member: (recon [n, B, d_out], codes)."""
         codes = self.encode(x)
-        return self.decode(codes), codes
+        return self.predict(x, codes), codes
 
     # ----- objective ------------------------------------------------------------------------
 
@@ -172,10 +205,11 @@ class StackedSAE(nn.Module):
         return self.sparsity_coeff * torch.where(warm > 0, ramp, torch.ones_like(ramp))
 
     def penalties(
-        self, x: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
     ) -> dict:
-        """name -> (coeff [n], value [n]); the loss adds coeff * value. `variance` is the
-        FVU denominator of x (loss())."""
+        """name -> (coeff [n], value [n]); the loss adds coeff * value. x is the input, target
+        what recon approximates (x itself for an SAE), `variance` the FVU denominator
+        (loss())."""
         return {}
 
     def code_metrics(self, codes: Codes) -> dict[str, Tensor]:
@@ -192,17 +226,22 @@ class StackedSAE(nn.Module):
         self,
         x: Float[Tensor, "B d_in"] | Float[Tensor, "n B d_in"],
         step: int = 0,
+        target: Float[Tensor, "B d_out"] | None = None,
         variance: Tensor | None = None,
     ) -> LossResult:
         """Loss per member, metrics, and what after_optimizer_step needs. Optimize
-        result.loss.sum(). `variance`: the FVU denominator, default total_variance(x); a
-        slice of a batch split over data-parallel ranks passes its share of the whole
-        batch's, so that the ranks' mean loss is the whole batch's."""
-        variance = total_variance(x) if variance is None else variance
+        result.loss.sum(). A transcoder needs `target`, the same tokens at its target hook;
+        an SAE takes none (it reconstructs x). `variance`: the FVU denominator, default
+        total_variance(target); a slice of a batch split over data-parallel ranks passes its
+        share of the whole batch's, so that the ranks' mean loss is the whole batch's."""
+        if (target is not None) != self.transcoder:
+            raise ValueError("a transcoder's loss needs a target, an SAE's takes none")
+        target = x if target is None else target
+        variance = total_variance(target) if variance is None else variance
         recon, codes = self(x)
-        sq_err = (recon - x).pow(2).sum(dim=(1, 2))
+        sq_err = (recon - target).pow(2).sum(dim=(1, 2))
         mse, fvu = sq_err / recon[0].numel(), sq_err / variance
-        terms = self.penalties(x, recon, codes, step, variance)
+        terms = self.penalties(x, target, recon, codes, step, variance)
         weighted = (torch.where(c != 0, c * v, 0) for c, v in terms.values())  # 0 * inf: 0
         main = fvu if self.fvu_objective else mse
         loss = main + sum(weighted, torch.zeros_like(mse))
@@ -260,32 +299,44 @@ class StackedSAE(nn.Module):
     # ----- export ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def member_state_dict(self, i: int, input_scale: float = 1.0) -> dict[str, Tensor]:
+    def member_state_dict(
+        self, i: int, input_scale: float = 1.0, target_scale: float | None = None
+    ) -> dict[str, Tensor]:
         """Member i in SAELens layout, acting on RAW activations.
 
-        The SAE was trained on x * input_scale; the scale is folded into the weights so the
-        exported SAE maps raw x to a raw reconstruction.
+        The SAE was trained on x * input_scale (a transcoder to predict y * target_scale; an
+        SAE's target is its input, default target_scale = input_scale); both scales are folded
+        into the weights so the exported SAE maps raw x to a raw reconstruction or prediction.
+        W_skip is exported as SAELens has it, [d_out, d_in].
         """
-        s = input_scale
+        s, t = input_scale, input_scale if target_scale is None else target_scale
         sd = {
             "W_enc": self.W_enc[i] * s,
             "b_enc": self.b_enc[i],
-            "W_dec": self.W_dec[i] / s,
-            "b_dec": self.b_dec[i] / s,
+            "W_dec": self.W_dec[i] / t,
+            "b_dec": self.b_dec[i] / t,
         }
+        if self.cfg.skip:
+            sd["W_skip"] = (self.W_skip[i] * (s / t)).T
         sd |= self._export_extra(i, s)
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
     @torch.no_grad()
     def load_member_state_dict(
-        self, i: int, sd: dict[str, Tensor], input_scale: float = 1.0
+        self,
+        i: int,
+        sd: dict[str, Tensor],
+        input_scale: float = 1.0,
+        target_scale: float | None = None,
     ) -> None:
         """Inverse of member_state_dict: load member i from a raw-space state dict."""
-        s = input_scale
+        s, t = input_scale, input_scale if target_scale is None else target_scale
         self.W_enc[i] = sd["W_enc"] / s
         self.b_enc[i] = sd["b_enc"]
-        self.W_dec[i] = sd["W_dec"] * s
-        self.b_dec[i] = sd["b_dec"] * s
+        self.W_dec[i] = sd["W_dec"] * t
+        self.b_dec[i] = sd["b_dec"] * t
+        if self.cfg.skip:
+            self.W_skip[i] = sd["W_skip"].T * (t / s)
         self._import_extra(i, sd, s)
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
@@ -295,8 +346,10 @@ class StackedSAE(nn.Module):
         pass
 
     def sae_lens_cfg(self) -> dict:
-        """The SAELens fields of a member's cfg.json (architecture, shape, activation)."""
-        return {
+        """The SAELens fields of a member's cfg.json (architecture, shape, activation). A
+        transcoder's architecture is transcoder_architecture(); it adds d_out (the trainer adds
+        hook_name_out)."""
+        cfg = {
             "architecture": self.sae_lens_architecture,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
@@ -304,10 +357,31 @@ class StackedSAE(nn.Module):
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "saesweep_arch": self.arch,
-        } | self._sae_lens_extra()
+        }
+        if self.transcoder:
+            architecture = transcoder_architecture(self.sae_lens_architecture, self.cfg.skip)
+            cfg |= {"architecture": architecture, "d_out": self.d_out}
+        return cfg | self._sae_lens_extra()
 
     def _sae_lens_extra(self) -> dict:
         return {}
+
+
+def transcoder_architecture(sae_architecture: str, skip: bool) -> str:
+    """SAELens's name of a transcoder whose SAE has `sae_architecture`: 'transcoder' or
+    'skip_transcoder' for 'standard' (ReLU), else '<arch>_transcoder' or
+    '<arch>_skip_transcoder' (SAELens has 'jumprelu_...'; 'topk_...' and 'switch_...' it
+    cannot load)."""
+    parts = [sae_architecture] if sae_architecture != "standard" else []
+    return "_".join([*parts, *(["skip"] if skip else []), "transcoder"])
+
+
+def sae_architecture(architecture: str) -> str:
+    """Inverse of transcoder_architecture (an SAE's architecture is returned unchanged)."""
+    if not architecture.endswith("transcoder"):
+        return architecture
+    base = architecture.removesuffix("transcoder").removesuffix("skip_").removesuffix("_")
+    return base or "standard"
 
 
 @jaxtyped(typechecker=beartype)

@@ -51,6 +51,10 @@ class SAEConfig:
     () means d_sae/16 and d_sae/4. The full d_sae is always the last one."""
     relu_init_norm: float = field(default=0.1, metadata=above(0))
     """ReLU: initial L2 norm of every decoder row (April-2024 Anthropic recipe)."""
+    skip: bool = False
+    """Skip transcoder (needs train_data.target_hook or target_layer): a learned linear map
+    W_skip [d_in, d_out] from input to target, initialized to zeros, added to the prediction;
+    exported as SAELens's W_skip [d_out, d_in]."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """How init_b_dec sets the decoder bias from a data sample."""
 

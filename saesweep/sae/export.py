@@ -11,13 +11,17 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
+from saesweep.sae.base import sae_architecture
+
 
 @jaxtyped(typechecker=beartype)
 def apply_exported(
     cfg: dict, sd: dict[str, Tensor], x: Float[Tensor, "B d_in"]
-) -> Float[Tensor, "B d_in"]:
-    """Reconstruct x with one exported SAE; cfg is StackedSAE.sae_lens_cfg()."""
-    return exported_acts(cfg, sd, x) @ sd["W_dec"] + sd["b_dec"]
+) -> Float[Tensor, "B d_out"]:
+    """Reconstruct x with one exported SAE, or predict the target from x with a transcoder
+    (plus x @ W_skip.T for a skip transcoder); cfg is StackedSAE.sae_lens_cfg()."""
+    out = exported_acts(cfg, sd, x) @ sd["W_dec"] + sd["b_dec"]
+    return out + x @ sd["W_skip"].T if "W_skip" in sd else out
 
 
 @jaxtyped(typechecker=beartype)
@@ -27,7 +31,7 @@ def exported_acts(
     """Dense latent activations of one exported SAE."""
     x_in = x - sd["b_dec"] if cfg["apply_b_dec_to_input"] else x
     pre = (x_in @ sd["W_enc"] + sd["b_enc"]).relu()
-    arch = cfg["architecture"]
+    arch = sae_architecture(cfg["architecture"])
     if arch == "topk":
         return _keep_topk(pre, cfg["k"])
     if arch == "jumprelu":

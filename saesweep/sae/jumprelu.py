@@ -84,7 +84,13 @@ class JumpReLUSAE(StackedSAE):
         return DenseCodes(acts, pre=pre)
 
     def penalties(
-        self, x: Tensor, recon: Tensor, codes: DenseCodes, step: int, variance: Tensor
+        self,
+        x: Tensor,
+        target: Tensor,
+        recon: Tensor,
+        codes: DenseCodes,
+        step: int,
+        variance: Tensor,
     ) -> dict:
         l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         return {"sparsity_loss": (self.sparsity_at(step), l0.sum(-1).mean(-1))}

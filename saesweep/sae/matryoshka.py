@@ -48,12 +48,14 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.widths = prefix_widths(self.cfg, self.d_in)
 
     def penalties(
-        self, x: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
     ) -> dict:
         """BatchTopK's terms, plus the FVU of every prefix but the full dictionary (which is
         the main term) with coefficient 1."""
-        inner = sum(fvu(x, self.decode(_prefix(codes, w)), variance) for w in self.widths[:-1])
-        return super().penalties(x, recon, codes, step, variance) | {
+        inner = sum(
+            fvu(target, self.predict(x, _prefix(codes, w)), variance) for w in self.widths[:-1]
+        )
+        return super().penalties(x, target, recon, codes, step, variance) | {
             "prefix_fvu": (self.sparsity_coeff.new_ones(self.n), inner)
         }
 

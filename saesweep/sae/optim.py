@@ -110,10 +110,14 @@ class StackedAdam:
 
 @torch.no_grad()
 def member_grad_norms(params: Iterable[nn.Parameter]) -> Tensor:
-    """[n] L2 norm of each member's gradient over all stacked parameters."""
+    """[n] L2 norm of each member's gradient over all stacked parameters.
+
+    The per-parameter sums are added elementwise, one parameter after another: a reduction
+    over a stacked [n_params, n] tensor summed in an order that depended on n, so a member's
+    clipping differed from the same SAE's alone in the last bit (seen with six parameters)."""
     grads = [p.grad for p in params if p.grad is not None]
     sq = [g.pow(2).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) for g in grads]
-    return torch.stack(sq).sum(0).sqrt()
+    return sum(sq, torch.zeros_like(sq[0])).sqrt()
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ class ReLUSAE(StackedSAE):
 
     arch = "relu"
     sae_lens_architecture = "standard"
-    apply_b_dec_to_input = False
+    subtract_b_dec = False
     unit_norm_decoder = False
 
     def init_dec_norm(self, cfg: SAEConfig) -> float:
@@ -24,7 +24,7 @@ class ReLUSAE(StackedSAE):
         return DenseCodes(self.linear_pre(x))
 
     def penalties(
-        self, x: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
     ) -> dict:
         return {"sparsity_loss": (self.sparsity_at(step), self.weighted_l1(codes.acts))}
 

@@ -27,17 +27,18 @@ def train_step(
     step: int,
     max_grad_norm: float | Tensor | None = 1.0,
     active: Tensor | None = None,
+    target: Tensor | None = None,
     sync: StepSync | None = None,
     variance: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """loss -> backward -> before_optimizer_step -> clip -> masked Adam step ->
-        after_optimizer_step. Members with a non-finite loss or gradient (or not in `active`,
-        [n] bool) are left untouched. `sync` (data-parallel training) makes every replica take
-        the whole batch's step (x its slice, `variance` its share of the batch's FVU denominator:
-    StackedSAE.loss). Returns per-member metrics [n], plus "updated" and
-        "grad_norm"."""
+    after_optimizer_step. Members with a non-finite loss or gradient (or not in `active`,
+    [n] bool) are left untouched. `target`: a transcoder's target batch. `sync`
+    (data-parallel training) makes every replica take the whole batch's step (x and target
+    its slice, `variance` its share of the batch's FVU denominator: StackedSAE.loss).
+    Returns per-member metrics [n], plus "updated" and "grad_norm"."""
     opt.zero_grad()
-    result = sae.loss(x, step, variance)
+    result = sae.loss(x, step, target, variance)
     ok = sae.finite_members(result.loss)
     if active is not None:
         ok &= active.to(ok.device)

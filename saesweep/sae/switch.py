@@ -120,7 +120,13 @@ class SwitchSAE(TopKSAE):
         return self.n_experts * (f * probs.mean(dim=1)).sum(-1)
 
     def penalties(
-        self, x: Tensor, recon: Tensor, codes: RoutedCodes, step: int, variance: Tensor
+        self,
+        x: Tensor,
+        target: Tensor,
+        recon: Tensor,
+        codes: RoutedCodes,
+        step: int,
+        variance: Tensor,
     ) -> dict:
         lb = self.load_balance(codes.probs, codes.expert)
         return {"load_balance": (self.load_balance_coeff, lb)}

@@ -46,21 +46,23 @@ class TopKSAE(StackedSAE):
         return torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc).relu_()
 
     def penalties(
-        self, x: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
     ) -> dict:
-        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, recon, codes, variance))}
+        return {"aux_loss": (self.aux_coeff, self.auxk_loss(x, target, recon, codes, variance))}
 
-    def auxk_loss(self, x: Tensor, recon: Tensor, codes: Codes, variance: Tensor) -> Tensor:
-        """[n] AuxK: the top aux_k dead latents reconstruct the residual x - recon.
+    def auxk_loss(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, variance: Tensor
+    ) -> Tensor:
+        """[n] AuxK: the top aux_k dead latents reconstruct the residual target - recon.
 
-        Normalized by the input's total variance (the FVU term's denominator) and scaled by
+        Normalized by the target's total variance (the FVU term's denominator) and scaled by
         min(n_dead / aux_k, 1) (EleutherAI's form of OpenAI's loss). Zero when no member has
         dead latents.
         """
         dead = self.dead_mask()
         if not bool(dead.any()):
             return recon.new_zeros(self.n)
-        residual = (x - recon).detach()
+        residual = (target - recon).detach()
         masked = codes.pre.detach().where(dead.unsqueeze(1), 0)
         values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
         x_in = self.encoder_input(x)

@@ -24,6 +24,13 @@ class DataConfig:
     """Hook to read (module path or short form); optional when the collection has one hook."""
     layer: int | None = None
     """Layer to read, as an alternative to hook."""
+    target_hook: str | None = None
+    """Transcoders: the hook the decoder predicts from the input hook's activations (module
+    path or short form); None with target_layer None: the input hook (an ordinary SAE). From a
+    store it must hold the same tokens (collected in the same run); val_data's default is
+    train_data's."""
+    target_layer: int | None = None
+    """Transcoders: the target's layer, as an alternative to target_hook."""
     shards: str = ":"
     """Python slice over the collection's shards, e.g. ':-1' (all but the last) or '-1:'."""
     n_threads: int = field(default=2, metadata=at_least(1))
@@ -41,8 +48,9 @@ class DataConfig:
     `collect` while training; hook and layer name what to hook, and configs that differ only
     in them share one group and one forward pass per batch (docs/training.md)."""
     collect: str = "configs/demo.toml"
-    """Collection config (TOML, collect.py's keys). Source 'store': it makes the demo
-    collection when uri is the default demo location and holds none yet ('' never collects).
+    """Collection config (TOML, collect.py's keys). Source 'store': it makes the collection
+    when uri is the default demo location or the config's `out` and holds none yet ('' never
+    collects).
     Source 'model': the model, text, ctx_len, special tokens and dtypes to run."""
     cache_to: str = ""
     """Source 'model': also write the training text's activations, as they are computed, as
@@ -126,12 +134,19 @@ class TrainConfig:
 
     @property
     def held_out_data(self) -> DataConfig:
-        """val_data as it is read: uri '' is the train collection, read as train_data reads
-        it (anonymous when train_data is)."""
-        if self.val_data.uri:
-            return self.val_data
-        anonymous = self.val_data.anonymous or self.train_data.anonymous
-        return dataclasses.replace(self.val_data, uri=self.train_data.uri, anonymous=anonymous)
+        """val_data as it is read, what it leaves unset taken from train_data: uri '' is the
+        train collection (read anonymously when train_data is), no hook or layer the input
+        hook, no target (or a train_data without one) the training target."""
+        val, train = self.val_data, self.train_data
+        fields = {}
+        if not val.uri:
+            fields |= {"uri": train.uri, "anonymous": val.anonymous or train.anonymous}
+        if val.hook is None and val.layer is None:
+            fields |= {"hook": train.hook, "layer": train.layer}
+        no_val_target = val.target_hook is None and val.target_layer is None
+        if no_val_target or (train.target_hook is None and train.target_layer is None):
+            fields |= {"target_hook": train.target_hook, "target_layer": train.target_layer}
+        return dataclasses.replace(val, **fields)
 
 
 GROUP_FIELDS = (

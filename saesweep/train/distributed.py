@@ -122,6 +122,7 @@ class SharedSource:
                 "model_name": inner.model_name,
                 "hooks": inner.hooks,
                 "hook_by_config": [inner.hook_of(c) for c in cfgs],
+                "target_by_config": [inner.target_of(c) for c in cfgs],
                 "scales": {h: inner.norm_scale(h) for h in inner.hooks.values()},
                 "held_out_data": inner.held_out_data,
             }
@@ -130,10 +131,14 @@ class SharedSource:
         self.hooks, self.scales = described["hooks"], described["scales"]
         self.held_out_data = described["held_out_data"]
         self._hook_by_config = dict(zip(cfgs, described["hook_by_config"], strict=True))
+        self._target_by_config = dict(zip(cfgs, described["target_by_config"], strict=True))
         self.paths = sorted(self.scales)
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self._hook_by_config[cfg]
+
+    def target_of(self, cfg: TrainConfig) -> str:
+        return self._target_by_config[cfg]
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]
@@ -169,31 +174,35 @@ class SharedSource:
     def figures(self) -> dict[str, float]:
         return self.inner.figures() if self.world.leader else {}
 
-    def held_out(self, n_tokens: int, batch_size: int) -> dict[str, list[torch.Tensor]]:
-        """Up to n_tokens held-out tokens per hook, read by rank 0, on every rank (in batches
-        of batch_size). In data mode only rank 0 evaluates, and nothing is broadcast."""
+    def held_out(self, n_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Up to n_tokens held-out tokens, read by rank 0, on every rank, as held_out_tensors
+        gives them. In data mode only rank 0 evaluates, and nothing is broadcast."""
         if self.world.mode == "data":
             return held_out_tensors(self.inner, n_tokens, batch_size)
-        tensors = held_out_tensors(self.inner, n_tokens, None) if self.world.leader else None
-        stacked = None if tensors is None else torch.stack([tensors[p][0] for p in self.paths])
+        stacked = None
+        if self.world.leader:
+            (whole,) = held_out_tensors(self.inner, n_tokens, None)
+            stacked = torch.stack([whole[p] for p in self.paths])
         stacked = self._broadcast_rows(stacked)
-        return {p: list(t.split(batch_size)) for p, t in zip(self.paths, stacked, strict=True)}
+        return [
+            dict(zip(self.paths, part, strict=True)) for part in stacked.split(batch_size, dim=1)
+        ]
 
 
-def held_out_tensors(source, n_tokens: int, batch_size: int | None) -> dict[str, list]:
-    """Up to n_tokens of `source`'s held-out data per hook, in memory: batches of batch_size
-    (None: one tensor per hook)."""
-    out = {}
-    for hook, batches in source.held_out().items():
-        kept, tokens = [], 0
-        for acts in batches:
-            kept.append(acts[: n_tokens - tokens].clone())
-            tokens += len(kept[-1])
-            if tokens >= n_tokens:
-                break
-        whole = torch.cat(kept)
-        out[hook] = [whole] if batch_size is None else list(whole.split(batch_size))
-    return out
+def held_out_tensors(source, n_tokens: int, batch_size: int | None) -> list[dict]:
+    """Up to n_tokens of `source`'s held-out batches ({hook: acts}, rows the same tokens in
+    every hook), in memory: batches of batch_size (None: one batch)."""
+    kept, tokens = [], 0
+    for batch in source.held_out():
+        kept.append({h: acts[: n_tokens - tokens].clone() for h, acts in batch.items()})
+        tokens += len(next(iter(kept[-1].values())))
+        if tokens >= n_tokens:
+            break
+    whole = {h: torch.cat([b[h] for b in kept]) for h in kept[0]}
+    if batch_size is None:
+        return [whole]
+    parts = {h: acts.split(batch_size) for h, acts in whole.items()}
+    return [dict(zip(parts, chunk, strict=True)) for chunk in zip(*parts.values(), strict=True)]
 
 
 class DataParallelSync:
@@ -236,7 +245,12 @@ class DataParallelSync:
         return value / self.world.size
 
 
-def data_slice(x: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of a batch in data mode (batch_size divides by the ranks), and its
-    share of the batch's FVU denominator (StackedSAE.loss)."""
-    return x.tensor_split(world.size)[world.rank], total_variance(x) / world.size
+def data_slice(
+    world: World, x: torch.Tensor, target: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """This rank's rows of a batch in data mode (batch_size divides by the ranks): input,
+    target (a transcoder's; else None), and its share of the batch's FVU denominator
+    (StackedSAE.loss: the target's variance, or the input's)."""
+    rows = slice(world.rank * len(x) // world.size, (world.rank + 1) * len(x) // world.size)
+    variance = total_variance(x if target is None else target) / world.size
+    return x[rows], None if target is None else target[rows], variance

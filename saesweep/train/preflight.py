@@ -14,7 +14,7 @@ from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.sources import hook_spec, live_hooks
+from saesweep.train.sources import hook_spec, live_hooks, store_hooks, target_spec
 from saesweep.train.sweep import Group
 
 
@@ -114,8 +114,11 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
         first = group.cfgs[0]
         data = first.train_data
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
+        if target_spec(data) is not None:
+            where += f" -> target {target_spec(data)}"
         if data.source == "model":
-            hooks = sorted({hook_spec(c.train_data) or "its first hook" for c in group.cfgs})
+            hooks = {hook_spec(c.train_data) or "its first hook" for c in group.cfgs}
+            hooks = sorted(hooks | {target_spec(c.train_data) for c in group.cfgs} - {None})
             where = (
                 f"from the model of {data.collect}, one forward pass for hooks {', '.join(hooks)}"
             )
@@ -155,7 +158,8 @@ def check_data(group: Group) -> int | None:
     an unreachable store or missing credentials fail here with one sentence; then check that
     every SAE's shape (k, experts) fits the collection's d_model, which is returned. With
     source 'model' only the collection config is read (d_model is known once the model
-    loads, in the job: None)."""
+    loads, in the job: None). Transcoders' target hooks must exist beside their input hooks
+    and hold the same tokens."""
     cfg = group.cfgs[0]
     if cfg.train_data.source == "model":
         from saesweep.collect.config import load_toml
@@ -164,10 +168,7 @@ def check_data(group: Group) -> int | None:
         if cfg.train_data.cache_to:
             check_cache(group, collect_cfg)
         return None
-    train, _ = (
-        find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)
-        for data in (cfg.train_data, cfg.held_out_data)
-    )
+    (train, _), _ = (store_hooks(data) for data in (cfg.train_data, cfg.held_out_data))
     for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
         try:
             ARCHITECTURES[run_cfg.sae.arch].check_shape(run_cfg.sae, train["d_model"])
@@ -218,20 +219,21 @@ def check_local_device(cfg: TrainConfig) -> None:
 
 
 def ensure_data(cfg: TrainConfig) -> None:
-    """Run the demo collection (train_data.collect) when train_data.uri is the default demo
-    location and holds no collection yet; any other local uri without one is refused, and
-    nothing is written."""
+    """Run the collection config train_data.collect when train_data.uri is the default demo
+    location or that config's own `out`, and holds no collection yet; any other local uri
+    without one is refused, and nothing is written."""
     data = cfg.train_data
     uri = data.uri.removeprefix("file://")
     if data.source == "model" or "://" in uri or any(Path(uri).glob("*/metadata.json")):
         return
-    if data.uri != DataConfig.uri or not data.collect:
+    from saesweep.collect.config import load_toml
+    from saesweep.collect.run import collect
+
+    collect_cfg = load_toml(Path(data.collect)) if data.collect else None
+    if collect_cfg is None or data.uri not in (DataConfig.uri, collect_cfg.out):
         raise UserError(
             f"{data.uri} holds no collection (no HOOK/metadata.json under it); check "
             f"--train-data.uri, or run collect.py --out {data.uri} first"
         )
-    from saesweep.collect.config import load_toml
-    from saesweep.collect.run import collect
-
     print(f"{data.uri} holds no collection yet: collecting it with {data.collect}")
-    collect(dataclasses.replace(load_toml(Path(data.collect)), out=data.uri))
+    collect(dataclasses.replace(collect_cfg, out=data.uri))

@@ -1,9 +1,10 @@
 """A group's data source as the trainer sees it: batches of every hook the group reads.
 
-`store`: the Reader over a collection (one hook per group). `model`: collect.source's
-ModelSource, one forward pass per batch for every hook of the group. Both yield
-{hook: [batch, d] float32 on the group's device} and know their input scales (normalize
-'norm': E||x|| = sqrt(d_model)), their position (for resume) and their held-out data.
+`store`: the Reader over a collection (one input hook per group, and the target hook of its
+transcoders, in lockstep). `model`: collect.source's ModelSource, one forward pass per batch
+for every hook of the group, targets included. Both yield {hook: [batch, d] float32 on the
+group's device} and know each hook's input scale (normalize 'norm': E||x|| = sqrt(d)), their
+position (for resume) and their held-out data (batches of the same dicts).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 from saesweep.collect.config import CollectConfig, load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
-from saesweep.data.reader import Reader
+from saesweep.data.reader import Reader, check_same_tokens
 from saesweep.errors import UserError
+from saesweep.format.manifest import find_hook
+from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
 
 NORM_SAMPLE_TOKENS = 1 << 15
@@ -35,17 +38,50 @@ def hook_spec(data: DataConfig) -> str | None:
     return f"resid.{data.layer}" if data.layer is not None else None
 
 
+def live_input(cfg: TrainConfig, collect_cfg: CollectConfig) -> str:
+    """The hook a live config reads, as it specifies it (neither hook nor layer: the
+    collection config's first hook)."""
+    return hook_spec(cfg.train_data) or collect_cfg.hooks[0]
+
+
 def live_hooks(cfgs: list[TrainConfig], collect_cfg: CollectConfig) -> list[str]:
-    """The hooks a live group's forward pass feeds, as its configs specify them (a config
-    with neither hook nor layer reads the collection config's first hook)."""
-    return sorted({hook_spec(c.train_data) or collect_cfg.hooks[0] for c in cfgs})
+    """The hooks a live group's forward pass feeds, as its configs specify them: every
+    config's input hook (live_input) and transcoder target."""
+    targets = {target_spec(c.train_data) for c in cfgs} - {None}
+    return sorted({live_input(c, collect_cfg) for c in cfgs} | targets)
+
+
+def target_spec(data: DataConfig) -> str | None:
+    """The target hook a config names: target_hook, else 'resid.<target_layer>', else None
+    (an SAE: no target)."""
+    if data.target_hook is not None:
+        return data.target_hook
+    return f"resid.{data.target_layer}" if data.target_layer is not None else None
+
+
+def store_hooks(data: DataConfig) -> tuple[dict, dict | None]:
+    """(metadata of the input hook, of the target hook or None) in the collection at data.uri;
+    a target that is the input hook or stores other tokens is refused."""
+    store = open_store(data.uri, data.anonymous)
+    meta = find_hook(store, data.hook, data.layer)
+    if data.target_hook is None and data.target_layer is None:
+        return meta, None
+    target = find_hook(store, data.target_hook, data.target_layer)
+    if target["hook"] == meta["hook"]:
+        raise UserError(
+            f"the target hook {target['hook']} is the input hook; leave target_hook and "
+            "target_layer unset for an ordinary SAE"
+        )
+    check_same_tokens(data.uri, meta, target)
+    return meta, target
 
 
 def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
+    meta, target = store_hooks(data)
     return Reader(
         data.uri,
-        hook=data.hook,
-        layer=data.layer,
+        hook=meta["hook"],
+        extra_hooks=[target["hook"]] if target else [],
         batch_size=cfg.batch_size,
         shuffle=train,
         seed=data.seed,
@@ -63,7 +99,8 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
 
 
 class StoreSource:
-    """The Reader over one hook of a collection, repeated to n_train tokens."""
+    """The Reader over one hook of a collection (and its transcoders' target hook, in
+    lockstep), repeated to n_train tokens."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -77,16 +114,26 @@ class StoreSource:
         self.reader.epochs = math.ceil(cfg.n_train / usable)
         self.d_model, self.model_name = self.reader.d_model, self.reader.meta["model"]
         self.hooks = {hook_spec(cfg.train_data): self.reader.hook}
-        """Spec (as configs name it) -> module path."""
+        """Spec (as configs name it) -> module path, targets included."""
+        self.target = self.reader.hooks[1].hook if len(self.reader.hooks) > 1 else None
+        if self.target is not None:
+            self.hooks[target_spec(cfg.train_data)] = self.target
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self.reader.hook
 
+    def target_of(self, cfg: TrainConfig) -> str:
+        """The module path the config's SAE reconstructs (its input hook) or predicts."""
+        return self.target or self.reader.hook
+
+    def width(self, hook: str) -> int:
+        return next(h.d_model for h in self.reader.hooks if h.hook == hook)
+
     def norm_scale(self, hook: str) -> float:
-        return self.reader.norm_scale()
+        return self.reader.norm_scale(hook)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return ({self.reader.hook: acts} for acts in self.reader)
+        return _dicts(self.reader)
 
     def state_dict(self) -> dict:
         return self.reader.state_dict()
@@ -97,13 +144,15 @@ class StoreSource:
     def figures(self) -> dict[str, float]:
         return self.reader.figures()
 
-    def held_out(self) -> dict[str, Iterable[torch.Tensor]]:
+    def held_out(self) -> Iterable[dict[str, torch.Tensor]]:
         """Held-out batches (evaluation reads up to n_val tokens): val_data, by default the
-        train collection's last shard."""
+        train collection's last shard, its hooks those of train_data unless set."""
         cfg = self.cfg
         batch = min(cfg.batch_size, cfg.n_val)
         val = open_reader(cfg.held_out_data, dataclasses.replace(cfg, batch_size=batch), False)
-        return {self.reader.hook: val}
+        # named after the training hooks, which the stacks know (val may read other ones)
+        names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
+        return ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
 
     @property
     def held_out_data(self) -> DataConfig | None:
@@ -113,10 +162,10 @@ class StoreSource:
 
 class LiveSource:
     """The model of the collection config `train_data.collect`, hooked at every hook the
-    group's configs read; one forward pass per batch of sequences feeds all of them. It
-    serves the group's ceil(n_train / batch_size) batches; with `train_data.cache_to` it also
-    writes the training sequences it computes there as a collection, complete once the text's
-    first epoch or the training ends."""
+    group's configs read (transcoders' targets are just more hooks); one forward pass per
+    batch of sequences feeds all of them. It serves the group's ceil(n_train / batch_size)
+    batches; with `train_data.cache_to` it also writes the training sequences it computes
+    there as a collection, complete once the text's first epoch or the training ends."""
 
     def __init__(self, cfgs: list[TrainConfig]):
         cfg = cfgs[0]
@@ -137,11 +186,24 @@ class LiveSource:
         self.served = 0
         """Batches served since the start of training (resumes included)."""
         self.n_batches = math.ceil(cfg.n_train / cfg.batch_size)
+        for c in cfgs:
+            if self.target_of(c) == self.hook_of(c) and target_spec(c.train_data):
+                raise UserError(
+                    f"the target hook {self.hook_of(c)} is the input hook; leave target_hook "
+                    "and target_layer unset for an ordinary SAE"
+                )
         self.scales = self._norm_scales()
 
     def hook_of(self, cfg: TrainConfig) -> str:
-        (spec,) = live_hooks([cfg], self.collect_cfg)
-        return self.hooks[spec]
+        return self.hooks[live_input(cfg, self.collect_cfg)]
+
+    def target_of(self, cfg: TrainConfig) -> str:
+        """The module path the config's SAE reconstructs (its input hook) or predicts."""
+        spec = target_spec(cfg.train_data)
+        return self.hooks[spec] if spec is not None else self.hook_of(cfg)
+
+    def width(self, hook: str) -> int:
+        return self.d_model
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]
@@ -177,20 +239,18 @@ class LiveSource:
     def figures(self) -> dict[str, float]:
         return {}
 
-    def held_out(self) -> dict[str, list[torch.Tensor]]:
+    def held_out(self) -> list[dict[str, torch.Tensor]]:
         """Up to n_val tokens of the held-out documents, every hook from the same forward
         passes."""
         cfg = self.cfg
         val = ModelSource(
             self.collect_cfg, list(self.hooks), min(cfg.batch_size, cfg.n_val), cfg.n_val, 0, "val"
         )
-        out: dict[str, list[torch.Tensor]] = {path: [] for path in self.hooks.values()}
-        tokens = 0
+        out, tokens = [], 0
         for batch, pos in val.batches():
             if pos.epoch > 0:
                 break
-            for spec, path in self.hooks.items():
-                out[path].append(batch.acts[spec].float())
+            out.append({path: batch.acts[spec].float() for spec, path in self.hooks.items()})
             tokens += len(batch.token_ids)
             if tokens >= cfg.n_val:
                 break
@@ -199,6 +259,12 @@ class LiveSource:
     @property
     def held_out_data(self) -> DataConfig | None:
         return None
+
+
+def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
+    """The reader's batches as {hook: acts}."""
+    for batch in reader:
+        yield batch if isinstance(batch, dict) else {reader.hook: batch}
 
 
 def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:

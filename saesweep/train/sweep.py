@@ -67,6 +67,12 @@ def make_config(values: dict, where: str) -> TrainConfig:
     out-of-range values raise UserError naming `where` and the key."""
     cfg = replace_from_dict(TrainConfig(), values, where)
     check_values(cfg, where, "the sweep")
+    data = cfg.train_data
+    if cfg.sae.skip and data.target_hook is None and data.target_layer is None:
+        raise UserError(
+            f"{where}: sae.skip needs a target hook (train_data.target_hook or target_layer): "
+            "a skip transcoder maps its input hook to another hook"
+        )
     return _d_vit_as_d_model(cfg, where)
 
 
@@ -100,10 +106,10 @@ class Group:
 
 
 def group_key(cfg: TrainConfig) -> tuple:
-    """Equal for configs that can share a group. With source 'model' the hook and layer are
-    not part of it: one forward pass feeds every hook the group reads."""
+    """Equal for configs that can share a group. With source 'model' the hooks (input and
+    target) are not part of it: one forward pass feeds every hook the group reads."""
     if cfg.train_data.source == "model":
-        unhooked = {"hook": None, "layer": None}
+        unhooked = dict.fromkeys(("hook", "layer", "target_hook", "target_layer"))
         cfg = dataclasses.replace(
             cfg,
             train_data=dataclasses.replace(cfg.train_data, **unhooked),

@@ -56,6 +56,8 @@ class Stack:
     members: list[int]
     hook: str
     """The module path whose activations the stack reads."""
+    target: str
+    """The module path it reconstructs: its hook (SAEs), or a transcoder's target hook."""
     sae: StackedSAE
     opt: StackedAdam
     schedule: LRSchedule
@@ -124,10 +126,11 @@ class GroupTrainer:
         buckets: dict = {}
         for i in self.trained:
             cfg = self.cfgs[i]
-            buckets.setdefault((self.source.hook_of(cfg), stack_key(cfg.sae)), []).append(i)
+            key = (self.source.hook_of(cfg), self.source.target_of(cfg), stack_key(cfg.sae))
+            buckets.setdefault(key, []).append(i)
         stacks = []
         device = torch.device(self.cfgs[0].device)
-        for (hook, _), members in buckets.items():
+        for (hook, target, _), members in buckets.items():
             cfgs = [self.cfgs[i] for i in members]
             sae = make_sae(
                 [c.sae for c in cfgs],
@@ -135,6 +138,7 @@ class GroupTrainer:
                 [c.seed for c in cfgs],
                 [c.objective for c in cfgs],
                 device=device,
+                d_out=self.source.width(target) if target != hook else None,
             )
             lrs = [c.lr if c.lr is not None else default_lr(sae.d_sae) for c in cfgs]
             schedule = LRSchedule(
@@ -147,6 +151,7 @@ class GroupTrainer:
                 Stack(
                     members,
                     hook,
+                    target,
                     sae,
                     StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
                     schedule,
@@ -166,7 +171,7 @@ class GroupTrainer:
             x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
             if fresh:
                 for stack in self.stacks:
-                    stack.sae.init_b_dec(x[stack.hook])
+                    stack.sae.init_b_dec(x[stack.target])
                 fresh = False
             metrics = self._step(x)
             self.step += 1
@@ -196,8 +201,9 @@ class GroupTrainer:
         out = []
         for stack in self.stacks:
             x, variance = batch[stack.hook], None
+            target = batch[stack.target] if stack.sae.transcoder else None
             if self.sync is not None:
-                x, variance = data_slice(x, self.world)
+                x, target, variance = data_slice(self.world, x, target)
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
             with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
                 m = train_step(
@@ -207,6 +213,7 @@ class GroupTrainer:
                     self.step,
                     stack.max_grad_norm,
                     active=~stack.failed,
+                    target=target,
                     sync=self.sync,
                     variance=variance,
                 )
@@ -237,8 +244,9 @@ class GroupTrainer:
             values = {f"eval/{k}": metrics[k] for k in ("fvu", "l0", "dead_pct", "mse")}
             logs[i].log(self.step, values | {"eval/seconds": seconds})
 
-    def _held_out(self) -> dict[str, list[torch.Tensor]]:
-        """Up to n_val held-out tokens per hook, in memory (read on first use)."""
+    def _held_out(self) -> list[dict[str, torch.Tensor]]:
+        """Up to n_val held-out tokens ({hook: acts} batches, every hook's rows the same
+        tokens), in memory (read on first use)."""
         if self.held_out_batches is None:
             cfg = self.cfgs[0]
             batch = min(cfg.batch_size, cfg.n_val)
@@ -248,17 +256,15 @@ class GroupTrainer:
                 self.held_out_batches = held_out_tensors(self.source, cfg.n_val, batch)
         return self.held_out_batches
 
-    def _evaluate(self, held_out: dict) -> dict[int, dict]:
-        """Every run's metrics on held-out data ({hook: batches}), by run index."""
-        out = {}
-        for hook, data in held_out.items():
-            stacks = [s for s in self.stacks if s.hook == hook]
-            evals = evaluate_stacks(
-                [s.sae for s in stacks], data, self.scales[hook], self.cfgs[0].n_val
-            )
-            for stack, stack_evals in zip(stacks, evals, strict=True):
-                out |= {i: stack_evals[j] for j, i in enumerate(stack.members)}
-        return out
+    def _evaluate(self, held_out) -> dict[int, dict]:
+        """Every run's metrics on held-out data (batches of {hook: acts}), by run index."""
+        stacks = [(s.sae, s.hook, s.target) for s in self.stacks]
+        evals = evaluate_stacks(stacks, held_out, self.scales, self.cfgs[0].n_val)
+        return {
+            i: stack_evals[j]
+            for stack, stack_evals in zip(self.stacks, evals, strict=True)
+            for j, i in enumerate(stack.members)
+        }
 
     def _finish(self, logs: dict[int, RunLog]) -> list[dict]:
         """Evaluate and export every run, then (rank 0) downstream fidelity and absorption of
@@ -332,20 +338,21 @@ class GroupTrainer:
             "run": run_dir.name,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
+        scales = self.scales[stack.hook], self.scales[stack.target]
         sae_cfg = {
             **lens_cfg,
             "hook_name": stack.hook,
+            **(
+                {"hook_name_out": stack.target, "target_scale": scales[1]}
+                if stack.sae.transcoder
+                else {}
+            ),
             "model_name": self.source.model_name,
-            "input_scale": self.scales[stack.hook],
+            "input_scale": scales[0],
             "seed": cfg.seed,
             "saesweep_config": dataclasses.asdict(cfg),
         }
-        save_sae(
-            run_dir,
-            stack.sae.member_state_dict(j, input_scale=self.scales[stack.hook]),
-            sae_cfg,
-            metrics,
-        )
+        save_sae(run_dir, stack.sae.member_state_dict(j, *scales), sae_cfg, metrics)
 
     def save_state(self) -> None:
         """Each rank's tensors in its own file named by step, then one commit (rank 0's
