@@ -1,4 +1,4 @@
-"""The demo sweep: all five architectures side by side on the demo collection."""
+"""The demo sweep: all six architectures side by side on the demo collection."""
 
 
 def make_cfgs() -> list[dict]:
@@ -6,6 +6,7 @@ def make_cfgs() -> list[dict]:
     archs = [
         {"sae": {"arch": "topk"}},
         {"sae": {"arch": "batchtopk"}},
+        {"sae": {"arch": "matryoshka"}},
         {"sae": {"arch": "switch", "n_experts": 4}},
         {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 1e-2}},
         {

@@ -45,7 +45,7 @@ def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
         ("lr_grid", 6, 1),
         ("k_grid", 4, 1),
         ("archs", 6, 1),
-        ("demo", 5, 1),
+        ("demo", 6, 1),
         ("live_layers", 3, 1),
         ("transcoders", 5, 3),
     ],
