@@ -245,3 +245,27 @@ def test_steer_clamp_sets_the_latent(gpt2_run):
     before = exported_acts(cfg, sd, clean.reshape(-1, clean.shape[-1]))[:, 5]
     diff = (steered - clean).reshape(-1, clean.shape[-1])
     torch.testing.assert_close(diff, (4.0 - before)[:, None] * sd["W_dec"][5])
+
+
+def test_downstream_while_training_matches_the_final_evaluation(colls, tmp_path):
+    from saesweep.evaluate.absorption import AbsorptionConfig
+    from saesweep.sae import SAEConfig
+    from saesweep.train.config import DataConfig, TrainConfig
+    from saesweep.train.trainer import GroupTrainer
+
+    _, uri = colls["gpt2"]
+    cfg = TrainConfig(
+        train_data=DataConfig(uri=uri, shards=":-1", collect=""),
+        val_data=DataConfig(uri="", shards="-1:", collect=""),
+        n_train=1024, n_val=128, batch_size=64, warmup_steps=2, log_every=4, eval_every=8,
+        eval_downstream_sequences=4, downstream_sequences=4, wandb_mode="disabled",
+        absorption=AbsorptionConfig(n_tokens=0), sae=SAEConfig(arch="topk", d_sae=64, k=4),
+    )  # fmt: skip
+    (final,) = GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").open()]
+    evals = [x for x in lines if "eval/loss_recovered" in x]
+    assert [x["step"] for x in evals] == [8, 16]
+    assert evals[-1]["eval/loss_recovered"] == pytest.approx(final["loss_recovered"], abs=1e-5)
+    assert evals[-1]["eval/kl"] == pytest.approx(final["kl"], abs=1e-5)
+    assert evals[0]["eval/kl"] != evals[-1]["eval/kl"]
+    assert all(x["eval/seconds"] > 0 for x in evals)

@@ -100,6 +100,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata=at_least(0))
     """Steps between evaluations while training (FVU, L0, dead % on up to n_val held-out
     tokens, logged as eval/*); 0 evaluates only at the end."""
+    eval_downstream_sequences: int = field(default=8, metadata=at_least(0))
+    """Held-out sequences for downstream fidelity (loss recovered and KL, or the encoder
+    score) at each evaluation while training; 0 leaves it to the end."""
     log_every: int = field(default=20, metadata=at_least(1))
     """Steps between metric logs."""
     ckpt_every: int = field(default=200, metadata=at_least(1))
@@ -163,6 +166,7 @@ GROUP_FIELDS = (
     "dist_timeout_s",
     "autocast",
     "eval_every",
+    "eval_downstream_sequences",
     "log_every",
     "ckpt_every",
     "runs_root",

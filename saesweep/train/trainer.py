@@ -19,7 +19,7 @@ import torch
 
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import add_absorption
-from saesweep.evaluate.downstream import add_downstream
+from saesweep.evaluate.downstream import add_downstream, downstream_metrics_many
 from saesweep.evaluate.metrics import evaluate_stacks
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
@@ -239,10 +239,37 @@ class GroupTrainer:
         memory: n_val tokens per hook), logged as eval/* with the seconds it took."""
         started = time.perf_counter()
         evals = self._evaluate(self._held_out())
+        fidelity = self._downstream_now()
         seconds = time.perf_counter() - started
         for i, metrics in evals.items():
             values = {f"eval/{k}": metrics[k] for k in ("fvu", "l0", "dead_pct", "mse")}
+            values |= {f"eval/{k}": v for k, v in fidelity.get(i, {}).items()}
             logs[i].log(self.step, values | {"eval/seconds": seconds})
+
+    def _downstream_now(self) -> dict[int, dict[str, float]]:
+        """Downstream fidelity of this process's SAEs as they are, on the first
+        eval_downstream_sequences held-out sequences of a stored collection (by run index;
+        none for a live source, or with a warning when it cannot be measured)."""
+        cfg, data = self.cfgs[0], self.source.held_out_data
+        if cfg.eval_downstream_sequences <= 0 or data is None:
+            return {}
+        members = [(stack, j, i) for stack in self.stacks for j, i in enumerate(stack.members)]
+        try:
+            results = downstream_metrics_many(
+                [self._checkpoint(stack, j, i) for stack, j, i in members],
+                data.uri,
+                cfg.eval_downstream_sequences,
+                cfg.device,
+                shards=data.shards,
+                anonymous=data.anonymous,
+            )
+        except UserError as err:
+            print(f"warning: downstream fidelity while training skipped: {err}")
+            return {}
+        return {
+            i: {k: v for k, v in r.items() if isinstance(v, float)}
+            for (_, _, i), r in zip(members, results, strict=True)
+        }
 
     def _held_out(self) -> list[dict[str, torch.Tensor]]:
         """Up to n_val held-out tokens ({hook: acts} batches, every hook's rows the same
@@ -338,9 +365,16 @@ class GroupTrainer:
             "run": run_dir.name,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
+        sae_cfg, weights = self._checkpoint(stack, j, i)
+        save_sae(run_dir, weights, sae_cfg, metrics)
+
+    def _checkpoint(self, stack: Stack, j: int, i: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(cfg.json, weights) of member j of `stack` (run i) as it is now, acting on raw
+        activations."""
+        cfg = self.cfgs[i]
         scales = self.scales[stack.hook], self.scales[stack.target]
         sae_cfg = {
-            **lens_cfg,
+            **stack.sae.sae_lens_cfg(),
             "hook_name": stack.hook,
             **(
                 {"hook_name_out": stack.target, "target_scale": scales[1]}
@@ -352,7 +386,7 @@ class GroupTrainer:
             "seed": cfg.seed,
             "saesweep_config": dataclasses.asdict(cfg),
         }
-        save_sae(run_dir, stack.sae.member_state_dict(j, *scales), sae_cfg, metrics)
+        return sae_cfg, stack.sae.member_state_dict(j, *scales)
 
     def save_state(self) -> None:
         """Each rank's tensors in its own file named by step, then one commit (rank 0's
