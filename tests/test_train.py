@@ -421,7 +421,14 @@ def test_missing_demo_data_is_collected_first(tmp_path):
     rows = [
         r.split(",") for r in (only_dir(tmp_path / "runs") / "results.csv").read_text().splitlines()
     ]
-    assert [r[1] for r in rows[1:]] == ["topk", "batchtopk", "switch", "relu", "jumprelu"]
+    assert [r[1] for r in rows[1:]] == [
+        "topk",
+        "batchtopk",
+        "matryoshka",
+        "switch",
+        "relu",
+        "jumprelu",
+    ]
     metrics = json.loads(
         next(only_dir(tmp_path / "runs").glob("runs/run-000*/metrics.json")).read_text()
     )
