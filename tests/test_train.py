@@ -434,7 +434,7 @@ def test_missing_demo_data_is_collected_first(tmp_path):
     )
     # 256 held-out tokens are too few for any letter's probe: measured, but NaN
     assert metrics["absorption_tokens"] > 0 and metrics["absorption_letters"] == 0
-    assert [r[3] for r in rows[1:]] == ["16", "16", "16", "", ""]
+    assert [r[3] for r in rows[1:]] == ["16", "16", "16", "16", "", ""]
 
 
 def test_a_mistyped_uri_is_refused_and_nothing_is_written(coll, tmp_path):
