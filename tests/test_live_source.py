@@ -23,6 +23,7 @@ from saesweep.collect.sequences import VAL_EVERY
 from saesweep.collect.source import ModelSource
 from saesweep.collect.text import demo_corpus
 from saesweep.errors import UserError
+from saesweep.evaluate.downstream import load_run, measure, text_from_collection
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
 from saesweep.train.checkpoint import saved_state
@@ -203,3 +204,22 @@ def test_kill_9_and_resume_of_a_live_group_is_bit_identical(config, tmp_path):
         want = load_file(str(ref_dir / "runs" / run / "sae_weights.safetensors"))
         got = load_file(str(killed_dir / "runs" / run / "sae_weights.safetensors"))
         assert all(torch.equal(want[k], got[k]) for k in want), run
+
+
+def test_a_live_groups_downstream_runs_on_its_held_out_documents(config, tmp_path):
+    """Loss recovered of a live group comes from the held-out documents: the same numbers as
+    downstream fidelity on a collection of just those documents (collect.py --doc-split val)."""
+    toml = tmp_path / "live.toml"
+    toml.write_text(
+        f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
+    )
+    cfg = dataclasses.replace(live_cfg(toml, 3, 0), downstream_sequences=6)
+    (metrics,) = GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
+    assert metrics["downstream_split"] == "val"
+    assert metrics["downstream_sequences"] == 6
+    assert 0 < metrics["final_recovered"] < 1
+    val = dataclasses.replace(config, out=str(tmp_path / "val"), doc_split="val")
+    collect(val)
+    stored = text_from_collection(val.out, ["encoder.layer.3"], 6, shards=":")
+    (want,) = measure(stored, [load_run(tmp_path / "run")], 6)
+    assert metrics["final_recovered"] == pytest.approx(want["final_recovered"], rel=1e-6)

@@ -166,13 +166,7 @@ class ModelSource:
         return {spec: window.acts[path][:n_tokens] for spec, path in self.hooks.items()}
 
     def _sequences(self) -> Iterator[Sequence]:
-        cfg = self.cfg
-        docs = iter_documents(
-            cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split, cfg.streaming
-        )
-        return sequences(
-            docs, self.tokenizer, cfg.ctx_len, cfg.exclude_special, doc_split=self.split
-        )
+        return split_sequences(self.cfg, self.tokenizer, self.split)
 
     def _windows(
         self, seqs: Iterator[Sequence], first: int, cache: Cache | None
@@ -211,6 +205,14 @@ class ModelSource:
             window.seq_ids[rows],
             window.positions[rows],
         )
+
+
+def split_sequences(cfg: CollectConfig, tokenizer, split: Split) -> Iterator[Sequence]:
+    """The model inputs of one split of the config's text, in text order (one epoch)."""
+    docs = iter_documents(
+        cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split, cfg.streaming
+    )
+    return sequences(docs, tokenizer, cfg.ctx_len, cfg.exclude_special, doc_split=split)
 
 
 def _concat(parts: list[Window]) -> Window:

@@ -12,6 +12,7 @@ hook must run first). See docs/evaluation.md for the formulas.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor, nn
 
+from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import load_model
 from saesweep.collect.sequences import Sequence, make_batch, special_template
+from saesweep.collect.source import split_sequences
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook
@@ -291,33 +294,103 @@ def downstream_metrics_many(
 ) -> list[dict]:
     """downstream_metrics of several SAEs, sharing the model, the data and the clean pass."""
     saes = [load_run(r) for r in runs]
-    pairs = sorted({_hooks(cfg) for cfg, _ in saes}, key=str)
-    hooks = sorted({h for h, _ in pairs})
-    colls = {h: read_collection(collection_uri, h, shards, anonymous=anonymous) for h in hooks}
-    first = next(iter(colls.values()))
-    lm, tokenizer = _load_model(first, model, device)
-    results: list[dict | None] = [None] * len(saes)
-    for hook, target in pairs:
-        coll = colls[hook]
-        members = [i for i, (cfg, _) in enumerate(saes) if _hooks(cfg) == (hook, target)]
-        _check_width(coll, [saes[i][0] for i in members])
+    hooks = sorted({_hooks(cfg)[0] for cfg, _ in saes})
+    text = text_from_collection(
+        collection_uri, hooks, n_sequences, device, shards=shards, model=model,
+        anonymous=anonymous,
+    )  # fmt: skip
+    return measure(text, saes, n_sequences, batch_size, positions)
+
+
+@dataclass
+class HeldOutText:
+    """What downstream fidelity runs on, prepared once for any number of evaluations: the
+    model, its tokenizer and, by input hook (as SAE configs name it), held-out sequences, the
+    module path and the width; `source` says how the sequences were chosen (it is recorded
+    in the results)."""
+
+    lm: nn.Module
+    tokenizer: object
+    device: str
+    seqs: dict[str, list[Sequence]]
+    paths: dict[str, str]
+    widths: dict[str, int]
+    source: dict
+
+
+def text_from_collection(
+    uri: str,
+    hooks: list[str],
+    n_sequences: int,
+    device: str = "cpu",
+    *,
+    shards: str = "-1:",
+    model: str | None = None,
+    anonymous: bool = False,
+) -> HeldOutText:
+    """The first n_sequences complete sequences of each hook's selected shards, rebuilt from
+    their stored token ids, and the model the collection names (or `model`)."""
+    colls = {h: read_collection(uri, h, shards, anonymous=anonymous) for h in hooks}
+    lm, tokenizer = _load_model(next(iter(colls.values())), model, device)
+    seqs = {}
+    for hook, coll in colls.items():
         exclude_special = coll.meta.get("exclude_special", True)
-        seqs = rebuild_sequences(
+        seqs[hook] = rebuild_sequences(
             coll.tensors, tokenizer, exclude_special, n_sequences, ctx_len=coll.meta["ctx_len"]
         )
-        if not seqs:
-            raise UserError(f"{collection_uri} shards {shards!r} hold no complete sequence")
-        sds = [{k: v.to(device) for k, v in saes[i][1].items()} for i in members]
+        if not seqs[hook]:
+            raise UserError(f"{uri} shards {shards!r} hold no complete sequence")
+    paths = {hook: coll.meta["hook"] for hook, coll in colls.items()}
+    widths = {hook: coll.meta["d_model"] for hook, coll in colls.items()}
+    source = {"downstream_shards": shards}
+    return HeldOutText(lm, tokenizer, device, seqs, paths, widths, source)
+
+
+def text_from_config(
+    cfg: CollectConfig, hooks: list[str], n_sequences: int, device: str = "cpu"
+) -> HeldOutText:
+    """The first n_sequences sequences of a collection config's held-out documents (what a
+    live source validates on) for each of `hooks` (module paths), and the config's model."""
+    lm, tokenizer = load_model(
+        cfg.model, cfg.revision, cfg.model_dtype, device, trust_remote_code=cfg.trust_remote_code
+    )
+    seqs = list(itertools.islice(split_sequences(cfg, tokenizer, "val"), n_sequences))
+    if not seqs:
+        raise UserError(f"the held-out documents of {cfg.dataset} hold no sequence")
+    width = int(lm.config.hidden_size)
+    return HeldOutText(
+        lm, tokenizer, device, dict.fromkeys(hooks, seqs), {h: h for h in hooks},
+        dict.fromkeys(hooks, width), {"downstream_split": "val"},
+    )  # fmt: skip
+
+
+def measure(
+    text: HeldOutText,
+    saes: list[tuple[dict, dict[str, Tensor]]],
+    n_sequences: int,
+    batch_size: int = 8,
+    positions: Positions = "stored",
+) -> list[dict]:
+    """Downstream fidelity of each SAE (cfg, state dict) on the first n_sequences sequences
+    of `text` for its input hook; SAEs reading one hook (and predicting one target) share
+    the clean pass."""
+    results: list[dict | None] = [None] * len(saes)
+    for hook, target in sorted({_hooks(cfg) for cfg, _ in saes}, key=str):
+        if hook not in text.seqs:
+            raise UserError(f"no held-out sequences were prepared for hook {hook}")
+        members = [i for i, (cfg, _) in enumerate(saes) if _hooks(cfg) == (hook, target)]
+        _check_width(hook, text.widths[hook], [saes[i][0] for i in members])
+        seqs = text.seqs[hook][:n_sequences]
+        sds = [{k: v.to(text.device) for k, v in saes[i][1].items()} for i in members]
         fns = [sae_fn(saes[i][0], sd) for i, sd in zip(members, sds, strict=True)]
-        totals = _evaluate(
-            lm, (coll.meta["hook"], target), seqs, fns, tokenizer, device, batch_size, positions
-        )
+        hooks = (text.paths[hook], target)
+        totals = _evaluate(text, hooks, seqs, fns, batch_size, positions)
+        chosen = text.source | {
+            "downstream_sequences": len(seqs),
+            "downstream_positions": positions,
+        }
         for j, i in enumerate(members):
-            results[i] = _summarize(totals, j, is_causal(lm)) | {
-                "downstream_sequences": len(seqs),
-                "downstream_positions": positions,
-                "downstream_shards": shards,
-            }
+            results[i] = _summarize(totals, j, is_causal(text.lm)) | chosen
     return results  # type: ignore[return-value]
 
 
@@ -336,28 +409,24 @@ def _load_model(coll: Collection, override: str | None, device: str):
     )
 
 
-def _check_width(coll: Collection, cfgs: list[dict]) -> None:
+def _check_width(hook: str, width: int, cfgs: list[dict]) -> None:
     for cfg in cfgs:
-        if cfg["d_in"] != coll.meta["d_model"]:
-            raise UserError(
-                f"the SAE has d_in={cfg['d_in']} but hook {coll.meta['hook']} has width "
-                f"{coll.meta['d_model']}"
-            )
+        if cfg["d_in"] != width:
+            raise UserError(f"the SAE has d_in={cfg['d_in']} but hook {hook} has width {width}")
 
 
 @torch.inference_mode()
 def _evaluate(
-    lm: nn.Module,
+    text: HeldOutText,
     hooks: tuple[str, str | None],
     seqs: list[Sequence],
     fns: list[Callable[[Tensor], Tensor]],
-    tokenizer,
-    device: str,
     batch_size: int,
     positions: Positions,
 ) -> Totals:
     """hooks: (input hook, target hook or None); with a target the fns are transcoders,
     splicing the target with their prediction from the input hook of the same pass."""
+    lm, tokenizer, device = text.lm, text.tokenizer, text.device
     modules = dict(lm.named_modules())
     for name in filter(None, hooks):
         if name not in modules:
@@ -477,8 +546,13 @@ def add_downstream(
     results = downstream_metrics_many(
         dirs, uri, n_sequences, device, shards=shards, batch_size=batch_size, anonymous=anonymous
     )
+    write_downstream(dirs, results)
+    return results
+
+
+def write_downstream(dirs: list[Path], results: list[dict]) -> None:
+    """Add each run's downstream metrics to its metrics.json (rewritten atomically)."""
     for run_dir, extra in zip(dirs, results, strict=True):
         path = run_dir / "metrics.json"
         metrics = json.loads(path.read_text()) if path.exists() else {}
         write_json(path, metrics | extra)
-    return results

@@ -22,6 +22,7 @@ from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader, check_same_tokens
 from saesweep.errors import UserError
+from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text_from_config
 from saesweep.format.manifest import find_hook
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
@@ -169,8 +170,7 @@ class LiveSource:
 
     def __init__(self, cfgs: list[TrainConfig]):
         cfg = cfgs[0]
-        collect_cfg = load_toml(Path(cfg.train_data.collect))
-        collect_cfg = dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
+        collect_cfg = live_collect_config(cfg)
         self.cfg, self.collect_cfg = cfg, collect_cfg
         self.source = ModelSource(
             collect_cfg,
@@ -265,6 +265,24 @@ def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
     """The reader's batches as {hook: acts}."""
     for batch in reader:
         yield batch if isinstance(batch, dict) else {reader.hook: batch}
+
+
+def live_collect_config(cfg: TrainConfig) -> CollectConfig:
+    """The collection config a live source runs (train_data.collect), on the group's device."""
+    collect_cfg = load_toml(Path(cfg.train_data.collect))
+    return dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
+
+
+def held_out_text(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
+    """The model and held-out sequences downstream fidelity runs on for a group reading
+    `hooks` (module paths): the held-out documents of a live source, the held-out shards of
+    a store. Any rank can prepare it (it needs no source)."""
+    if cfg.train_data.source == "model":
+        return text_from_config(live_collect_config(cfg), hooks, n_sequences, cfg.device)
+    data = cfg.held_out_data
+    return text_from_collection(
+        data.uri, hooks, n_sequences, cfg.device, shards=data.shards, anonymous=data.anonymous
+    )
 
 
 def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:

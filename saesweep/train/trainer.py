@@ -19,7 +19,7 @@ import torch
 
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import add_absorption
-from saesweep.evaluate.downstream import add_downstream, downstream_metrics_many
+from saesweep.evaluate.downstream import HeldOutText, load_run, measure, write_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
@@ -43,7 +43,7 @@ from saesweep.train.distributed import (
     held_out_tensors,
 )
 from saesweep.train.runlog import RunLog
-from saesweep.train.sources import open_source
+from saesweep.train.sources import held_out_text, open_source
 
 SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
 """metrics.json keys left out of the wandb summary."""
@@ -98,6 +98,8 @@ class GroupTrainer:
         self.sync = DataParallelSync(self.world) if self.world.mode == "data" else None
         self.step = self.first_step = 0
         self.held_out_batches: dict[str, list[torch.Tensor]] | None = None
+        self.held_out_text: HeldOutText | None = None
+        """The model and sequences of downstream fidelity (prepared on first use)."""
         self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
         self.started = time.perf_counter()
 
@@ -248,28 +250,33 @@ class GroupTrainer:
 
     def _downstream_now(self) -> dict[int, dict[str, float]]:
         """Downstream fidelity of this process's SAEs as they are, on the first
-        eval_downstream_sequences held-out sequences of a stored collection (by run index;
-        none for a live source, or with a warning when it cannot be measured)."""
-        cfg, data = self.cfgs[0], self.source.held_out_data
-        if cfg.eval_downstream_sequences <= 0 or data is None:
-            return {}
+        eval_downstream_sequences held-out sequences (by run index)."""
+        n = self.cfgs[0].eval_downstream_sequences
         members = [(stack, j, i) for stack in self.stacks for j, i in enumerate(stack.members)]
-        try:
-            results = downstream_metrics_many(
-                [self._checkpoint(stack, j, i) for stack, j, i in members],
-                data.uri,
-                cfg.eval_downstream_sequences,
-                cfg.device,
-                shards=data.shards,
-                anonymous=data.anonymous,
-            )
-        except UserError as err:
-            print(f"warning: downstream fidelity while training skipped: {err}")
+        saes = [self._checkpoint(stack, j, i) for stack, j, i in members] if n > 0 else []
+        results = self._measure_downstream(saes, n, "while training")
+        if results is None:
             return {}
         return {
             i: {k: v for k, v in r.items() if isinstance(v, float)}
             for (_, _, i), r in zip(members, results, strict=True)
         }
+
+    def _measure_downstream(self, saes: list, n_sequences: int, when: str) -> list[dict] | None:
+        """downstream.measure of (cfg, weights) pairs on the group's held-out text, which is
+        prepared once; None (with a warning) when it cannot be measured."""
+        if n_sequences <= 0:
+            return None
+        try:
+            if self.held_out_text is None:
+                cfg = self.cfgs[0]
+                hooks = sorted({self.source.hook_of(c) for c in self.cfgs})
+                n = max(cfg.downstream_sequences, cfg.eval_downstream_sequences)
+                self.held_out_text = held_out_text(cfg, hooks, n)
+            return measure(self.held_out_text, saes, n_sequences)
+        except UserError as err:
+            print(f"warning: downstream fidelity {when} skipped: {err}")
+            return None
 
     def _held_out(self) -> list[dict[str, torch.Tensor]]:
         """Up to n_val held-out tokens ({hook: acts} batches, every hook's rows the same
@@ -317,21 +324,11 @@ class GroupTrainer:
 
     def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
-        cfg = self.cfgs[0]
-        data = self.source.held_out_data
-        if cfg.downstream_sequences <= 0 or data is None:
-            return
-        try:
-            add_downstream(
-                self.run_dirs,
-                data.uri,
-                n_sequences=cfg.downstream_sequences,
-                device=cfg.device,
-                shards=data.shards,
-                anonymous=data.anonymous,
-            )
-        except UserError as err:
-            print(f"warning: downstream fidelity skipped: {err}")
+        saes = [load_run(d) for d in self.run_dirs]
+        n = self.cfgs[0].downstream_sequences
+        results = self._measure_downstream(saes, n, "after training")
+        if results is not None:
+            write_downstream(self.run_dirs, results)
 
     def _absorption(self) -> None:
         """Add feature absorption to every metrics.json (store sources: it needs the stored
