@@ -203,3 +203,28 @@ def test_a_whole_epoch_completes_the_cache(config, tmp_path):  # noqa: F811
     collect(dataclasses.replace(few, out=str(tmp_path / "all"), doc_split="train"))
     assert meta["shards"] == manifest(str(tmp_path / "all"), PATHS[1])["shards"]
     assert sum(len(b.token_ids) for b in served) <= meta["n_tokens"]
+
+
+def test_a_cache_on_s3_holds_the_same_shards(config, cached, s3_env, tmp_path):  # noqa: F811
+    """The group of `cached` again, caching to S3: the same shard files (names, sizes,
+    checksums) and statistics as the local cache, and a Reader over S3 serves them."""
+    toml, local = cached
+    cfgs = []
+    for layer in (1, 3):
+        live = {"source": "model", "collect": str(toml), "layer": layer}
+        data = DataConfig(**live, shuffle_tokens=1024, cache_to=s3_env)
+        cfgs.append(
+            train_cfg(
+                "", seed=layer, train_data=data, val_data=DataConfig(uri="", **live),
+                n_train=2048, n_val=256, ckpt_every=1000, device="cpu",
+                sae=SAEConfig(arch="topk", d_sae=64, k=4),
+            )  # fmt: skip
+        )
+    GroupTrainer(cfgs, [tmp_path / "r1", tmp_path / "r3"], tmp_path / "state").train()
+    for path in PATHS:
+        got, want = manifest(s3_env, path), manifest(str(local), path)
+        assert got["complete"] and got["shards"] == want["shards"]
+        stats = f"{path}/statistics.json"
+        assert open_store(s3_env).get_json(stats) == open_store(str(local)).get_json(stats)
+    reader = Reader(s3_env, hook="resid.1", batch_size=256, shuffle=False, drop_last=False)
+    assert sum(len(b) for b in reader) == manifest(s3_env, PATHS[0])["n_tokens"]
