@@ -6,14 +6,22 @@ which the caller then copies into place: on the measured 2-core VM its range GET
 so a body costs one kernel copy (0.31-0.41 CPU s/GB for the same GETs, signing included).
 
 Only what S3 range GETs need: one request at a time per connection, keep-alive, success bodies
-framed by Content-Length; error bodies may also be chunked or end at close; plain TCP or TLS.
+framed by Content-Length; error bodies may also be chunked or end at close; plain TCP or TLS;
+through an HTTP proxy (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, read as botocore reads them, so the
+range reads go where boto3's requests go): plain requests in absolute form to the proxy, TLS
+through a CONNECT tunnel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 import ssl
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from botocore.utils import get_environ_proxies
 
 from saesweep.errors import UserError
 
@@ -27,6 +35,47 @@ UNTIL_CLOSE, CHUNKED = -1, -2
 
 class ProtocolError(ConnectionError):
     """The server's reply broke HTTP/1.1 framing; the connection is dropped."""
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy: where it listens, the Proxy-Authorization header value its URL's
+    credentials give (None without), and the variable that named it (for messages, which
+    never show the credentials)."""
+
+    host: str
+    port: int
+    authorization: str | None
+    variable: str
+
+    def wants_credentials(self) -> UserError:
+        """The error for the proxy's 407 (Proxy Authentication Required)."""
+        return UserError(
+            f"the proxy {self.host}:{self.port} ({self.variable}) asks for credentials "
+            f"(HTTP 407); put them in {self.variable} as http://USER:PASSWORD@host:port"
+        )
+
+
+def proxy_for(url: str) -> Proxy | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY for https, HTTP_PROXY for
+    http, either in lower case; none when NO_PROXY covers its host), or None."""
+    scheme = urlsplit(url).scheme
+    spec = get_environ_proxies(url).get(scheme)
+    if not spec:
+        return None
+    variable = f"{scheme.upper()}_PROXY"
+    parts = urlsplit(spec if "://" in spec else f"http://{spec}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise UserError(
+            f"{variable} must be an http:// proxy URL such as http://proxy.example.com:3128 "
+            f"(it names a {parts.scheme}:// one); fix {variable} or list the endpoint's host "
+            "in NO_PROXY"
+        )
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    return Proxy(parts.hostname, parts.port or 80, authorization, variable)
 
 
 @dataclass(frozen=True)
@@ -224,13 +273,20 @@ class Connection(asyncio.BufferedProtocol):
 
 class ConnectionPool:
     """Up to `limit` kept-alive connections to one host, used one request at a time each;
-    over TLS when `tls` (a client context) is given."""
+    over TLS when `tls` (a client context) is given; through `proxy` when given (with TLS a
+    CONNECT tunnel; without, the proxy is the peer and requests must be in absolute form)."""
 
     def __init__(
-        self, host: str, port: int, tls: ssl.SSLContext | None, limit: int, connect_timeout: float
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        limit: int,
+        connect_timeout: float,
+        proxy: Proxy | None = None,
     ):
         self.host, self.port, self.limit, self.connect_timeout = host, port, limit, connect_timeout
-        self.tls = tls
+        self.tls, self.proxy = tls, proxy
         self._idle: list[Connection] = []
         self._slots: asyncio.Semaphore | None = None
 
@@ -259,10 +315,17 @@ class ConnectionPool:
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         hostname = self.host if self.tls else None
+        proxy = self.proxy
         try:
+            if proxy is None:
+                where = {"host": self.host, "port": self.port}
+            elif self.tls is None:
+                where = {"host": proxy.host, "port": proxy.port}
+            else:
+                where = {"sock": await asyncio.wait_for(self._tunnel(), self.connect_timeout)}
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    Connection, self.host, self.port, ssl=self.tls, server_hostname=hostname
+                    Connection, **where, ssl=self.tls, server_hostname=hostname
                 ),
                 self.connect_timeout,
             )
@@ -272,8 +335,45 @@ class ConnectionPool:
                 f"({err.verify_message}); fix the endpoint URL or the server's certificate"
             ) from err
         except OSError as err:  # refused, unresolvable, a dropped handshake: worth a retry
-            raise ConnectionError(f"cannot connect to {self.host}:{self.port}: {err}") from err
+            via = ""
+            if proxy is not None:
+                via = f" through the proxy {proxy.host}:{proxy.port} ({proxy.variable})"
+            raise ConnectionError(f"cannot connect to {self.host}:{self.port}{via}: {err}") from err
         return conn
+
+    async def _tunnel(self) -> socket.socket:
+        """A socket to the proxy, tunnelled by CONNECT to host:port (TLS goes over it)."""
+        loop, proxy = asyncio.get_running_loop(), self.proxy
+        family, kind, proto, _, address = (
+            await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        target = f"{name}:{self.port}"
+        try:
+            await loop.sock_connect(sock, address)
+            lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+            if proxy.authorization:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            head = bytearray()
+            while b"\r\n\r\n" not in head:  # the proxy says nothing more until TLS begins
+                data = await loop.sock_recv(sock, 1)
+                if not data or len(head) >= HEAD_LIMIT:
+                    raise ConnectionError("the proxy closed the CONNECT tunnel before replying")
+                head += data
+            _, status, _ = parse_head(bytes(head[:-4]))
+        except BaseException:
+            sock.close()
+            raise
+        if status == 407:
+            sock.close()
+            raise proxy.wants_credentials()
+        if not 200 <= status < 300:
+            sock.close()
+            raise ConnectionError(f"the proxy refused to CONNECT to {target}: HTTP {status}")
+        return sock
 
     def close(self) -> None:
         for conn in self._idle:

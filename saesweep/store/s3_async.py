@@ -17,7 +17,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 from saesweep.errors import UserError
-from saesweep.store.http_recv import ConnectionPool, Reply
+from saesweep.store.http_recv import ConnectionPool, Reply, proxy_for
 from saesweep.store.s3_common import (
     access_for,
     backoff_s,
@@ -108,7 +108,7 @@ class AsyncRangeReader:
             tls = ssl.create_default_context() if parts.scheme == "https" else None
             port = parts.port or (443 if tls else 80)
             self._pool = ConnectionPool(
-                parts.hostname, port, tls, self.max_connections, self._timeouts[0]
+                parts.hostname, port, tls, self.max_connections, self._timeouts[0], proxy_for(url)
             )
         return self._pool
 
@@ -156,8 +156,13 @@ class AsyncRangeReader:
 
     async def _fetch_into(self, key: str, start: int, end: int, target: memoryview) -> None:
         url = self.url(key)
-        request = http_get(url, self._headers(url, start, end))
-        reply = await self._connections(url).get(request, target, self._timeouts[1])
+        pool = self._connections(url)
+        headers = self._headers(url, start, end)
+        forward = pool.proxy is not None and pool.tls is None  # the proxy forwards the request
+        if forward and pool.proxy.authorization:
+            headers["Proxy-Authorization"] = pool.proxy.authorization
+        request = http_get(url, headers, absolute=forward)
+        reply = await pool.get(request, target, self._timeouts[1])
         if reply.status not in (200, 206):
             raise self._status_error(reply, key)
         self._check_extent(reply, key, start, end)
@@ -191,6 +196,8 @@ class AsyncRangeReader:
         mapped = reply_error(reply.status, code, uri, self._where(), self.access)
         if mapped is not None:
             return mapped
+        if reply.status == 407 and self._pool.proxy is not None:
+            return self._pool.proxy.wants_credentials()
         if reply.status == 416:
             return ValueError(f"the range asked of {self.url(key)} starts past its end")
         return S3ReadError(f"GET {self.url(key)} failed: HTTP {reply.status} {code}")
@@ -212,13 +219,17 @@ async def all_or_none(coros: list) -> list:
         raise
 
 
-def http_get(url: str, headers: dict[str, str]) -> bytes:
-    """The bytes of a GET request for `url` with `headers` (Host as SigV4 signed it)."""
+def http_get(url: str, headers: dict[str, str], absolute: bool = False) -> bytes:
+    """The bytes of a GET request for `url` with `headers` (Host as SigV4 signed it); the
+    request target in absolute form (scheme and host too) when `absolute`, as a proxy that
+    forwards plain HTTP requests needs."""
     parts = urlsplit(url)
     default = {"http": 80, "https": 443}[parts.scheme]
     name = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     host = name if parts.port in (None, default) else f"{name}:{parts.port}"
     target = parts.path + (f"?{parts.query}" if parts.query else "")
+    if absolute:
+        target = f"{parts.scheme}://{host}{target}"
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
