@@ -324,8 +324,8 @@ class GroupTrainer:
 
     def _downstream(self) -> None:
         """Add loss recovered / KL (or the encoder score) to every metrics.json."""
-        saes = [load_run(d) for d in self.run_dirs]
         n = self.cfgs[0].downstream_sequences
+        saes = [load_run(d) for d in self.run_dirs] if n > 0 else []
         results = self._measure_downstream(saes, n, "after training")
         if results is not None:
             write_downstream(self.run_dirs, results)
