@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -82,8 +83,6 @@ def tls_through(proxy: Proxy, tmp_path: Path, body: bytes) -> tuple[bytes, int]:
     server_tls = self_signed(tmp_path)
 
     async def main():
-        import ssl
-
         server, accepted = await serve([ok(body), ok(body)], tls=server_tls)
         port = server.sockets[0].getsockname()[1]
         client_tls = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))

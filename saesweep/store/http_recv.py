@@ -364,15 +364,13 @@ class ConnectionPool:
                     raise ConnectionError("the proxy closed the CONNECT tunnel before replying")
                 head += data
             _, status, _ = parse_head(bytes(head[:-4]))
+            if status == 407:
+                raise proxy.wants_credentials()
+            if not 200 <= status < 300:
+                raise ConnectionError(f"the proxy refused to CONNECT to {target}: HTTP {status}")
         except BaseException:
             sock.close()
             raise
-        if status == 407:
-            sock.close()
-            raise proxy.wants_credentials()
-        if not 200 <= status < 300:
-            sock.close()
-            raise ConnectionError(f"the proxy refused to CONNECT to {target}: HTTP {status}")
         return sock
 
     def close(self) -> None:
