@@ -74,10 +74,20 @@ def _alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
-def test_sae_mode_is_bit_identical_and_survives_a_killed_rank(coll, tmp_path):  # noqa: F811
-    steps = ["--n-train", "60000"]
-    finished(run_train(*mixed_args(coll, tmp_path, "one", *steps, "--executor", "debug")))
-    two = ["--executor", "local", "--procs-per-group", "2", *steps]
+STEPS = ["--n-train", "25600"]
+"""200 steps of 128 tokens: the killed rank dies at step 30 or soon after, well before the end."""
+
+
+@pytest.fixture(scope="module")
+def one_process(coll, tmp_path_factory) -> Path:  # noqa: F811
+    """The mixed sweep in one process: the reference of both modes."""
+    root = tmp_path_factory.mktemp("one")
+    finished(run_train(*mixed_args(coll, root, "one", *STEPS, "--executor", "debug")))
+    return only_dir(root / "one")
+
+
+def test_sae_mode_is_bit_identical_and_survives_a_killed_rank(coll, one_process, tmp_path):  # noqa: F811
+    two = ["--executor", "local", "--procs-per-group", "2", *STEPS]
     proc = run_train(*mixed_args(coll, tmp_path, "two", *two))
     state = None
     for _ in range(6000):
@@ -102,24 +112,22 @@ def test_sae_mode_is_bit_identical_and_survives_a_killed_rank(coll, tmp_path):  
     sweep_dir = only_dir(tmp_path / "two")
     assert not list(sweep_dir.glob("runs/*/metrics.json"))
     finished(run_train("--resume", str(sweep_dir)))
-    assert_same_runs(only_dir(tmp_path / "one"), sweep_dir, exact=True)
+    assert_same_runs(one_process, sweep_dir, exact=True)
     results = (sweep_dir / "results.csv").read_text().splitlines()
     assert len(results) == 5
 
 
-def test_data_mode_matches_one_process(coll, tmp_path):  # noqa: F811
-    steps = ["--n-train", "12800"]
-    finished(run_train(*mixed_args(coll, tmp_path, "one", *steps, "--executor", "debug")))
-    two = ["--procs-per-group", "2", "--parallel", "data", *steps]
+def test_data_mode_matches_one_process(coll, one_process, tmp_path):  # noqa: F811
+    two = ["--procs-per-group", "2", "--parallel", "data", *STEPS]
     finished(run_train(*mixed_args(coll, tmp_path, "two", "--executor", "local", *two)))
-    one, two_dir = only_dir(tmp_path / "one"), only_dir(tmp_path / "two")
+    one, two_dir = one_process, only_dir(tmp_path / "two")
     assert_same_runs(one, two_dir, exact=False)
     for run in (one / "runs").iterdir():
         want = json.loads((run / "metrics.json").read_text())
         got = json.loads((two_dir / "runs" / run.name / "metrics.json").read_text())
         assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-2)
         assert got["l0"] == pytest.approx(want["l0"], rel=1e-2)
-        assert got["tokens_seen"] == want["tokens_seen"] == 12800
+        assert got["tokens_seen"] == want["tokens_seen"] == 25600
 
 
 def test_two_task_group_on_slurm(coll, tmp_path, slurm_cluster):  # noqa: F811
