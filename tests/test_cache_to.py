@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_collect import read_hook
 from test_live_source import config  # noqa: F401 (the fixture)
 from test_train import cfg as train_cfg
@@ -27,7 +28,7 @@ from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
 from saesweep.store import open_store
 from saesweep.train.checkpoint import saved_state
-from saesweep.train.config import DataConfig
+from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 
 HOOKS = ("resid.1", "resid.3")
@@ -47,15 +48,23 @@ def manifest(uri: str, hook: str) -> dict:
     return open_store(uri).get_json(f"{hook}/metadata.json")
 
 
-@pytest.fixture(scope="module")
-def cached(config, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
-    """A live group on layers 1 and 3 trained with a cache: (its collection config, cache)."""
-    root = tmp_path_factory.mktemp("cached")
-    toml, cache = write_toml(config, root / "live.toml"), root / "cache"
+def layers_sweep(path: Path, toml: Path, shuffle_tokens: int) -> Path:
+    """A sweep file of two live SAEs on layers 1 and 3 (tagged l1, l3) of `toml`'s model."""
+    live = {"source": "model", "collect": str(toml), "shuffle_tokens": shuffle_tokens}
+    path.write_text(
+        "def make_cfgs():\n"
+        f"    return [{{'train_data': {{**{live!r}, 'layer': layer}}, "
+        f"'val_data': {{**{live!r}, 'layer': layer}}, 'tag': f'l{{layer}}'}} for layer in (1, 3)]\n"
+    )
+    return path
+
+
+def cached_group(toml: Path, cache_to: str) -> list[TrainConfig]:
+    """A live group on layers 1 and 3 that caches to `cache_to`."""
     cfgs = []
     for layer in (1, 3):
         live = {"source": "model", "collect": str(toml), "layer": layer}
-        data = DataConfig(**live, shuffle_tokens=1024, cache_to=str(cache))
+        data = DataConfig(**live, shuffle_tokens=1024, cache_to=cache_to)
         cfgs.append(
             train_cfg(
                 "",
@@ -69,6 +78,24 @@ def cached(config, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
                 sae=SAEConfig(arch="topk", d_sae=64, k=4),
             )
         )
+    return cfgs
+
+
+def assert_same_cache(got: str, want: str) -> None:
+    """Both caches complete, with the same shard files and statistics for every hook."""
+    for path in PATHS:
+        got_meta, want_meta = manifest(got, path), manifest(want, path)
+        assert got_meta["complete"] and got_meta["shards"] == want_meta["shards"], path
+        stats = f"{path}/statistics.json"
+        assert open_store(got).get_json(stats) == open_store(want).get_json(stats), path
+
+
+@pytest.fixture(scope="module")
+def cached(config, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
+    """A live group on layers 1 and 3 trained with a cache: (its collection config, cache)."""
+    root = tmp_path_factory.mktemp("cached")
+    toml, cache = write_toml(config, root / "live.toml"), root / "cache"
+    cfgs = cached_group(toml, str(cache))
     results = GroupTrainer(cfgs, [root / "r1", root / "r3"], root / "state").train()
     assert [r["tokens_seen"] for r in results] == [2048, 2048]
     return toml, cache
@@ -140,16 +167,15 @@ def test_a_cache_of_another_config_is_refused(cached, tmp_path, flags, message):
     assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before, "nothing written"
 
 
-def test_kill_9_and_resume_continue_the_cache_without_gap_or_duplicate(
+def test_kill_9_and_resume_are_bit_identical_and_continue_the_cache(
     config,  # noqa: F811
     tmp_path,
 ):
+    """A live group on two layers with a cache, killed with SIGKILL and resumed: the same SAEs
+    as an uninterrupted run (the text position and the shuffle buffer are trainer state), and
+    the same cache, with no sequence missing or twice."""
     toml = write_toml(config, tmp_path / "live.toml")
-    sweep = tmp_path / "live.py"
-    live = {"source": "model", "collect": str(toml), "layer": 1, "shuffle_tokens": 512}
-    sweep.write_text(
-        f"def make_cfgs():\n    return [{{'train_data': {live!r}, 'val_data': {live!r}}}]\n"
-    )
+    sweep = layers_sweep(tmp_path / "live.py", toml, shuffle_tokens=512)
     args = [
         "--sweep", str(sweep), "--executor", "debug", "--n-train", "4096", "--batch-size", "128",
         "--n-val", "256", "--ckpt-every", "5", "--log-every", "5", "--downstream-sequences", "0",
@@ -174,17 +200,40 @@ def test_kill_9_and_resume_continue_the_cache_without_gap_or_duplicate(
     part = open_store(cache).get_json("parts/machine-0000-of-0001.json")
     assert not part["complete"] and part["seq_done"] > 0, "killed with a partial cache"
     (killed_dir,) = (tmp_path / "killed").iterdir()
+    assert not list(killed_dir.glob("runs/*/metrics.json")), "killed before the end"
     resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
     assert resumed.wait() == 0, resumed.stderr.read()
-    got, want = manifest(cache, PATHS[0]), manifest(ref_cache, PATHS[0])
-    assert got["complete"] and got["n_tokens"] >= 4096
-    assert got["shards"] == want["shards"], "the same shards, byte for byte"
-    got_tensors, want_tensors = read_hook(cache, PATHS[0]), read_hook(ref_cache, PATHS[0])
-    assert torch.equal(got_tensors["token_ids"], want_tensors["token_ids"])
-    seq_ids = got_tensors["seq_ids"].unique_consecutive()
-    assert len(seq_ids) == len(seq_ids.unique()), "no sequence twice"
-    stats = f"{PATHS[0]}/statistics.json"
-    assert open_store(cache).get_json(stats) == open_store(ref_cache).get_json(stats)
+    (ref_dir,) = (tmp_path / "ref").iterdir()
+    for run in ("run-000-l1", "run-001-l3"):
+        want = load_file(str(ref_dir / "runs" / run / "sae_weights.safetensors"))
+        got = load_file(str(killed_dir / "runs" / run / "sae_weights.safetensors"))
+        assert all(torch.equal(want[k], got[k]) for k in want), run
+    assert_same_cache(cache, ref_cache)
+    for path in PATHS:
+        assert manifest(cache, path)["n_tokens"] >= 4096
+        got_tensors, want_tensors = read_hook(cache, path), read_hook(ref_cache, path)
+        assert torch.equal(got_tensors["token_ids"], want_tensors["token_ids"])
+        seq_ids = got_tensors["seq_ids"].unique_consecutive()
+        assert len(seq_ids) == len(seq_ids.unique()), "no sequence twice"
+
+
+def test_a_group_over_two_processes_writes_the_same_cache(cached, tmp_path):  # noqa: F811
+    """--procs-per-group 2: rank 0 alone runs the model and writes the cache, which holds the
+    same shards and statistics as the one-process group of `cached`."""
+    toml, local = cached
+    sweep = layers_sweep(tmp_path / "live.py", toml, shuffle_tokens=1024)
+    cache = tmp_path / "cache"
+    proc = run_train(
+        "--sweep", str(sweep), "--executor", "local", "--procs-per-group", "2",
+        "--n-train", "2048", "--batch-size", "128", "--n-val", "256", "--ckpt-every", "1000",
+        "--downstream-sequences", "0", "--absorption.n-tokens", "0", "--wandb-mode", "disabled",
+        "--sae.d-sae", "64", "--sae.k", "4", "--device", "cpu", "--runs-root",
+        str(tmp_path / "runs"), "--train-data.cache-to", str(cache),
+    )  # fmt: skip
+    assert proc.wait() == 0, proc.stderr.read()
+    assert_same_cache(str(cache), str(local))
+    parts = [p.name for p in (cache / "parts").glob("*.json")]
+    assert parts == ["machine-0000-of-0001.json"], "one writer"
 
 
 def test_a_whole_epoch_completes_the_cache(config, tmp_path):  # noqa: F811
@@ -209,22 +258,8 @@ def test_a_cache_on_s3_holds_the_same_shards(config, cached, s3_env, tmp_path): 
     """The group of `cached` again, caching to S3: the same shard files (names, sizes,
     checksums) and statistics as the local cache, and a Reader over S3 serves them."""
     toml, local = cached
-    cfgs = []
-    for layer in (1, 3):
-        live = {"source": "model", "collect": str(toml), "layer": layer}
-        data = DataConfig(**live, shuffle_tokens=1024, cache_to=s3_env)
-        cfgs.append(
-            train_cfg(
-                "", seed=layer, train_data=data, val_data=DataConfig(uri="", **live),
-                n_train=2048, n_val=256, ckpt_every=1000, device="cpu",
-                sae=SAEConfig(arch="topk", d_sae=64, k=4),
-            )  # fmt: skip
-        )
+    cfgs = cached_group(toml, s3_env)
     GroupTrainer(cfgs, [tmp_path / "r1", tmp_path / "r3"], tmp_path / "state").train()
-    for path in PATHS:
-        got, want = manifest(s3_env, path), manifest(str(local), path)
-        assert got["complete"] and got["shards"] == want["shards"]
-        stats = f"{path}/statistics.json"
-        assert open_store(s3_env).get_json(stats) == open_store(str(local)).get_json(stats)
+    assert_same_cache(s3_env, str(local))
     reader = Reader(s3_env, hook="resid.1", batch_size=256, shuffle=False, drop_last=False)
     assert sum(len(b) for b in reader) == manifest(s3_env, PATHS[0])["n_tokens"]

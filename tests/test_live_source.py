@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_collect import by_token, read_hook
+from test_train import CPU_PARTITION, run_train, weights
 from test_train import cfg as train_cfg
-from test_train import run_train
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
@@ -23,6 +22,7 @@ from saesweep.collect.sequences import VAL_EVERY
 from saesweep.collect.source import ModelSource
 from saesweep.collect.text import demo_corpus
 from saesweep.errors import UserError
+from saesweep.evaluate.absorption import AbsorptionConfig, absorption_metrics
 from saesweep.evaluate.downstream import load_run, measure, text_from_collection
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
@@ -170,50 +170,16 @@ def test_one_forward_pass_feeds_saes_on_three_layers(config, tmp_path):
     assert together[0]["fvu"] != together[2]["fvu"], "each stack read its own layer"
 
 
-def test_kill_9_and_resume_of_a_live_group_is_bit_identical(config, tmp_path):
-    toml = tmp_path / "live.toml"
-    toml.write_text(f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\n')
-    sweep = tmp_path / "live.py"
-    live = {"source": "model", "collect": str(toml), "shuffle_tokens": 1024}
-    sweep.write_text(
-        "def make_cfgs():\n"
-        f"    return [{{'train_data': {{**{live!r}, 'layer': layer}}, "
-        f"'val_data': {{**{live!r}, 'layer': layer}}, 'tag': f'l{{layer}}'}} for layer in (1, 3)]\n"
-    )
-    args = [
-        "--sweep", str(sweep), "--executor", "debug", "--n-train", "6144", "--batch-size", "128",
-        "--n-val", "256", "--ckpt-every", "5", "--log-every", "5", "--downstream-sequences", "0",
-        "--wandb-mode", "disabled", "--sae.d-sae", "256", "--sae.k", "8", "--device", "cpu",
-    ]  # fmt: skip
-    ref = run_train(*args, "--runs-root", str(tmp_path / "ref"))
-    assert ref.wait() == 0, ref.stderr.read()
-    proc = run_train(*args, "--runs-root", str(tmp_path / "killed"))
-    for _ in range(2400):
-        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
-        if states and saved_state(states[0].parent)["step"] >= 15:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    (killed_dir,) = (tmp_path / "killed").iterdir()
-    assert not list(killed_dir.glob("runs/*/metrics.json")), "killed before the end"
-    resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
-    assert resumed.wait() == 0, resumed.stderr.read()
-    (ref_dir,) = (tmp_path / "ref").iterdir()
-    for run in ("run-000-l1", "run-001-l3"):
-        want = load_file(str(ref_dir / "runs" / run / "sae_weights.safetensors"))
-        got = load_file(str(killed_dir / "runs" / run / "sae_weights.safetensors"))
-        assert all(torch.equal(want[k], got[k]) for k in want), run
-
-
-def test_a_live_groups_downstream_runs_on_its_held_out_documents(config, tmp_path):
-    """Loss recovered of a live group comes from the held-out documents: the same numbers as
-    downstream fidelity on a collection of just those documents (collect.py --doc-split val)."""
+def test_a_live_groups_downstream_and_absorption_run_on_its_held_out_documents(config, tmp_path):
+    """Loss recovered and absorption of a live group come from the held-out documents: the
+    same numbers as downstream fidelity and absorption on a collection of just those documents
+    (collect.py --doc-split val)."""
     toml = tmp_path / "live.toml"
     toml.write_text(
         f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
     )
-    cfg = dataclasses.replace(live_cfg(toml, 3, 0), downstream_sequences=6)
+    lenient = AbsorptionConfig(n_tokens=128, min_probe_f1=0.0, min_true_positives=1, max_k=3)
+    cfg = dataclasses.replace(live_cfg(toml, 3, 0), downstream_sequences=6, absorption=lenient)
     (metrics,) = GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
     assert metrics["downstream_split"] == "val"
     assert metrics["downstream_sequences"] == 6
@@ -223,3 +189,52 @@ def test_a_live_groups_downstream_runs_on_its_held_out_documents(config, tmp_pat
     stored = text_from_collection(val.out, ["encoder.layer.3"], 6, shards=":")
     (want,) = measure(stored, [load_run(tmp_path / "run")], 6)
     assert metrics["final_recovered"] == pytest.approx(want["final_recovered"], rel=1e-6)
+    (absorbed,) = absorption_metrics([tmp_path / "run"], val.out, ":", lenient)
+    assert metrics["absorption_split"] == "val" and metrics["absorption_tokens"] == 128
+    assert metrics["absorption_letters"] >= 1
+    for key in ("absorption", "absorption_full", "absorption_letters", "absorption_tokens"):
+        assert metrics[key] == pytest.approx(absorbed[key], rel=1e-6), key
+
+
+def test_slurm_preemption_requeues_a_live_group_and_resumes_it_exactly(
+    config, tmp_path, slurm_cluster
+):
+    """USR2 (Slurm's warning before preemption) makes the job save its state and requeue; the
+    requeued job continues the text and the shuffle buffer: the same SAE as a debug run."""
+    toml = tmp_path / "live.toml"
+    toml.write_text(f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\n')
+    live = {"source": "model", "collect": str(toml), "layer": 3, "shuffle_tokens": 1024}
+    sweep = tmp_path / "live.py"
+    sweep.write_text(
+        f"def make_cfgs():\n    return [{{'train_data': {live!r}, 'val_data': {live!r}}}]\n"
+    )
+    args = [
+        "--sweep", str(sweep), "--n-train", "25600", "--batch-size", "128", "--n-val", "256",
+        "--ckpt-every", "5", "--downstream-sequences", "0", "--absorption.n-tokens", "0",
+        "--wandb-mode", "disabled", "--sae.d-sae", "64", "--sae.k", "4", "--device", "cpu",
+    ]  # fmt: skip
+    ref = run_train(*args, "--executor", "debug", "--runs-root", str(tmp_path / "ref"))
+    assert ref.wait() == 0, ref.stderr.read()
+    slurm = ["--slurm-acct", "test", "--mem-gb", "1", *CPU_PARTITION]
+    proc = run_train(*args, *slurm, "--runs-root", str(tmp_path / "slurm"))
+    state = None
+    while proc.poll() is None:
+        states = list((tmp_path / "slurm").glob("*/groups/group-000/state.json"))
+        if states and saved_state(states[0].parent)["step"] >= 30:
+            state = states[0]
+            break
+        time.sleep(0.05)
+    assert state is not None, "the Slurm job never saved its state"
+    (log,) = state.parents[2].glob("logs/*_log.out")
+    job_id = log.name.removesuffix("_log.out").removesuffix("_0")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    logs = "".join(p.read_text() for p in state.parents[2].glob("logs/*_log.*"))
+    assert "Requeued job" in logs, logs
+    (ref_run,) = (tmp_path / "ref").glob("*/runs/run-000")
+    (slurm_run,) = (tmp_path / "slurm").glob("*/runs/run-000")
+    expected, got = weights(ref_run), weights(slurm_run)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    metrics = json.loads((slurm_run / "metrics.json").read_text())
+    assert metrics["tokens_seen"] == 25600 and metrics["slurm_job_id"]

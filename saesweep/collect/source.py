@@ -73,6 +73,9 @@ class SourcePosition:
 
 @dataclass
 class Window:
+    """The stored tokens of consecutive sequences (n_seqs of them): every hook's activations
+    by module path, and each token's id, sequence id and position."""
+
     acts: dict[str, torch.Tensor]
     token_ids: torch.Tensor
     seq_ids: torch.Tensor
@@ -156,6 +159,12 @@ class ModelSource:
     def first_tokens(self, n_tokens: int) -> dict[str, torch.Tensor]:
         """The first n_tokens stored tokens of the split (fewer if it holds fewer), in text
         order: a sample for estimating statistics."""
+        window = self.first_window(n_tokens)
+        return {spec: window.acts[path] for spec, path in self.hooks.items()}
+
+    def first_window(self, n_tokens: int) -> Window:
+        """The split's first n_tokens stored tokens (fewer if it holds fewer) in text order,
+        every hook's activations (by module path) with their token ids and places."""
         parts, total = [], 0
         for seq_batch in batched(self._sequences(), self.cfg.batch_size):
             parts.append(self._forward(seq_batch))
@@ -163,7 +172,13 @@ class ModelSource:
             if total >= n_tokens:
                 break
         window = _concat(parts)
-        return {spec: window.acts[path][:n_tokens] for spec, path in self.hooks.items()}
+        return Window(
+            {path: acts[:n_tokens] for path, acts in window.acts.items()},
+            window.token_ids[:n_tokens],
+            window.seq_ids[:n_tokens],
+            window.positions[:n_tokens],
+            window.n_seqs,
+        )
 
     def _sequences(self) -> Iterator[Sequence]:
         return split_sequences(self.cfg, self.tokenizer, self.split)

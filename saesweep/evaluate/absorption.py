@@ -1,8 +1,9 @@
 """Feature absorption (Chanin et al. 2024, "A is for Absorption"), the first-letter task as
-SAEBench runs it, on a collection's stored held-out activations: docs/evaluation.md defines it.
+SAEBench runs it, on held-out activations (a collection's stored ones, or a live group's
+held-out documents run through the model): docs/evaluation.md defines it.
 
 A probe per first letter is trained on activations of alphabetic tokens (labelled by decoding
-the stored token ids); k-sparse probing on the SAE's latents finds each letter's main latents;
+their token ids); k-sparse probing on the SAE's latents finds each letter's main latents;
 on probe-positive tokens the absorption fraction is the part of the reconstruction's projection
 on the probe carried by other, probe-aligned latents instead of the main ones.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,6 +237,53 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+@dataclass(frozen=True)
+class LabelledTokens:
+    """Held-out activations of one hook, the ids of their tokens and the tokenizer that
+    decodes them: what the first-letter task is made of."""
+
+    acts: Tensor
+    token_ids: Tensor
+    tokenizer: object
+
+
+HeldOutTokens = Callable[[list[str]], Iterator[tuple[str, LabelledTokens]]]
+"""Given module paths, each one's labelled held-out tokens (read or computed when asked)."""
+
+
+def stored_tokens(uri: str, shards: str = "-1:", anonymous: bool = False) -> HeldOutTokens:
+    """The held-out tokens of a collection: the selected shards of each hook, in stored
+    order, and the tokenizer of the model the collection names."""
+    from saesweep.evaluate.features import collection_tokenizer
+
+    def read(hooks: list[str]) -> Iterator[tuple[str, LabelledTokens]]:
+        for hook in hooks:
+            coll = read_collection(uri, hook, shards, names=("acts",), anonymous=anonymous)
+            tokenizer = collection_tokenizer({"model": coll.meta["model"]} | coll.config, None)
+            yield hook, LabelledTokens(coll.tensors["acts"], coll.tensors["token_ids"], tokenizer)
+
+    return read
+
+
+def absorption_of(
+    runs: list, tokens: HeldOutTokens, cfg: AbsorptionConfig, recorded: dict
+) -> list[dict]:
+    """The absorption metrics of several SAEs (run directories or (cfg, state dict) pairs),
+    each with `recorded` (where its tokens came from): per hook, the tokens are labelled and
+    probed once for all its SAEs."""
+    saes = [load_run(r) for r in runs]
+    results: list[dict] = [{}] * len(saes)
+    for hook, held_out in tokens(sorted({s[0]["hook_name"] for s in saes})):
+        letters = first_letters(held_out.token_ids, held_out.tokenizer)
+        task = make_task(held_out.acts, held_out.token_ids, letters, cfg)
+        for i, sae in enumerate(saes):
+            if sae[0]["hook_name"] == hook:
+                results[i] = (
+                    sae_absorption(task, sae, cfg) | {"absorption_tokens": len(task.x)} | recorded
+                )
+    return results
+
+
 def absorption_metrics(
     runs: list,
     uri: str,
@@ -242,25 +291,17 @@ def absorption_metrics(
     cfg: AbsorptionConfig | None = None,
     anonymous: bool = False,
 ) -> list[dict]:
-    """The absorption metrics of several SAEs (run directories or (cfg, state dict) pairs):
-    per hook, the held-out shards are read, labelled and probed once for all its SAEs."""
-    from saesweep.evaluate.features import collection_tokenizer
+    """The absorption metrics of several SAEs on a collection's held-out shards."""
+    tokens = stored_tokens(uri, shards, anonymous)
+    return absorption_of(runs, tokens, cfg or AbsorptionConfig(), {"absorption_shards": shards})
 
-    cfg = cfg or AbsorptionConfig()
-    saes = [load_run(r) for r in runs]
-    results: list[dict] = [{}] * len(saes)
-    for hook in sorted({s[0]["hook_name"] for s in saes}):
-        coll = read_collection(uri, hook, shards, names=("acts",), anonymous=anonymous)
-        ids = coll.tensors["token_ids"]
-        tokenizer = collection_tokenizer({"model": coll.meta["model"]} | coll.config, None)
-        task = make_task(coll.tensors["acts"], ids, first_letters(ids, tokenizer), cfg)
-        for i, sae in enumerate(saes):
-            if sae[0]["hook_name"] == hook:
-                results[i] = sae_absorption(task, sae, cfg) | {
-                    "absorption_tokens": len(task.x),
-                    "absorption_shards": shards,
-                }
-    return results
+
+def write_absorption(run_dirs: list[Path], results: list[dict]) -> None:
+    """Merge each run's absorption metrics into its metrics.json (rewritten atomically)."""
+    for run_dir, extra in zip(run_dirs, results, strict=True):
+        path = Path(run_dir) / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+        write_json(path, metrics | extra)
 
 
 def add_absorption(
@@ -270,11 +311,9 @@ def add_absorption(
     cfg: AbsorptionConfig | None = None,
     anonymous: bool = False,
 ) -> list[dict]:
-    """Add the absorption metrics to each run's metrics.json (rewritten atomically)."""
+    """Add the absorption metrics on a collection's held-out shards to each run's
+    metrics.json."""
     dirs = [Path(d) for d in run_dirs]
     results = absorption_metrics(dirs, uri, shards, cfg, anonymous)
-    for run_dir, extra in zip(dirs, results, strict=True):
-        path = run_dir / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
-        write_json(path, metrics | extra)
+    write_absorption(dirs, results)
     return results

@@ -324,9 +324,7 @@ class ConnectionPool:
             else:
                 where = {"sock": await asyncio.wait_for(self._tunnel(), self.connect_timeout)}
             _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    Connection, **where, ssl=self.tls, server_hostname=hostname
-                ),
+                loop.create_connection(Connection, **where, ssl=self.tls, server_hostname=hostname),
                 self.connect_timeout,
             )
         except ssl.SSLCertVerificationError as err:  # no retry will fix it

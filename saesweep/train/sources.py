@@ -22,6 +22,7 @@ from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
 from saesweep.data.reader import Reader, check_same_tokens
 from saesweep.errors import UserError
+from saesweep.evaluate.absorption import HeldOutTokens, LabelledTokens, stored_tokens
 from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text_from_config
 from saesweep.format.manifest import find_hook
 from saesweep.store import open_store
@@ -30,6 +31,9 @@ from saesweep.train.config import DataConfig, TrainConfig
 NORM_SAMPLE_TOKENS = 1 << 15
 """With source 'model', the input scale is estimated from the first NORM_SAMPLE_TOKENS
 stored tokens of the training text."""
+LIVE_ABSORPTION_TOKENS_PER_LETTER = 2
+"""With source 'model', absorption reads the first absorption.n_tokens x this many tokens of
+the held-out documents (77 % of the demo text's tokens are alphabetic)."""
 
 
 def hook_spec(data: DataConfig) -> str | None:
@@ -283,6 +287,31 @@ def held_out_text(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldO
     return text_from_collection(
         data.uri, hooks, n_sequences, cfg.device, shards=data.shards, anonymous=data.anonymous
     )
+
+
+def held_out_tokens(cfg: TrainConfig) -> tuple[HeldOutTokens, dict] | None:
+    """The labelled held-out tokens absorption runs on and what its results record of them:
+    the held-out documents of a live source (computed when asked), the held-out shards of a
+    store; None when a store group has no held-out data."""
+    if cfg.train_data.source == "model":
+        return _live_tokens(cfg), {"absorption_split": "val"}
+    data = cfg.held_out_data
+    if data is None:
+        return None
+    return stored_tokens(data.uri, data.shards, data.anonymous), {"absorption_shards": data.shards}
+
+
+def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
+    n_tokens = cfg.absorption.n_tokens * LIVE_ABSORPTION_TOKENS_PER_LETTER
+
+    def compute(hooks: list[str]) -> Iterator[tuple[str, LabelledTokens]]:
+        source = ModelSource(live_collect_config(cfg), hooks, 1, 1, 0, "val")
+        window = source.first_window(n_tokens)
+        for hook in hooks:
+            acts = window.acts[hook].float().cpu()
+            yield hook, LabelledTokens(acts, window.token_ids, source.tokenizer)
+
+    return compute
 
 
 def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from saesweep.errors import UserError
-from saesweep.evaluate.absorption import add_absorption
+from saesweep.evaluate.absorption import absorption_of, write_absorption
 from saesweep.evaluate.downstream import HeldOutText, load_run, measure, write_downstream
 from saesweep.evaluate.metrics import evaluate_stacks
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
@@ -43,7 +43,7 @@ from saesweep.train.distributed import (
     held_out_tensors,
 )
 from saesweep.train.runlog import RunLog
-from saesweep.train.sources import held_out_text, open_source
+from saesweep.train.sources import held_out_text, held_out_tokens, open_source
 
 SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
 """metrics.json keys left out of the wandb summary."""
@@ -331,15 +331,16 @@ class GroupTrainer:
             write_downstream(self.run_dirs, results)
 
     def _absorption(self) -> None:
-        """Add feature absorption to every metrics.json (store sources: it needs the stored
-        token ids and the collection's tokenizer)."""
+        """Add feature absorption to every metrics.json: on the held-out documents of a live
+        source, the held-out shards of a store."""
         cfg = self.cfgs[0]
-        data = self.source.held_out_data
-        if cfg.absorption.n_tokens <= 0 or data is None:
+        held_out = held_out_tokens(cfg) if cfg.absorption.n_tokens > 0 else None
+        if held_out is None:
             return
+        tokens, recorded = held_out
         try:
-            add_absorption(
-                self.run_dirs, data.uri, data.shards, cfg.absorption, anonymous=data.anonymous
+            write_absorption(
+                self.run_dirs, absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
             )
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
