@@ -61,10 +61,11 @@ PEERS = {
     "dictionary_learning": Peer("dictionary-learning==0.1.0", ("topk", "batchtopk")),
     "sae_lens": Peer("sae-lens==6.54.12", ("topk", "batchtopk")),
 }
-ADAM_LRS = [2e-4 * 24 ** (i / 7) for i in range(8)]
-"""2e-4 ... 4.8e-3, geometric: the Adam tools' default grid, issue 18's (saesweep's and
-dictionary_learning's default lr at 1,536 latents, 6.5e-4, lies between the 3rd and 4th)."""
-SIGNUM_LRS = [10 * lr for lr in ADAM_LRS]
+ADAM_LRS = [2e-4 * 24 ** (i / 7) for i in range(11)]
+"""2e-4 ... 1.9e-2, geometric (ratio 24^(1/7)): the Adam tools' default grid, issue 18's eight
+values 2e-4 ... 4.8e-3 and three above them, where saesweep's and dictionary_learning's best
+lie at 1M tokens (their default lr at 1,536 latents, 6.5e-4, is between the 3rd and 4th)."""
+SIGNUM_LRS = [10 * lr for lr in ADAM_LRS[:8]]
 """2e-3 ... 4.8e-2: sparsify's signum grid (its default lr at 1,536 latents is 1.6e-2)."""
 
 
@@ -207,24 +208,30 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def export(args: argparse.Namespace, work: Path) -> tuple[Path, torch.Tensor, float]:
-    """(the training file, the raw held-out activations, the normalization scale): the
-    batches train.py's source serves, times the scale the trainer applies, written in order
-    as one float32 tensor `acts`; the held-out tokens the trainer evaluates on, of which the
-    first PROBE_TOKENS, normalized, are also written as probe.safetensors."""
+def held_out(args: argparse.Namespace) -> tuple[StoreSource, torch.Tensor, float]:
+    """(the source train.py reads, the raw held-out activations the trainer evaluates on, the
+    normalization scale it applies)."""
     cfg = bench_config(args)
     source = StoreSource(cfg)
     hook = source.reader.hook
-    scale = source.norm_scale(hook)
-    steps = math.ceil(cfg.n_train / cfg.batch_size)
-    acts = torch.empty(steps * cfg.batch_size, source.d_model)
+    return source, held_out_tensors(source, cfg.n_val, None)[0][hook], source.norm_scale(hook)
+
+
+def export(args: argparse.Namespace, work: Path) -> tuple[Path, torch.Tensor, float]:
+    """(the training file, the raw held-out activations, the normalization scale): the
+    batches train.py's source serves, times the scale the trainer applies, written in order
+    as one float32 tensor `acts`; the first PROBE_TOKENS held-out tokens, normalized, are
+    also written as probe.safetensors."""
+    source, held, scale = held_out(args)
+    hook, batch_size = source.reader.hook, args.batch_size
+    steps = math.ceil(args.n_train / batch_size)
+    acts = torch.empty(steps * batch_size, source.d_model)
     for step, batch in zip(range(steps), source, strict=False):
-        acts[step * cfg.batch_size : (step + 1) * cfg.batch_size] = batch[hook] * scale
-    held_out = held_out_tensors(source, cfg.n_val, None)[0][hook]
-    save_file({"acts": held_out[:PROBE_TOKENS] * scale}, str(work / "probe.safetensors"))
+        acts[step * batch_size : (step + 1) * batch_size] = batch[hook] * scale
+    save_file({"acts": held[:PROBE_TOKENS] * scale}, str(work / "probe.safetensors"))
     path = work / "train.safetensors"
     save_file({"acts": acts}, str(path), metadata={"uri": args.uri, "scale": repr(scale)})
-    return path, held_out, scale
+    return path, held, scale
 
 
 # ---------------------------------------------------------------- training
@@ -284,7 +291,8 @@ def run_saesweep(args: argparse.Namespace, arch: str, work: Path) -> Trained:
         "--log-every": 1_000_000,
     }
     cmd = [sys.executable, str(ROOT / "train.py"), *(str(v) for kv in flags.items() for v in kv)]
-    logged(cmd, work / f"saesweep-{arch}.log")
+    if not args.evaluate_only:
+        logged(cmd, work / f"saesweep-{arch}.log")
     run_dirs = sorted(runs_root.glob("*/runs/*"))
     metrics = [json.loads((d / "metrics.json").read_text()) for d in run_dirs]
     last = json.loads((run_dirs[0] / "metrics.jsonl").read_text().splitlines()[-1])
@@ -324,7 +332,8 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
         "--sparsify-optimizer", args.sparsify_optimizer,
         "--sparsify-auxk-alpha", str(args.sparsify_auxk_alpha),
     ]  # fmt: skip
-    logged(cmd, work / f"{tool}-{arch}.log")
+    if not args.evaluate_only:
+        logged(cmd, work / f"{tool}-{arch}.log")
     result = json.loads((out / "result.json").read_text())
     return Trained(
         tool,
@@ -377,7 +386,7 @@ def peer_python(root: Path, tool: str, torch_spec: str) -> Path:
 # ---------------------------------------------------------------- results
 
 
-def evaluate_all(trained: list[Trained], held_out: torch.Tensor, scale: float) -> list[dict]:
+def evaluate_all(trained: list[Trained], held: torch.Tensor, scale: float) -> list[dict]:
     """One row per SAE: the evaluation of its saved weights (peers read x * scale, saesweep's
     checkpoints raw activations); saesweep's rows checked against its metrics.json."""
     rows = []
@@ -385,11 +394,11 @@ def evaluate_all(trained: list[Trained], held_out: torch.Tensor, scale: float) -
         input_scale = 1.0 if t.tool == "saesweep" else scale
         for i, ((lr, run_dir), own) in enumerate(zip(t.runs, t.metrics, strict=True)):
             sae = LOADERS[t.tool](run_dir, input_scale)
-            result = evaluate(sae, held_out)
+            result = evaluate(sae, held)
             if own is not None:
                 check_agrees(result, own, run_dir)
             else:
-                check_forward(sae, held_out[:PROBE_TOKENS], run_dir)
+                check_forward(sae, held[:PROBE_TOKENS], run_dir)
             rows.append(
                 {"tool": t.tool, "arch": t.arch, "lr": lr}
                 | result
@@ -399,10 +408,11 @@ def evaluate_all(trained: list[Trained], held_out: torch.Tensor, scale: float) -
 
 
 def check_agrees(ours: dict, theirs: dict, run_dir: Path) -> None:
-    """Exit unless the benchmark's evaluation matches saesweep's metrics.json (float32
-    arithmetic in another order: 1e-6 relative on FVU and L0, dead % within one latent)."""
+    """Exit unless the benchmark's evaluation matches saesweep's metrics.json: float32
+    arithmetic in another order, so 1e-5 relative on FVU and L0 (a near tie at a BatchTopK
+    threshold flips single activations: seen, one of 33,190 x 13), dead % within one latent."""
     close = all(
-        math.isclose(ours[key], theirs[key], rel_tol=1e-6, abs_tol=1e-9) for key in ("fvu", "l0")
+        math.isclose(ours[key], theirs[key], rel_tol=1e-5, abs_tol=1e-9) for key in ("fvu", "l0")
     )
     one_latent = 100 / theirs["d_sae"]
     if not close or abs(ours["dead_pct"] - theirs["dead_pct"]) > one_latent:
@@ -497,13 +507,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-quality"))
     parser.add_argument("--peers-root", type=Path, default=Path("/tmp/bench-peers"))
     parser.add_argument("--torch", default="torch==2.13.0", help="the peers' torch (pip spec)")
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="evaluate the SAEs an earlier run with the same flags left in --work, train none",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.tools) - {"saesweep", *PEERS}
     if unknown:
         parser.error(f"unknown tools {sorted(unknown)}")
-    fresh_work_dir(args.work)
-    data, held_out, scale = export(args, args.work)
-    print(f"exported {data} ({args.uri}, scale {scale:.4f}); {len(held_out):,} held-out tokens")
+    if args.evaluate_only:
+        data, (_, held, scale) = args.work / "train.safetensors", held_out(args)
+    else:
+        fresh_work_dir(args.work)
+        data, held, scale = export(args, args.work)
+        print(f"exported {data} ({args.uri}, scale {scale:.4f}); {len(held):,} held-out tokens")
     trained = []
     for arch in args.archs:
         for tool in args.tools:
@@ -513,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
                 trained.append(run_peer(args, tool, arch, data, args.work))
             else:
                 print(f"{tool} has no {arch}: skipped")
-    rows = evaluate_all(trained, held_out, scale)
+    rows = evaluate_all(trained, held, scale)
     (args.work / "results.json").write_text(json.dumps(rows, indent=1))
     print_table(rows, trained)
 
