@@ -124,12 +124,10 @@ class SharedSource:
                 "hook_by_config": [inner.hook_of(c) for c in cfgs],
                 "target_by_config": [inner.target_of(c) for c in cfgs],
                 "scales": {h: inner.norm_scale(h) for h in inner.hooks.values()},
-                "held_out_data": inner.held_out_data,
             }
         described = world.share(described)
         self.d_model, self.model_name = described["d_model"], described["model_name"]
         self.hooks, self.scales = described["hooks"], described["scales"]
-        self.held_out_data = described["held_out_data"]
         self._hook_by_config = dict(zip(cfgs, described["hook_by_config"], strict=True))
         self._target_by_config = dict(zip(cfgs, described["target_by_config"], strict=True))
         self.paths = sorted(self.scales)

@@ -31,7 +31,7 @@ from saesweep.train.config import DataConfig, TrainConfig
 NORM_SAMPLE_TOKENS = 1 << 15
 """With source 'model', the input scale is estimated from the first NORM_SAMPLE_TOKENS
 stored tokens of the training text."""
-LIVE_ABSORPTION_TOKENS_PER_LETTER = 2
+LIVE_ABSORPTION_TOKEN_FACTOR = 2
 """With source 'model', absorption reads the first absorption.n_tokens x this many tokens of
 the held-out documents (77 % of the demo text's tokens are alphabetic)."""
 
@@ -159,11 +159,6 @@ class StoreSource:
         names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
         return ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
 
-    @property
-    def held_out_data(self) -> DataConfig | None:
-        """The stored held-out data (downstream and absorption read it), or None."""
-        return self.cfg.held_out_data
-
 
 class LiveSource:
     """The model of the collection config `train_data.collect`, hooked at every hook the
@@ -260,10 +255,6 @@ class LiveSource:
                 break
         return out
 
-    @property
-    def held_out_data(self) -> DataConfig | None:
-        return None
-
 
 def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
     """The reader's batches as {hook: acts}."""
@@ -289,20 +280,18 @@ def held_out_text(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldO
     )
 
 
-def held_out_tokens(cfg: TrainConfig) -> tuple[HeldOutTokens, dict] | None:
+def held_out_tokens(cfg: TrainConfig) -> tuple[HeldOutTokens, dict]:
     """The labelled held-out tokens absorption runs on and what its results record of them:
     the held-out documents of a live source (computed when asked), the held-out shards of a
-    store; None when a store group has no held-out data."""
+    store."""
     if cfg.train_data.source == "model":
         return _live_tokens(cfg), {"absorption_split": "val"}
     data = cfg.held_out_data
-    if data is None:
-        return None
     return stored_tokens(data.uri, data.shards, data.anonymous), {"absorption_shards": data.shards}
 
 
 def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
-    n_tokens = cfg.absorption.n_tokens * LIVE_ABSORPTION_TOKENS_PER_LETTER
+    n_tokens = cfg.absorption.n_tokens * LIVE_ABSORPTION_TOKEN_FACTOR
 
     def compute(hooks: list[str]) -> Iterator[tuple[str, LabelledTokens]]:
         source = ModelSource(live_collect_config(cfg), hooks, 1, 1, 0, "val")

@@ -334,10 +334,9 @@ class GroupTrainer:
         """Add feature absorption to every metrics.json: on the held-out documents of a live
         source, the held-out shards of a store."""
         cfg = self.cfgs[0]
-        held_out = held_out_tokens(cfg) if cfg.absorption.n_tokens > 0 else None
-        if held_out is None:
+        if cfg.absorption.n_tokens <= 0:
             return
-        tokens, recorded = held_out
+        tokens, recorded = held_out_tokens(cfg)
         try:
             write_absorption(
                 self.run_dirs, absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
