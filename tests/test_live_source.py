@@ -126,6 +126,39 @@ def test_resume_from_a_position_continues_exactly(config, tmp_path):
                 assert torch.equal(got.acts[spec], want.acts[spec])
 
 
+def test_a_limited_source_computes_only_the_batches_it_serves(config, monkeypatch):
+    """Two whole windows of 700 tokens, then 3 batches of 64: the last window is computed
+    about 3 batches large, not 700 tokens."""
+    unlimited = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
+    want = list(itertools.islice(unlimited.batches(), 40))
+    limit = sum(pos.window < 2 for _, pos in want) + 3
+    source = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
+    computed, forward = [], source._forward
+
+    def counted(seqs):
+        computed.append(forward(seqs))
+        return computed[-1]
+
+    monkeypatch.setattr(source, "_forward", counted)
+    run = list(source.batches(limit=limit))
+    assert len(run) == limit and [pos for _, pos in run[:-3]] == [
+        pos for _, pos in want[: limit - 3]
+    ]
+    assert {pos.window for _, pos in run[-3:]} == {2}
+    for (got, _), (same, _) in zip(run[:-3], want, strict=False):
+        assert torch.equal(got.seq_ids, same.seq_ids)
+    one_forward = config.batch_size * config.ctx_len
+    # served tokens, two windows' dropped tails and at most one forward pass too many: the
+    # last window holds under 3 * 64 + 64 + one_forward = 512 tokens, not 700
+    assert sum(w.n_tokens for w in computed) < (limit + 2) * 64 + one_forward
+    cut = limit - 2
+    resumed = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
+    left = limit - cut - 1 + run[cut][1].batches_done
+    again = list(resumed.batches(run[cut][1], limit=left))
+    assert [pos for _, pos in again] == [pos for _, pos in run[cut + 1 :]]
+    assert torch.equal(again[-1][0].acts["resid.3"], run[-1][0].acts["resid.3"])
+
+
 def test_a_split_without_one_batch_is_one_sentence(config, tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text(json.dumps({"text": "one short document"}) + "\n")

@@ -1,12 +1,14 @@
 """The model as a data source: activations computed while training reads them.
 
 The collection's own pipeline and config (text -> sequences -> truncated forward pass with
-hooks) without a store. Forward passes fill a window of at least `window_tokens` stored
-tokens from consecutive sequences; the window is served in a seeded random order as batches,
-every hook in lockstep (row i of each hook's batch is the same token), then the next window is
-computed. Tokens of a window that do not fill a last whole batch are dropped. Documents with
-index i % VAL_EVERY == VAL_EVERY - 1 (collect.sequences) are held out: the train split never
-sees them, the val split sees only them.
+hooks) without a store. Forward passes fill a window of at least `window_tokens` stored tokens
+from consecutive sequences; the window is served in a seeded random order as batches, every
+hook in lockstep (row i of each hook's batch is the same token), then the next window is
+computed. Tokens of a window that do not fill a last whole batch are dropped (under batch_size
+/ window_tokens of the text). A source that serves a set number of batches computes its last
+window only as large as they need. Documents with index i % VAL_EVERY == VAL_EVERY - 1
+(collect.sequences) are held out: the train split never sees them, the val split sees only
+them.
 
 The position (sequences consumed before the current window, the window's index, batches
 served from it, epoch) is all a resume needs: the window is computed again from its first
@@ -127,27 +129,35 @@ class ModelSource:
         """Where the first epoch's sequences are written (train split only), or None."""
 
     def batches(
-        self, start: SourcePosition = SourcePosition()
+        self, start: SourcePosition = SourcePosition(), limit: int | None = None
     ) -> Iterator[tuple[LiveBatch, SourcePosition]]:
-        """Batches from `start` on, forever (the text repeats by epochs), each with the
-        position after it."""
-        pos = start
+        """Batches from `start` on, each with the position after it: forever (the text
+        repeats by epochs), or with `limit` that many counted from the start of `start`'s
+        window, the last window computed only as large as the batches left need."""
+        pos, left = start, limit
         if self.cache is not None and start.epoch > 0:
             self.cache.check_complete()
-        while True:
+        while left is None or left > 0:
             seqs = itertools.islice(self._sequences(), pos.seq_done, None)
+            seq_batches = batched(seqs, self.cfg.batch_size)
             cache = self.cache if pos.epoch == 0 else None
             whole_batches = 0
-            for window in self._windows(seqs, pos.seq_done, cache):
+            while left is None or left > 0:
+                window = self._window(seq_batches, pos.seq_done, cache, self._wanted(left))
+                if window is None:
+                    break
                 order = self._order(pos.window, window.n_tokens)
                 n_batches = window.n_tokens // self.batch_size
+                if left is not None:
+                    n_batches = min(n_batches, left)
+                    left -= n_batches
                 whole_batches += n_batches
                 for b in range(pos.batches_done, n_batches):
                     rows = order[b * self.batch_size : (b + 1) * self.batch_size]
                     after = dataclasses.replace(pos, batches_done=b + 1)
                     yield self._take(window, rows), after
                 pos = SourcePosition(pos.epoch, pos.seq_done + window.n_seqs, pos.window + 1)
-            if cache is not None:
+            if cache is not None and left != 0:
                 cache.finish()
             if whole_batches == 0 and pos.epoch == start.epoch and start.seq_done == 0:
                 raise UserError(
@@ -183,26 +193,31 @@ class ModelSource:
     def _sequences(self) -> Iterator[Sequence]:
         return split_sequences(self.cfg, self.tokenizer, self.split)
 
-    def _windows(
-        self, seqs: Iterator[Sequence], first: int, cache: Cache | None
-    ) -> Iterator[Window]:
-        """Windows of at least window_tokens stored tokens (the last one of an epoch may hold
-        fewer), from consecutive sequences (`first`: the first one's ordinal), each forward
-        pass also written to `cache`."""
-        pending: list[Window] = []
+    def _wanted(self, left: int | None) -> int:
+        """Tokens the next window computes at least: window_tokens, or fewer where `left`
+        batches are all that remain to serve."""
+        if left is None:
+            return self.window_tokens
+        return min(self.window_tokens, left * self.batch_size)
+
+    def _window(
+        self, seq_batches: Iterator[list[Sequence]], first: int, cache: Cache | None, wanted: int
+    ) -> Window | None:
+        """The next window of at least `wanted` stored tokens (fewer at the end of the text,
+        None past it) from consecutive sequences (`first`: the first one's ordinal), each
+        forward pass also written to `cache`."""
+        parts: list[Window] = []
         n_tokens = 0
-        for seq_batch in batched(seqs, self.cfg.batch_size):
+        for seq_batch in seq_batches:
             part = self._forward(seq_batch)
             if cache is not None:
                 cache.add(first, part)
             first += part.n_seqs
-            pending.append(part)
+            parts.append(part)
             n_tokens += part.n_tokens
-            if n_tokens >= self.window_tokens:
-                yield _concat(pending)
-                pending, n_tokens = [], 0
-        if pending:
-            yield _concat(pending)
+            if n_tokens >= wanted:
+                break
+        return _concat(parts) if parts else None
 
     def _forward(self, seqs: list[Sequence]) -> Window:
         batch = make_batch(seqs, self.tokenizer.pad_token_id or 0)

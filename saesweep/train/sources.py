@@ -10,7 +10,6 @@ position (for resume) and their held-out data (batches of the same dicts).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -215,8 +214,8 @@ class LiveSource:
         }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batches = self.source.batches(self.position)
-        for batch, position in itertools.islice(batches, self.n_batches - self.served):
+        left = self.n_batches - self.served + self.position.batches_done
+        for batch, position in self.source.batches(self.position, left):
             self.position, self.served = position, self.served + 1
             yield {path: batch.acts[spec].float() for spec, path in self.hooks.items()}
         if self.source.cache is not None:
