@@ -16,6 +16,8 @@ from saesweep.sae.synthetic import sparse_mixture
 D_IN, D_SAE, B = 32, 128, 64
 ARCHS = sorted(ARCHITECTURES)
 SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
+NORMALIZE = [True, False, True]
+"""Per member: gradient scaled to norm 1 at every step, or clipped above 1."""
 
 
 def _cfg(arch: str, **kw) -> SAEConfig:
@@ -39,12 +41,13 @@ def _data(steps, seed=1):
     return sparse_mixture(steps * B, D_IN, seed=seed, dtype=torch.float64)
 
 
-def _run(sae, opt, data, steps, schedule=None, start=0):
+def _run(sae, opt, data, steps, schedule=None, start=0, normalize=False):
     metrics = []
     for s in range(start, start + steps):
         if schedule is not None:
             opt.set_lr_factor(schedule.factor(s, sae.n))
-        metrics.append(train_step(sae, opt, data[s * B : (s + 1) * B], s, max_grad_norm=1.0))
+        x = data[s * B : (s + 1) * B]
+        metrics.append(train_step(sae, opt, x, s, max_grad_norm=1.0, normalize_grad=normalize))
     return metrics
 
 
@@ -58,12 +61,12 @@ def test_stack_equals_separate_members(arch):
     stack = make_sae(cfgs, D_IN, SEEDS, OBJECTIVES, dtype=torch.float64)
     stack.init_b_dec(data[:256])
     opt = StackedAdam(stack.parameters(), lr=LRS)
-    stacked = _run(stack, opt, data, steps, schedule)
+    stacked = _run(stack, opt, data, steps, schedule, normalize=torch.tensor(NORMALIZE))
     for i in range(3):
         single = make_sae(cfgs[i], D_IN, [SEEDS[i]], OBJECTIVES[i], dtype=torch.float64)
         single.init_b_dec(data[:256])
         opt_i = StackedAdam(single.parameters(), lr=[LRS[i]])
-        alone = _run(single, opt_i, data, steps, schedule.member(i, 3))
+        alone = _run(single, opt_i, data, steps, schedule.member(i, 3), normalize=NORMALIZE[i])
         for name, p in single.named_parameters():
             torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
         for name, buf in single.named_buffers():
@@ -152,6 +155,15 @@ def test_clip_grad_norm_is_per_member():
     torch.testing.assert_close(norms, torch.tensor([5.0, 0.5, 0.0], dtype=torch.float64))
     torch.testing.assert_close(p.grad[0, 0], torch.tensor(0.6), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(q.grad[:2], torch.tensor([0.8, 0.4]), rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_gradients_have_norm_max_norm_per_member():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    p.grad = torch.tensor([[3.0, 4.0, 0, 0], [0.3, 0.4, 0, 0], [0.3, 0.4, 0, 0]])
+    norms = clip_grad_norm_([p], max_norm=2.0, normalize=torch.tensor([True, True, False]))
+    torch.testing.assert_close(norms, torch.tensor([5.0, 0.5, 0.5], dtype=torch.float64))
+    want = torch.tensor([[1.2, 1.6], [1.2, 1.6], [0.3, 0.4]])
+    torch.testing.assert_close(p.grad[:, :2], want, rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule_and_default_lr():

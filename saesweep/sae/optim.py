@@ -121,15 +121,20 @@ def member_grad_norms(params: Iterable[nn.Parameter]) -> Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float | Tensor) -> Tensor:
-    """Scale each member's gradient to norm <= max_norm (per member [n] or scalar).
+def clip_grad_norm_(
+    params: Iterable[nn.Parameter], max_norm: float | Tensor, normalize: bool | Tensor = False
+) -> Tensor:
+    """Scale each member's gradient to norm <= max_norm (per member [n] or scalar), or to
+    norm max_norm exactly where `normalize` ([n] bool or scalar).
 
-    Returns the [n] norms before clipping. Non-finite norms leave that member untouched
+    Returns the [n] norms before scaling. Non-finite norms leave that member untouched
     (mask its update instead).
     """
     params = [p for p in params if p.grad is not None]
     norms = member_grad_norms(params)
-    scale = (torch.as_tensor(max_norm, dtype=torch.float64) / (norms + 1e-6)).clamp(max=1.0)
+    scale = torch.as_tensor(max_norm, dtype=torch.float64, device=norms.device) / (norms + 1e-6)
+    normalize = torch.as_tensor(normalize, device=norms.device)
+    scale = torch.where(normalize, scale, scale.clamp(max=1.0))
     scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
     for p in params:
         p.grad.mul_(_bcast(scale, p.grad))

@@ -26,16 +26,19 @@ def train_step(
     x: Tensor,
     step: int,
     max_grad_norm: float | Tensor | None = 1.0,
+    normalize_grad: bool | Tensor = False,
     active: Tensor | None = None,
     target: Tensor | None = None,
     sync: StepSync | None = None,
     variance: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """loss -> backward -> before_optimizer_step -> clip -> masked Adam step ->
-    after_optimizer_step. Members with a non-finite loss or gradient (or not in `active`,
-    [n] bool) are left untouched. `target`: a transcoder's target batch. `sync`
-    (data-parallel training) makes every replica take the whole batch's step (x and target
-    its slice, `variance` its share of the batch's FVU denominator: StackedSAE.loss).
+    after_optimizer_step. The clip scales a member's gradient to norm <= max_grad_norm, or
+    to that norm exactly where `normalize_grad` ([n] bool or scalar). Members with a
+    non-finite loss or gradient (or not in `active`, [n] bool) are left untouched.
+    `target`: a transcoder's target batch. `sync` (data-parallel training) makes every
+    replica take the whole batch's step (x and target its slice, `variance` its share of
+    the batch's FVU denominator: StackedSAE.loss).
     Returns per-member metrics [n], plus "updated" and "grad_norm"."""
     opt.zero_grad()
     result = sae.loss(x, step, target, variance)
@@ -51,7 +54,7 @@ def train_step(
     if max_grad_norm is None:
         norms = member_grad_norms(sae.parameters())
     else:
-        norms = clip_grad_norm_(sae.parameters(), max_norm=max_grad_norm)
+        norms = clip_grad_norm_(sae.parameters(), max_grad_norm, normalize_grad)
     ok &= torch.isfinite(norms).to(ok.device)
     opt.step(update_mask=ok)
     sae.after_optimizer_step(result, update_mask=ok)

@@ -62,6 +62,7 @@ class Stack:
     opt: StackedAdam
     schedule: LRSchedule
     max_grad_norm: torch.Tensor
+    normalize_grad: torch.Tensor
     failed: torch.Tensor
 
 
@@ -158,6 +159,7 @@ class GroupTrainer:
                     StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
                     schedule,
                     torch.tensor([c.max_grad_norm for c in cfgs], device=device),
+                    torch.tensor([c.normalize_grad for c in cfgs], device=device),
                     torch.zeros(len(members), dtype=torch.bool, device=device),
                 )
             )
@@ -214,6 +216,7 @@ class GroupTrainer:
                     x,
                     self.step,
                     stack.max_grad_norm,
+                    stack.normalize_grad,
                     active=~stack.failed,
                     target=target,
                     sync=self.sync,
