@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_collect import by_token, read_hook
+from test_collect import by_token, read_hook, small
 from test_train import CPU_PARTITION, run_train, weights
 from test_train import cfg as train_cfg
+from tiny_models import build
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
@@ -157,6 +158,24 @@ def test_a_limited_source_computes_only_the_batches_it_serves(config, monkeypatc
     again = list(resumed.batches(run[cut][1], limit=left))
     assert [pos for _, pos in again] == [pos for _, pos in run[cut + 1 :]]
     assert torch.equal(again[-1][0].acts["resid.3"], run[-1][0].acts["resid.3"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_live_tokens_of_other_model_families_are_the_collections(tmp_path, family):
+    """GPT-2 and Llama (MiniLM above): a first live batch is stored tokens of a collection of
+    the same config, every hook's activations equal to bf16 precision."""
+    model = str(build(family, tmp_path))
+    cfg = small(tmp_path / "out", model=model, hooks=("resid.1", "mlp.2"), max_tokens=1200)
+    collect(cfg)
+    source = ModelSource(cfg, list(cfg.hooks), batch_size=128, window_tokens=256, seed=1)
+    batch, _ = next(source.batches())
+    for spec, path in source.hooks.items():
+        stored = by_token(read_hook(cfg.out, path))
+        index = torch.searchsorted(keys(stored), keys(vars(batch)))
+        assert torch.equal(keys(stored)[index], keys(vars(batch))), "every live token is stored"
+        assert torch.equal(stored["token_ids"][index], batch.token_ids)
+        want = stored["acts"][index].float()
+        torch.testing.assert_close(batch.acts[spec].float(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_a_split_without_one_batch_is_one_sentence(config, tmp_path):
