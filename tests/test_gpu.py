@@ -1,5 +1,5 @@
 """On a CUDA device (skipped without one): the Reader's pinned batches, the SAE fast paths and
-a group trained on the GPU agree with the CPU."""
+a group trained on the GPU and the live source agree with the CPU."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from synthetic import make_collection
 from test_train import cfg, train
 
 from saesweep import Reader
+from saesweep.collect.config import CollectConfig
+from saesweep.collect.source import ModelSource
 from saesweep.sae import ARCHITECTURES, SAEConfig, make_sae
 from saesweep.sae.synthetic import sparse_mixture
 
@@ -90,3 +92,20 @@ def test_group_trained_on_cuda_matches_cpu(tmp_path):
     assert not got["failed"]
     assert got["fvu"] == pytest.approx(ref["fvu"], rel=0.05)
     assert got["l0"] == pytest.approx(ref["l0"], abs=0.1)
+
+
+def test_live_source_on_cuda_runs_the_model_in_its_dtype_and_matches_cpu():
+    """The demo model in bf16 on the GPU against float32 on the CPU: the same tokens in the
+    same order, the window on the GPU, activations equal to bf16 precision."""
+    base = CollectConfig(
+        hooks=("resid.1", "resid.3"), ctx_len=64, batch_size=8, act_dtype="float32"
+    )
+    on_cpu = ModelSource(dataclasses.replace(base, device="cpu"), list(base.hooks), 256, 1024, 2)
+    gpu_cfg = dataclasses.replace(base, device="cuda", model_dtype="bfloat16")
+    on_gpu = ModelSource(gpu_cfg, list(base.hooks), 256, 1024, 2)
+    assert next(on_gpu.hooked.model.parameters()).dtype == torch.bfloat16
+    for (want, _), (got, _) in zip(on_cpu.batches(limit=6), on_gpu.batches(limit=6), strict=True):
+        assert torch.equal(got.seq_ids, want.seq_ids) and torch.equal(got.positions, want.positions)
+        for hook in base.hooks:
+            assert got.acts[hook].is_cuda
+            torch.testing.assert_close(got.acts[hook].cpu(), want.acts[hook], rtol=5e-2, atol=5e-2)
