@@ -154,8 +154,7 @@ def test_a_limited_source_computes_only_the_batches_it_serves(config, monkeypatc
     assert sum(w.n_tokens for w in computed) < (limit + 2) * 64 + one_forward
     cut = limit - 2
     resumed = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
-    left = limit - cut - 1 + run[cut][1].batches_done
-    again = list(resumed.batches(run[cut][1], limit=left))
+    again = list(resumed.batches(run[cut][1], limit=limit - cut - 1))
     assert [pos for _, pos in again] == [pos for _, pos in run[cut + 1 :]]
     assert torch.equal(again[-1][0].acts["resid.3"], run[-1][0].acts["resid.3"])
 

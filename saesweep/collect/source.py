@@ -132,20 +132,20 @@ class ModelSource:
         self, start: SourcePosition = SourcePosition(), limit: int | None = None
     ) -> Iterator[tuple[LiveBatch, SourcePosition]]:
         """Batches from `start` on, each with the position after it: forever (the text
-        repeats by epochs), or with `limit` that many counted from the start of `start`'s
-        window, the last window computed only as large as the batches left need."""
-        pos, left = start, limit
+        repeats by epochs), or `limit` of them, the last window computed only as large as
+        the batches left need."""
+        if limit == 0:
+            return
+        pos = start
+        left = None if limit is None else limit + start.batches_done  # from the window's start
         if self.cache is not None and start.epoch > 0:
             self.cache.check_complete()
-        while left is None or left > 0:
+        while True:
             seqs = itertools.islice(self._sequences(), pos.seq_done, None)
             seq_batches = batched(seqs, self.cfg.batch_size)
             cache = self.cache if pos.epoch == 0 else None
             whole_batches = 0
-            while left is None or left > 0:
-                window = self._window(seq_batches, pos.seq_done, cache, self._wanted(left))
-                if window is None:
-                    break
+            while (window := self._window(seq_batches, pos.seq_done, cache, left)) is not None:
                 order = self._order(pos.window, window.n_tokens)
                 n_batches = window.n_tokens // self.batch_size
                 if left is not None:
@@ -156,8 +156,10 @@ class ModelSource:
                     rows = order[b * self.batch_size : (b + 1) * self.batch_size]
                     after = dataclasses.replace(pos, batches_done=b + 1)
                     yield self._take(window, rows), after
+                if left == 0:
+                    return
                 pos = SourcePosition(pos.epoch, pos.seq_done + window.n_seqs, pos.window + 1)
-            if cache is not None and left != 0:
+            if cache is not None:
                 cache.finish()
             if whole_batches == 0 and pos.epoch == start.epoch and start.seq_done == 0:
                 raise UserError(
@@ -193,19 +195,20 @@ class ModelSource:
     def _sequences(self) -> Iterator[Sequence]:
         return split_sequences(self.cfg, self.tokenizer, self.split)
 
-    def _wanted(self, left: int | None) -> int:
-        """Tokens the next window computes at least: window_tokens, or fewer where `left`
-        batches are all that remain to serve."""
-        if left is None:
-            return self.window_tokens
-        return min(self.window_tokens, left * self.batch_size)
-
     def _window(
-        self, seq_batches: Iterator[list[Sequence]], first: int, cache: Cache | None, wanted: int
+        self,
+        seq_batches: Iterator[list[Sequence]],
+        first: int,
+        cache: Cache | None,
+        left: int | None,
     ) -> Window | None:
-        """The next window of at least `wanted` stored tokens (fewer at the end of the text,
-        None past it) from consecutive sequences (`first`: the first one's ordinal), each
-        forward pass also written to `cache`."""
+        """The next window from consecutive sequences (`first`: the first one's ordinal),
+        each forward pass also written to `cache`: at least window_tokens stored tokens, or
+        only as many as `left` batches need (None: no limit); fewer at the end of the text,
+        None past it."""
+        wanted = self.window_tokens
+        if left is not None:
+            wanted = min(wanted, left * self.batch_size)
         parts: list[Window] = []
         n_tokens = 0
         for seq_batch in seq_batches:

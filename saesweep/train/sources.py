@@ -214,8 +214,7 @@ class LiveSource:
         }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        left = self.n_batches - self.served + self.position.batches_done
-        for batch, position in self.source.batches(self.position, left):
+        for batch, position in self.source.batches(self.position, self.n_batches - self.served):
             self.position, self.served = position, self.served + 1
             yield {path: batch.acts[spec].float() for spec, path in self.hooks.items()}
         if self.source.cache is not None:
