@@ -44,6 +44,9 @@ def finished(proc) -> None:
 
 
 def assert_same_runs(a: Path, b: Path, exact: bool) -> None:
+    """Equal final weights (exact), or each tensor within 1 % of its norm: data mode sums
+    each gradient in another order, and over 200 steps one such difference can flip a near
+    tie in a top-k and move a latent by a few lr steps (seen on CI: 8e-3 on one run)."""
     runs = sorted(p.name for p in (a / "runs").iterdir())
     assert runs == sorted(p.name for p in (b / "runs").iterdir()) and len(runs) == 4
     for run in runs:
@@ -52,7 +55,8 @@ def assert_same_runs(a: Path, b: Path, exact: bool) -> None:
             if exact:
                 assert torch.equal(want[name], got[name]), (run, name)
             else:
-                torch.testing.assert_close(got[name], want[name], rtol=2e-3, atol=2e-4)
+                off = float((got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-6))
+                assert off < 1e-2, (run, name, off)
 
 
 def test_costliest_first_to_the_least_loaded_rank():
@@ -118,6 +122,7 @@ def test_sae_mode_is_bit_identical_and_survives_a_killed_rank(coll, one_process,
 
 
 def test_data_mode_matches_one_process(coll, one_process, tmp_path):  # noqa: F811
+    """The first logged step (20) to float rounding, the end to a near-tie flip's size."""
     two = ["--procs-per-group", "2", "--parallel", "data", *STEPS]
     finished(run_train(*mixed_args(coll, tmp_path, "two", "--executor", "local", *two)))
     one, two_dir = one_process, only_dir(tmp_path / "two")
@@ -128,6 +133,15 @@ def test_data_mode_matches_one_process(coll, one_process, tmp_path):  # noqa: F8
         assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-2)
         assert got["l0"] == pytest.approx(want["l0"], rel=1e-2)
         assert got["tokens_seen"] == want["tokens_seen"] == 25600
+        first = [logged_losses(d / "runs" / run.name)[0] for d in (one, two_dir)]
+        assert first[0][0] == first[1][0] == 20
+        assert first[1][1] == pytest.approx(first[0][1], rel=1e-5), run.name
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, training loss) of each logged step of a run."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [(x["step"], x["loss"]) for x in lines if "loss" in x]
 
 
 def test_two_task_group_on_slurm(coll, tmp_path, slurm_cluster):  # noqa: F811

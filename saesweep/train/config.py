@@ -97,7 +97,7 @@ class TrainConfig:
     """Fraction of training over which the learning rate decays."""
     max_grad_norm: float = field(default=1.0, metadata=above(0))
     """Per-SAE gradient-norm clip (with normalize_grad: the norm of every step's gradient)."""
-    normalize_grad: bool = False
+    normalize_grad: bool = True
     """Scale each SAE's gradient to norm max_grad_norm at every step, as the references'
     clip of 1 does to their per-token squared error, which always exceeds it (Adam then sees
     steps of one size; docs/training.md). False: clip only gradients above max_grad_norm."""
