@@ -56,8 +56,9 @@ def test_sae_lens_loads_and_matches(run_dirs, arch):
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (16, 32)
 
 
-def _saelens_training_sae(arch: str, sae, coefficient: float):
-    """SAELens's own training SAE for member 0 of `sae`, its coefficient = `coefficient`."""
+def _saelens_training_sae(arch: str, sae, coefficient: float, target_l0: float = 0.0):
+    """SAELens's own training SAE for member 0 of `sae`, its coefficient = `coefficient`
+    (JumpReLU: its quadratic loss around `target_l0` where that is > 0)."""
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
@@ -73,6 +74,8 @@ def _saelens_training_sae(arch: str, sae, coefficient: float):
             l0_coefficient=coefficient,
             jumprelu_bandwidth=sae.cfg.jumprelu_bandwidth,
             jumprelu_init_threshold=sae.cfgs[0].jumprelu_init_threshold,
+            jumprelu_sparsity_loss_mode="quadratic" if target_l0 else "step",
+            target_l0=target_l0 or None,
         )
         lens = JumpReLUTrainingSAE(cfg)
     with torch.no_grad():
@@ -81,20 +84,23 @@ def _saelens_training_sae(arch: str, sae, coefficient: float):
     return lens
 
 
-@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
-def test_sparsity_coeff_times_d_in_is_saelens_coefficient(arch):
+@pytest.mark.parametrize(
+    ("arch", "target_l0"), [("relu", 0.0), ("jumprelu", 0.0), ("jumprelu", 5.0)]
+)
+def test_sparsity_coeff_times_d_in_is_saelens_coefficient(arch, target_l0):
     # ours: per-element MSE + c * penalty; SAELens (and the papers): squared error summed over
     # d_in + lambda * penalty. With lambda = d_in * c the two losses differ by the factor d_in
     from sae_lens.saes.sae import TrainStepInput
 
     d_in, c = 16, 2**-6
     cfg = SAEConfig(arch=arch, d_sae=64, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01)
-    sae = make_sae(cfg, d_in, [0], ObjectiveConfig(sparsity_coeff=c), dtype=torch.float64)
+    objective = ObjectiveConfig(sparsity_coeff=c, target_l0=target_l0)
+    sae = make_sae(cfg, d_in, [0], objective, dtype=torch.float64)
     x = torch.randn(256, d_in, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     result = sae.loss(x)
     result.loss.sum().backward()
     assert result.metrics["sparsity_loss"].item() > 0
-    lens = _saelens_training_sae(arch, sae, d_in * c)
+    lens = _saelens_training_sae(arch, sae, d_in * c, target_l0)
     key = "l1" if arch == "relu" else "l0"
     out = lens.training_forward_pass(TrainStepInput(x, {key: d_in * c}, None, 0, False))
     out.loss.backward()

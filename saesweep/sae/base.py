@@ -113,6 +113,7 @@ class StackedSAE(nn.Module):
 
         buf("sparsity_coeff", [o.sparsity_coeff for o in self.objectives])
         buf("sparsity_warmup_steps", [o.sparsity_warmup_steps for o in self.objectives])
+        buf("target_l0", [o.target_l0 for o in self.objectives])
         buf("load_balance_coeff", [o.load_balance_coeff for o in self.objectives])
         buf("aux_coeff", [c.aux_coeff for c in self.cfgs])
         buf("dead_tokens", [c.dead_tokens for c in self.cfgs], torch.int64)

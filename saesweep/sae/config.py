@@ -92,5 +92,10 @@ class ObjectiveConfig:
     against the squared error summed over d_in, is d_in x sparsity_coeff: pass lambda / d_in."""
     sparsity_warmup_steps: int = field(default=0, metadata=at_least(0))
     """Steps over which the sparsity coefficient rises linearly from 0 (0: no warmup)."""
+    target_l0: float = field(default=0.0, metadata=at_least(0))
+    """JumpReLU: 0 penalizes each token's L0 (sparsity_coeff x L0); > 0 penalizes its distance
+    from this target instead, sparsity_coeff x 2 / target_l0 x (L0 - target_l0)^2 per token
+    (Gemma Scope 2's quadratic loss, SAELens's 'quadratic' mode): L0 settles near the target
+    without a search over sparsity_coeff. Ignored by the other architectures."""
     load_balance_coeff: float = field(default=0.01, metadata=at_least(0))
     """Switch: coefficient of the router load-balancing loss E * sum_e f_e * P_e."""

@@ -55,7 +55,8 @@ class StepFn(torch.autograd.Function):
 
 
 class JumpReLUSAE(StackedSAE):
-    """f = pre * (pre > exp(log_threshold)); penalty L0 through the same STE.
+    """f = pre * (pre > exp(log_threshold)); penalty L0 through the same STE, or its squared
+    distance from a target (ObjectiveConfig.target_l0).
 
     Both straight-through estimators see the raw pre-activation, as in the paper, SAELens and
     dictionary_learning: a ReLU before them would make every negative pre-activation an atom at
@@ -92,8 +93,11 @@ class JumpReLUSAE(StackedSAE):
         step: int,
         variance: Tensor,
     ) -> dict:
-        l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
-        return {"sparsity_loss": (self.sparsity_at(step), l0.sum(-1).mean(-1))}
+        l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth).sum(-1)
+        target = self.target_l0.unsqueeze(-1)
+        quadratic = 2 / target.clamp_min(1e-12) * (l0 - target).pow(2)
+        per_token = torch.where(target > 0, quadratic, l0)
+        return {"sparsity_loss": (self.sparsity_at(step), per_token.mean(-1))}
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"threshold": self.log_threshold[i].exp()}
