@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_collect import read_hook
 from test_live_source import config  # noqa: F401 (the fixture)
 from test_train import cfg as train_cfg
-from test_train import run_train
+from test_train import last_commit, run_train
 
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
@@ -27,7 +27,6 @@ from saesweep.data.reader import Reader
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
 from saesweep.store import open_store
-from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 
@@ -190,8 +189,7 @@ def test_kill_9_and_resume_are_bit_identical_and_continue_the_cache(
         *args, "--runs-root", str(tmp_path / "killed"), "--train-data.cache-to", str(cache)
     )
     while proc.poll() is None:
-        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
-        if states and saved_state(states[0].parent)["step"] >= 10:
+        if last_commit(tmp_path / "killed").get("step", 0) >= 10:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "still training when killed"

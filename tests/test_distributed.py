@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import CPU_PARTITION, coll, only_dir, run_train, weights  # noqa: F401
+from test_train import CPU_PARTITION, coll, last_commit, only_dir, run_train, weights  # noqa: F401
 
-from saesweep.train.checkpoint import saved_state
 from saesweep.train.distributed import assign_runs
 
 MIXED = """
@@ -95,13 +94,12 @@ def test_sae_mode_is_bit_identical_and_survives_a_killed_rank(coll, one_process,
     proc = run_train(*mixed_args(coll, tmp_path, "two", *two))
     state = None
     for _ in range(6000):
-        states = list((tmp_path / "two").glob("*/groups/group-000/state.json"))
-        if states and saved_state(states[0].parent)["step"] >= 30:
-            state = states[0].parent
+        if last_commit(tmp_path / "two").get("step", 0) >= 30:
+            (state,) = (tmp_path / "two").glob("*/groups/group-000")
             break
         time.sleep(0.02)
     assert state is not None, "the two-process group never committed a state"
-    commit = saved_state(state)
+    commit = last_commit(tmp_path / "two")
     assert commit["procs"] == 2 and [f.split(".")[1] for f in commit["files"]] == [
         "rank-0",
         "rank-1",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_collect import by_token, read_hook, small
-from test_train import CPU_PARTITION, run_train, weights
+from test_train import CPU_PARTITION, last_commit, run_train, weights
 from test_train import cfg as train_cfg
 from tiny_models import build
 
@@ -27,7 +27,6 @@ from saesweep.evaluate.absorption import AbsorptionConfig, absorption_metrics
 from saesweep.evaluate.downstream import load_run, measure, text_from_collection
 from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
-from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.sweep import split_groups
 from saesweep.train.trainer import GroupTrainer
@@ -270,9 +269,8 @@ def test_slurm_preemption_requeues_a_live_group_and_resumes_it_exactly(
     proc = run_train(*args, *slurm, "--runs-root", str(tmp_path / "slurm"))
     state = None
     while proc.poll() is None:
-        states = list((tmp_path / "slurm").glob("*/groups/group-000/state.json"))
-        if states and saved_state(states[0].parent)["step"] >= 30:
-            state = states[0]
+        if last_commit(tmp_path / "slurm").get("step", 0) >= 30:
+            (state,) = (tmp_path / "slurm").glob("*/groups/group-000/state.json")
             break
         time.sleep(0.05)
     assert state is not None, "the Slurm job never saved its state"

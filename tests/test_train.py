@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -157,6 +158,19 @@ def run_train(*args: str, cwd: Path = ROOT, ignore_sigint: bool = False) -> subp
     )
 
 
+def last_commit(root: Path) -> dict:
+    """Group 0's last trainer-state commit under runs root `root` ({}: none yet), read while
+    the trainer runs: a commit replaced, and its files deleted, between reading state.json
+    and finding its files is read again."""
+    for state in root.glob("*/groups/group-000/state.json"):
+        for _ in range(99):
+            with contextlib.suppress(UserError):
+                return saved_state(state.parent)
+            time.sleep(0.01)
+        return saved_state(state.parent)
+    return {}
+
+
 def sweep_args(coll: str, root: Path) -> list[str]:
     return [
         "--sweep",
@@ -197,15 +211,15 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     ref_dir = only_dir(tmp_path / "ref")
     proc = run_train(*sweep_args(coll, tmp_path / "killed"))
     for _ in range(1200):
-        states = list((tmp_path / "killed").glob("*/groups/group-000/state.json"))
-        if states and saved_state(states[0].parent)["step"] >= 20:
+        if last_commit(tmp_path / "killed").get("step", 0) >= 20:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_dir = only_dir(tmp_path / "killed")
     assert not list(killed_dir.glob("runs/*/metrics.json"))
-    at_kill = saved_state(states[0].parent)
+    (state,) = killed_dir.glob("groups/group-000/state.json")
+    at_kill = saved_state(state.parent)
     resumed = run_train("--resume", str(killed_dir), "--executor", "debug")
     assert resumed.wait() == 0, resumed.stderr.read()
     # the resumed process's rate counts its own steps, and wall time goes on from the state's
