@@ -149,26 +149,26 @@ def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     result = sae.loss(_x())
     assert result.metrics["sparsity_loss"].item() == result.metrics["l0"].item()
     result.loss.sum().backward()
-    assert sae.log_threshold.grad.abs().sum() > 0
+    assert sae.threshold.grad.abs().sum() > 0
     # thresholds near many pre-activations: the L0 term pushes them up (negative gradient)
     only_l0, x = make_sae(cfg, D_IN, [0], obj), _x()
     terms = only_l0.penalties(x, x, None, only_l0.encode(x), 0, total_variance(x))
     terms["sparsity_loss"][1].sum().backward()
-    assert (only_l0.log_threshold.grad <= 0).all() and (only_l0.log_threshold.grad < 0).any()
+    assert (only_l0.threshold.grad <= 0).all() and (only_l0.threshold.grad < 0).any()
 
 
-def _papers_log_threshold_grad(sae, i, x, lam, eps):
-    """Member i's d loss / d log(threshold) by the paper's pseudo-derivatives, from dense raw
+def _papers_threshold_grad(sae, i, x, lam, eps):
+    """Member i's d loss / d threshold by the paper's pseudo-derivatives, from dense raw
     pre-activations z: d/dt of z H(z - t) is -(t / eps) K((z - t) / eps), of H(z - t) is
     -(1 / eps) K((z - t) / eps), K the rectangle on (-1/2, 1/2)."""
     p = {k: v[i].detach() for k, v in sae.named_parameters()}
     z = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-    t = p["log_threshold"].exp()
+    t = p["threshold"]
     acts = (z * (z > t)).requires_grad_()
     ((acts @ p["W_dec"] + p["b_dec"] - x).pow(2).mean()).backward()
     kernel = ((z - t).abs() < eps / 2).to(z.dtype) / eps
     d_t = (acts.grad * -(t * kernel)).sum(0) + lam * (-kernel).mean(0)
-    return t * d_t, t * (-kernel).mean(0)
+    return d_t, (-kernel).mean(0)
 
 
 def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_bandwidth():
@@ -183,12 +183,31 @@ def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_band
     terms = l0_only.penalties(x, x, None, l0_only.encode(x), 0, total_variance(x))
     terms["sparsity_loss"][1].sum().backward()
     for i in range(2):
-        want, want_l0 = _papers_log_threshold_grad(sae, i, x, lam, eps)
+        want, want_l0 = _papers_threshold_grad(sae, i, x, lam, eps)
         assert (want_l0 != 0).sum() > 10
-        torch.testing.assert_close(sae.log_threshold.grad[i], want, rtol=1e-10, atol=1e-12)
-        got_l0 = l0_only.log_threshold.grad[i]
+        torch.testing.assert_close(sae.threshold.grad[i], want, rtol=1e-10, atol=1e-12)
+        got_l0 = l0_only.threshold.grad[i]
         torch.testing.assert_close(got_l0, want_l0, rtol=1e-10, atol=1e-12)
         assert got_l0.mean().item() == pytest.approx(want_l0.mean().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize(("target_l0", "moves"), [(1.0, "up"), (float(D_SAE), "down")])
+def test_jumprelu_threshold_moves_by_lr_and_stays_non_negative(target_l0, moves):
+    # the threshold is trained itself: Adam's first step moves it by lr (its log moved it by
+    # lr x 0.001 here); an L0 target far above or below L0 pushes every threshold with
+    # pre-activations in its kernel window up or down, and a step below 0 is projected to 0
+    cfg = _cfg("jumprelu", jumprelu_bandwidth=0.05, jumprelu_init_threshold=1e-3)
+    sae = make_sae(cfg, D_IN, [0], ObjectiveConfig(sparsity_coeff=1.0, target_l0=target_l0))
+    opt = StackedAdam(sae.parameters(), lr=[1e-2], betas=sae.adam_betas)
+    train_step(sae, opt, _x(), 0, max_grad_norm=None)
+    pushed = sae.threshold.grad[0] != 0
+    assert pushed.sum() > 10
+    moved = sae.threshold[0][pushed]
+    if moves == "up":
+        torch.testing.assert_close(moved, torch.full_like(moved, 1e-3 + 1e-2), rtol=1e-4, atol=0)
+    else:
+        assert torch.equal(moved, torch.zeros_like(moved))
+    assert (sae.threshold >= 0).all()
 
 
 def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
@@ -203,7 +222,7 @@ def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             loss = sae.loss(x).loss
         loss.sum().backward()
-        grads.append(sae.log_threshold.grad.clone())
+        grads.append(sae.threshold.grad.clone())
     assert (grads[0] != 0).sum() > 100
     assert torch.equal(grads[1] != 0, grads[0] != 0)
     cos = torch.nn.functional.cosine_similarity(grads[1].flatten(), grads[0].flatten(), dim=0)

@@ -3,12 +3,10 @@ straight-through estimator (rectangle kernel of bandwidth eps), L0 sparsity pena
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import SAEConfig, StackedSAE
+from saesweep.sae.base import LossResult, SAEConfig, StackedSAE
 from saesweep.sae.codes import DenseCodes
 
 
@@ -55,8 +53,13 @@ class StepFn(torch.autograd.Function):
 
 
 class JumpReLUSAE(StackedSAE):
-    """f = pre * (pre > exp(log_threshold)); penalty L0 through the same STE, or its squared
-    distance from a target (ObjectiveConfig.target_l0).
+    """f = pre * (pre > threshold); penalty L0 through the same STE, or its squared distance
+    from a target (ObjectiveConfig.target_l0).
+
+    The threshold is trained itself, kept >= 0 after every step, as SAELens and
+    dictionary_learning train it; the paper trains its log, which Adam moves by about lr per
+    step, so a threshold moves by a fraction lr of itself: from a small initial value it
+    hardly moves in a run of a few thousand steps (docs/training.md has the measurement).
 
     Both straight-through estimators see the raw pre-activation, as in the paper, SAELens and
     dictionary_learning: a ReLU before them would make every negative pre-activation an atom at
@@ -69,12 +72,19 @@ class JumpReLUSAE(StackedSAE):
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
-        log_t = math.log(cfg.jumprelu_init_threshold)
-        return member | {"log_threshold": torch.full((self.d_sae,), log_t)}
+        return member | {"threshold": torch.full((self.d_sae,), cfg.jumprelu_init_threshold)}
 
     def thresholds(self) -> Tensor:
         """[n, 1, d_sae] thresholds."""
-        return self.log_threshold.exp().unsqueeze(1)
+        return self.threshold.unsqueeze(1)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
+        """The base's step, then every threshold projected onto >= 0: below 0 the gate would
+        pass negative pre-activations (a projection, not a clamp in the graph, which would
+        stop the gradient of a threshold at 0 for good)."""
+        super().after_optimizer_step(result, update_mask)
+        self.threshold.clamp_(min=0.0)
 
     def encode(self, x: Tensor) -> DenseCodes:
         """Pre-activations in float32 even under autocast: bf16's spacing near a threshold
@@ -100,10 +110,10 @@ class JumpReLUSAE(StackedSAE):
         return {"sparsity_loss": (self.sparsity_at(step), per_token.mean(-1))}
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
-        return {"threshold": self.log_threshold[i].exp()}
+        return {"threshold": self.threshold[i].clone()}
 
     def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
-        self.log_threshold[i] = sd["threshold"].log()
+        self.threshold[i] = sd["threshold"]
 
     def _sae_lens_extra(self) -> dict:
         return {"jumprelu_bandwidth": self.cfg.jumprelu_bandwidth}
