@@ -1,7 +1,7 @@
 """Benchmark: SAE quality against peer libraries, trained on the same cached activations.
 
     uv run benchmarks/bench_quality.py [--uri data/demo] [--n-train 1000000] [--d-sae 1536]
-        [--k 16] [--batch-size 4096] [--archs topk,batchtopk]
+        [--k 16] [--batch-size 4096] [--archs topk,batchtopk,jumprelu] [--l0-coefficient 1]
         [--tools saesweep,sparsify,dictionary_learning,sae_lens] [--lrs 2e-4,...]
 
 The collection's training tokens (all shards but the last) are exported once, in the order
@@ -25,10 +25,11 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -58,8 +59,8 @@ class Peer:
 
 PEERS = {
     "sparsify": Peer("eai-sparsify==1.3.3", ("topk",)),
-    "dictionary_learning": Peer("dictionary-learning==0.1.0", ("topk", "batchtopk")),
-    "sae_lens": Peer("sae-lens==6.54.12", ("topk", "batchtopk")),
+    "dictionary_learning": Peer("dictionary-learning==0.1.0", ("topk", "batchtopk", "jumprelu")),
+    "sae_lens": Peer("sae-lens==6.54.12", ("topk", "batchtopk", "jumprelu")),
 }
 ADAM_LRS = [2e-4 * 24 ** (i / 7) for i in range(11)]
 """2e-4 ... 1.9e-2, geometric (ratio 24^(1/7)): the Adam tools' default grid, issue 18's eight
@@ -169,9 +170,13 @@ def load_sparsify(run_dir: Path, input_scale: float) -> Dictionary:
 
 def load_dictionary_learning(run_dir: Path, input_scale: float) -> Dictionary:
     """dictionary_learning's trainSAE output (ae.pt, config.json): TopK keeps each token's k
-    largest, BatchTopK its scalar inference threshold (what each one's forward does)."""
+    largest, BatchTopK its scalar inference threshold, JumpReLU its per-latent thresholds
+    (what each one's forward does)."""
     cfg = json.loads((run_dir / "config.json").read_text())["trainer"]
     sd = torch.load(run_dir / "ae.pt", weights_only=True)
+    if cfg["dict_class"] == "JumpReluAutoEncoder":  # no b_dec subtracted before encoding
+        W = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
+        return Dictionary(*W, False, None, sd["threshold"], input_scale)
     topk = cfg["dict_class"] == "AutoEncoderTopK"
     return Dictionary(
         sd["encoder.weight"].T,
@@ -264,7 +269,7 @@ class Trained:
         return self.tokens * self.saes_per_run / seconds
 
 
-def run_saesweep(args: argparse.Namespace, arch: str, work: Path) -> Trained:
+def run_saesweep(args: argparse.Namespace, arch: str, work: Path, d_in: int) -> Trained:
     """train.py with a sweep of the lr grid: one group, debug executor, wandb, downstream
     fidelity and absorption off; reads the collection itself (the export's order)."""
     runs_root = work / f"saesweep-{arch}"
@@ -290,7 +295,13 @@ def run_saesweep(args: argparse.Namespace, arch: str, work: Path) -> Trained:
         "--absorption.n-tokens": 0,
         "--log-every": 1_000_000,
     }
+    if arch == "jumprelu":  # SAELens's quadratic L0 loss around k, its coefficient per element
+        flags |= {
+            "--objective.target-l0": args.k,
+            "--objective.sparsity-coeff": args.l0_coefficient / d_in,
+        }
     cmd = [sys.executable, str(ROOT / "train.py"), *(str(v) for kv in flags.items() for v in kv)]
+    cmd += shlex.split(args.saesweep_args)
     if not args.evaluate_only:
         logged(cmd, work / f"saesweep-{arch}.log")
     run_dirs = sorted(runs_root.glob("*/runs/*"))
@@ -331,6 +342,7 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
         "--device", args.device,
         "--sparsify-optimizer", args.sparsify_optimizer,
         "--sparsify-auxk-alpha", str(args.sparsify_auxk_alpha),
+        "--l0-coefficient", str(args.l0_coefficient),
     ]  # fmt: skip
     if not args.evaluate_only:
         logged(cmd, work / f"{tool}-{arch}.log")
@@ -386,9 +398,12 @@ def peer_python(root: Path, tool: str, torch_spec: str) -> Path:
 # ---------------------------------------------------------------- results
 
 
-def evaluate_all(trained: list[Trained], held: torch.Tensor, scale: float) -> list[dict]:
+def evaluate_all(trained: list[Trained], held: torch.Tensor, scale: float, k: int) -> list[dict]:
     """One row per SAE: the evaluation of its saved weights (peers read x * scale, saesweep's
-    checkpoints raw activations); saesweep's rows checked against its metrics.json."""
+    checkpoints raw activations); saesweep's rows checked against its metrics.json. An SAE
+    with inference thresholds (BatchTopK, JumpReLU), whose L0 is not k exactly, also gets
+    `fvu_at_k` and `dead_pct_at_k`: with its thresholds shifted to give L0 = k on the
+    held-out tokens (threshold_for_l0), the comparison at one L0."""
     rows = []
     for t in trained:
         input_scale = 1.0 if t.tool == "saesweep" else scale
@@ -399,12 +414,28 @@ def evaluate_all(trained: list[Trained], held: torch.Tensor, scale: float) -> li
                 check_agrees(result, own, run_dir)
             else:
                 check_forward(sae, held[:PROBE_TOKENS], run_dir)
+            if sae.threshold is not None:
+                at_k = evaluate(replace(sae, threshold=threshold_for_l0(sae, held, k)), held)
+                if abs(at_k["l0"] - k) > 1 / len(held):
+                    raise SystemExit(f"{run_dir}: shifted to L0 {k}, it gives {at_k['l0']}")
+                result |= {"fvu_at_k": at_k["fvu"], "dead_pct_at_k": at_k["dead_pct"]}
             rows.append(
                 {"tool": t.tool, "arch": t.arch, "lr": lr}
                 | result
                 | {"tokens_per_s": t.run_tokens_per_s(i)}
             )
     return rows
+
+
+@torch.no_grad()
+def threshold_for_l0(sae: Dictionary, acts: torch.Tensor, l0: float) -> torch.Tensor:
+    """`sae`'s thresholds, all shifted by one constant so that its L0 on `acts` is l0: the
+    shift is the (N * l0 + 1)-th largest excess of a positive pre-activation over its
+    latent's threshold, so exactly N * l0 of them exceed their shifted thresholds."""
+    x = acts * sae.input_scale
+    pre = ((x - sae.b_dec if sae.subtract_b_dec else x) @ sae.W_enc + sae.b_enc).relu()
+    excess = (pre - sae.threshold)[pre > 0]
+    return sae.threshold + excess.topk(round(len(acts) * l0) + 1).values[-1]
 
 
 def check_agrees(ours: dict, theirs: dict, run_dir: Path) -> None:
@@ -440,20 +471,21 @@ def check_forward(sae: Dictionary, raw: torch.Tensor, run_dir: Path) -> None:
         )
 
 
-def print_table(rows: list[dict], trained: list[Trained]) -> None:
-    """Every SAE, each tool's best (lowest FVU) per architecture, and the ratios."""
+def print_table(rows: list[dict], trained: list[Trained], k: int) -> None:
+    """Every SAE, each tool's best per architecture (lowest `score`), and the ratios."""
     print(f"{'tool':20s}{'arch':10s}{'lr':>10s}{'FVU':>9s}{'L0':>8s}", end="")
-    print(f"{'dead %':>8s}{'tokens/s':>11s}")
+    print(f"{'dead %':>8s}{'tokens/s':>11s}   at L0 = k: FVU, dead %")
     for r in rows:
+        at_k = f"{r['fvu_at_k']:13.4f}{r['dead_pct_at_k']:8.2f}" if "fvu_at_k" in r else ""
         print(
             f"{r['tool']:20s}{r['arch']:10s}{r['lr']:10.2e}{r['fvu']:9.4f}{r['l0']:8.2f}"
-            f"{r['dead_pct']:8.2f}{r['tokens_per_s']:11,.0f}"
+            f"{r['dead_pct']:8.2f}{r['tokens_per_s']:11,.0f}{at_k}"
         )
-    print("\nbest per tool (lowest FVU; tokens/s over all its SAEs):")
+    print("\nbest per tool (lowest FVU, at L0 = k where thresholds set L0; tokens/s of all):")
     best = {}
     for t in trained:
         mine = [r for r in rows if (r["tool"], r["arch"]) == (t.tool, t.arch)]
-        b = best[t.tool, t.arch] = min(mine, key=lambda r: r["fvu"]) | {"rate": t.tokens_per_s}
+        b = best[t.tool, t.arch] = at_one_l0(min(mine, key=score), k) | {"rate": t.tokens_per_s}
         print(
             f"{t.tool:20s}{t.arch:10s}{b['lr']:10.2e}{b['fvu']:9.4f}{b['l0']:8.2f}"
             f"{b['dead_pct']:8.2f}{b['rate']:11,.0f}  {t.version}"
@@ -469,6 +501,18 @@ def print_table(rows: list[dict], trained: list[Trained]) -> None:
             f"{arch}: saesweep best FVU / peer best FVU: {fvus}; saesweep tokens/s / fastest "
             f"peer ({fastest}): {ours['rate'] / peers[fastest]['rate']:.2f}"
         )
+
+
+def score(row: dict) -> float:
+    """What a tool's best minimizes: FVU at L0 = k where the SAE has one, else its FVU."""
+    return row.get("fvu_at_k", row["fvu"])
+
+
+def at_one_l0(row: dict, k: int) -> dict:
+    """The row with FVU, L0 and dead % at L0 = k where it has them."""
+    if "fvu_at_k" not in row:
+        return row
+    return row | {"fvu": row["fvu_at_k"], "l0": float(k), "dead_pct": row["dead_pct_at_k"]}
 
 
 def fresh_work_dir(work: Path) -> None:
@@ -495,12 +539,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-sae", type=int, default=1536)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--archs", type=lambda s: s.split(","), default=["topk", "batchtopk"])
+    parser.add_argument(
+        "--archs", type=lambda s: s.split(","), default=["topk", "batchtopk", "jumprelu"]
+    )
     parser.add_argument("--tools", type=lambda s: s.split(","), default=["saesweep", *PEERS])
     parser.add_argument("--lrs", type=parse_lrs, default=ADAM_LRS, help="the Adam tools' grid")
     parser.add_argument("--sparsify-lrs", type=parse_lrs, default=SIGNUM_LRS)
     parser.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum")
     parser.add_argument("--sparsify-auxk-alpha", type=float, default=0.0)
+    parser.add_argument(
+        "--l0-coefficient",
+        type=float,
+        default=1.0,
+        help="JumpReLU: lambda of the quadratic L0 loss around k (SAELens's l0_coefficient; "
+        "saesweep gets lambda / d_in, its per-element convention)",
+    )
+    parser.add_argument(
+        "--saesweep-args", default="", help="more train.py flags, e.g. for an ablation"
+    )
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--decay-frac", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
@@ -526,14 +582,14 @@ def main(argv: list[str] | None = None) -> None:
     for arch in args.archs:
         for tool in args.tools:
             if tool == "saesweep":
-                trained.append(run_saesweep(args, arch, args.work))
+                trained.append(run_saesweep(args, arch, args.work, held.shape[1]))
             elif arch in PEERS[tool].archs:
                 trained.append(run_peer(args, tool, arch, data, args.work))
             else:
                 print(f"{tool} has no {arch}: skipped")
-    rows = evaluate_all(trained, held, scale)
+    rows = evaluate_all(trained, held, scale, args.k)
     (args.work / "results.json").write_text(json.dumps(rows, indent=1))
-    print_table(rows, trained)
+    print_table(rows, trained, args.k)
 
 
 if __name__ == "__main__":

@@ -120,29 +120,35 @@ def train_sparsify(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
 
 def train_dictionary_learning(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
     """dictionary_learning's trainSAE with one trainer per lr, all stepped on each batch (its
-    way of training several SAEs on one data stream); its defaults except the schedule."""
+    way of training several SAEs on one data stream); its defaults except the schedule
+    (JumpReLU: and its L0 target, k)."""
     from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+    from dictionary_learning.trainers.jumprelu import JumpReluTrainer
     from dictionary_learning.trainers.top_k import TopKTrainer
     from dictionary_learning.training import trainSAE
 
     data = batches(acts, args.batch_size)
     steps = len(data)
+    trainer = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "jumprelu": JumpReluTrainer}
+    if args.arch == "jumprelu":  # L0 target k; sparsity warmup as long as the lr's
+        arch = {"target_l0": float(args.k), "sparsity_warmup_steps": args.warmup_steps}
+    else:
+        arch = {"k": args.k, "threshold_start_step": args.warmup_steps}
     configs = [
         {
-            "trainer": TopKTrainer if args.arch == "topk" else BatchTopKTrainer,
+            "trainer": trainer[args.arch],
             "steps": steps,
             "activation_dim": acts.shape[1],
             "dict_size": args.d_sae,
-            "k": args.k,
             "layer": 0,
             "lm_name": "cached",
             "lr": lr,
             "warmup_steps": args.warmup_steps,
             "decay_start": decay_start(steps, args.decay_frac),
-            "threshold_start_step": args.warmup_steps,
             "seed": args.seed + i,
             "device": args.device,
         }
+        | arch
         for i, lr in enumerate(args.lrs)
     ]
     out = str(args.out / "trainers")
@@ -157,9 +163,11 @@ def train_dictionary_learning(acts: torch.Tensor, args: argparse.Namespace) -> l
 
 def train_sae_lens(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
     """SAELens's SAETrainer (which takes any iterator of activation batches), one run per
-    lr; its defaults except the schedule; saved with save_inference_model."""
+    lr; its defaults except the schedule (JumpReLU: its quadratic loss around L0 k, with
+    --l0-coefficient); saved with save_inference_model."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -171,8 +179,13 @@ def train_sae_lens(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
         shape = {"d_in": acts.shape[1], "d_sae": args.d_sae, "device": args.device}
         if args.arch == "topk":
             sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args.k, **shape))
-        else:
+        elif args.arch == "batchtopk":
             sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(args.k), **shape))
+        else:
+            quadratic = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(args.k)}
+            sae = JumpReLUTrainingSAE(
+                JumpReLUTrainingSAEConfig(l0_coefficient=args.l0_coefficient, **quadratic, **shape)
+            )
         cfg = SAETrainerConfig(
             total_training_samples=steps * args.batch_size,
             train_batch_size_samples=args.batch_size,
@@ -197,11 +210,12 @@ def sparsify_forward(run_dir: Path, arch: str, x: torch.Tensor) -> torch.Tensor:
 
 def dictionary_learning_forward(run_dir: Path, arch: str, x: torch.Tensor) -> torch.Tensor:
     """dictionary_learning's reconstruction of x (BatchTopK: its inference threshold)."""
+    from dictionary_learning.dictionary import JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
-    cls = AutoEncoderTopK if arch == "topk" else BatchTopKSAE
-    return cls.from_pretrained(run_dir / "ae.pt")(x)
+    cls = {"topk": AutoEncoderTopK, "batchtopk": BatchTopKSAE, "jumprelu": JumpReluAutoEncoder}
+    return cls[arch].from_pretrained(run_dir / "ae.pt")(x)
 
 
 def sae_lens_forward(run_dir: Path, arch: str, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--probe", type=Path, required=True, help="tokens x to reconstruct")
-    parser.add_argument("--arch", choices=["topk", "batchtopk"], default="topk")
+    parser.add_argument("--arch", choices=["topk", "batchtopk", "jumprelu"], default="topk")
     parser.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",")], required=True)
     parser.add_argument("--d-sae", type=int, required=True)
     parser.add_argument("--k", type=int, required=True)
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum")
     parser.add_argument("--sparsify-auxk-alpha", type=float, default=0.0)
+    parser.add_argument("--l0-coefficient", type=float, default=1.0, help="SAELens JumpReLU")
     args = parser.parse_args(argv)
     acts = load_file(str(args.data))["acts"]
     args.out.mkdir(parents=True, exist_ok=True)
