@@ -10,46 +10,47 @@ from saesweep.sae.base import LossResult, SAEConfig, StackedSAE
 from saesweep.sae.codes import DenseCodes
 
 
-def _rectangle(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """K((z - threshold) / eps) / eps with K the rectangle kernel on (-1/2, 1/2)."""
-    return ((z - threshold).abs() < bandwidth / 2).to(z.dtype) / bandwidth
-
-
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
-    return grad.sum(dim=1, keepdim=True) if shape[1] == 1 else grad
+def _in_window(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """[n, B, d_sae] bool: where the rectangle kernel K((z - threshold) / eps) is 1, i.e.
+    |z - threshold| < eps / 2 (K on (-1/2, 1/2), eps the bandwidth)."""
+    return (z - threshold).abs() < bandwidth / 2
 
 
 class JumpReLUFn(torch.autograd.Function):
-    """z * H(z - threshold); threshold grad -(threshold / eps) K((z - threshold) / eps)."""
+    """z * H(z - threshold), thresholds [n, 1, d_sae]; z grad g H(z - threshold), threshold
+    grad -(threshold / eps) sum over the batch of K((z - threshold) / eps) g."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        active = z > threshold
+        ctx.save_for_backward(z, threshold, active)
+        ctx.bandwidth = bandwidth
+        return torch.where(active, z, 0.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, threshold, active = ctx.saved_tensors
+        in_window = _in_window(z, threshold, ctx.bandwidth)
+        grad_t = torch.where(in_window, g, 0.0).sum(1, keepdim=True) * (-threshold / ctx.bandwidth)
+        return torch.where(active, g, 0.0), grad_t, None
+
+
+class L0Fn(torch.autograd.Function):
+    """[n, B] each token's L0, sum over latents of H(z - threshold); threshold grad
+    -(1 / eps) sum over the batch of K((z - threshold) / eps) g, no z grad."""
 
     @staticmethod
     def forward(ctx, z, threshold, bandwidth):
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
-        return z * (z > threshold)
+        return (z > threshold).sum(-1).to(z.dtype)
 
     @staticmethod
     def backward(ctx, g):
         z, threshold = ctx.saved_tensors
-        grad_z = g * (z > threshold)
-        grad_t = -(threshold * _rectangle(z, threshold, ctx.bandwidth)) * g
-        return grad_z, _sum_to(grad_t, threshold.shape), None
-
-
-class StepFn(torch.autograd.Function):
-    """H(z - threshold); threshold grad -(1 / eps) K((z - threshold) / eps), no z grad."""
-
-    @staticmethod
-    def forward(ctx, z, threshold, bandwidth):
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return (z > threshold).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, threshold = ctx.saved_tensors
-        grad_t = -_rectangle(z, threshold, ctx.bandwidth) * g
-        return None, _sum_to(grad_t, threshold.shape), None
+        in_window = _in_window(z, threshold, ctx.bandwidth)
+        grad_t = torch.where(in_window, g.unsqueeze(-1), 0.0).sum(1, keepdim=True)
+        return None, grad_t / -ctx.bandwidth, None
 
 
 class JumpReLUSAE(StackedSAE):
@@ -103,7 +104,7 @@ class JumpReLUSAE(StackedSAE):
         step: int,
         variance: Tensor,
     ) -> dict:
-        l0 = StepFn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth).sum(-1)
+        l0 = L0Fn.apply(codes.pre, self.thresholds(), self.cfg.jumprelu_bandwidth)
         target = self.target_l0.unsqueeze(-1)
         quadratic = 2 / target.clamp_min(1e-12) * (l0 - target).pow(2)
         per_token = torch.where(target > 0, quadratic, l0)
