@@ -359,6 +359,16 @@ def test_init_b_dec_geometric_median_resists_outliers():
     torch.testing.assert_close(geometric_median(square).float(), torch.tensor([1.0, 1.0]))
 
 
+def test_auto_b_dec_is_zeros_for_jumprelu_and_the_median_else():
+    points = torch.randn(200, D_IN) * 0.1 + 1.0
+    jump = make_sae(_cfg("jumprelu"), D_IN, [0])
+    jump.init_b_dec(points)
+    assert torch.equal(jump.b_dec, torch.zeros_like(jump.b_dec))
+    median = make_sae(_cfg("jumprelu", b_dec_init="geometric_median"), D_IN, [0])
+    median.init_b_dec(points)
+    assert (median.b_dec - 1.0).abs().max() < 0.1
+
+
 CONVERGENCE = {
     "topk": ObjectiveConfig(),
     "batchtopk": ObjectiveConfig(),

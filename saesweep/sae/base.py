@@ -57,6 +57,8 @@ class StackedSAE(nn.Module):
     """The architecture subtracts b_dec from the encoder's input (SAEs only; the instance's
     apply_b_dec_to_input says whether this stack does)."""
     unit_norm_decoder: ClassVar[bool] = True
+    default_b_dec_init: ClassVar[str] = "geometric_median"
+    """What SAEConfig.b_dec_init 'auto' means for this architecture."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam's (beta1, beta2) for this architecture's optimizer."""
     fvu_objective: ClassVar[bool] = False
@@ -151,6 +153,8 @@ class StackedSAE(nn.Module):
         """Set every member's b_dec from a data sample of what it reconstructs (the input of an
         SAE, the target of a transcoder), in the normalized space it trains in."""
         kind = self.cfg.b_dec_init
+        if kind == "auto":
+            kind = self.default_b_dec_init
         if kind == "zeros":
             center = torch.zeros_like(sample[0])
         elif kind == "mean":

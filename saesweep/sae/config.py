@@ -55,8 +55,10 @@ class SAEConfig:
     """Skip transcoder (needs train_data.target_hook or target_layer): a learned linear map
     W_skip [d_in, d_out] from input to target, initialized to zeros, added to the prediction;
     exported as SAELens's W_skip [d_out, d_in]."""
-    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """How init_b_dec sets the decoder bias from a data sample."""
+    b_dec_init: Literal["auto", "geometric_median", "mean", "zeros"] = "auto"
+    """How init_b_dec sets the decoder bias from a data sample. auto: zeros for jumprelu (as
+    SAELens and dictionary_learning; it left far fewer dead latents on the quality benchmark,
+    docs/benchmarks.md), the geometric median for the others."""
 
     def width(self, d_in: int) -> int:
         """The latent width d_sae for activations of width d_in."""

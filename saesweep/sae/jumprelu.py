@@ -70,6 +70,7 @@ class JumpReLUSAE(StackedSAE):
     arch = "jumprelu"
     sae_lens_architecture = "jumprelu"
     adam_betas = (0.0, 0.999)  # the paper's and dictionary_learning's: no momentum
+    default_b_dec_init = "zeros"  # SAELens's and dictionary_learning's; docs/training.md
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
