@@ -91,10 +91,14 @@ class Dictionary:
     threshold: torch.Tensor | None
     input_scale: float
 
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, d_sae] relu of the encoder's output for x (already times input_scale)."""
+        x_in = x - self.b_dec if self.subtract_b_dec else x
+        return (x_in @ self.W_enc + self.b_enc).relu()
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Dense [B, d_sae] codes of x (already times input_scale)."""
-        x_in = x - self.b_dec if self.subtract_b_dec else x
-        pre = (x_in @ self.W_enc + self.b_enc).relu()
+        pre = self.pre_activations(x)
         if self.k is not None:
             values, indices = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, indices, values)
@@ -432,8 +436,7 @@ def threshold_for_l0(sae: Dictionary, acts: torch.Tensor, l0: float) -> torch.Te
     """`sae`'s thresholds, all shifted by one constant so that its L0 on `acts` is l0: the
     shift is the (N * l0 + 1)-th largest excess of a positive pre-activation over its
     latent's threshold, so exactly N * l0 of them exceed their shifted thresholds."""
-    x = acts * sae.input_scale
-    pre = ((x - sae.b_dec if sae.subtract_b_dec else x) @ sae.W_enc + sae.b_enc).relu()
+    pre = sae.pre_activations(acts * sae.input_scale)
     excess = (pre - sae.threshold)[pre > 0]
     return sae.threshold + excess.topk(round(len(acts) * l0) + 1).values[-1]
 
