@@ -9,7 +9,7 @@ import pytest
 import torch
 from synthetic import make_collection
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae, sparse
 from saesweep.sae.base import geometric_median, total_variance
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.sparse import to_dense
@@ -189,6 +189,41 @@ def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_band
         got_l0 = l0_only.threshold.grad[i]
         torch.testing.assert_close(got_l0, want_l0, rtol=1e-10, atol=1e-12)
         assert got_l0.mean().item() == pytest.approx(want_l0.mean().item(), rel=1e-10)
+
+
+def _dense_jumprelu_loss(sae, x, step):
+    """The reference: the straight-through functions on dense [n, B, d_sae] raw
+    pre-activations with autograd, a dense decode."""
+    from saesweep.sae.jumprelu import JumpReLUFn, L0Fn
+
+    eps, thresholds = sae.cfg.jumprelu_bandwidth, sae.threshold.unsqueeze(1)
+    pre = sae.linear(x)
+    recon = torch.bmm(JumpReLUFn.apply(pre, thresholds, eps), sae.W_dec) + sae.b_dec.unsqueeze(1)
+    mse = (recon - x).pow(2).mean((1, 2))
+    return mse + sae.sparsity_at(step) * L0Fn.apply(pre, thresholds, eps).mean(-1)
+
+
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense", "sparse"])
+def test_jumprelu_entries_match_the_dense_reference(dense_above, monkeypatch):
+    # training works on each token's entries within reach of a threshold; thresholds spread
+    # so that some sit below bandwidth / 2 (negative pre-activations in the window)
+    monkeypatch.setattr(sparse, "DENSE_ABOVE", dense_above)
+    cfg = _cfg("jumprelu", jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01)
+    obj = ObjectiveConfig(sparsity_coeff=0.01)
+    sae = make_sae(cfg, D_IN, [0, 1], obj, dtype=torch.float64)
+    with torch.no_grad():
+        sae.threshold.uniform_(0.0, 1.5, generator=torch.Generator().manual_seed(0))
+    x = _x().double()
+    result = sae.loss(x, step=3)
+    result.loss.sum().backward()
+    got = {k: p.grad.clone() for k, p in sae.named_parameters()}
+    sae.zero_grad()
+    want = _dense_jumprelu_loss(sae, x, step=3)
+    want.sum().backward()
+    torch.testing.assert_close(result.loss, want, rtol=1e-12, atol=0)
+    assert (got["threshold"] != 0).sum() > 20
+    for k, p in sae.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-12, msg=k)
 
 
 @pytest.mark.parametrize(("target_l0", "moves"), [(1.0, "up"), (float(D_SAE), "down")])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saesweep.sae.sparse import dense_decode, sparse_decode
+from saesweep.sae.sparse import Width, dense_decode, sparse_decode
 
 
 def _l0(codes: Tensor) -> Tensor:
@@ -25,8 +25,8 @@ class DenseCodes:
     acts: Tensor
     """Latent activations [n, B, d_sae]."""
     pre: Tensor | None = None
-    """Pre-activations [n, B, d_sae]: after the encoder ReLU for AuxK (BatchTopK at
-    inference), raw for JumpReLU's L0."""
+    """Pre-activations [n, B, d_sae] after the encoder ReLU, for AuxK (BatchTopK at
+    inference)."""
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """[n, B, d_in] acts @ W_dec, without the decoder bias."""
@@ -55,9 +55,9 @@ class SparseCodes:
     """Latent indices [n, B, k]."""
     d_sae: int
     """Latents per member."""
-    width: int | None = None
-    """Nominal entries per token of a code whose last dimension is padded (BatchTopK: its k),
-    for the sparse/dense choice of its backward; None: that dimension."""
+    width: Width = None
+    """Nominal entries per token of a code whose last dimension is padded (BatchTopK: its k;
+    JumpReLU: each member's mean), for the sparse/dense choice of its backward (sparse.Width)."""
     pre: Tensor | None = None
     """Pre-activations [n, B, d_sae] (after the encoder ReLU) computed without autograd, for
     AuxK; the codes' gradient goes through sparse.with_encoder_grad."""
