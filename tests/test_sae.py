@@ -203,16 +203,22 @@ def _dense_jumprelu_loss(sae, x, step):
     return mse + sae.sparsity_at(step) * L0Fn.apply(pre, thresholds, eps).mean(-1)
 
 
-@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense", "sparse"])
-def test_jumprelu_entries_match_the_dense_reference(dense_above, monkeypatch):
-    # training works on each token's entries within reach of a threshold; thresholds spread
-    # so that some sit below bandwidth / 2 (negative pre-activations in the window)
+@pytest.mark.parametrize(
+    ("dense_above", "top"), [(0.0, 1.5), (1.0, 1.5), (0.375, 0.0)], ids=["dense", "sparse", "mixed"]
+)
+def test_jumprelu_paths_match_the_dense_reference(dense_above, top, monkeypatch):
+    # sparse: each token's entries within reach of a threshold; thresholds spread so that
+    # some sit below bandwidth / 2 (negative pre-activations in the window). mixed: member 0's
+    # thresholds near 0 (dense), member 1's up to 1.5 (sparse)
     monkeypatch.setattr(sparse, "DENSE_ABOVE", dense_above)
     cfg = _cfg("jumprelu", jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01)
     obj = ObjectiveConfig(sparsity_coeff=0.01)
     sae = make_sae(cfg, D_IN, [0, 1], obj, dtype=torch.float64)
     with torch.no_grad():
         sae.threshold.uniform_(0.0, 1.5, generator=torch.Generator().manual_seed(0))
+        sae.threshold[0] *= top / 1.5
+    kinds = {type(c).__name__ for _, c in getattr(sae.encode(_x().double()), "groups", [])}
+    assert kinds == ({"JumpReLUDenseCodes", "JumpReLUEntryCodes"} if top == 0 else set())
     x = _x().double()
     result = sae.loss(x, step=3)
     result.loss.sum().backward()

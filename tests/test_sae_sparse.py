@@ -107,32 +107,6 @@ def test_select_entries_lists_each_tokens_true_entries_in_order():
     assert torch.equal(kept, kept.sort(-1).values), "increasing latents, padding last"
 
 
-def test_members_take_their_own_backward_path():
-    # member 1 dense, members 0 and 2 sparse (per-member widths): the same values and
-    # gradients as every member on either path, and member 1's as its dense path's alone
-    values, indices = _codes(5)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(N, B, D_IN, generator=gen, dtype=torch.float64)
-    W_enc = torch.randn(N, D_IN, D_SAE, generator=gen, dtype=torch.float64)
-    W_dec = torch.randn(N, D_SAE, D_IN, generator=gen, dtype=torch.float64)
-    b = torch.zeros(N, D_SAE, dtype=torch.float64)
-    probe = torch.randn(N, B, D_IN, generator=gen, dtype=torch.float64)
-    grads = {}
-    for widths in ([0.0, float(D_SAE), 0.0], [0.0] * N, [float(D_SAE)] * N):
-        leaves = [t.clone().requires_grad_() for t in (x, W_enc, b, W_dec)]
-        v = with_encoder_grad(values, indices, *leaves[:3], widths)
-        (sparse_decode(v, indices, leaves[3], widths) * probe).sum().backward()
-        grads[tuple(widths)] = [t.grad for t in leaves]
-    mixed, *uniform = grads.values()
-    for path in uniform:
-        for got, want in zip(mixed, path, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for got, want in zip(mixed, uniform[1], strict=True):
-        assert torch.equal(got[1], want[1])
-    for got, want in zip(mixed, uniform[0], strict=True):
-        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
-
-
 @pytest.mark.parametrize("hot_tokens", [0, 1, 3], ids=["even", "one-hot-token", "three"])
 def test_batch_topk_codes_equal_a_top_k_over_the_whole_batch(hot_tokens):
     # hot tokens hold most of the batch's largest entries: the 4k candidates per token are

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae, sparse
+from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
 from saesweep.sae.step import train_step
@@ -94,19 +94,20 @@ def test_member_arithmetic_does_not_depend_on_its_peers():
 
 
 def test_jumprelu_member_on_the_sparse_path_does_not_depend_on_a_dense_peer():
-    # each member's backward path follows its own entries per token: a low initial threshold
-    # (about half the latents active, dense) beside a high one (a few, sparse)
+    # each member's path follows its own entries per token: a low initial threshold (about
+    # half the latents active: dense) beside a high one (a few: sparse)
     data = sparse_mixture(15 * B, D_IN, seed=1, dtype=torch.float32)
     cfgs = [_cfg("jumprelu", jumprelu_init_threshold=t) for t in (3.0, 1e-3)]
     obj = ObjectiveConfig(sparsity_coeff=1e-3)
-    saes, widths = [], []
+    saes, paths = [], []
     for part in (slice(0, 2), slice(0, 1), slice(1, 2)):
         sae = make_sae(cfgs[part], D_IN, SEEDS[part], obj)
         sae.init_b_dec(data[:256])
-        widths.append(sae.encode(data[:B]).width)
+        codes = sae.encode(data[:B])
+        paths.append([(m.tolist(), type(c).__name__) for m, c in getattr(codes, "groups", [])])
         _run(sae, StackedAdam(sae.parameters(), lr=LRS[part]), data, 15)
         saes.append(sae)
-    assert widths[0][0] < sparse.DENSE_ABOVE * D_SAE < widths[0][1]
+    assert paths[0] == [([1], "JumpReLUDenseCodes"), ([0], "JumpReLUEntryCodes")]
     for name, p in saes[0].named_parameters():
         assert torch.equal(p[0], saes[1].get_parameter(name)[0]), name
         assert torch.equal(p[1], saes[2].get_parameter(name)[0]), name

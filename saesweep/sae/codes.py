@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saesweep.sae.sparse import Width, dense_decode, sparse_decode
+from saesweep.sae.sparse import dense_decode, sparse_decode
 
 
 def _l0(codes: Tensor) -> Tensor:
@@ -55,9 +55,9 @@ class SparseCodes:
     """Latent indices [n, B, k]."""
     d_sae: int
     """Latents per member."""
-    width: Width = None
-    """Nominal entries per token of a code whose last dimension is padded (BatchTopK: its k;
-    JumpReLU: each member's mean), for the sparse/dense choice of its backward (sparse.Width)."""
+    width: int | None = None
+    """Nominal entries per token of a code whose last dimension is padded (BatchTopK: its k),
+    for the sparse/dense choice of its backward; None: that dimension."""
     pre: Tensor | None = None
     """Pre-activations [n, B, d_sae] (after the encoder ReLU) computed without autograd, for
     AuxK; the codes' gradient goes through sparse.with_encoder_grad."""
@@ -82,5 +82,46 @@ class SparseCodes:
         return _l0(self.values)
 
 
-Codes = DenseCodes | SparseCodes
-"""Either kind of code; architectures may return a subclass carrying more (Switch's routing)."""
+def merge_members(n: int, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """[n, ...] from (member indices, that group's [m, ...] tensor) pairs covering n members;
+    differentiable in every part."""
+    first = parts[0][1]
+    out = first.new_empty(n, *first.shape[1:])
+    for members, part in parts:
+        out[members] = part
+    return out
+
+
+@dataclass(frozen=True)
+class MemberGroups:
+    """Codes of a stack whose members were encoded in groups, each by its own path (JumpReLU:
+    members with many entries per token dense, the others sparse)."""
+
+    groups: tuple[tuple[Tensor, DenseCodes | SparseCodes], ...]
+    """(member indices [m], those members' codes) per group."""
+    n: int
+    """Members in the stack."""
+
+    def merged(self, per_group) -> Tensor:
+        """[n, ...] per_group(members, codes) of every group, in member order."""
+        return merge_members(self.n, [(m, per_group(m, c)) for m, c in self.groups])
+
+    def decode(self, W_dec: Tensor) -> Tensor:
+        """[n, B, d_in] each group decoded by its own members' W_dec rows."""
+        return self.merged(lambda m, codes: codes.decode(W_dec[m]))
+
+    def fire_counts(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """[n, d_sae] number of tokens on which each latent fired."""
+        return self.merged(lambda m, codes: codes.fire_counts(dtype))
+
+    def fired(self) -> Tensor:
+        """[n, d_sae] bool: latents that fired anywhere in the batch."""
+        return self.merged(lambda m, codes: codes.fired())
+
+    def l0(self) -> Tensor:
+        """[n] mean number of active latents per token."""
+        return self.merged(lambda m, codes: codes.l0())
+
+
+Codes = DenseCodes | SparseCodes | MemberGroups
+"""Any kind of code; architectures may return a subclass carrying more (Switch's routing)."""

@@ -1,22 +1,29 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024): learned per-latent thresholds trained with a
 straight-through estimator (rectangle kernel of bandwidth eps), L0 sparsity penalty.
 
-Training costs one dense matmul, as TopK's: the pre-activations are computed without
-autograd, and everything after works on each token's entries within reach of a threshold
-(pre-activation above threshold - eps / 2): the active latents and the kernel window, which
-hold every nonzero gradient of the straight-through estimators.
+Training costs one dense matmul once the codes are sparse, as TopK's: the pre-activations are
+computed without autograd, and everything after works on each token's entries within reach
+of a threshold (pre-activation above threshold - eps / 2), the active latents and the kernel
+window, which hold every nonzero gradient of both straight-through estimators. A member with
+many such entries per token (sparse.DENSE_ABOVE; early in training, from a small initial
+threshold) takes the dense path instead; each member's path is its own, so its arithmetic
+does not depend on its peers'.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from saesweep.sae.base import LossResult, SAEConfig, StackedSAE
-from saesweep.sae.codes import SparseCodes
-from saesweep.sae.sparse import select_entries, with_encoder_grad
+from saesweep.sae.codes import Codes, DenseCodes, MemberGroups, SparseCodes
+from saesweep.sae.sparse import is_dense, select_entries, with_encoder_grad
+
+PATH_TOKENS = 512
+"""Tokens of a batch on which each member's mean entries per token choose its path."""
 
 
 def _in_window(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -63,15 +70,37 @@ class L0Fn(torch.autograd.Function):
         return None, grad_t.sum_to_size(threshold.shape), None
 
 
-@dataclass(frozen=True)
-class JumpReLUCodes(SparseCodes):
-    """Sparse codes over each token's entries within reach of a threshold (values 0 where
-    inactive), with what the L0 penalty's estimator needs."""
+class _LinearGrad(torch.autograd.Function):
+    """Identity on pre-activations x_in @ W_enc + b_enc computed without autograd; the
+    backward sends their gradient to x_in, W_enc and b_enc (the dense path's encoder)."""
 
-    entry_pre: Tensor | None = None
-    """[n, B, w] raw pre-activations at the entries (-inf on padding)."""
-    entry_thresholds: Tensor | None = None
-    """[n, B, w] the entries' thresholds, differentiable in JumpReLUSAE.threshold."""
+    @staticmethod
+    def forward(ctx, pre, x_in, W_enc, b_enc):
+        ctx.save_for_backward(x_in, W_enc)
+        return pre.view_as(pre)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_in, W_enc = ctx.saved_tensors
+        grad_x = torch.bmm(g, W_enc.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return None, grad_x, torch.bmm(x_in.transpose(1, 2), g), g.sum(1)
+
+
+@dataclass(frozen=True)
+class JumpReLUEntryCodes(SparseCodes):
+    """The sparse path's codes: each token's entries within reach of a threshold (values 0
+    where inactive)."""
+
+    token_l0: Tensor | None = None
+    """[n, B] each token's L0, differentiable in the thresholds (L0Fn)."""
+
+
+@dataclass(frozen=True)
+class JumpReLUDenseCodes(DenseCodes):
+    """The dense path's codes."""
+
+    token_l0: Tensor | None = None
+    """[n, B] each token's L0, differentiable in the thresholds (L0Fn)."""
 
 
 class JumpReLUSAE(StackedSAE):
@@ -105,37 +134,66 @@ class JumpReLUSAE(StackedSAE):
         super().after_optimizer_step(result, update_mask)
         self.threshold.clamp_(min=0.0)
 
-    def encode(self, x: Tensor) -> JumpReLUCodes:
+    def encode(self, x: Tensor) -> Codes:
         """Pre-activations in float32 even under autocast: bf16's spacing near a threshold
-        (2^-7 at 1.0) is wider than the kernel, whose window would then hold no value or many.
-        Each member's backward takes the dense path when its own mean entries per token are
-        many (sparse.DENSE_ABOVE): early in training, from a small initial threshold."""
-        eps = self.cfg.jumprelu_bandwidth
+        (2^-7 at 1.0) is wider than the kernel, whose window would then hold no value or many."""
         with torch.autocast(x.device.type, enabled=False):
             x_in = self.encoder_input(x.to(self.W_enc.dtype))
             with torch.no_grad():
                 pre = torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc)
-        indices, real = select_entries(pre > self.threshold.unsqueeze(1) - eps / 2)
-        pre = pre.gather(2, indices).where(real, -torch.inf)
-        widths = (real.sum((1, 2)) / real.shape[1]).tolist()
-        z = with_encoder_grad(pre, indices, x_in, self.W_enc, self.b_enc, widths)
-        thresholds = self.threshold.gather(1, indices.flatten(1)).view_as(indices)
+        dense = self._dense_members(pre)
+        if len(set(dense)) == 1:
+            path = self._dense_codes if dense[0] else self._entry_codes
+            return path(slice(None), x_in, pre)
+        groups = []
+        for flag, path in ((True, self._dense_codes), (False, self._entry_codes)):
+            m = torch.tensor([i for i, d in enumerate(dense) if d == flag], device=x.device)
+            groups.append((m, path(m, x_in[m], pre[m])))
+        return MemberGroups(tuple(groups), self.n)
+
+    def _reach(self, pre: Tensor, m) -> Tensor:
+        """[m, B, d_sae] bool: pre-activations within reach of members m's thresholds."""
+        return pre > self.threshold[m].unsqueeze(1) - self.cfg.jumprelu_bandwidth / 2
+
+    def _dense_members(self, pre: Tensor) -> list[bool]:
+        """Per member: whether it takes the dense path, from its own mean entries within
+        reach per token on the batch's first PATH_TOKENS tokens."""
+        sample = self._reach(pre[:, :PATH_TOKENS], slice(None))
+        widths = sample.view(torch.uint8).sum((1, 2), dtype=torch.int64) / sample.shape[1]
+        return [is_dense(w, self.d_sae) for w in widths.tolist()]
+
+    def _dense_codes(self, m, x_in: Tensor, pre: Tensor) -> JumpReLUDenseCodes:
+        """Members m's codes over all latents."""
+        eps, thresholds = self.cfg.jumprelu_bandwidth, self.threshold[m].unsqueeze(1)
+        z = _LinearGrad.apply(pre, x_in, self.W_enc[m], self.b_enc[m])
         acts = JumpReLUFn.apply(z, thresholds, eps)
-        return JumpReLUCodes(
-            acts, indices, self.d_sae, widths, entry_pre=pre, entry_thresholds=thresholds
-        )
+        return JumpReLUDenseCodes(acts, token_l0=L0Fn.apply(pre, thresholds, eps))
+
+    def _entry_codes(self, m, x_in: Tensor, pre: Tensor) -> JumpReLUEntryCodes:
+        """Members m's codes over each token's entries within reach of a threshold."""
+        eps = self.cfg.jumprelu_bandwidth
+        indices, real = select_entries(self._reach(pre, m))
+        pre = pre.gather(2, indices).where(real, -torch.inf)
+        width = math.ceil(real.sum().item() / real[..., 0].numel())
+        z = with_encoder_grad(pre, indices, x_in, self.W_enc[m], self.b_enc[m], width)
+        thresholds = self.threshold[m].gather(1, indices.flatten(1)).view_as(indices)
+        acts = JumpReLUFn.apply(z, thresholds, eps)
+        token_l0 = L0Fn.apply(pre, thresholds, eps)
+        return JumpReLUEntryCodes(acts, indices, self.d_sae, width, token_l0=token_l0)
 
     def penalties(
         self,
         x: Tensor,
         target: Tensor,
         recon: Tensor,
-        codes: JumpReLUCodes,
+        codes: Codes,
         step: int,
         variance: Tensor,
     ) -> dict:
-        eps = self.cfg.jumprelu_bandwidth
-        l0 = L0Fn.apply(codes.entry_pre, codes.entry_thresholds, eps)
+        if isinstance(codes, MemberGroups):
+            l0 = codes.merged(lambda m, group: group.token_l0)
+        else:
+            l0 = codes.token_l0
         target = self.target_l0.unsqueeze(-1)
         quadratic = 2 / target.clamp_min(1e-12) * (l0 - target).pow(2)
         per_token = torch.where(target > 0, quadratic, l0)

@@ -8,8 +8,6 @@ member's indices, so one kernel call serves the whole stack.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from beartype import beartype
@@ -28,13 +26,13 @@ def sparse_decode(
     values: Float[Tensor, "n B k"],
     indices: Int[Tensor, "n B k"],
     W_dec: Float[Tensor, "n d_sae d_in"],
-    width: Width = None,
+    width: int | None = None,
 ) -> Float[Tensor, "n B d_in"]:
     """sum_j values[.., j] * W_dec[member, indices[.., j]] without the dense [n, B, d_sae] code.
 
     One embedding_bag over the flat dictionary; differentiable in values and W_dec (W_dec's
     gradient by a sparse matmul, faster than embedding_bag's own backward). `width`: the
-    code's nominal entries per token (Width), which sets the backward's path (DENSE_ABOVE).
+    code's nominal entries per token (default k), which sets the backward's path (DENSE_ABOVE).
     """
     n, B, k = values.shape
     d_sae, d_in = W_dec.shape[1:]
@@ -45,7 +43,7 @@ def sparse_decode(
         per_sample_weights=values.reshape(n * B, k),
         mode="sum",
     )
-    dense = dense_members(width, values, d_sae)
+    dense = is_dense(width or k, d_sae)
     return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec, dense)
 
 
@@ -100,10 +98,10 @@ def select_entries(mask: Bool[Tensor, "n B d_sae"]) -> tuple[Int[Tensor, "n B w"
     """Each token's True entries of `mask` as a code's indices [n, B, w], in increasing order,
     padded to the largest count w with latent 0; and the [n, B, w] bool of real entries."""
     n, B, _ = mask.shape
-    counts = mask.sum(-1).view(-1)
-    width = max(int(counts.max()), 1)
     member, token, latent = mask.nonzero(as_tuple=True)
     bag = member * B + token
+    counts = torch.bincount(bag, minlength=n * B)  # a bool sum over mask: 2x the time
+    width = max(int(counts.max()), 1)
     first = counts.cumsum(0) - counts
     slot = torch.arange(bag.numel(), device=mask.device) - first[bag]
     indices = torch.zeros(n * B, width, dtype=torch.int64, device=mask.device)
@@ -160,70 +158,18 @@ class _EncoderGrad(torch.autograd.Function):
 DENSE_ABOVE = 1 / 16
 """Code width (nominal entries per token over d_sae) above which a backward goes through the
 dense code and batched matmuls: on CPU a sparse matmul runs at about 1/16 of a dense one's FLOP
-rate (8 vs 140 GFLOP/s). The choice is each member's own, from its code's shape (TopK, BatchTopK:
-no device sync) or its own mean entries per token (JumpReLU), so a member's arithmetic does not
-depend on the other members of its stack."""
+rate (8 vs 140 GFLOP/s). The choice depends on the shape only, not on the values, so a member's
+arithmetic does not depend on the other members of its stack (and needs no device sync)."""
 
 
-Width = int | Sequence[float] | None
-"""A code's nominal entries per token, which sets its backward's path: one for every member
-(an int), one per member (a sequence), or None for the code's last dimension k."""
-
-
-def is_dense(width: float, d_sae: int) -> bool:
+def is_dense(width: int, d_sae: int) -> bool:
     """Whether a code of `width` entries per token takes the dense backward."""
     return width > DENSE_ABOVE * d_sae
 
 
-def dense_members(width: Width, values: Tensor, d_sae: int) -> tuple[bool, ...]:
-    """Per member of a code values [n, B, k] into d_sae latents: whether its backward takes
-    the dense path."""
-    n, _, k = values.shape
-    widths = [width or k] * n if width is None or isinstance(width, int) else width
-    return tuple(is_dense(w, d_sae) for w in widths)
-
-
 class _SparseCode:
     """A code [n, B, d_sae] given as entries g [n, B, k] at indices: the products a backward
-    needs, each member over its nonzero entries only or through its dense code (`dense`, one
-    flag per member), so that a member's arithmetic does not depend on its peers'."""
-
-    def __init__(self, g: Tensor, indices: Tensor, d_sae: int, dense: Sequence[bool]):
-        self.n = g.shape[0]
-        if len(set(dense)) == 1:
-            self.parts = [(slice(None), _UniformCode(g, indices, d_sae, dense[0]))]
-        else:
-            self.parts = []
-            for flag in (True, False):
-                members = [i for i, d in enumerate(dense) if d == flag]
-                m = torch.tensor(members, device=g.device)
-                self.parts.append((m, _UniformCode(g[m], indices[m], d_sae, flag)))
-
-    def _merge(self, product) -> Tensor:
-        """[n, ...] product(members, code) of every part, put back in member order."""
-        if len(self.parts) == 1:
-            return product(*self.parts[0])
-        outs = [(m, product(m, code)) for m, code in self.parts]
-        out = outs[0][1].new_empty(self.n, *outs[0][1].shape[1:])
-        for m, part in outs:
-            out[m] = part
-        return out
-
-    def matmul(self, W_rows: Tensor) -> Tensor:
-        """[n, B, d_in] code @ W_rows [n, d_sae, d_in]."""
-        return self._merge(lambda m, code: code.matmul(W_rows[m]))
-
-    def t_matmul(self, x: Tensor) -> Tensor:
-        """[n, d_sae, d_in] code^T @ x [n, B, d_in]."""
-        return self._merge(lambda m, code: code.t_matmul(x[m]))
-
-    def sum_tokens(self) -> Tensor:
-        """[n, d_sae] code summed over the batch."""
-        return self._merge(lambda m, code: code.sum_tokens())
-
-
-class _UniformCode:
-    """_SparseCode's products for members that all take one path."""
+    needs, over its nonzero entries only, or through the dense code when that is faster."""
 
     def __init__(self, g: Tensor, indices: Tensor, d_sae: int, dense: bool):
         n, B, _ = g.shape
@@ -278,7 +224,7 @@ def with_encoder_grad(
     x_in: Float[Tensor, "n B d_in"],
     W_enc: Float[Tensor, "n d_in d_sae"],
     b_enc: Float[Tensor, "n d_sae"],
-    width: Width = None,
+    width: int | None = None,
 ) -> Float[Tensor, "n B k"]:
     """values = x_in @ W_enc + b_enc at `indices` (or its ReLU), computed without autograd
     (maybe in autocast's lower precision), made differentiable in x_in, W_enc and b_enc, in
@@ -288,5 +234,5 @@ def with_encoder_grad(
     selected entries only (no dense [n, B, d_sae] gradient). Entries with value <= 0 (ReLU
     off, padding) get no gradient. `width`: as for sparse_decode.
     """
-    dense = dense_members(width, values, W_enc.shape[-1])
+    dense = is_dense(width or values.shape[-1], W_enc.shape[-1])
     return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc, dense)
