@@ -192,15 +192,19 @@ def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_band
 
 
 def _dense_jumprelu_loss(sae, x, step):
-    """The reference: the straight-through functions on dense [n, B, d_sae] raw
-    pre-activations with autograd, a dense decode."""
-    from saesweep.sae.jumprelu import JumpReLUFn, L0Fn
-
-    eps, thresholds = sae.cfg.jumprelu_bandwidth, sae.threshold.unsqueeze(1)
-    pre = sae.linear(x)
-    recon = torch.bmm(JumpReLUFn.apply(pre, thresholds, eps), sae.W_dec) + sae.b_dec.unsqueeze(1)
+    """The reference: the paper's estimator on dense [n, B, d_sae] raw pre-activations z in
+    plain autograd: H(z - t) with d/dt -(1 / eps) K, z H(z - t) with d/dz H and d/dt -(t / eps) K
+    (K the rectangle on (-1/2, 1/2)); a dense decode."""
+    eps, t = sae.cfg.jumprelu_bandwidth, sae.threshold.unsqueeze(1)
+    z = sae.linear(x)
+    on = (z > t).to(z.dtype)
+    kernel = ((z - t).abs() < eps / 2).to(z.dtype).detach() / eps
+    moved = t - t.detach()  # value 0, gradient 1 in t
+    step_fn = on - kernel * moved
+    acts = z * on - t.detach() * kernel * moved
+    recon = acts @ sae.W_dec + sae.b_dec.unsqueeze(1)
     mse = (recon - x).pow(2).mean((1, 2))
-    return mse + sae.sparsity_at(step) * L0Fn.apply(pre, thresholds, eps).mean(-1)
+    return mse + sae.sparsity_at(step) * step_fn.sum(-1).mean(-1)
 
 
 @pytest.mark.parametrize(

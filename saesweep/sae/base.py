@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from saesweep.sae.codes import Codes
 from saesweep.sae.config import ObjectiveConfig, SAEConfig, stack_key
+from saesweep.sae.matmul import member_bmm
 
 __all__ = ["LossResult", "ObjectiveConfig", "SAEConfig", "StackedSAE", "geometric_median"]
 
@@ -172,7 +173,7 @@ class StackedSAE(nn.Module):
 
     def linear(self, x: Tensor) -> Tensor:
         """[n, B, d_sae] encoder_input(x) @ W_enc + b_enc (the raw pre-activations)."""
-        return torch.bmm(self.encoder_input(x), self.W_enc) + self.b_enc.unsqueeze(1)
+        return member_bmm(self.encoder_input(x), self.W_enc, self.b_enc.unsqueeze(1))
 
     def linear_pre(self, x: Tensor) -> Tensor:
         """[n, B, d_sae] relu(encoder_input(x) @ W_enc + b_enc)."""
@@ -190,7 +191,7 @@ class StackedSAE(nn.Module):
         out = self.decode(codes)
         if not self.cfg.skip:
             return out
-        return out + torch.bmm(x.expand(self.n, *x.shape[-2:]), self.W_skip)
+        return out + member_bmm(x.expand(self.n, *x.shape[-2:]), self.W_skip)
 
     @jaxtyped(typechecker=beartype)
     def forward(

@@ -20,54 +20,35 @@ from torch import Tensor
 
 from saesweep.sae.base import LossResult, SAEConfig, StackedSAE
 from saesweep.sae.codes import Codes, DenseCodes, MemberGroups, SparseCodes
+from saesweep.sae.matmul import member_bmm
 from saesweep.sae.sparse import is_dense, select_entries, with_encoder_grad
 
 PATH_TOKENS = 512
 """Tokens of a batch on which each member's mean entries per token choose its path."""
 
 
-def _in_window(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """[n, B, d_sae] bool: where the rectangle kernel K((z - threshold) / eps) is 1, i.e.
-    |z - threshold| < eps / 2 (K on (-1/2, 1/2), eps the bandwidth)."""
-    return (z - threshold).abs() < bandwidth / 2
-
-
 class JumpReLUFn(torch.autograd.Function):
-    """z * H(z - threshold), z [n, B, w] and thresholds of z's shape or broadcast to it; z grad
-    g H(z - threshold), threshold grad -(threshold / eps) K((z - threshold) / eps) g, summed
-    over what was broadcast."""
+    """(acts, token_l0) of pre-activations z [n, B, w]: acts z * H(z - threshold) and [n, B]
+    each token's L0, sum_j H(z_j - threshold_j), with thresholds of z's shape or broadcast to it.
+    z grad g H(z - threshold) from acts only; threshold grad through the rectangle kernel
+    K((z - threshold) / eps) = [|z - threshold| < eps / 2], -(threshold g + g_l0) K / eps, summed
+    over what was broadcast. z must be finite (padding: a large negative value), so that a
+    masked entry is z * 0 = 0."""
 
     @staticmethod
     def forward(ctx, z, threshold, bandwidth):
         active = z > threshold
         ctx.save_for_backward(z, threshold, active)
         ctx.bandwidth = bandwidth
-        return torch.where(active, z, 0.0)
+        return z * active, active.sum(-1, dtype=z.dtype)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, g_l0):
         z, threshold, active = ctx.saved_tensors
-        in_window = _in_window(z, threshold, ctx.bandwidth)
-        grad_t = torch.where(in_window, g * (-threshold / ctx.bandwidth), 0.0)
-        return torch.where(active, g, 0.0), grad_t.sum_to_size(threshold.shape), None
-
-
-class L0Fn(torch.autograd.Function):
-    """[n, B] each token's L0, sum over its entries of H(z - threshold) (shapes as for
-    JumpReLUFn); threshold grad -(1 / eps) K((z - threshold) / eps) g, no z grad."""
-
-    @staticmethod
-    def forward(ctx, z, threshold, bandwidth):
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return (z > threshold).sum(-1).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, threshold = ctx.saved_tensors
-        in_window = _in_window(z, threshold, ctx.bandwidth)
-        grad_t = torch.where(in_window, g.unsqueeze(-1) / -ctx.bandwidth, 0.0)
-        return None, grad_t.sum_to_size(threshold.shape), None
+        in_window = (z - threshold).abs_() < ctx.bandwidth / 2
+        grad_t = torch.addcmul(g_l0.unsqueeze(-1), g, threshold).mul_(in_window)
+        grad_t = grad_t.sum_to_size(threshold.shape).mul_(-1 / ctx.bandwidth)
+        return g * active, grad_t, None
 
 
 class _LinearGrad(torch.autograd.Function):
@@ -82,8 +63,8 @@ class _LinearGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_in, W_enc = ctx.saved_tensors
-        grad_x = torch.bmm(g, W_enc.transpose(1, 2)) if ctx.needs_input_grad[1] else None
-        return None, grad_x, torch.bmm(x_in.transpose(1, 2), g), g.sum(1)
+        grad_x = member_bmm(g, W_enc.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return None, grad_x, member_bmm(x_in.transpose(1, 2), g), g.sum(1)
 
 
 @dataclass(frozen=True)
@@ -92,7 +73,7 @@ class JumpReLUEntryCodes(SparseCodes):
     where inactive)."""
 
     token_l0: Tensor | None = None
-    """[n, B] each token's L0, differentiable in the thresholds (L0Fn)."""
+    """[n, B] each token's L0, differentiable in the thresholds (JumpReLUFn)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +81,7 @@ class JumpReLUDenseCodes(DenseCodes):
     """The dense path's codes."""
 
     token_l0: Tensor | None = None
-    """[n, B] each token's L0, differentiable in the thresholds (L0Fn)."""
+    """[n, B] each token's L0, differentiable in the thresholds (JumpReLUFn)."""
 
 
 class JumpReLUSAE(StackedSAE):
@@ -140,7 +121,7 @@ class JumpReLUSAE(StackedSAE):
         with torch.autocast(x.device.type, enabled=False):
             x_in = self.encoder_input(x.to(self.W_enc.dtype))
             with torch.no_grad():
-                pre = torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc)
+                pre = member_bmm(x_in, self.W_enc, self.b_enc.unsqueeze(1))
         dense = self._dense_members(pre)
         if len(set(dense)) == 1:
             path = self._dense_codes if dense[0] else self._entry_codes
@@ -166,19 +147,18 @@ class JumpReLUSAE(StackedSAE):
         """Members m's codes over all latents."""
         eps, thresholds = self.cfg.jumprelu_bandwidth, self.threshold[m].unsqueeze(1)
         z = _LinearGrad.apply(pre, x_in, self.W_enc[m], self.b_enc[m])
-        acts = JumpReLUFn.apply(z, thresholds, eps)
-        return JumpReLUDenseCodes(acts, token_l0=L0Fn.apply(pre, thresholds, eps))
+        acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
+        return JumpReLUDenseCodes(acts, token_l0=token_l0)
 
     def _entry_codes(self, m, x_in: Tensor, pre: Tensor) -> JumpReLUEntryCodes:
         """Members m's codes over each token's entries within reach of a threshold."""
         eps = self.cfg.jumprelu_bandwidth
         indices, real = select_entries(self._reach(pre, m))
-        pre = pre.gather(2, indices).where(real, -torch.inf)
+        pre = pre.gather(2, indices).where(real, torch.finfo(pre.dtype).min)
         width = math.ceil(real.sum().item() / real[..., 0].numel())
         z = with_encoder_grad(pre, indices, x_in, self.W_enc[m], self.b_enc[m], width)
         thresholds = self.threshold[m].gather(1, indices.flatten(1)).view_as(indices)
-        acts = JumpReLUFn.apply(z, thresholds, eps)
-        token_l0 = L0Fn.apply(pre, thresholds, eps)
+        acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
         return JumpReLUEntryCodes(acts, indices, self.d_sae, width, token_l0=token_l0)
 
     def penalties(

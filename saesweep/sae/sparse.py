@@ -14,6 +14,8 @@ from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
+from saesweep.sae.matmul import member_bmm
+
 
 def flat_indices(indices: Int[Tensor, "n B k"], d_sae: int) -> Int[Tensor, "n B k"]:
     """Indices into the stack's flat dictionary [n * d_sae, ...]."""
@@ -116,7 +118,7 @@ def dense_decode(
     acts: Float[Tensor, "n B d_sae"], W_dec: Float[Tensor, "n d_sae d_in"]
 ) -> Float[Tensor, "n B d_in"]:
     """Reference decode of dense codes: one batched matmul."""
-    return torch.bmm(acts, W_dec)
+    return member_bmm(acts, W_dec)
 
 
 @jaxtyped(typechecker=beartype)
@@ -183,7 +185,7 @@ class _SparseCode:
     def matmul(self, W_rows: Tensor) -> Tensor:
         """[n, B, d_in] code @ W_rows [n, d_sae, d_in]."""
         if self.dense is not None:
-            return torch.bmm(self.dense, W_rows)
+            return member_bmm(self.dense, W_rows)
         W_flat = W_rows.contiguous().view(-1, W_rows.shape[-1])
         offsets = torch.searchsorted(self.cols, torch.arange(self.n * self.B, device=W_flat.device))
         out = F.embedding_bag(self.rows, W_flat, offsets, mode="sum", per_sample_weights=self.g)
@@ -192,7 +194,7 @@ class _SparseCode:
     def t_matmul(self, x: Tensor) -> Tensor:
         """[n, d_sae, d_in] code^T @ x [n, B, d_in]."""
         if self.dense is not None:
-            return torch.bmm(self.dense.transpose(1, 2), x)
+            return member_bmm(self.dense.transpose(1, 2), x)
         x_flat = x.reshape(-1, x.shape[-1])
         size = (self.n * self.d_sae, x_flat.shape[0])
         coo = torch.sparse_coo_tensor(

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from saesweep.sae.base import SAEConfig, check
 from saesweep.sae.codes import SparseCodes
+from saesweep.sae.matmul import member_bmm
 from saesweep.sae.sparse import with_encoder_grad
 from saesweep.sae.topk import TopKSAE
 
@@ -67,7 +68,7 @@ class SwitchSAE(TopKSAE):
 
     def route(self, x_in: Tensor) -> tuple[Tensor, Tensor]:
         """(router probabilities [n, B, E], chosen expert [n, B])."""
-        logits = torch.bmm(x_in, self.W_router) + self.b_router.unsqueeze(1)
+        logits = member_bmm(x_in, self.W_router, self.b_router.unsqueeze(1))
         probs = logits.softmax(dim=-1)
         return probs, probs.argmax(dim=-1)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from saesweep.sae.base import SAEConfig, StackedSAE, check
 from saesweep.sae.codes import Codes, SparseCodes
+from saesweep.sae.matmul import member_bmm
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
 
@@ -43,7 +44,7 @@ class TopKSAE(StackedSAE):
     @torch.no_grad()
     def detached_pre(self, x_in: Tensor) -> Tensor:
         """[n, B, d_sae] relu(x_in @ W_enc + b_enc), without autograd."""
-        return torch.baddbmm(self.b_enc.unsqueeze(1), x_in, self.W_enc).relu_()
+        return member_bmm(x_in, self.W_enc, self.b_enc.unsqueeze(1)).relu_()
 
     def penalties(
         self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
