@@ -3,6 +3,7 @@
   uv run benchmarks/bench.py synth URI [--gb 1 --d-model 768]   write a synthetic collection
   uv run benchmarks/bench.py reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
   uv run benchmarks/bench.py sae [--arch switch --device cuda --bf16]  SAE training tokens/s
+  uv run benchmarks/bench.py matmul [--n-saes 3 --device cuda]  member_bmm against torch.bmm
   uv run benchmarks/bench.py collect [--out DIR --s3-out URI]   collection vs forward pass
 
 S3 URIs use the endpoint in S3_ENDPOINT_URL and the usual AWS credentials. CPU seconds are this
@@ -278,6 +279,47 @@ def bench_sae(args: argparse.Namespace) -> None:
     )
 
 
+def bench_matmul(args: argparse.Namespace) -> None:
+    """The stack's four products of a dense step (encode, decode and their transposes in the
+    backward) by member_bmm and by torch.bmm, fastest of --repeat, GFLOP/s and the ratio; freed
+    memory kept for reuse, as the trainer keeps it."""
+    from saesweep.memory import reuse_freed_memory
+    from saesweep.sae.matmul import member_bmm
+
+    reuse_freed_memory()
+
+    n, B, d, S = args.n_saes, args.batch_size, args.d_model, args.n_latents
+    gen = torch.Generator().manual_seed(0)
+    x, W, g = (torch.randn(n, *shape, generator=gen) for shape in ((B, d), (d, S), (B, S)))
+    x, W, g = x.to(args.device), W.to(args.device), g.to(args.device)
+    products = {
+        "x @ W_enc": (x, W),
+        "codes @ W_dec": (g, W.transpose(1, 2)),
+        "x^T @ grad": (x.transpose(1, 2), g),
+        "grad^T @ x": (g.transpose(1, 2), x),
+    }
+    flop = 2 * n * B * d * S
+    for name, (a, b) in products.items():
+        secs = {}
+        for label, fn in (("torch.bmm", torch.bmm), ("member_bmm", member_bmm)):
+            secs[label] = min(_timed(fn, a, b, args.device) for _ in range(args.repeat))
+        bmm, ours = secs["torch.bmm"], secs["member_bmm"]
+        print(
+            f"{n} x {name:14s} {tuple(a.shape[1:])} @ {tuple(b.shape[1:])}: torch.bmm "
+            f"{bmm * 1e3:7.1f} ms ({flop / bmm / 1e9:5.0f} GFLOP/s), member_bmm "
+            f"{ours * 1e3:7.1f} ms ({flop / ours / 1e9:5.0f} GFLOP/s); bmm/member {bmm / ours:.2f}"
+        )
+
+
+def _timed(fn: Callable[[torch.Tensor, torch.Tensor], object], a, b, device: str) -> float:
+    """Seconds of one call fn(a, b), the device synchronized."""
+    start = time.perf_counter()
+    fn(a, b)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _print_verdict(reader: Measured, sae_rate: float, args: argparse.Namespace) -> None:
     print(
         f"{args.n_saes} TopK SAE(s) (x{args.exp_factor}, k={args.k}, batch {args.batch_size}) "
@@ -384,6 +426,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
     t.add_argument("--device", default="cpu")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    m = sub.add_parser("matmul", help="the stack's batched products: member_bmm vs torch.bmm")
+    m.add_argument("--n-saes", type=int, default=3)
+    m.add_argument("--batch-size", type=int, default=4096)
+    m.add_argument("--d-model", type=int, default=384)
+    m.add_argument("--n-latents", type=int, default=1536)
+    m.add_argument("--repeat", type=int, default=7, help="report the fastest of this many runs")
+    m.add_argument("--device", default="cpu")
     c = sub.add_parser("collect", help="collection tokens/s vs the bare forward pass")
     c.add_argument("--config", default="configs/demo.toml")
     c.add_argument("--max-tokens", type=int, default=20000)
@@ -401,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_reader(args)
     elif args.command == "sae":
         bench_sae(args)
+    elif args.command == "matmul":
+        bench_matmul(args)
     else:
         bench_collect(args)
 

@@ -303,16 +303,38 @@ def test_help_names_the_sparsity_coefficient_conversion():
     assert "is d_in x sparsity_coeff: pass lambda / d_in" in help_text
 
 
-def test_unit_norm_decoder_grad_projection_and_renormalization():
-    sae = make_sae(_cfg("topk"), D_IN, [0, 1])
+@pytest.mark.parametrize(
+    ("arch", "decoder_norm", "unit"),
+    [
+        ("topk", "auto", True),
+        ("topk", "free", False),
+        ("relu", "auto", False),
+        ("relu", "unit", True),
+    ],
+)
+def test_decoder_norm_projects_the_gradient_and_renormalizes_rows_or_leaves_them(
+    arch, decoder_norm, unit
+):
+    sae = make_sae(_cfg(arch, decoder_norm=decoder_norm), D_IN, [0, 1])
     opt = StackedAdam(sae.parameters(), lr=[1e-2, 1e-2])
     result = sae.loss(_x())
     result.loss.sum().backward()
+    grad = sae.W_dec.grad.clone()
     sae.before_optimizer_step()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
-    assert parallel.abs().max() < 1e-6
+    assert (parallel.abs().max() < 1e-6) == unit
+    assert torch.equal(sae.W_dec.grad, grad) != unit
     opt.step()
     sae.after_optimizer_step(result)
+    norms = sae.W_dec.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones(2, D_SAE)) == unit
+
+
+def test_init_encoder_scale_scales_each_members_tied_encoder():
+    cfgs = [_cfg("topk", init_encoder_scale=s) for s in (1.0, 0.25)]
+    sae = make_sae(cfgs, D_IN, [0, 1])
+    for i, scale in enumerate((1.0, 0.25)):
+        torch.testing.assert_close(sae.W_enc[i], sae.W_dec[i].T * scale, rtol=0, atol=0)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, D_SAE))
 
 

@@ -57,7 +57,8 @@ class StackedSAE(nn.Module):
     subtract_b_dec: ClassVar[bool] = True
     """The architecture subtracts b_dec from the encoder's input (SAEs only; the instance's
     apply_b_dec_to_input says whether this stack does)."""
-    unit_norm_decoder: ClassVar[bool] = True
+    default_decoder_norm: ClassVar[str] = "unit"
+    """What SAEConfig.decoder_norm 'auto' means for this architecture."""
     default_b_dec_init: ClassVar[str] = "geometric_median"
     """What SAEConfig.b_dec_init 'auto' means for this architecture."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
@@ -83,6 +84,8 @@ class StackedSAE(nn.Module):
         self.transcoder = d_out is not None
         self.d_out = d_out if d_out is not None else d_in
         self.apply_b_dec_to_input = self.subtract_b_dec and not self.transcoder
+        norm = self.cfg.decoder_norm
+        self.unit_norm_decoder = (self.default_decoder_norm if norm == "auto" else norm) == "unit"
         check(self.transcoder or not self.cfg.skip, "sae.skip needs a target hook (a transcoder)")
         self.check_shape(self.cfg, d_in)
         self._set_shape()
@@ -126,20 +129,20 @@ class StackedSAE(nn.Module):
     # ----- initialization -------------------------------------------------------------------
 
     def init_dec_norm(self, cfg: SAEConfig) -> float:
-        """Initial L2 norm of decoder rows."""
+        """Initial L2 norm of decoder rows (1 where they are kept at unit norm)."""
         return 1.0
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         """One member's initial parameters from its own generator (float32, CPU): decoder rows
         of norm init_dec_norm, the encoder their transpose (a transcoder's: its own draw of
-        columns of that norm), W_skip zeros."""
+        columns of that norm) times cfg.init_encoder_scale, W_skip zeros."""
         norm = self.init_dec_norm(cfg)
         W_dec = torch.randn(self.d_sae, self.d_out, generator=gen)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * norm
-        W_enc = W_dec.T.clone()
+        W_enc = W_dec.T * cfg.init_encoder_scale
         if self.transcoder:
             W_enc = torch.randn(self.d_in, self.d_sae, generator=gen)
-            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * norm
+            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * norm * cfg.init_encoder_scale
         member = {
             "W_enc": W_enc,
             "b_enc": torch.zeros(self.d_sae),

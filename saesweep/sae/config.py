@@ -50,7 +50,18 @@ class SAEConfig:
     """Matryoshka: the nested dictionary sizes below d_sae, increasing (e.g. 1024,4096);
     () means d_sae/16 and d_sae/4. The full d_sae is always the last one."""
     relu_init_norm: float = field(default=0.1, metadata=above(0))
-    """ReLU: initial L2 norm of every decoder row (April-2024 Anthropic recipe)."""
+    """ReLU with free decoder norms: initial L2 norm of every decoder row (April-2024
+    Anthropic recipe)."""
+    init_encoder_scale: float = field(default=1.0, metadata=above(0))
+    """W_enc's initial columns: the decoder rows' transpose times this (1: OpenAI's, sparsify's
+    and dictionary_learning's tied init; the quality benchmark chose it, docs/benchmarks.md).
+    May differ inside a stack."""
+    decoder_norm: Literal["auto", "unit", "free"] = "auto"
+    """unit: decoder rows renormalized to unit norm after every optimizer step, the gradient
+    parallel to them removed before it (OpenAI, dictionary_learning; sparsify renormalizes
+    before each step, the same sequence); free: unconstrained (SAELens's JumpReLU). auto: free
+    for relu, whose penalty weighs each latent by its row norm, unit for the others (the
+    quality benchmark chose it, docs/benchmarks.md)."""
     skip: bool = False
     """Skip transcoder (needs train_data.target_hook or target_layer): a learned linear map
     W_skip [d_in, d_out] from input to target, initialized to zeros, added to the prediction;
@@ -70,7 +81,7 @@ class SAEConfig:
         return max(1, min(aux_k, self.width(d_in)))
 
 
-PER_MEMBER_FIELDS = ("aux_coeff", "dead_tokens", "jumprelu_init_threshold")
+PER_MEMBER_FIELDS = ("aux_coeff", "dead_tokens", "jumprelu_init_threshold", "init_encoder_scale")
 """SAEConfig fields that may differ between members of one stack."""
 
 

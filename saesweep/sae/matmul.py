@@ -1,9 +1,11 @@
 """The stack's batched matrix product, a[i] @ b[i] (+ bias[i]) for every member i.
 
-On the CPU one GEMM per member, each written into its slice of one output, runs at about 195
-GFLOP/s where torch.bmm of the same stack runs at 120 to 160 (2 vCPUs, 3 members of [4096, 384]
-x [384, 1536]: 75 ms against 118; docs/benchmarks.md); elsewhere, or under CPU autocast, it is
-torch.bmm. A member's product is the same GEMM whatever its peers, as with bmm.
+On the CPU torch.bmm hands whole members to its threads, so a stack whose size is not a
+multiple of the thread count leaves threads idle: 3 members on 2 vCPUs run at 145 GFLOP/s. One
+GEMM per member, each on every thread and written into its slice of one output, runs at 195
+(1.3x for 3 or 5 members, the same for 1, 2 or 8; `benchmarks/bench.py matmul`,
+docs/benchmarks.md). Elsewhere, or under CPU autocast, it is torch.bmm. A member's product is
+the same GEMM whatever its peers.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ class ReLUSAE(StackedSAE):
     arch = "relu"
     sae_lens_architecture = "standard"
     subtract_b_dec = False
-    unit_norm_decoder = False
+    default_decoder_norm = "free"
 
     def init_dec_norm(self, cfg: SAEConfig) -> float:
-        return cfg.relu_init_norm
+        return 1.0 if self.unit_norm_decoder else cfg.relu_init_norm
 
     def encode(self, x: Tensor) -> DenseCodes:
         return DenseCodes(self.linear_pre(x))
