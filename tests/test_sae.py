@@ -258,7 +258,9 @@ def test_jumprelu_threshold_moves_by_lr_and_stays_non_negative(target_l0, moves)
 def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
     # bf16 spaces values 2^-7 apart near 1.0, wider than this kernel (|z - t| < 5e-4): with
     # bf16 pre-activations the window holds no value and the thresholds get no gradient.
-    cfg = SAEConfig(arch="jumprelu", d_sae=512, jumprelu_init_threshold=1.003)
+    cfg = SAEConfig(
+        arch="jumprelu", d_sae=512, jumprelu_init_threshold=1.003, init_encoder_scale=1.0
+    )
     sae = make_sae(dataclasses.replace(cfg, jumprelu_bandwidth=1e-3), 64, [0])
     x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
     grads = []
@@ -336,6 +338,8 @@ def test_init_encoder_scale_scales_each_members_tied_encoder():
     for i, scale in enumerate((1.0, 0.25)):
         torch.testing.assert_close(sae.W_enc[i], sae.W_dec[i].T * scale, rtol=0, atol=0)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, D_SAE))
+    jumprelu = make_sae(_cfg("jumprelu"), D_IN, [0])  # its default, 0.1
+    torch.testing.assert_close(jumprelu.W_enc[0], jumprelu.W_dec[0].T * 0.1, rtol=0, atol=0)
 
 
 def test_dead_latent_counters_and_auxk():

@@ -59,6 +59,8 @@ class StackedSAE(nn.Module):
     apply_b_dec_to_input says whether this stack does)."""
     default_decoder_norm: ClassVar[str] = "unit"
     """What SAEConfig.decoder_norm 'auto' means for this architecture."""
+    default_init_encoder_scale: ClassVar[float] = 1.0
+    """What SAEConfig.init_encoder_scale None means for this architecture."""
     default_b_dec_init: ClassVar[str] = "geometric_median"
     """What SAEConfig.b_dec_init 'auto' means for this architecture."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
@@ -135,14 +137,15 @@ class StackedSAE(nn.Module):
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         """One member's initial parameters from its own generator (float32, CPU): decoder rows
         of norm init_dec_norm, the encoder their transpose (a transcoder's: its own draw of
-        columns of that norm) times cfg.init_encoder_scale, W_skip zeros."""
+        columns of that norm) times the init_encoder_scale, W_skip zeros."""
         norm = self.init_dec_norm(cfg)
+        scale = cfg.init_encoder_scale or self.default_init_encoder_scale
         W_dec = torch.randn(self.d_sae, self.d_out, generator=gen)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * norm
-        W_enc = W_dec.T * cfg.init_encoder_scale
+        W_enc = W_dec.T * scale
         if self.transcoder:
             W_enc = torch.randn(self.d_in, self.d_sae, generator=gen)
-            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * norm * cfg.init_encoder_scale
+            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * (norm * scale)
         member = {
             "W_enc": W_enc,
             "b_enc": torch.zeros(self.d_sae),
@@ -173,6 +176,21 @@ class StackedSAE(nn.Module):
         """[n, B, d_in]: x minus b_dec (when the architecture subtracts it), per member."""
         x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
         return x - self.b_dec.unsqueeze(1) if self.apply_b_dec_to_input else x
+
+    def encoder_grad_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_in [n, B, d_in], bias [n, d_sae]) for an encoder whose pre-activations were
+        computed without autograd (sparse.with_encoder_grad): encoder_input(x) with b_dec held
+        constant, and the bias of the same pre-activations written on the raw input, b_enc -
+        b_dec @ W_enc with W_enc held constant. Its gradient, the pre-activations' summed over
+        tokens, reaches b_enc and, as -(that sum) @ W_enc^T, b_dec: one vector-matrix product
+        where a gradient through x_in would cost a [B, d_sae] x [d_sae, d_in] one."""
+        x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
+        if not self.apply_b_dec_to_input:
+            return x, self.b_enc
+        b_dec = self.b_dec.unsqueeze(1)
+        with torch.autocast(x.device.type, enabled=False):  # b_dec's gradient in float32
+            shift = member_bmm(b_dec, self.W_enc.detach()).squeeze(1)
+        return x - b_dec.detach(), self.b_enc - shift
 
     def linear(self, x: Tensor) -> Tensor:
         """[n, B, d_sae] encoder_input(x) @ W_enc + b_enc (the raw pre-activations)."""

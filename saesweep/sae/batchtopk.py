@@ -27,10 +27,10 @@ class BatchTopKSAE(TopKSAE):
         if not self.training:
             pre = self.linear_pre(x)
             return DenseCodes(pre * (pre > self.threshold.clamp_min(0).view(-1, 1, 1)), pre=pre)
-        x_in = self.encoder_input(x)
+        x_in, bias = self.encoder_grad_inputs(x)
         pre = self.detached_pre(x_in)
         values, indices = batch_topk_codes(pre, self.k)
-        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc, self.k)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, bias, self.k)
         return SparseCodes(values, indices, self.d_sae, width=self.k, pre=pre)
 
     def threshold_sample(self, codes: Codes) -> Tensor | None:

@@ -52,10 +52,12 @@ class SAEConfig:
     relu_init_norm: float = field(default=0.1, metadata=above(0))
     """ReLU with free decoder norms: initial L2 norm of every decoder row (April-2024
     Anthropic recipe)."""
-    init_encoder_scale: float = field(default=1.0, metadata=above(0))
-    """W_enc's initial columns: the decoder rows' transpose times this (1: OpenAI's, sparsify's
-    and dictionary_learning's tied init; the quality benchmark chose it, docs/benchmarks.md).
-    May differ inside a stack."""
+    init_encoder_scale: float | None = field(default=None, metadata=above(0, optional=True))
+    """W_enc's initial columns: the decoder rows' transpose times this. None: the
+    architecture's, 0.1 for jumprelu (SAELens's init in effect: its decoder rows start at norm
+    0.1 and the encoder is their transpose), 1 for the others (OpenAI's, sparsify's and
+    dictionary_learning's); the quality benchmark chose both (docs/benchmarks.md). May differ
+    inside a stack."""
     decoder_norm: Literal["auto", "unit", "free"] = "auto"
     """unit: decoder rows renormalized to unit norm after every optimizer step, the gradient
     parallel to them removed before it (OpenAI, dictionary_learning; sparsify renormalizes

@@ -53,7 +53,8 @@ class JumpReLUFn(torch.autograd.Function):
 
 class _LinearGrad(torch.autograd.Function):
     """Identity on pre-activations x_in @ W_enc + b_enc computed without autograd; the
-    backward sends their gradient to x_in, W_enc and b_enc (the dense path's encoder)."""
+    backward sends their gradient to x_in, W_enc and b_enc (the dense path's encoder; b_enc's
+    value is not used, as in sparse.with_encoder_grad)."""
 
     @staticmethod
     def forward(ctx, pre, x_in, W_enc, b_enc):
@@ -102,6 +103,7 @@ class JumpReLUSAE(StackedSAE):
     sae_lens_architecture = "jumprelu"
     adam_betas = (0.0, 0.999)  # the paper's and dictionary_learning's: no momentum
     default_b_dec_init = "zeros"  # SAELens's and dictionary_learning's; docs/training.md
+    default_init_encoder_scale = 0.1  # SAELens's in effect; docs/training.md
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
@@ -119,17 +121,17 @@ class JumpReLUSAE(StackedSAE):
         """Pre-activations in float32 even under autocast: bf16's spacing near a threshold
         (2^-7 at 1.0) is wider than the kernel, whose window would then hold no value or many."""
         with torch.autocast(x.device.type, enabled=False):
-            x_in = self.encoder_input(x.to(self.W_enc.dtype))
+            x_in, bias = self.encoder_grad_inputs(x.to(self.W_enc.dtype))
             with torch.no_grad():
                 pre = member_bmm(x_in, self.W_enc, self.b_enc.unsqueeze(1))
         dense = self._dense_members(pre)
         if len(set(dense)) == 1:
             path = self._dense_codes if dense[0] else self._entry_codes
-            return path(slice(None), x_in, pre)
+            return path(slice(None), x_in, bias, pre)
         groups = []
         for flag, path in ((True, self._dense_codes), (False, self._entry_codes)):
             m = torch.tensor([i for i, d in enumerate(dense) if d == flag], device=x.device)
-            groups.append((m, path(m, x_in[m], pre[m])))
+            groups.append((m, path(m, x_in[m], bias[m], pre[m])))
         return MemberGroups(tuple(groups), self.n)
 
     def _reach(self, pre: Tensor, m) -> Tensor:
@@ -143,20 +145,21 @@ class JumpReLUSAE(StackedSAE):
         widths = sample.view(torch.uint8).sum((1, 2), dtype=torch.int64) / sample.shape[1]
         return [is_dense(w, self.d_sae) for w in widths.tolist()]
 
-    def _dense_codes(self, m, x_in: Tensor, pre: Tensor) -> JumpReLUDenseCodes:
-        """Members m's codes over all latents."""
+    def _dense_codes(self, m, x_in: Tensor, bias: Tensor, pre: Tensor) -> JumpReLUDenseCodes:
+        """Members m's codes over all latents (x_in, bias: encoder_grad_inputs's)."""
         eps, thresholds = self.cfg.jumprelu_bandwidth, self.threshold[m].unsqueeze(1)
-        z = _LinearGrad.apply(pre, x_in, self.W_enc[m], self.b_enc[m])
+        z = _LinearGrad.apply(pre, x_in, self.W_enc[m], bias)
         acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
         return JumpReLUDenseCodes(acts, token_l0=token_l0)
 
-    def _entry_codes(self, m, x_in: Tensor, pre: Tensor) -> JumpReLUEntryCodes:
-        """Members m's codes over each token's entries within reach of a threshold."""
+    def _entry_codes(self, m, x_in: Tensor, bias: Tensor, pre: Tensor) -> JumpReLUEntryCodes:
+        """Members m's codes over each token's entries within reach of a threshold (x_in,
+        bias: encoder_grad_inputs's)."""
         eps = self.cfg.jumprelu_bandwidth
         indices, real = select_entries(self._reach(pre, m))
         pre = pre.gather(2, indices).where(real, torch.finfo(pre.dtype).min)
         width = math.ceil(real.sum().item() / real[..., 0].numel())
-        z = with_encoder_grad(pre, indices, x_in, self.W_enc[m], self.b_enc[m], width)
+        z = with_encoder_grad(pre, indices, x_in, self.W_enc[m], bias, width)
         thresholds = self.threshold[m].gather(1, indices.flatten(1)).view_as(indices)
         acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
         return JumpReLUEntryCodes(acts, indices, self.d_sae, width, token_l0=token_l0)

@@ -230,7 +230,8 @@ def with_encoder_grad(
 ) -> Float[Tensor, "n B k"]:
     """values = x_in @ W_enc + b_enc at `indices` (or its ReLU), computed without autograd
     (maybe in autocast's lower precision), made differentiable in x_in, W_enc and b_enc, in
-    W_enc's dtype.
+    W_enc's dtype. b_enc's value is not used: it receives the gradient summed over tokens
+    (StackedSAE.encoder_grad_inputs's bias passes it on to b_dec as well).
 
     Same gradients as gathering from the dense autograd pre-activations, at the cost of the
     selected entries only (no dense [n, B, d_sae] gradient). Entries with value <= 0 (ReLU

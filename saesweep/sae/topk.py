@@ -35,10 +35,10 @@ class TopKSAE(StackedSAE):
         self.k, self.aux_k = self.cfg.k, self.cfg.resolved_aux_k(self.d_in)
 
     def encode(self, x: Tensor) -> Codes:
-        x_in = self.encoder_input(x)
+        x_in, bias = self.encoder_grad_inputs(x)
         pre = self.detached_pre(x_in)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, bias)
         return SparseCodes(values, indices, self.d_sae, pre=pre)
 
     @torch.no_grad()
@@ -66,8 +66,8 @@ class TopKSAE(StackedSAE):
         residual = (target - recon).detach()
         masked = codes.pre.detach().where(dead.unsqueeze(1), 0)
         values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
-        x_in = self.encoder_input(x)
-        values = with_encoder_grad(values, indices, x_in, self.W_enc, self.b_enc)
+        x_in, bias = self.encoder_grad_inputs(x)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, bias)
         aux_recon = sparse_decode(values, indices, self.W_dec)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
         return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / variance
