@@ -29,12 +29,20 @@ def backward_path(request, monkeypatch):
 
 
 @pytest.mark.usefixtures("backward_path")
-def test_sparse_decode_matches_dense_values_and_grads():
+@pytest.mark.parametrize("padded", [False, True])
+def test_sparse_decode_matches_dense_values_and_grads(padded):
+    # padded: a code whose real entries vary per token (one token has none), decoded in bags
+    # of each token's own size; its padding gets no gradient
     values, indices = _codes()
+    real = None
+    if padded:
+        real = torch.rand(N, B, K, generator=torch.Generator().manual_seed(5)) < 0.6
+        real[0, 0] = False
+        values = values * real
     W = torch.randn(N, D_SAE, D_IN, dtype=torch.float64, requires_grad=True)
     v1 = values.clone().requires_grad_()
     v2 = values.clone().requires_grad_()
-    out_sparse = sparse_decode(v1, indices, W)
+    out_sparse = sparse_decode(v1, indices, W, real=real)
     probe = torch.randn_like(out_sparse)
     (out_sparse * probe).sum().backward()
     grad_W_sparse, W.grad = W.grad.clone(), None
@@ -43,7 +51,8 @@ def test_sparse_decode_matches_dense_values_and_grads():
     (out_dense * probe).sum().backward()
     torch.testing.assert_close(out_sparse, out_dense, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_W_sparse, W.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(v1.grad, v2.grad, rtol=1e-12, atol=1e-12)
+    want = v2.grad if real is None else v2.grad * real
+    torch.testing.assert_close(v1.grad, want, rtol=1e-12, atol=1e-12)
 
 
 def test_sparse_decode_member_offsets_use_own_dictionary():

@@ -31,7 +31,8 @@ class BatchTopKSAE(TopKSAE):
         pre = self.detached_pre(x_in)
         values, indices = batch_topk_codes(pre, self.k)
         values = with_encoder_grad(values, indices, x_in, self.W_enc, bias, self.k)
-        return SparseCodes(values, indices, self.d_sae, width=self.k, pre=pre)
+        real = values.detach() > 0  # a token's own entries; the rest pads to the widest token
+        return SparseCodes(values, indices, self.d_sae, width=self.k, pre=pre, real=real)
 
     def threshold_sample(self, codes: Codes) -> Tensor | None:
         """[n] smallest positive activation the batch top-k kept (training codes only), in the

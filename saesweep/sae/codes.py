@@ -61,10 +61,13 @@ class SparseCodes:
     pre: Tensor | None = None
     """Pre-activations [n, B, d_sae] (after the encoder ReLU) computed without autograd, for
     AuxK; the codes' gradient goes through sparse.with_encoder_grad."""
+    real: Tensor | None = None
+    """[n, B, k] bool: the entries a padded code holds (the others are 0-valued padding,
+    which the decode skips); None: every entry."""
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """[n, B, d_in] sum of values * W_dec rows, without the decoder bias."""
-        return sparse_decode(self.values, self.indices, W_dec, self.width)
+        return sparse_decode(self.values, self.indices, W_dec, self.width, self.real)
 
     def fire_counts(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """[n, d_sae] number of tokens on which each latent had a positive value."""

@@ -162,7 +162,7 @@ class JumpReLUSAE(StackedSAE):
         z = with_encoder_grad(pre, indices, x_in, self.W_enc[m], bias, width)
         thresholds = self.threshold[m].gather(1, indices.flatten(1)).view_as(indices)
         acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
-        return JumpReLUEntryCodes(acts, indices, self.d_sae, width, token_l0=token_l0)
+        return JumpReLUEntryCodes(acts, indices, self.d_sae, width, real=real, token_l0=token_l0)
 
     def penalties(
         self,

@@ -66,7 +66,9 @@ class MatryoshkaSAE(BatchTopKSAE):
 def _prefix(codes: Codes, width: int) -> Codes:
     """The codes restricted to latents [0, width)."""
     if isinstance(codes, SparseCodes):
-        values = codes.values * (codes.indices < width)
-        return SparseCodes(values, codes.indices, codes.d_sae, codes.width)
+        inside = codes.indices < width
+        real = inside if codes.real is None else codes.real & inside
+        values = codes.values * inside
+        return SparseCodes(values, codes.indices, codes.d_sae, codes.width, real=real)
     keep = torch.arange(codes.acts.shape[-1], device=codes.acts.device) < width
     return DenseCodes(codes.acts * keep)

@@ -29,20 +29,31 @@ def sparse_decode(
     indices: Int[Tensor, "n B k"],
     W_dec: Float[Tensor, "n d_sae d_in"],
     width: int | None = None,
+    real: Bool[Tensor, "n B k"] | None = None,
 ) -> Float[Tensor, "n B d_in"]:
     """sum_j values[.., j] * W_dec[member, indices[.., j]] without the dense [n, B, d_sae] code.
 
     One embedding_bag over the flat dictionary; differentiable in values and W_dec (W_dec's
     gradient by a sparse matmul, faster than embedding_bag's own backward). `width`: the
     code's nominal entries per token (default k), which sets the backward's path (DENSE_ABOVE).
+    `real`: the entries a padded code holds (the others 0-valued padding): only these are
+    decoded, in bags of each token's own size, where a padded code can be several times wider
+    than its mean entries per token.
     """
     n, B, k = values.shape
     d_sae, d_in = W_dec.shape[1:]
     flat = flat_indices(indices, d_sae).reshape(n * B, k)
+    weights, offsets = values.reshape(n * B, k), None
+    if real is not None:
+        keep = real.reshape(-1).nonzero().squeeze(1)
+        counts = real.reshape(n * B, k).sum(1)
+        flat, weights = flat.reshape(-1)[keep], weights.reshape(-1)[keep]
+        offsets = counts.cumsum(0) - counts
     out = F.embedding_bag(
         flat,
         W_dec.detach().reshape(n * d_sae, d_in),
-        per_sample_weights=values.reshape(n * B, k),
+        offsets,
+        per_sample_weights=weights,
         mode="sum",
     )
     dense = is_dense(width or k, d_sae)
