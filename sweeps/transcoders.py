@@ -23,7 +23,7 @@ def make_cfgs() -> list[dict]:
             "skip-tc-jumprelu",
             {"hook": "resid.2", "target_hook": "mlp.3"},
             {"arch": "jumprelu", "skip": True, "jumprelu_init_threshold": 1.5,
-             "jumprelu_bandwidth": 0.05},
+             "jumprelu_bandwidth": 0.05, "init_encoder_scale": 1.0},  # threshold tuned at 1
             {"sparsity_coeff": 5e-3},
         ),
     ]  # fmt: skip

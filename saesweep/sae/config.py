@@ -42,7 +42,9 @@ class SAEConfig:
     jumprelu_bandwidth: float = field(default=0.001, metadata=above(0))
     """JumpReLU: width of the rectangle kernel of the straight-through threshold gradient."""
     jumprelu_init_threshold: float = field(default=0.001, metadata=above(0))
-    """JumpReLU: initial threshold of every latent. May differ inside a stack."""
+    """JumpReLU: initial threshold of every latent, on the pre-activations' scale, which
+    init_encoder_scale sets (0.1 by default for jumprelu: a threshold chosen with the encoder
+    at the decoder's transpose needs init_encoder_scale 1). May differ inside a stack."""
     batchtopk_threshold_momentum: float = field(default=0.99, metadata=fraction(open_top=True))
     """BatchTopK: momentum of the running estimate of the inference threshold (the smallest
     positive activation that batch top-k kept)."""
