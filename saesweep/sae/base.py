@@ -172,9 +172,13 @@ class StackedSAE(nn.Module):
 
     # ----- forward --------------------------------------------------------------------------
 
+    def per_member(self, x: Tensor) -> Tensor:
+        """[n, B, d] x as it is, or a batch x [B, d] shared by every member expanded to it."""
+        return x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
+
     def encoder_input(self, x: Tensor) -> Tensor:
         """[n, B, d_in]: x minus b_dec (when the architecture subtracts it), per member."""
-        x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
+        x = self.per_member(x)
         return x - self.b_dec.unsqueeze(1) if self.apply_b_dec_to_input else x
 
     def encoder_grad_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,7 +188,7 @@ class StackedSAE(nn.Module):
         b_dec @ W_enc with W_enc held constant. Its gradient, the pre-activations' summed over
         tokens, reaches b_enc and, as -(that sum) @ W_enc^T, b_dec: one vector-matrix product
         where a gradient through x_in would cost a [B, d_sae] x [d_sae, d_in] one."""
-        x = x.expand(self.n, *x.shape[-2:]) if x.dim() == 2 else x
+        x = self.per_member(x)
         if not self.apply_b_dec_to_input:
             return x, self.b_enc
         b_dec = self.b_dec.unsqueeze(1)
@@ -212,7 +216,7 @@ class StackedSAE(nn.Module):
         out = self.decode(codes)
         if not self.cfg.skip:
             return out
-        return out + member_bmm(x.expand(self.n, *x.shape[-2:]), self.W_skip)
+        return out + member_bmm(self.per_member(x), self.W_skip)
 
     @jaxtyped(typechecker=beartype)
     def forward(

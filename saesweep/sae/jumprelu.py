@@ -21,7 +21,12 @@ from torch import Tensor
 from saesweep.sae.base import LossResult, SAEConfig, StackedSAE
 from saesweep.sae.codes import Codes, DenseCodes, MemberGroups, SparseCodes
 from saesweep.sae.matmul import member_bmm
-from saesweep.sae.sparse import is_dense, select_entries, with_encoder_grad
+from saesweep.sae.sparse import (
+    is_dense,
+    select_entries,
+    with_dense_encoder_grad,
+    with_encoder_grad,
+)
 
 PATH_TOKENS = 512
 """Tokens of a batch on which each member's mean entries per token choose its path."""
@@ -49,23 +54,6 @@ class JumpReLUFn(torch.autograd.Function):
         grad_t = torch.addcmul(g_l0.unsqueeze(-1), g, threshold).mul_(in_window)
         grad_t = grad_t.sum_to_size(threshold.shape).mul_(-1 / ctx.bandwidth)
         return g * active, grad_t, None
-
-
-class _LinearGrad(torch.autograd.Function):
-    """Identity on pre-activations x_in @ W_enc + b_enc computed without autograd; the
-    backward sends their gradient to x_in, W_enc and b_enc (the dense path's encoder; b_enc's
-    value is not used, as in sparse.with_encoder_grad)."""
-
-    @staticmethod
-    def forward(ctx, pre, x_in, W_enc, b_enc):
-        ctx.save_for_backward(x_in, W_enc)
-        return pre.view_as(pre)
-
-    @staticmethod
-    def backward(ctx, g):
-        x_in, W_enc = ctx.saved_tensors
-        grad_x = member_bmm(g, W_enc.transpose(1, 2)) if ctx.needs_input_grad[1] else None
-        return None, grad_x, member_bmm(x_in.transpose(1, 2), g), g.sum(1)
 
 
 @dataclass(frozen=True)
@@ -148,7 +136,7 @@ class JumpReLUSAE(StackedSAE):
     def _dense_codes(self, m, x_in: Tensor, bias: Tensor, pre: Tensor) -> JumpReLUDenseCodes:
         """Members m's codes over all latents (x_in, bias: encoder_grad_inputs's)."""
         eps, thresholds = self.cfg.jumprelu_bandwidth, self.threshold[m].unsqueeze(1)
-        z = _LinearGrad.apply(pre, x_in, self.W_enc[m], bias)
+        z = with_dense_encoder_grad(pre, x_in, self.W_enc[m], bias)
         acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
         return JumpReLUDenseCodes(acts, token_l0=token_l0)
 

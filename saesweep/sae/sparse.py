@@ -158,14 +158,32 @@ class _EncoderGrad(torch.autograd.Function):
         values, indices, x_in, W_enc = ctx.saved_tensors
         g = (grad_values * (values > 0)).to(W_enc.dtype)
         code = _SparseCode(g, indices, W_enc.shape[2], ctx.dense)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_x = code.matmul(W_enc.transpose(1, 2))
-        if ctx.needs_input_grad[3]:
-            grad_W = code.t_matmul(x_in).transpose(1, 2)
-        if ctx.needs_input_grad[4]:
-            grad_b = code.sum_tokens()
-        return None, None, grad_x, grad_W, grad_b, None
+        return None, None, *_encoder_grads(code, x_in, W_enc, ctx.needs_input_grad[2:5]), None
+
+
+class _DenseEncoderGrad(torch.autograd.Function):
+    """Identity on all pre-activations computed without autograd; the backward sends their
+    gradient to x_in, W_enc and b_enc by dense batched products."""
+
+    @staticmethod
+    def forward(ctx, pre, x_in, W_enc, b_enc):
+        ctx.save_for_backward(x_in, W_enc)
+        return pre.view_as(pre)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_in, W_enc = ctx.saved_tensors
+        code = _SparseCode(g, None, W_enc.shape[2], dense=True)
+        return None, *_encoder_grads(code, x_in, W_enc, ctx.needs_input_grad[1:4])
+
+
+def _encoder_grads(code: _SparseCode, x_in: Tensor, W_enc: Tensor, needs) -> tuple:
+    """(x_in, W_enc, b_enc) gradients of pre-activations whose gradient is `code`, each None
+    where `needs` (three bools) says it is not needed."""
+    grad_x = code.matmul(W_enc.transpose(1, 2)) if needs[0] else None
+    grad_W = code.t_matmul(x_in).transpose(1, 2) if needs[1] else None
+    grad_b = code.sum_tokens() if needs[2] else None
+    return grad_x, grad_W, grad_b
 
 
 DENSE_ABOVE = 1 / 16
@@ -181,14 +199,17 @@ def is_dense(width: int, d_sae: int) -> bool:
 
 
 class _SparseCode:
-    """A code [n, B, d_sae] given as entries g [n, B, k] at indices: the products a backward
-    needs, over its nonzero entries only, or through the dense code when that is faster."""
+    """A code [n, B, d_sae] given as entries g [n, B, k] at indices (None: g is the dense
+    code): the products a backward needs, over its nonzero entries only, or through the dense
+    code when that is faster."""
 
-    def __init__(self, g: Tensor, indices: Tensor, d_sae: int, dense: bool):
+    def __init__(self, g: Tensor, indices: Tensor | None, d_sae: int, dense: bool):
         n, B, _ = g.shape
         self.n, self.B, self.d_sae = n, B, d_sae
         self.dense = None
-        if dense:
+        if indices is None:
+            self.dense = g
+        elif dense:
             self.dense = to_dense(g, indices, d_sae)
         else:
             self.rows, self.cols, self.g = _nonzero_entries(g, indices, d_sae)
@@ -250,3 +271,15 @@ def with_encoder_grad(
     """
     dense = is_dense(width or values.shape[-1], W_enc.shape[-1])
     return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc, dense)
+
+
+def with_dense_encoder_grad(
+    pre: Float[Tensor, "n B d_sae"],
+    x_in: Float[Tensor, "n B d_in"],
+    W_enc: Float[Tensor, "n d_in d_sae"],
+    b_enc: Float[Tensor, "n d_sae"],
+) -> Float[Tensor, "n B d_sae"]:
+    """pre = x_in @ W_enc + b_enc, computed without autograd, made differentiable in x_in, W_enc
+    and b_enc (b_enc's value not used, as for with_encoder_grad): the dense counterpart of
+    with_encoder_grad, for codes over all latents (JumpReLU early in training)."""
+    return _DenseEncoderGrad.apply(pre, x_in, W_enc, b_enc)
