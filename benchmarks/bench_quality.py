@@ -7,7 +7,8 @@
 The collection's training tokens (all shards but the last) are exported once, in the order
 saesweep's Reader serves them to train.py (seed 0) and normalized as saesweep normalizes them
 (E||x|| = sqrt(d_model), from the collection's statistics); every peer reads that file in
-order, so every tool trains on the same batches. saesweep trains its lr grid as one group
+order, so every tool trains on the same batches (with saesweep the only tool nothing is
+exported: train.py reads the collection). saesweep trains its lr grid as one group
 (train.py); each peer runs benchmarks/quality_peer.py in its own virtual environment under
 --peers-root, made here with uv when missing (never a project dependency). Every SAE is then
 loaded from the weights its tool saved into one form (Dictionary) and evaluated by one
@@ -65,7 +66,8 @@ PEERS = {
 ADAM_LRS = [2e-4 * 24 ** (i / 7) for i in range(11)]
 """2e-4 ... 1.9e-2, geometric (ratio 24^(1/7)): the Adam tools' default grid, issue 18's eight
 values 2e-4 ... 4.8e-3 and three above them, where saesweep's and dictionary_learning's best
-lie at 1M tokens (their default lr at 1,536 latents, 6.5e-4, is between the 3rd and 4th)."""
+lie at 1M tokens (dictionary_learning's default lr at 1,536 latents, 6.5e-4, is between the
+3rd and 4th)."""
 SIGNUM_LRS = [10 * lr for lr in ADAM_LRS[:8]]
 """2e-3 ... 4.8e-2: sparsify's signum grid (its default lr at 1,536 latents is 1.6e-2)."""
 
@@ -575,10 +577,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.tools) - {"saesweep", *PEERS}
     if unknown:
         parser.error(f"unknown tools {sorted(unknown)}")
-    if args.evaluate_only:
+    if not args.evaluate_only:
+        fresh_work_dir(args.work)
+    if args.evaluate_only or args.tools == ["saesweep"]:  # train.py reads the collection itself
         data, (_, held, scale) = args.work / "train.safetensors", held_out(args)
     else:
-        fresh_work_dir(args.work)
         data, held, scale = export(args, args.work)
         print(f"exported {data} ({args.uri}, scale {scale:.4f}); {len(held):,} held-out tokens")
     trained = []

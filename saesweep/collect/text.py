@@ -37,12 +37,13 @@ def demo_corpus() -> Iterator[str]:
     for path in sorted(root.rglob("*.py")):
         if skip.intersection(path.relative_to(root).parts):
             continue
-        text = _docstrings(path)
+        text = module_docstrings(path)
         if text:
             yield text
 
 
-def _docstrings(path: Path) -> str:
+def module_docstrings(path: Path) -> str:
+    """A Python file's module, class and function docstrings, by ast; "" when it does not parse."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
