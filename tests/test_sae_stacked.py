@@ -196,8 +196,8 @@ def test_lr_schedule_and_default_lr():
     assert sched.factor(0, 3).tolist() == pytest.approx([0.1, 1.0, 1.0])
     assert sched.factor(75, 3).tolist() == pytest.approx([1.0, 0.5, 0.5])
     assert sched.factor(100, 3).tolist() == pytest.approx([1.0, 0.0, 0.0])
-    assert default_lr(2**14) == pytest.approx(2e-4)
-    assert default_lr(2**16) == pytest.approx(1e-4)
+    assert default_lr(2**14) == pytest.approx(1e-3)
+    assert default_lr(2**16) == pytest.approx(5e-4)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])

@@ -15,10 +15,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+DEFAULT_LR_AT_2_14 = 1e-3
+"""The default lr at 2**14 latents: 3.3e-3 at 1,536, where TopK's best was 3.05e-3 at 2,500 and
+at 10,000 steps of 4,096 tokens (docs/benchmarks.md, "The default lr")."""
+
 
 def default_lr(d_sae: int) -> float:
-    """Learning rate scaled with width: 2e-4 / sqrt(d_sae / 2**14) (OpenAI's heuristic)."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
+    """Learning rate scaled with width as OpenAI's heuristic scales it (1 / sqrt(d_sae)), from
+    DEFAULT_LR_AT_2_14 (their 2e-4 was for Adam on gradients that are not normalized)."""
+    return DEFAULT_LR_AT_2_14 / math.sqrt(d_sae / 2**14)
 
 
 def _bcast(v: Tensor, p: Tensor) -> Tensor:

@@ -71,7 +71,7 @@ class TrainConfig:
     """One SAE's training run; a sweep file varies these fields."""
 
     lr: float | None = field(default=None, metadata=above(0, optional=True))
-    """Peak learning rate; default 2e-4 / sqrt(d_sae / 2**14)."""
+    """Peak learning rate; default 1e-3 / sqrt(d_sae / 2**14) (docs/benchmarks.md)."""
     seed: int = 42
     """Seed of the SAE's initial weights; a sweep gives config i the seed base + i."""
     tag: str = field(default="", metadata=PLAIN_NAME)
