@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 DEFAULT_LR_AT_2_14 = 1e-3
-"""The default lr at 2**14 latents: 3.3e-3 at 1,536, where TopK's best was 3.05e-3 at 2,500 and
-at 10,000 steps of 4,096 tokens (docs/benchmarks.md, "The default lr")."""
+"""The default lr at 2**14 latents: 3.3e-3 at 1,536, where TopK's best was 3.05e-3 at 2,500 steps
+of 4,096 tokens and 4.8e-3 at 10,000, with 3.05e-3 0.6 % behind and fewer dead latents there
+(docs/benchmarks.md, "The default lr")."""
 
 
 def default_lr(d_sae: int) -> float:
