@@ -48,7 +48,9 @@ def shard(index: int, n: int = 10) -> PendingShard:
 def test_no_shard_after_a_failed_one_is_committed(tmp_path):
     store = OneFailingPut(tmp_path, "shard-m0000-000002.safetensors", "000003.safetensors")
     committed = []
-    writer = ShardWriter(store, {"h": "h"}, 0, 2, 2, lambda w: committed.append(w.index))
+    writer = ShardWriter(
+        store, {"h": "h"}, 0, 2, 2, lambda w: committed.append(w.index), torch.float32
+    )
     with pytest.raises(UserError, match="shard-m0000-000002.safetensors failed"):
         try:  # the collection loop's shape: submit until an error, then close in `finally`
             for i in range(6):

@@ -156,23 +156,30 @@ def test_truncated_or_missing_shard_is_named(tmp_path):
         read(uri)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("n_helpers", [0, 1, 3])
-def test_window_take_matches_reference_gather(n_helpers):
+def test_window_take_matches_reference_gather(n_helpers, scaled):
     gen = torch.Generator().manual_seed(0)
     sizes = (500, 1700, 0, 900, 3)
-    acts = [torch.randn(n, 8, generator=gen).to(torch.bfloat16) for n in sizes]
+    dtype = torch.float8_e4m3fn if scaled else torch.bfloat16
+    acts = [torch.randn(n, 8, generator=gen).to(dtype) for n in sizes]
     ids = [torch.randint(0, 1000, (n,), generator=gen, dtype=torch.int32) for n in sizes]
+    scales = [torch.rand(n, generator=gen) for n in sizes] if scaled else None
     order = torch.randperm(sum(sizes), generator=gen)
-    window = Window(acts, ids, order.numpy())
-    all_acts, all_ids = torch.cat(acts), torch.cat(ids)
-    buffers = BatchBuffers(1500, 8, torch.bfloat16, keep=2, pinned=False)
+    window = Window(acts, ids, order.numpy(), scales)
+    all_acts, all_ids = torch.cat(acts).view(torch.uint8), torch.cat(ids)
+    buffers = BatchBuffers(1500, 8, dtype, keep=2, pinned=False)
     with ThreadPoolExecutor(max(n_helpers, 1)) as pool:
         helpers = (pool, n_helpers) if n_helpers else None
         for start, stop in [(0, 3103), (3, 1503), (3100, 3103), (7, 7), (1200, 2700)]:
-            got_acts, got_ids = window.take(start, stop, buffers, helpers)
+            got_acts, got_ids, got_scales = window.take(start, stop, buffers, helpers)
             expected = order[start:stop].sort().values
-            assert torch.equal(got_acts, all_acts[expected])
+            assert torch.equal(got_acts.view(torch.uint8), all_acts[expected])
             assert torch.equal(got_ids, all_ids[expected])
+            if scaled:
+                assert torch.equal(got_scales, torch.cat(scales)[expected])
+            else:
+                assert got_scales is None
 
 
 def test_batch_buffers_reused_only_when_nothing_uses_them():

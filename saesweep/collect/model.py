@@ -12,7 +12,7 @@ from torch import nn
 
 from saesweep.collect.sequences import Batch
 from saesweep.errors import UserError
-from saesweep.format.shards import ACT_DTYPES
+from saesweep.format.shards import held_dtype
 
 SITES = ("resid", "mlp", "attn")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -179,11 +179,12 @@ class HookedModel:
         self, batch: Batch, device: str, act_dtype: str
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward pass over `batch` on `device`, kept at its stored positions, as a
-        collection stores them: every hook's output [n, d] in act_dtype (on the device),
+        collection stores them: every hook's output [n, d] in act_dtype (on the device; an
+        8-bit act_dtype in the dtype it is held in until the writer quantizes it),
         token ids [n] int32, sequence ids [n] int64 and positions [n] int32."""
         outputs = self.run(batch.input_ids.to(device), batch.attention_mask.to(device))
         keep = batch.stored.to(device)
-        acts = {path: out[keep].to(ACT_DTYPES[act_dtype]) for path, out in outputs.items()}
+        acts = {path: out[keep].to(held_dtype(act_dtype)) for path, out in outputs.items()}
         n_rows, width = batch.stored.shape
         return (
             acts,

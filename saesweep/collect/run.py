@@ -18,7 +18,7 @@ from saesweep.collect.text import iter_documents
 from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
 from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
-from saesweep.format.shards import SCHEMA_VERSION
+from saesweep.format.shards import ACT_DTYPES, schema_version
 from saesweep.locks import held_lock
 from saesweep.memory import resolve_device
 from saesweep.store import FileStore, Store, open_store
@@ -118,6 +118,7 @@ class PartWriter:
             cfg.upload_threads,
             cfg.max_inflight_shards,
             commit,
+            ACT_DTYPES[cfg.act_dtype],
         )
         n_shards = len(next(iter(part.hooks.values()), HookPart()).shards)
         self.shard = PendingShard(n_shards, part.seq_done)
@@ -221,6 +222,9 @@ def _commit(store: Store, part: Part, written: WrittenShard, hook_info: dict | N
         hp.shards.append(record)
         stats = written.stats[hook]
         hp.stats = stats if hp.stats is None else hp.stats.merge(stats)
+        if hook in written.quant:
+            quant = written.quant[hook]
+            hp.quant = quant if hp.quant is None else hp.quant.merge(quant)
     part.seq_done = written.seq_end
     store.put_json(part_key(part.machine, part.n_machines), part.to_json())
     if hook_info is not None:
@@ -247,7 +251,7 @@ def _root_config(cfg: CollectConfig, model) -> dict:
     from saesweep import __version__
 
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version(cfg.act_dtype),
         "config": data_fields(cfg),
         "model_revision": getattr(model.config, "_commit_hash", None),
         "versions": {

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saesweep.errors import UserError
+from saesweep.format.quant import QuantError, is_scaled, quantize
 from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.store import Store
 
@@ -71,6 +72,8 @@ class WrittenShard:
     records: dict[str, dict]
     """hook -> {name, n_tokens, n_bytes, checksum}"""
     stats: dict[str, RunningStats]
+    quant: dict[str, QuantError] = field(default_factory=dict)
+    """hook -> quantization error of sampled tokens (scaled 8-bit collections only)."""
 
 
 class ShardWriter:
@@ -82,8 +85,11 @@ class ShardWriter:
         threads: int,
         max_inflight: int,
         commit: Callable[[WrittenShard], None],
+        act_dtype: torch.dtype,
     ):
         self.store = store
+        self.act_dtype = act_dtype
+        """The stored dtype; scaled 8-bit dtypes are quantized here, from what was added."""
         self.hook_dirs = hook_dirs
         self.machine = machine
         self.max_inflight = max_inflight
@@ -131,10 +137,15 @@ class ShardWriter:
         positions = torch.cat(shard.positions)
         for hook, parts in shard.acts.items():
             check_finite(hook, parts, shard.first_batch)
-        records, stats = {}, {}
+        records, stats, quant = {}, {}, {}
         for hook, parts in shard.acts.items():
             acts = torch.cat(parts)
-            data = encode_shard(acts, token_ids, seq_ids, positions)
+            if is_scaled(self.act_dtype):
+                values, scales = quantize(acts, self.act_dtype)
+                quant[hook] = QuantError.of(acts, values, scales)
+                data = encode_shard(values, token_ids, seq_ids, positions, scales)
+            else:
+                data = encode_shard(acts, token_ids, seq_ids, positions)
             name = shard_name(self.machine, shard.index)
             self.store.put(f"{self.hook_dirs[hook]}/{name}", data)
             records[hook] = {
@@ -144,7 +155,7 @@ class ShardWriter:
                 "checksum": checksum(data),
             }
             stats[hook] = RunningStats.of(acts)
-        return WrittenShard(shard.index, shard.seq_end, records, stats)
+        return WrittenShard(shard.index, shard.seq_end, records, stats, quant)
 
 
 def check_finite(hook: str, batches: list[torch.Tensor], first_batch: int) -> None:

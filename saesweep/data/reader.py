@@ -7,6 +7,10 @@ several shards; a background thread, helped by `gather_threads - 1` more, gather
 straight from the fetched shards in one copy into a reused (for a GPU: pinned) buffer and hands
 it on (copied to the device without blocking) before it is asked for.
 
+Scaled 8-bit activations (float8_e4m3fn with a float32 scale per token) travel as stored, with
+their scales, as far as the consumer's device and are decoded there: on a GPU after the copy
+(half the host-to-device bytes of bfloat16), on the CPU into reused batch buffers.
+
 Several hooks of one collection (a transcoder's input and target) are served in lockstep: the
 same shard schedule and token permutation for each, so row i of every hook's batch is the same
 token (checked against the stored token ids), and each hook's bytes are fetched once.
@@ -30,14 +34,17 @@ from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
 from saesweep.data.window import BatchBuffers, Window
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook, read_statistics
+from saesweep.format.quant import dequantize, dequantize_on_cpu, is_scaled
 from saesweep.format.shards import ACT_DTYPES, decode_shard
 from saesweep.memory import available_bytes, require_visible_device
 from saesweep.store import FileStore, open_store
 
 Acts = torch.Tensor | dict[str, torch.Tensor]
 Batch = Acts | tuple[Acts, torch.Tensor]
-Taken = tuple[tuple[torch.Tensor, ...], torch.Tensor]
-"""A batch before it leaves the reader: each hook's acts, and the token ids."""
+Stored = tuple[torch.Tensor, torch.Tensor | None]
+"""One hook's rows of a batch as stored: acts, and their scales (scaled 8-bit acts) or None."""
+Taken = tuple[tuple[Stored, ...], torch.Tensor]
+"""A batch before it leaves the reader: each hook's stored rows, and the token ids."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,11 @@ class HookData:
     shards: list[dict]
     d_model: int
     stored_dtype: torch.dtype
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the acts are 8-bit with a scale per token (a `scales` tensor per shard)."""
+        return is_scaled(self.stored_dtype)
 
 
 class Reader:
@@ -234,9 +246,13 @@ class Reader:
             if self.gather_threads > 1
             else None
         )
+        decoded = [
+            BatchBuffers(self.batch_size, h.d_model, self.dtype, self.prefetch_batches + 4, False)
+            for h in self.hooks
+        ]
         try:
             for batch, position in self._batches(helpers):
-                if not put((self._to_device(batch), position)):
+                if not put((self._to_device(batch, decoded), position)):
                     return
             put(None)
         except BaseException as err:  # handed to the consumer, which raises it
@@ -249,19 +265,34 @@ class Reader:
                 self.bytes_read += pipe.bytes_read
             self._pipelines = []
 
-    def _to_device(self, batch: Taken) -> Batch:
+    def _to_device(self, batch: Taken, decoded: list[BatchBuffers]) -> Batch:
         hook_acts, ids = batch
         out = []
-        for h, acts in enumerate(hook_acts):
-            if self.device.type == "cuda":
-                acts = acts.to(self.device, non_blocking=True)
-            acts = acts.to(self.dtype)
+        for h, stored in enumerate(hook_acts):
+            acts = self._decode(stored, decoded[h])
             if self.normalization:
                 acts = acts.mul_(self.normalization["scales"][self.hooks[h].hook])
             out.append(acts)
         acts = {h.hook: a for h, a in zip(self.hooks, out, strict=True)}
         acts = acts if self.serves_dicts else out[0]
         return (acts, ids.to(self.device)) if self.with_token_ids else acts
+
+    def _decode(self, stored: Stored, decoded: BatchBuffers) -> torch.Tensor:
+        """A hook's stored rows on the device in self.dtype: copied there as stored, then
+        decoded (a GPU), or decoded into a reused buffer (the CPU)."""
+        acts, scales = stored
+        if self.device.type == "cuda":
+            acts = acts.to(self.device, non_blocking=True)
+            if scales is None:
+                return acts.to(self.dtype)
+            return dequantize(acts, scales.to(self.device, non_blocking=True), self.dtype)
+        if acts.dtype == self.dtype:
+            return acts
+        if scales is None:
+            return decoded.get(len(acts)).copy_(acts)
+        if self.dtype == torch.float32:
+            return dequantize_on_cpu(acts, scales, decoded.get(len(acts)))
+        return dequantize(acts, scales, self.dtype)
 
     def _plan(self) -> list[tuple[int, int, list[int]]]:
         """(epoch, window index, shards) from the current position to the end."""
@@ -324,8 +355,14 @@ class Reader:
                 pending, position = self._empty(), 0
 
     def _empty(self) -> Taken:
-        acts = tuple(torch.empty(0, h.d_model, dtype=h.stored_dtype) for h in self.hooks)
-        return acts, torch.empty(0, dtype=torch.int32)
+        stored = tuple(
+            (
+                torch.empty(0, h.d_model, dtype=h.stored_dtype),
+                torch.empty(0, dtype=torch.float32) if h.scaled else None,
+            )
+            for h in self.hooks
+        )
+        return stored, torch.empty(0, dtype=torch.int32)
 
     def _window_tokens(self, group: list[int]) -> int:
         return sum(self.shards[s]["n_tokens"] for s in group)
@@ -337,6 +374,7 @@ class Reader:
         and each hook's fetched shards (to release). A shard bad in any hook leaves the
         window in every hook."""
         acts: list[list[torch.Tensor]] = [[] for _ in self.hooks]
+        scales: list[list[torch.Tensor]] = [[] for _ in self.hooks]
         ids, fetched = [], [[] for _ in self.hooks]
         for _ in group:
             shards = [pipe.next_shard() for pipe in self._pipelines]
@@ -347,32 +385,41 @@ class Reader:
                 self._bad_shard(bad[0], bad[1].shard, bad[1].status)
                 continue
             tensors = [self._shard_tensors(h, shard) for h, shard in enumerate(shards)]
-            for h, (shard_acts, shard_ids) in enumerate(tensors):
+            for h, (shard_acts, shard_ids, shard_scales) in enumerate(tensors):
                 if h and not torch.equal(shard_ids, tensors[0][1]):
                     raise UserError(
                         f"shard {self._shard_uri(h, shards[h].shard)} holds other tokens than "
                         f"{self._shard_uri(0, shards[0].shard)}; read hooks collected together"
                     )
                 acts[h].append(shard_acts)
+                scales[h].append(shard_scales)
             ids.append(tensors[0][1])
         if not ids:
-            empty_acts, empty_ids = self._empty()
-            return [Window([a], [empty_ids], None) for a in empty_acts], fetched
+            empty, empty_ids = self._empty()
+            return [
+                Window([a], [empty_ids], None, None if s is None else [s]) for a, s in empty
+            ], fetched
         n_tokens = sum(len(i) for i in ids)
         order = token_permutation(n_tokens, self.seed, epoch, window, self.shuffle)
-        return [Window(a, ids, order) for a in acts], fetched
+        return [
+            Window(a, ids, order, s if h.scaled else None)
+            for a, s, h in zip(acts, scales, self.hooks, strict=True)
+        ], fetched
 
-    def _shard_tensors(self, h: int, fetched: Fetched) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of a fetched shard's acts [n_tokens, d_model] and token ids (hook h),
-        checked against the manifest."""
+    def _shard_tensors(
+        self, h: int, fetched: Fetched
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Views of a fetched shard's acts [n_tokens, d_model] as stored, token ids and (scaled
+        acts) scales (hook h), checked against the manifest."""
         data = self.hooks[h]
         record = data.shards[fetched.shard]
         where = f"shard {self._shard_uri(h, fetched.shard)}"
+        names = ("acts", "token_ids", "scales") if data.scaled else ("acts", "token_ids")
         try:
-            tensors = decode_shard(fetched.data, ("acts", "token_ids"), where)
+            tensors = decode_shard(fetched.data, names, where, raw=True)
         except ValueError as err:
             raise UserError(f"{err}; recollect it") from None
-        acts, ids = tensors["acts"], tensors["token_ids"]
+        acts, ids, scales = tensors["acts"], tensors["token_ids"], tensors.get("scales")
         expected = [record["n_tokens"], data.d_model]
         if list(acts.shape) != expected or acts.dtype != data.stored_dtype:
             raise UserError(
@@ -380,7 +427,14 @@ class Reader:
                 f"{list(acts.shape)} {acts.dtype}, but metadata.json says {expected} "
                 f"{data.stored_dtype}; recollect it"
             )
-        return acts, ids
+        if scales is not None and (
+            list(scales.shape) != expected[:1] or scales.dtype != torch.float32
+        ):
+            raise UserError(
+                f"{where} holds scales {list(scales.shape)} {scales.dtype}, but its acts need "
+                f"[{record['n_tokens']}] float32; recollect it"
+            )
+        return acts, ids, scales
 
     def _shard_uri(self, h: int, shard: int) -> str:
         data = self.hooks[h]
@@ -426,12 +480,15 @@ def _take(windows: list[Window], start: int, stop: int, buffers=None, gather=Non
     taken = [
         w.take(start, stop, buffers[h] if buffers else None, gather) for h, w in enumerate(windows)
     ]
-    return tuple(acts for acts, _ in taken), taken[0][1]
+    return tuple((acts, scales) for acts, _, scales in taken), taken[0][1]
 
 
 def _concat(a: Taken, b: Taken) -> Taken:
-    acts = tuple(torch.cat([x, y]) for x, y in zip(a[0], b[0], strict=True))
-    return acts, torch.cat([a[1], b[1]])
+    stored = tuple(
+        (torch.cat([x, y]), None if sx is None else torch.cat([sx, sy]))
+        for (x, sx), (y, sy) in zip(a[0], b[0], strict=True)
+    )
+    return stored, torch.cat([a[1], b[1]])
 
 
 def _text(bound: int | None) -> str:

@@ -54,19 +54,26 @@ class BatchBuffers:
 
 
 class Window:
-    """Tokens of several shards (acts [n_i, d] and ids [n_i] each) in the order `order` of
-    their concatenation (None: stored order).
+    """Tokens of several shards (acts [n_i, d] and ids [n_i] each, and scales [n_i] for
+    scaled 8-bit acts) in the order `order` of their concatenation (None: stored order).
 
     Batches are gathered with numpy's take, which copies on the calling thread with the GIL
     released: torch's index_select would use the intra-op thread pool, which the trainer (and,
     for S3, the fetch workers) needs; under that contention it ran 2-4x slower here.
     """
 
-    def __init__(self, acts: list[torch.Tensor], ids: list[torch.Tensor], order=None):
+    def __init__(
+        self,
+        acts: list[torch.Tensor],
+        ids: list[torch.Tensor],
+        order=None,
+        scales: list[torch.Tensor] | None = None,
+    ):
         self.d_model, self.dtype = acts[0].shape[1], acts[0].dtype
         self.row = np.dtype((np.void, self.d_model * self.dtype.itemsize))
         self.acts = [as_rows(a, self.row) for a in acts]
         self.ids = [i.numpy() for i in ids]
+        self.scales = None if scales is None else [s.numpy() for s in scales]
         self.offsets = np.cumsum([0] + [len(a) for a in acts])
         self.n_tokens = int(self.offsets[-1])
         self.order = np.arange(self.n_tokens) if order is None else np.asarray(order)
@@ -77,29 +84,29 @@ class Window:
         stop: int,
         buffers: BatchBuffers | None = None,
         helpers: tuple[Executor, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(acts, token ids) of tokens order[start:stop], grouped by shard. acts go into a
-        buffer from `buffers`; `helpers` (an executor and its thread count) copy parts of the
-        batch while the calling thread copies the first."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(acts, token ids, scales or None) of tokens order[start:stop], grouped by shard.
+        acts go into a buffer from `buffers`; `helpers` (an executor and its thread count)
+        copy parts of the batch while the calling thread copies the first."""
         index = np.sort(self.order[start:stop])
         bounds = np.searchsorted(index, self.offsets)
         n = len(index)
         acts = buffers.get(n) if buffers else torch.empty(n, self.d_model, dtype=self.dtype)
         ids = torch.empty(n, dtype=torch.int32)
-        acts_out, ids_out = as_rows(acts, self.row), ids.numpy()
+        scales = None if self.scales is None else torch.empty(n, dtype=torch.float32)
+        outs = (as_rows(acts, self.row), ids.numpy(), None if scales is None else scales.numpy())
         n_parts = 1 + (helpers[1] if helpers and n >= 1024 else 0)
         cuts = [n * p // n_parts for p in range(n_parts + 1)]
         parts = list(zip(cuts[:-1], cuts[1:], strict=True))
         copies = [
-            helpers[0].submit(self._copy, index, bounds, lo, hi, acts_out, ids_out)
-            for lo, hi in parts[1:]
+            helpers[0].submit(self._copy, index, bounds, lo, hi, outs) for lo, hi in parts[1:]
         ]
-        self._copy(index, bounds, *parts[0], acts_out, ids_out)
+        self._copy(index, bounds, *parts[0], outs)
         for copy in copies:
             copy.result()
-        return acts, ids
+        return acts, ids, scales
 
-    def _copy(self, index, bounds, lo: int, hi: int, acts_out, ids_out) -> None:
+    def _copy(self, index, bounds, lo: int, hi: int, outs: tuple) -> None:
         """Rows lo:hi of the batch whose sorted window positions are `index`."""
         first = max(int(np.searchsorted(bounds, lo, side="right")) - 1, 0)
         for s in range(first, len(self.acts)):
@@ -108,8 +115,10 @@ class Window:
                 return
             if a < b:
                 rows = index[a:b] - self.offsets[s]
-                np.take(self.acts[s], rows, out=acts_out[a:b], mode="clip")
-                np.take(self.ids[s], rows, out=ids_out[a:b], mode="clip")
+                np.take(self.acts[s], rows, out=outs[0][a:b], mode="clip")
+                np.take(self.ids[s], rows, out=outs[1][a:b], mode="clip")
+                if self.scales is not None:
+                    np.take(self.scales[s], rows, out=outs[2][a:b], mode="clip")
 
 
 def as_rows(acts: torch.Tensor, row: np.dtype) -> np.ndarray:

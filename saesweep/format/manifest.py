@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 from saesweep.errors import UserError
 from saesweep.format.names import checked_name, checked_records, printable
-from saesweep.format.shards import SCHEMA_VERSION, RunningStats, shard_name
+from saesweep.format.quant import QuantError
+from saesweep.format.shards import (
+    ACT_DTYPES,
+    KNOWN_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    RunningStats,
+    schema_version,
+    shard_name,
+)
 from saesweep.store import Store
 
 PARTS = "parts/"
@@ -40,6 +48,8 @@ def is_metadata_key(key: str) -> bool:
 class HookPart:
     shards: list[dict] = field(default_factory=list)
     stats: RunningStats | None = None
+    quant: QuantError | None = None
+    """Quantization error of sampled tokens (scaled 8-bit collections), None otherwise."""
 
 
 @dataclass
@@ -60,6 +70,7 @@ class Part:
     def to_json(self) -> dict:
         hooks = {
             h: {"shards": p.shards, "stats": p.stats.to_json() if p.stats else None}
+            | ({"quant": p.quant.to_json()} if p.quant else {})
             for h, p in self.hooks.items()
         }
         return {
@@ -74,7 +85,11 @@ class Part:
     @classmethod
     def from_json(cls, obj: dict) -> Part:
         hooks = {
-            h: HookPart(p["shards"], RunningStats.from_json(p["stats"]) if p["stats"] else None)
+            h: HookPart(
+                p["shards"],
+                RunningStats.from_json(p["stats"]) if p["stats"] else None,
+                QuantError.from_json(p["quant"]) if p.get("quant") else None,
+            )
             for h, p in obj["hooks"].items()
         }
         return cls(obj["machine"], obj["n_machines"], obj["complete"], obj["seq_done"], hooks)
@@ -126,7 +141,25 @@ def read_metadata(store: Store, key: str) -> dict:
             "lies in; the collection is damaged or was not written by saesweep"
         )
     checked_records(meta.get("shards"), where)
+    _check_version_and_dtype(meta, where)
     return meta
+
+
+def _check_version_and_dtype(meta: dict, where: str) -> None:
+    """Refuse metadata this reader would misread: a newer schema, or an unknown dtype."""
+    version = meta.get("schema_version")
+    if version not in KNOWN_SCHEMA_VERSIONS:
+        raise UserError(
+            f"{where} has schema_version {printable(repr(version))}, which this saesweep does "
+            f"not read (it reads {', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}); upgrade "
+            "saesweep to read this collection"
+        )
+    if meta.get("dtype") not in ACT_DTYPES:
+        raise UserError(
+            f"{where} stores acts as dtype {printable(repr(meta.get('dtype')))}, which this "
+            f"saesweep does not read (it reads {', '.join(ACT_DTYPES)}); upgrade saesweep or "
+            "recollect with a dtype it reads"
+        )
 
 
 def load_parts(store: Store, n_machines: int) -> list[Part]:
@@ -137,18 +170,22 @@ def write_merged(store: Store, parts: list[Part], hook_info: dict[str, dict]) ->
     """Write metadata.json and statistics.json of every hook from the parts."""
     complete = all(p.complete for p in parts)
     for hook, info in hook_info.items():
-        shards, stats = merged_shards(parts, hook), None
+        shards, stats, quant = merged_shards(parts, hook), None, None
         for part in parts:
             hp = part.hooks.get(hook, HookPart())
             if hp.stats:
                 stats = hp.stats if stats is None else stats.merge(hp.stats)
+            if hp.quant:
+                quant = hp.quant if quant is None else quant.merge(hp.quant)
         meta = {
             **info,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": schema_version(info["dtype"]),
             "complete": complete,
             "n_tokens": sum(s["n_tokens"] for s in shards),
             "shards": shards,
         }
+        if quant is not None:
+            meta["quantization"] = quant.report()
         store.put_json(metadata_key(hook), meta)
         if stats is not None:
             store.put_json(f"{hook}/statistics.json", stats.summary())

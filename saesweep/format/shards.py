@@ -14,8 +14,16 @@ import torch
 import xxhash
 from safetensors.torch import save as save_safetensors
 
+from saesweep.format.quant import HELD_DTYPE, SCALED_DTYPES, dequantize
+
 SCHEMA_VERSION = 1
+"""Schema version of collections whose activations are plain floats."""
+SCALED_SCHEMA_VERSION = 2
+"""Schema version of collections with scaled 8-bit activations (a `scales` tensor per shard),
+which a reader of version 1 would misread."""
+KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION, SCALED_SCHEMA_VERSION)
 SAFETENSORS_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn,
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F32": torch.float32,
@@ -24,10 +32,13 @@ SAFETENSORS_DTYPES = {
 }
 """safetensors dtype codes of the tensors a shard holds."""
 ACT_DTYPES = {
-    str(t).removeprefix("torch."): t for t in (torch.bfloat16, torch.float16, torch.float32)
+    **{str(t).removeprefix("torch."): t for t in (torch.bfloat16, torch.float16, torch.float32)},
+    **SCALED_DTYPES,
 }
 """Activation dtypes a collection may store, by their names in metadata.json."""
-SHARD_TENSORS = ("acts", "token_ids", "seq_ids", "positions")
+SHARD_TENSORS = ("acts", "scales", "token_ids", "seq_ids", "positions")
+ID_BYTES_PER_TOKEN = 4 + 8 + 4
+"""token_ids (int32), seq_ids (int64) and positions (int32) of one stored token."""
 MAX_HEADER_BYTES = 100_000_000
 """The longest safetensors header read (the safetensors library's own limit)."""
 SEQ_CHUNK_BITS = 20
@@ -52,17 +63,42 @@ def shard_name(machine: int, index: int) -> str:
     return f"shard-m{machine:04d}-{index:06d}.safetensors"
 
 
+def schema_version(act_dtype: str) -> int:
+    """The schema version of a collection storing activations as `act_dtype`."""
+    return SCALED_SCHEMA_VERSION if act_dtype in SCALED_DTYPES else SCHEMA_VERSION
+
+
+def held_dtype(act_dtype: str) -> torch.dtype:
+    """The dtype activations are held in before they are written as `act_dtype`."""
+    return HELD_DTYPE if act_dtype in SCALED_DTYPES else ACT_DTYPES[act_dtype]
+
+
+def bytes_per_token(act_dtype: str, d_model: int) -> int:
+    """Stored bytes of one token of a hook (headers aside): acts, scale, ids."""
+    scale = 4 if act_dtype in SCALED_DTYPES else 0
+    return d_model * ACT_DTYPES[act_dtype].itemsize + scale + ID_BYTES_PER_TOKEN
+
+
 def encode_shard(
-    acts: torch.Tensor, token_ids: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor
+    acts: torch.Tensor,
+    token_ids: torch.Tensor,
+    seq_ids: torch.Tensor,
+    positions: torch.Tensor,
+    scales: torch.Tensor | None = None,
 ) -> bytes:
-    """Serialize one shard to safetensors bytes."""
+    """Serialize one shard to safetensors bytes (`scales` [n] float32 with scaled 8-bit
+    `acts`, see format.quant)."""
     tensors = {
         "acts": acts.contiguous(),
         "token_ids": token_ids.to(torch.int32).contiguous(),
         "seq_ids": seq_ids.to(torch.int64).contiguous(),
         "positions": positions.to(torch.int32).contiguous(),
     }
-    return save_safetensors(tensors, metadata={"schema_version": str(SCHEMA_VERSION)})
+    version = SCHEMA_VERSION
+    if scales is not None:
+        tensors["scales"] = scales.to(torch.float32).contiguous()
+        version = SCALED_SCHEMA_VERSION
+    return save_safetensors(tensors, metadata={"schema_version": str(version)})
 
 
 def safetensors_header(data, where: str) -> tuple[dict, int]:
@@ -78,13 +114,20 @@ def safetensors_header(data, where: str) -> tuple[dict, int]:
 
 
 def decode_shard(
-    data, names: tuple[str, ...] | None = None, where: str = "the shard"
+    data, names: tuple[str, ...] | None = None, where: str = "the shard", raw: bool = False
 ) -> dict[str, torch.Tensor]:
     """Tensors `names` (default: all) of safetensors bytes `data`, as views of `data` (no copy:
-    a read-only file mapping stays read-only)."""
+    a read-only file mapping stays read-only). Scaled 8-bit `acts` come decoded to float32
+    (a copy) unless `raw`."""
     header, data_start = safetensors_header(data, where)
     names = tuple(n for n in header if n != "__metadata__") if names is None else names
-    return {name: _tensor_view(data, data_start, header, name, where) for name in names}
+    tensors = {name: _tensor_view(data, data_start, header, name, where) for name in names}
+    if not raw and "acts" in tensors and tensors["acts"].dtype in SCALED_DTYPES.values():
+        scales = _tensor_view(data, data_start, header, "scales", where)
+        if list(scales.shape) != [len(tensors["acts"])] or scales.dtype != torch.float32:
+            raise ValueError(f"{where}: its scales do not match its acts")
+        tensors["acts"] = dequantize(tensors["acts"], scales)
+    return tensors
 
 
 def _tensor_view(data, data_start: int, header: dict, name: str, where: str) -> torch.Tensor:

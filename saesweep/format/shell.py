@@ -28,6 +28,7 @@ from saesweep.format.shards import (
     ACT_DTYPES,
     SEQ_CHUNK_BITS,
     SHARD_TENSORS,
+    bytes_per_token,
     checksum,
     decode_shard,
     safetensors_header,
@@ -38,8 +39,6 @@ from saesweep.store import ANONYMOUS_HELP, Store, open_store
 VERIFY_THREADS = 4
 STATS_DIMS = 4
 TEXT_CHARS = 1000
-ID_BYTES_PER_TOKEN = 4 + 8 + 4
-"""token_ids int32 + seq_ids int64 + positions int32."""
 
 
 # ---------------------------------------------------------------- store helpers
@@ -240,7 +239,7 @@ class Shell(cmd.Cmd):
         meta = hook_metadata(self.store, hook)
         payload = ""
         if meta.get("dtype") in ACT_DTYPES and "d_model" in meta:
-            width = meta["d_model"] * ACT_DTYPES[meta["dtype"]].itemsize + ID_BYTES_PER_TOKEN
+            width = bytes_per_token(meta["dtype"], meta["d_model"])
             payload = f" (tensor data alone: {width:,})"
         say(
             f"{hook}: {len(shards):,} shards, {n_tokens:,} tokens, {n_bytes:,} bytes, "
@@ -295,7 +294,7 @@ class Shell(cmd.Cmd):
             )
         data = self.store.get(key)
         header, _ = safetensors_header(data, self._uri(key))
-        tensors = decode_shard(data, where=self._uri(key))
+        tensors = decode_shard(data, where=self._uri(key), raw=True)
         say(f"shard {self._uri(key)}: {len(data):,} bytes")
         say(f"header metadata: {header.get('__metadata__', {})}")
         order = [t for t in SHARD_TENSORS if t in tensors] + sorted(set(tensors) - {*SHARD_TENSORS})
@@ -303,10 +302,24 @@ class Shell(cmd.Cmd):
             tensor = tensors[tname]
             say(f"  {tname}: shape {list(tensor.shape)} dtype {str(tensor.dtype)[6:]}")
         if "acts" in tensors:
-            say(f"acts: {acts_summary(tensors['acts'])}")
+            acts = decode_shard(data, ("acts",), self._uri(key))["acts"]
+            say(f"acts: {acts_summary(acts)}")
+            self._quantization_line(hook)
         say(self._checksum_line(data, record))
         if {"seq_ids", "token_ids", "positions"} <= set(tensors) and len(tensors["seq_ids"]):
             self._show_first_sequence(tensors, hook)
+
+    def _quantization_line(self, hook: str) -> None:
+        """The hook's quantization report (scaled 8-bit collections), if it has one."""
+        meta = hook_metadata(self.store, hook)
+        report = meta.get("quantization")
+        if isinstance(report, dict):
+            say(
+                f"quantization ({meta.get('dtype')}, "
+                f"{report.get('sample_tokens', 0):,} tokens sampled): relative RMS error "
+                f"{report.get('rel_rms_error', float('nan')):.3g}, largest element error "
+                f"{report.get('max_abs_error', float('nan')):.3g}"
+            )
 
     def complete_inspect(self, text, line, begidx, endidx) -> list[str]:
         return self._complete(text, dirs_only=False)
