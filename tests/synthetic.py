@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from saesweep import Reader
 from saesweep.format.manifest import HookPart, Part, part_key, write_merged
+from saesweep.format.quant import is_scaled, quantize
 from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
 from saesweep.sae.synthetic import sparse_map, sparse_mixture
 from saesweep.store import open_store
@@ -29,7 +31,11 @@ def make_collection(
 
     With target_d, a second hook TARGET of that width stores the same tokens (or the tokens
     of target_sizes, to test refusals): acts[:, 0] the global index again, or with sparse=True
-    the planted sparse map of HOOK's tokens (sparse.synthetic.sparse_map)."""
+    the planted sparse map of HOOK's tokens (sparse.synthetic.sparse_map).
+
+    A scaled 8-bit dtype (float8_e4m3fn) stores each token quantized as collect.py does, with
+    its statistics from the acts before quantization; acts[:, 0] then holds the global index
+    only approximately, but token_ids hold it exactly (read_index)."""
     store = open_store(uri)
     gen = torch.Generator().manual_seed(seed)
     target_gen = torch.Generator().manual_seed(seed + 1)
@@ -47,9 +53,15 @@ def make_collection(
             else:
                 acts = torch.randn(n, width, generator=gen if hook == HOOK else target_gen)
                 acts[:, 0] = torch.arange(start, start + n, dtype=torch.float32)
-            acts = acts.to(dtype)
             ids = torch.arange(start, start + n) % 30000
-            data = encode_shard(acts, ids, torch.arange(start, start + n), torch.zeros(n))
+            if is_scaled(dtype):
+                values, scales = quantize(acts, dtype)
+                data = encode_shard(
+                    values, ids, torch.arange(start, start + n), torch.zeros(n), scales
+                )
+            else:
+                acts = acts.to(dtype)
+                data = encode_shard(acts, ids, torch.arange(start, start + n), torch.zeros(n))
             store.put(f"{hook}/{shard_name(0, i)}", data)
             hp.shards.append(
                 {
@@ -69,7 +81,7 @@ def make_collection(
     store.put_json(part_key(0, 1), part.to_json())
     info = {
         "site": "resid",
-        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+        "dtype": str(dtype).removeprefix("torch."),
         "ctx_len": 64,
         "model": "synthetic",
         "exclude_special": True,
@@ -84,3 +96,9 @@ def make_collection(
         },
     )
     return torch.cat(everything)
+
+
+def read_index(uri: str, **kw) -> list[int]:
+    """The global index of every token a Reader over make_collection's collection serves, in
+    order, from its token ids (exact whatever the stored dtype)."""
+    return [int(i) for _, ids in Reader(uri, with_token_ids=True, **kw) for i in ids.tolist()]

@@ -35,9 +35,9 @@ PATHS = ("encoder.layer.1", "encoder.layer.3")
 SHARD_TOKENS = 300
 
 
-def write_toml(text: CollectConfig, path: Path) -> Path:
+def write_toml(text: CollectConfig, path: Path, act_dtype: str = "float32") -> Path:
     path.write_text(
-        f'dataset = "{text.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
+        f'dataset = "{text.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "{act_dtype}"\n'
         f"shard_tokens = {SHARD_TOKENS}\n"
     )
     return path

@@ -185,7 +185,8 @@ def main_exit(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_resume_after_kill_9(tmp_path):
+@pytest.mark.parametrize("act_dtype", ["float32", "float8_e4m3fn"])
+def test_resume_after_kill_9(tmp_path, act_dtype):
     args = [
         "--dataset",
         str(_docs(tmp_path)),
@@ -197,7 +198,7 @@ def test_resume_after_kill_9(tmp_path):
         "64",
         "--no-progress",
         "--act-dtype",
-        "float32",
+        act_dtype,
     ]
     proc = _run_collect([*args, "--out", str(tmp_path / "run")])
     from saesweep.collect.cli import main

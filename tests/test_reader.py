@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from synthetic import HOOK, TARGET, make_collection
+from synthetic import HOOK, TARGET, make_collection, read_index
 
 from saesweep import Reader
 from saesweep.data.window import BatchBuffers, Window
@@ -17,6 +17,8 @@ from saesweep.format.shards import shard_name
 
 SIZES = [300, 250, 310, 90, 400, 120]
 TOTAL = sum(SIZES)
+DTYPES = [torch.float32, torch.float8_e4m3fn]
+"""Stored dtypes the fault tests run on: plain floats, and scaled 8-bit floats."""
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +114,16 @@ def corrupt(uri: str, shard: int) -> str:
     return shard_name(0, shard)
 
 
-def test_corrupt_shard_raises_or_skips(tmp_path):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_corrupt_shard_raises_or_skips(tmp_path, dtype):
     uri = str(tmp_path)
-    make_collection(uri, SIZES)
+    make_collection(uri, SIZES, dtype=dtype)
     name = corrupt(uri, 2)
     with pytest.raises(UserError, match=name):
         read(uri)
-    reader = Reader(uri, batch_size=64, shuffle_tokens=500, on_corrupt="skip")
-    seen = sorted(token_index(reader))
+    kw = {"batch_size": 64, "shuffle_tokens": 500, "with_token_ids": True}
+    reader = Reader(uri, on_corrupt="skip", **kw)
+    seen = sorted(i for _, ids in reader for i in ids.tolist())
     missing = set(range(SIZES[0] + SIZES[1], SIZES[0] + SIZES[1] + SIZES[2]))
     assert seen == [t for t in range(TOTAL) if t not in missing]
     assert reader.figures()["reader/corrupt_skipped"] == 1
@@ -143,14 +147,15 @@ def test_early_break_cleans_up(coll):
             break
 
 
-def test_truncated_or_missing_shard_is_named(tmp_path):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_truncated_or_missing_shard_is_named(tmp_path, dtype):
     uri = str(tmp_path)
-    make_collection(uri, SIZES)
+    make_collection(uri, SIZES, dtype=dtype)
     path = f"{uri}/{HOOK}/{shard_name(0, 1)}"
     with open(path, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(UserError, match=f"{shard_name(0, 1)} could not be read .*holds 1000 bytes"):
-        read(uri)
+        read_index(uri)
     os.remove(path)
     with pytest.raises(UserError, match=f"{shard_name(0, 1)} could not be read .*No such file"):
         read(uri)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from synthetic import HOOK, make_collection
+import torch
+from synthetic import HOOK, make_collection, read_index
 
 from saesweep import Reader
 from saesweep.errors import UserError
@@ -16,6 +17,8 @@ from saesweep.store import open_store
 SIZES = [300, 250, 310, 90, 400, 120, 280, 330]
 TOTAL = sum(SIZES)
 SMALL = {"batch_size": 64, "shuffle_tokens": 500, "prefetch_shards": 2, "prefetch_batches": 2}
+DTYPES = [torch.float32, torch.float8_e4m3fn]
+"""Stored dtypes the fault tests run on: plain floats, and scaled 8-bit floats."""
 
 
 def token_index(batches) -> list[int]:
@@ -54,16 +57,17 @@ def test_s3_resume_continues_exactly(s3_coll, stop_after):
     assert token_index(head) + token_index(resumed) == full
 
 
-def test_s3_server_restart_mid_epoch(s3_env, s3_server):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_s3_server_restart_mid_epoch(s3_env, s3_server, dtype):
     sizes = [200] * 24
-    make_collection(s3_env, sizes)
+    make_collection(s3_env, sizes, dtype=dtype)
     kw = {"seed": 2, **SMALL, "shuffle_tokens": 200}
-    expected = read(s3_env, **kw)
+    expected = read_index(s3_env, **kw)
     restart = threading.Timer(1.5, s3_server.start)
     got = []
     try:
-        for i, batch in enumerate(Reader(s3_env, **kw)):
-            got.append(batch)
+        for i, (_, ids) in enumerate(Reader(s3_env, with_token_ids=True, **kw)):
+            got += ids.tolist()
             if i == 2:
                 s3_server.stop()
                 restart.start()
@@ -73,7 +77,7 @@ def test_s3_server_restart_mid_epoch(s3_env, s3_server):
         if s3_server.proc.poll() is not None:
             s3_server.start()
     assert restart.finished.is_set()
-    assert token_index(got) == expected
+    assert got == expected
     assert sorted(expected) == list(range(sum(sizes)))
 
 
@@ -86,12 +90,15 @@ def corrupt_on_s3(uri: str, shard: int) -> str:
     return shard_name(0, shard)
 
 
-def test_s3_corrupt_shard_raises_or_skips(s3_coll):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_s3_corrupt_shard_raises_or_skips(s3_env, dtype):
+    make_collection(s3_env, SIZES, dtype=dtype)
+    s3_coll = s3_env
     name = corrupt_on_s3(s3_coll, 2)
     with pytest.raises(UserError, match=name):
-        read(s3_coll)
-    reader = Reader(s3_coll, on_corrupt="skip", **SMALL)
-    seen = sorted(token_index(reader))
+        read_index(s3_coll)
+    reader = Reader(s3_coll, on_corrupt="skip", with_token_ids=True, **SMALL)
+    seen = sorted(i for _, ids in reader for i in ids.tolist())
     start = SIZES[0] + SIZES[1]
     assert seen == [t for t in range(TOTAL) if not start <= t < start + SIZES[2]]
     assert reader.figures()["reader/corrupt_skipped"] == 1
@@ -125,8 +132,9 @@ def test_an_outage_longer_than_ten_retries_is_waited_out(s3_env, s3_server):
     assert token_index(got) == expected
 
 
-def test_a_store_away_past_the_retry_budget_is_named_unreachable(s3_env, s3_server):
-    make_collection(s3_env, [200] * 12)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_store_away_past_the_retry_budget_is_named_unreachable(s3_env, s3_server, dtype):
+    make_collection(s3_env, [200] * 12, dtype=dtype)
     reader = Reader(s3_env, **{**SMALL, "shuffle_tokens": 200}, retry_s=2.0)
     batches = iter(reader)
     next(batches)

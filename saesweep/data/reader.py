@@ -67,7 +67,8 @@ class Reader:
 
     Every stored token comes out exactly once per epoch (the final partial batch included
     unless drop_last); the same seed gives the same order. `state_dict()` records how far the
-    consumer got; `load_state_dict()` continues from there.
+    consumer got; `load_state_dict()` continues from there. Batches come in `dtype` (default:
+    the stored dtype; scaled 8-bit acts are decoded to float32).
 
     Memory: the shuffle window being served plus `prefetch_shards` shards read ahead
     (default: one more window, so reading overlaps serving). `n_workers`: threads mapping local
@@ -133,7 +134,13 @@ class Reader:
             f"device={str(device)!r}",
             "use device='cpu', or run where a GPU and a CUDA build of torch are",
         )
-        self.dtype = dtype or self.hooks[0].stored_dtype
+        stored = self.hooks[0].stored_dtype
+        if dtype is not None and is_scaled(dtype):
+            raise UserError(
+                f"Reader(dtype={dtype}) asks for 8-bit values without their scales; ask for a "
+                "float dtype (by default scaled acts are decoded to float32)"
+            )
+        self.dtype = dtype or (torch.float32 if is_scaled(stored) else stored)
         self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
         avg = self.n_tokens / max(len(self.shards), 1)
         self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
