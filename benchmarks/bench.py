@@ -1,6 +1,10 @@
 """Benchmarks: is storage or compute the bottleneck?
 
-  uv run benchmarks/bench.py synth URI [--gb 1 --d-model 768]   write a synthetic collection
+  uv run benchmarks/bench.py synth URI [--gb 1 --d-model 768 --act-dtype bfloat16]
+                                                                write a synthetic collection
+  uv run benchmarks/bench.py transcode SRC DST [--act-dtype float8_e4m3fn]
+                                                                a collection in another dtype
+  uv run benchmarks/bench.py dtypes [--gb 1 --d-model 768]      bf16 against fp8: bytes, reads
   uv run benchmarks/bench.py reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
   uv run benchmarks/bench.py sae [--arch switch --device cuda --bf16]  SAE training tokens/s
   uv run benchmarks/bench.py matmul [--n-saes 3 --device cuda]  member_bmm against torch.bmm
@@ -13,6 +17,7 @@ process and any joined child processes; the object store's own CPU is not counte
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import tempfile
@@ -26,6 +31,7 @@ import torch
 
 from saesweep.errors import exit_on_user_error
 from saesweep.format.manifest import find_hook
+from saesweep.format.shards import ACT_DTYPES as ACT_DTYPE_NAMES
 from saesweep.store import FileStore, open_store
 
 
@@ -79,29 +85,74 @@ def measure(
 # ---------------------------------------------------------------- synthetic collections
 
 
-def synth(uri: str, gb: float, d_model: int, shard_tokens: int) -> None:
-    """Write a collection of random bfloat16 activations (the real format) to `uri`."""
-    from saesweep.format.manifest import HookPart, Part, part_key, write_merged
-    from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
-
+def synth(uri: str, gb: float, d_model: int, shard_tokens: int, act_dtype: str) -> None:
+    """Write a collection of random activations (the real format) to `uri`: about `gb` GB of
+    bfloat16 values, stored as `act_dtype` (the same values for every dtype)."""
     store = open_store(uri)
     _ensure_bucket(store)
-    hook, part, hp = "synthetic.0", Part(0, 1, complete=True), HookPart()
+    hook = "synthetic.0"
     n_shards = max(1, round(gb * 1e9 / (shard_tokens * d_model * 2)))
-    for i in range(n_shards):
-        acts = torch.randn(shard_tokens, d_model).to(torch.bfloat16)
-        ids = torch.arange(shard_tokens)
-        data = encode_shard(acts, ids, ids, torch.zeros(shard_tokens))
-        store.put(f"{hook}/{shard_name(0, i)}", data)
-        record = {"name": shard_name(0, i), "n_tokens": shard_tokens, "n_bytes": len(data)}
-        hp.shards.append({**record, "checksum": checksum(data)})
-        stats = RunningStats.of(acts)
-        hp.stats = stats if hp.stats is None else hp.stats.merge(stats)
-    part.hooks[hook] = hp
-    store.put_json(part_key(0, 1), part.to_json())
-    info = {"hook": hook, "layer": 0, "d_model": d_model, "dtype": "bfloat16", "model": "synthetic"}
-    write_merged(store, [part], {hook: info})
-    print(f"wrote {n_shards} shards of {shard_tokens} tokens x {d_model} (bf16) to {store.uri}")
+    gen = torch.Generator().manual_seed(0)
+    shards = (torch.randn(shard_tokens, d_model, generator=gen) for _ in range(n_shards))
+    info = {"hook": hook, "layer": 0, "d_model": d_model, "dtype": act_dtype, "model": "synthetic"}
+    write_collection(store, {hook: info}, {hook: shards}, act_dtype)
+    print(f"wrote {n_shards} shards of {shard_tokens} tokens x {d_model} ({act_dtype}) to {uri}")
+
+
+def write_collection(store, infos: dict[str, dict], shards: dict, act_dtype: str) -> None:
+    """A complete one-machine collection of the hooks `infos` (hook -> metadata fields), each
+    hook's shards (an iterable of acts, or of tensor dicts with acts and the three id tensors)
+    stored as `act_dtype` as collect.py's writer stores them (format.quant for 8-bit)."""
+    from saesweep.collect.run import _commit
+    from saesweep.collect.writer import PendingShard, ShardWriter
+    from saesweep.format.manifest import Part
+    from saesweep.format.shards import ACT_DTYPES, held_dtype
+
+    part = Part(0, 1, complete=True)
+
+    def commit(written) -> None:
+        _commit(store, part, written, infos)
+
+    writer = ShardWriter(store, {h: h for h in infos}, 0, 2, 2, commit, ACT_DTYPES[act_dtype])
+    for index, tensors in enumerate(zip(*shards.values(), strict=True)):
+        pending = PendingShard(index, 0)
+        for hook, t in zip(shards, tensors, strict=True):
+            t = t if isinstance(t, dict) else {"acts": t, "token_ids": torch.arange(len(t))}
+            ids = t["token_ids"]
+            pending.acts[hook] = [t["acts"].to(held_dtype(act_dtype))]
+        pending.token_ids = [ids]
+        pending.seq_ids = [t.get("seq_ids", ids.long())]
+        pending.positions = [t.get("positions", torch.zeros_like(ids))]
+        writer.submit(pending)
+    writer.close()
+
+
+def transcode(src: str, dst: str, act_dtype: str) -> None:
+    """Write the collection at `src` again at `dst` with acts stored as `act_dtype`: the same
+    shards and tokens; a bfloat16 source gives float8_e4m3fn shards bit for bit as collect.py
+    would have written them (it quantizes the same bfloat16 values)."""
+    from saesweep.evaluate.downstream import read_shard
+    from saesweep.format.manifest import list_hooks
+    from saesweep.format.shards import schema_version
+
+    source, target = open_store(src), open_store(dst)
+    _ensure_bucket(target)
+    metas = {m["hook"]: m for m in list_hooks(source)}
+    names = ("acts", "token_ids", "seq_ids", "positions")
+    shards = {
+        hook: (read_shard(source, hook, record, names) for record in meta["shards"])
+        for hook, meta in metas.items()
+    }
+    dropped = ("shards", "n_tokens", "complete", "schema_version", "quantization")
+    infos = {
+        h: {k: v for k, v in m.items() if k not in dropped} | {"dtype": act_dtype}
+        for h, m in metas.items()
+    }
+    write_collection(target, infos, shards, act_dtype)
+    cfg = source.get_json("cfg.json")
+    cfg["config"]["act_dtype"], cfg["schema_version"] = act_dtype, schema_version(act_dtype)
+    target.put_json("cfg.json", cfg)
+    print(f"wrote {src} as {act_dtype} to {dst}")
 
 
 def _ensure_bucket(store) -> None:
@@ -202,6 +253,58 @@ def bench_reader(args: argparse.Namespace) -> None:
     sae_cfg = SAEConfig(exp_factor=args.exp_factor, k=args.k)
     sae = sae_tokens_per_s(sae_cfg, meta["d_model"], args.n_saes, args.batch_size)
     _print_verdict(results[0], sae, args)
+
+
+def bench_dtypes(args: argparse.Namespace) -> None:
+    """The same random activations stored as bfloat16 and as float8_e4m3fn: bytes per token,
+    and the Reader's tokens/s and CPU seconds per token decoding to float32 from local files
+    (cold: evicted from the page cache before each run) and from S3 (S3_ENDPOINT_URL set)."""
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        places = {"disk (cold)": tmp}
+        if os.environ.get("S3_ENDPOINT_URL"):
+            places["s3"] = f"{args.s3_out.rstrip('/')}/run-{time.time_ns()}"
+        else:
+            print("s3: skipped (S3_ENDPOINT_URL is not set)")
+        rows = []
+        for (place, root), dtype in itertools.product(places.items(), DTYPE_PAIR):
+            uri = f"{root}/{dtype}"
+            synth(uri, args.gb, args.d_model, args.shard_tokens, dtype)
+            rows.append((place, dtype, _read_dtype(uri, args)))
+    print(
+        f"{'read from':<12} {'dtype':<14} {'bytes/token':>11} {'tokens/s':>10} {'CPU us/token':>12}"
+    )
+    for place, dtype, (per_token, run) in rows:
+        cpu = run.cpu_s / run.n_tokens * 1e6
+        print(f"{place:<12} {dtype:<14} {per_token:>11.1f} {run.tokens_per_s:>10,.0f} {cpu:>12.2f}")
+    for place in places:
+        (b16, r16), (b8, r8) = (r for p, _, r in rows if p == place)
+        speed = r8.tokens_per_s / r16.tokens_per_s
+        cpu = (r8.cpu_s / r8.n_tokens) / (r16.cpu_s / r16.n_tokens)
+        print(
+            f"{place}: fp8/bf16 bytes {b8 / b16:.3f}, tokens/s {speed:.2f}x, CPU s/token {cpu:.2f}x"
+        )
+
+
+DTYPE_PAIR = ("bfloat16", "float8_e4m3fn")
+"""The baseline and the dtype bench_dtypes compares with it."""
+
+
+def _read_dtype(uri: str, args: argparse.Namespace) -> tuple[float, Measured]:
+    """(bytes per token of the collection's files, the fastest Reader run over it)."""
+    store = open_store(uri)
+    meta = find_hook(store)
+    total = sum(s["n_bytes"] for s in meta["shards"])
+    paths = (
+        [store.local_path(f"{meta['hook']}/{s['name']}") for s in meta["shards"]]
+        if isinstance(store, FileStore)
+        else []
+    )
+
+    def reader() -> int:
+        return read_reader(uri, args.batch_size, dtype=torch.float32)
+
+    run = measure(meta["dtype"], reader, total, args.repeat, lambda: evict(paths))
+    return total / meta["n_tokens"], run
 
 
 def _baselines(store, hook: str, names: list[str], sizes: list[int], args):
@@ -374,12 +477,15 @@ def bench_collect(args: argparse.Namespace) -> None:
             targets["s3"] = f"{args.s3_out.rstrip('/')}/run-{time.time_ns()}"
         else:
             print("s3: skipped (S3_ENDPOINT_URL is not set)")
-        for kind, out in targets.items():
+        for (kind, out), dtype in itertools.product(targets.items(), args.act_dtypes):
+            out = f"{out}-{dtype}"
             _ensure_bucket(open_store(out))
-            run = measure(kind, lambda out=out: run_collect(_replace(base, out=out)), 0, 1)
+            cfg = _replace(base, out=out, act_dtype=dtype)
+            run = measure(kind, lambda cfg=cfg: run_collect(cfg), 0, 1)
             print(
-                f"collect to {kind} ({out}): {run.tokens_per_s:,.0f} tokens/s "
-                f"({run.seconds:.1f} s); collect/forward {run.tokens_per_s / bare.tokens_per_s:.2f}"
+                f"collect {dtype} to {kind} ({out}): {run.tokens_per_s:,.0f} tokens/s "
+                f"({run.seconds:.1f} s, {run.cpu_s / run.n_tokens * 1e6:.0f} CPU us/token); "
+                f"collect/forward {run.tokens_per_s / bare.tokens_per_s:.2f}"
             )
 
 
@@ -400,6 +506,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--gb", type=float, default=1.0)
     s.add_argument("--d-model", type=int, default=768)
     s.add_argument("--shard-tokens", type=int, default=16384)
+    s.add_argument("--act-dtype", default="bfloat16", choices=sorted(ACT_DTYPE_NAMES))
+    x = sub.add_parser("transcode", help="a collection again with acts in another dtype")
+    x.add_argument("src")
+    x.add_argument("dst")
+    x.add_argument("--act-dtype", default="float8_e4m3fn", choices=sorted(ACT_DTYPE_NAMES))
+    d = sub.add_parser("dtypes", help="bfloat16 against float8_e4m3fn: bytes/token and reads")
+    d.add_argument("--gb", type=float, default=1.0, help="GB of the bfloat16 collection")
+    d.add_argument("--d-model", type=int, default=768)
+    d.add_argument("--shard-tokens", type=int, default=65536)
+    d.add_argument("--batch-size", type=int, default=4096)
+    d.add_argument("--repeat", type=int, default=3, help="report the fastest of this many runs")
+    d.add_argument("--dir", default=None, help="local parent directory (default: a temporary one)")
+    d.add_argument("--s3-out", default="s3://saesweep-bench/dtypes")
     r = sub.add_parser("reader", help="Reader vs raw reads vs the naive loader, and SAE speed")
     r.add_argument("uri")
     r.add_argument("--hook", default=None)
@@ -438,6 +557,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--max-tokens", type=int, default=20000)
     c.add_argument("--out", default=None, help="local output (default: a temporary directory)")
     c.add_argument("--s3-out", default="s3://saesweep-bench/collect")
+    c.add_argument(
+        "--act-dtypes",
+        type=lambda s: s.split(","),
+        default=["bfloat16"],
+        help="collect once per dtype, e.g. bfloat16,float8_e4m3fn",
+    )
     return parser.parse_args(argv)
 
 
@@ -445,7 +570,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "synth":
-        synth(args.uri, args.gb, args.d_model, args.shard_tokens)
+        synth(args.uri, args.gb, args.d_model, args.shard_tokens, args.act_dtype)
+    elif args.command == "transcode":
+        transcode(args.src, args.dst, args.act_dtype)
+    elif args.command == "dtypes":
+        bench_dtypes(args)
     elif args.command == "reader":
         bench_reader(args)
     elif args.command == "sae":

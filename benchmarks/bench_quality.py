@@ -1,7 +1,8 @@
 """Benchmark: SAE quality against peer libraries, trained on the same cached activations.
 
-    uv run benchmarks/bench_quality.py [--uri data/demo] [--n-train 1000000] [--d-sae 1536]
-        [--k 16] [--batch-size 4096] [--archs topk,batchtopk,jumprelu] [--l0-coefficient 1]
+    uv run benchmarks/bench_quality.py [--uri data/demo] [--val-uri URI] [--n-train 1000000]
+        [--d-sae 1536] [--k 16] [--batch-size 4096] [--archs topk,batchtopk,jumprelu]
+        [--l0-coefficient 1]
         [--tools saesweep,sparsify,dictionary_learning,sae_lens] [--lrs 2e-4,...]
 
 The collection's training tokens (all shards but the last) are exported once, in the order
@@ -12,7 +13,9 @@ exported: train.py reads the collection). saesweep trains its lr grid as one gro
 (train.py); each peer runs benchmarks/quality_peer.py in its own virtual environment under
 --peers-root, made here with uv when missing (never a project dependency). Every SAE is then
 loaded from the weights its tool saved into one form (Dictionary) and evaluated by one
-function on the collection's last shard: FVU (saesweep's definition), L0 and dead %. The
+function on the collection's last shard (--val-uri's, where given: another collection of the
+same tokens, e.g. the bfloat16 collection of an 8-bit one): FVU (saesweep's definition), L0
+and dead %. The
 same function on saesweep's weights must agree with saesweep's own metrics.json, and each
 peer's loaded form must reconstruct probe tokens as the peer's own forward pass does.
 
@@ -211,7 +214,7 @@ def bench_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig train.py builds from the flags run_saesweep passes (lr aside)."""
     return TrainConfig(
         train_data=DataConfig(uri=args.uri, shards=":-1"),
-        val_data=DataConfig(uri="", shards="-1:"),
+        val_data=DataConfig(uri=args.val_uri, shards="-1:"),
         n_train=args.n_train,
         n_val=args.n_val,
         batch_size=args.batch_size,
@@ -287,6 +290,7 @@ def run_saesweep(args: argparse.Namespace, arch: str, work: Path, d_in: int) -> 
         "--executor": "debug",
         "--runs-root": runs_root,
         "--train-data.uri": cfg.train_data.uri,
+        "--val-data.uri": cfg.val_data.uri,
         "--n-train": cfg.n_train,
         "--n-val": cfg.n_val,
         "--batch-size": cfg.batch_size,
@@ -539,6 +543,12 @@ def parse_lrs(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uri", default="data/demo")
+    parser.add_argument(
+        "--val-uri",
+        default="",
+        help="evaluate on this collection's last shard instead (the same tokens, e.g. the "
+        "bfloat16 collection of an 8-bit one)",
+    )
     parser.add_argument("--n-train", type=int, default=1_000_000)
     parser.add_argument("--n-val", type=int, default=100_000, help="held-out tokens at most")
     parser.add_argument("--d-sae", type=int, default=1536)
