@@ -467,7 +467,11 @@ def bench_collect(args: argparse.Namespace) -> None:
     from saesweep.collect.config import CollectConfig, load_toml
 
     base = load_toml(Path(args.config)) if args.config else CollectConfig()
-    base = _replace(base, max_tokens=args.max_tokens, progress=False)
+    from saesweep.memory import resolve_device
+
+    base = _replace(
+        base, max_tokens=args.max_tokens, progress=False, device=resolve_device(base.device)
+    )
     forward_only(base, base.batch_size)  # warm-up: imports, model load, first-batch costs
     bare = measure("forward", lambda: forward_only(base, args.max_tokens), 0, 1)
     print(f"bare forward pass: {bare.tokens_per_s:,.0f} tokens/s ({bare.seconds:.1f} s)")
