@@ -5,6 +5,7 @@
   uv run benchmarks/bench.py transcode SRC DST [--act-dtype float8_e4m3fn]
                                                                 a collection in another dtype
   uv run benchmarks/bench.py dtypes [--gb 1 --d-model 768]      bf16 against fp8: bytes, reads
+  uv run benchmarks/bench.py decode [--device cuda]             fp8 decode against bf16 widening
   uv run benchmarks/bench.py reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
   uv run benchmarks/bench.py sae [--arch switch --device cuda --bf16]  SAE training tokens/s
   uv run benchmarks/bench.py matmul [--n-saes 3 --device cuda]  member_bmm against torch.bmm
@@ -289,6 +290,33 @@ DTYPE_PAIR = ("bfloat16", "float8_e4m3fn")
 """The baseline and the dtype bench_dtypes compares with it."""
 
 
+def bench_decode(args: argparse.Namespace) -> None:
+    """Tokens/s of decoding a batch of float8_e4m3fn with scales to float32 on the device
+    (the CPU: numpy's bit path into a reused buffer, and torch's conversion), against widening
+    the same batch from bfloat16 (torch), in the same run."""
+    from saesweep.format.quant import dequantize, dequantize_on_cpu, quantize
+
+    device = torch.device(args.device)
+    x = torch.randn(args.batch_size, args.d_model)
+    values, scales = (t.to(device) for t in quantize(x, torch.float8_e4m3fn))
+    wide = x.to(torch.bfloat16).to(device)
+    out = torch.empty(x.shape, device=device)
+    runs = {
+        "bf16 -> fp32 (torch)": lambda: out.copy_(wide),
+        "fp8 x scale -> fp32 (torch)": lambda: dequantize(values, scales),
+    }
+    if device.type == "cpu":
+        runs["fp8 x scale -> fp32 (numpy bits)"] = lambda: dequantize_on_cpu(values, scales, out)
+    seconds = {
+        name: min(_timed(lambda a, b, f=f: f(), None, None, args.device) for _ in range(20))
+        for name, f in runs.items()
+    }
+    base = seconds["bf16 -> fp32 (torch)"]
+    print(f"{args.batch_size} x {args.d_model} on {device} ({torch.get_num_threads()} threads):")
+    for name, sec in seconds.items():
+        print(f"  {name:<34} {args.batch_size / sec:>14,.0f} tokens/s  {base / sec:.2f}x bf16")
+
+
 def _read_dtype(uri: str, args: argparse.Namespace) -> tuple[float, Measured]:
     """(bytes per token of the collection's files, the fastest Reader run over it)."""
     store = open_store(uri)
@@ -523,6 +551,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--repeat", type=int, default=3, help="report the fastest of this many runs")
     d.add_argument("--dir", default=None, help="local parent directory (default: a temporary one)")
     d.add_argument("--s3-out", default="s3://saesweep-bench/dtypes")
+    e = sub.add_parser("decode", help="fp8 decode against bf16 widening, tokens/s")
+    e.add_argument("--batch-size", type=int, default=4096)
+    e.add_argument("--d-model", type=int, default=768)
+    e.add_argument("--device", default="cpu")
     r = sub.add_parser("reader", help="Reader vs raw reads vs the naive loader, and SAE speed")
     r.add_argument("uri")
     r.add_argument("--hook", default=None)
@@ -579,6 +611,8 @@ def main(argv: list[str] | None = None) -> None:
         transcode(args.src, args.dst, args.act_dtype)
     elif args.command == "dtypes":
         bench_dtypes(args)
+    elif args.command == "decode":
+        bench_decode(args)
     elif args.command == "reader":
         bench_reader(args)
     elif args.command == "sae":

@@ -11,16 +11,14 @@ from test_collect import small_disk  # noqa: F401 (a fixture: a real 3 MiB tmpfs
 
 from saesweep.errors import UserError
 from saesweep.evaluate.report import load_results
-from saesweep.train.checkpoint import (
+from saesweep.format.rundir import (
     WEIGHTS_CHECKSUM,
-    commit_state,
     load_sae,
-    load_state,
     save_sae,
-    saved_state,
     write_json,
     write_tensors,
 )
+from saesweep.train.checkpoint import commit_state, load_state, saved_state
 
 
 def test_truncated_trainer_state_is_one_sentence(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +25,8 @@ from saesweep.evaluate.downstream import (
     rebuild_sequences,
 )
 from saesweep.evaluate.steering import prompt_ids, steer, steering
+from saesweep.format.rundir import load_sae, save_sae
 from saesweep.sae.export import apply_exported, exported_acts
-from saesweep.train.checkpoint import load_sae, save_sae
 
 
 def collect_small(out: Path, model: str, max_tokens: int, **kw) -> str:
@@ -269,3 +272,41 @@ def test_downstream_while_training_matches_the_final_evaluation(colls, tmp_path)
     assert evals[-1]["eval/kl"] == pytest.approx(final["kl"], abs=1e-5)
     assert evals[0]["eval/kl"] != evals[-1]["eval/kl"]
     assert all(x["eval/seconds"] > 0 for x in evals)
+
+
+def test_a_run_killed_before_its_metrics_resumes_to_the_same_metrics(tmp_path):
+    """Killed after every run is exported and before its metrics.json (the commit point) is
+    written, a sweep is unfinished, and --resume evaluates it to the metrics of an
+    uninterrupted run, downstream fidelity included."""
+    from test_train import only_dir, run_train
+
+    uri = collect_small(tmp_path / "coll", "demo", 6000)
+    args = ["--sweep", "sweeps/lr_grid.py", "--executor", "debug", "--train-data.uri", uri,
+            "--train-data.collect", "", "--n-train", "2048", "--batch-size", "128",
+            "--n-val", "512", "--sae.d-sae", "64", "--sae.k", "4", "--wandb-mode", "disabled",
+            "--downstream-sequences", "64"]  # fmt: skip
+    ref = run_train(*args, "--runs-root", str(tmp_path / "ref"))
+    assert ref.wait() == 0, ref.stderr.read()
+    proc = run_train(*args, "--runs-root", str(tmp_path / "killed"))
+    runs = tmp_path / "killed"
+    for _ in range(6000):
+        if proc.poll() is not None or len(list(runs.glob("*/runs/*/metrics.pending.json"))) == 6:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = only_dir(runs)
+    assert len(list(killed.glob("runs/*/metrics.pending.json"))) == 6, "killed too late"
+    assert not list(killed.glob("runs/*/metrics.json"))
+    resumed = run_train("--resume", str(killed), "--executor", "debug")
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert not list(killed.glob("runs/*/metrics.pending.json"))
+    ref_dir = only_dir(tmp_path / "ref")
+    for run in sorted(p.name for p in (ref_dir / "runs").iterdir()):
+        want, got = (json.loads((d / "runs" / run / "metrics.json").read_text())
+                     for d in (ref_dir, killed))  # fmt: skip
+        assert "final_mse_sae" in want, want
+        assert {k: v for k, v in got.items() if k != "wall_s"} == {
+            k: v for k, v in want.items() if k != "wall_s"
+        }, run

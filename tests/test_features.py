@@ -17,9 +17,9 @@ from saesweep.collect.run import collect
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import downstream_metrics, read_collection
 from saesweep.evaluate.features import inspect_features, token_text, write_page
+from saesweep.format.rundir import load_sae
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import exported_acts
-from saesweep.train.checkpoint import load_sae
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 

@@ -45,6 +45,24 @@ def test_cuda_batches_equal_cpu_batches(coll):
     assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
 
 
+def test_fp8_decoded_on_cuda_equals_the_cpu_decode(tmp_path):
+    """Scaled 8-bit batches travel to the GPU as bytes and scales and are decoded there, bit
+    for bit as the CPU's numpy decode, with the pinned 8-bit buffers reused safely."""
+    uri = str(tmp_path / "fp8")
+    make_collection(uri, [3000, 2500, 4100, 1700], d=D_IN, dtype=torch.float8_e4m3fn)
+    kw = dict(batch_size=256, shuffle_tokens=5000, seed=3, epochs=2)
+    want = list(Reader(uri, **kw))
+    busy = torch.randn(4096, 4096, device="cuda")
+    got = []
+    for batch in Reader(uri, device="cuda", **kw):
+        assert batch.is_cuda and batch.dtype == torch.float32
+        for _ in range(4):
+            busy = busy @ busy / busy.norm()
+        got.append(batch)
+    assert len(got) == len(want)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+
+
 def _loss_and_grads(sae, x):
     loss = sae.loss(x).loss
     loss.sum().backward()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from synthetic import make_collection
 
+from saesweep.format.rundir import load_sae
 from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported, exported_acts
-from saesweep.train.checkpoint import load_sae
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 

@@ -14,9 +14,9 @@ from test_train import cfg as train_cfg
 
 from saesweep import Reader
 from saesweep.errors import UserError
+from saesweep.format.rundir import load_sae
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
-from saesweep.train.checkpoint import load_sae
 from saesweep.train.config import DataConfig
 from saesweep.train.preflight import check_data
 from saesweep.train.sweep import make_config, split_groups

@@ -10,7 +10,6 @@ on the probe carried by other, probe-aligned latents instead of the main ones.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,8 +21,8 @@ from torch import Tensor
 
 from saesweep.configtools import at_least, fraction
 from saesweep.evaluate.downstream import load_run, read_collection
+from saesweep.format.rundir import merge_metrics
 from saesweep.sae.export import exported_acts
-from saesweep.train.checkpoint import write_json
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 EPS = 1e-8
@@ -296,14 +295,6 @@ def absorption_metrics(
     return absorption_of(runs, tokens, cfg or AbsorptionConfig(), {"absorption_shards": shards})
 
 
-def write_absorption(run_dirs: list[Path], results: list[dict]) -> None:
-    """Merge each run's absorption metrics into its metrics.json (rewritten atomically)."""
-    for run_dir, extra in zip(run_dirs, results, strict=True):
-        path = Path(run_dir) / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
-        write_json(path, metrics | extra)
-
-
 def add_absorption(
     run_dirs: list[Path],
     uri: str,
@@ -315,5 +306,5 @@ def add_absorption(
     metrics.json."""
     dirs = [Path(d) for d in run_dirs]
     results = absorption_metrics(dirs, uri, shards, cfg, anonymous)
-    write_absorption(dirs, results)
+    merge_metrics(dirs, results)
     return results

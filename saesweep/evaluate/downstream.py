@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,10 @@ from saesweep.collect.source import split_sequences
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook
+from saesweep.format.rundir import load_sae, merge_metrics
 from saesweep.format.shards import decode_shard, shard_problem
 from saesweep.sae.export import apply_exported
 from saesweep.store import open_store
-from saesweep.train.checkpoint import load_sae, write_json
 
 Run = str | Path | tuple[dict, dict[str, Tensor]]
 Positions = Literal["stored", "all"]
@@ -546,13 +545,5 @@ def add_downstream(
     results = downstream_metrics_many(
         dirs, uri, n_sequences, device, shards=shards, batch_size=batch_size, anonymous=anonymous
     )
-    write_downstream(dirs, results)
+    merge_metrics(dirs, results)
     return results
-
-
-def write_downstream(dirs: list[Path], results: list[dict]) -> None:
-    """Add each run's downstream metrics to its metrics.json (rewritten atomically)."""
-    for run_dir, extra in zip(dirs, results, strict=True):
-        path = run_dir / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
-        write_json(path, metrics | extra)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
-from saesweep.train.checkpoint import check_unit, write_json
+from saesweep.format.rundir import check_unit, write_json
 
 COLUMNS = (
     "run",

@@ -1,84 +1,18 @@
-"""Atomic files: SAE checkpoints in the SAELens layout (committed as one unit), and the group
-trainer's state."""
+"""The group trainer's state, committed atomically (the run directory itself is
+format.rundir's)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from saesweep.errors import UserError
-from saesweep.format.shards import checksum, file_checksum
-from saesweep.store.file import write_atomic
-
-CHECKPOINT_SCHEMA = 1
-WEIGHTS_CHECKSUM = "saesweep_weights_checksum"
-"""The key, in a run's cfg.json and metrics.json, of the checksum of the
-sae_weights.safetensors they were written with: what binds the three files into one unit."""
-
-
-def write_json(path: Path, value) -> None:
-    text = json.dumps(value, indent=1, default=_json_default)
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def _json_default(obj):
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-def write_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> bytes:
-    """Write `tensors` as a safetensors file, atomically; returns the bytes written."""
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    data = save(contiguous, metadata=metadata)  # bytes: a full disk is an OSError, not Rust's
-    write_atomic(path, lambda f: f.write(data))
-    return data
-
-
-def save_sae(run_dir: Path, weights: dict[str, torch.Tensor], sae_cfg: dict, metrics: dict) -> None:
-    """One trained SAE, committed as one unit: sae_weights.safetensors, cfg.json, then
-    metrics.json, the commit point (resume, the report and `group_finished` look for it), which
-    is removed first. cfg.json and metrics.json carry the checksum of the weights they were
-    written with (WEIGHTS_CHECKSUM), which load_sae and the report check: whenever and wherever
-    a write stops, no reader takes one checkpoint's weights with another's cfg or metrics."""
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    data = write_tensors(run_dir / "sae_weights.safetensors", weights)
-    unit = {WEIGHTS_CHECKSUM: checksum(data)}
-    write_json(
-        run_dir / "cfg.json", {**sae_cfg, "saesweep_schema_version": CHECKPOINT_SCHEMA, **unit}
-    )
-    write_json(run_dir / "metrics.json", {**metrics, **unit})
-
-
-def check_unit(run_dir: Path, cfg: dict, metrics: dict | None = None) -> None:
-    """A UserError unless `metrics` (a run's metrics.json, when given) and the run's weights
-    are the ones its `cfg` (cfg.json) was committed with. Checkpoints without the checksum
-    (SAELens's own, older saesweep) pass."""
-    expected = cfg.get(WEIGHTS_CHECKSUM)
-    if expected is None:
-        return
-    if metrics is not None and metrics.get(WEIGHTS_CHECKSUM, expected) != expected:
-        torn = "metrics.json"
-    elif metrics is None and file_checksum(run_dir / "sae_weights.safetensors") != expected:
-        torn = "sae_weights.safetensors"
-    else:
-        return
-    raise UserError(
-        f"{run_dir / torn} is not the one {run_dir / 'cfg.json'} was written with (a checkpoint "
-        "write was interrupted, or files were copied between runs); resume the sweep to "
-        "rewrite the run, or copy the run directory whole"
-    )
-
+from saesweep.format.rundir import write_json
 
 COMMIT_FILE = "state.json"
 """A group's trainer-state commit, in its state directory: the step, reader position and
@@ -131,10 +65,3 @@ def _damaged_state(path: Path):
             f"the trainer state {path} is damaged ({err}); delete it to train that group "
             "from its start, or resume from a copy"
         ) from None
-
-
-def load_sae(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(cfg.json, weights) of a checkpoint, checked to be one unit (check_unit)."""
-    cfg = json.loads((run_dir / "cfg.json").read_text())
-    check_unit(run_dir, cfg)
-    return cfg, load_file(str(run_dir / "sae_weights.safetensors"))

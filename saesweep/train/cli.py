@@ -131,7 +131,7 @@ def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig
 
 
 def write_sweep_json(sweep_dir: Path, cfgs: list[TrainConfig], groups, argv: list[str]) -> None:
-    from saesweep.train.checkpoint import write_json
+    from saesweep.format.rundir import write_json
 
     write_json(
         sweep_dir / "sweep.json",

@@ -18,21 +18,21 @@ from pathlib import Path
 import torch
 
 from saesweep.errors import UserError
-from saesweep.evaluate.absorption import absorption_of, write_absorption
-from saesweep.evaluate.downstream import HeldOutText, load_run, measure, write_downstream
+from saesweep.evaluate.absorption import absorption_of
+from saesweep.evaluate.downstream import HeldOutText, load_run, measure
 from saesweep.evaluate.metrics import evaluate_stacks
+from saesweep.format.rundir import (
+    METRICS,
+    WEIGHTS_CHECKSUM,
+    commit_metrics,
+    export_sae,
+    write_tensors,
+)
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
-from saesweep.train.checkpoint import (
-    WEIGHTS_CHECKSUM,
-    commit_state,
-    load_state,
-    save_sae,
-    saved_state,
-    write_tensors,
-)
+from saesweep.train.checkpoint import commit_state, load_state, saved_state
 from saesweep.train.config import TrainConfig
 from saesweep.train.distributed import (
     DataParallelSync,
@@ -304,8 +304,11 @@ class GroupTrainer:
         }
 
     def _finish(self, logs: dict[int, RunLog]) -> list[dict]:
-        """Evaluate and export every run, then (rank 0) downstream fidelity and absorption of
-        the whole group; the group's metrics on rank 0, this rank's on the others."""
+        """Commit the trained state, evaluate and export every run, then (rank 0) measure
+        downstream fidelity and absorption of the whole group and commit each run's metrics.json
+        once, last; the group's metrics on rank 0, this rank's on the others. A stop before a
+        run's metrics.json leaves it unfinished: a resume evaluates it again from the state."""
+        self.save_state()
         if self.reported:
             evals = self._evaluate(self._held_out())
             for stack in self.stacks:
@@ -313,39 +316,40 @@ class GroupTrainer:
                     self._export(stack, j, i, evals[i])
         self.world.barrier()
         if self.world.leader:
-            self._downstream()
-            self._absorption()
+            evaluations = [{} for _ in self.run_dirs]
+            for extra in (self._downstream(), self._absorption()):
+                evaluations = [e | x for e, x in zip(evaluations, extra, strict=True)]
+            for run_dir, evaluation in zip(self.run_dirs, evaluations, strict=True):
+                commit_metrics(run_dir, evaluation)
         self.world.barrier()
         dirs = self.run_dirs
-        results = {i: json.loads((d / "metrics.json").read_text()) for i, d in enumerate(dirs)}
+        results = {i: json.loads((d / METRICS).read_text()) for i, d in enumerate(dirs)}
         for i, log in logs.items():
             metrics = results[i]
             summary = {k: v for k, v in metrics.items() if k not in SUMMARY_SKIPS}
             log.finish(summary, metrics["failed"])
-        self.save_state()
         return list(results.values()) if self.world.leader else [results[i] for i in self.reported]
 
-    def _downstream(self) -> None:
-        """Add loss recovered / KL (or the encoder score) to every metrics.json."""
+    def _downstream(self) -> list[dict]:
+        """Every run's loss recovered / KL (or the encoder score); {} each when not measured."""
         n = self.cfgs[0].downstream_sequences
         saes = [load_run(d) for d in self.run_dirs] if n > 0 else []
         results = self._measure_downstream(saes, n, "after training")
-        if results is not None:
-            write_downstream(self.run_dirs, results)
+        return results if results is not None else [{} for _ in self.run_dirs]
 
-    def _absorption(self) -> None:
-        """Add feature absorption to every metrics.json: on the held-out documents of a live
-        source, the held-out shards of a store."""
+    def _absorption(self) -> list[dict]:
+        """Every run's feature absorption ({} each when not measured): on the held-out
+        documents of a live source, the held-out shards of a store."""
         cfg = self.cfgs[0]
+        none = [{} for _ in self.run_dirs]
         if cfg.absorption.n_tokens <= 0:
-            return
+            return none
         tokens, recorded = held_out_tokens(cfg)
         try:
-            write_absorption(
-                self.run_dirs, absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
-            )
+            return absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
+            return none
 
     def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
         cfg, run_dir = self.cfgs[i], self.run_dirs[i]
@@ -366,7 +370,7 @@ class GroupTrainer:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
         sae_cfg, weights = self._checkpoint(stack, j, i)
-        save_sae(run_dir, weights, sae_cfg, metrics)
+        export_sae(run_dir, weights, sae_cfg, metrics)
 
     def _checkpoint(self, stack: Stack, j: int, i: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """(cfg.json, weights) of member j of `stack` (run i) as it is now, acting on raw
