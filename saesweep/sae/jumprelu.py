@@ -82,9 +82,13 @@ class JumpReLUSAE(StackedSAE):
     step, so a threshold moves by a fraction lr of itself: from a small initial value it
     hardly moves in a run of a few thousand steps (docs/training.md has the measurement).
 
-    Both straight-through estimators see the raw pre-activation, as in the paper, SAELens and
-    dictionary_learning: a ReLU before them would make every negative pre-activation an atom at
-    0, inside the kernel window whenever threshold < bandwidth / 2.
+    Both straight-through estimators see the raw pre-activation, as in the paper and SAELens
+    (dictionary_learning applies its L0 step function to the JumpReLU output instead, whose
+    zeros sit inside the kernel window whenever threshold < bandwidth / 2): a ReLU before them
+    would make every negative pre-activation such an atom at 0.
+
+    The encoder reads x - b_dec (StackedSAE.subtract_b_dec, as SAELens's default); the
+    paper and dictionary_learning encode x itself.
     """
 
     arch = "jumprelu"
