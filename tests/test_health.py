@@ -29,7 +29,7 @@ def test_healthy_run_passes_and_names_what_was_not_measured():
         ({"loss_recovered": 0.65}, "warn", "loss recovered 65 % < 70 %"),
         ({"l0": 8.0}, "warn", "L0 8 < 20"),
         ({"l0": 200.4}, "warn", "L0 200.4 > 200"),
-        ({"absorption": 0.31}, "warn", "absorption 0.31 > 0.25"),
+        ({"absorption": 0.31, "absorption_letters": 20}, "warn", "absorption 0.31 > 0.25"),
     ],
 )
 def test_each_threshold(change, verdict, reason):
@@ -38,10 +38,25 @@ def test_each_threshold(change, verdict, reason):
 
 
 def test_worst_check_wins_and_every_reason_is_kept():
-    health = assess(HEALTHY | {"l0": 300.0, "dead_pct": 34.0, "absorption": 0.1})
+    health = assess(
+        HEALTHY | {"l0": 300.0, "dead_pct": 34.0, "absorption": 0.1, "absorption_letters": 26}
+    )
     assert health.verdict == "fail"
     assert health.reasons == ("L0 300 > 200", "dead 34 % > 20 %")
     assert health.not_measured == ()
+
+
+@pytest.mark.parametrize("letters", [None, 0, 3, 19])
+def test_absorption_over_fewer_than_20_letters_is_indicative(letters):
+    """SAEBench judges absorption only over at least 20 letters: over fewer (the demo has 3)
+    the value is shown as a note, and never warns."""
+    measured = {"absorption": 0.5} | ({} if letters is None else {"absorption_letters": letters})
+    health = assess(HEALTHY | measured)
+    assert (health.verdict, health.reasons, health.not_measured) == ("pass", (), ())
+    note = f"absorption 0.5 indicative ({letters or 0} letters < 20)"
+    assert health.notes == (note,) and health.summary() == note
+    fewer = assess(HEALTHY | measured, HealthConfig(absorption_min_letters=max(letters or 0, 1)))
+    assert fewer.verdict == ("warn" if letters else "pass")
 
 
 def test_encoder_score_stands_in_for_loss_recovered():

@@ -255,8 +255,11 @@ def test_absorption_of_every_run_reaches_the_report(sweep):
         assert float(line["absorption"]) == pytest.approx(a["absorption"])
         assert m["absorption_by_letter"] == a["absorption_by_letter"]
         assert "absorption" not in m["health_not_measured"]
-        assert (f"absorption {a['absorption']:.2f}" in line["health_reasons"]) == (
-            a["absorption"] > 0.25
-        )
+        assert int(line["absorption_letters"]) == a["absorption_letters"] < 20
+        (note,) = m["health_notes"]
+        assert note.endswith(f" indicative ({a['absorption_letters']} letters < 20)")
+        assert float(note.split()[1]) == pytest.approx(a["absorption"], abs=5e-3)
+        assert note in line["health_reasons"]
+        assert not any("absorption" in r for r in m["health_reasons"]), "fewer than 20 letters"
     assert best_runs(rows)["absorption"]["absorption"] == min(a["absorption"] for a in added)
     assert imread(sweep / "pareto.png").shape[:2] == (550, 3 * 715)

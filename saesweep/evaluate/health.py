@@ -35,7 +35,10 @@ class HealthConfig:
     dead_fail_pct: float = field(default=20.0, metadata=at_least(0))
     """Dead latents (% of d_sae) above this fail."""
     absorption_max: float = field(default=0.25, metadata=fraction())
-    """Mean absorption fraction above this warns."""
+    """Mean absorption fraction above this warns..."""
+    absorption_min_letters: int = field(default=20, metadata=at_least(1))
+    """... when it rests on at least this many letters (absorption_letters; SAEBench's
+    minimum): over fewer the value is shown as indicative and never warns."""
 
     def __post_init__(self) -> None:
         for low, high in (("recovered_fail", "recovered_pass"), ("l0_min", "l0_max")):
@@ -47,15 +50,19 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class Health:
-    """A run's verdict, the reasons for anything short of pass, and the metrics not measured."""
+    """A run's verdict, the reasons for anything short of pass, the metrics not measured, and
+    notes on metrics measured but not judged (too little evidence)."""
 
     verdict: Verdict
     reasons: tuple[str, ...]
     not_measured: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        """Reasons, then "<metric> not measured" for each missing one, joined by "; "."""
-        return "; ".join([*self.reasons, *(f"{m} not measured" for m in self.not_measured)])
+        """Reasons, "<metric> not measured" for each missing one, then the notes, joined by
+        "; "."""
+        missing = [f"{m} not measured" for m in self.not_measured]
+        return "; ".join([*self.reasons, *missing, *self.notes])
 
 
 def assess(metrics: dict, cfg: HealthConfig | None = None) -> Health:
@@ -65,17 +72,19 @@ def assess(metrics: dict, cfg: HealthConfig | None = None) -> Health:
         return Health("fail", ("training failed (a non-finite loss or gradient)",), ())
     checks = [_fidelity(metrics, cfg), _l0(metrics, cfg), _dead(metrics, cfg)]
     checks.append(_absorption(metrics, cfg))
-    found = [c for c in checks if isinstance(c, tuple)]
+    found = [c for c in checks if isinstance(c, tuple) and c[0] in LEVELS]
     verdict = max((level for level, _ in found), key=LEVELS.index, default="pass")
     return Health(
         verdict,
         tuple(reason for _, reason in found),
         tuple(c for c in checks if isinstance(c, str)),
+        tuple(text for c in checks if isinstance(c, tuple) and c[0] == "note" for text in c[1:]),
     )
 
 
-Check = tuple[Verdict, str] | str | None
-"""(warn|fail, reason); the name of a metric that is not measured; or None for a pass."""
+Check = tuple[Verdict | Literal["note"], str] | str | None
+"""(warn|fail, reason); ("note", text) for a value shown but not judged; the name of a metric
+that is not measured; or None for a pass."""
 
 
 def fidelity_key(metrics: dict) -> str:
@@ -121,9 +130,14 @@ def _dead(metrics: dict, cfg: HealthConfig) -> Check:
 
 
 def _absorption(metrics: dict, cfg: HealthConfig) -> Check:
-    value = metrics.get("absorption")
+    value, letters = metrics.get("absorption"), metrics.get("absorption_letters", 0)
     if not _measured(value):
         return "absorption"
+    if letters < cfg.absorption_min_letters:
+        shown = _pair(value, cfg.absorption_max)[0]
+        return "note", (
+            f"absorption {shown} indicative ({letters} letters < {cfg.absorption_min_letters})"
+        )
     if value > cfg.absorption_max:
         shown = _pair(value, cfg.absorption_max)
         return "warn", f"absorption {shown[0]} > {shown[1]}"

@@ -30,6 +30,7 @@ COLUMNS = (
     "mse",
     "loss_recovered",
     "absorption",
+    "absorption_letters",
     "health",
     "health_reasons",
     "tokens_seen",
@@ -135,7 +136,8 @@ def _finite(value) -> bool:
 
 def record_health(rows: list[dict], health: HealthConfig | None = None) -> None:
     """Write each row's verdict into its run's metrics.json (atomically): `health`,
-    `health_reasons`, `health_not_measured` and the `health_thresholds` it was judged by."""
+    `health_reasons`, `health_not_measured`, `health_notes` and the `health_thresholds` it was
+    judged by."""
     thresholds = dataclasses.asdict(health or HealthConfig())
     for row in rows:
         verdict = row["_health"]
@@ -143,6 +145,7 @@ def record_health(rows: list[dict], health: HealthConfig | None = None) -> None:
             "health": verdict.verdict,
             "health_reasons": list(verdict.reasons),
             "health_not_measured": list(verdict.not_measured),
+            "health_notes": list(verdict.notes),
             "health_thresholds": thresholds,
         }
         write_json(row["_path"], row["_metrics"] | fields)
