@@ -172,7 +172,10 @@ def _ensure_bucket(store) -> None:
 def read_reader(uri: str, batch_size: int, **kwargs) -> int:
     from saesweep.data.reader import Reader
 
-    return sum(len(batch) for batch in Reader(uri, batch_size=batch_size, **kwargs))
+    n_tokens = sum(len(batch) for batch in Reader(uri, batch_size=batch_size, **kwargs))
+    if str(kwargs.get("device", "cpu")).startswith("cuda"):
+        torch.cuda.synchronize()
+    return n_tokens
 
 
 def read_raw_local(paths: list[Path], sizes: list[int]) -> None:
@@ -237,7 +240,9 @@ def bench_reader(args: argparse.Namespace) -> None:
     raw, naive, before = _baselines(store, meta["hook"], names, sizes, args)
 
     def reader() -> int:
-        kwargs = dict(n_workers=args.n_workers, s3_connections=args.s3_connections)
+        kwargs = dict(
+            n_workers=args.n_workers, s3_connections=args.s3_connections, device=args.device
+        )
         if args.shuffle_tokens:
             kwargs["shuffle_tokens"] = args.shuffle_tokens
         return read_reader(args.uri, args.batch_size, hook=meta["hook"], **kwargs)
@@ -568,6 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--exp-factor", type=int, default=16)
     r.add_argument("--k", type=int, default=32)
     r.add_argument("--n-saes", type=int, default=1, help="SAEs trained on each batch")
+    r.add_argument("--device", default="cpu", help="where the Reader delivers (cuda: GPU memory)")
     t = sub.add_parser("sae", help="training tokens/s of a stack of SAEs on random data")
     t.add_argument(
         "--arch", default="topk", choices=["topk", "batchtopk", "switch", "relu", "jumprelu"]
