@@ -240,6 +240,23 @@ def test_dry_run_shows_each_groups_device_and_slurm_request(capsys, tmp_path):
     assert "4 processes, parallel sae" in out
 
 
+def test_switch_in_data_parallel_is_refused_before_launch(tmp_path, capsys):
+    """Switch's load balance and capacity are over the whole batch: split by --parallel data
+    they would differ from one process, so such a group is refused in one sentence, before
+    any sweep directory or job."""
+    from saesweep.train.cli import main
+
+    make_collection(str(tmp_path / "coll"), [512] * 3)
+    flags = ["--train-data.uri", str(tmp_path / "coll"), "--train-data.collect", "",
+             "--procs-per-group", "2", "--parallel", "data", "--device", "cpu",
+             "--runs-root", str(tmp_path / "runs")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(["--sweep", str(ROOT / "sweeps/archs.py"), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "trains Switch SAEs (runs switch), whose load" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
 def test_every_slurm_setting_has_a_flag():
     flags = [
         "--slurm-acct",

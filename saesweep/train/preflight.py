@@ -67,6 +67,15 @@ def check_processes(group: Group, executor: str) -> None:
             f"{where} has {len(group.cfgs)} SAEs for {procs} processes; lower "
             "--procs-per-group or use --parallel data"
         )
+    switch = [c.tag or str(i) for i, c in zip(group.run_ids, group.cfgs, strict=True)
+              if c.sae.arch == "switch"]  # fmt: skip
+    if cfg.parallel == "data" and switch:
+        raise UserError(
+            f"{where} trains Switch SAEs (runs {', '.join(switch)}), whose load balance and "
+            "expert capacity are over the whole batch, which --parallel data would split; use "
+            "--parallel sae, or put the Switch SAEs in a group of their own with "
+            "--procs-per-group 1"
+        )
     if cfg.parallel == "data" and cfg.batch_size % procs:
         raise UserError(
             f"{where}: batch_size {cfg.batch_size} does not split over {procs} processes; "
