@@ -134,3 +134,59 @@ def test_printed_names_cannot_drive_the_terminal(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "\x1b" not in out + err and "\r" not in out + err
     assert "x\\x1b[2K\\rverified" in out and "x\\x1b[2K\\rverified" in err
+
+
+def crafted_shard(root: Path, meta: dict, change) -> None:
+    """Shard 0 with its safetensors header changed by `change` (a function of the parsed
+    header), listed in the manifest with its new size and checksum, as a crafted collection
+    would be."""
+    from saesweep.format.shards import checksum
+
+    path = root / HOOK / meta["shards"][0]["name"]
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(change(json.loads(data[8 : 8 + length]))).encode()
+    crafted = struct.pack("<Q", len(header)) + header + data[8 + length :]
+    path.write_bytes(crafted)
+    meta["shards"][0] |= {"n_bytes": len(crafted), "checksum": checksum(crafted)}
+    rewrite(root, meta)
+
+
+SHAPE = r"('acts' are not lists of integers|acts has shape \[.*\], but the manifest says 50 rows)"
+"""The Reader checks the header's shape itself; the other readers check the rows first."""
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda h: [h], "its safetensors header is not a JSON object"),
+        (lambda h: h | {"acts": h["acts"] | {"shape": [-50, -4]}}, SHAPE),
+        (lambda h: h | {"acts": h["acts"] | {"shape": [50.0, 4]}}, SHAPE),
+        (lambda h: h | {"acts": h["acts"] | {"data_offsets": ["0", "9"]}}, "'acts' are not"),
+        (lambda h: h | {"acts": h["acts"] | {"data_offsets": [0]}}, "'acts' are not lists of"),
+    ],
+)
+def test_a_crafted_shard_header_is_one_sentence_naming_the_shard(tmp_path, change, message):
+    root, meta = collection(tmp_path)
+    crafted_shard(root, meta, change)
+    name = meta["shards"][0]["name"]
+    for read in (
+        lambda: list(Reader(str(root))),
+        lambda: read_collection(str(root), None, ":", names=("acts",)),
+    ):
+        with pytest.raises(UserError, match=f"{name}.*{message}.*; recollect it") as err:
+            read()
+        assert "\n" not in str(err.value)
+    assert shell_main([str(root), f"inspect {HOOK}/{name}"]) == 1
+
+
+def test_verify_checks_each_shards_rows_against_the_manifest(tmp_path, capsys):
+    root, meta = collection(tmp_path)
+    meta["shards"][1]["n_tokens"] = 10**15
+    meta["n_tokens"] = SIZES[0] + 10**15
+    rewrite(root, meta)
+    assert shell_main([str(root), "verify"]) == 1
+    out = capsys.readouterr().out
+    name = meta["shards"][1]["name"]
+    assert f"BAD {HOOK}/{name}: acts has shape [{SIZES[1]}, 16], but the manifest says " in out
+    assert "1,000,000,000,000,000 rows" in out and "verified 2 shards in 1 hook(s): 1 BAD" in out

@@ -32,7 +32,7 @@ from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.format.manifest import find_hook
 from saesweep.format.rundir import load_sae, merge_metrics
-from saesweep.format.shards import decode_shard, shard_problem
+from saesweep.format.shards import decode_shard, rows_problem, shard_problem
 from saesweep.sae.export import apply_exported
 from saesweep.store import open_store
 
@@ -109,6 +109,9 @@ def read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str
     problem = shard_problem(data, shard)
     if problem is not None:
         raise UserError(f"{where} is corrupt ({problem}); recollect it")
+    problem = rows_problem(data, shard)
+    if problem is not None:
+        raise UserError(f"{where} does not hold what its manifest says ({problem}); recollect it")
     try:
         return decode_shard(data, keep, where)
     except ValueError as err:

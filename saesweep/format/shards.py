@@ -108,9 +108,12 @@ def safetensors_header(data, where: str) -> tuple[dict, int]:
         (length,) = struct.unpack("<Q", data[:8])
         if length > min(len(data) - 8, MAX_HEADER_BYTES):
             raise ValueError
-        return json.loads(bytes(data[8 : 8 + length])), 8 + length
+        header = json.loads(bytes(data[8 : 8 + length]))
     except (struct.error, ValueError) as err:
         raise ValueError(f"{where} is not a safetensors file") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: its safetensors header is not a JSON object")
+    return header, 8 + length
 
 
 def decode_shard(
@@ -134,10 +137,18 @@ def _tensor_view(data, data_start: int, header: dict, name: str, where: str) -> 
     info = header.get(name)
     if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
         raise ValueError(f"{where} holds no tensor {name!r} of a shard's dtypes")
-    dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info.get("shape")
-    start, end = info.get("data_offsets", (0, -1))
-    n_bytes = math.prod(shape) * dtype.itemsize if isinstance(shape, list) else -1
-    if end - start != n_bytes or start < 0 or data_start + end > len(data):
+    dtype, shape, offsets = (
+        SAFETENSORS_DTYPES[info["dtype"]],
+        info.get("shape"),
+        info.get("data_offsets"),
+    )
+    if not _counts(shape) or not (_counts(offsets) and len(offsets) == 2):
+        raise ValueError(
+            f"{where}: the header's shape or data_offsets of {name!r} are not lists of "
+            "integers of 0 or more"
+        )
+    (start, end), n_bytes = offsets, math.prod(shape) * dtype.itemsize
+    if end - start != n_bytes or data_start + end > len(data):
         raise ValueError(f"{where}: the header's shape or offsets of {name!r} do not fit the file")
     with warnings.catch_warnings():  # read-only file mappings: the views are only read
         warnings.filterwarnings("ignore", "The given buffer is not writable")
@@ -147,6 +158,13 @@ def _tensor_view(data, data_start: int, header: dict, name: str, where: str) -> 
     return flat.view(shape)
 
 
+def _counts(value) -> bool:
+    """Whether `value` is a list of integers (not booleans) of 0 or more."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
 def shard_problem(data, record: dict) -> str | None:
     """Why shard bytes differ from their manifest record (n_bytes, checksum), or None."""
     if len(data) != record["n_bytes"]:
@@ -154,6 +172,20 @@ def shard_problem(data, record: dict) -> str | None:
     found = checksum(data)
     if found != record["checksum"]:
         return f"checksum mismatch (manifest {record['checksum']}, file {found})"
+    return None
+
+
+def rows_problem(data, record: dict) -> str | None:
+    """Why a shard whose bytes match its record does not hold the record's n_tokens rows in
+    every tensor its header lists (or has no readable header), or None."""
+    try:
+        header, _ = safetensors_header(data, "the file")
+    except ValueError as err:
+        return str(err)
+    for name in SHARD_TENSORS:
+        shape = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
+        if name in header and (not _counts(shape) or shape[:1] != [record["n_tokens"]]):
+            return f"{name} has shape {shape}, but the manifest says {record['n_tokens']:,} rows"
     return None
 
 

@@ -31,6 +31,7 @@ from saesweep.format.shards import (
     bytes_per_token,
     checksum,
     decode_shard,
+    rows_problem,
     safetensors_header,
     shard_problem,
 )
@@ -73,12 +74,14 @@ def hook_metadata(store: Store, hook: str) -> dict:
 
 
 def stored_shard_problem(store: Store, key: str, record: dict) -> str | None:
-    """Why the shard at `key` does not match its manifest record, or None when it does."""
+    """Why the shard at `key` does not match its manifest record (size, checksum, rows), or
+    None when it does."""
     try:
         size = store.size(key)
         if size != record["n_bytes"]:  # before reading: a size is no reason to read it all
             return f"size {size:,} bytes, manifest n_bytes {record['n_bytes']:,}"
-        return shard_problem(store.get(key), record)
+        data = store.get(key)
+        return shard_problem(data, record) or rows_problem(data, record)
     except FileNotFoundError:
         return "missing"
 
