@@ -16,11 +16,17 @@ EXIT_USER_ERROR = 2
 
 URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
 """The user name and password part of a URL (scheme://USER:PASS@host)."""
+HTTP_AFTER_HOST = re.compile(r"(\bhttps?://[^/\s?#'\"]+)([/?#][^\s'\"]*?)(?=[;:,.)]*(?:[\s'\"]|$))")
+"""What follows the host of an http(s) URL: the path, query and fragment of an endpoint,
+where a proxy's token or a signature may sit."""
 
 
 def redact(text: str) -> str:
-    """`text` with every URL's user name and password shown as *** (scheme://***@host/...)."""
-    return URL_USERINFO.sub(r"\1***@", text)
+    """`text` with every URL's user name and password shown as *** (scheme://***@host/...),
+    and whatever follows the host of an http(s) URL (an endpoint's path, query or fragment)
+    as /*** (s3:// store URIs keep their bucket and prefix: they name what to fix)."""
+    text = URL_USERINFO.sub(r"\1***@", text)
+    return HTTP_AFTER_HOST.sub(lambda m: m.group(1) + ("/***" if m.group(2) != "/" else "/"), text)
 
 
 class UserError(Exception):

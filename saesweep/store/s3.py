@@ -64,10 +64,17 @@ def endpoint_from_env() -> str | None:
     a user name or password is refused: S3 clients never send them (requests are signed with
     the AWS_* keys), so they would only be printed, into logs, by the first error message."""
     endpoint = os.environ.get("S3_ENDPOINT_URL") or None
-    if "@" in urllib.parse.urlsplit(endpoint or "").netloc:
+    parts = urllib.parse.urlsplit(endpoint or "")
+    if "@" in parts.netloc:
         raise UserError(
             f"S3_ENDPOINT_URL={redact(endpoint)} carries credentials, which S3 requests never "
             "use; remove them from the URL and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    if endpoint and (parts.scheme not in ("http", "https") or not parts.netloc or parts.query
+                     or parts.fragment):  # fmt: skip
+        raise UserError(
+            f"S3_ENDPOINT_URL={redact(endpoint)} is not an S3 endpoint (scheme http or https, a "
+            "host, no query or fragment); use a URL such as http://127.0.0.1:8333"
         )
     return endpoint
 
