@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import io
 import math
 import re
 import types
@@ -312,6 +313,11 @@ def print_help(cls: type, prog: str, usage: str) -> None:
     """`usage`, then every field of `cls` with its docstring (tyro's rendering)."""
     import tyro
 
-    print(usage)
-    with contextlib.suppress(SystemExit):
+    rendered = io.StringIO()
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(rendered):
         tyro.cli(cls, args=["--help"], prog=prog)
+    text = rendered.getvalue()
+    if text.startswith("usage:"):  # tyro's own usage line: ours replaces it
+        text = text.partition("\n\n")[2]
+    print(usage)
+    print(text, end="")

@@ -171,12 +171,17 @@ def test_bad_sweep_files_exit_2(tmp_path, source, message, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_help_lists_config_fields():
+@pytest.mark.parametrize(
+    "entry,field",
+    [("train.py", "--sae.exp-factor"), ("collect.py", "--act-dtype")],
+)
+def test_help_lists_config_fields_under_one_usage_line(entry, field):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, str(ROOT / entry), "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0
-    assert "--sae.exp-factor" in out.stdout and "Latent width as a multiple" in out.stdout
+    assert field in out.stdout and out.stdout.count("usage:") == 1
+    assert out.stdout.startswith(f"usage: {entry} [")
 
 
 def test_auto_device_is_decided_where_the_work_runs():
