@@ -435,6 +435,15 @@ def test_unknown_model_and_dataset_exit_2(tmp_path, capsys):
     assert code == 2 and "no field 'body'" in err
 
 
+@pytest.mark.parametrize("name", ["my_corpus.jsonl", "./corpus", "texts/*.txt"])
+def test_a_missing_local_dataset_is_no_such_file_before_anything(tmp_path, capsys, name):
+    """Named like a local file but not there: one sentence before the model loads, and the
+    output location left as it was (not the hub's 'couldn't reach' after both)."""
+    code, err = main_exit(["--dataset", name, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"no such file: {name} (a local dataset is" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_collect_on_slurm(tmp_path, slurm_cluster):
     out = tmp_path / "slurm"
     proc = _run_collect(

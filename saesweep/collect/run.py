@@ -14,7 +14,7 @@ from tqdm import tqdm
 from saesweep.collect.config import CollectConfig, data_fields, stored_data_fields
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
 from saesweep.collect.sequences import batched, make_batch, sequences
-from saesweep.collect.text import iter_documents
+from saesweep.collect.text import check_dataset, iter_documents
 from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
 from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
@@ -27,6 +27,7 @@ from saesweep.store import FileStore, Store, open_store
 def collect(cfg: CollectConfig) -> Part:
     """Collect this machine's share into cfg.out, resuming from what is already committed."""
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    check_dataset(cfg.dataset)
     store, stored = open_collection(cfg)
     with machine_lock(store, cfg.machine, cfg.n_machines):
         return _collect_locked(cfg, store, stored)

@@ -30,6 +30,24 @@ def iter_documents(
     return _hf_documents(dataset, dataset_config, split, text_column, streaming)
 
 
+def check_dataset(spec: str) -> None:
+    """Refuse a dataset that names local files (a path with a text suffix, a glob, or one that
+    starts with '.', '/' or '~') but finds none: before a model loads or a file is written,
+    not as the hub's 'couldn't reach' after both."""
+    if spec == "demo" or local_files(spec):
+        return
+    looks_local = (
+        Path(spec).suffix in LOCAL_SUFFIXES
+        or any(c in spec for c in "*?[")
+        or spec.startswith((".", "/", "~"))
+    )
+    if looks_local:
+        raise UserError(
+            f"no such file: {spec} (a local dataset is a {', '.join(LOCAL_SUFFIXES)} file, a "
+            "directory or a glob); check the path, or give 'demo' or an HF dataset name"
+        )
+
+
 def demo_corpus() -> Iterator[str]:
     """One document per standard-library module: its docstrings, read with ast (no imports)."""
     root = Path(sysconfig.get_paths()["stdlib"])

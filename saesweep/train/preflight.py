@@ -172,8 +172,10 @@ def check_data(group: Group) -> int | None:
     cfg = group.cfgs[0]
     if cfg.train_data.source == "model":
         from saesweep.collect.config import load_toml
+        from saesweep.collect.text import check_dataset
 
         collect_cfg = load_toml(Path(cfg.train_data.collect))
+        check_dataset(collect_cfg.dataset)
         if cfg.train_data.cache_to:
             check_cache(group, collect_cfg)
         return None
