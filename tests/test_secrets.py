@@ -150,21 +150,19 @@ def test_a_secret_in_an_endpoints_path_or_query_is_never_printed(tmp_path):
     """S3_ENDPOINT_URL with a token in its path or query (a signing proxy's, say): every error
     shows the endpoint's host only."""
     (port,) = free_ports(1)
-    for endpoint in (
-        f"http://127.0.0.1:{port}/pw-s3cret/",
-        f"http://127.0.0.1:{port}?token=pw-s3cret",
-        f"http://127.0.0.1:{port}/x#pw-s3cret",
+    collect = ["collect.py", "--out", "s3://bucket/x", "--max-tokens", "100", "--device", "cpu"]
+    shell = ["-m", "saesweep.format.shell", "s3://bucket/x", "verify"]
+    for endpoint, command in (
+        (f"http://127.0.0.1:{port}/pw-s3cret/", collect),  # unreachable: named without its path
+        (f"http://127.0.0.1:{port}?token=pw-s3cret", shell),  # refused: not an S3 endpoint
+        (f"http://127.0.0.1:{port}/x#pw-s3cret", collect),
     ):
         env = {**os.environ, "S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k",
                "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-        for command in (
-            ["collect.py", "--out", "s3://bucket/x", "--max-tokens", "100", "--device", "cpu"],
-            ["-m", "saesweep.format.shell", "s3://bucket/x", "verify"],
-        ):
-            proc = run(command, env)
-            assert proc.returncode == 2, (command, proc.stderr)
-            assert f"127.0.0.1:{port}" in proc.stderr, proc.stderr
-            assert "pw-s3cret" not in proc.stdout + proc.stderr, (endpoint, proc.stderr)
+        proc = run(command, env)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert f"127.0.0.1:{port}" in proc.stderr, proc.stderr
+        assert "pw-s3cret" not in proc.stdout + proc.stderr, (endpoint, proc.stderr)
     assert (
         str(UserError("S3 at http://h:1/a?b=pw-s3cret; fix it")) == "S3 at http://h:1/***; fix it"
     )
