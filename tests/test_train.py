@@ -200,6 +200,17 @@ def sweep_args(coll: str, root: Path) -> list[str]:
     ]
 
 
+def logged_steps(root: Path) -> list[int]:
+    """The steps in the metrics.jsonl of run 0 of the sweep under runs root `root`, in order
+    (a line cut short by a kill left out)."""
+    steps = []
+    for log in root.glob("*/runs/run-000*/metrics.jsonl"):
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                steps.append(json.loads(line)["step"])
+    return steps
+
+
 def only_dir(root: Path) -> Path:
     (found,) = [p for p in root.iterdir() if p.is_dir()]
     return found
@@ -209,9 +220,10 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     ref = run_train(*sweep_args(coll, tmp_path / "ref"))
     assert ref.wait() == 0, ref.stderr.read()
     ref_dir = only_dir(tmp_path / "ref")
-    proc = run_train(*sweep_args(coll, tmp_path / "killed"))
-    for _ in range(1200):
-        if last_commit(tmp_path / "killed").get("step", 0) >= 20:
+    proc = run_train(*sweep_args(coll, tmp_path / "killed"), "--log-every", "1")
+    for _ in range(1200):  # killed once a step past the last commit is logged
+        committed = last_commit(tmp_path / "killed").get("step", 0)
+        if committed >= 20 and logged_steps(tmp_path / "killed")[-1:] > [committed]:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -224,6 +236,8 @@ def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
     assert resumed.wait() == 0, resumed.stderr.read()
     # the resumed process's rate counts its own steps, and wall time goes on from the state's
     run_000 = next((killed_dir / "runs").glob("run-000*"))
+    steps = logged_steps(tmp_path / "killed")
+    assert steps == list(range(1, 20000 // 128 + 2)), "every step logged once, resumed included"
     last = json.loads((run_000 / "metrics.jsonl").read_text().splitlines()[-1])
     own_tokens = (last["step"] - at_kill["step"]) * 128
     own_wall = last["wall_s"] - at_kill["wall_s"]

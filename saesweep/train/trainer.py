@@ -167,8 +167,8 @@ class GroupTrainer:
 
     def train(self) -> list[dict]:
         """Train to n_train tokens (resuming from saved state), evaluate, save checkpoints."""
-        logs = {i: self._run_log(i) for i in self.reported}
         fresh = not self._load_state()
+        logs = {i: self._run_log(i) for i in self.reported}
         for acts in self.source:
             if self.step >= self.total_steps:
                 break
@@ -198,6 +198,7 @@ class GroupTrainer:
             self.group_index,
             cfg.wandb_mode,
             cfg.wandb_project,
+            resumed_at=self.step,
         )
 
     def _step(self, batch: dict[str, torch.Tensor]) -> list[dict]:
