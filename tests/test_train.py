@@ -217,10 +217,15 @@ def only_dir(root: Path) -> Path:
 
 
 def test_kill_9_resume_and_rerun_are_bit_identical(coll, tmp_path):
+    """A run that commits its state by time (--ckpt-every-s), killed once it has logged a step
+    past its last commit, resumes to the uninterrupted weights and logs every step once."""
     ref = run_train(*sweep_args(coll, tmp_path / "ref"))
     assert ref.wait() == 0, ref.stderr.read()
     ref_dir = only_dir(tmp_path / "ref")
-    proc = run_train(*sweep_args(coll, tmp_path / "killed"), "--log-every", "1")
+    by_time = ["--ckpt-every", "100000", "--ckpt-every-s", "0.05", "--log-every", "1"]
+    args = sweep_args(coll, tmp_path / "killed")
+    del args[args.index("--ckpt-every") : args.index("--ckpt-every") + 2]
+    proc = run_train(*args, *by_time)  # commits by time alone
     for _ in range(1200):  # killed once a step past the last commit is logged
         committed = last_commit(tmp_path / "killed").get("step", 0)
         if committed >= 20 and logged_steps(tmp_path / "killed")[-1:] > [committed]:

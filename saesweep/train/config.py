@@ -110,7 +110,10 @@ class TrainConfig:
     log_every: int = field(default=20, metadata=at_least(1))
     """Steps between metric logs."""
     ckpt_every: int = field(default=200, metadata=at_least(1))
-    """Steps between trainer-state checkpoints (for resume and requeue)."""
+    """Steps between trainer-state checkpoints (for resume and requeue)..."""
+    ckpt_every_s: float = field(default=600.0, metadata=at_least(0))
+    """... and at the first log step (log_every) this many seconds after the last one, so a
+    slow group loses at most about this much work to a kill; 0: by steps only."""
     device: str = field(default="auto", metadata=DEVICE_SPEC)
     """Torch device of the group: 'auto' (CUDA where the job runs sees a GPU, else the CPU),
     'cpu', 'cuda' or 'cuda:N'."""
@@ -173,6 +176,7 @@ GROUP_FIELDS = (
     "eval_downstream_sequences",
     "log_every",
     "ckpt_every",
+    "ckpt_every_s",
     "runs_root",
     "wandb_mode",
     "wandb_project",

@@ -102,7 +102,7 @@ class GroupTrainer:
         self.held_out_text: HeldOutText | None = None
         """The model and sequences of downstream fidelity (prepared on first use)."""
         self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
-        self.started = time.perf_counter()
+        self.started = self.last_save = time.perf_counter()
 
     def _open_source(self):
         """The group's source; with several processes, rank 0's shared with every rank."""
@@ -184,9 +184,20 @@ class GroupTrainer:
             every = self.cfgs[0].eval_every
             if every and self.step % every == 0 and self.reported:
                 self._evaluate_while_training(logs)
-            if self.step % self.cfgs[0].ckpt_every == 0:
+            if self._checkpoint_due():
                 self.save_state()
         return self._finish(logs)
+
+    def _checkpoint_due(self) -> bool:
+        """Every ckpt_every steps, and at a log step once ckpt_every_s seconds have passed
+        since the last commit (rank 0's clock, shared, so every rank commits together)."""
+        cfg = self.cfgs[0]
+        if self.step % cfg.ckpt_every == 0:
+            return True
+        if not cfg.ckpt_every_s or self.step % cfg.log_every:
+            return False
+        late = time.perf_counter() - self.last_save >= cfg.ckpt_every_s
+        return bool(self.world.share(late if self.world.leader else None))
 
     def _run_log(self, i: int) -> RunLog:
         cfg, run_dir = self.cfgs[i], self.run_dirs[i]
@@ -398,6 +409,7 @@ class GroupTrainer:
         atomic state.json: step, reader position, files), so a kill at any moment leaves the
         last commit whole and no mix of ranks from different steps. In data mode rank 0's
         replica stands for all."""
+        self.last_save = time.perf_counter()
         name = f"state-{self.step:08d}.rank-{self.world.rank}.safetensors"
         if self.world.mode == "sae" or self.world.leader:
             tensors = {"rng": torch.get_rng_state()}
