@@ -452,6 +452,29 @@ def test_a_mistyped_uri_is_refused_and_nothing_is_written(coll, tmp_path):
         assert not (tmp_path / "dta").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_one_shard_collection_is_refused_before_launch_naming_the_flags(tmp_path):
+    """The default slices train on all shards but the last and hold out the last: a
+    collection of one shard is refused before any job, with what to do instead, and trains
+    with --train-data.shards ':' beside another held-out collection."""
+    make_collection(str(tmp_path / "one"), [2048], d=D, sparse=True)
+    make_collection(str(tmp_path / "val"), [512], d=D, sparse=True, seed=1)
+    args = sweep_args(str(tmp_path / "one"), tmp_path / "runs")
+    out, err = run_train(*args).communicate()
+    assert "--train-data.shards ':-1' selects none of the 1 shard(s) of" in err, err
+    assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
+    assert not (tmp_path / "runs").exists()
+    fixed = [
+        "--train-data.shards",
+        ":",
+        "--val-data.uri",
+        str(tmp_path / "val"),
+        "--n-train",
+        "1024",
+    ]
+    proc = run_train(*args, *fixed)
+    assert proc.wait() == 0, proc.stderr.read()
+
+
 def test_a_corrupt_shard_names_the_flag_that_skips_it(tmp_path):
     coll = tmp_path / "coll"
     make_collection(str(coll), [512] * 5, d=D, sparse=True)
@@ -490,6 +513,11 @@ def test_a_corrupt_shard_names_the_flag_that_skips_it(tmp_path):
             "run 0 (switch, d_model 16): d_sae=64 must be a multiple of n_experts=3",
         ),
         (["--sae.d-sae", str(2**33)], "SAEs needs about"),
+        (["--train-data.shards", "7:"], "--train-data.shards '7:' selects none of the 5 shard"),
+        (
+            ["--val-data.shards", "-2:"],
+            "--train-data.shards ':-1' and --val-data.shards '-2:' share",
+        ),
         pytest.param(
             ["--device", "cuda"],
             "--device cuda but this torch",

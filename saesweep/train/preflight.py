@@ -7,6 +7,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.executors import SlurmConfig
 from saesweep.format.manifest import find_hook
@@ -179,7 +180,8 @@ def check_data(group: Group) -> int | None:
         if cfg.train_data.cache_to:
             check_cache(group, collect_cfg)
         return None
-    (train, _), _ = (store_hooks(data) for data in (cfg.train_data, cfg.held_out_data))
+    (train, _), (val, _) = (store_hooks(data) for data in (cfg.train_data, cfg.held_out_data))
+    check_shard_slices(cfg, train, val)
     for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
         try:
             ARCHITECTURES[run_cfg.sae.arch].check_shape(run_cfg.sae, train["d_model"])
@@ -187,6 +189,30 @@ def check_data(group: Group) -> int | None:
             where = f"run {run_id} ({run_cfg.sae.arch}, d_model {train['d_model']})"
             raise UserError(f"{where}: {err}") from None
     return train["d_model"]
+
+
+def check_shard_slices(cfg: TrainConfig, train: dict, val: dict) -> None:
+    """The train and val shard slices each select a shard, and of one collection never the
+    same one (a one-shard collection cannot be split: say how to go on)."""
+    slices = {"train": cfg.train_data, "val": cfg.held_out_data}
+    chosen = {}
+    for name, meta in (("train", train), ("val", val)):
+        data = slices[name]
+        chosen[name] = range(len(meta["shards"]))[parse_slice(data.shards)]
+        if not chosen[name]:
+            raise UserError(
+                f"--{name}-data.shards {data.shards!r} selects none of the {len(meta['shards'])} "
+                f"shard(s) of {data.uri}; collect more shards (a smaller --shard-tokens), or "
+                "train on all of it (--train-data.shards ':') and hold out another collection "
+                "(--val-data.uri)"
+            )
+    same = cfg.held_out_data.uri == cfg.train_data.uri and val["hook"] == train["hook"]
+    if same and set(chosen["train"]) & set(chosen["val"]):
+        raise UserError(
+            f"--train-data.shards {cfg.train_data.shards!r} and --val-data.shards "
+            f"{cfg.held_out_data.shards!r} share shards of {cfg.train_data.uri}, so the "
+            "evaluation would see training tokens; make the slices disjoint (':-1' and '-1:')"
+        )
 
 
 def check_cache(group: Group, collect_cfg) -> None:
