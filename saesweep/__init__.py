@@ -3,6 +3,18 @@
 __version__ = "0.1.0"
 
 
+def load(run_dir):
+    """The SAE a run directory holds (runs/run-NNN of a sweep), checked to be one unit, as an
+    ExportedSAE: `sae = saesweep.load(run_dir); codes = sae.encode(x); x_hat = sae.decode(codes)`
+    on raw activations of its hook (cfg['hook_name'])."""
+    from pathlib import Path
+
+    from saesweep.format.rundir import load_sae
+    from saesweep.sae.export import ExportedSAE
+
+    return ExportedSAE(*load_sae(Path(run_dir)))
+
+
 def __getattr__(name: str):
     if name == "Reader":
         from saesweep.data.reader import Reader

@@ -8,6 +8,7 @@ import pytest
 import torch
 from synthetic import make_collection
 
+import saesweep
 from saesweep.format.rundir import load_sae
 from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported, exported_acts
@@ -53,7 +54,12 @@ def test_sae_lens_loads_and_matches(run_dirs, arch):
         assert (ours_acts > 0).any()
         torch.testing.assert_close(sae.encode(x), ours_acts, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sae(x), apply_exported(cfg, sd, x), rtol=1e-5, atol=1e-5)
+        loaded = saesweep.load(run_dirs[arch])  # the documented one-line loader
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(loaded(x), apply_exported(cfg, sd, x))
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (16, 32)
+    assert loaded.cfg["hook_name"] == "model.layers.1" and loaded.to("cpu").cfg == loaded.cfg
 
 
 def _saelens_training_sae(arch: str, sae, coefficient: float, target_l0: float = 0.0):

@@ -6,6 +6,8 @@ stacked module, and tests check the stacked module's export against it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
@@ -55,3 +57,28 @@ def _switch_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) ->
     own = (torch.arange(E, device=pre.device) == expert.unsqueeze(1)).unsqueeze(-1)
     acts = _keep_topk(blocks.where(own, 0).flatten(1), cfg["k"])
     return acts * p.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class ExportedSAE:
+    """A trained SAE (or transcoder) as its run directory holds it, acting on raw
+    activations: `sae(x)` reconstructs x (predicts the target), `sae.encode(x)` gives the dense
+    latent activations [B, d_sae], `sae.decode(codes)` maps them back (a skip transcoder's
+    x @ W_skip.T is added by `sae(x)` only). Made by `saesweep.load(run_dir)`."""
+
+    cfg: dict
+    """The run's cfg.json (SAELens fields: architecture, d_in, d_sae, k, hook_name, ...)."""
+    weights: dict[str, Tensor]
+
+    def encode(self, x: Float[Tensor, "B d_in"]) -> Float[Tensor, "B d_sae"]:
+        return exported_acts(self.cfg, self.weights, x)
+
+    def decode(self, codes: Float[Tensor, "B d_sae"]) -> Float[Tensor, "B d_out"]:
+        return codes @ self.weights["W_dec"] + self.weights["b_dec"]
+
+    def __call__(self, x: Float[Tensor, "B d_in"]) -> Float[Tensor, "B d_out"]:
+        return apply_exported(self.cfg, self.weights, x)
+
+    def to(self, device: str | torch.device) -> ExportedSAE:
+        """The same SAE with its weights on `device`."""
+        return ExportedSAE(self.cfg, {k: v.to(device) for k, v in self.weights.items()})
