@@ -3,7 +3,8 @@
     uv run python -m saesweep.evaluate.features RUN_DIR --data URI --latents 0 5 17 \
         --top 20 --out page.html
 
-Without --latents the most frequently firing latents are shown. The collection's shards are
+Without --latents the informative latents are shown: those firing on 0.01 % to 1 % of the
+tokens, by their largest activation (then the others that fired). The collection's shards are
 scanned one at a time (no activations held beyond one shard); the contexts (the previous
 --window stored tokens of the same sequence and the token itself) are read back afterwards from
 the shards that hold the winning tokens.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from beartype import beartype
-from jaxtyping import Float, Int64, jaxtyped
+from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from saesweep.collect.model import load_tokenizer
@@ -121,9 +122,20 @@ def reports(result: Scan, shown: list[int]) -> list[LatentReport]:
     return out
 
 
-def most_frequent(fire_counts: Int64[Tensor, " d_sae"], n: int) -> list[int]:
-    order = sorted(range(len(fire_counts)), key=lambda i: (-int(fire_counts[i]), i))
-    return order[:n]
+DENSITY_BAND = (1e-4, 1e-2)
+"""Densities of the latents shown by default: rare enough to mean something specific,
+frequent enough to have examples (the densest latents, often 20 % of tokens, rarely do)."""
+
+
+def informative(result: Scan, n: int) -> list[int]:
+    """The n latents shown without --latents: those whose density lies in DENSITY_BAND, by
+    their largest activation; then, when fewer, the other latents that fired, the same way."""
+    density = result.fire_counts.double() / max(result.n_tokens, 1)
+    peak = result.top.values[0] if len(result.top.values) else torch.zeros(len(density))
+    low, high = DENSITY_BAND
+    in_band = (density >= low) & (density <= high)
+    fired = [i for i in range(len(density)) if result.fire_counts[i] > 0]
+    return sorted(fired, key=lambda i: (not bool(in_band[i]), -float(peak[i]), i))[:n]
 
 
 def add_contexts(
@@ -168,14 +180,14 @@ def inspect_features(
     shards: str = ":",
     anonymous: bool = False,
 ) -> tuple[list[LatentReport], int]:
-    """(reports of the latents, in the given order or by firing frequency; tokens scanned).
+    """(reports of the latents, in the given order or the `informative` ones; tokens scanned).
     `anonymous`: unsigned S3 reads (see open_store)."""
     cfg, sd = load_run(run)
     bad = [lat for lat in latents or [] if not 0 <= lat < cfg["d_sae"]]
     if bad:
         raise UserError(f"latents {bad} are out of range: the SAE has {cfg['d_sae']} latents")
     result, meta, _, chosen = scan(cfg, sd, uri, latents, top, shards, anonymous=anonymous)
-    shown = latents if latents is not None else most_frequent(result.fire_counts, n_default)
+    shown = latents if latents is not None else informative(result, n_default)
     out = reports(result, shown)
     add_contexts(out, result, uri, meta["hook"], chosen, window, anonymous)
     return out, result.n_tokens
