@@ -59,6 +59,23 @@ def test_absorption_over_fewer_than_20_letters_is_indicative(letters):
     assert fewer.verdict == ("warn" if letters else "pass")
 
 
+@pytest.mark.parametrize(
+    ("l0", "reason"),
+    [
+        (16.0, None),
+        (8.0, None),
+        (31.9, None),
+        (7.5, "L0 7.5 < 8 (k 16)"),
+        (33.0, "L0 33 > 32 (k 16)"),
+    ],
+)
+def test_l0_of_a_run_with_k_is_judged_against_k(l0, reason):
+    """TopK-like runs set L0 by k: the demo's k 16 passes, where 20-200 would warn."""
+    health = assess(HEALTHY | {"l0": l0, "k": 16})
+    assert health.reasons == ((reason,) if reason else ())
+    assert assess(HEALTHY | {"l0": 16.0, "k": None}).reasons == ("L0 16 < 20",)
+
+
 def test_encoder_score_stands_in_for_loss_recovered():
     encoder = {k: v for k, v in HEALTHY.items() if k != "loss_recovered"}
     health = assess(encoder | {"final_recovered": 0.5})

@@ -140,12 +140,15 @@ def test_dead_latents_fail_with_the_reason(sweep, capsys):
 
 
 def test_thresholds_come_from_the_report_call(sweep):
-    strict = HealthConfig(l0_min=0.0, l0_max=1.0)
+    strict = HealthConfig(l0_min=0.0, l0_max=1.0, l0_k_factor=1.0)
     write_report(sweep, health=strict)
     for m in metrics(sweep):
-        assert m["health"] in ("warn", "fail")
-        assert f"L0 {m['l0']:.0f} > 1" in m["health_reasons"]
         assert m["health_thresholds"]["l0_max"] == 1.0
+        if m["k"] is None:  # L0 learned: the absolute bounds
+            assert m["health"] in ("warn", "fail")
+            assert f"L0 {m['l0']:.0f} > 1" in m["health_reasons"]
+        elif m["l0"] != m["k"]:  # BatchTopK: L0 near k, not equal
+            assert any(r.endswith(f"(k {m['k']})") for r in m["health_reasons"])
 
 
 def test_the_report_finds_what_the_sweep_varies(sweep):

@@ -27,9 +27,13 @@ class HealthConfig:
     recovered_fail: float = field(default=0.60, metadata=at_least(0))
     """Downstream fidelity below this fails."""
     l0_min: float = field(default=20.0, metadata=at_least(0))
-    """L0 below this warns (a deliberately very sparse sweep is not broken, so it never fails)."""
+    """Where L0 is learned (ReLU, JumpReLU): L0 below this warns (a deliberately very sparse
+    sweep is not broken, so it never fails)."""
     l0_max: float = field(default=200.0, metadata=at_least(0))
-    """L0 above this warns."""
+    """Where L0 is learned: L0 above this warns."""
+    l0_k_factor: float = field(default=2.0, metadata=at_least(1))
+    """Where the run sets k (TopK, BatchTopK, Matryoshka, Switch), L0 follows k by design: it
+    warns only outside [k / l0_k_factor, k * l0_k_factor]."""
     dead_pass_pct: float = field(default=10.0, metadata=at_least(0))
     """Dead latents (% of d_sae) at or below this pass; up to dead_fail_pct they warn."""
     dead_fail_pct: float = field(default=20.0, metadata=at_least(0))
@@ -106,14 +110,18 @@ def _fidelity(metrics: dict, cfg: HealthConfig) -> Check:
 
 
 def _l0(metrics: dict, cfg: HealthConfig) -> Check:
-    value = metrics.get("l0")
+    value, k = metrics.get("l0"), metrics.get("k")
     if not _measured(value):
         return "L0"
-    shown = _pair(value, cfg.l0_min, cfg.l0_max)
-    if value < cfg.l0_min:
-        return "warn", f"L0 {shown[0]} < {shown[1]}"
-    if value > cfg.l0_max:
-        return "warn", f"L0 {shown[0]} > {shown[2]}"
+    if _measured(k) and k > 0:
+        low, high, of_k = k / cfg.l0_k_factor, k * cfg.l0_k_factor, f" (k {_trim(f'{k:g}')})"
+    else:
+        low, high, of_k = cfg.l0_min, cfg.l0_max, ""
+    shown = _pair(value, low, high)
+    if value < low:
+        return "warn", f"L0 {shown[0]} < {shown[1]}{of_k}"
+    if value > high:
+        return "warn", f"L0 {shown[0]} > {shown[2]}{of_k}"
     return None
 
 
