@@ -211,7 +211,7 @@ def parse_slice(spec: str) -> slice:
     """A Python slice written as text: ':-1', '-1:', '2:5', or one index '3'."""
     try:
         parts = [int(p) if p.strip() else None for p in spec.split(":")]
-        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
+        return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1 or None)
     except (ValueError, TypeError):
         raise UserError(f"shards={spec!r} is not a Python slice such as ':-1' or '-1:'") from None
 

@@ -16,7 +16,9 @@ EXIT_USER_ERROR = 2
 
 URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
 """The user name and password part of a URL (scheme://USER:PASS@host)."""
-HTTP_AFTER_HOST = re.compile(r"(\bhttps?://[^/\s?#'\"]+)([/?#][^\s'\"]*?)(?=[;:,.)]*(?:[\s'\"]|$))")
+HTTP_AFTER_HOST = re.compile(
+    r"(\bhttps?://[^/\s?#'\"]+)([/?#][^\s'\"]*?)(?=[;:,.)]*(?:[\s'\"]|$))", re.IGNORECASE
+)
 """What follows the host of an http(s) URL: the path, query and fragment of an endpoint,
 where a proxy's token or a signature may sit."""
 

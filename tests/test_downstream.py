@@ -165,6 +165,20 @@ def test_add_downstream_updates_metrics(colls, tmp_path):
     assert ident["ce_clean"] == zero["ce_clean"]
 
 
+def test_evaluating_an_unfinished_run_is_refused(colls, tmp_path):
+    """A run exported but not committed (no metrics.json) gets no metrics.json from an
+    evaluation, which would make --resume call it finished."""
+    from saesweep.format.rundir import export_sae
+
+    model_dir, uri = colls["gpt2"]
+    meta = meta_of(uri)
+    cfg, sd = identity_sae(meta["d_model"], meta["hook"], model_dir)
+    export_sae(tmp_path / "run", sd, cfg, {"mse": 1.5})
+    with pytest.raises(UserError, match="has no metrics.json: its training did not finish"):
+        add_downstream([tmp_path / "run"], uri, n_sequences=4, shards=":")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_wrong_width_is_a_user_error(colls):
     model_dir, uri = colls["gpt2"]
     meta = meta_of(uri)

@@ -166,3 +166,4 @@ def test_a_secret_in_an_endpoints_path_or_query_is_never_printed(tmp_path):
     assert (
         str(UserError("S3 at http://h:1/a?b=pw-s3cret; fix it")) == "S3 at http://h:1/***; fix it"
     )
+    assert str(UserError("at HTTPS://h/pw-s3cret")) == "at HTTPS://h/***"

@@ -184,6 +184,20 @@ def test_help_lists_config_fields_under_one_usage_line(entry, field):
     assert out.stdout.startswith(f"usage: {entry} [")
 
 
+def test_shard_slices_as_text():
+    from saesweep.configtools import parse_slice
+
+    shards = list(range(5))
+    for spec, want in (
+        (":-1", [0, 1, 2, 3]),
+        ("-1:", [4]),
+        ("-1", [4]),
+        ("3", [3]),
+        ("1:3", [1, 2]),
+    ):
+        assert shards[parse_slice(spec)] == want, spec
+
+
 def test_auto_device_is_decided_where_the_work_runs():
     assert resolve_device("auto", cuda_available=True) == "cuda"
     assert resolve_device("auto", cuda_available=False) == "cpu"

@@ -190,3 +190,21 @@ def test_verify_checks_each_shards_rows_against_the_manifest(tmp_path, capsys):
     name = meta["shards"][1]["name"]
     assert f"BAD {HOOK}/{name}: acts has shape [{SIZES[1]}, 16], but the manifest says " in out
     assert "1,000,000,000,000,000 rows" in out and "verified 2 shards in 1 hook(s): 1 BAD" in out
+
+
+def test_crafted_token_ids_and_a_deep_header_are_one_sentence(tmp_path):
+    root, meta = collection(tmp_path)
+    name = meta["shards"][0]["name"]
+
+    def five_ids(header: dict) -> dict:  # 5 ids, offsets to match, where 50 tokens are listed
+        start = header["token_ids"]["data_offsets"][0]
+        return header | {
+            "token_ids": {"dtype": "I32", "shape": [5], "data_offsets": [start, start + 20]}
+        }
+
+    crafted_shard(root, meta, five_ids)
+    with pytest.raises(UserError, match=f"{name} holds token_ids \\[5\\] torch.int32, but"):
+        list(Reader(str(root)))
+    deep = b"[" * 100_000
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        decode_shard(struct.pack("<Q", len(deep)) + deep, ("acts",))

@@ -32,14 +32,14 @@ def iter_documents(
 
 def check_dataset(spec: str) -> None:
     """Refuse a dataset that names local files (a path with a text suffix, a glob, or one that
-    starts with '.', '/' or '~') but finds none: before a model loads or a file is written,
+    starts with '.' or '/') but finds none: before a model loads or a file is written,
     not as the hub's 'couldn't reach' after both."""
     if spec == "demo" or local_files(spec):
         return
     looks_local = (
         Path(spec).suffix in LOCAL_SUFFIXES
         or any(c in spec for c in "*?[")
-        or spec.startswith((".", "/", "~"))
+        or spec.startswith((".", "/"))
     )
     if looks_local:
         raise UserError(

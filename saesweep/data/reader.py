@@ -441,6 +441,11 @@ class Reader:
                 f"{where} holds scales {list(scales.shape)} {scales.dtype}, but its acts need "
                 f"[{record['n_tokens']}] float32; recollect it"
             )
+        if list(ids.shape) != expected[:1] or ids.dtype != torch.int32:
+            raise UserError(
+                f"{where} holds token_ids {list(ids.shape)} {ids.dtype}, but metadata.json says "
+                f"[{record['n_tokens']}] int32; recollect it"
+            )
         return acts, ids, scales
 
     def _shard_uri(self, h: int, shard: int) -> str:

@@ -53,7 +53,8 @@ def dequantize(
 def dequantize_on_cpu(
     values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """`dequantize` of e4m3 values into a float32 CPU tensor `out`, bit for bit, in four
+    """`dequantize` of e4m3 values into a float32 CPU tensor `out`, bit for bit (the NaN
+    bytes 0x7F and 0xFF, which quantize never writes, decode as 480 x scale), in four
     numpy passes on the calling thread (torch's CPU conversion from 8-bit floats is scalar, 3x
     slower here, and runs on the threads the trainer needs). The byte, sign-extended to int32
     and shifted left by 20, holds the sign at bit 31 and the magnitude bits at 26..20 once

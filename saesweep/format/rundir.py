@@ -89,11 +89,17 @@ def commit_metrics(run_dir: Path, evaluation: dict | None = None) -> dict:
 
 def merge_metrics(run_dirs: list[Path], results: list[dict]) -> None:
     """Add each result to its committed run's metrics.json (rewritten atomically): an
-    evaluation of runs that are already finished."""
-    for run_dir, extra in zip(run_dirs, results, strict=True):
-        path = Path(run_dir) / METRICS
-        metrics = json.loads(path.read_text()) if path.exists() else {}
-        write_json(path, metrics | extra)
+    evaluation of runs that are already finished. An unfinished run (no metrics.json) is
+    refused: a metrics.json holding only these results would make it look finished."""
+    paths = [Path(run_dir) / METRICS for run_dir in run_dirs]
+    unfinished = [str(p.parent) for p in paths if not p.exists()]
+    if unfinished:
+        raise UserError(
+            f"{', '.join(unfinished)} has no metrics.json: its training did not finish; "
+            "resume its sweep (train.py --resume SWEEP_DIR) before evaluating it"
+        )
+    for path, extra in zip(paths, results, strict=True):
+        write_json(path, json.loads(path.read_text()) | extra)
 
 
 def check_unit(run_dir: Path, cfg: dict, metrics: dict | None = None) -> None:

@@ -109,7 +109,7 @@ def safetensors_header(data, where: str) -> tuple[dict, int]:
         if length > min(len(data) - 8, MAX_HEADER_BYTES):
             raise ValueError
         header = json.loads(bytes(data[8 : 8 + length]))
-    except (struct.error, ValueError) as err:
+    except (struct.error, ValueError, RecursionError) as err:
         raise ValueError(f"{where} is not a safetensors file") from err
     if not isinstance(header, dict):
         raise ValueError(f"{where}: its safetensors header is not a JSON object")

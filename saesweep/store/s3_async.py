@@ -96,6 +96,11 @@ class AsyncRangeReader:
     def object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def uri(self, key: str) -> str:
+        """The object as messages name it: s3://bucket/prefix/key (never the endpoint's URL,
+        whose path errors.redact hides)."""
+        return f"s3://{self.bucket}/{self.object_key(key)}"
+
     def url(self, key: str) -> str:
         path = quote(self.object_key(key), safe="/-_.~")
         if self.endpoint:
@@ -143,12 +148,12 @@ class AsyncRangeReader:
                 first_failure = first_failure or time.monotonic()
                 if self.attempts is not None and attempt + 1 >= self.attempts:
                     raise S3ReadError(
-                        f"reading bytes [{start}, {end}) of {self.url(key)} failed "
+                        f"reading bytes [{start}, {end}) of {self.uri(key)} failed "
                         f"{self.attempts} times; last error: {err!r}"
                     ) from err
                 if time.monotonic() - first_failure >= self.retry_s:
                     raise StoreUnreachable(
-                        f"S3 at {self._where()} has not answered reads of {self.url(key)} for "
+                        f"S3 at {self._where()} has not answered reads of {self.uri(key)} for "
                         f"{self.retry_s:g} s (last error: {err!r}); check that it is running "
                         "and reachable, or allow a longer outage with --train-data.retry-s"
                     ) from None

@@ -184,8 +184,8 @@ class GroupTrainer:
             every = self.cfgs[0].eval_every
             if every and self.step % every == 0 and self.reported:
                 self._evaluate_while_training(logs)
-            if self._checkpoint_due():
-                self.save_state()
+            if self.step < self.total_steps and self._checkpoint_due():
+                self.save_state()  # the last step's state is committed by _finish
         return self._finish(logs)
 
     def _checkpoint_due(self) -> bool:
