@@ -142,7 +142,7 @@ def test_credentials_in_a_store_uri_are_refused_and_never_printed(s3_server, tmp
             assert "pw-s3cret" not in proc.stdout + proc.stderr
     assert not runs.exists()
     err = UserError("cannot read http://user:pw-s3cret@host/x")
-    assert str(err) == "cannot read http://***@host/x"
+    assert str(err) == "cannot read http://***@host/***"
     assert "pw-s3cret" not in "".join(traceback.format_exception(err))
 
 
