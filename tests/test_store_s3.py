@@ -185,7 +185,7 @@ def test_malformed_endpoint_and_bucket_name_are_user_errors(s3_env, monkeypatch)
     with pytest.raises(UserError, match="S3 refused a request for s3://Bad_Bucket!/p: .*bucket"):
         open_store("s3://Bad_Bucket!/p").get("k")
     monkeypatch.setenv("S3_ENDPOINT_URL", "127.0.0.1:9")
-    with pytest.raises(UserError, match="S3_ENDPOINT_URL='127.0.0.1:9' is not a valid endpoint"):
+    with pytest.raises(UserError, match="S3_ENDPOINT_URL=127.0.0.1:9 is not an S3 endpoint"):
         open_store("s3://bucket/p").get("k")
 
 
