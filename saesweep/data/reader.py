@@ -421,9 +421,8 @@ class Reader:
         data = self.hooks[h]
         record = data.shards[fetched.shard]
         where = f"shard {self._shard_uri(h, fetched.shard)}"
-        names = ("acts", "token_ids", "scales") if data.scaled else ("acts", "token_ids")
         try:
-            tensors = decode_shard(fetched.data, names, where, raw=True)
+            tensors = decode_shard(fetched.data, ("acts", "token_ids"), where, raw=True)
         except ValueError as err:
             raise UserError(f"{err}; recollect it") from None
         acts, ids, scales = tensors["acts"], tensors["token_ids"], tensors.get("scales")
@@ -433,13 +432,6 @@ class Reader:
                 f"{where} holds acts "
                 f"{list(acts.shape)} {acts.dtype}, but metadata.json says {expected} "
                 f"{data.stored_dtype}; recollect it"
-            )
-        if scales is not None and (
-            list(scales.shape) != expected[:1] or scales.dtype != torch.float32
-        ):
-            raise UserError(
-                f"{where} holds scales {list(scales.shape)} {scales.dtype}, but its acts need "
-                f"[{record['n_tokens']}] float32; recollect it"
             )
         if list(ids.shape) != expected[:1] or ids.dtype != torch.int32:
             raise UserError(

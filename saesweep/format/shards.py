@@ -125,12 +125,18 @@ def decode_shard(
     header, data_start = safetensors_header(data, where)
     names = tuple(n for n in header if n != "__metadata__") if names is None else names
     tensors = {name: _tensor_view(data, data_start, header, name, where) for name in names}
-    if not raw and "acts" in tensors and tensors["acts"].dtype in SCALED_DTYPES.values():
-        scales = _tensor_view(data, data_start, header, "scales", where)
-        if list(scales.shape) != [len(tensors["acts"])] or scales.dtype != torch.float32:
-            raise ValueError(f"{where}: its scales do not match its acts")
-        tensors["acts"] = dequantize(tensors["acts"], scales)
-    return tensors
+    acts = tensors.get("acts")
+    if acts is None or acts.dtype not in SCALED_DTYPES.values():
+        return tensors
+    scales = _tensor_view(data, data_start, header, "scales", where)
+    if list(scales.shape) != [len(acts)] or scales.dtype != torch.float32:
+        raise ValueError(
+            f"{where} holds scales {list(scales.shape)} {scales.dtype}, but its acts need "
+            f"[{len(acts)}] float32"
+        )
+    if raw:
+        return tensors | {"scales": scales}
+    return tensors | {"acts": dequantize(acts, scales)}
 
 
 def _tensor_view(data, data_start: int, header: dict, name: str, where: str) -> torch.Tensor:
@@ -182,9 +188,9 @@ def rows_problem(data, record: dict) -> str | None:
         header, _ = safetensors_header(data, "the file")
     except ValueError as err:
         return str(err)
-    for name in SHARD_TENSORS:
-        shape = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
-        if name in header and (not _counts(shape) or shape[:1] != [record["n_tokens"]]):
+    for name in (n for n in SHARD_TENSORS if n in header):
+        shape = header[name].get("shape") if isinstance(header[name], dict) else None
+        if not _counts(shape) or shape[:1] != [record["n_tokens"]]:
             return f"{name} has shape {shape}, but the manifest says {record['n_tokens']:,} rows"
     return None
 
