@@ -95,6 +95,11 @@ class Chromium:
         self.evaluate("new Promise((done) => setTimeout(done, 100))")
         return [text for e in self.events if (text := _error(e))]
 
+    def resize(self, width: int, height: int) -> None:
+        """Lay the page out in a window of this size (CSS pixels), as a screen would."""
+        params = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        self.send("Emulation.setDeviceMetricsOverride", params, session=True)
+
     def evaluate(self, expression: str):
         """The value of a JavaScript expression on the page (awaited when a promise)."""
         params = {"expression": expression, "returnByValue": True, "awaitPromise": True}

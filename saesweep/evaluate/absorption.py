@@ -229,7 +229,19 @@ def sae_absorption(task: Task, sae: Sae, cfg: AbsorptionConfig) -> dict:
         "absorption_split_latents": _mean([len(m) - 1 for m in main.values()]),
         "absorption_letters": len(main),
         "absorption_by_letter": by_letter,
-    }
+    } | ({} if main else not_measured(_no_probe(task, cfg)))
+
+
+def not_measured(reason: str) -> dict:
+    """The metrics.json entry of an absorption not measured: why, in a few words."""
+    return {"absorption_reason": reason}
+
+
+def _no_probe(task: Task, cfg: AbsorptionConfig) -> str:
+    return (
+        f"0 letters with a probe of F1 >= {cfg.min_probe_f1:g} and {cfg.min_true_positives} "
+        f"test true positives, over {len(task.x):,} alphabetic held-out tokens; 1 needed"
+    )
 
 
 def _mean(values: list[float]) -> float:
@@ -274,13 +286,23 @@ def absorption_of(
     results: list[dict] = [{}] * len(saes)
     for hook, held_out in tokens(sorted({s[0]["hook_name"] for s in saes})):
         letters = first_letters(held_out.token_ids, held_out.tokenizer)
-        task = make_task(held_out.acts, held_out.token_ids, letters, cfg)
+        task = (
+            make_task(held_out.acts, held_out.token_ids, letters, cfg)
+            if letters.ge(0).any()
+            else None
+        )
         for i, sae in enumerate(saes):
             if sae[0]["hook_name"] == hook:
-                results[i] = (
-                    sae_absorption(task, sae, cfg) | {"absorption_tokens": len(task.x)} | recorded
-                )
+                results[i] = _hook_absorption(task, sae, cfg, len(letters)) | recorded
     return results
+
+
+def _hook_absorption(task: Task | None, sae: Sae, cfg: AbsorptionConfig, n_read: int) -> dict:
+    if task is None:
+        return not_measured(f"0 alphabetic tokens among {n_read:,} held-out tokens") | {
+            "absorption_tokens": 0
+        }
+    return sae_absorption(task, sae, cfg) | {"absorption_tokens": len(task.x)}
 
 
 def absorption_metrics(

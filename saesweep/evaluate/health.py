@@ -54,19 +54,29 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class Health:
-    """A run's verdict, the reasons for anything short of pass, the metrics not measured, and
-    notes on metrics measured but not judged (too little evidence)."""
+    """A run's verdict, the reasons for anything short of pass, the metrics not measured (with
+    why, where the run recorded it), and notes on metrics measured but not judged (too little
+    evidence)."""
 
     verdict: Verdict
     reasons: tuple[str, ...]
     not_measured: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    why_not_measured: tuple[str, ...] = ()
+    """Per metric of not_measured, why ("" when the run does not say)."""
 
     def summary(self) -> str:
-        """Reasons, "<metric> not measured" for each missing one, then the notes, joined by
-        "; "."""
-        missing = [f"{m} not measured" for m in self.not_measured]
-        return "; ".join([*self.reasons, *missing, *self.notes])
+        """Reasons, "<metric> not measured (why)" for each missing one, then the notes, joined
+        by "; "."""
+        return "; ".join([*self.reasons, *self.missing(), *self.notes])
+
+    def missing(self) -> list[str]:
+        """ "<metric> not measured", with "(why)" where known, per metric not measured."""
+        why = self.why_not_measured or ("",) * len(self.not_measured)
+        return [
+            f"{m} not measured" + (f" ({w})" if w else "")
+            for m, w in zip(self.not_measured, why, strict=True)
+        ]
 
 
 def assess(metrics: dict, cfg: HealthConfig | None = None) -> Health:
@@ -78,12 +88,22 @@ def assess(metrics: dict, cfg: HealthConfig | None = None) -> Health:
     checks.append(_absorption(metrics, cfg))
     found = [c for c in checks if isinstance(c, tuple) and c[0] in LEVELS]
     verdict = max((level for level, _ in found), key=LEVELS.index, default="pass")
+    missing = tuple(c for c in checks if isinstance(c, str))
     return Health(
         verdict,
         tuple(reason for _, reason in found),
-        tuple(c for c in checks if isinstance(c, str)),
+        missing,
         tuple(text for c in checks if isinstance(c, tuple) and c[0] == "note" for text in c[1:]),
+        tuple(_why(metrics, m) for m in missing),
     )
+
+
+NOT_MEASURED_WHY = {"absorption": "absorption_reason"}
+"""metrics.json keys that say why a metric was not measured."""
+
+
+def _why(metrics: dict, metric: str) -> str:
+    return str(metrics.get(NOT_MEASURED_WHY[metric], "")) if metric in NOT_MEASURED_WHY else ""
 
 
 Check = tuple[Verdict | Literal["note"], str] | str | None

@@ -9,10 +9,12 @@ import base64
 import csv
 import dataclasses
 import html
+import itertools
 import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
@@ -104,12 +106,46 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 FIRST = ("arch", "lr", "d_sae", "k", "hook")
 """Varied parameters listed first, in this order; the others follow alphabetically."""
 
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka", "switch")
+ARCH_SPECIFIC = {
+    "sae.aux_k": TOPK_FAMILY,
+    "sae.aux_coeff": TOPK_FAMILY,
+    "sae.n_experts": ("switch",),
+    "sae.switch_capacity_factor": ("switch",),
+    "sae.jumprelu_bandwidth": ("jumprelu",),
+    "sae.jumprelu_init_threshold": ("jumprelu",),
+    "sae.batchtopk_threshold_momentum": ("batchtopk", "matryoshka"),
+    "sae.matryoshka_widths": ("matryoshka",),
+    "sae.relu_init_norm": ("relu",),
+    "objective.sparsity_coeff": ("relu", "jumprelu"),
+    "objective.target_l0": ("jumprelu",),
+    "objective.load_balance_coeff": ("switch",),
+}
+"""Parameters that only some architectures read (SAEConfig's and ObjectiveConfig's
+docstrings), and which; a parameter set to None (k of ReLU, an architecture's default
+init_encoder_scale) applies to no run either."""
+
+
+def applies(row: dict, param: str) -> bool:
+    """Whether the run reads the parameter: not None, and of its architecture's."""
+    archs = ARCH_SPECIFIC.get(param)
+    return row["_params"].get(param) is not None and (archs is None or row["arch"] in archs)
+
 
 def varied_params(rows: list[dict]) -> list[str]:
-    """The configuration keys whose values differ between the rows' runs."""
+    """The configuration keys that take at least two values among the runs they apply to;
+    an architecture-specific one, among the runs of one architecture."""
     keys = {k for r in rows for k in r["_params"]}
     ordered = [k for k in FIRST if k in keys] + sorted(keys - set(FIRST))
-    return [k for k in ordered if len({json.dumps(r["_params"].get(k)) for r in rows}) > 1]
+    return [k for k in ordered if _varies(rows, k)]
+
+
+def _varies(rows: list[dict], param: str) -> bool:
+    apply = [r for r in rows if applies(r, param)]
+    groups = [[r for r in apply if r["arch"] == a] for a in {r["arch"] for r in apply}]
+    if param not in ARCH_SPECIFIC:
+        groups = [apply]
+    return any(len({json.dumps(r["_params"][param]) for r in g}) > 1 for g in groups)
 
 
 BEST = {"fvu": min, "mse": min, "dead_pct": min, "loss_recovered": max, "absorption": min}
@@ -151,28 +187,92 @@ def record_health(rows: list[dict], health: HealthConfig | None = None) -> None:
         write_json(row["_path"], row["_metrics"] | fields)
 
 
+RECOMMENDATION_RULE = (
+    "Recommended run per architecture: among its runs that pass health (those that warn when "
+    "none passes), the highest loss recovered, or the lowest FVU where loss recovered is not "
+    "measured."
+)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """An architecture's recommended run (None when every run of it failed) and why."""
+
+    arch: str
+    row: dict | None
+    why: str
+
+    def line(self) -> str:
+        run = self.row["run"] if self.row else "none"
+        return f"{self.arch}: {run}: {self.why}"
+
+
+def recommend(rows: list[dict]) -> list[Recommendation]:
+    """RECOMMENDATION_RULE applied to each architecture (in name order)."""
+    return [_recommend(arch, [r for r in rows if r["arch"] == arch]) for arch in _archs(rows)]
+
+
+def _archs(rows: list[dict]) -> list[str]:
+    return sorted({r["arch"] for r in rows})
+
+
+def _recommend(arch: str, runs: list[dict]) -> Recommendation:
+    for level, verb in (("pass", "passes"), ("warn", "warns")):
+        pool = [r for r in runs if r["health"] == level]
+        metric = "loss_recovered" if measured(pool, "loss_recovered") else "fvu"
+        pool = [r for r in pool if _finite(r[metric])]
+        if pool:
+            best = BEST[metric](pool, key=lambda r, m=metric: r[m])
+            end = "highest" if metric == "loss_recovered" else "lowest"
+            among = f"the {end} of {len(pool)} that {level}" if len(pool) > 1 else "the only one"
+            why = (
+                f"{verb} health; {TITLES[metric]} {_fmt(best[metric])} ({among}); "
+                f"FVU {_fmt(best['fvu'])} at L0 {_fmt(best['l0'])}"
+            )
+            if level == "warn":
+                why += f"; no run passes; it warns: {best['health_reasons']}"
+            return Recommendation(arch, best, why)
+    return Recommendation(arch, None, f"every one of its {len(runs)} runs fails health")
+
+
+TABLE_HEADER = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "loss recovered")
+"""The printed table's columns, then health."""
+
+
 def format_table(rows: list[dict]) -> str:
-    """The printed table, then one line per run that did not pass, with its reasons."""
-    header = ("run", "arch", "d_sae", "k", "lr", "FVU", "L0", "dead %", "recovered", "health")
-    width = max(len(r["run"]) for r in rows) + 2
-    lines = [f"{header[0]:<{width}s}" + "".join(f"{h:>11s}" for h in header[1:])]
-    for r in rows:
-        recovered = f"{r['loss_recovered']:.3f}" if r["loss_recovered"] != "" else "-"
-        cells = (
-            r["arch"],
-            str(r["d_sae"]),
-            "-" if r["k"] in ("", None) else str(r["k"]),
-            f"{r['lr']:.2e}",
-            f"{r['fvu']:.4f}",
-            f"{r['l0']:.1f}",
-            f"{r['dead_pct']:.1f}",
-            recovered,
-            r["health"],
-        )
-        lines.append(f"{r['run']:<{width}s}" + "".join(f"{c:>11s}" for c in cells))
+    """The printed table, one line per run that did not pass, with its reasons, then the
+    recommended run per architecture."""
+    header, printed = (*TABLE_HEADER, "health"), [_printed(r) for r in rows]
+    widths = [max(len(p[0]) for p in printed) + 2] + [
+        max(10, len(h), *(len(p[i]) for p in printed)) + 1 for i, h in enumerate(header) if i
+    ]
+    lines = [_line(header, widths)] + [_line(p, widths) for p in printed]
     unhealthy = [r for r in rows if r["_health"].reasons]
     lines += [f"{r['run']}: {r['health']}: {r['health_reasons']}" for r in unhealthy]
+    lines.append(RECOMMENDATION_RULE)
+    lines += [f"  {rec.line()}" for rec in recommend(rows)]
     return "\n".join(lines)
+
+
+def _printed(r: dict) -> tuple[str, ...]:
+    return (
+        r["run"],
+        r["arch"],
+        str(r["d_sae"]),
+        "-" if r["k"] in ("", None) else str(r["k"]),
+        f"{r['lr']:.2e}",
+        f"{r['fvu']:.4f}",
+        f"{r['l0']:.1f}",
+        f"{r['dead_pct']:.1f}",
+        f"{r['loss_recovered']:.3f}" if r["loss_recovered"] != "" else "-",
+        r["health"],
+    )
+
+
+def _line(cells: tuple[str, ...], widths: list[int]) -> str:
+    return f"{cells[0]:<{widths[0]}s}" + "".join(
+        f"{c:>{w}s}" for c, w in zip(cells[1:], widths[1:], strict=True)
+    )
 
 
 def pareto_front(rows: list[dict], metric: str = "fvu") -> list[dict]:
@@ -195,6 +295,10 @@ def _pyplot():
     return plt
 
 
+FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9}
+"""Type that reads at a laptop's width, where the report shows an image at about 1,300 px."""
+
+
 def measured(rows: list[dict], metric: str) -> bool:
     return any(_finite(r[metric]) for r in rows)
 
@@ -204,34 +308,33 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     architecture, frontiers dashed, the best run starred."""
     plt = _pyplot()
     metrics = ["fvu"] + [m for m in ("loss_recovered", "absorption") if measured(rows, m)]
-    fig, axes = plt.subplots(
-        1, len(metrics), figsize=(6.5 * len(metrics), 5), dpi=110, squeeze=False
-    )
     best = best_runs(rows)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        _scatter(ax, rows, metric, best.get(metric))
-    fig.tight_layout()
-    fig.savefig(path)
+    with plt.rc_context(FONT):
+        fig, axes = plt.subplots(
+            1, len(metrics), figsize=(6.5 * len(metrics), 5), dpi=110, squeeze=False
+        )
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            _scatter(ax, rows, metric, best.get(metric))
+        fig.tight_layout()
+        fig.savefig(path)
     plt.close(fig)
 
 
 TITLES = {
     "fvu": "FVU",
-    "loss_recovered": "downstream score",
+    "loss_recovered": "loss recovered",
     "l0": "L0",
     "dead_pct": "dead latents %",
     "absorption": "absorption",
 }
 LABELS = {
     "fvu": "FVU (fraction of variance unexplained, lower is better)",
-    "loss_recovered": "downstream score recovered (higher is better)",
+    "loss_recovered": "loss recovered (higher is better)",
     "absorption": "mean absorption fraction (lower is better)",
 }
 
 
 def _scatter(ax, rows: list[dict], metric: str, best: dict | None) -> None:
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
     ok = [r for r in rows if not r["failed"] and _finite(r[metric])]
     for arch in sorted({r["arch"] for r in ok}):
         pts = [r for r in ok if r["arch"] == arch]
@@ -241,14 +344,45 @@ def _scatter(ax, rows: list[dict], metric: str, best: dict | None) -> None:
     if front:
         ax.plot([r["l0"] for r in front], [r[metric] for r in front], "k--", lw=1, label="frontier")
     _star(ax, best and best["l0"], best and best[metric], metric)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _log_x(ax, [r["l0"] for r in ok])
     ax.set_xlabel("L0 (active latents per token, log scale)")
     ax.set_ylabel(LABELS[metric])
     ax.set_title(f"L0 against {TITLES[metric]}, held-out activations")
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+LOG_MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8))
+"""Tick values of a log axis, each row denser than the one before: 10^n, 1-2-5, then more."""
+LOG_PAD = 1.25
+"""A log axis reaches this factor beyond the smallest and largest value."""
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round tick values within [low, high] (low > 0): the sparsest row of LOG_MANTISSAS that
+    gives three, else the densest's (two or fewer, when the range is narrow)."""
+    decades = range(math.floor(math.log10(low)), math.floor(math.log10(high)) + 1)
+    for mantissas in LOG_MANTISSAS:
+        ticks = [float(f"{m}e{e}") for e in decades for m in mantissas]
+        ticks = [t for t in ticks if low <= t <= high]
+        if len(ticks) >= 3:
+            break
+    return ticks
+
+
+def _log_x(ax, values: list[float]) -> None:
+    """A log x axis over `values` (positive) with every tick labelled, however narrow the
+    range: matplotlib's own labels only 10^n, none when the values lie within a decade."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    if not values:
+        return
+    low, high = min(values) / LOG_PAD, max(values) * LOG_PAD
+    ticks = log_ticks(low, high)
+    ax.set_xlim(low, high)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _color(rows: list[dict], arch: str) -> str:
@@ -274,35 +408,47 @@ def _star(ax, x, y, metric: str) -> None:
 SWEPT_METRICS = ("fvu", "loss_recovered", "absorption", "l0", "dead_pct")
 """The metrics plotted against each varied parameter (loss_recovered, absorption: where
 measured)."""
+GRID_WIDTH_IN, GRID_ROW_IN, GRID_DPI, GRID_MAX_COLUMNS = 13.6, 3.4, 100, 4
+"""The grid of metrics against parameters: 1,360 px wide (a laptop's width) whatever its
+number of panels, 340 px per row, at most 4 panels in a row."""
 
 
 def plot_sweep(rows: list[dict], params: list[str], path: Path) -> None:
-    """A grid: each metric (rows) against each parameter the sweep varies (columns), one series
-    per architecture, the best run per metric starred."""
+    """A grid: each parameter the sweep varies against each metric, a parameter's panels on
+    its own row(s), one series per architecture, the best run per metric starred."""
     plt = _pyplot()
     metrics = [m for m in SWEPT_METRICS if measured(rows, m)]
-    fig, axes = plt.subplots(
-        len(metrics),
-        len(params),
-        figsize=(4.2 * len(params), 3.2 * len(metrics)),
-        dpi=100,
-        squeeze=False,
-    )
+    columns = len(metrics) if len(metrics) <= GRID_MAX_COLUMNS else 3
+    per_param = -(-len(metrics) // columns)
     best = best_runs(rows)
-    for j, param in enumerate(params):
-        axis = _param_axis(rows, param)
-        for i, metric in enumerate(metrics):
-            _against(axes[i][j], rows, axis, metric, best.get(metric))
-            axes[i][j].set_xlabel(param)
-    fig.tight_layout()
-    fig.savefig(path)
+    with plt.rc_context(FONT):
+        fig, axes = plt.subplots(
+            per_param * len(params),
+            columns,
+            figsize=(GRID_WIDTH_IN, GRID_ROW_IN * per_param * len(params)),
+            dpi=GRID_DPI,
+            squeeze=False,
+        )
+        for j, param in enumerate(params):
+            axis = _param_axis(rows, param)
+            panels = axes[j * per_param : (j + 1) * per_param].flat
+            for ax, metric in itertools.zip_longest(panels, metrics):
+                if metric is None:
+                    ax.remove()
+                    continue
+                _against(ax, rows, axis, metric, best.get(metric))
+                ax.set_xlabel(param)
+        fig.tight_layout()
+        fig.savefig(path)
     plt.close(fig)
 
 
 def _param_axis(rows: list[dict], param: str) -> dict:
-    """How to place a parameter on an x axis: {"x": run -> position (None: not set), "ticks":
-    categorical labels or None, "log": whether numeric values span a decade or more}."""
-    values = {r["run"] + r["sweep"]: r["_params"].get(param) for r in rows}
+    """How to place a parameter on an x axis: {"x": run -> position (None: not set, or not
+    read by the run's architecture), "ticks": categorical labels or None, "log": whether
+    numeric values span a decade or more}."""
+    values = {r["run"] + r["sweep"]: r["_params"][param] for r in rows if applies(r, param)}
+    values |= {r["run"] + r["sweep"]: None for r in rows if not applies(r, param)}
     numbers = [v for v in values.values() if v is not None]
     if numbers and all(_finite(v) for v in numbers):
         log = min(numbers) > 0 and max(numbers) / min(numbers) >= 10
@@ -329,21 +475,23 @@ def _against(ax, rows: list[dict], axis: dict, metric: str, best: dict | None) -
     hit = [x for x, r in placed if best is not None and r is best]
     _star(ax, hit[0] if hit else None, best and best[metric], metric)
     if axis["log"]:
-        ax.set_xscale("log")
+        _log_x(ax, [x for x, _ in placed])
     if axis["ticks"] is not None:
-        ax.set_xticks(range(len(axis["ticks"])), axis["ticks"], rotation=20, fontsize=8)
+        ax.set_xticks(range(len(axis["ticks"])), axis["ticks"], rotation=20)
     ax.set_ylabel(TITLES[metric])
     ax.grid(alpha=0.3)
     if placed:
-        ax.legend(fontsize=7)
+        ax.legend()
 
 
 STYLE = (
     "body{font-family:sans-serif;margin:1em 2em}img{max-width:100%}"
-    "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;text-align:right;"
-    "border-bottom:1px solid #ddd}th{cursor:pointer;background:#f3f3f3;position:sticky;top:0}"
+    "#recommended li{margin:0.3em 0}.wrap{overflow-x:auto}"
+    "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 6px;text-align:right;"
+    "border-bottom:1px solid #ddd}th{cursor:pointer;background:#f3f3f3;position:sticky;top:0;"
+    "vertical-align:bottom;max-width:7em}"
     "th[data-dir=asc]::after{content:' \\25b2'}th[data-dir=desc]::after{content:' \\25bc'}"
-    "td.reasons{text-align:left}td.best{font-weight:bold;background:#e6f4ea}"
+    "td.reasons{text-align:left;min-width:14em}td.best{font-weight:bold;background:#e6f4ea}"
     ".health-pass td.health{background:#c8e6c9}.health-warn td.health{background:#fff3c4}"
     ".health-fail td.health{background:#ffcdd2}"
 )
@@ -370,7 +518,8 @@ without a value last), click again to reverse."""
 def write_html(
     rows: list[dict], columns: list[str], images: dict[str, Path], path: Path, title: str
 ) -> None:
-    """A page that needs nothing else: summary, the images inlined, the sortable table."""
+    """A page that needs nothing else: the recommended runs, a summary, the images inlined,
+    the sortable table."""
     figures = "".join(
         f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
         f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
@@ -379,23 +528,56 @@ def write_html(
     path.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<link rel='icon' href='data:,'><style>{STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>{_summary(rows, columns)}{figures}"
-        "<h2>Runs</h2><p>Click a column header to sort; &#9733; marks the best run per metric."
-        f"</p>{_table(rows, columns)}<script>{SORT_JS}</script></body></html>\n"
+        f"<h1>{html.escape(title)}</h1>{_recommended(rows)}{_summary(rows)}{figures}"
+        "<h2>Runs</h2><p>Click a column header to sort; &#9733; marks the best run per metric; "
+        "results.csv has every column.</p>"
+        f"<div class='wrap'>{_table(rows, page_columns(rows, columns))}</div>"
+        f"<script>{SORT_JS}</script></body></html>\n"
     )
 
 
-def _summary(rows: list[dict], columns: list[str]) -> str:
+def _recommended(rows: list[dict]) -> str:
+    items = "".join(
+        f"<li><b>{html.escape(rec.arch)}</b>: {html.escape(rec.line().partition(': ')[2])}</li>"
+        for rec in recommend(rows)
+    )
+    return (
+        f"<section id='recommended'><h2>Recommended runs</h2>"
+        f"<p>{html.escape(RECOMMENDATION_RULE)}</p><ul>{items}</ul></section>"
+    )
+
+
+def _summary(rows: list[dict]) -> str:
     counts = {v: sum(r["health"] == v for r in rows) for v in ("pass", "warn", "fail")}
     health = ", ".join(f"{n} {v}" for v, n in counts.items())
     best = "; ".join(
         f"{TITLES.get(m, m)}: {r['run']} ({_fmt(r[m])})" for m, r in best_runs(rows).items()
     )
     varied = ", ".join(varied_params(rows)) or "nothing"
+    encoder = any(_encoder_score(r["_metrics"]) for r in rows) and (
+        " For encoder models, which have no language-model loss, loss recovered is that of the "
+        "final hidden states (final_recovered in metrics.json)."
+    )
     return (
         f"<p id='summary'>{len(rows)} runs. Health: {health}. The sweep varies: "
-        f"{html.escape(varied)}. Best: {html.escape(best or 'none')}.</p>"
+        f"{html.escape(varied)}. Best: {html.escape(best or 'none')}.{encoder or ''}</p>"
     )
+
+
+def _encoder_score(metrics: dict) -> bool:
+    """Whether the run's loss recovered is the encoder's final-hidden-state score."""
+    return fidelity_key(metrics) == "final_recovered" and "final_recovered" in metrics
+
+
+PAGE_OMITS = ("absorption_letters", "tokens_seen", "failed", "tag")
+"""results.csv columns the page leaves out, so that its table fits a laptop's width."""
+
+
+def page_columns(rows: list[dict], columns: list[str]) -> list[str]:
+    """The table's columns on the page: results.csv's but PAGE_OMITS, and `sweep` only when
+    the report shows more than one sweep."""
+    one_sweep = len({r["sweep"] for r in rows}) == 1
+    return [c for c in columns if c not in PAGE_OMITS and not (c == "sweep" and one_sweep)]
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -405,7 +587,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
         for c in columns
     }
     head = "".join(
-        f"<th{' data-type=num' if numeric[c] else ''}>{html.escape(c)}</th>" for c in columns
+        f"<th{' data-type=num' if numeric[c] else ''}>{_header(c)}</th>" for c in columns
     )
     best = {m: r for m, r in best_runs(rows).items()}
     body = "".join(
@@ -415,6 +597,11 @@ def _table(rows: list[dict], columns: list[str]) -> str:
         for r in rows
     )
     return f"<table id='runs'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _header(column: str) -> str:
+    """A column name that may wrap after its dots and underscores."""
+    return re.sub(r"([._])", r"\1<wbr>", html.escape(column))
 
 
 def _cell(row: dict, column: str, best: bool) -> str:

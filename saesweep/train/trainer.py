@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from saesweep.errors import UserError
-from saesweep.evaluate.absorption import absorption_of
+from saesweep.evaluate.absorption import absorption_of, not_measured
 from saesweep.evaluate.downstream import HeldOutText, load_run, measure
 from saesweep.evaluate.metrics import evaluate_stacks
 from saesweep.format.rundir import (
@@ -350,18 +350,17 @@ class GroupTrainer:
         return results if results is not None else [{} for _ in self.run_dirs]
 
     def _absorption(self) -> list[dict]:
-        """Every run's feature absorption ({} each when not measured): on the held-out
+        """Every run's feature absorption (why, each, when not measured): on the held-out
         documents of a live source, the held-out shards of a store."""
         cfg = self.cfgs[0]
-        none = [{} for _ in self.run_dirs]
         if cfg.absorption.n_tokens <= 0:
-            return none
+            return [not_measured("turned off: absorption.n_tokens is 0")] * len(self.run_dirs)
         tokens, recorded = held_out_tokens(cfg)
         try:
             return absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
-            return none
+            return [not_measured(f"skipped: {err}")] * len(self.run_dirs)
 
     def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
         cfg, run_dir = self.cfgs[i], self.run_dirs[i]
