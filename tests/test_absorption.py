@@ -10,6 +10,8 @@ from saesweep.collect.model import model_path
 from saesweep.evaluate.absorption import (
     LETTERS,
     AbsorptionConfig,
+    LabelledTokens,
+    absorption_of,
     first_letters,
     make_task,
     sae_absorption,
@@ -90,10 +92,36 @@ def test_a_clean_dictionary_absorbs_nothing(task):
 
 def test_letters_without_enough_evidence_are_not_evaluated(task):
     x, ids, letters = tokens(400)
-    few = make_task(x, ids, letters, AbsorptionConfig(min_true_positives=1000))
-    found = sae_absorption(few, dictionary(ABSORBED), AbsorptionConfig())
+    strict = AbsorptionConfig(min_true_positives=1000)
+    few = make_task(x, ids, letters, strict)
+    found = sae_absorption(few, dictionary(ABSORBED), strict)
     assert found["absorption_letters"] == 0
     assert found["absorption"] != found["absorption"]
+    assert found["absorption_reason"] == (
+        "0 letters with a probe of F1 >= 0.6 and 1000 test true positives, over 400 alphabetic "
+        "held-out tokens; 1 needed"
+    )
+    assert "absorption_reason" not in sae_absorption(task[0], dictionary(()), AbsorptionConfig())
+
+
+def test_held_out_tokens_without_a_word_say_so():
+    """Punctuation only: no token can be labelled, and the result says how many were read."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path("demo"))
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids([",", ".", "!", "?"]) * 50)
+    x = torch.randn(len(ids), D, generator=torch.Generator().manual_seed(2))
+    cfg, sd = dictionary(())
+
+    def held_out(hooks):
+        for hook in hooks:
+            yield hook, LabelledTokens(x, ids, tokenizer)
+
+    sae = (cfg | {"hook_name": "h"}, sd)
+    (found,) = absorption_of([sae], held_out, AbsorptionConfig(), {"absorption_split": "val"})
+    assert found == {
+        "absorption_reason": "0 alphabetic tokens among 200 held-out tokens",
+        "absorption_tokens": 0,
+        "absorption_split": "val",
+    }
 
 
 def test_first_letters_of_decoded_tokens():

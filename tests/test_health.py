@@ -102,3 +102,19 @@ def test_thresholds_are_configurable_and_checked():
     assert (health.verdict, health.reasons) == ("fail", ("L0 64 > 50", "dead 2 % > 1.5 %"))
     with pytest.raises(UserError, match="dead_pass_pct must not exceed dead_fail_pct"):
         HealthConfig(dead_pass_pct=30.0)
+
+
+def test_absorption_not_measured_says_why_when_the_run_does():
+    health = assess(HEALTHY | {"absorption_reason": "turned off: absorption.n_tokens is 0"})
+    assert health.not_measured == ("absorption",)
+    assert health.summary() == "absorption not measured (turned off: absorption.n_tokens is 0)"
+
+
+@pytest.mark.parametrize(
+    ("arch", "l0"), [("topk", 16.0), ("batchtopk", 14.7), ("matryoshka", 16.4), ("switch", 16.0)]
+)
+def test_the_demo_sweeps_k_runs_pass(arch, l0):
+    """The demo's held-out L0 at k 16 (docs/training.md): no "L0 16 < 20" warning."""
+    demo = {"fvu": 0.25, "l0": l0, "k": 16, "dead_pct": 3.5, "final_recovered": 0.93}
+    health = assess(demo | {"arch": arch, "absorption": 0.4, "absorption_letters": 3})
+    assert (health.verdict, health.reasons) == ("pass", ())

@@ -224,14 +224,16 @@ def _recommend(arch: str, runs: list[dict]) -> Recommendation:
         if pool:
             best = BEST[metric](pool, key=lambda r, m=metric: r[m])
             end = "highest" if metric == "loss_recovered" else "lowest"
-            among = f"the {end} of {len(pool)} that {level}" if len(pool) > 1 else "the only one"
-            why = (
-                f"{verb} health; {TITLES[metric]} {_fmt(best[metric])} ({among}); "
-                f"FVU {_fmt(best['fvu'])} at L0 {_fmt(best['l0'])}"
-            )
+            among = f"the {end} of {len(pool)} that {level}" if len(pool) > 1 else "its only one"
+            health = f"{verb} health" if level == "pass" else "no run passes health; it warns"
             if level == "warn":
-                why += f"; no run passes; it warns: {best['health_reasons']}"
-            return Recommendation(arch, best, why)
+                health += f" ({best['health_reasons']})"
+            return Recommendation(
+                arch,
+                best,
+                f"{health}; {TITLES[metric]} {_fmt(best[metric])} ({among}); "
+                f"FVU {_fmt(best['fvu'])} at L0 {_fmt(best['l0'])}",
+            )
     return Recommendation(arch, None, f"every one of its {len(runs)} runs fails health")
 
 
@@ -352,7 +354,12 @@ def _scatter(ax, rows: list[dict], metric: str, best: dict | None) -> None:
     ax.legend()
 
 
-LOG_MANTISSAS = ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8))
+LOG_MANTISSAS = (
+    (1,),
+    (1, 2, 5),
+    (1, 1.5, 2, 3, 4, 5, 6, 8),
+    (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9),
+)
 """Tick values of a log axis, each row denser than the one before: 10^n, 1-2-5, then more."""
 LOG_PAD = 1.25
 """A log axis reaches this factor beyond the smallest and largest value."""
