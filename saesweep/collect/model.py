@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,35 @@ def model_path(name: str) -> str:
     return name
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+"""The HF libraries' offline switches."""
+
+
+@contextlib.contextmanager
+def hub_access(download: bool):
+    """Without `download`, the HF libraries' offline mode for the duration, so that they send
+    no request at all (local_files_only alone still lets the hub client ask the hub for its
+    agent registry): OFFLINE_VARIABLES set to 1, and huggingface_hub's flag, which it reads
+    from the environment once, on import, set with them; both restored after."""
+    if download:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved, flag = {k: os.environ.get(k) for k in OFFLINE_VARIABLES}, constants.HF_HUB_OFFLINE
+    os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = flag
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def load_tokenizer(
     name: str, revision: str | None, download: bool = False, trust_remote_code: bool = False
 ):
@@ -35,12 +65,13 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(
-            model_path(name),
-            revision=revision,
-            local_files_only=not download,
-            trust_remote_code=trust_remote_code,
-        )
+        with hub_access(download):
+            return AutoTokenizer.from_pretrained(
+                model_path(name),
+                revision=revision,
+                local_files_only=not download,
+                trust_remote_code=trust_remote_code,
+            )
     except (OSError, ValueError) as err:
         raise _load_error(f"the tokenizer of model {name!r}", err, download) from None
 
@@ -66,11 +97,13 @@ def load_model(
         "trust_remote_code": trust_remote_code,
     }
     try:
-        config = AutoConfig.from_pretrained(path, **options)
-        tokenizer = AutoTokenizer.from_pretrained(path, **options)
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
-        cls = AutoModelForCausalLM if causal else AutoModel
-        model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **options)
+        with hub_access(download):
+            config = AutoConfig.from_pretrained(path, **options)
+            tokenizer = AutoTokenizer.from_pretrained(path, **options)
+            architectures = config.architectures or []
+            causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+            cls = AutoModelForCausalLM if causal else AutoModel
+            model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **options)
     except (OSError, ValueError) as err:
         raise _load_error(f"model {name!r}", err, download) from None
     return model.to(device).eval(), tokenizer
