@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import signal
+import subprocess
 import threading
 import time
 import traceback
@@ -25,8 +26,24 @@ import submitit
 from saesweep.configtools import above, at_least
 from saesweep.errors import UserError
 
-Executor = Literal["slurm", "local", "debug"]
+Executor = Literal["slurm", "ray", "local", "debug"]
+CLUSTERS = ("slurm", "ray")
+"""Executors whose jobs run elsewhere, sized by their request (not checked on this machine)."""
 ACTIVE_SLURM_STATES = {"RUNNING", "COMPLETING"}
+NEVER_STARTS = {
+    "PartitionConfig": "more than the partition's nodes have or allow",
+    "PartitionNodeLimit": "more nodes than the partition allows",
+    "PartitionTimeLimit": "a time limit above the partition's",
+    "InvalidAccount": "an account the cluster does not know",
+    "InvalidQOS": "a QOS the cluster does not know",
+    "BadConstraints": "node features no node has",
+    "QOSMaxCpuPerJobLimit": "more CPUs than the QOS allows a job",
+    "QOSMaxGRESPerJob": "more GPUs than the QOS allows a job",
+    "QOSMaxMemoryPerJob": "more memory than the QOS allows a job",
+    "AssocMaxCpuPerJobLimit": "more CPUs than the account allows a job",
+    "AssocMaxMemPerJob": "more memory than the account allows a job",
+}
+"""squeue's reasons for a pending job that waiting will not clear, and what the job asked."""
 
 
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
@@ -64,6 +81,21 @@ class SlurmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RayConfig:
+    """The Ray cluster that runs each job with --executor ray (docs/cluster.md#ray); each job
+    asks it for the CPUs, GPUs and memory it would ask Slurm for."""
+
+    address: str | None = None
+    """Ray cluster to join: 'auto' (the cluster this machine belongs to) or host:port; unset
+    starts a Ray on this machine for this command."""
+    resources: str | None = None
+    """Custom Ray resources per process, as a JSON object (e.g. '{"a100": 1}')."""
+    max_retries: int = dataclasses.field(default=3, metadata=at_least(0))
+    """Times a job is started again after one of its workers or nodes was lost; it resumes
+    from its last committed state."""
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupOutcome:
     """How one group's job ended."""
 
@@ -86,25 +118,33 @@ def run_groups(
     max_concurrent: int | None = None,
     poll_s: float = 5.0,
     tasks: Sequence[int] | None = None,
+    ray: RayConfig | None = None,
+    unit: str = "group",
 ) -> list[GroupOutcome]:
     """Run `fn(group)` for every group as its own job, wait for all, return outcomes in order.
 
     `slurm` is one config for every group or one per group (groups with equal configs share a
-    job array). `tasks`: processes per group (default 1 each); a job of several runs `fn` in
-    each, with submitit's task environment (rank 0's result is the group's). A failing group
-    does not stop the others; its outcome carries the error and log paths. `max_concurrent`
-    caps jobs running at once (default: all for Slurm, 1 for local).
+    job array), its sizes resolved: also what each job asks Ray for. `tasks`: processes per
+    group (default 1 each); a job of several runs `fn` in each, with the task's
+    torch.distributed environment (rank 0's result is the group's). A failing group does not
+    stop the others; its outcome carries the error and log paths. `max_concurrent` caps jobs
+    running at once (default: all for Slurm and Ray, 1 for local). `unit` names a job in
+    messages ('group', 'machine').
     """
     tasks = list(tasks) if tasks is not None else [1] * len(groups)
+    slurms = [slurm] * len(groups) if isinstance(slurm, SlurmConfig) else list(slurm)
     if executor == "debug":
         if max(tasks) > 1:
             raise UserError("the debug executor runs one process per group: use --executor local")
         return [_run_in_process(fn, index, group) for index, group in enumerate(groups)]
     log_dir = Path(log_dir)
+    if executor == "ray":
+        return _run_on_ray(fn, groups, log_dir, slurms, tasks, ray or RayConfig(), poll_s, unit)
     if executor == "slurm":
-        slurms = [slurm] * len(groups) if isinstance(slurm, SlurmConfig) else list(slurm)
         jobs = _submit_slurm_arrays(fn, groups, log_dir, slurms, tasks, max_concurrent)
-        return _wait(jobs, poll_s)
+        with _cancelling_slurm_jobs(jobs):
+            check = lambda: _check_startable(jobs, slurms, unit)  # noqa: E731
+            return _wait(jobs, poll_s, check=check, unit=unit)
     if executor == "local":
         local = submitit.LocalExecutor(folder=log_dir)
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
@@ -118,9 +158,59 @@ def run_groups(
         jobs: list[submitit.Job] = []
         with _stopping_local_jobs(jobs):
             return _wait(
-                jobs, poll_s, queued=list(groups), submit=submit, max_running=max_concurrent or 1
+                jobs,
+                poll_s,
+                queued=list(groups),
+                submit=submit,
+                max_running=max_concurrent or 1,
+                unit=unit,
             )
-    raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
+    raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'ray', 'local' or 'debug'.")
+
+
+def default_cpus(wanted: int, node_cpus: int | None, procs_per_node: int) -> int:
+    """A process's default CPU request: `wanted`, at most its share of the largest node."""
+    return wanted if node_cpus is None else max(1, min(wanted, node_cpus // procs_per_node))
+
+
+def largest_node_cpus(executor: str, slurm: SlurmConfig, ray: RayConfig) -> int | None:
+    """The most CPUs a node that would run the jobs has (Slurm: the partition's nodes, from
+    sinfo; Ray: the cluster's alive nodes); None when unknown or running here."""
+    if executor == "ray":
+        from saesweep.ray_jobs import largest_node_cpus as ray_node_cpus
+
+        return ray_node_cpus(ray.address)
+    if executor != "slurm":
+        return None
+    command = ["sinfo", "-h", "-N", "-o", "%c %P"] + (
+        ["-p", slurm.partition] * bool(slurm.partition)
+    )
+    try:
+        lines = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split() for line in lines.splitlines() if len(line.split()) == 2]
+    cpus = [int(c) for c, part in rows if c.isdigit() and (slurm.partition or part.endswith("*"))]
+    return max(cpus, default=None)
+
+
+def _run_on_ray(fn, groups, log_dir, slurms, tasks, ray: RayConfig, poll_s, unit):
+    from saesweep.ray_jobs import ProcessRequest, parse_custom, run_on_ray
+
+    custom = parse_custom(ray.resources)
+    requests = [
+        ProcessRequest(
+            cpus=float(s.cpus_per_group or 1),
+            gpus=(s.gpus_per_group or 0) / n,
+            memory_gb=s.mem_gb * s.nodes_per_group / n if s.mem_gb else None,
+            custom=custom,
+        )
+        for s, n in zip(slurms, tasks, strict=True)
+    ]
+    progress = _progress_printer(len(groups), unit)
+    return run_on_ray(fn, groups, address=ray.address, requests=requests, tasks=tasks,
+                      log_dir=log_dir, max_retries=ray.max_retries, poll_s=poll_s, unit=unit,
+                      progress=progress)  # fmt: skip
 
 
 def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submitit.Job]:
@@ -254,13 +344,16 @@ def _wait(
     queued: list[Any] | None = None,
     submit: Callable[[Any], submitit.Job] | None = None,
     max_running: int = 1,
+    check: Callable[[], None] | None = None,
+    unit: str = "group",
 ) -> list[GroupOutcome]:
     """Poll `jobs` until all have ended, submitting `queued` groups while fewer than
-    `max_running` run; outcomes come back in submission order."""
+    `max_running` run, calling `check` (which may raise) at each poll; outcomes come back in
+    submission order."""
     queued = queued or []
     n_groups = len(jobs) + len(queued)
     outcomes: dict[int, GroupOutcome] = {}
-    last_line = ""
+    progress = _progress_printer(n_groups, unit)
     while len(outcomes) < n_groups:
         for index, job in enumerate(jobs):
             if index not in outcomes and job.done():
@@ -269,8 +362,13 @@ def _wait(
         while queued and submit is not None and n_running < max_running:
             jobs.append(submit(queued.pop(0)))
             n_running += 1
-        last_line = _print_progress(jobs, outcomes, len(queued), last_line)
+        counts = collections.Counter(outcome.status for outcome in outcomes.values())
+        counts.update(_activity(job) for index, job in enumerate(jobs) if index not in outcomes)
+        counts["pending"] += len(queued)
+        progress(counts)
         if len(outcomes) < n_groups:
+            if check is not None:
+                check()
             time.sleep(poll_s)
     return [outcomes[index] for index in range(n_groups)]
 
@@ -283,7 +381,7 @@ def _outcome(index: int, job: submitit.Job) -> GroupOutcome:
     failed = [(task, str(e)) for task, e in zip(tasks, errors, strict=True) if e is not None]
     if not failed:
         return GroupOutcome(index, "done", result=tasks[0].result(), **_logs(job, tasks[0]))
-    task, error = next((f for f in failed if not _peer_gone(f[1])), failed[0])
+    task, error = next((f for f in failed if not peer_gone(f[1])), failed[0])
     if len(tasks) > 1:
         error = f"rank {tasks.index(task)} of {len(tasks)}: {error}"
     return GroupOutcome(index, "failed", error=error, **_logs(job, task))
@@ -293,7 +391,7 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistNetwo
 """How a collective fails when another rank of the group died (gloo, NCCL)."""
 
 
-def _peer_gone(error: str) -> bool:
+def peer_gone(error: str) -> bool:
     return any(phrase in error for phrase in PEER_GONE)
 
 
@@ -308,13 +406,62 @@ def _activity(job: submitit.Job) -> str:
     return "running" if state in ACTIVE_SLURM_STATES or started else "pending"
 
 
-def _print_progress(
-    jobs: list[submitit.Job], outcomes: dict[int, GroupOutcome], n_unsubmitted: int, last: str
-) -> str:
-    counts = collections.Counter(outcome.status for outcome in outcomes.values())
-    counts.update(_activity(job) for index, job in enumerate(jobs) if index not in outcomes)
-    counts["pending"] += n_unsubmitted
-    line = ", ".join(f"{counts[key]} {key}" for key in ("pending", "running", "done", "failed"))
-    if line != last:
-        print(f"[launch] {len(jobs) + n_unsubmitted} groups: {line}", flush=True)
-    return line
+STATES = ("pending", "running", "done", "failed")
+
+
+def _progress_printer(n_jobs: int, unit: str) -> Callable[[dict[str, int]], None]:
+    """Prints '[launch] N groups: a pending, b running, c done, d failed' when it changes."""
+    last = [""]
+
+    def print_progress(counts: dict[str, int]) -> None:
+        line = ", ".join(
+            f"{counts.get(k, 0)} {k}" for k in ("pending", "running", "done", "failed")
+        )
+        if line != last[0]:
+            print(f"[launch] {n_jobs} {unit}s: {line}", flush=True)
+            last[0] = line
+
+    return print_progress
+
+
+@contextlib.contextmanager
+def _cancelling_slurm_jobs(jobs: list[submitit.Job]):
+    """Cancel the submitted jobs when the launch ends on the user's error (a job that can
+    never start); an interrupted driver leaves them running, as Slurm jobs outlive it."""
+    try:
+        yield
+    except UserError:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
+
+
+def _check_startable(jobs: list[submitit.Job], slurms: list[SlurmConfig], unit: str) -> None:
+    """Raise UserError when one of `jobs` is pending for a reason waiting will not clear."""
+    index_of = {job.job_id.split("_")[0]: i for i, job in reversed(list(enumerate(jobs)))}
+    try:
+        listed = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(index_of), "-o", "%i|%T|%r"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    for line in listed.splitlines():
+        job_id, state, reason = (line.split("|") + ["", ""])[:3]
+        if state == "PENDING" and reason in NEVER_STARTS:
+            index = index_of.get(job_id.split("_")[0], 0)
+            raise UserError(
+                f"Slurm will never start {unit} {index}'s job {job_id} (pending for "
+                f"{reason}: {NEVER_STARTS[reason]}); it asks for {_describe(slurms[index])}: "
+                "change --cpus-per-group, --gpus-per-group, --mem-gb, --slurm-partition, "
+                "--slurm-qos or --slurm-acct (its jobs were cancelled)"
+            )
+
+
+def _describe(slurm: SlurmConfig) -> str:
+    """A job's request in words."""
+    parts = [f"{slurm.cpus_per_group or 'default'} CPUs a process"]
+    parts.append(f"{slurm.gpus_per_group or 0} GPUs")
+    parts.append(f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "default memory")
+    parts.append(f"partition {slurm.partition or '(default)'}")
+    return ", ".join(parts)

@@ -19,7 +19,7 @@ from saesweep.configtools import (
     section,
 )
 from saesweep.errors import UserError
-from saesweep.executors import SlurmConfig
+from saesweep.executors import RayConfig, SlurmConfig
 from saesweep.memory import DEVICE_SPEC
 
 
@@ -74,11 +74,16 @@ class CollectConfig:
     """This machine's index in 0..n_machines-1; it takes every n_machines-th document."""
     n_machines: int = field(default=1, metadata=at_least(1))
     """Number of machines sharing the collection."""
+    executor: Literal["here", "slurm", "ray"] | None = None
+    """Where to collect: here (this machine's share, --machine), or n_machines Slurm tasks or
+    Ray tasks; default slurm with --slurm-acct, else here."""
     slurm: SlurmConfig = section(lambda: SlurmConfig(n_hours=4.0), short=True)
     """Slurm settings: with --slurm-acct, n_machines tasks are submitted instead of running
     here (each also as --slurm-FIELD or --n-hours)."""
+    ray: RayConfig = section(RayConfig, short=True)
+    """Ray settings for --executor ray (each also as --ray-FIELD, e.g. --ray-address auto)."""
     slurm_log_dir: str = "logs/collect"
-    """Local directory for the Slurm tasks' logs."""
+    """Local directory for the Slurm or Ray tasks' logs."""
     upload_threads: int = field(default=2, metadata=at_least(1))
     """Background threads that serialize and write shards."""
     max_inflight_shards: int = field(default=4, metadata=at_least(1))

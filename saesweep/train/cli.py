@@ -15,7 +15,7 @@ from typing import Literal
 
 from saesweep.configtools import at_least, deep_merge, parse_command_line, print_help
 from saesweep.errors import UserError, exit_on_user_error
-from saesweep.executors import SlurmConfig
+from saesweep.executors import CLUSTERS, SlurmConfig, largest_node_cpus
 from saesweep.memory import check_fits, resolve_device
 from saesweep.train.config import TrainConfig
 from saesweep.train.layout import check_not_running, create_sweep_dir, group_finished
@@ -31,7 +31,7 @@ from saesweep.train.preflight import (
 from saesweep.train.sweep import Group, build_configs, load_sweep, make_config, split_groups
 
 USAGE = """usage: train.py [--sweep FILE.py | --rerun SWEEP_DIR | --resume SWEEP_DIR] [--dry-run]
-                [--max-parallel K] [--executor local|debug|slurm] [--CONFIG.FIELD VALUE ...]
+                [--max-parallel K] [--executor local|debug|slurm|ray] [--CONFIG.FIELD VALUE ...]
 
 Without --sweep, trains one SAE from the defaults and flags. Config flags (CLI > sweep > defaults):
 """
@@ -49,8 +49,9 @@ class TrainCommand:
     """Sweep directory whose unfinished groups continue from their last saved state."""
     max_parallel: int | None = field(default=None, metadata=at_least(1, optional=True))
     """At most this many SAEs per group (a larger group is split)."""
-    executor: Literal["local", "debug", "slurm"] | None = None
-    """Where groups run; default slurm with --slurm-acct, else local processes."""
+    executor: Literal["local", "debug", "slurm", "ray"] | None = None
+    """Where groups run: local processes, in this process (debug), Slurm jobs or Ray tasks
+    (--ray-address); default slurm with --slurm-acct, else local."""
     dry_run: bool = False
     """Print the plan (groups, devices, Slurm requests) and exit; touches no data."""
 
@@ -107,26 +108,28 @@ def executor_of(command: TrainCommand, cfg: TrainConfig) -> str:
 def run(sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig]) -> int:
     from saesweep.train.run import run_sweep  # the trainer's imports: not for --help, --dry-run
 
-    return run_sweep(sweep_dir, groups, executor, slurms)
+    return run_sweep(sweep_dir, groups, executor, slurms, groups[0].cfgs[0].ray)
 
 
 def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig]:
     """Check every group before any job starts (device, data, shapes; memory where it runs
     here); each group's Slurm request."""
-    executor = executor_of(command, groups[0].cfgs[0])
+    first = groups[0].cfgs[0]
+    executor = executor_of(command, first)
     check_caches(groups)
+    node_cpus = largest_node_cpus(executor, first.slurm, first.ray)
     slurms = []
     for group in groups:
         first = group.cfgs[0]
-        if executor != "slurm":
+        if executor not in CLUSTERS:
             check_local_device(first)
         check_processes(group, executor)
         ensure_data(first)
         d_model = check_data(group)
-        if executor != "slurm" and d_model is not None:
+        if executor not in CLUSTERS and d_model is not None:
             device = resolve_device(first.device)
             check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, device)
-        slurms.append(slurm_request(group, d_model))
+        slurms.append(slurm_request(group, d_model, node_cpus))
     return slurms
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 from saesweep.configtools import PLAIN_NAME, above, at_least, fraction, section
 from saesweep.evaluate.absorption import AbsorptionConfig
 from saesweep.evaluate.health import HealthConfig
-from saesweep.executors import SlurmConfig
+from saesweep.executors import RayConfig, SlurmConfig
 from saesweep.memory import DEVICE_SPEC
 from saesweep.sae.config import ObjectiveConfig, SAEConfig
 
@@ -141,6 +141,8 @@ class TrainConfig:
     """Thresholds of the health verdict in the report (the first config's count)."""
     slurm: SlurmConfig = section(SlurmConfig, short=True)
     """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
+    ray: RayConfig = section(RayConfig, short=True)
+    """Ray settings for --executor ray (each also as --ray-FIELD, e.g. --ray-address auto)."""
 
     @property
     def held_out_data(self) -> DataConfig:
@@ -181,6 +183,7 @@ GROUP_FIELDS = (
     "wandb_mode",
     "wandb_project",
     "slurm",
+    "ray",
 )
 """Fields that change data loading or where a job runs: configs that differ in any of them
 run in separate parallel groups. Everything else (lr, seed, sae, objective, tag, schedules)

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from saesweep.ray_jobs import CPUS_ENV, RENDEZVOUS_ENV
 from saesweep.sae.base import LossResult, total_variance
 from saesweep.train.config import TrainConfig
 
@@ -60,36 +61,63 @@ class World:
         return torch.device(self.device if dist.get_backend() == "nccl" else "cpu")
 
 
-def start_world(cfg: TrainConfig, device: str) -> World:
-    """Join the group's process group when it runs as procs_per_group processes (submitit
-    sets each task's rank; one GPU per task with NCCL, gloo on CPU); else a world of one."""
-    if cfg.procs_per_group == 1:
-        return World(device=device)
+@dataclass(frozen=True)
+class ProcessPlace:
+    """Where a process of a group stands: its rank among world_size, its place on its node,
+    and how the group's processes meet (a torch.distributed init method)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    init_method: str
+
+
+def process_place() -> ProcessPlace:
+    """This process's place: from the Ray executor's variables, else submitit's task
+    environment (Slurm or local), exported as MASTER_ADDR/MASTER_PORT for env://."""
+    if RENDEZVOUS_ENV in os.environ:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        return ProcessPlace(*(int(os.environ[k]) for k in names), os.environ[RENDEZVOUS_ENV])
     import submitit
 
     env = submitit.helpers.TorchDistributedEnvironment().export(
         set_cuda_visible_devices=False, overwrite=True
     )
+    return ProcessPlace(env.rank, env.world_size, env.local_rank, env.local_world_size, "env://")
+
+
+def start_world(cfg: TrainConfig, device: str) -> World:
+    """Join the group's process group when it runs as procs_per_group processes (one GPU per
+    process with NCCL, gloo on CPU); else a world of one."""
+    if cfg.procs_per_group == 1:
+        return World(device=device)
+    place = process_place()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         # the node's GPUs by local rank (CUDA may already be initialized: not by env var)
-        device = f"cuda:{env.local_rank}"
+        device = f"cuda:{place.local_rank}"
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(cpu_threads(env.local_world_size))
+        torch.set_num_threads(cpu_threads(place.local_world_size))
     dist.init_process_group(
-        backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), init_method="env://"
+        backend,
+        timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
+        init_method=place.init_method,
+        rank=place.rank,
+        world_size=place.world_size,
     )
-    if env.world_size != cfg.procs_per_group:
-        raise RuntimeError(f"{env.world_size} tasks started for {cfg.procs_per_group} processes")
-    return World(env.rank, env.world_size, cfg.parallel, device)
+    if place.world_size != cfg.procs_per_group:
+        raise RuntimeError(f"{place.world_size} tasks started for {cfg.procs_per_group} processes")
+    return World(place.rank, place.world_size, cfg.parallel, device)
 
 
 def cpu_threads(tasks_on_node: int) -> int:
-    """Torch threads of one CPU process: Slurm's cores per task, else this process's cores
-    shared by the group's processes on this node (local tasks share one CPU set)."""
-    if "SLURM_CPUS_PER_TASK" in os.environ:
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    """Torch threads of one CPU process: the cores Slurm or Ray gave it, else this process's
+    cores shared by the group's processes on this node (local tasks share one CPU set)."""
+    for granted in ("SLURM_CPUS_PER_TASK", CPUS_ENV):
+        if granted in os.environ:
+            return int(os.environ[granted])
     return max(1, len(os.sched_getaffinity(0)) // tasks_on_node)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
-from saesweep.executors import SlurmConfig
+from saesweep.executors import CLUSTERS, SlurmConfig, default_cpus
 from saesweep.format.manifest import find_hook
 from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
@@ -34,18 +34,20 @@ BASE_HOST_GB = 4
 evaluation."""
 
 
-def slurm_request(group: Group, d_model: int | None) -> SlurmConfig:
-    """The group's Slurm config with its sizes resolved (docs/sweeps.md#slurm): one GPU per
-    process unless the device is 'cpu'; per process the reader's threads plus two cores; per
-    node BASE_HOST_GB per process, plus two shuffle windows at 4 bytes a value, plus the
-    SAEs' training state when they train on the CPU (memory left to the partition's default
-    while d_model is unknown)."""
+def slurm_request(group: Group, d_model: int | None, node_cpus: int | None = None) -> SlurmConfig:
+    """The group's Slurm config with its sizes resolved (docs/sweeps.md#slurm), also what it
+    asks Ray for: one GPU per process unless the device is 'cpu'; per process the reader's
+    threads plus two cores, at most its share of `node_cpus` (the largest node's, where
+    known); per node BASE_HOST_GB per process, plus two shuffle windows at 4 bytes a value,
+    plus the SAEs' training state when they train on the CPU (memory left to the partition's
+    default while d_model is unknown)."""
     cfg = group.cfgs[0]
     slurm = cfg.slurm
     procs_per_node = max(1, cfg.procs_per_group // slurm.nodes_per_group)
     gpus = slurm.gpus_per_group
     gpus = gpus if gpus is not None else cfg.procs_per_group * int(cfg.device != "cpu")
-    cpus = slurm.cpus_per_group or cfg.train_data.n_threads + 2
+    cpus = slurm.cpus_per_group or default_cpus(cfg.train_data.n_threads + 2, node_cpus,
+                                                procs_per_node)  # fmt: skip
     mem_gb = slurm.mem_gb
     if mem_gb is None and d_model:
         host = 2 * cfg.train_data.shuffle_tokens * d_model * 4
@@ -83,8 +85,8 @@ def check_processes(group: Group, executor: str) -> None:
             "make it a multiple of --procs-per-group"
         )
     if executor != "slurm" and cfg.slurm.nodes_per_group > 1:
-        raise UserError("--nodes-per-group needs Slurm (--slurm-acct); local groups use one node")
-    if executor != "slurm" and resolve_device(cfg.device).startswith("cuda"):
+        raise UserError("--nodes-per-group needs Slurm (--slurm-acct); other groups use one node")
+    if executor not in CLUSTERS and resolve_device(cfg.device).startswith("cuda"):
         import torch
 
         if torch.cuda.device_count() < procs:
@@ -103,12 +105,15 @@ def describe_device(cfg: TrainConfig, executor: str) -> str:
     """The device a group trains on, as this machine can tell it."""
     if cfg.device != "auto":
         return cfg.device
-    if executor == "slurm":
+    if executor in CLUSTERS:
         return "auto (cuda where the job runs sees a GPU, else cpu)"
     return f"auto -> {resolve_device('auto')} (here)"
 
 
-def describe_request(slurm: SlurmConfig) -> str:
+def describe_request(slurm: SlurmConfig, executor: str) -> str:
+    if executor == "ray":
+        mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "no memory reservation"
+        return f"Ray: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs per process, {mem}"
     mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "the partition's default memory"
     where = f"account {slurm.acct}" + (f", partition {slurm.partition}" if slurm.partition else "")
     return (
@@ -146,8 +151,8 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
         )
         if first.procs_per_group > 1:
             print(f"  {first.procs_per_group} processes, parallel {first.parallel}")
-        if executor == "slurm":
-            print(f"  {describe_request(slurm_request(group, d_model))}")
+        if executor in CLUSTERS:
+            print(f"  {describe_request(slurm_request(group, d_model), executor)}")
         for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
             print(f"  run {run_id:3d}: {describe(cfg)}")
     print(f"{n_configs} configs in {len(groups)} groups")

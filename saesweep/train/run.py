@@ -7,15 +7,15 @@ from pathlib import Path
 
 from saesweep.errors import EXIT_USER_ERROR, UserError
 from saesweep.evaluate.report import write_report
-from saesweep.executors import GroupOutcome, SlurmConfig, run_groups
+from saesweep.executors import GroupOutcome, RayConfig, SlurmConfig, run_groups
 from saesweep.train.group_job import GroupJob
 from saesweep.train.sweep import Group
 
 
 def run_sweep(
-    sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig]
+    sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig], ray: RayConfig
 ) -> int:
-    """Run every group (`slurms`: each group's resolved Slurm config), then the report.
+    """Run every group (`slurms`: each group's resolved request), then the report.
     Exit status: 0 when every group finished; 2 when a group stopped on the user's input (a
     corrupt shard, a bad value: the one-sentence error is printed), else 1."""
     print(f"sweep directory: {sweep_dir}")
@@ -27,6 +27,7 @@ def run_sweep(
         slurm=slurms,
         poll_s=2.0,
         tasks=[g.cfgs[0].procs_per_group for g in groups],
+        ray=ray,
     )
     write_report(sweep_dir, health=groups[0].cfgs[0].health)
     failed = [o for o in outcomes if o.status != "done"]
