@@ -104,7 +104,7 @@ def test_sweep_with_a_killed_worker_equals_one_process(coll, one_process, ray_cl
     assert not (logs / "ray_1_1_0.out").exists(), "group 1 ran once"
     sweep_dir = only_dir(tmp_path / "ray")
     assert_same_runs(one_process, sweep_dir, exact=True)
-    lines = [json.loads(x) for x in (sweep_dir / "runs/0/metrics.jsonl").open()]
+    lines = [json.loads(x) for x in (sweep_dir / "runs/run-000/metrics.jsonl").open()]
     steps = [x["step"] for x in lines if "loss" in x]
     assert steps == sorted(set(steps)), "each step logged once"
 
