@@ -12,7 +12,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -24,6 +26,7 @@ import submitit
 
 from saesweep.configtools import above, at_least
 from saesweep.errors import UserError
+from saesweep.interrupt import raising
 
 Executor = Literal["slurm", "local", "debug"]
 ACTIVE_SLURM_STATES = {"RUNNING", "COMPLETING"}
@@ -86,6 +89,7 @@ def run_groups(
     max_concurrent: int | None = None,
     poll_s: float = 5.0,
     tasks: Sequence[int] | None = None,
+    report: Callable[[], list[str]] | None = None,
 ) -> list[GroupOutcome]:
     """Run `fn(group)` for every group as its own job, wait for all, return outcomes in order.
 
@@ -93,7 +97,8 @@ def run_groups(
     job array). `tasks`: processes per group (default 1 each); a job of several runs `fn` in
     each, with submitit's task environment (rank 0's result is the group's). A failing group
     does not stop the others; its outcome carries the error and log paths. `max_concurrent`
-    caps jobs running at once (default: all for Slurm, 1 for local).
+    caps jobs running at once (default: all for Slurm, 1 for local). `report`: lines on
+    the running groups' progress, shown under the jobs' count while they run (Slurm, local).
     """
     tasks = list(tasks) if tasks is not None else [1] * len(groups)
     if executor == "debug":
@@ -104,7 +109,7 @@ def run_groups(
     if executor == "slurm":
         slurms = [slurm] * len(groups) if isinstance(slurm, SlurmConfig) else list(slurm)
         jobs = _submit_slurm_arrays(fn, groups, log_dir, slurms, tasks, max_concurrent)
-        return _wait(jobs, poll_s)
+        return _wait(jobs, poll_s, report=report)
     if executor == "local":
         local = submitit.LocalExecutor(folder=log_dir)
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
@@ -114,18 +119,28 @@ def run_groups(
             local.update_parameters(tasks_per_node=n_tasks[id(group)])
             return local.submit(fn, group)
 
-        submit = _cancellable(submit_group)
+        submit = _cancellable(submit_group, log_dir / CONTROLLER_LOG)
         jobs: list[submitit.Job] = []
         with _stopping_local_jobs(jobs):
             return _wait(
-                jobs, poll_s, queued=list(groups), submit=submit, max_running=max_concurrent or 1
+                jobs,
+                poll_s,
+                queued=list(groups),
+                submit=submit,
+                max_running=max_concurrent or 1,
+                report=report,
             )
     raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'local' or 'debug'.")
 
 
-def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submitit.Job]:
+CONTROLLER_LOG = "local-controllers.log"
+"""Where submitit's local controllers write (their traceback when a Ctrl-C stops them)."""
+
+
+def _cancellable(submit: Callable[[Any], submitit.Job], log: Path) -> Callable[[Any], submitit.Job]:
     """`submit`, starting submitit's local controller with SIGINT's default action, so that
-    job.cancel() (a SIGINT to the controller, which then stops its worker) works. A driver that
+    job.cancel() (a SIGINT to the controller, which then stops its worker) works, and with its
+    output to `log`, not the terminal. A driver that
     ignores SIGINT (started in the background by a non-interactive shell, as CI scripts and
     `cmd &` in a script do) would otherwise pass the ignoring on: exec keeps an ignored
     signal ignored, but resets a caught one to its default, so SIGINT is caught while the
@@ -133,37 +148,56 @@ def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submi
 
     def submit_cancellable(group: Any) -> submitit.Job:
         in_main = threading.current_thread() is threading.main_thread()
-        if not in_main or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            return submit(group)
-        signal.signal(signal.SIGINT, lambda signum, frame: None)  # ignored here, too
+        ignored = in_main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, lambda signum, frame: None)  # ignored here, too
         try:
-            return submit(group)
+            with _output_to(log):
+                return submit(group)
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     return submit_cancellable
 
 
 @contextlib.contextmanager
-def _stopping_local_jobs(jobs: list[submitit.Job]):
-    """Stop the running local jobs (SIGINT: they keep their last saved state) when the driver
-    is interrupted or terminated; a worker would otherwise train on alone."""
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+def _output_to(path: Path):
+    """Processes started inside write their stdout and stderr to `path` (file descriptors 1
+    and 2 point there meanwhile)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     try:
         yield
-    except BaseException:
-        for job in jobs:
-            if not job.done():
-                job.cancel()
-        raise
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in enumerate(saved, start=1):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
+def _stopping_local_jobs(jobs: list[submitit.Job]):
+    """Stop the running local jobs (SIGINT: they commit their state) when the driver is
+    interrupted or terminated (SIGTERM raises interrupt.Interrupted), and wait for them to end
+    before going on; a worker would otherwise train on alone."""
+    try:
+        with raising((signal.SIGTERM,)):
+            yield
+    except BaseException:
+        running = [job for job in jobs if not job.done()]
+        for job in running:
+            job.cancel()
+        for job in running:
+            while not job.done():
+                time.sleep(0.1)
+        raise
 
 
 def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int, tasks: int) -> dict[str, Any]:
@@ -254,13 +288,14 @@ def _wait(
     queued: list[Any] | None = None,
     submit: Callable[[Any], submitit.Job] | None = None,
     max_running: int = 1,
+    report: Callable[[], list[str]] | None = None,
 ) -> list[GroupOutcome]:
     """Poll `jobs` until all have ended, submitting `queued` groups while fewer than
     `max_running` run; outcomes come back in submission order."""
     queued = queued or []
     n_groups = len(jobs) + len(queued)
     outcomes: dict[int, GroupOutcome] = {}
-    last_line = ""
+    board = _Board(report)
     while len(outcomes) < n_groups:
         for index, job in enumerate(jobs):
             if index not in outcomes and job.done():
@@ -269,7 +304,7 @@ def _wait(
         while queued and submit is not None and n_running < max_running:
             jobs.append(submit(queued.pop(0)))
             n_running += 1
-        last_line = _print_progress(jobs, outcomes, len(queued), last_line)
+        board.show(_count_line(jobs, outcomes, len(queued)), final=len(outcomes) == n_groups)
         if len(outcomes) < n_groups:
             time.sleep(poll_s)
     return [outcomes[index] for index in range(n_groups)]
@@ -308,13 +343,43 @@ def _activity(job: submitit.Job) -> str:
     return "running" if state in ACTIVE_SLURM_STATES or started else "pending"
 
 
-def _print_progress(
-    jobs: list[submitit.Job], outcomes: dict[int, GroupOutcome], n_unsubmitted: int, last: str
+def _count_line(
+    jobs: list[submitit.Job], outcomes: dict[int, GroupOutcome], n_unsubmitted: int
 ) -> str:
     counts = collections.Counter(outcome.status for outcome in outcomes.values())
     counts.update(_activity(job) for index, job in enumerate(jobs) if index not in outcomes)
     counts["pending"] += n_unsubmitted
     line = ", ".join(f"{counts[key]} {key}" for key in ("pending", "running", "done", "failed"))
-    if line != last:
-        print(f"[launch] {len(jobs) + n_unsubmitted} groups: {line}", flush=True)
-    return line
+    return f"[launch] {len(jobs) + n_unsubmitted} groups: {line}"
+
+
+REPORT_EVERY_S = 15.0
+"""Off a terminal, report lines are printed at most this often (and once more at the end)."""
+
+
+class _Board:
+    """The jobs' count and `report`'s lines while jobs run. On a terminal they are redrawn in
+    place; elsewhere the count is printed when it changes, and the report's lines when they
+    changed, at most every REPORT_EVERY_S and at the end."""
+
+    def __init__(self, report: Callable[[], list[str]] | None):
+        self.report = report
+        self.tty = sys.stdout.isatty()
+        self.count, self.lines, self.drawn = "", [], 0
+        self.printed_at = -REPORT_EVERY_S
+
+    def show(self, count: str, final: bool) -> None:
+        lines = self.report() if self.report is not None else []
+        if self.tty:
+            if [count, *lines] != [self.count, *self.lines]:
+                up = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+                print(up + "\n".join([count, *lines]), flush=True)
+                self.count, self.lines, self.drawn = count, lines, 1 + len(lines)
+            return
+        if count != self.count:
+            print(count, flush=True)
+            self.count = count
+        due = final or time.monotonic() - self.printed_at >= REPORT_EVERY_S
+        if lines and lines != self.lines and due:
+            print("\n".join(lines), flush=True)
+            self.lines, self.printed_at = lines, time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -141,6 +142,11 @@ class TrainConfig:
     """Thresholds of the health verdict in the report (the first config's count)."""
     slurm: SlurmConfig = section(SlurmConfig, short=True)
     """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps: n_train tokens in batches of batch_size (the last one whole)."""
+        return math.ceil(self.n_train / self.batch_size)
 
     @property
     def held_out_data(self) -> DataConfig:
