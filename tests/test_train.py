@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,6 +295,55 @@ def test_terminated_driver_stops_its_local_job(coll, tmp_path, sigint):
             break
         time.sleep(0.05)
     assert not _alive(worker)
+
+
+@pytest.mark.parametrize(
+    "executor,signum", [("local", signal.SIGINT), ("debug", signal.SIGTERM)], ids=["local", "debug"]
+)
+def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
+    coll, tmp_path, executor, signum
+):
+    """Ctrl-C (SIGINT) to train.py with local groups, or SIGTERM to one training in its own
+    process: the group commits its state at the step it was on and train.py ends with one
+    line that says where and how to resume, and 128 + the signal. --resume finishes it to the
+    weights of an uninterrupted run, every step logged once; while it runs the driver shows
+    the group's step, tokens/s, ETA and FVU range."""
+    sweep = tmp_path / "two.py"
+    sweep.write_text("def make_cfgs():\n    return [{'lr': 1e-3}, {'lr': 3e-3}]\n")
+    args = sweep_args(coll, tmp_path / "ref")
+    args[1] = str(sweep)
+    for flag, value in (("--n-train", "8192"), ("--batch-size", "32"), ("--ckpt-every", "50")):
+        args[args.index(flag) + 1] = value
+    args += ["--log-every", "4"]
+    ref = run_train(*args)
+    assert ref.wait() == 0, ref.stderr.read()
+    args[args.index("--executor") + 1] = executor
+    args[args.index("--runs-root") + 1] = str(tmp_path / "runs")
+    driver = run_train(*args)
+    while not logged_steps(tmp_path / "runs") and driver.poll() is None:
+        time.sleep(0.05)
+    driver.send_signal(signum)
+    out, err = driver.communicate()
+    assert driver.returncode == 128 + signum, err
+    sweep_dir = only_dir(tmp_path / "runs")
+    step = saved_state(sweep_dir / "groups/group-000")["step"]
+    assert 0 < step < 256 and step % 50, "committed at the step it was on, not a checkpoint's"
+    line = f"interrupted at step {step} of 256; resume with: uv run train.py --resume {sweep_dir}"
+    assert out.splitlines()[-1] == line and (out + err).count("interrupted at") == 1, out + err
+    assert "Traceback" not in out + err and "group 0 failed" not in out
+    assert logged_steps(tmp_path / "runs")[-1] <= step
+    resumed = run_train("--resume", str(sweep_dir), "--executor", "local")
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    progress = (
+        r"^group 0: step 256 of 256, [\d,]+ tokens/s, ETA 0:00:00, FVU 0\.\d{3}-0\.\d{3}, done$"
+    )
+    assert re.search(progress, out, flags=re.MULTILINE), out
+    assert logged_steps(tmp_path / "runs") == list(range(4, 257, 4))
+    ref_dir = only_dir(tmp_path / "ref")
+    for run in ("run-000", "run-001"):
+        want, got = weights(ref_dir / "runs" / run), weights(sweep_dir / "runs" / run)
+        assert all(torch.equal(want[k], got[k]) for k in want), run
 
 
 def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):

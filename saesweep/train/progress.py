@@ -20,12 +20,14 @@ WRITE_EVERY_S = 2.0
 
 
 class ProgressWriter:
-    """The trainer's side: {step, total_steps, tokens_per_s, eta_s, fvu: [min, max], phase}
-    written atomically, at most every WRITE_EVERY_S seconds while training."""
+    """The trainer's side: {phase, step, total_steps, tokens_per_s, eta_s, fvu: [min, max]}
+    written atomically, at most every WRITE_EVERY_S seconds while training (and at the last
+    step), then once more when the final evaluation starts."""
 
     def __init__(self, state_dir: Path, total_steps: int):
         self.path, self.total_steps = state_dir / PROGRESS, total_steps
         self.last = -WRITE_EVERY_S
+        self.figures: dict = {"tokens_per_s": None, "eta_s": None, "fvu": None}
 
     def training(self, step: int, tokens_per_s: float, batch: int, fvus: list[float]) -> None:
         now = time.monotonic()
@@ -34,47 +36,57 @@ class ProgressWriter:
         self.last = now
         eta_s = (self.total_steps - step) * batch / tokens_per_s if tokens_per_s > 0 else None
         fvu = [min(fvus), max(fvus)] if fvus else None
-        self._write("training", step, {"tokens_per_s": tokens_per_s, "eta_s": eta_s, "fvu": fvu})
+        self.figures = {"tokens_per_s": tokens_per_s, "eta_s": eta_s, "fvu": fvu}
+        self._write("training", step)
 
     def evaluating(self, step: int) -> None:
-        self._write("evaluating", step, {})
+        self._write("evaluating", step)
 
-    def _write(self, phase: str, step: int, values: dict) -> None:
+    def _write(self, phase: str, step: int) -> None:
         progress = {"phase": phase, "step": step, "total_steps": self.total_steps}
-        write_json(self.path, progress | values)
+        write_json(self.path, progress | self.figures)
 
 
-def read_progress(sweep_dir: Path, group_index: int) -> dict | None:
-    """The group's latest progress (None: none written yet, or being replaced)."""
+def read_progress(path: Path, since: float) -> dict | None:
+    """The progress at `path` when written at or after `since` (a time.time()); None when
+    there is none (or it is being replaced)."""
     try:
-        return json.loads((state_dir(sweep_dir, group_index) / PROGRESS).read_text())
+        if path.stat().st_mtime < since:
+            return None
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def describe(group_index: int, progress: dict) -> str:
-    """One line: 'group 0: step 120 of 157, 9,876 tokens/s, ETA 0:00:03, FVU 0.212-0.351'."""
-    head = f"group {group_index}: step {progress['step']:,} of {progress['total_steps']:,}"
-    if progress["phase"] == "evaluating":
-        return f"{head}, evaluating"
-    eta = progress["eta_s"]
-    eta = str(datetime.timedelta(seconds=round(eta))) if eta is not None else "unknown"
-    fvu = progress["fvu"]
-    fvu = f"{fvu[0]:.3f}-{fvu[1]:.3f}" if fvu else "not yet logged"
-    return f"{head}, {progress['tokens_per_s']:,.0f} tokens/s, ETA {eta}, FVU {fvu}"
+def describe(group_index: int, progress: dict, finished: bool) -> str:
+    """One line: 'group 0: step 120 of 157, 9,876 tokens/s, ETA 0:00:03, FVU 0.212-0.351'
+    (', evaluating' or ', done' after it once training ended)."""
+    line = f"group {group_index}: step {progress['step']} of {progress['total_steps']}"
+    if progress["tokens_per_s"] is not None:
+        eta = progress["eta_s"]
+        eta = str(datetime.timedelta(seconds=round(eta))) if eta is not None else "unknown"
+        line += f", {progress['tokens_per_s']:,.0f} tokens/s, ETA {eta}"
+    if progress["fvu"] is not None:
+        line += f", FVU {progress['fvu'][0]:.3f}-{progress['fvu'][1]:.3f}"
+    if finished:
+        return f"{line}, done"
+    return f"{line}, evaluating" if progress["phase"] == "evaluating" else line
 
 
 class ProgressReport:
-    """The driver's side: a line for each group of `groups` that has written progress and has
-    not finished (run_groups' `report`)."""
+    """The driver's side (run_groups' `report`): a line for each group of `groups` that has
+    written progress since this report was made."""
 
     def __init__(self, sweep_dir: Path, groups: list[Group]):
         self.sweep_dir, self.groups = sweep_dir, groups
+        self.since = time.time()
 
     def __call__(self) -> list[str]:
         lines = []
         for group in self.groups:
-            progress = read_progress(self.sweep_dir, group.index)
-            if progress is not None and not group_finished(self.sweep_dir, group):
-                lines.append(describe(group.index, progress))
+            path = state_dir(self.sweep_dir, group.index) / PROGRESS
+            progress = read_progress(path, self.since)
+            if progress is not None:
+                finished = group_finished(self.sweep_dir, group)
+                lines.append(describe(group.index, progress, finished))
         return lines
