@@ -509,10 +509,13 @@ def test_a_one_shard_collection_is_refused_before_launch_naming_the_flags(tmp_pa
     make_collection(str(tmp_path / "one"), [2048], d=D, sparse=True)
     make_collection(str(tmp_path / "val"), [512], d=D, sparse=True, seed=1)
     args = sweep_args(str(tmp_path / "one"), tmp_path / "runs")
-    out, err = run_train(*args).communicate()
-    assert "--train-data.shards ':-1' selects none of the 1 shard(s) of" in err, err
-    assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
-    assert not (tmp_path / "runs").exists()
+    for dry_run in ((), ("--dry-run",)):
+        proc = run_train(*args, *dry_run)
+        out, err = proc.communicate()
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "--train-data.shards ':-1' selects none of the 1 shard(s) of" in err, err
+        assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
+        assert not (tmp_path / "runs").exists()
     fixed = [
         "--train-data.shards",
         ":",
@@ -580,6 +583,28 @@ def test_bad_data_is_refused_before_any_job(coll, tmp_path, flags, message):
     out, err = proc.communicate()
     assert proc.returncode == 2 and message in err and "Traceback" not in err
     assert not list((tmp_path / "runs").glob("*/*"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--train-data.shards", "7:"], "--train-data.shards '7:' selects none of the 5 shard"),
+        (["--val-data.shards", "5:"], "--val-data.shards '5:' selects none of the 5 shard"),
+        (
+            ["--val-data.shards", "-2:"],
+            "--train-data.shards ':-1' and --val-data.shards '-2:' share",
+        ),
+        (["--sae.k", "1000"], "run 0 (topk, d_model 16): k=1000 must lie in [1, d_sae=64]"),
+    ],
+)
+def test_a_dry_run_refuses_what_the_launch_would(coll, tmp_path, flags, message):
+    """--dry-run prints the plan, then runs the checks that read no more than the
+    collection's manifest: the launch's sentence, exit status 2, nothing written."""
+    proc = run_train(*sweep_args(coll, tmp_path / "runs"), "--dry-run", *flags)
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and message in err and "Traceback" not in err, err
+    assert "6 configs in 1 groups" in out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_launches_in_the_same_second_get_their_own_directories(tmp_path):
