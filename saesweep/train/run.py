@@ -24,7 +24,7 @@ def run_sweep(
     Exit status: 0 when every group finished; 2 when a group stopped on the user's input (a
     corrupt shard, a bad value: the one-sentence error is printed); 128 + the signal when
     SIGINT or SIGTERM stopped train.py or a group (130 for Ctrl-C, 143 for SIGTERM: one line
-    with the step and the command that resumes), else 1."""
+    with the step and the command that resumes; Slurm jobs are left running), else 1."""
     print(f"sweep directory: {sweep_dir}")
     try:
         with raising():
@@ -39,6 +39,13 @@ def run_sweep(
                 report=ProgressReport(sweep_dir, groups),
             )
     except KeyboardInterrupt as stop:
+        if executor == "slurm":
+            print(
+                "stopped waiting; the Slurm jobs go on (scancel stops them, and then "
+                f"uv run train.py --resume {sweep_dir} continues them)",
+                flush=True,
+            )
+            return exit_status(stop)
         return interrupted(sweep_dir, groups, exit_status(stop))
     failed = [o for o in outcomes if o.status != "done"]
     reasons = [failure_reason(o) for o in failed]
