@@ -327,11 +327,12 @@ def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
     assert driver.returncode == 128 + signum, err
     sweep_dir = only_dir(tmp_path / "runs")
     step = saved_state(sweep_dir / "groups/group-000")["step"]
-    assert 0 < step < 256 and step % 50, "committed at the step it was on, not a checkpoint's"
+    assert 0 < step < 256
     line = f"interrupted at step {step} of 256; resume with: uv run train.py --resume {sweep_dir}"
     assert out.splitlines()[-1] == line and (out + err).count("interrupted at") == 1, out + err
     assert "Traceback" not in out + err and "group 0 failed" not in out
-    assert logged_steps(tmp_path / "runs")[-1] <= step
+    at_stop = logged_steps(tmp_path / "runs")
+    assert at_stop[-1] == step - step % 4, "committed at the step it was on (log_every 4)"
     resumed = run_train("--resume", str(sweep_dir), "--executor", "local")
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class ProgressWriter:
             return
         self.last = now
         eta_s = (self.total_steps - step) * batch / tokens_per_s if tokens_per_s > 0 else None
+        fvus = [f for f in fvus if math.isfinite(f)]  # a failed SAE's is not
         fvu = [min(fvus), max(fvus)] if fvus else None
         self.figures = {"tokens_per_s": tokens_per_s, "eta_s": eta_s, "fvu": fvu}
         self._write("training", step)
