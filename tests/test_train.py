@@ -529,6 +529,23 @@ def test_a_one_shard_collection_is_refused_before_launch_naming_the_flags(tmp_pa
     assert proc.wait() == 0, proc.stderr.read()
 
 
+def test_a_one_shard_demo_collection_is_collected_then_refused_naming_the_flags(tmp_path):
+    """The demo recipe over few documents collects one shard: collect says so, and the
+    launch is refused before any job with the flags that fix it."""
+    toml = tmp_path / "few.toml"
+    toml.write_text((ROOT / "configs/demo.toml").read_text().replace("200000", "2000"))
+    proc = run_train(
+        "--executor", "debug", "--runs-root", str(tmp_path / "runs"),
+        "--train-data.collect", str(toml), "--wandb-mode", "disabled", cwd=tmp_path,
+    )  # fmt: skip
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "holds 1 shard(s) per hook, and train.py's default split needs 2" in out, out
+    assert "--train-data.shards ':-1' selects none of the 1 shard(s) of data/demo" in err
+    assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_corrupt_shard_names_the_flag_that_skips_it(tmp_path):
     coll = tmp_path / "coll"
     make_collection(str(coll), [512] * 5, d=D, sparse=True)
