@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from saesweep.interrupt import exit_status
+
 T = TypeVar("T")
 
 EXIT_USER_ERROR = 2
@@ -40,7 +42,8 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point so a UserError prints one line and exits with status 2."""
+    """Wrap an entry point so a UserError prints one line and exits with status 2, and a
+    SIGINT or SIGTERM that reaches it exits without a traceback (status 130 or 143)."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
@@ -49,5 +52,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt as stop:
+            raise SystemExit(exit_status(stop)) from None
 
     return wrapped

@@ -12,8 +12,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -25,6 +27,7 @@ import submitit
 
 from saesweep.configtools import above, at_least
 from saesweep.errors import UserError
+from saesweep.interrupt import raising
 
 Executor = Literal["slurm", "ray", "local", "debug"]
 CLUSTERS = ("slurm", "ray")
@@ -120,6 +123,7 @@ def run_groups(
     tasks: Sequence[int] | None = None,
     ray: RayConfig | None = None,
     unit: str = "group",
+    report: Callable[[], list[str]] | None = None,
 ) -> list[GroupOutcome]:
     """Run `fn(group)` for every group as its own job, wait for all, return outcomes in order.
 
@@ -129,7 +133,8 @@ def run_groups(
     torch.distributed environment (rank 0's result is the group's). A failing group does not
     stop the others; its outcome carries the error and log paths. `max_concurrent` caps jobs
     running at once (default: all for Slurm and Ray, 1 for local). `unit` names a job in
-    messages ('group', 'machine').
+    messages ('group', 'machine'). `report`: lines on the running groups' progress, shown
+    under the jobs' count while they run.
     """
     tasks = list(tasks) if tasks is not None else [1] * len(groups)
     slurms = [slurm] * len(groups) if isinstance(slurm, SlurmConfig) else list(slurm)
@@ -139,12 +144,18 @@ def run_groups(
         return [_run_in_process(fn, index, group) for index, group in enumerate(groups)]
     log_dir = Path(log_dir)
     if executor == "ray":
-        return _run_on_ray(fn, groups, log_dir, slurms, tasks, ray or RayConfig(), poll_s, unit)
+        board = _Board(report)
+
+        def progress(counts: dict[str, int], final: bool) -> None:
+            board.show(_count_line(counts, len(groups), unit), final)
+
+        ray = ray or RayConfig()
+        return _run_on_ray(fn, groups, log_dir, slurms, tasks, ray, poll_s, unit, progress)
     if executor == "slurm":
         jobs = _submit_slurm_arrays(fn, groups, log_dir, slurms, tasks, max_concurrent)
         with _cancelling_slurm_jobs(jobs):
             check = lambda: _check_startable(jobs, slurms, unit)  # noqa: E731
-            return _wait(jobs, poll_s, check=check, unit=unit)
+            return _wait(jobs, poll_s, check=check, unit=unit, report=report)
     if executor == "local":
         local = submitit.LocalExecutor(folder=log_dir)
         local.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
@@ -154,7 +165,7 @@ def run_groups(
             local.update_parameters(tasks_per_node=n_tasks[id(group)])
             return local.submit(fn, group)
 
-        submit = _cancellable(submit_group)
+        submit = _cancellable(submit_group, log_dir / CONTROLLER_LOG)
         jobs: list[submitit.Job] = []
         with _stopping_local_jobs(jobs):
             return _wait(
@@ -164,6 +175,7 @@ def run_groups(
                 submit=submit,
                 max_running=max_concurrent or 1,
                 unit=unit,
+                report=report,
             )
     raise ValueError(f"Unknown executor {executor!r}: use 'slurm', 'ray', 'local' or 'debug'.")
 
@@ -194,7 +206,7 @@ def largest_node_cpus(executor: str, slurm: SlurmConfig, ray: RayConfig) -> int 
     return max(cpus, default=None)
 
 
-def _run_on_ray(fn, groups, log_dir, slurms, tasks, ray: RayConfig, poll_s, unit):
+def _run_on_ray(fn, groups, log_dir, slurms, tasks, ray: RayConfig, poll_s, unit, progress):
     from saesweep.ray_jobs import ProcessRequest, parse_custom, run_on_ray
 
     custom = parse_custom(ray.resources)
@@ -207,15 +219,19 @@ def _run_on_ray(fn, groups, log_dir, slurms, tasks, ray: RayConfig, poll_s, unit
         )
         for s, n in zip(slurms, tasks, strict=True)
     ]
-    progress = _progress_printer(len(groups), unit)
     return run_on_ray(fn, groups, address=ray.address, requests=requests, tasks=tasks,
                       log_dir=log_dir, max_retries=ray.max_retries, poll_s=poll_s, unit=unit,
                       progress=progress)  # fmt: skip
 
 
-def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submitit.Job]:
+CONTROLLER_LOG = "local-controllers.log"
+"""Where submitit's local controllers write (their traceback when a Ctrl-C stops them)."""
+
+
+def _cancellable(submit: Callable[[Any], submitit.Job], log: Path) -> Callable[[Any], submitit.Job]:
     """`submit`, starting submitit's local controller with SIGINT's default action, so that
-    job.cancel() (a SIGINT to the controller, which then stops its worker) works. A driver that
+    job.cancel() (a SIGINT to the controller, which then stops its worker) works, and with its
+    output to `log`, not the terminal. A driver that
     ignores SIGINT (started in the background by a non-interactive shell, as CI scripts and
     `cmd &` in a script do) would otherwise pass the ignoring on: exec keeps an ignored
     signal ignored, but resets a caught one to its default, so SIGINT is caught while the
@@ -223,37 +239,56 @@ def _cancellable(submit: Callable[[Any], submitit.Job]) -> Callable[[Any], submi
 
     def submit_cancellable(group: Any) -> submitit.Job:
         in_main = threading.current_thread() is threading.main_thread()
-        if not in_main or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            return submit(group)
-        signal.signal(signal.SIGINT, lambda signum, frame: None)  # ignored here, too
+        ignored = in_main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, lambda signum, frame: None)  # ignored here, too
         try:
-            return submit(group)
+            with _output_to(log):
+                return submit(group)
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     return submit_cancellable
 
 
 @contextlib.contextmanager
-def _stopping_local_jobs(jobs: list[submitit.Job]):
-    """Stop the running local jobs (SIGINT: they keep their last saved state) when the driver
-    is interrupted or terminated; a worker would otherwise train on alone."""
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
+def _output_to(path: Path):
+    """Processes started inside write their stdout and stderr to `path` (file descriptors 1
+    and 2 point there meanwhile)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     try:
         yield
-    except BaseException:
-        for job in jobs:
-            if not job.done():
-                job.cancel()
-        raise
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in enumerate(saved, start=1):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
+def _stopping_local_jobs(jobs: list[submitit.Job]):
+    """Stop the running local jobs (SIGINT: they commit their state) when the driver is
+    interrupted or terminated (SIGTERM raises interrupt.Interrupted), and wait for them to end
+    before going on; a worker would otherwise train on alone."""
+    try:
+        with raising((signal.SIGTERM,)):
+            yield
+    except BaseException:
+        running = [job for job in jobs if not job.done()]
+        for job in running:
+            job.cancel()
+        for job in running:
+            while not job.done():
+                time.sleep(0.1)
+        raise
 
 
 def _slurm_parameters(slurm: SlurmConfig, array_parallelism: int, tasks: int) -> dict[str, Any]:
@@ -346,6 +381,7 @@ def _wait(
     max_running: int = 1,
     check: Callable[[], None] | None = None,
     unit: str = "group",
+    report: Callable[[], list[str]] | None = None,
 ) -> list[GroupOutcome]:
     """Poll `jobs` until all have ended, submitting `queued` groups while fewer than
     `max_running` run, calling `check` (which may raise) at each poll; outcomes come back in
@@ -353,7 +389,7 @@ def _wait(
     queued = queued or []
     n_groups = len(jobs) + len(queued)
     outcomes: dict[int, GroupOutcome] = {}
-    progress = _progress_printer(n_groups, unit)
+    board = _Board(report)
     while len(outcomes) < n_groups:
         for index, job in enumerate(jobs):
             if index not in outcomes and job.done():
@@ -365,7 +401,7 @@ def _wait(
         counts = collections.Counter(outcome.status for outcome in outcomes.values())
         counts.update(_activity(job) for index, job in enumerate(jobs) if index not in outcomes)
         counts["pending"] += len(queued)
-        progress(counts)
+        board.show(_count_line(counts, n_groups, unit), final=len(outcomes) == n_groups)
         if len(outcomes) < n_groups:
             if check is not None:
                 check()
@@ -406,22 +442,42 @@ def _activity(job: submitit.Job) -> str:
     return "running" if state in ACTIVE_SLURM_STATES or started else "pending"
 
 
-STATES = ("pending", "running", "done", "failed")
+def _count_line(counts: dict[str, int], n_jobs: int, unit: str) -> str:
+    """'[launch] N groups: a pending, b running, c done, d failed'."""
+    line = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("pending", "running", "done", "failed"))
+    return f"[launch] {n_jobs} {unit}s: {line}"
 
 
-def _progress_printer(n_jobs: int, unit: str) -> Callable[[dict[str, int]], None]:
-    """Prints '[launch] N groups: a pending, b running, c done, d failed' when it changes."""
-    last = [""]
+REPORT_EVERY_S = 15.0
+"""Off a terminal, report lines are printed at most this often (and once more at the end)."""
 
-    def print_progress(counts: dict[str, int]) -> None:
-        line = ", ".join(
-            f"{counts.get(k, 0)} {k}" for k in ("pending", "running", "done", "failed")
-        )
-        if line != last[0]:
-            print(f"[launch] {n_jobs} {unit}s: {line}", flush=True)
-            last[0] = line
 
-    return print_progress
+class _Board:
+    """The jobs' count and `report`'s lines while jobs run. On a terminal they are redrawn in
+    place; elsewhere the count is printed when it changes, and the report's lines when they
+    changed, at most every REPORT_EVERY_S and at the end."""
+
+    def __init__(self, report: Callable[[], list[str]] | None):
+        self.report = report
+        self.tty = sys.stdout.isatty()
+        self.count, self.lines, self.drawn = "", [], 0
+        self.printed_at = -REPORT_EVERY_S
+
+    def show(self, count: str, final: bool) -> None:
+        lines = self.report() if self.report is not None else []
+        if self.tty:
+            if [count, *lines] != [self.count, *self.lines]:
+                up = f"\x1b[{self.drawn}F\x1b[J" if self.drawn else ""
+                print(up + "\n".join([count, *lines]), flush=True)
+                self.count, self.lines, self.drawn = count, lines, 1 + len(lines)
+            return
+        if count != self.count:
+            print(count, flush=True)
+            self.count = count
+        due = final or time.monotonic() - self.printed_at >= REPORT_EVERY_S
+        if lines and lines != self.lines and due:
+            print("\n".join(lines), flush=True)
+            self.lines, self.printed_at = lines, time.monotonic()
 
 
 @contextlib.contextmanager

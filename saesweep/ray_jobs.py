@@ -246,7 +246,7 @@ class RayJobs:
                     self.start(index, attempt.number + 1)
                     continue
                 outcomes[index] = outcome(attempt, status, result, error, rank)
-            progress(self.counts(outcomes))
+            progress(self.counts(outcomes), len(outcomes) == len(self.groups))
             if len(outcomes) < len(self.groups):
                 time.sleep(poll_s)
         return [outcomes[index] for index in range(len(self.groups))]
@@ -333,7 +333,7 @@ def run_on_ray(
     max_retries: int,
     poll_s: float,
     unit: str,
-    progress: Callable[[dict[str, int]], None],
+    progress: Callable[[dict[str, int], bool], None],
 ) -> list[GroupOutcome]:
     """Run every job on the cluster to its end (see the module's docstring)."""
     ray = connect(address)

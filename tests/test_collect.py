@@ -232,6 +232,20 @@ def _committed(part: Path) -> int:
     return len(json.loads(part.read_text())["hooks"].get("encoder.layer.3", {}).get("shards", []))
 
 
+def test_a_collection_too_small_for_the_default_split_says_so(demo, tmp_path, capsys):
+    """One shard cannot be both trained on and held out: collect.py says which flags fix it.
+    The demo collection's shards get no such note."""
+    collect(small(tmp_path / "one", max_tokens=600))
+    meta = json.loads((tmp_path / "one/encoder.layer.3/metadata.json").read_text())
+    assert len(meta["shards"]) == 1
+    out = capsys.readouterr().out
+    assert f"note: file://{tmp_path / 'one'} holds 1 shard(s) per hook" in out
+    assert "(--max-tokens) or smaller shards (--shard-tokens)" in out
+    assert "--train-data.shards ':' and --val-data.uri" in out
+    collect(small(demo, act_dtype="float32"))  # complete already: merged again
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_different_config_is_refused(demo, capsys):
     code, err = main_exit(
         [

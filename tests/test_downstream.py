@@ -288,35 +288,53 @@ def test_downstream_while_training_matches_the_final_evaluation(colls, tmp_path)
     assert all(x["eval/seconds"] > 0 for x in evals)
 
 
-def test_a_run_killed_before_its_metrics_resumes_to_the_same_metrics(tmp_path):
-    """Killed after every run is exported and before its metrics.json (the commit point) is
-    written, a sweep is unfinished, and --resume evaluates it to the metrics of an
-    uninterrupted run, downstream fidelity included."""
+@pytest.fixture(scope="module")
+def evaluated_sweep(tmp_path_factory) -> tuple[list[str], Path]:
+    """train.py's arguments of a small lr sweep on a demo collection, evaluated downstream,
+    and the sweep directory of one uninterrupted run of it."""
     from test_train import only_dir, run_train
 
-    uri = collect_small(tmp_path / "coll", "demo", 6000)
+    root = tmp_path_factory.mktemp("evaluated")
+    uri = collect_small(root / "coll", "demo", 6000)
     args = ["--sweep", "sweeps/lr_grid.py", "--executor", "debug", "--train-data.uri", uri,
             "--train-data.collect", "", "--n-train", "2048", "--batch-size", "128",
             "--n-val", "512", "--sae.d-sae", "64", "--sae.k", "4", "--wandb-mode", "disabled",
             "--downstream-sequences", "64"]  # fmt: skip
-    ref = run_train(*args, "--runs-root", str(tmp_path / "ref"))
+    ref = run_train(*args, "--runs-root", str(root / "ref"))
     assert ref.wait() == 0, ref.stderr.read()
+    return args, only_dir(root / "ref")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_a_run_killed_before_its_metrics_resumes_to_the_same_metrics(
+    evaluated_sweep, tmp_path, signum
+):
+    """Killed (or interrupted with Ctrl-C: one line with the step and the resume command,
+    exit status 130) after every run is exported and before its metrics.json (the commit
+    point) is written, a sweep is unfinished, and --resume evaluates it to the metrics of an
+    uninterrupted run, downstream fidelity included."""
+    from test_train import only_dir, run_train
+
+    args, ref_dir = evaluated_sweep
     proc = run_train(*args, "--runs-root", str(tmp_path / "killed"))
     runs = tmp_path / "killed"
     for _ in range(6000):
         if proc.poll() is not None or len(list(runs.glob("*/runs/*/metrics.pending.json"))) == 6:
             break
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signum)
+    out, err = proc.communicate()
     killed = only_dir(runs)
+    if signum == signal.SIGINT:
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        resume = f"interrupted at step 16 of 16; resume with: uv run train.py --resume {killed}"
+        assert out.splitlines()[-1] == resume, out
     assert len(list(killed.glob("runs/*/metrics.pending.json"))) == 6, "killed too late"
     assert not list(killed.glob("runs/*/metrics.json"))
     resumed = run_train("--resume", str(killed), "--executor", "debug")
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
     assert not list(killed.glob("runs/*/metrics.pending.json"))
-    ref_dir = only_dir(tmp_path / "ref")
     for run in sorted(p.name for p in (ref_dir / "runs").iterdir()):
         want, got = (json.loads((d / "runs" / run / "metrics.json").read_text())
                      for d in (ref_dir, killed))  # fmt: skip

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,6 +297,56 @@ def test_terminated_driver_stops_its_local_job(coll, tmp_path, sigint):
     assert not _alive(worker)
 
 
+@pytest.mark.parametrize(
+    "executor,signum", [("local", signal.SIGINT), ("debug", signal.SIGTERM)], ids=["local", "debug"]
+)
+def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
+    coll, tmp_path, executor, signum
+):
+    """Ctrl-C (SIGINT) to train.py with local groups, or SIGTERM to one training in its own
+    process: the group commits its state at the step it was on and train.py ends with one
+    line that says where and how to resume, and 128 + the signal. --resume finishes it to the
+    weights of an uninterrupted run, every step logged once; while it runs the driver shows
+    the group's step, tokens/s, ETA and FVU range."""
+    sweep = tmp_path / "two.py"
+    sweep.write_text("def make_cfgs():\n    return [{'lr': 1e-3}, {'lr': 3e-3}]\n")
+    args = sweep_args(coll, tmp_path / "ref")
+    args[1] = str(sweep)
+    for flag, value in (("--n-train", "8192"), ("--batch-size", "32"), ("--ckpt-every", "50")):
+        args[args.index(flag) + 1] = value
+    args += ["--log-every", "4"]
+    ref = run_train(*args)
+    assert ref.wait() == 0, ref.stderr.read()
+    args[args.index("--executor") + 1] = executor
+    args[args.index("--runs-root") + 1] = str(tmp_path / "runs")
+    driver = run_train(*args)
+    while not logged_steps(tmp_path / "runs") and driver.poll() is None:
+        time.sleep(0.05)
+    driver.send_signal(signum)
+    out, err = driver.communicate()
+    assert driver.returncode == 128 + signum, err
+    sweep_dir = only_dir(tmp_path / "runs")
+    step = saved_state(sweep_dir / "groups/group-000")["step"]
+    assert 0 < step < 256
+    line = f"interrupted at step {step} of 256; resume with: uv run train.py --resume {sweep_dir}"
+    assert out.splitlines()[-1] == line and (out + err).count("interrupted at") == 1, out + err
+    assert "Traceback" not in out + err and "group 0 failed" not in out
+    at_stop = logged_steps(tmp_path / "runs")
+    assert at_stop[-1] == step - step % 4, "committed at the step it was on (log_every 4)"
+    resumed = run_train("--resume", str(sweep_dir), "--executor", "local")
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    progress = (
+        r"^group 0: step 256 of 256, [\d,]+ tokens/s, ETA 0:00:00, FVU 0\.\d{3}-0\.\d{3}, done$"
+    )
+    assert re.search(progress, out, flags=re.MULTILINE), out
+    assert logged_steps(tmp_path / "runs") == list(range(4, 257, 4))
+    ref_dir = only_dir(tmp_path / "ref")
+    for run in ("run-000", "run-001"):
+        want, got = weights(ref_dir / "runs" / run), weights(sweep_dir / "runs" / run)
+        assert all(torch.equal(want[k], got[k]) for k in want), run
+
+
 def test_sweep_on_slurm(coll, tmp_path, slurm_cluster):
     sweep = tmp_path / "two_groups.py"
     sweep.write_text(
@@ -459,10 +510,13 @@ def test_a_one_shard_collection_is_refused_before_launch_naming_the_flags(tmp_pa
     make_collection(str(tmp_path / "one"), [2048], d=D, sparse=True)
     make_collection(str(tmp_path / "val"), [512], d=D, sparse=True, seed=1)
     args = sweep_args(str(tmp_path / "one"), tmp_path / "runs")
-    out, err = run_train(*args).communicate()
-    assert "--train-data.shards ':-1' selects none of the 1 shard(s) of" in err, err
-    assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
-    assert not (tmp_path / "runs").exists()
+    for dry_run in ((), ("--dry-run",)):
+        proc = run_train(*args, *dry_run)
+        out, err = proc.communicate()
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "--train-data.shards ':-1' selects none of the 1 shard(s) of" in err, err
+        assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
+        assert not (tmp_path / "runs").exists()
     fixed = [
         "--train-data.shards",
         ":",
@@ -473,6 +527,23 @@ def test_a_one_shard_collection_is_refused_before_launch_naming_the_flags(tmp_pa
     ]
     proc = run_train(*args, *fixed)
     assert proc.wait() == 0, proc.stderr.read()
+
+
+def test_a_one_shard_demo_collection_is_collected_then_refused_naming_the_flags(tmp_path):
+    """The demo recipe over few documents collects one shard: collect says so, and the
+    launch is refused before any job with the flags that fix it."""
+    toml = tmp_path / "few.toml"
+    toml.write_text((ROOT / "configs/demo.toml").read_text().replace("200000", "2000"))
+    proc = run_train(
+        "--executor", "debug", "--runs-root", str(tmp_path / "runs"),
+        "--train-data.collect", str(toml), "--wandb-mode", "disabled", cwd=tmp_path,
+    )  # fmt: skip
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "holds 1 shard(s) per hook, and train.py's default split needs 2" in out, out
+    assert "--train-data.shards ':-1' selects none of the 1 shard(s) of data/demo" in err
+    assert "--train-data.shards ':') and hold out another collection (--val-data.uri)" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_corrupt_shard_names_the_flag_that_skips_it(tmp_path):
@@ -530,6 +601,28 @@ def test_bad_data_is_refused_before_any_job(coll, tmp_path, flags, message):
     out, err = proc.communicate()
     assert proc.returncode == 2 and message in err and "Traceback" not in err
     assert not list((tmp_path / "runs").glob("*/*"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--train-data.shards", "7:"], "--train-data.shards '7:' selects none of the 5 shard"),
+        (["--val-data.shards", "5:"], "--val-data.shards '5:' selects none of the 5 shard"),
+        (
+            ["--val-data.shards", "-2:"],
+            "--train-data.shards ':-1' and --val-data.shards '-2:' share",
+        ),
+        (["--sae.k", "1000"], "run 0 (topk, d_model 16): k=1000 must lie in [1, d_sae=64]"),
+    ],
+)
+def test_a_dry_run_refuses_what_the_launch_would(coll, tmp_path, flags, message):
+    """--dry-run prints the plan, then runs the checks that read no more than the
+    collection's manifest: the launch's sentence, exit status 2, nothing written."""
+    proc = run_train(*sweep_args(coll, tmp_path / "runs"), "--dry-run", *flags)
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and message in err and "Traceback" not in err, err
+    assert "6 configs in 1 groups" in out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_launches_in_the_same_second_get_their_own_directories(tmp_path):

@@ -17,7 +17,15 @@ from saesweep.collect.sequences import batched, make_batch, sequences
 from saesweep.collect.text import check_dataset, iter_documents
 from saesweep.collect.writer import PendingShard, ShardWriter, WrittenShard
 from saesweep.errors import UserError
-from saesweep.format.manifest import HookPart, Part, load_part, load_parts, part_key, write_merged
+from saesweep.format.manifest import (
+    HookPart,
+    Part,
+    load_part,
+    load_parts,
+    merged_shards,
+    part_key,
+    write_merged,
+)
 from saesweep.format.shards import ACT_DTYPES, schema_version
 from saesweep.locks import held_lock
 from saesweep.memory import resolve_device
@@ -90,12 +98,27 @@ def start_part(
     return part, hook_info
 
 
+SPLIT_SHARDS = 2
+"""Shards per hook that train.py's default split needs: it trains on all but the last
+(--train-data.shards ':-1') and holds out the last (--val-data.shards '-1:')."""
+
+
 def merge_parts(store: Store, n_machines: int, hook_info: dict[str, dict]) -> None:
     """Write the merged metadata.json and statistics.json once every machine's part is
-    complete."""
+    complete; say so when the collection is too small for train.py's default split."""
     parts = load_parts(store, n_machines)
-    if all(p.complete for p in parts):
-        write_merged(store, parts, hook_info)
+    if not all(p.complete for p in parts):
+        return
+    write_merged(store, parts, hook_info)
+    n_shards = min(len(merged_shards(parts, hook)) for hook in hook_info)
+    if n_shards < SPLIT_SHARDS:
+        print(
+            f"note: {store.uri} holds {n_shards} shard(s) per hook, and train.py's default split "
+            f"needs {SPLIT_SHARDS} (it trains on all shards but the last and holds out the "
+            "last); collect more text (--max-tokens) or smaller shards (--shard-tokens), or "
+            "train on it with --train-data.shards ':' and --val-data.uri naming another "
+            "collection"
+        )
 
 
 class PartWriter:

@@ -23,6 +23,7 @@ from saesweep.train.preflight import (
     check_caches,
     check_data,
     check_local_device,
+    check_plan,
     check_processes,
     ensure_data,
     print_plan,
@@ -53,7 +54,8 @@ class TrainCommand:
     """Where groups run: local processes, in this process (debug), Slurm jobs or Ray tasks
     (--ray-address); default slurm with --slurm-acct, else local."""
     dry_run: bool = False
-    """Print the plan (groups, devices, Slurm requests) and exit; touches no data."""
+    """Print the plan (groups, devices, Slurm requests), check what reads no data beyond
+    local manifests (shard slices, shapes), and exit."""
 
 
 @exit_on_user_error
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = split_groups(cfgs, command.max_parallel)
     if command.dry_run:
         print_plan(groups, len(cfgs), executor_of(command, cfgs[0]))
+        check_plan(groups, executor_of(command, cfgs[0]))
         return 0
     slurms = check_groups(command, groups)
     sweep_dir = create_sweep_dir(Path(cfgs[0].runs_root), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -143,6 +144,11 @@ class TrainConfig:
     """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
     ray: RayConfig = section(RayConfig, short=True)
     """Ray settings for --executor ray (each also as --ray-FIELD, e.g. --ray-address auto)."""
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps: n_train tokens in batches of batch_size (the last one whole)."""
+        return math.ceil(self.n_train / self.batch_size)
 
     @property
     def held_out_data(self) -> DataConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import submitit
 
+from saesweep.interrupt import raising, stop_signals
 from saesweep.memory import resolve_device
 from saesweep.train.distributed import start_world, stop_world
 from saesweep.train.layout import group_lock, run_dir, state_dir
@@ -18,7 +19,8 @@ from saesweep.train.trainer import GroupTrainer
 
 class GroupJob(submitit.helpers.Checkpointable):
     """Trains one group; on preemption or time limit submitit requeues it and the trainer
-    resumes from its last saved state (written every ckpt_every steps)."""
+    resumes from its last saved state (written every ckpt_every steps). SIGINT (and SIGTERM
+    outside Slurm) stops it with Interrupted, its state committed (interrupt.stop_signals)."""
 
     def __init__(self, sweep_dir: Path):
         self.sweep_dir = sweep_dir
@@ -36,7 +38,7 @@ class GroupJob(submitit.helpers.Checkpointable):
             print(f"[group] rank {world.rank} of {world.size}, pid {os.getpid()}", flush=True)
         try:
             lock = group_lock(self.sweep_dir, group.index) if world.leader else nullcontext()
-            with lock:
+            with raising(stop_signals()), lock:
                 trainer = GroupTrainer(
                     list(group.cfgs),
                     dirs,

@@ -158,6 +158,25 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
     print(f"{n_configs} configs in {len(groups)} groups")
 
 
+def check_plan(groups: list[Group], executor: str) -> None:
+    """The checks before launch that read nothing beyond the configs and the manifests of
+    collections on this machine (--dry-run): cache locations, processes, and for groups whose
+    train and held-out collections are here, shard slices and SAE shapes (check_data)."""
+    check_caches(groups)
+    for group in groups:
+        check_processes(group, executor)
+        cfg = group.cfgs[0]
+        stored = cfg.train_data.source == "store"
+        if stored and all(local_collection(d.uri) for d in (cfg.train_data, cfg.held_out_data)):
+            check_data(group)
+
+
+def local_collection(uri: str) -> bool:
+    """Whether `uri` is a collection on this machine (a HOOK/metadata.json under it)."""
+    path = uri.removeprefix("file://")
+    return "://" not in path and any(Path(path).glob("*/metadata.json"))
+
+
 def local_d_model(data: DataConfig) -> int | None:
     """d_model from a local collection's manifest (no activations read, no network)."""
     if "://" in data.uri.removeprefix("file://"):
@@ -266,7 +285,7 @@ def ensure_data(cfg: TrainConfig) -> None:
     without one is refused, and nothing is written."""
     data = cfg.train_data
     uri = data.uri.removeprefix("file://")
-    if data.source == "model" or "://" in uri or any(Path(uri).glob("*/metadata.json")):
+    if data.source == "model" or "://" in uri or local_collection(uri):
         return
     from saesweep.collect.config import load_toml
     from saesweep.collect.run import collect

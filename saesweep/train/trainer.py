@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from saesweep.format.rundir import (
     export_sae,
     write_tensors,
 )
+from saesweep.interrupt import Deferred, Interrupted, deferred, stop_signals
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
@@ -42,6 +42,7 @@ from saesweep.train.distributed import (
     data_slice,
     held_out_tensors,
 )
+from saesweep.train.progress import ProgressWriter
 from saesweep.train.runlog import RunLog
 from saesweep.train.sources import held_out_text, held_out_tokens, open_source
 
@@ -82,7 +83,7 @@ class GroupTrainer:
         self.sweep_name, self.group_index = sweep_name, group_index
         first = cfgs[0]
         self.source = self._open_source()
-        self.total_steps = math.ceil(first.n_train / first.batch_size)
+        self.total_steps = first.total_steps
         self.d_in = self.source.d_model
         self.scales = {
             hook: self.source.norm_scale(hook) if first.train_data.normalize == "norm" else 1.0
@@ -98,6 +99,7 @@ class GroupTrainer:
         self.stacks = self._build_stacks()
         self.sync = DataParallelSync(self.world) if self.world.mode == "data" else None
         self.step = self.first_step = 0
+        self.progress = ProgressWriter(state_dir, self.total_steps)
         self.held_out_batches: dict[str, list[torch.Tensor]] | None = None
         self.held_out_text: HeldOutText | None = None
         """The model and sequences of downstream fidelity (prepared on first use)."""
@@ -166,27 +168,43 @@ class GroupTrainer:
         return stacks
 
     def train(self) -> list[dict]:
-        """Train to n_train tokens (resuming from saved state), evaluate, save checkpoints."""
+        """Train to n_train tokens (resuming from saved state), evaluate, save checkpoints.
+        A stop signal (interrupt.stop_signals) takes effect after a whole step: the state is
+        committed at that step and Interrupted raised."""
         fresh = not self._load_state()
         logs = {i: self._run_log(i) for i in self.reported}
-        for acts in self.source:
-            if self.step >= self.total_steps:
-                break
-            x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
-            if fresh:
-                for stack in self.stacks:
-                    stack.sae.init_b_dec(x[stack.target])
-                fresh = False
-            metrics = self._step(x)
-            self.step += 1
-            if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
-                self._log(logs, metrics)
-            every = self.cfgs[0].eval_every
-            if every and self.step % every == 0 and self.reported:
-                self._evaluate_while_training(logs)
-            if self.step < self.total_steps and self._checkpoint_due():
-                self.save_state()  # the last step's state is committed by _finish
+        with deferred(stop_signals()) as stop:
+            for acts in self.source:
+                if self.step >= self.total_steps:
+                    break
+                x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
+                if fresh:
+                    for stack in self.stacks:
+                        stack.sae.init_b_dec(x[stack.target])
+                    fresh = False
+                metrics = self._step(x)
+                self.step += 1
+                if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
+                    self._log(logs, metrics)
+                every = self.cfgs[0].eval_every
+                if every and self.step % every == 0 and self.reported:
+                    self._evaluate_while_training(logs)
+                self._stop_if_asked(stop)
+                if self.step < self.total_steps and self._checkpoint_due():
+                    self.save_state()  # the last step's state is committed by _finish
         return self._finish(logs)
+
+    def _stop_if_asked(self, stop: Deferred) -> None:
+        """Commit the state and raise Interrupted when a stop signal came; with several
+        processes rank 0's signal decides, at log steps, so that every rank stops together."""
+        signum = stop.signum
+        if self.world.size > 1:
+            if self.step % self.cfgs[0].log_every:
+                return
+            signum = self.world.share(signum if self.world.leader else None)
+        if signum is not None:
+            self.save_state()
+            raise Interrupted(signum)
 
     def _checkpoint_due(self) -> bool:
         """Every ckpt_every steps, and at a log step once ckpt_every_s seconds have passed
@@ -244,6 +262,9 @@ class GroupTrainer:
         rate = (self.step - self.first_step) * batch / (time.perf_counter() - self.started)
         shared = {"tokens": self.step * batch, "tokens_per_s": rate, "wall_s": self.wall_s()}
         shared |= self.source.figures()
+        if self.world.leader:
+            fvus = [float(v) for m in metrics for v in m["fvu"]]
+            self.progress.training(self.step, rate, batch, fvus)
         for stack, m in zip(self.stacks, metrics, strict=True):
             for j, i in enumerate(stack.members):
                 if i not in logs:
@@ -321,6 +342,8 @@ class GroupTrainer:
         once, last; the group's metrics on rank 0, this rank's on the others. A stop before a
         run's metrics.json leaves it unfinished: a resume evaluates it again from the state."""
         self.save_state()
+        if self.world.leader:
+            self.progress.evaluating(self.step)
         if self.reported:
             evals = self._evaluate(self._held_out())
             for stack in self.stacks:
