@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from synthetic import make_collection
 
 from saesweep.errors import UserError
+from saesweep.executors import RayConfig, SlurmConfig, default_cpus, largest_node_cpus
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import apply_exported
 from saesweep.train.checkpoint import saved_state
@@ -380,6 +381,30 @@ def test_unknown_slurm_partition_is_one_sentence(coll, tmp_path, slurm_cluster):
     assert proc.returncode == 2, err
     assert "Slurm refused the job array" in err and "invalid partition" in err
     assert "Traceback" not in err
+
+
+def test_a_job_slurm_never_starts_ends_the_launch(coll, tmp_path, slurm_cluster):
+    """More CPUs than the node has: sbatch accepts it, the job pends for PartitionConfig;
+    train.py ends with one sentence and cancels the job instead of waiting."""
+    args = sweep_args(coll, tmp_path / "runs")
+    i = args.index("--executor")
+    del args[i : i + 2]
+    big = ["--gpus-per-group", "0", "--cpus-per-group", "64", "--mem-gb", "1"]
+    proc = run_train(*args, "--slurm-acct", "test", *big)
+    out, err = proc.communicate()
+    assert proc.returncode == 2, out + err
+    assert "Slurm will never start group 0's job" in err and "PartitionConfig" in err, err
+    assert "64 CPUs a process" in err and "--cpus-per-group" in err, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: Slurm"), err
+    job = re.search(r"job (\d+)", err).group(1)
+    listed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    assert listed.stdout.strip() in ("", "CANCELLED"), listed.stdout
+
+
+def test_the_default_cpu_request_fits_the_largest_node(slurm_cluster):
+    assert largest_node_cpus("slurm", SlurmConfig(), RayConfig()) == slurm_cluster.cpus
+    assert largest_node_cpus("local", SlurmConfig(), RayConfig()) is None
+    assert [default_cpus(4, None, 1), default_cpus(4, 2, 1), default_cpus(4, 2, 2)] == [4, 2, 1]
 
 
 def test_one_live_wandb_run_per_sae(coll, tmp_path, monkeypatch):
