@@ -118,16 +118,36 @@ def test_two_process_group_is_bit_identical(coll, one_process, ray_cluster, tmp_
     assert len(pids) == 2 and None not in pids, "two processes, one Ray task each"
 
 
-def test_ctrl_c_cancels_the_sweeps_tasks(coll, ray_cluster, tmp_path):  # noqa: F811
+def test_ctrl_c_cancels_the_tasks_and_resume_finishes_them(  # noqa: F811
+    coll, one_process, ray_cluster, tmp_path
+):
     args = mixed_args(coll, tmp_path, "stop", *STEPS, *on_ray(ray_cluster))
     proc = run_in(ray_cluster, "train.py", *args)
     wait_for(lambda: last_commit(tmp_path / "stop").get("step", 0) >= 10, "a commit")
-    worker = worker_pid(only_dir(tmp_path / "stop") / "logs", "ray_0_0_0.out")
+    sweep_dir = only_dir(tmp_path / "stop")
+    worker = worker_pid(sweep_dir / "logs", "ray_0_0_0.out")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate()
-    assert proc.returncode != 0
+    assert proc.returncode == 130, out + err
+    assert f"; resume with: uv run train.py --resume {sweep_dir}" in out + err, out + err
+    assert "Traceback" not in err, err
     wait_for(lambda: not _alive(worker), "the worker stop", polls=3000)
-    assert not list(only_dir(tmp_path / "stop").glob("runs/*/metrics.json"))
+    assert not list(sweep_dir.glob("runs/*/metrics.json"))
+    finished(run_in(ray_cluster, "train.py", "--resume", str(sweep_dir)))
+    assert_same_runs(one_process, sweep_dir, exact=True)
+
+
+def test_a_lost_worker_without_retries_is_the_failure_line(coll, ray_cluster, tmp_path):  # noqa: F811
+    no_retry = ["--ray-max-retries", "0"]
+    args = mixed_args(coll, tmp_path, "lost", *STEPS, *on_ray(ray_cluster), *no_retry)
+    proc = run_in(ray_cluster, "train.py", *args)
+    logs = wait_for(lambda: next((tmp_path / "lost").glob("*/logs"), None), "the logs")
+    os.kill(wait_for(lambda: worker_pid(logs, "ray_0_0_0.out"), "the worker"), signal.SIGKILL)
+    out, err = proc.communicate()
+    assert proc.returncode == 1, out + err
+    failure = out.split("group 0 failed: ")[1]
+    assert "WorkerCrashedError" in failure or "worker died" in failure.lower(), failure
+    assert f"logs: {logs / 'ray_0_0_0.out'} {logs / 'ray_0_0_0.err'}" in failure, failure
 
 
 @pytest.mark.parametrize(
@@ -149,6 +169,8 @@ def test_a_request_no_node_can_run_is_one_sentence(coll, ray_cluster, tmp_path, 
 
 
 def test_two_machines_on_ray_equal_one_here(ray_cluster, tmp_path):
+    """Without --ray-address collect.py starts a Ray of its own (in the test cluster's
+    namespace, to stay on loopback) for its two machine tasks."""
     docs = _docs(tmp_path)
     collect(small(tmp_path / "one", max_tokens=None, dataset=str(docs), act_dtype="float32"))
     flags = {
@@ -157,7 +179,7 @@ def test_two_machines_on_ray_equal_one_here(ray_cluster, tmp_path):
         "--act-dtype": "float32", "--shard-tokens": "1500", "--batch-size": "8",
     }  # fmt: skip
     args = [x for pair in flags.items() for x in pair]
-    proc = run_in(ray_cluster, "collect.py", *args, *on_ray(ray_cluster))
+    proc = run_in(ray_cluster, "collect.py", *args, "--executor", "ray")  # a Ray of its own
     out, err = proc.communicate()
     assert proc.returncode == 0, out + err
     assert "on 2 Ray tasks" in out
