@@ -118,8 +118,11 @@ def test_two_process_group_is_bit_identical(coll, one_process, ray_cluster, tmp_
     assert len(pids) == 2 and None not in pids, "two processes, one Ray task each"
 
 
-def test_ctrl_c_cancels_the_tasks_and_resume_finishes_them(  # noqa: F811
-    coll, one_process, ray_cluster, tmp_path
+def test_ctrl_c_cancels_the_tasks_and_resume_finishes_them(
+    coll,  # noqa: F811
+    one_process,  # noqa: F811
+    ray_cluster,
+    tmp_path,
 ):
     args = mixed_args(coll, tmp_path, "stop", *STEPS, *on_ray(ray_cluster))
     proc = run_in(ray_cluster, "train.py", *args)
