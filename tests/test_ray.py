@@ -30,14 +30,19 @@ from saesweep.collect.run import collect
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory) -> RayCluster:
-    try:
-        cluster = start_ray_cluster(tmp_path_factory.mktemp("ray"))
-    except RayClusterError as err:
-        pytest.fail(str(err), pytrace=False)
-    try:
-        yield cluster
-    finally:
-        stop_ray_cluster(cluster)
+    """The test cluster, and Ray's token authentication off for it and for every Ray the
+    commands start: a local ray.init() would otherwise write ~/.ray/auth_token, which turns
+    authentication on for every cluster started after it on this machine."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        try:
+            cluster = start_ray_cluster(tmp_path_factory.mktemp("ray"))
+        except RayClusterError as err:
+            pytest.fail(str(err), pytrace=False)
+        try:
+            yield cluster
+        finally:
+            stop_ray_cluster(cluster)
 
 
 def run_in(cluster: RayCluster, script: str, *args: str) -> subprocess.Popen:
@@ -70,11 +75,15 @@ def own_lines(stderr: str) -> list[str]:
     return [x for x in stderr.strip().splitlines() if "network_util.cc" not in x]
 
 
-def wait_for(predicate, what: str, polls: int = 6000):
+def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, polls: int = 30000):
+    """`predicate()`'s first truthy value; fails with `proc`'s output if it ends first."""
     for _ in range(polls):
         value = predicate()
         if value:
             return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"train.py ended before {what}: {out}{err}")
         time.sleep(0.02)
     raise AssertionError(f"never saw {what}")
 
@@ -94,7 +103,8 @@ def test_sweep_with_a_killed_worker_equals_one_process(coll, one_process, ray_cl
     to the one-process sweep."""
     args = mixed_args(coll, tmp_path, "ray", *STEPS, *on_ray(ray_cluster), "--max-parallel", "2")
     proc = run_in(ray_cluster, "train.py", *args)
-    wait_for(lambda: last_commit(tmp_path / "ray").get("step", 0) >= 30, "a commit of group 0")
+    committed = lambda: last_commit(tmp_path / "ray").get("step", 0) >= 30  # noqa: E731
+    wait_for(committed, "a commit of group 0", proc)
     logs = only_dir(tmp_path / "ray") / "logs"
     os.kill(worker_pid(logs, "ray_0_0_0.out"), signal.SIGKILL)
     out, err = proc.communicate()
@@ -118,15 +128,10 @@ def test_two_process_group_is_bit_identical(coll, one_process, ray_cluster, tmp_
     assert len(pids) == 2 and None not in pids, "two processes, one Ray task each"
 
 
-def test_ctrl_c_cancels_the_tasks_and_resume_finishes_them(
-    coll,  # noqa: F811
-    one_process,  # noqa: F811
-    ray_cluster,
-    tmp_path,
-):
+def test_ctrl_c_cancels_the_tasks(coll, ray_cluster, tmp_path):  # noqa: F811
     args = mixed_args(coll, tmp_path, "stop", *STEPS, *on_ray(ray_cluster))
     proc = run_in(ray_cluster, "train.py", *args)
-    wait_for(lambda: last_commit(tmp_path / "stop").get("step", 0) >= 10, "a commit")
+    wait_for(lambda: last_commit(tmp_path / "stop").get("step", 0) >= 10, "a commit", proc)
     sweep_dir = only_dir(tmp_path / "stop")
     worker = worker_pid(sweep_dir / "logs", "ray_0_0_0.out")
     proc.send_signal(signal.SIGINT)
@@ -134,8 +139,21 @@ def test_ctrl_c_cancels_the_tasks_and_resume_finishes_them(
     assert proc.returncode == 130, out + err
     assert f"; resume with: uv run train.py --resume {sweep_dir}" in out + err, out + err
     assert "Traceback" not in err, err
-    wait_for(lambda: not _alive(worker), "the worker stop", polls=3000)
+    wait_for(lambda: not _alive(worker), "the worker stop", polls=15000)
     assert not list(sweep_dir.glob("runs/*/metrics.json"))
+
+
+def test_resume_after_the_driver_died(coll, one_process, ray_cluster, tmp_path):  # noqa: F811
+    """kill -9 of train.py: Ray stops its tasks (their owner is gone), and --resume
+    finishes the sweep bit-identical to one process."""
+    args = mixed_args(coll, tmp_path, "dead", *STEPS, *on_ray(ray_cluster))
+    proc = run_in(ray_cluster, "train.py", *args)
+    wait_for(lambda: last_commit(tmp_path / "dead").get("step", 0) >= 10, "a commit", proc)
+    sweep_dir = only_dir(tmp_path / "dead")
+    worker = worker_pid(sweep_dir / "logs", "ray_0_0_0.out")
+    proc.kill()
+    proc.communicate()
+    wait_for(lambda: not _alive(worker), "the worker stop", polls=15000)
     finished(run_in(ray_cluster, "train.py", "--resume", str(sweep_dir)))
     assert_same_runs(one_process, sweep_dir, exact=True)
 
@@ -144,7 +162,7 @@ def test_a_lost_worker_without_retries_is_the_failure_line(coll, ray_cluster, tm
     no_retry = ["--ray-max-retries", "0"]
     args = mixed_args(coll, tmp_path, "lost", *STEPS, *on_ray(ray_cluster), *no_retry)
     proc = run_in(ray_cluster, "train.py", *args)
-    logs = wait_for(lambda: next((tmp_path / "lost").glob("*/logs"), None), "the logs")
+    logs = wait_for(lambda: next((tmp_path / "lost").glob("*/logs"), None), "the logs", proc)
     os.kill(wait_for(lambda: worker_pid(logs, "ray_0_0_0.out"), "the worker"), signal.SIGKILL)
     out, err = proc.communicate()
     assert proc.returncode == 1, out + err
