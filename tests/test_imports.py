@@ -10,6 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "saesweep"
+ARCHITECTURE = ROOT.parent / "docs" / "architecture.md"
 
 
 def node_of(dotted: str) -> str:
@@ -76,6 +77,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return next((c for node in sorted(graph) if (c := visit(node, []))), None)
 
 
+def documented_order() -> list[list[str]]:
+    """The layers of docs/architecture.md's dependency line, lowest first."""
+    text = ARCHITECTURE.read_text().split("## Dependencies between packages", 1)[1]
+    line = text.split("```\n", 2)[1].strip()
+    return [layer.split(", ") for layer in line.split(" <- ")]
+
+
 def test_graph_sees_every_package():
     graph = import_graph()
     assert {"collect", "format", "store", "train", "errors", "saesweep"} <= set(graph)
@@ -90,3 +98,11 @@ def test_find_cycle_names_the_cycle():
 def test_no_import_cycle_between_packages():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle between saesweep's packages: " + " -> ".join(cycle)
+
+
+def test_architecture_doc_states_the_import_order():
+    layer = {name: i for i, names in enumerate(documented_order()) for name in names}
+    graph = import_graph()
+    assert sorted(layer) == sorted(graph), "docs/architecture.md names other packages"
+    upward = [(a, b) for a, targets in graph.items() for b in targets if layer[b] >= layer[a]]
+    assert not upward, f"imports docs/architecture.md's dependency line does not allow: {upward}"
