@@ -1,5 +1,5 @@
 """User-facing errors: one clear sentence, exit status 2, no traceback; the one redaction of
-credentials written into URLs."""
+credentials written into URLs; text made safe to print."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def redact(text: str) -> str:
     as /*** (s3:// store URIs keep their bucket and prefix: they name what to fix)."""
     text = URL_USERINFO.sub(r"\1***@", text)
     return HTTP_AFTER_HOST.sub(lambda m: m.group(1) + ("/***" if m.group(2) != "/" else "/"), text)
+
+
+def printable(text: object, keep: str = "") -> str:
+    """`text` with every unprintable character (terminal escapes among them) except those in
+    `keep` written as a Python escape, so printing it cannot rewrite the terminal."""
+    return "".join(
+        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
+        for c in str(text)
+    )
 
 
 class UserError(Exception):

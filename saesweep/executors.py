@@ -28,6 +28,7 @@ import submitit
 from saesweep.configtools import above, at_least
 from saesweep.errors import UserError
 from saesweep.interrupt import raising
+from saesweep.outcomes import GroupOutcome, peer_gone
 
 Executor = Literal["slurm", "ray", "local", "debug"]
 CLUSTERS = ("slurm", "ray")
@@ -96,19 +97,6 @@ class RayConfig:
     max_retries: int = dataclasses.field(default=3, metadata=at_least(0))
     """Times a job is started again after one of its workers or nodes was lost; it resumes
     from its last committed state."""
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupOutcome:
-    """How one group's job ended."""
-
-    index: int
-    status: Literal["done", "failed"]
-    result: Any = None
-    error: str = ""
-    job_id: str = ""
-    stdout: Path | None = None
-    stderr: Path | None = None
 
 
 def run_groups(
@@ -421,14 +409,6 @@ def _outcome(index: int, job: submitit.Job) -> GroupOutcome:
     if len(tasks) > 1:
         error = f"rank {tasks.index(task)} of {len(tasks)}: {error}"
     return GroupOutcome(index, "failed", error=error, **_logs(job, task))
-
-
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "DistNetworkError")
-"""How a collective fails when another rank of the group died (gloo, NCCL)."""
-
-
-def peer_gone(error: str) -> bool:
-    return any(phrase in error for phrase in PEER_GONE)
 
 
 def _logs(job: submitit.Job, task: submitit.Job) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from saesweep.errors import UserError
-from saesweep.executors import GroupOutcome, peer_gone
+from saesweep.outcomes import GroupOutcome, peer_gone
 
 MISSING = (
     "the ray executor needs Ray, an optional extra: run `uv sync --extra ray` "

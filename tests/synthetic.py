@@ -1,14 +1,15 @@
-"""Synthetic collections in the real storage format, with known token identities."""
+"""Synthetic activations with known sparse structure, and synthetic collections in the real
+storage format with known token identities."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from saesweep import Reader
 from saesweep.format.manifest import HookPart, Part, part_key, write_merged
 from saesweep.format.quant import is_scaled, quantize
 from saesweep.format.shards import RunningStats, checksum, encode_shard, shard_name
-from saesweep.sae.synthetic import sparse_map, sparse_mixture
 from saesweep.store import open_store
 
 HOOK = "model.layers.1"
@@ -31,7 +32,7 @@ def make_collection(
 
     With target_d, a second hook TARGET of that width stores the same tokens (or the tokens
     of target_sizes, to test refusals): acts[:, 0] the global index again, or with sparse=True
-    the planted sparse map of HOOK's tokens (sparse.synthetic.sparse_map).
+    the planted sparse map of HOOK's tokens (sparse_map).
 
     A scaled 8-bit dtype (float8_e4m3fn) stores each token quantized as collect.py does, with
     its statistics from the acts before quantization; acts[:, 0] then holds the global index
@@ -102,3 +103,53 @@ def read_index(uri: str, **kw) -> list[int]:
     """The global index of every token a Reader over make_collection's collection serves, in
     order, from its token ids (exact whatever the stored dtype)."""
     return [int(i) for _, ids in Reader(uri, with_token_ids=True, **kw) for i in ids.tolist()]
+
+
+def sparse_mixture(
+    n_tokens: int,
+    d_in: int,
+    n_dirs: int = 64,
+    active: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """[n_tokens, d_in]: each token a positive combination of `active` of n_dirs random unit
+    directions (fixed by seed 0), scaled so that E|x|^2 is about d_in."""
+    which, coeffs = _codes(n_tokens, n_dirs, active, seed)
+    return _combine(which, coeffs, _directions(n_dirs, d_in, 0)).to(dtype)
+
+
+def sparse_map(
+    n_tokens: int,
+    d_in: int,
+    d_out: int,
+    n_dirs: int = 64,
+    active: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """(x [n_tokens, d_in], y [n_tokens, d_out]): x is sparse_mixture(...); y combines the
+    same `active` directions of each token with the same coefficients, but over other unit
+    directions (fixed by seed 1) in d_out dimensions, scaled alike. y is a planted sparse
+    linear map of x: a transcoder with k >= active latents can predict it exactly."""
+    which, coeffs = _codes(n_tokens, n_dirs, active, seed)
+    x = _combine(which, coeffs, _directions(n_dirs, d_in, 0))
+    y = _combine(which, coeffs, _directions(n_dirs, d_out, 1))
+    return x.to(dtype), y.to(dtype)
+
+
+def _directions(n_dirs: int, d: int, seed: int) -> Tensor:
+    dirs = torch.randn(n_dirs, d, generator=torch.Generator().manual_seed(seed))
+    return dirs / dirs.norm(dim=1, keepdim=True)
+
+
+def _codes(n_tokens: int, n_dirs: int, active: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(which directions [n_tokens, active], their coefficients in [0.5, 1.5))."""
+    gen = torch.Generator().manual_seed(seed)
+    which = torch.rand(n_tokens, n_dirs, generator=gen).argsort(dim=1)[:, :active]
+    return which, torch.rand(n_tokens, active, generator=gen) + 0.5
+
+
+def _combine(which: Tensor, coeffs: Tensor, dirs: Tensor) -> Tensor:
+    x = torch.einsum("tk,tkd->td", coeffs, dirs[which])
+    return x * (dirs.shape[1] / x.pow(2).sum(1).mean()).sqrt()

@@ -118,7 +118,7 @@ def test_inspect_reads_a_public_collection_anonymously(public_s3, tmp_path):
         (["--anonymous"], {**os.environ, "AWS_SECRET_ACCESS_KEY": "another-accounts-secret"}),
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "saesweep.format.shell", *flags, public_s3, "verify"],
+            [sys.executable, "-m", "saesweep.shell", *flags, public_s3, "verify"],
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -24,9 +24,9 @@ from saesweep.evaluate.features import inspect_features
 from saesweep.format.quant import SAMPLE_ROWS, dequantize, dequantize_on_cpu, quantize
 from saesweep.format.rundir import load_sae
 from saesweep.format.shards import decode_shard
-from saesweep.format.shell import main as shell
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import exported_acts
+from saesweep.shell import main as shell
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig
 from saesweep.train.trainer import GroupTrainer

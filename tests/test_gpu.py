@@ -8,14 +8,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from synthetic import make_collection
+from synthetic import make_collection, sparse_mixture
 from test_train import cfg, train
 
 from saesweep import Reader
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.source import ModelSource
 from saesweep.sae import ARCHITECTURES, SAEConfig, make_sae
-from saesweep.sae.synthetic import sparse_mixture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

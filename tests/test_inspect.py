@@ -1,4 +1,4 @@
-"""The collection shell (saesweep.format.shell) on a real demo collection and on SeaweedFS S3."""
+"""The collection shell (saesweep.shell) on a real demo collection and on SeaweedFS S3."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
 from saesweep.collect.text import demo_corpus
 from saesweep.format.shards import decode_shard
-from saesweep.format.shell import main
+from saesweep.shell import main
 from saesweep.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def run(capsys, uri, *command: str) -> tuple[int, str, str]:
 
 def run_cli(uri, *command: str, stdin: str | None = None, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "saesweep.format.shell", str(uri), *command],
+        [sys.executable, "-m", "saesweep.shell", str(uri), *command],
         input=stdin,
         capture_output=True,
         text=True,

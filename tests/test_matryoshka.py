@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from synthetic import sparse_mixture
 from test_collect import read_hook, small
 from test_train import cfg as train_cfg
 
@@ -16,7 +17,6 @@ from saesweep.sae import SAEConfig, make_sae
 from saesweep.sae.base import total_variance
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.step import train_step
-from saesweep.sae.synthetic import sparse_mixture
 from saesweep.train.trainer import GroupTrainer
 
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import make_collection
+from synthetic import make_collection, sparse_mixture
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae, sparse
 from saesweep.sae.base import geometric_median, total_variance
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
-from saesweep.sae.synthetic import sparse_mixture
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 

@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+from members import load_member_state_dict, member_schedule
 from safetensors.torch import load, save
+from synthetic import sparse_mixture
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
 from saesweep.sae.step import train_step
-from saesweep.sae.synthetic import sparse_mixture
 
 D_IN, D_SAE, B = 32, 128, 64
 ARCHS = sorted(ARCHITECTURES)
@@ -66,7 +67,8 @@ def test_stack_equals_separate_members(arch):
         single = make_sae(cfgs[i], D_IN, [SEEDS[i]], OBJECTIVES[i], dtype=torch.float64)
         single.init_b_dec(data[:256])
         opt_i = StackedAdam(single.parameters(), lr=[LRS[i]])
-        alone = _run(single, opt_i, data, steps, schedule.member(i, 3), normalize=NORMALIZE[i])
+        alone_schedule = member_schedule(schedule, i, 3)
+        alone = _run(single, opt_i, data, steps, alone_schedule, normalize=NORMALIZE[i])
         for name, p in single.named_parameters():
             torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
         for name, buf in single.named_buffers():
@@ -240,7 +242,7 @@ def test_export_folds_input_scale_into_raw_space(arch):
         torch.testing.assert_close(apply_exported(cfg, sd, x), recon[i] / scale)
     clone = make_sae(_cfg(arch), D_IN, [0, 0, 0], dtype=torch.float64).eval()
     for i in range(3):
-        clone.load_member_state_dict(i, sae.member_state_dict(i, input_scale=scale), scale)
+        load_member_state_dict(clone, i, sae.member_state_dict(i, input_scale=scale), scale)
     torch.testing.assert_close(clone(x * scale)[0], recon)
 
 

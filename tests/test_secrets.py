@@ -58,7 +58,7 @@ def test_error_paths_print_no_secret(s3_env, s3_server, tmp_path, fault):
     commands = [
         ["train.py", "--train-data.uri", s3_env, "--runs-root", str(runs), "--executor", "debug"],
         ["collect.py", "--out", f"{s3_env}-new", "--max-tokens", "100", "--device", "cpu"],
-        ["-m", "saesweep.format.shell", s3_env, "verify"],
+        ["-m", "saesweep.shell", s3_env, "verify"],
     ]
     for command in commands:
         proc = run(command, env)
@@ -134,7 +134,7 @@ def test_credentials_in_a_store_uri_are_refused_and_never_printed(s3_server, tmp
         for command in (
             ["train.py", "--train-data.uri", uri, "--runs-root", str(runs)],
             ["collect.py", "--out", uri, "--max-tokens", "100", "--device", "cpu"],
-            ["-m", "saesweep.format.shell", uri, "verify"],
+            ["-m", "saesweep.shell", uri, "verify"],
         ):
             proc = run(command, env)
             assert proc.returncode == 2, (command, proc.stderr)
@@ -151,7 +151,7 @@ def test_a_secret_in_an_endpoints_path_or_query_is_never_printed(tmp_path):
     shows the endpoint's host only."""
     (port,) = free_ports(1)
     collect = ["collect.py", "--out", "s3://bucket/x", "--max-tokens", "100", "--device", "cpu"]
-    shell = ["-m", "saesweep.format.shell", "s3://bucket/x", "verify"]
+    shell = ["-m", "saesweep.shell", "s3://bucket/x", "verify"]
     for endpoint, command in (
         (f"http://127.0.0.1:{port}/pw-s3cret/", collect),  # unreachable: named without its path
         (f"http://127.0.0.1:{port}?token=pw-s3cret", shell),  # refused: not an S3 endpoint

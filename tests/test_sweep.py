@@ -10,12 +10,20 @@ import pytest
 from synthetic import make_collection
 
 from saesweep.collect.config import CollectConfig
+from saesweep.configtools import parse_flags
 from saesweep.errors import UserError
 from saesweep.executors import SlurmConfig
 from saesweep.memory import resolve_device
-from saesweep.train.sweep import build_configs, load_sweep, parse_overrides, split_groups
+from saesweep.train.config import TrainConfig
+from saesweep.train.sweep import build_configs, load_sweep, split_groups
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """train.py's config flags as a nested dict of the explicitly given TrainConfig fields."""
+    (overrides,) = parse_flags(args, (TrainConfig,), "train.py")
+    return overrides
 
 
 def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:

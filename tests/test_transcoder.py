@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from members import load_member_state_dict, member_schedule
+from synthetic import sparse_map
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.optim import LRSchedule, StackedAdam
 from saesweep.sae.step import train_step
-from saesweep.sae.synthetic import sparse_map
 
 D_IN, D_OUT, D_SAE, B = 32, 24, 64, 128
 ARCHS = sorted(ARCHITECTURES)
@@ -102,9 +103,8 @@ def test_stacked_transcoders_equal_separate_members(arch, skip):
     for i in range(3):
         one = make_sae(cfgs[i], D_IN, [SEEDS[i]], OBJECTIVES[i], d_out=D_OUT, dtype=torch.float64)
         one.init_b_dec(y[:256])
-        alone = _train(
-            one, StackedAdam(one.parameters(), lr=[LRS[i]]), x, y, steps, schedule.member(i, 3)
-        )
+        opt = StackedAdam(one.parameters(), lr=[LRS[i]])
+        alone = _train(one, opt, x, y, steps, member_schedule(schedule, i, 3))
         for name, p in one.named_parameters():
             torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
         for key in stacked[-1]:
@@ -132,7 +132,7 @@ def test_export_folds_both_scales_into_raw_space(arch):
         assert sd["W_dec"].shape == (D_SAE, D_OUT) and sd["W_skip"].shape == (D_OUT, D_IN)
         assert sd["W_skip"].abs().sum() > 0
         torch.testing.assert_close(apply_exported(cfg, sd, x), recon[i] / s_out)
-        clone.load_member_state_dict(i, sd, s_in, s_out)
+        load_member_state_dict(clone, i, sd, s_in, s_out)
     torch.testing.assert_close(clone.eval()(x * s_in)[0], recon)
 
 

@@ -18,7 +18,7 @@ from saesweep import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import read_collection, rebuild_sequences
 from saesweep.format.shards import decode_shard, encode_shard
-from saesweep.format.shell import main as shell_main
+from saesweep.shell import main as shell_main
 from saesweep.store import FileStore
 
 SIZES = [50, 60]

@@ -74,7 +74,7 @@ class SourcePosition:
 
 
 @dataclass
-class Window:
+class StoredTokens:
     """The stored tokens of consecutive sequences (n_seqs of them): every hook's activations
     by module path, and each token's id, sequence id and position."""
 
@@ -174,7 +174,7 @@ class ModelSource:
         window = self.first_window(n_tokens)
         return {spec: window.acts[path] for spec, path in self.hooks.items()}
 
-    def first_window(self, n_tokens: int) -> Window:
+    def first_window(self, n_tokens: int) -> StoredTokens:
         """The split's first n_tokens stored tokens (fewer if it holds fewer) in text order,
         every hook's activations (by module path) with their token ids and places."""
         parts, total = [], 0
@@ -184,7 +184,7 @@ class ModelSource:
             if total >= n_tokens:
                 break
         window = _concat(parts)
-        return Window(
+        return StoredTokens(
             {path: acts[:n_tokens] for path, acts in window.acts.items()},
             window.token_ids[:n_tokens],
             window.seq_ids[:n_tokens],
@@ -201,7 +201,7 @@ class ModelSource:
         first: int,
         cache: Cache | None,
         left: int | None,
-    ) -> Window | None:
+    ) -> StoredTokens | None:
         """The next window from consecutive sequences (`first`: the first one's ordinal),
         each forward pass also written to `cache`: at least window_tokens stored tokens, or
         only as many as `left` batches need (None: no limit); fewer at the end of the text,
@@ -209,7 +209,7 @@ class ModelSource:
         wanted = self.window_tokens
         if left is not None:
             wanted = min(wanted, left * self.batch_size)
-        parts: list[Window] = []
+        parts: list[StoredTokens] = []
         n_tokens = 0
         for seq_batch in seq_batches:
             part = self._forward(seq_batch)
@@ -222,15 +222,16 @@ class ModelSource:
                 break
         return _concat(parts) if parts else None
 
-    def _forward(self, seqs: list[Sequence]) -> Window:
+    def _forward(self, seqs: list[Sequence]) -> StoredTokens:
         batch = make_batch(seqs, self.tokenizer.pad_token_id or 0)
-        return Window(*self.hooked.stored(batch, self.cfg.device, self.cfg.act_dtype), len(seqs))
+        stored = self.hooked.stored(batch, self.cfg.device, self.cfg.act_dtype)
+        return StoredTokens(*stored, len(seqs))
 
     def _order(self, window: int, n_tokens: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + window)
         return torch.randperm(n_tokens, generator=generator)
 
-    def _take(self, window: Window, rows: torch.Tensor) -> LiveBatch:
+    def _take(self, window: StoredTokens, rows: torch.Tensor) -> LiveBatch:
         on_device = rows.to(next(iter(window.acts.values())).device)
         return LiveBatch(
             {spec: window.acts[path][on_device] for spec, path in self.hooks.items()},
@@ -248,8 +249,8 @@ def split_sequences(cfg: CollectConfig, tokenizer, split: Split) -> Iterator[Seq
     return sequences(docs, tokenizer, cfg.ctx_len, cfg.exclude_special, doc_split=split)
 
 
-def _concat(parts: list[Window]) -> Window:
-    return Window(
+def _concat(parts: list[StoredTokens]) -> StoredTokens:
+    return StoredTokens(
         {path: torch.cat([p.acts[path] for p in parts]) for path in parts[0].acts},
         torch.cat([p.token_ids for p in parts]),
         torch.cat([p.seq_ids for p in parts]),
@@ -289,7 +290,7 @@ class Cache:
         self.out = None if part.complete else PartWriter(cfg, store, part, self.hook_info)
         """None once the cache is complete."""
 
-    def add(self, first: int, part: Window) -> None:
+    def add(self, first: int, part: StoredTokens) -> None:
         """Forward pass `part` of the sequences from ordinal `first` on."""
         if self.out is None or first + part.n_seqs <= self.out.seq_done:
             return

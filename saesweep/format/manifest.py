@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from saesweep.errors import UserError
-from saesweep.format.names import checked_name, checked_records, printable
+from saesweep.errors import UserError, printable
+from saesweep.format.names import checked_name, checked_records
 from saesweep.format.quant import QuantError
 from saesweep.format.shards import (
     ACT_DTYPES,

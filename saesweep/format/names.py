@@ -1,23 +1,14 @@
 """Names and sizes read from a collection someone else may have written, checked where they
-enter (manifests, part files, listings), and names made safe to print."""
+enter (manifests, part files, listings)."""
 
 from __future__ import annotations
 
 import re
 
-from saesweep.errors import UserError
+from saesweep.errors import UserError, printable
 
 UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
 """Characters a hook or shard name may not hold: control characters and path separators."""
-
-
-def printable(text: object, keep: str = "") -> str:
-    """`text` with every unprintable character (terminal escapes among them) except those in
-    `keep` written as a Python escape, so printing it cannot rewrite the terminal."""
-    return "".join(
-        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
-        for c in str(text)
-    )
 
 
 def checked_name(name: object, where: str, field: str) -> str:

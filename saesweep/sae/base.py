@@ -352,29 +352,8 @@ class StackedSAE(nn.Module):
         sd |= self._export_extra(i, s)
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
-    @torch.no_grad()
-    def load_member_state_dict(
-        self,
-        i: int,
-        sd: dict[str, Tensor],
-        input_scale: float = 1.0,
-        target_scale: float | None = None,
-    ) -> None:
-        """Inverse of member_state_dict: load member i from a raw-space state dict."""
-        s, t = input_scale, input_scale if target_scale is None else target_scale
-        self.W_enc[i] = sd["W_enc"] / s
-        self.b_enc[i] = sd["b_enc"]
-        self.W_dec[i] = sd["W_dec"] * t
-        self.b_dec[i] = sd["b_dec"] * t
-        if self.cfg.skip:
-            self.W_skip[i] = sd["W_skip"].T * (t / s)
-        self._import_extra(i, sd, s)
-
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {}
-
-    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
-        pass
 
     def sae_lens_cfg(self) -> dict:
         """The SAELens fields of a member's cfg.json (architecture, shape, activation). A

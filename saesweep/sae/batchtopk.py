@@ -56,8 +56,5 @@ class BatchTopKSAE(TopKSAE):
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"threshold": self.threshold[i].clamp_min(0).expand(self.d_sae)}
 
-    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
-        self.threshold[i] = sd["threshold"].mean()
-
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k}

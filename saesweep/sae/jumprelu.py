@@ -177,8 +177,5 @@ class JumpReLUSAE(StackedSAE):
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"threshold": self.threshold[i].clone()}
 
-    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
-        self.threshold[i] = sd["threshold"]
-
     def _sae_lens_extra(self) -> dict:
         return {"jumprelu_bandwidth": self.cfg.jumprelu_bandwidth}

@@ -171,11 +171,6 @@ class LRSchedule:
         rows = [self._one(step, w, d, s) for w, d, s in zip(*cols, strict=True)]
         return torch.tensor(rows, dtype=torch.float64)
 
-    def member(self, i: int, n: int) -> LRSchedule:
-        """Member i's schedule alone (for a stack of one)."""
-        w, d, s = (_per_member(v, n)[i] for v in (self.warmup_steps, self.decay, self.decay_start))
-        return LRSchedule(self.total_steps, [w], [d], [s])
-
     def _one(self, step: int, warmup: int, decay: Decay, start: float) -> float:
         warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         begin = start * self.total_steps

@@ -138,9 +138,5 @@ class SwitchSAE(TopKSAE):
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"W_router": self.W_router[i] * s, "b_router": self.b_router[i]}
 
-    def _import_extra(self, i: int, sd: dict[str, Tensor], s: float) -> None:
-        self.W_router[i] = sd["W_router"] / s
-        self.b_router[i] = sd["b_router"]
-
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "n_experts": self.n_experts}

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from saesweep.errors import UserError
-from saesweep.format.names import printable
+from saesweep.errors import UserError, printable
 from saesweep.store.base import Store
 
 

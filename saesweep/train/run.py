@@ -8,8 +8,9 @@ from pathlib import Path
 
 from saesweep.errors import EXIT_USER_ERROR, UserError
 from saesweep.evaluate.report import write_report
-from saesweep.executors import GroupOutcome, RayConfig, SlurmConfig, run_groups
+from saesweep.executors import RayConfig, SlurmConfig, run_groups
 from saesweep.interrupt import Interrupted, exit_status, raising
+from saesweep.outcomes import GroupOutcome
 from saesweep.train.checkpoint import saved_state
 from saesweep.train.group_job import GroupJob
 from saesweep.train.layout import group_finished, state_dir

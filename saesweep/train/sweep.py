@@ -9,7 +9,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from saesweep.configtools import check_values, deep_merge, parse_flags, replace_from_dict
+from saesweep.configtools import check_values, deep_merge, replace_from_dict
 from saesweep.errors import UserError
 from saesweep.train.config import GROUP_FIELDS, TrainConfig
 
@@ -54,12 +54,6 @@ def _where(err: Exception, path: Path) -> str:
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == str(path)]
     line = f" (line {frames[-1].lineno})" if frames else ""
     return f"{type(err).__name__}: {err}{line}"
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """train.py's config flags as a nested dict of the explicitly given TrainConfig fields."""
-    (overrides,) = parse_flags(args, (TrainConfig,), "train.py")
-    return overrides
 
 
 def make_config(values: dict, where: str) -> TrainConfig:

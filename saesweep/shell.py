@@ -1,9 +1,9 @@
 """Look inside a collection, local or on S3: an interactive shell, or one command per call.
 
-    python -m saesweep.format.shell URI                  # shell: ls, cd, pwd, filecount, sizecheck,
-                                                    #        inspect, stats, verify, help, exit
-    python -m saesweep.format.shell URI verify           # one command, then exit
-    python -m saesweep.format.shell URI "cd encoder.layer.3; inspect 0"
+    python -m saesweep.shell URI                  # shell: ls, cd, pwd, filecount, sizecheck,
+                                                  #        inspect, stats, verify, help, exit
+    python -m saesweep.shell URI verify           # one command, then exit
+    python -m saesweep.shell URI "cd encoder.layer.3; inspect 0"
 
 In one-shot mode the exit status is 0 when every command succeeded (and `verify` found no bad
 shard), 1 otherwise, and 2 when the store cannot be used at all (see docs/storage-format.md
@@ -21,9 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from saesweep.collect.model import load_tokenizer
-from saesweep.errors import UserError, exit_on_user_error
+from saesweep.errors import UserError, exit_on_user_error, printable
 from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
-from saesweep.format.names import printable
 from saesweep.format.shards import (
     ACT_DTYPES,
     SEQ_CHUNK_BITS,
@@ -477,7 +476,7 @@ def _agree(n: int, n_tokens: int) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m saesweep.format.shell",
+        prog="python -m saesweep.shell",
         description="Inspect a saesweep collection (a path, file://PATH or s3://BUCKET/PREFIX). "
         "With COMMAND, run it (several: separate with ';') and exit; else open a shell.",
     )

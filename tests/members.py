@@ -1,0 +1,47 @@
+"""One member of a stack on its own: its learning-rate schedule, and its exported SAELens
+state dict loaded back into a stack (the inverse of StackedSAE.member_state_dict)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saesweep.sae import BatchTopKSAE, JumpReLUSAE, StackedSAE, SwitchSAE
+from saesweep.sae.optim import LRSchedule, _per_member
+
+
+def member_schedule(schedule: LRSchedule, i: int, n: int) -> LRSchedule:
+    """Member i's schedule alone (for a stack of one)."""
+    fields = (schedule.warmup_steps, schedule.decay, schedule.decay_start)
+    w, d, s = (_per_member(v, n)[i] for v in fields)
+    return LRSchedule(schedule.total_steps, [w], [d], [s])
+
+
+@torch.no_grad()
+def load_member_state_dict(
+    sae: StackedSAE,
+    i: int,
+    sd: dict[str, Tensor],
+    input_scale: float = 1.0,
+    target_scale: float | None = None,
+) -> None:
+    """Inverse of member_state_dict: load member i from a raw-space state dict."""
+    s, t = input_scale, input_scale if target_scale is None else target_scale
+    sae.W_enc[i] = sd["W_enc"] / s
+    sae.b_enc[i] = sd["b_enc"]
+    sae.W_dec[i] = sd["W_dec"] * t
+    sae.b_dec[i] = sd["b_dec"] * t
+    if sae.cfg.skip:
+        sae.W_skip[i] = sd["W_skip"].T * (t / s)
+    _load_extra(sae, i, sd, s)
+
+
+def _load_extra(sae: StackedSAE, i: int, sd: dict[str, Tensor], s: float) -> None:
+    """The architecture's own tensors: a router, or a threshold."""
+    if isinstance(sae, SwitchSAE):
+        sae.W_router[i] = sd["W_router"] / s
+        sae.b_router[i] = sd["b_router"]
+    elif isinstance(sae, BatchTopKSAE):
+        sae.threshold[i] = sd["threshold"].mean()
+    elif isinstance(sae, JumpReLUSAE):
+        sae.threshold[i] = sd["threshold"]
