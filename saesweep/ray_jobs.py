@@ -314,7 +314,10 @@ def outcome(attempt: Attempt, status: str, result, error: str, rank: int) -> Gro
 
 
 def stop(ray, attempt: Attempt, force: bool) -> None:
-    for ref in attempt.refs:
+    """Cancel the attempt's tasks that have not ended (never an ended one: Ray 2.60 aborts the
+    driver on a forced cancel of a task that a first cancel already ended)."""
+    _, running = ray.wait(attempt.refs, num_returns=len(attempt.refs), timeout=0)
+    for ref in running:
         ray.cancel(ref, force=force)
     if attempt.placement is not None and force:
         from ray.util.placement_group import remove_placement_group

@@ -196,7 +196,8 @@ def test_two_machines_on_ray_equal_one_here(ray_cluster, tmp_path):
     collect(small(tmp_path / "one", max_tokens=None, dataset=str(docs), act_dtype="float32"))
     flags = {
         "--dataset": str(docs), "--out": str(tmp_path / "two"), "--n-machines": "2",
-        "--gpus-per-group": "0", "--slurm-log-dir": str(tmp_path / "logs"), "--ctx-len": "64",
+        "--gpus-per-group": "0", "--cpus-per-group": "1", "--ctx-len": "64",
+        "--slurm-log-dir": str(tmp_path / "logs"),
         "--act-dtype": "float32", "--shard-tokens": "1500", "--batch-size": "8",
     }  # fmt: skip
     args = [x for pair in flags.items() for x in pair]
