@@ -241,7 +241,7 @@ def test_a_whole_epoch_completes_the_cache(config, tmp_path):  # noqa: F811
     )
     few = dataclasses.replace(config, dataset=str(path), hooks=("resid.3",))
     source = ModelSource(
-        few, ["resid.3"], batch_size=64, window_tokens=300, seed=0, cache_to=str(tmp_path / "c")
+        few, ["resid.3"], batch_size=64, shuffle_tokens=300, seed=0, cache_to=str(tmp_path / "c")
     )
     first_epoch = itertools.takewhile(lambda served: served[1].epoch == 0, source.batches())
     served = [batch for batch, _ in first_epoch]

@@ -94,7 +94,7 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
         dtype=torch.float32,
         drop_last=train,
         shuffle_tokens=data.shuffle_tokens,
-        n_workers=data.n_threads,
+        n_threads=data.n_threads,
         shards=parse_slice(data.shards),
         on_corrupt=data.on_corrupt,
         retry_s=data.retry_s,

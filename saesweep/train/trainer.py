@@ -149,7 +149,7 @@ class GroupTrainer:
             schedule = LRSchedule(
                 self.total_steps,
                 [c.warmup_steps for c in cfgs],
-                [{"none": "constant"}.get(c.lr_decay, c.lr_decay) for c in cfgs],
+                [c.lr_decay for c in cfgs],
                 [1 - c.decay_frac for c in cfgs],
             )
             stacks.append(
