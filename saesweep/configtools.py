@@ -1,4 +1,5 @@
-"""The one config mechanism of both entry points: files and flags to frozen dataclasses.
+"""The one config and command-line mechanism of every entry point: files and flags to
+frozen dataclasses.
 
 collect.py (a TOML file) and train.py (a sweep file) build their configs the same way: the
 file's dicts and the command line's `--a.b-c VALUE` flags are deep-merged (flags > file >

@@ -394,7 +394,7 @@ def test_a_job_slurm_never_starts_ends_the_launch(coll, tmp_path, slurm_cluster)
     out, err = proc.communicate()
     assert proc.returncode == 2, out + err
     assert "Slurm will never start group 0's job" in err and "PartitionConfig" in err, err
-    assert "64 CPUs a process" in err and "--cpus-per-group" in err, err
+    assert "64 CPUs per process" in err and "--cpus-per-group" in err, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: Slurm"), err
     job = re.search(r"job (\d+)", err).group(1)
     listed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
-from saesweep.executors import CLUSTERS, SlurmConfig, default_cpus
+from saesweep.executors import CLUSTERS, SlurmConfig, default_cpus, describe_request
 from saesweep.format.manifest import find_hook
 from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
@@ -110,18 +110,6 @@ def describe_device(cfg: TrainConfig, executor: str) -> str:
     return f"auto -> {resolve_device('auto')} (here)"
 
 
-def describe_request(slurm: SlurmConfig, executor: str) -> str:
-    if executor == "ray":
-        mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "no memory reservation"
-        return f"Ray: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs per process, {mem}"
-    mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "the partition's default memory"
-    where = f"account {slurm.acct}" + (f", partition {slurm.partition}" if slurm.partition else "")
-    return (
-        f"Slurm: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs per process, {mem} per "
-        f"node, {slurm.nodes_per_group} node(s), {slurm.n_hours:g} h ({where})"
-    )
-
-
 def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
     """Each group: its data, device, what it asks Slurm for, its SAEs and a memory estimate;
     touches no data beyond a local manifest."""
@@ -152,7 +140,8 @@ def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
         if first.procs_per_group > 1:
             print(f"  {first.procs_per_group} processes, parallel {first.parallel}")
         if executor in CLUSTERS:
-            print(f"  {describe_request(slurm_request(group, d_model), executor)}")
+            engine = "Ray" if executor == "ray" else "Slurm"
+            print(f"  {engine}: {describe_request(slurm_request(group, d_model), executor)}")
         for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
             print(f"  run {run_id:3d}: {describe(cfg)}")
     print(f"{n_configs} configs in {len(groups)} groups")
