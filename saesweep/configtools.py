@@ -142,9 +142,7 @@ def _checked(command: type[T], given: dict[str, Any], program: str) -> T:
 
 def _spelling(command: type, name: str) -> str:
     """How the command line writes the field `name`: its METAVAR or its --flag."""
-    if name in _positionals(command):
-        return _positionals(command)[name]
-    return "--" + name.replace("_", "-")
+    return _positionals(command).get(name, "--" + name.replace("_", "-"))
 
 
 POSITIONAL = object()
