@@ -88,8 +88,9 @@ def test_d_vit_is_d_model():
 def test_seed_document_groups():
     cfgs = build_configs(load_sweep(ROOT / "sweeps/parallel_groups.py"), {}, "x")
     groups = split_groups(cfgs)
-    assert [[c.train_data.layer for c in g.cfgs] for g in groups] == [[6, 6], [12, 12]]
-    assert [[c.lr for c in g.cfgs] for g in groups] == [[1e-4, 3e-4], [1e-4, 3e-4]]
+    assert [[r.train_hooks.layer for r in g.runs] for g in groups] == [[6, 6], [12, 12]]
+    assert [g.config.train_data.layer for g in groups] == [6, 12]
+    assert [[r.lr for r in g.runs] for g in groups] == [[1e-4, 3e-4], [1e-4, 3e-4]]
 
 
 def test_cli_beats_sweep_beats_defaults(tmp_path):
