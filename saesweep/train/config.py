@@ -1,4 +1,9 @@
-"""Training configs: frozen dataclasses whose field docstrings are train.py's --help."""
+"""Training configs: frozen dataclasses whose field docstrings are train.py's --help.
+
+Three levels: SweepConfig (one per sweep), GroupConfig (one per group: equal group configs
+share a group) and RunConfig (one per SAE). TrainConfig holds all their fields flat, as sweep
+files, flags and sweep.json spell them, and projects into the three.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ class HookChoice:
 
     @classmethod
     def of(cls, data: DataConfig) -> HookChoice:
-        return cls(data.hook, data.layer, data.target_hook, data.target_layer)
+        return cls(**_values(data, cls))
 
 
 @dataclass(frozen=True)
@@ -201,13 +206,17 @@ class RunConfig(RunFields):
     are not in the GroupConfig); from a store they are the group's, the same for every run."""
 
     train_hooks: HookChoice = HookChoice()
+    """The hooks it trains on (train_data's)."""
     val_hooks: HookChoice = HookChoice()
+    """The hooks it is evaluated on (val_data's; unset: the training hooks)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig(SweepConfig, GroupConfig, RunFields):
-    """One SAE's training run, as sweep files, flags and sweep.json spell it: every field of
-    the three levels (run, group, sweep) side by side."""
+    """One SAE's training run; a sweep file varies these fields. Run fields (lr, seed, tag,
+    sae, objective, schedule) may differ inside a group; group fields (data, steps, device,
+    processes, evaluation) split groups; sweep fields (runs_root, wandb, health, slurm, ray)
+    are one per sweep (docs/sweeps.md)."""
 
     @property
     def sweep_level(self) -> SweepConfig:
