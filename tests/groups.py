@@ -14,5 +14,5 @@ def group_trainer(
 ) -> GroupTrainer:
     """The trainer of `cfgs`, which form one group of one sweep."""
     (group,) = split_groups(cfgs)
-    settings = sweep_config(cfgs, "the test's")
-    return GroupTrainer(group.config, list(group.runs), run_dirs, state_dir, settings, **kwargs)
+    sweep_cfg = sweep_config(cfgs, "the test's")
+    return GroupTrainer(group.config, list(group.runs), run_dirs, state_dir, sweep_cfg, **kwargs)

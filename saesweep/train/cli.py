@@ -86,24 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         where = str(sweep_path or "defaults")
         cfgs = build_configs(sweep, overrides, where)
         name = sweep_path.stem if sweep_path else "single"
-    settings = sweep_config(cfgs, where)
+    sweep_cfg = sweep_config(cfgs, where)
     groups = split_groups(cfgs, command.max_parallel)
-    executor = executor_of(command, settings)
+    executor = executor_of(command, sweep_cfg)
     if command.dry_run:
-        print_plan(groups, len(cfgs), executor, settings.slurm)
-        check_plan(groups, executor, settings.slurm)
+        print_plan(groups, len(cfgs), executor, sweep_cfg.slurm)
+        check_plan(groups, executor, sweep_cfg.slurm)
         return 0
-    slurms = check_groups(executor, groups, settings)
-    sweep_dir = create_sweep_dir(Path(settings.runs_root), name)
+    slurms = check_groups(executor, groups, sweep_cfg)
+    sweep_dir = create_sweep_dir(Path(sweep_cfg.runs_root), name)
     write_sweep_json(sweep_dir, cfgs, groups, argv)
-    return run(sweep_dir, groups, executor, slurms, settings)
+    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help, --dry-run
+
+    return run_sweep(sweep_dir, groups, executor, slurms, sweep_cfg)
 
 
 def resume(command: TrainCommand) -> int:
     """Continue the unfinished groups of a sweep directory from their saved state."""
     sweep_dir = Path(command.resume)
     cfgs = load_sweep_configs(sweep_dir, {})
-    settings = sweep_config(cfgs, str(sweep_dir / "sweep.json"))
+    sweep_cfg = sweep_config(cfgs, str(sweep_dir / "sweep.json"))
     groups = split_groups(cfgs, command.max_parallel)
     unfinished = [g for g in groups if not group_finished(sweep_dir, g)]
     if not unfinished:
@@ -111,44 +113,34 @@ def resume(command: TrainCommand) -> int:
         return 0
     for group in unfinished:
         check_not_running(sweep_dir, group)
-    executor = executor_of(command, settings)
-    slurms = check_groups(executor, unfinished, settings)
-    return run(sweep_dir, unfinished, executor, slurms, settings)
+    executor = executor_of(command, sweep_cfg)
+    slurms = check_groups(executor, unfinished, sweep_cfg)
+    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help
+
+    return run_sweep(sweep_dir, unfinished, executor, slurms, sweep_cfg)
 
 
-def executor_of(command: TrainCommand, settings: SweepConfig) -> str:
-    return command.executor or ("slurm" if settings.slurm.acct else "local")
+def executor_of(command: TrainCommand, sweep_cfg: SweepConfig) -> str:
+    return command.executor or ("slurm" if sweep_cfg.slurm.acct else "local")
 
 
-def run(
-    sweep_dir: Path,
-    groups: list[Group],
-    executor: str,
-    slurms: list[SlurmConfig],
-    settings: SweepConfig,
-) -> int:
-    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help, --dry-run
-
-    return run_sweep(sweep_dir, groups, executor, slurms, settings)
-
-
-def check_groups(executor: str, groups: list[Group], settings: SweepConfig) -> list[SlurmConfig]:
+def check_groups(executor: str, groups: list[Group], sweep_cfg: SweepConfig) -> list[SlurmConfig]:
     """Check every group before any job starts (device, data, shapes; memory where it runs
     here); each group's Slurm request."""
     check_caches(groups)
-    node_cpus = largest_node_cpus(executor, settings.slurm, settings.ray)
+    node_cpus = largest_node_cpus(executor, sweep_cfg.slurm, sweep_cfg.ray)
     slurms = []
     for group in groups:
         config = group.config
         if executor not in CLUSTERS:
             check_local_device(config)
-        check_processes(group, executor, settings.slurm)
+        check_processes(group, executor, sweep_cfg.slurm)
         ensure_data(config)
         d_model = check_data(group)
         if executor not in CLUSTERS and d_model is not None:
             device = resolve_device(config.device)
             check_fits([r.sae for r in group.runs], d_model, config.batch_size, device)
-        slurms.append(slurm_request(group, settings.slurm, d_model, node_cpus))
+        slurms.append(slurm_request(group, sweep_cfg.slurm, d_model, node_cpus))
     return slurms
 
 

@@ -23,8 +23,8 @@ class GroupJob(submitit.helpers.Checkpointable):
     resumes from its last saved state (written every ckpt_every steps). SIGINT (and SIGTERM
     outside Slurm) stops it with Interrupted, its state committed (interrupt.stop_signals)."""
 
-    def __init__(self, sweep_dir: Path, settings: SweepConfig):
-        self.sweep_dir, self.settings = sweep_dir, settings
+    def __init__(self, sweep_dir: Path, sweep_cfg: SweepConfig):
+        self.sweep_dir, self.sweep_cfg = sweep_dir, sweep_cfg
 
     def __call__(self, group: Group) -> list[dict]:
         """Train the group (as one of its procs_per_group processes: rank 0 holds its lock,
@@ -44,7 +44,7 @@ class GroupJob(submitit.helpers.Checkpointable):
                     list(group.runs),
                     dirs,
                     state_dir(self.sweep_dir, group.index),
-                    self.settings,
+                    self.sweep_cfg,
                     self.sweep_dir.name,
                     group.index,
                     world,

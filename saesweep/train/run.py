@@ -24,7 +24,7 @@ def run_sweep(
     groups: list[Group],
     executor: str,
     slurms: list[SlurmConfig],
-    settings: SweepConfig,
+    sweep_cfg: SweepConfig,
 ) -> int:
     """Run every group (`slurms`: each group's resolved request), then the report.
     Exit status: 0 when every group finished; 2 when a group stopped on the user's input (a
@@ -35,7 +35,7 @@ def run_sweep(
     try:
         with raising():
             outcomes = run_groups(
-                GroupJob(sweep_dir, settings),
+                GroupJob(sweep_dir, sweep_cfg),
                 groups,
                 executor=executor,
                 log_dir=sweep_dir / "logs",
@@ -43,7 +43,7 @@ def run_sweep(
                 poll_s=2.0,
                 tasks=[g.config.procs_per_group for g in groups],
                 report=ProgressReport(sweep_dir, groups),
-                ray=settings.ray,
+                ray=sweep_cfg.ray,
             )
     except KeyboardInterrupt as stop:
         if executor == "slurm":
@@ -58,7 +58,7 @@ def run_sweep(
     reasons = [failure_reason(o) for o in failed]
     stopped = [interrupt_status(r) for r in reasons]
     if not any(stopped):
-        write_report(sweep_dir, health=settings.health)
+        write_report(sweep_dir, health=sweep_cfg.health)
     for o, reason, status in zip(failed, reasons, stopped, strict=True):
         if status is None:
             print(f"group {o.index} failed: {reason}\n  logs: {o.stdout} {o.stderr}")

@@ -69,7 +69,7 @@ class Stack:
 
 class GroupTrainer:
     """Trains one group: `cfg` is the group's config, `runs` each SAE's (with `run_dirs`),
-    `settings` the sweep's (wandb, and the flat config each run's cfg.json records)."""
+    `sweep_cfg` the sweep's (wandb, and the flat config each run's cfg.json records)."""
 
     def __init__(
         self,
@@ -77,7 +77,7 @@ class GroupTrainer:
         runs: list[RunConfig],
         run_dirs: list[Path],
         state_dir: Path,
-        settings: SweepConfig,
+        sweep_cfg: SweepConfig,
         sweep_name: str = "sweep",
         group_index: int = 0,
         world: World | None = None,
@@ -85,7 +85,7 @@ class GroupTrainer:
         self.world = world or World(device=resolve_device(cfg.device))
         self.cfg = cfg = dataclasses.replace(cfg, device=self.world.device)
         self.runs, self.run_dirs, self.state_dir = runs, run_dirs, state_dir
-        self.settings, self.sweep_name, self.group_index = settings, sweep_name, group_index
+        self.sweep_cfg, self.sweep_name, self.group_index = sweep_cfg, sweep_name, group_index
         self.source = self._open_source()
         self.total_steps = cfg.total_steps
         self.d_in = self.source.d_model
@@ -222,15 +222,15 @@ class GroupTrainer:
         return bool(self.world.share(late if self.world.leader else None))
 
     def _run_log(self, i: int) -> RunLog:
-        run_dir, settings = self.run_dirs[i], self.settings
+        run_dir, sweep_cfg = self.run_dirs[i], self.sweep_cfg
         return RunLog(
             run_dir,
             run_dir.name,
             self._record(i),
             self.sweep_name,
             self.group_index,
-            settings.wandb_mode,
-            settings.wandb_project,
+            sweep_cfg.wandb_mode,
+            sweep_cfg.wandb_project,
             resumed_at=self.step,
         )
 
@@ -431,7 +431,7 @@ class GroupTrainer:
 
     def _record(self, i: int) -> TrainConfig:
         """Run i's flat config (its device resolved), as cfg.json and wandb record it."""
-        return TrainConfig.joined(self.settings, self.cfg, self.runs[i])
+        return TrainConfig.joined(self.sweep_cfg, self.cfg, self.runs[i])
 
     def save_state(self) -> None:
         """Each rank's tensors in its own file named by step, then one commit (rank 0's
