@@ -131,15 +131,15 @@ def check_groups(executor: str, groups: list[Group], sweep_cfg: SweepConfig) -> 
     node_cpus = largest_node_cpus(executor, sweep_cfg.slurm, sweep_cfg.ray)
     slurms = []
     for group in groups:
-        config = group.config
+        cfg = group.config
         if executor not in CLUSTERS:
-            check_local_device(config)
+            check_local_device(cfg)
         check_processes(group, executor, sweep_cfg.slurm)
-        ensure_data(config)
+        ensure_data(cfg)
         d_model = check_data(group)
         if executor not in CLUSTERS and d_model is not None:
-            device = resolve_device(config.device)
-            check_fits([r.sae for r in group.runs], d_model, config.batch_size, device)
+            device = resolve_device(cfg.device)
+            check_fits([r.sae for r in group.runs], d_model, cfg.batch_size, device)
         slurms.append(slurm_request(group, sweep_cfg.slurm, d_model, node_cpus))
     return slurms
 

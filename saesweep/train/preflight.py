@@ -37,12 +37,12 @@ evaluation."""
 def slurm_request(
     group: Group, slurm: SlurmConfig, d_model: int | None, node_cpus: int | None = None
 ) -> SlurmConfig:
-    """The sweep's Slurm config with the group's sizes resolved (docs/sweeps.md#slurm), also what it
-    asks Ray for: one GPU per process unless the device is 'cpu'; per process the reader's
-    threads plus two cores, at most its share of `node_cpus` (the largest node's, where
-    known); per node BASE_HOST_GB per process, plus two shuffle windows at 4 bytes a value,
-    plus the SAEs' training state when they train on the CPU (memory left to the partition's
-    default while d_model is unknown)."""
+    """The sweep's Slurm config `slurm` with the group's sizes resolved
+    (docs/sweeps.md#slurm), also what it asks Ray for: one GPU per process unless the device
+    is 'cpu'; per process the reader's threads plus two cores, at most its share of
+    `node_cpus` (the largest node's, where known); per node BASE_HOST_GB per process, plus
+    two shuffle windows at 4 bytes a value, plus the SAEs' training state when they train on
+    the CPU (memory left to the partition's default while d_model is unknown)."""
     cfg = group.config
     procs_per_node = max(1, cfg.procs_per_group // slurm.nodes_per_group)
     gpus = slurm.gpus_per_group

@@ -161,7 +161,7 @@ class StoreSource:
 
 class LiveSource:
     """The model of the collection config `train_data.collect`, hooked at every hook the
-    group's configs read (transcoders' targets are just more hooks); one forward pass per
+    group's runs read (transcoders' targets are just more hooks); one forward pass per
     batch of sequences feeds all of them. It serves the group's ceil(n_train / batch_size)
     batches; with `train_data.cache_to` it also writes the training sequences it computes
     there as a collection, complete once the text's first epoch or the training ends."""
