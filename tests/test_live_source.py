@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from safetensors.torch import load_file
 from test_collect import by_token, read_hook, small
 from test_train import CPU_PARTITION, last_commit, run_train, weights
@@ -29,7 +30,6 @@ from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.sweep import split_groups
-from saesweep.train.trainer import GroupTrainer
 
 HOOKS = {"resid.1": "encoder.layer.1", "resid.3": "encoder.layer.3"}
 
@@ -206,11 +206,11 @@ def test_one_forward_pass_feeds_saes_on_three_layers(config, tmp_path):
     )
     cfgs = [live_cfg(toml, layer, 10 + layer) for layer in (1, 2, 3)]
     (group,) = split_groups(cfgs)
-    assert len(group.cfgs) == 3, "hook and layer do not split a live group"
-    together = GroupTrainer(cfgs, [tmp_path / f"g{i}" for i in range(3)], tmp_path / "gs").train()
+    assert len(group.runs) == 3, "hook and layer do not split a live group"
+    together = group_trainer(cfgs, [tmp_path / f"g{i}" for i in range(3)], tmp_path / "gs").train()
     assert [m["tokens_seen"] for m in together] == [2048] * 3
     for i, cfg in enumerate(cfgs):
-        (alone,) = GroupTrainer([cfg], [tmp_path / f"a{i}"], tmp_path / f"as{i}").train()
+        (alone,) = group_trainer([cfg], [tmp_path / f"a{i}"], tmp_path / f"as{i}").train()
         assert alone["fvu"] == together[i]["fvu"]
         want = load_file(str(tmp_path / f"g{i}" / "sae_weights.safetensors"))
         got = load_file(str(tmp_path / f"a{i}" / "sae_weights.safetensors"))
@@ -230,7 +230,7 @@ def test_a_live_groups_downstream_and_absorption_run_on_its_held_out_documents(c
     )
     lenient = AbsorptionConfig(n_tokens=128, min_probe_f1=0.0, min_true_positives=1, max_k=3)
     cfg = dataclasses.replace(live_cfg(toml, 3, 0), downstream_sequences=6, absorption=lenient)
-    (metrics,) = GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
+    (metrics,) = group_trainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
     assert metrics["downstream_split"] == "val"
     assert metrics["downstream_sequences"] == 6
     assert 0 < metrics["final_recovered"] < 1
