@@ -19,12 +19,11 @@ import torch
 from saesweep.collect.config import CollectConfig, load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
-from saesweep.data.reader import Reader, check_same_tokens
+from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import HeldOutTokens, LabelledTokens, stored_tokens
 from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text_from_config
-from saesweep.format.manifest import find_hook
-from saesweep.store import open_store
+from saesweep.format.collection import Collection
 from saesweep.train.config import DataConfig, TrainConfig
 
 NORM_SAMPLE_TOKENS = 1 << 15
@@ -63,27 +62,27 @@ def target_spec(data: DataConfig) -> str | None:
     return f"resid.{data.target_layer}" if data.target_layer is not None else None
 
 
-def store_hooks(data: DataConfig) -> tuple[dict, dict | None]:
-    """(metadata of the input hook, of the target hook or None) in the collection at data.uri;
-    a target that is the input hook or stores other tokens is refused."""
-    store = open_store(data.uri, data.anonymous)
-    meta = find_hook(store, data.hook, data.layer)
+def store_hooks(collection: Collection, data: DataConfig) -> tuple[dict, dict | None]:
+    """(metadata of the input hook, of the target hook or None) that `data` names in
+    `collection`; a target that is the input hook or stores other tokens is refused."""
+    meta = collection.hook(data.hook, data.layer)
     if data.target_hook is None and data.target_layer is None:
         return meta, None
-    target = find_hook(store, data.target_hook, data.target_layer)
+    target = collection.hook(data.target_hook, data.target_layer)
     if target["hook"] == meta["hook"]:
         raise UserError(
             f"the target hook {target['hook']} is the input hook; leave target_hook and "
             "target_layer unset for an ordinary SAE"
         )
-    check_same_tokens(data.uri, meta, target)
+    collection.check_same_tokens(meta, target)
     return meta, target
 
 
 def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
-    meta, target = store_hooks(data)
+    collection = Collection.open(data.uri, data.anonymous)
+    meta, target = store_hooks(collection, data)
     return Reader(
-        data.uri,
+        collection,
         hook=meta["hook"],
         extra_hooks=[target["hook"]] if target else [],
         batch_size=cfg.batch_size,
