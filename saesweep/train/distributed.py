@@ -18,9 +18,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from saesweep.evaluate.absorption import HeldOutTokens
+from saesweep.evaluate.downstream import HeldOutText
 from saesweep.ray_jobs import CPUS_ENV, RENDEZVOUS_ENV
 from saesweep.sae.base import LossResult, total_variance
 from saesweep.train.config import TrainConfig
+from saesweep.train.sources import TrainingSource, source_class
 
 Mode = Literal["sae", "data"]
 
@@ -138,11 +141,12 @@ def assign_runs(widths: list[int], d_in: int, size: int) -> list[list[int]]:
 
 
 class SharedSource:
-    """A group's data source read by rank 0 and seen by every rank: its description once,
-    then each batch (all hooks stacked, [hooks, rows, d]) by broadcast."""
+    """A group's data source read by rank 0 and seen by every rank (a TrainingSource): its
+    description once, then each batch (all hooks stacked, [hooks, rows, d]) by broadcast.
+    Held-out text and tokens need no source: each rank prepares its own."""
 
-    def __init__(self, world: World, inner, cfgs: list[TrainConfig]):
-        self.world, self.inner = world, inner
+    def __init__(self, world: World, inner: TrainingSource | None, cfgs: list[TrainConfig]):
+        self.world, self.inner, self.cfg = world, inner, cfgs[0]
         described = None
         if world.leader:
             described = {
@@ -152,10 +156,12 @@ class SharedSource:
                 "hook_by_config": [inner.hook_of(c) for c in cfgs],
                 "target_by_config": [inner.target_of(c) for c in cfgs],
                 "scales": {h: inner.norm_scale(h) for h in inner.hooks.values()},
+                "widths": {h: inner.width(h) for h in inner.hooks.values()},
             }
         described = world.share(described)
         self.d_model, self.model_name = described["d_model"], described["model_name"]
         self.hooks, self.scales = described["hooks"], described["scales"]
+        self.widths = described["widths"]
         self._hook_by_config = dict(zip(cfgs, described["hook_by_config"], strict=True))
         self._target_by_config = dict(zip(cfgs, described["target_by_config"], strict=True))
         self.paths = sorted(self.scales)
@@ -165,6 +171,9 @@ class SharedSource:
 
     def target_of(self, cfg: TrainConfig) -> str:
         return self._target_by_config[cfg]
+
+    def width(self, hook: str) -> int:
+        return self.widths[hook]
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]
@@ -200,35 +209,24 @@ class SharedSource:
     def figures(self) -> dict[str, float]:
         return self.inner.figures() if self.world.leader else {}
 
-    def held_out(self, n_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Up to n_tokens held-out tokens, read by rank 0, on every rank, as held_out_tensors
-        gives them. In data mode only rank 0 evaluates, and nothing is broadcast."""
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """Read by rank 0, on every rank. In data mode only rank 0 evaluates, and nothing is
+        broadcast."""
         if self.world.mode == "data":
-            return held_out_tensors(self.inner, n_tokens, batch_size)
+            return self.inner.held_out_activations(n_tokens, batch_size)
         stacked = None
         if self.world.leader:
-            (whole,) = held_out_tensors(self.inner, n_tokens, None)
+            (whole,) = self.inner.held_out_activations(n_tokens, None)
             stacked = torch.stack([whole[p] for p in self.paths])
         stacked = self._broadcast_rows(stacked)
-        return [
-            dict(zip(self.paths, part, strict=True)) for part in stacked.split(batch_size, dim=1)
-        ]
+        parts = stacked.split(batch_size, dim=1) if batch_size else [stacked]
+        return [dict(zip(self.paths, part, strict=True)) for part in parts]
 
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        return source_class(self.cfg).text_for(self.cfg, hooks, n_sequences)
 
-def held_out_tensors(source, n_tokens: int, batch_size: int | None) -> list[dict]:
-    """Up to n_tokens of `source`'s held-out batches ({hook: acts}, rows the same tokens in
-    every hook), in memory: batches of batch_size (None: one batch)."""
-    kept, tokens = [], 0
-    for batch in source.held_out():
-        kept.append({h: acts[: n_tokens - tokens].clone() for h, acts in batch.items()})
-        tokens += len(next(iter(kept[-1].values())))
-        if tokens >= n_tokens:
-            break
-    whole = {h: torch.cat([b[h] for b in kept]) for h in kept[0]}
-    if batch_size is None:
-        return [whole]
-    parts = {h: acts.split(batch_size) for h, acts in whole.items()}
-    return [dict(zip(parts, chunk, strict=True)) for chunk in zip(*parts.values(), strict=True)]
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        return source_class(self.cfg).tokens_for(self.cfg)
 
 
 class DataParallelSync:

@@ -1,10 +1,13 @@
-"""A group's data source as the trainer sees it: batches of every hook the group reads.
+"""A group's data source as the trainer sees it (TrainingSource): batches of every hook the
+group reads, and its held-out activations, text and tokens.
 
 `store`: the Reader over a collection (one input hook per group, and the target hook of its
 transcoders, in lockstep). `model`: collect.source's ModelSource, one forward pass per batch
 for every hook of the group, targets included. Both yield {hook: [batch, d] float32 on the
 group's device} and know each hook's input scale (normalize 'norm': E||x|| = sqrt(d)), their
-position (for resume) and their held-out data (batches of the same dicts).
+position (for resume) and their held-out data (batches of the same dicts, the model and
+sequences of downstream fidelity, the labelled tokens of absorption). train.distributed's
+SharedSource serves either to every process of a group.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -32,6 +36,49 @@ stored tokens of the training text."""
 LIVE_ABSORPTION_TOKEN_FACTOR = 2
 """With source 'model', absorption reads the first absorption.n_tokens x this many tokens of
 the held-out documents (77 % of the demo text's tokens are alphabetic)."""
+
+
+class TrainingSource(Protocol):
+    """What the trainer reads a group's data through."""
+
+    d_model: int
+    model_name: str
+    hooks: dict[str, str]
+    """Hook spec (as configs name it) -> module path, transcoders' targets included."""
+
+    def hook_of(self, cfg: TrainConfig) -> str:
+        """The module path a config's SAE reads."""
+
+    def target_of(self, cfg: TrainConfig) -> str:
+        """The module path a config's SAE reconstructs (its input hook) or predicts."""
+
+    def width(self, hook: str) -> int:
+        """The width of a served hook (a module path)."""
+
+    def norm_scale(self, hook: str) -> float:
+        """The factor that brings a hook's mean L2 norm per token to sqrt(its width)."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches {module path: [batch, d] float32}, from the current position."""
+
+    def state_dict(self) -> dict:
+        """The position after the last batch served (for resume)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position `state_dict` gave."""
+
+    def figures(self) -> dict[str, float]:
+        """Live figures for logging."""
+
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """Up to n_tokens held-out tokens ({module path: acts}, every hook's rows the same
+        tokens) in memory, in batches of batch_size (None: one batch)."""
+
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        """The model and held-out sequences downstream fidelity runs on, for `hooks`."""
+
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        """The labelled held-out tokens absorption runs on, and what its results record."""
 
 
 def hook_spec(data: DataConfig) -> str | None:
@@ -105,8 +152,8 @@ class StoreSource:
     """The Reader over one hook of a collection (and its transcoders' target hook, in
     lockstep), repeated to n_train tokens."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfgs: list[TrainConfig]):
+        cfg = self.cfg = cfgs[0]
         self.reader = open_reader(cfg.train_data, cfg, train=True)
         usable = len(self.reader) * cfg.batch_size
         if usable == 0:
@@ -147,15 +194,37 @@ class StoreSource:
     def figures(self) -> dict[str, float]:
         return self.reader.figures()
 
-    def held_out(self) -> Iterable[dict[str, torch.Tensor]]:
-        """Held-out batches (evaluation reads up to n_val tokens): val_data, by default the
-        train collection's last shard, its hooks those of train_data unless set."""
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """From val_data, by default the train collection's last shard, its hooks those of
+        train_data unless set."""
         cfg = self.cfg
         batch = min(cfg.batch_size, cfg.n_val)
         val = open_reader(cfg.held_out_data, dataclasses.replace(cfg, batch_size=batch), False)
         # named after the training hooks, which the stacks know (val may read other ones)
         names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
-        return ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
+        batches = ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
+        return keep_tokens(batches, n_tokens, batch_size)
+
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        return self.text_for(self.cfg, hooks, n_sequences)
+
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        return self.tokens_for(self.cfg)
+
+    @staticmethod
+    def text_for(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
+        """held_out_text of a store config: its held-out shards (no source needed)."""
+        data = cfg.held_out_data
+        return text_from_collection(
+            data.uri, hooks, n_sequences, cfg.device, shards=data.shards, anonymous=data.anonymous
+        )
+
+    @staticmethod
+    def tokens_for(cfg: TrainConfig) -> tuple[HeldOutTokens, dict]:
+        """held_out_tokens of a store config: its held-out shards (no source needed)."""
+        data = cfg.held_out_data
+        tokens = stored_tokens(data.uri, data.shards, data.anonymous)
+        return tokens, {"absorption_shards": data.shards}
 
 
 class LiveSource:
@@ -235,22 +304,40 @@ class LiveSource:
     def figures(self) -> dict[str, float]:
         return {}
 
-    def held_out(self) -> list[dict[str, torch.Tensor]]:
-        """Up to n_val tokens of the held-out documents, every hook from the same forward
-        passes."""
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """From the held-out documents, every hook from the same forward passes."""
+        return keep_tokens(self._held_out_batches(), n_tokens, batch_size)
+
+    def _held_out_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Up to n_val tokens of the held-out documents (their first epoch)."""
         cfg = self.cfg
         val = ModelSource(
             self.collect_cfg, list(self.hooks), min(cfg.batch_size, cfg.n_val), cfg.n_val, 0, "val"
         )
-        out, tokens = [], 0
+        tokens = 0
         for batch, pos in val.batches():
             if pos.epoch > 0:
-                break
-            out.append({path: batch.acts[spec].float() for spec, path in self.hooks.items()})
+                return
+            yield {path: batch.acts[spec].float() for spec, path in self.hooks.items()}
             tokens += len(batch.token_ids)
             if tokens >= cfg.n_val:
-                break
-        return out
+                return
+
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        return self.text_for(self.cfg, hooks, n_sequences)
+
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        return self.tokens_for(self.cfg)
+
+    @staticmethod
+    def text_for(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
+        """held_out_text of a live config: its held-out documents (no source needed)."""
+        return text_from_config(live_collect_config(cfg), hooks, n_sequences, cfg.device)
+
+    @staticmethod
+    def tokens_for(cfg: TrainConfig) -> tuple[HeldOutTokens, dict]:
+        """held_out_tokens of a live config: its held-out documents, computed when asked."""
+        return _live_tokens(cfg), {"absorption_split": "val"}
 
 
 def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
@@ -263,28 +350,6 @@ def live_collect_config(cfg: TrainConfig) -> CollectConfig:
     """The collection config a live source runs (train_data.collect), on the group's device."""
     collect_cfg = load_toml(Path(cfg.train_data.collect))
     return dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
-
-
-def held_out_text(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
-    """The model and held-out sequences downstream fidelity runs on for a group reading
-    `hooks` (module paths): the held-out documents of a live source, the held-out shards of
-    a store. Any rank can prepare it (it needs no source)."""
-    if cfg.train_data.source == "model":
-        return text_from_config(live_collect_config(cfg), hooks, n_sequences, cfg.device)
-    data = cfg.held_out_data
-    return text_from_collection(
-        data.uri, hooks, n_sequences, cfg.device, shards=data.shards, anonymous=data.anonymous
-    )
-
-
-def held_out_tokens(cfg: TrainConfig) -> tuple[HeldOutTokens, dict]:
-    """The labelled held-out tokens absorption runs on and what its results record of them:
-    the held-out documents of a live source (computed when asked), the held-out shards of a
-    store."""
-    if cfg.train_data.source == "model":
-        return _live_tokens(cfg), {"absorption_split": "val"}
-    data = cfg.held_out_data
-    return stored_tokens(data.uri, data.shards, data.anonymous), {"absorption_shards": data.shards}
 
 
 def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
@@ -300,7 +365,28 @@ def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
     return compute
 
 
-def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:
-    if cfgs[0].train_data.source == "model":
-        return LiveSource(cfgs)
-    return StoreSource(cfgs[0])
+def source_class(cfg: TrainConfig) -> type[StoreSource] | type[LiveSource]:
+    """The source a config's train_data.source names."""
+    return LiveSource if cfg.train_data.source == "model" else StoreSource
+
+
+def open_source(cfgs: list[TrainConfig]) -> TrainingSource:
+    return source_class(cfgs[0])(cfgs)
+
+
+def keep_tokens(
+    batches: Iterable[dict[str, torch.Tensor]], n_tokens: int, batch_size: int | None
+) -> list[dict]:
+    """Up to n_tokens of `batches` ({hook: acts}, rows the same tokens in every hook), in
+    memory: batches of batch_size (None: one batch)."""
+    kept, tokens = [], 0
+    for batch in batches:
+        kept.append({h: acts[: n_tokens - tokens].clone() for h, acts in batch.items()})
+        tokens += len(next(iter(kept[-1].values())))
+        if tokens >= n_tokens:
+            break
+    whole = {h: torch.cat([b[h] for b in kept]) for h in kept[0]}
+    if batch_size is None:
+        return [whole]
+    parts = {h: acts.split(batch_size) for h, acts in whole.items()}
+    return [dict(zip(parts, chunk, strict=True)) for chunk in zip(*parts.values(), strict=True)]

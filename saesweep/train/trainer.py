@@ -40,11 +40,10 @@ from saesweep.train.distributed import (
     World,
     assign_runs,
     data_slice,
-    held_out_tensors,
 )
 from saesweep.train.progress import ProgressWriter
 from saesweep.train.runlog import RunLog
-from saesweep.train.sources import held_out_text, held_out_tokens, open_source
+from saesweep.train.sources import TrainingSource, open_source
 
 SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
 """metrics.json keys left out of the wandb summary."""
@@ -106,7 +105,7 @@ class GroupTrainer:
         self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
         self.started = self.last_save = time.perf_counter()
 
-    def _open_source(self):
+    def _open_source(self) -> TrainingSource:
         """The group's source; with several processes, rank 0's shared with every rank."""
         if self.world.size == 1:
             return open_source(self.cfgs)
@@ -308,7 +307,7 @@ class GroupTrainer:
                 cfg = self.cfgs[0]
                 hooks = sorted({self.source.hook_of(c) for c in self.cfgs})
                 n = max(cfg.downstream_sequences, cfg.eval_downstream_sequences)
-                self.held_out_text = held_out_text(cfg, hooks, n)
+                self.held_out_text = self.source.held_out_text(hooks, n)
             return measure(self.held_out_text, saes, n_sequences)
         except UserError as err:
             print(f"warning: downstream fidelity {when} skipped: {err}")
@@ -320,10 +319,7 @@ class GroupTrainer:
         if self.held_out_batches is None:
             cfg = self.cfgs[0]
             batch = min(cfg.batch_size, cfg.n_val)
-            if isinstance(self.source, SharedSource):
-                self.held_out_batches = self.source.held_out(cfg.n_val, batch)
-            else:
-                self.held_out_batches = held_out_tensors(self.source, cfg.n_val, batch)
+            self.held_out_batches = self.source.held_out_activations(cfg.n_val, batch)
         return self.held_out_batches
 
     def _evaluate(self, held_out) -> dict[int, dict]:
@@ -378,7 +374,7 @@ class GroupTrainer:
         cfg = self.cfgs[0]
         if cfg.absorption.n_tokens <= 0:
             return [not_measured("turned off: absorption.n_tokens is 0")] * len(self.run_dirs)
-        tokens, recorded = held_out_tokens(cfg)
+        tokens, recorded = self.source.held_out_tokens()
         try:
             return absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
         except UserError as err:
