@@ -228,7 +228,7 @@ def held_out(args: argparse.Namespace) -> tuple[StoreSource, torch.Tensor, float
     source = StoreSource([cfg])
     hook = source.reader.hook
     acts = source.held_out_activations(cfg.n_val, None)[0][hook]
-    return source, acts, source.norm_scale(hook)
+    return source, acts, source.normalizer.scales[hook]
 
 
 def export(args: argparse.Namespace, work: Path) -> tuple[Path, torch.Tensor, float]:

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from saesweep.data.normalizer import Normalizer
 from saesweep.data.order import shard_order, token_permutation, windows
 from saesweep.data.pipeline import Fetched, Pipeline
 from saesweep.data.window import BatchBuffers, Window
@@ -131,7 +132,8 @@ class Reader:
         self.s3_connections, self.retry_s = s3_connections, retry_s
         if not self.collection.store.maps_objects:
             self._check_arena_fits()
-        self.normalization = self._normalization(normalize)
+        self.normalizer = self._normalizer(normalize)
+        """The scales applied to every batch (normalize='norm'), else None."""
         self.epoch, self.tokens_in_epoch = 0, 0
         self.corrupt_skipped: list[str] = []
         self.wait_s = 0.0
@@ -153,18 +155,18 @@ class Reader:
                 f"{free / 1e9:.1f} GB are available; lower shuffle_tokens or prefetch_shards"
             )
 
-    def _normalization(self, normalize: str | None) -> dict | None:
+    def _normalizer(self, normalize: str | None) -> Normalizer | None:
         if normalize is None:
             return None
         if normalize != "norm":
             raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
-        return {"kind": "norm", "scales": {h.hook: self.norm_scale(h.hook) for h in self.hooks}}
+        return Normalizer.from_statistics(self.collection, self.hooks)
 
     def norm_scale(self, hook: str | None = None) -> float:
         """The factor that brings a served hook's mean L2 norm per token (default `hook`'s) to
         sqrt(its d_model), from statistics.json (normalize='norm')."""
         data = next(h for h in self.hooks if h.hook == (hook or self.hook))
-        return math.sqrt(data.d_model) / self.collection.statistics(data.hook)["mean_norm"]
+        return Normalizer.from_statistics(self.collection, [data]).scales[data.hook]
 
     def __len__(self) -> int:
         per_epoch = self.n_tokens / self.batch_size
@@ -252,8 +254,8 @@ class Reader:
         out = []
         for h, stored in enumerate(hook_acts):
             acts = self._decode(stored, decoded[h])
-            if self.normalization:
-                acts = acts.mul_(self.normalization["scales"][self.hooks[h].hook])
+            if self.normalizer:
+                acts = self.normalizer.scale_(self.hooks[h].hook, acts)
             out.append(acts)
         acts = {h.hook: a for h, a in zip(self.hooks, out, strict=True)}
         acts = acts if self.serves_dicts else out[0]

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from saesweep.data.normalizer import Normalizer
 from saesweep.evaluate.absorption import HeldOutTokens
 from saesweep.evaluate.downstream import HeldOutText
 from saesweep.ray_jobs import CPUS_ENV, RENDEZVOUS_ENV
@@ -155,16 +156,16 @@ class SharedSource:
                 "hooks": inner.hooks,
                 "hook_by_config": [inner.hook_of(c) for c in cfgs],
                 "target_by_config": [inner.target_of(c) for c in cfgs],
-                "scales": {h: inner.norm_scale(h) for h in inner.hooks.values()},
+                "scales": inner.normalizer.scales,
                 "widths": {h: inner.width(h) for h in inner.hooks.values()},
             }
         described = world.share(described)
         self.d_model, self.model_name = described["d_model"], described["model_name"]
-        self.hooks, self.scales = described["hooks"], described["scales"]
-        self.widths = described["widths"]
+        self.hooks, self.widths = described["hooks"], described["widths"]
+        self.normalizer = Normalizer(described["scales"])
         self._hook_by_config = dict(zip(cfgs, described["hook_by_config"], strict=True))
         self._target_by_config = dict(zip(cfgs, described["target_by_config"], strict=True))
-        self.paths = sorted(self.scales)
+        self.paths = sorted(self.widths)
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self._hook_by_config[cfg]
@@ -174,9 +175,6 @@ class SharedSource:
 
     def width(self, hook: str) -> int:
         return self.widths[hook]
-
-    def norm_scale(self, hook: str) -> float:
-        return self.scales[hook]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = iter(self.inner) if self.world.leader else None

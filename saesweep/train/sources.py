@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +23,7 @@ import torch
 from saesweep.collect.config import CollectConfig, load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
+from saesweep.data.normalizer import SAMPLE_TOKENS, Normalizer
 from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import HeldOutTokens, LabelledTokens, stored_tokens
@@ -30,9 +31,6 @@ from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text
 from saesweep.format.collection import Collection
 from saesweep.train.config import DataConfig, TrainConfig
 
-NORM_SAMPLE_TOKENS = 1 << 15
-"""With source 'model', the input scale is estimated from the first NORM_SAMPLE_TOKENS
-stored tokens of the training text."""
 LIVE_ABSORPTION_TOKEN_FACTOR = 2
 """With source 'model', absorption reads the first absorption.n_tokens x this many tokens of
 the held-out documents (77 % of the demo text's tokens are alphabetic)."""
@@ -45,6 +43,8 @@ class TrainingSource(Protocol):
     model_name: str
     hooks: dict[str, str]
     """Hook spec (as configs name it) -> module path, transcoders' targets included."""
+    normalizer: Normalizer
+    """The input scale of every served hook the group trains with (train_data.normalize)."""
 
     def hook_of(self, cfg: TrainConfig) -> str:
         """The module path a config's SAE reads."""
@@ -54,9 +54,6 @@ class TrainingSource(Protocol):
 
     def width(self, hook: str) -> int:
         """The width of a served hook (a module path)."""
-
-    def norm_scale(self, hook: str) -> float:
-        """The factor that brings a hook's mean L2 norm per token to sqrt(its width)."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches {module path: [batch, d] float32}, from the current position."""
@@ -168,6 +165,11 @@ class StoreSource:
         self.target = self.reader.hooks[1].hook if len(self.reader.hooks) > 1 else None
         if self.target is not None:
             self.hooks[target_spec(cfg.train_data)] = self.target
+        self.normalizer = chosen_normalizer(
+            cfg,
+            self.hooks.values(),
+            lambda: Normalizer.from_statistics(self.reader.collection, self.reader.hooks),
+        )
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self.reader.hook
@@ -178,9 +180,6 @@ class StoreSource:
 
     def width(self, hook: str) -> int:
         return next(h.d_model for h in self.reader.hooks if h.hook == hook)
-
-    def norm_scale(self, hook: str) -> float:
-        return self.reader.norm_scale(hook)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return _dicts(self.reader)
@@ -258,7 +257,7 @@ class LiveSource:
                     f"the target hook {self.hook_of(c)} is the input hook; leave target_hook "
                     "and target_layer unset for an ordinary SAE"
                 )
-        self.scales = self._norm_scales()
+        self.normalizer = chosen_normalizer(cfg, self.hooks.values(), self._sampled_normalizer)
 
     def hook_of(self, cfg: TrainConfig) -> str:
         return self.hooks[live_input(cfg, self.collect_cfg)]
@@ -271,15 +270,9 @@ class LiveSource:
     def width(self, hook: str) -> int:
         return self.d_model
 
-    def norm_scale(self, hook: str) -> float:
-        return self.scales[hook]
-
-    def _norm_scales(self) -> dict[str, float]:
-        sample = self.source.first_tokens(NORM_SAMPLE_TOKENS)
-        return {
-            path: math.sqrt(self.d_model) / float(sample[spec].float().norm(dim=1).mean())
-            for spec, path in self.hooks.items()
-        }
+    def _sampled_normalizer(self) -> Normalizer:
+        sample = self.source.first_tokens(SAMPLE_TOKENS)
+        return Normalizer.from_sample({path: sample[spec] for spec, path in self.hooks.items()})
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch, position in self.source.batches(self.position, self.n_batches - self.served):
@@ -363,6 +356,14 @@ def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
             yield hook, LabelledTokens(acts, window.token_ids, source.tokenizer)
 
     return compute
+
+
+def chosen_normalizer(
+    cfg: TrainConfig, hooks: Iterable[str], estimate: Callable[[], Normalizer]
+) -> Normalizer:
+    """The normalizer train_data.normalize chooses: 'norm' estimates the scales, 'none' is 1
+    for every hook."""
+    return estimate() if cfg.train_data.normalize == "norm" else Normalizer.unit(hooks)
 
 
 def source_class(cfg: TrainConfig) -> type[StoreSource] | type[LiveSource]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saesweep.data.normalizer import Normalizer
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import absorption_of, not_measured
 from saesweep.evaluate.downstream import HeldOutText, load_run, measure
@@ -84,10 +85,7 @@ class GroupTrainer:
         self.source = self._open_source()
         self.total_steps = first.total_steps
         self.d_in = self.source.d_model
-        self.scales = {
-            hook: self.source.norm_scale(hook) if first.train_data.normalize == "norm" else 1.0
-            for hook in self.source.hooks.values()
-        }
+        self.normalizer = self.source.normalizer
         self._check_d_model()
         self.trained = self._runs_of_this_rank()
         """Indices of the runs this process trains."""
@@ -176,7 +174,7 @@ class GroupTrainer:
             for acts in self.source:
                 if self.step >= self.total_steps:
                     break
-                x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
+                x = self.normalizer(acts)
                 if fresh:
                     for stack in self.stacks:
                         stack.sae.init_b_dec(x[stack.target])
@@ -325,7 +323,7 @@ class GroupTrainer:
     def _evaluate(self, held_out) -> dict[int, dict]:
         """Every run's metrics on held-out data (batches of {hook: acts}), by run index."""
         stacks = [(s.sae, s.hook, s.target) for s in self.stacks]
-        evals = evaluate_stacks(stacks, held_out, self.scales, self.cfgs[0].n_val)
+        evals = evaluate_stacks(stacks, held_out, self.normalizer, self.cfgs[0].n_val)
         return {
             i: stack_evals[j]
             for stack, stack_evals in zip(self.stacks, evals, strict=True)
@@ -406,7 +404,7 @@ class GroupTrainer:
         """(cfg.json, weights) of member j of `stack` (run i) as it is now, acting on raw
         activations."""
         cfg = self.cfgs[i]
-        scales = self.scales[stack.hook], self.scales[stack.target]
+        scales = self.normalizer.folded(stack.hook, stack.target)
         sae_cfg = {
             **stack.sae.sae_lens_cfg(),
             "hook_name": stack.hook,
@@ -444,6 +442,7 @@ class GroupTrainer:
                 {
                     "step": self.step,
                     "reader": self.source.state_dict(),
+                    "normalizer": self.normalizer.state_dict(),
                     "wall_s": self.wall_s(),
                     "procs": self.world.size,
                     "parallel": self.world.mode,
@@ -470,6 +469,8 @@ class GroupTrainer:
         self.step = self.first_step = commit["step"]
         self.earlier_wall_s = commit["wall_s"]
         self.source.load_state_dict(commit["reader"])
+        if "normalizer" in commit:  # the scales the SAEs trained with, not estimated again
+            self.normalizer = Normalizer(commit["normalizer"])
         return True
 
     def wall_s(self) -> float:
