@@ -145,7 +145,20 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
     )
 
 
-class StoreSource:
+class HeldOutFromConfig:
+    """held_out_text and held_out_tokens from a source's config alone (its `text_for` and
+    `tokens_for`), which any process of a group can prepare without the source."""
+
+    cfg: TrainConfig
+
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        return self.text_for(self.cfg, hooks, n_sequences)
+
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        return self.tokens_for(self.cfg)
+
+
+class StoreSource(HeldOutFromConfig):
     """The Reader over one hook of a collection (and its transcoders' target hook, in
     lockstep), repeated to n_train tokens."""
 
@@ -204,12 +217,6 @@ class StoreSource:
         batches = ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
         return keep_tokens(batches, n_tokens, batch_size)
 
-    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
-        return self.text_for(self.cfg, hooks, n_sequences)
-
-    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
-        return self.tokens_for(self.cfg)
-
     @staticmethod
     def text_for(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
         """held_out_text of a store config: its held-out shards (no source needed)."""
@@ -226,7 +233,7 @@ class StoreSource:
         return tokens, {"absorption_shards": data.shards}
 
 
-class LiveSource:
+class LiveSource(HeldOutFromConfig):
     """The model of the collection config `train_data.collect`, hooked at every hook the
     group's configs read (transcoders' targets are just more hooks); one forward pass per
     batch of sequences feeds all of them. It serves the group's ceil(n_train / batch_size)
@@ -315,12 +322,6 @@ class LiveSource:
             tokens += len(batch.token_ids)
             if tokens >= cfg.n_val:
                 return
-
-    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
-        return self.text_for(self.cfg, hooks, n_sequences)
-
-    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
-        return self.tokens_for(self.cfg)
 
     @staticmethod
     def text_for(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
