@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from saesweep.errors import exit_on_user_error
-from saesweep.format.manifest import find_hook
+from saesweep.format.collection import Collection
 from saesweep.format.shards import ACT_DTYPES as ACT_DTYPE_NAMES
-from saesweep.store import FileStore, open_store
+from saesweep.store import open_store
 
 
 @dataclass
@@ -132,17 +132,17 @@ def transcode(src: str, dst: str, act_dtype: str) -> None:
     """Write the collection at `src` again at `dst` with acts stored as `act_dtype`: the same
     shards and tokens; a bfloat16 source gives float8_e4m3fn shards bit for bit as collect.py
     would have written them (it quantizes the same bfloat16 values)."""
-    from saesweep.evaluate.downstream import read_shard
-    from saesweep.format.manifest import list_hooks
     from saesweep.format.shards import schema_version
 
-    source, target = open_store(src), open_store(dst)
+    collection, target = Collection.open(src), open_store(dst)
+    source = collection.store
     _ensure_bucket(target)
-    metas = {m["hook"]: m for m in list_hooks(source)}
+    metas = {m["hook"]: m for m in collection.hooks}
     names = ("acts", "token_ids", "seq_ids", "positions")
+    chosen = {hook: collection.choose(meta) for hook, meta in metas.items()}
     shards = {
-        hook: (read_shard(source, hook, record, names) for record in meta["shards"])
-        for hook, meta in metas.items()
+        hook: (collection.read_shard(h, s, names) for s in range(len(h.shards)))
+        for hook, h in chosen.items()
     }
     dropped = ("shards", "n_tokens", "complete", "schema_version", "quantization")
     infos = {
@@ -157,7 +157,7 @@ def transcode(src: str, dst: str, act_dtype: str) -> None:
 
 
 def _ensure_bucket(store) -> None:
-    if isinstance(store, FileStore):
+    if store.maps_objects:
         return
     client = s3_client(1)
     try:
@@ -228,8 +228,8 @@ def s3_client(threads: int):
 
 
 def bench_reader(args: argparse.Namespace) -> None:
-    store = open_store(args.uri)
-    meta = find_hook(store, args.hook)
+    collection = Collection.open(args.uri)
+    store, meta = collection.store, collection.hook(args.hook)
     names = [s["name"] for s in meta["shards"]]
     sizes = [s["n_bytes"] for s in meta["shards"]]
     total, n_tokens = sum(sizes), meta["n_tokens"]
@@ -324,12 +324,12 @@ def bench_decode(args: argparse.Namespace) -> None:
 
 def _read_dtype(uri: str, args: argparse.Namespace) -> tuple[float, Measured]:
     """(bytes per token of the collection's files, the fastest Reader run over it)."""
-    store = open_store(uri)
-    meta = find_hook(store)
+    collection = Collection.open(uri)
+    store, meta = collection.store, collection.hook()
     total = sum(s["n_bytes"] for s in meta["shards"])
     paths = (
         [store.local_path(f"{meta['hook']}/{s['name']}") for s in meta["shards"]]
-        if isinstance(store, FileStore)
+        if store.maps_objects
         else []
     )
 
@@ -342,7 +342,7 @@ def _read_dtype(uri: str, args: argparse.Namespace) -> tuple[float, Measured]:
 
 def _baselines(store, hook: str, names: list[str], sizes: list[int], args):
     """(raw, naive, before) for the store: the two baselines and what precedes each run."""
-    if isinstance(store, FileStore):
+    if store.maps_objects:
         paths = [store.local_path(f"{hook}/{n}") for n in names]
         raw = lambda: read_raw_local(paths, sizes)  # noqa: E731
         naive = lambda: read_naive(lambda p: Path(p).read_bytes(), paths, args.batch_size)  # noqa: E731

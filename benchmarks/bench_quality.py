@@ -42,7 +42,6 @@ from safetensors.torch import load_file, save_file
 
 from saesweep.errors import exit_on_user_error
 from saesweep.train.config import DataConfig, GroupConfig
-from saesweep.train.distributed import held_out_tensors
 from saesweep.train.sources import StoreSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +227,8 @@ def held_out(args: argparse.Namespace) -> tuple[StoreSource, torch.Tensor, float
     cfg = bench_config(args)
     source = StoreSource(cfg)
     hook = source.reader.hook
-    return source, held_out_tensors(source, cfg.n_val, None)[0][hook], source.norm_scale(hook)
+    acts = source.held_out_activations(cfg.n_val, None)[0][hook]
+    return source, acts, source.normalizer.scales[hook]
 
 
 def export(args: argparse.Namespace, work: Path) -> tuple[Path, torch.Tensor, float]:

@@ -23,6 +23,7 @@ import torch
 from saesweep.collect.model import load_tokenizer
 from saesweep.configtools import parse_command, positional
 from saesweep.errors import UserError, exit_on_user_error, printable
+from saesweep.format.collection import Collection
 from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
 from saesweep.format.shards import (
     ACT_DTYPES,
@@ -31,9 +32,7 @@ from saesweep.format.shards import (
     bytes_per_token,
     checksum,
     decode_shard,
-    rows_problem,
     safetensors_header,
-    shard_problem,
 )
 from saesweep.store import Store, open_store
 
@@ -71,19 +70,6 @@ def hook_metadata(store: Store, hook: str) -> dict:
     """`<hook>/metadata.json`, or {} while it is not written yet."""
     key = metadata_key(hook)
     return store.get_json(key) if store.exists(key) else {}
-
-
-def stored_shard_problem(store: Store, key: str, record: dict) -> str | None:
-    """Why the shard at `key` does not match its manifest record (size, checksum, rows), or
-    None when it does."""
-    try:
-        size = store.size(key)
-        if size != record["n_bytes"]:  # before reading: a size is no reason to read it all
-            return f"size {size:,} bytes, manifest n_bytes {record['n_bytes']:,}"
-        data = store.get(key)
-        return shard_problem(data, record) or rows_problem(data, record)
-    except FileNotFoundError:
-        return "missing"
 
 
 # ---------------------------------------------------------------- shard helpers
@@ -125,6 +111,7 @@ class Shell(cmd.Cmd):
     def __init__(self, store: Store, download: bool = False):
         super().__init__()
         self.store, self.cwd, self.download = store, "", download
+        self.collection = Collection(store)
         self.status = 0
         """Worst outcome so far: 0 ok, 1 a command failed, 2 the store failed."""
         self._tokenizers: dict[str, object] = {}
@@ -267,7 +254,7 @@ class Shell(cmd.Cmd):
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
             problems = list(
                 pool.map(
-                    lambda j: stored_shard_problem(self.store, f"{j[0]}/{j[1]['name']}", j[1]), jobs
+                    lambda j: self.collection.shard_problem(f"{j[0]}/{j[1]['name']}", j[1]), jobs
                 )
             )
         bad = [(h, s["name"], p) for (h, s), p in zip(jobs, problems, strict=True) if p]
@@ -372,14 +359,12 @@ class Shell(cmd.Cmd):
 
     def _tokenizer(self, hook: str):
         """(tokenizer or None, model name) for the collection, from metadata.json/cfg.json."""
-        has_cfg = self.store.exists("cfg.json")
-        cfg = self.store.get_json("cfg.json").get("config", {}) if has_cfg else {}
-        model = hook_metadata(self.store, hook).get("model") or cfg.get("model")
+        model = hook_metadata(self.store, hook).get("model") or self.collection.config.get("model")
         if model is None:
             return None, None
         if model not in self._tokenizers:
             try:
-                found = load_tokenizer(model, cfg.get("revision"), self.download)
+                found = load_tokenizer(model, self.collection.config.get("revision"), self.download)
             except UserError:
                 found = None
             self._tokenizers[model] = found

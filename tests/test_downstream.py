@@ -19,13 +19,9 @@ from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import HookedModel, load_model
 from saesweep.collect.run import collect
 from saesweep.errors import UserError
-from saesweep.evaluate.downstream import (
-    add_downstream,
-    downstream_metrics,
-    read_collection,
-    rebuild_sequences,
-)
+from saesweep.evaluate.downstream import add_downstream, downstream_metrics, rebuild_sequences
 from saesweep.evaluate.steering import prompt_ids, steer, steering
+from saesweep.format.collection import read_collection
 from saesweep.format.rundir import load_sae, save_sae
 from saesweep.sae.export import apply_exported, exported_acts
 

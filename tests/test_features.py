@@ -16,8 +16,9 @@ from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import model_path
 from saesweep.collect.run import collect
 from saesweep.errors import UserError
-from saesweep.evaluate.downstream import downstream_metrics, read_collection
+from saesweep.evaluate.downstream import downstream_metrics
 from saesweep.evaluate.features import inspect_features, token_text, write_page
+from saesweep.format.collection import read_collection
 from saesweep.format.rundir import load_sae
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import exported_acts

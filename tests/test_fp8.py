@@ -20,8 +20,8 @@ from saesweep import Reader
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.run import collect
 from saesweep.errors import UserError
-from saesweep.evaluate.downstream import read_collection
 from saesweep.evaluate.features import inspect_features
+from saesweep.format.collection import read_collection
 from saesweep.format.quant import SAMPLE_ROWS, dequantize, dequantize_on_cpu, quantize
 from saesweep.format.rundir import load_sae
 from saesweep.format.shards import decode_shard

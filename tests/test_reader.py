@@ -95,7 +95,7 @@ def test_normalize_scales_mean_norm(coll):
     reader = Reader(coll, batch_size=TOTAL, normalize="norm")
     acts = next(iter(reader))
     assert acts.norm(dim=1).mean().item() == pytest.approx(math.sqrt(16), rel=1e-4)
-    assert reader.normalization["scales"][HOOK] > 0
+    assert reader.normalizer.scales[HOOK] > 0
 
 
 def test_hook_and_layer_selection(coll):

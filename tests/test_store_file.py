@@ -46,6 +46,19 @@ def exercise_store(store: Store, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         store.size("acts/shard-1.bin")
     assert store.child("acts/x") == store.uri.rstrip("/") + "/acts/x"
+    exercise_object_reader(store, "acts/shard-0.bin", data)
+
+
+def exercise_object_reader(store: Store, key: str, data: bytes) -> None:
+    """Whole objects through store.object_reader(): mapped, or received into the buffer."""
+    objects = store.object_reader(n_loops=2, connections=4)
+    buffer = memoryview(bytearray(len(data) + 100))
+    for _ in range(3):  # every event loop (taken in turn) or mapping thread alike
+        into = None if store.maps_objects else buffer
+        assert bytes(objects.read(key, len(data), into)) == data
+        if into is not None:
+            assert bytes(buffer[: len(data)]) == data
+    objects.close()
 
 
 def test_file_store_contract(tmp_path):

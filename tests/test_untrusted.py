@@ -16,7 +16,8 @@ from synthetic import HOOK, make_collection
 
 from saesweep import Reader
 from saesweep.errors import UserError
-from saesweep.evaluate.downstream import read_collection, rebuild_sequences
+from saesweep.evaluate.downstream import rebuild_sequences
+from saesweep.format.collection import read_collection
 from saesweep.format.shards import decode_shard, encode_shard
 from saesweep.shell import main as shell_main
 from saesweep.store import FileStore

@@ -24,20 +24,18 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from saesweep.data.normalizer import Normalizer
 from saesweep.data.order import shard_order, token_permutation, windows
-from saesweep.data.pipeline import Fetched, Pipeline, S3Pipeline, local_pipeline
+from saesweep.data.pipeline import Fetched, Pipeline
 from saesweep.data.window import BatchBuffers, Window
 from saesweep.errors import UserError
-from saesweep.format.manifest import find_hook, read_statistics
+from saesweep.format.collection import Collection, HookShards
 from saesweep.format.quant import dequantize, dequantize_on_cpu, is_scaled
-from saesweep.format.shards import ACT_DTYPES, decode_shard
 from saesweep.memory import available_bytes, require_visible_device
-from saesweep.store import FileStore, open_store
 
 Acts = torch.Tensor | dict[str, torch.Tensor]
 Batch = Acts | tuple[Acts, torch.Tensor]
@@ -45,21 +43,6 @@ Stored = tuple[torch.Tensor, torch.Tensor | None]
 """One hook's rows of a batch as stored: acts, and their scales (scaled 8-bit acts) or None."""
 Taken = tuple[tuple[Stored, ...], torch.Tensor]
 """A batch before it leaves the reader: each hook's stored rows, and the token ids."""
-
-
-@dataclass(frozen=True)
-class HookData:
-    """One hook the reader serves: its manifest records (the chosen shards) and shapes."""
-
-    hook: str
-    shards: list[dict]
-    d_model: int
-    stored_dtype: torch.dtype
-
-    @property
-    def scaled(self) -> bool:
-        """Whether the acts are 8-bit with a scale per token (a `scales` tensor per shard)."""
-        return is_scaled(self.stored_dtype)
 
 
 class Reader:
@@ -81,11 +64,12 @@ class Reader:
     `extra_hooks` (module paths or short forms) are served with `hook` in lockstep: each
     batch is then {hook: acts} for every hook (with_token_ids: ({hook: acts}, token ids)).
     They must store the same tokens in the same shards as `hook` (one collection run).
+    `uri` may be an opened Collection (its manifests are then not read again).
     """
 
     def __init__(
         self,
-        uri: str,
+        uri: str | Collection,
         hook: str | None = None,
         layer: int | None = None,
         batch_size: int = 4096,
@@ -109,20 +93,17 @@ class Reader:
         extra_hooks: Sequence[str] = (),
         anonymous: bool = False,
     ):
-        self.store = open_store(uri, anonymous)
-        self.meta = find_hook(self.store, hook, layer)
+        self.collection = uri if isinstance(uri, Collection) else Collection.open(uri, anonymous)
+        self.meta = self.collection.hook(hook, layer)
         self.hook = self.meta["hook"]
-        self.shards = self.meta["shards"][shards]
-        if not self.shards:
-            raise UserError(
-                f"the shard slice [{_text(shards.start)}:{_text(shards.stop)}] of {uri} selects "
-                f"none of its {len(self.meta['shards'])} shards; collect more or change the "
-                "train/val shard slices"
-            )
+        first = self.collection.choose(self.meta, shards)
+        self.shards = first.shards
         self.d_model = self.meta["d_model"]
-        metas = [self.meta, *(find_hook(self.store, h) for h in extra_hooks)]
+        metas = [self.meta, *(self.collection.hook(h) for h in extra_hooks)]
         metas = list({m["hook"]: m for m in metas}.values())
-        self.hooks = [self._hook_data(m, shards, uri) for m in metas]
+        for other in metas[1:]:
+            self.collection.check_same_tokens(self.meta, other)
+        self.hooks = [first, *(self.collection.choose(m, shards) for m in metas[1:])]
         """Every hook served, `hook` first."""
         self.serves_dicts = bool(extra_hooks)
         """Batches are {hook: acts} (extra_hooks given), else acts."""
@@ -149,9 +130,10 @@ class Reader:
         ahead = self.shards_per_window if prefetch_shards is None else max(1, prefetch_shards)
         self.n_slots = min(self.shards_per_window + ahead, len(self.shards) * epochs)
         self.s3_connections, self.retry_s = s3_connections, retry_s
-        if not isinstance(self.store, FileStore):
-            self._check_arena_fits(uri)
-        self.normalization = self._normalization(normalize)
+        if not self.collection.store.maps_objects:
+            self._check_arena_fits()
+        self.normalizer = self._normalizer(normalize)
+        """The scales applied to every batch (normalize='norm'), else None."""
         self.epoch, self.tokens_in_epoch = 0, 0
         self.corrupt_skipped: list[str] = []
         self.wait_s = 0.0
@@ -160,36 +142,31 @@ class Reader:
         self._pipelines: list[Pipeline] = []
         self._started = time.perf_counter()
 
-    def _hook_data(self, meta: dict, shards: slice, uri: str) -> HookData:
-        """A served hook's chosen records, refused unless it stores `hook`'s tokens."""
-        check_same_tokens(uri, self.meta, meta)
-        records = meta["shards"][shards]
-        return HookData(meta["hook"], records, meta["d_model"], ACT_DTYPES[meta["dtype"]])
-
-    def _check_arena_fits(self, uri: str) -> None:
+    def _check_arena_fits(self) -> None:
         """S3 shards are held in memory (file mappings are page cache, which the kernel can
         evict): refuse now rather than be killed when the arena fills."""
         need = self.n_slots * sum(max(s["n_bytes"] for s in h.shards) for h in self.hooks)
         free = available_bytes("cpu")
         if need > free:
             raise UserError(
-                f"reading {uri} holds {self.n_slots} shards in memory (a shuffle window of "
-                f"{self.shards_per_window} plus those read ahead), {need / 1e9:.1f} GB, but "
+                f"reading {self.collection.uri} holds {self.n_slots} shards in memory (a "
+                f"shuffle window of {self.shards_per_window} plus those read ahead), "
+                f"{need / 1e9:.1f} GB, but "
                 f"{free / 1e9:.1f} GB are available; lower shuffle_tokens or prefetch_shards"
             )
 
-    def _normalization(self, normalize: str | None) -> dict | None:
+    def _normalizer(self, normalize: str | None) -> Normalizer | None:
         if normalize is None:
             return None
         if normalize != "norm":
             raise UserError(f"normalize={normalize!r} is not known; use 'norm' or None")
-        return {"kind": "norm", "scales": {h.hook: self.norm_scale(h.hook) for h in self.hooks}}
+        return Normalizer.from_statistics(self.collection, self.hooks)
 
     def norm_scale(self, hook: str | None = None) -> float:
         """The factor that brings a served hook's mean L2 norm per token (default `hook`'s) to
         sqrt(its d_model), from statistics.json (normalize='norm')."""
         data = next(h for h in self.hooks if h.hook == (hook or self.hook))
-        return math.sqrt(data.d_model) / read_statistics(self.store, data.hook)["mean_norm"]
+        return Normalizer.from_statistics(self.collection, [data]).scales[data.hook]
 
     def __len__(self) -> int:
         per_epoch = self.n_tokens / self.batch_size
@@ -277,8 +254,8 @@ class Reader:
         out = []
         for h, stored in enumerate(hook_acts):
             acts = self._decode(stored, decoded[h])
-            if self.normalization:
-                acts = acts.mul_(self.normalization["scales"][self.hooks[h].hook])
+            if self.normalizer:
+                acts = self.normalizer.scale_(self.hooks[h].hook, acts)
             out.append(acts)
         acts = {h.hook: a for h, a in zip(self.hooks, out, strict=True)}
         acts = acts if self.serves_dicts else out[0]
@@ -391,7 +368,10 @@ class Reader:
             if bad is not None:
                 self._bad_shard(bad[0], bad[1].shard, bad[1].status)
                 continue
-            tensors = [self._shard_tensors(h, shard) for h, shard in enumerate(shards)]
+            tensors = [
+                self.collection.stored_rows(self.hooks[h], shard.shard, shard.data)
+                for h, shard in enumerate(shards)
+            ]
             for h, (shard_acts, shard_ids, shard_scales) in enumerate(tensors):
                 if h and not torch.equal(shard_ids, tensors[0][1]):
                     raise UserError(
@@ -413,36 +393,8 @@ class Reader:
             for a, s, h in zip(acts, scales, self.hooks, strict=True)
         ], fetched
 
-    def _shard_tensors(
-        self, h: int, fetched: Fetched
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Views of a fetched shard's acts [n_tokens, d_model] as stored, token ids and (scaled
-        acts) scales (hook h), checked against the manifest."""
-        data = self.hooks[h]
-        record = data.shards[fetched.shard]
-        where = f"shard {self._shard_uri(h, fetched.shard)}"
-        try:
-            tensors = decode_shard(fetched.data, ("acts", "token_ids"), where, raw=True)
-        except ValueError as err:
-            raise UserError(f"{err}; recollect it") from None
-        acts, ids, scales = tensors["acts"], tensors["token_ids"], tensors.get("scales")
-        expected = [record["n_tokens"], data.d_model]
-        if list(acts.shape) != expected or acts.dtype != data.stored_dtype:
-            raise UserError(
-                f"{where} holds acts "
-                f"{list(acts.shape)} {acts.dtype}, but metadata.json says {expected} "
-                f"{data.stored_dtype}; recollect it"
-            )
-        if list(ids.shape) != expected[:1] or ids.dtype != torch.int32:
-            raise UserError(
-                f"{where} holds token_ids {list(ids.shape)} {ids.dtype}, but metadata.json says "
-                f"[{record['n_tokens']}] int32; recollect it"
-            )
-        return acts, ids, scales
-
     def _shard_uri(self, h: int, shard: int) -> str:
-        data = self.hooks[h]
-        return f"{self.store.child(data.hook)}/{data.shards[shard]['name']}"
+        return self.collection.shard_uri(self.hooks[h].key(shard))
 
     def _bad_shard(self, h: int, shard: int, status: str) -> None:
         name = self._shard_uri(h, shard)
@@ -458,25 +410,11 @@ class Reader:
         self.corrupt_skipped.append(name)
         print(f"warning: skipping {message} ({len(self.corrupt_skipped)} skipped so far)")
 
-    def _start_pipeline(self, data: HookData) -> Pipeline:
-        keys = [f"{data.hook}/{s['name']}" for s in data.shards]
-        common = (data.shards, self.n_threads, self.n_slots)
-        if isinstance(self.store, FileStore):
-            return local_pipeline([self.store.local_path(k) for k in keys], *common)
-        make_reader = lambda: self.store.range_reader(self.s3_connections, retry_s=self.retry_s)  # noqa: E731
-        return S3Pipeline(make_reader, keys, *common)
-
-
-def check_same_tokens(uri: str, first: dict, other: dict) -> None:
-    """Refuse a hook (metadata `other`) whose shards hold other numbers of tokens than those
-    of `first`: they were not collected together, so row i would not be the same token."""
-    a, b = ([s["n_tokens"] for s in m["shards"]] for m in (first, other))
-    if a != b:
-        raise UserError(
-            f"hooks {first['hook']} and {other['hook']} of {uri} store different tokens "
-            f"({sum(a):,} in {len(a)} shards against {sum(b):,} in {len(b)}); read hooks "
-            "collected together, in one collection run"
+    def _start_pipeline(self, hook: HookShards) -> Pipeline:
+        objects = self.collection.store.object_reader(
+            self.n_threads, self.s3_connections, self.retry_s
         )
+        return Pipeline(self.collection, hook, objects, self.n_threads, self.n_slots)
 
 
 def _take(windows: list[Window], start: int, stop: int, buffers=None, gather=None) -> Taken:
@@ -493,7 +431,3 @@ def _concat(a: Taken, b: Taken) -> Taken:
         for (x, sx), (y, sy) in zip(a[0], b[0], strict=True)
     )
     return stored, torch.cat([a[1], b[1]])
-
-
-def _text(bound: int | None) -> str:
-    return "" if bound is None else str(bound)

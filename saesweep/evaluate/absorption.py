@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saesweep.configtools import at_least, fraction
-from saesweep.evaluate.downstream import load_run, read_collection
+from saesweep.evaluate.downstream import load_run
+from saesweep.format.collection import Collection
 from saesweep.format.rundir import merge_metrics
 from saesweep.sae.export import exported_acts
 
@@ -268,8 +269,9 @@ def stored_tokens(uri: str, shards: str = "-1:", anonymous: bool = False) -> Hel
     from saesweep.evaluate.features import collection_tokenizer
 
     def read(hooks: list[str]) -> Iterator[tuple[str, LabelledTokens]]:
+        collection = Collection.open(uri, anonymous)
         for hook in hooks:
-            coll = read_collection(uri, hook, shards, names=("acts",), anonymous=anonymous)
+            coll = collection.read(collection.choose(collection.hook(hook), shards), ("acts",))
             tokenizer = collection_tokenizer({"model": coll.meta["model"]} | coll.config, None)
             yield hook, LabelledTokens(coll.tensors["acts"], coll.tensors["token_ids"], tokenizer)
 

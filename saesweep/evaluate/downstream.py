@@ -28,13 +28,10 @@ from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import load_model
 from saesweep.collect.sequences import Sequence, make_batch, special_template
 from saesweep.collect.source import split_sequences
-from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
-from saesweep.format.manifest import find_hook
+from saesweep.format.collection import Collection, HookTensors
 from saesweep.format.rundir import load_sae, merge_metrics
-from saesweep.format.shards import decode_shard, rows_problem, shard_problem
 from saesweep.sae.export import apply_exported
-from saesweep.store import open_store
 
 Run = str | Path | tuple[dict, dict[str, Tensor]]
 Positions = Literal["stored", "all"]
@@ -51,71 +48,6 @@ def load_run(run: Run) -> tuple[dict, dict[str, Tensor]]:
     if not (path / "cfg.json").exists():
         raise UserError(f"{path} is not an SAE run directory (no cfg.json)")
     return load_sae(path)
-
-
-# ----- the collection ---------------------------------------------------------------------------
-
-
-@dataclass
-class Collection:
-    """One hook of a collection: its metadata, the root config, and the chosen shards' tensors."""
-
-    meta: dict
-    config: dict
-    tensors: dict[str, Tensor]
-
-
-def read_collection(
-    uri: str,
-    hook: str | None,
-    shards: str = ":",
-    names: tuple[str, ...] = (),
-    anonymous: bool = False,
-) -> Collection:
-    """token_ids, seq_ids, positions (plus `names`, e.g. 'acts') of the selected shards,
-    concatenated in manifest order, checksums verified (`anonymous`: see open_store)."""
-    keep = ("token_ids", "seq_ids", "positions", *names)
-    meta, config, chosen = select_shards(uri, hook, shards, anonymous)
-    store = open_store(uri, anonymous)
-    parts = [read_shard(store, meta["hook"], s, keep) for s in chosen]
-    tensors = {k: torch.cat([p[k] for p in parts]) for k in keep}
-    return Collection(meta, config, tensors)
-
-
-def select_shards(
-    uri: str, hook: str | None, shards: str, anonymous: bool = False
-) -> tuple[dict, dict, list[dict]]:
-    """(hook metadata, root collection config, the manifest records of the selected shards)."""
-    store = open_store(uri, anonymous)
-    meta = find_hook(store, hook=hook)
-    config = store.get_json("cfg.json").get("config", {}) if store.exists("cfg.json") else {}
-    chosen = meta["shards"][parse_slice(shards)]
-    if not chosen:
-        raise UserError(f"shards={shards!r} selects no shard of {uri} ({len(meta['shards'])})")
-    return meta, config, chosen
-
-
-def read_shard(store, hook: str, shard: dict, keep: tuple[str, ...]) -> dict[str, Tensor]:
-    """The tensors `keep` of one shard (a manifest record), its checksum verified."""
-    key = f"{hook}/{shard['name']}"
-    where = f"shard {store.child(key)}"
-    size = store.size(key)
-    if size != shard["n_bytes"]:  # checked before the whole object is read
-        raise UserError(
-            f"{where} holds {size:,} bytes, but its manifest says {shard['n_bytes']:,}; "
-            "recollect it"
-        )
-    data = store.get(key)
-    problem = shard_problem(data, shard)
-    if problem is not None:
-        raise UserError(f"{where} is corrupt ({problem}); recollect it")
-    problem = rows_problem(data, shard)
-    if problem is not None:
-        raise UserError(f"{where} does not hold what its manifest says ({problem}); recollect it")
-    try:
-        return decode_shard(data, keep, where)
-    except ValueError as err:
-        raise UserError(f"{err}; recollect it") from None
 
 
 def rebuild_sequences(
@@ -332,7 +264,8 @@ def text_from_collection(
 ) -> HeldOutText:
     """The first n_sequences complete sequences of each hook's selected shards, rebuilt from
     their stored token ids, and the model the collection names (or `model`)."""
-    colls = {h: read_collection(uri, h, shards, anonymous=anonymous) for h in hooks}
+    collection = Collection.open(uri, anonymous)
+    colls = {h: collection.read(collection.choose(collection.hook(h), shards)) for h in hooks}
     lm, tokenizer = _load_model(next(iter(colls.values())), model, device)
     seqs = {}
     for hook, coll in colls.items():
@@ -401,7 +334,7 @@ def _hooks(cfg: dict) -> tuple[str, str | None]:
     return cfg["hook_name"], cfg.get("hook_name_out")
 
 
-def _load_model(coll: Collection, override: str | None, device: str):
+def _load_model(coll: HookTensors, override: str | None, device: str):
     """The model a collection names loads from local files and the cache only (a collection
     may come from anyone); one the caller names explicitly may be downloaded."""
     name = override or coll.config.get("model") or coll.meta["model"]

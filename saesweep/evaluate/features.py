@@ -24,9 +24,9 @@ from torch import Tensor
 from saesweep.collect.model import load_tokenizer
 from saesweep.configtools import at_least, parse_command, positional
 from saesweep.errors import UserError, exit_on_user_error
-from saesweep.evaluate.downstream import Run, load_run, read_shard, select_shards
+from saesweep.evaluate.downstream import Run, load_run
+from saesweep.format.collection import Collection, HookShards
 from saesweep.sae.export import exported_acts
-from saesweep.store import open_store
 from saesweep.store.file import write_atomic
 
 
@@ -83,31 +83,31 @@ class Scan:
 def scan(
     cfg: dict,
     sd: dict[str, Tensor],
-    uri: str,
+    collection: Collection,
+    hook: HookShards,
     latents: list[int] | None,
     top: int,
-    shards: str = ":",
     chunk: int = 4096,
-    anonymous: bool = False,
-) -> tuple[Scan, dict, dict, list[dict]]:
+) -> Scan:
     """Fire counts of every latent and the running top activations of `latents` (all when
-    None) over the selected shards. Returns the scan, hook metadata, root config, shards."""
-    meta, config, chosen = select_shards(uri, cfg.get("hook_name"), shards, anonymous)
-    if cfg["d_in"] != meta["d_model"]:
-        raise UserError(f"the SAE has d_in={cfg['d_in']} but {uri} has width {meta['d_model']}")
+    None) over the hook's chosen shards."""
+    if cfg["d_in"] != hook.d_model:
+        raise UserError(
+            f"the SAE has d_in={cfg['d_in']} but {collection.uri} has width {hook.d_model}"
+        )
     cols = list(range(cfg["d_sae"])) if latents is None else latents
     result = Scan(cols, 0, torch.zeros(cfg["d_sae"], dtype=torch.int64), TopK(top, len(cols)), [])
-    store, index = open_store(uri, anonymous), torch.tensor(cols)
-    for shard in chosen:
+    index = torch.tensor(cols)
+    for shard in range(len(hook.shards)):
         result.shard_offsets.append(result.n_tokens)
-        acts = read_shard(store, meta["hook"], shard, ("acts",))["acts"]
+        acts = collection.read_shard(hook, shard, ("acts",))["acts"]
         for start in range(0, len(acts), chunk):
             a = exported_acts(cfg, sd, acts[start : start + chunk].to(sd["W_enc"].dtype))
             result.fire_counts += (a > 0).sum(0)
             result.top.update(a if latents is None else a[:, index], result.n_tokens + start)
         result.n_tokens += len(acts)
     result.shard_offsets.append(result.n_tokens)
-    return result, meta, config, chosen
+    return result
 
 
 def reports(result: Scan, shown: list[int]) -> list[LatentReport]:
@@ -141,11 +141,9 @@ def informative(result: Scan, n: int) -> list[int]:
 def add_contexts(
     latent_reports: list[LatentReport],
     result: Scan,
-    uri: str,
-    hook: str,
-    chosen: list[dict],
+    collection: Collection,
+    hook: HookShards,
     window: int,
-    anonymous: bool = False,
 ) -> None:
     """Fill each hit's seq_id, position, token id and context from the shard holding its row.
     A sequence never spans shards, so the whole context is in that shard."""
@@ -155,9 +153,8 @@ def add_contexts(
     for h in hits:
         shard = int(torch.searchsorted(offsets, h.row, right=True)) - 1
         by_shard.setdefault(shard, []).append(h)
-    store = open_store(uri, anonymous)
     for s, shard_hits in by_shard.items():
-        t = read_shard(store, hook, chosen[s], ("token_ids", "seq_ids", "positions"))
+        t = collection.read_shard(hook, s, ("token_ids", "seq_ids", "positions"))
         for h in shard_hits:
             row = h.row - result.shard_offsets[s]
             h.seq_id, h.position = int(t["seq_ids"][row]), int(t["positions"][row])
@@ -186,10 +183,12 @@ def inspect_features(
     bad = [lat for lat in latents or [] if not 0 <= lat < cfg["d_sae"]]
     if bad:
         raise UserError(f"latents {bad} are out of range: the SAE has {cfg['d_sae']} latents")
-    result, meta, _, chosen = scan(cfg, sd, uri, latents, top, shards, anonymous=anonymous)
+    collection = Collection.open(uri, anonymous)
+    hook = collection.choose(collection.hook(cfg.get("hook_name")), shards)
+    result = scan(cfg, sd, collection, hook, latents, top)
     shown = latents if latents is not None else informative(result, n_default)
     out = reports(result, shown)
-    add_contexts(out, result, uri, meta["hook"], chosen, window, anonymous)
+    add_contexts(out, result, collection, hook, window)
     return out, result.n_tokens
 
 
@@ -267,7 +266,7 @@ def write_page(
         run, uri, latents, top, n_default=n_default, window=window, shards=shards,
         anonymous=anonymous,
     )  # fmt: skip
-    _, config, _ = select_shards(uri, run[0].get("hook_name"), shards, anonymous)
+    config = Collection.open(uri, anonymous).config
     page = render_html(found, collection_tokenizer(config, model), f"{run_dir} on {uri}", n_tokens)
     write_atomic(out, lambda f: f.write(page.encode("utf-8")))
     return found

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from saesweep.data.normalizer import Normalizer
 from saesweep.sae import StackedSAE
 
 DENSITY_BINS = torch.arange(-8.0, 0.5, 0.5)
@@ -21,12 +22,12 @@ DENSITY_BINS = torch.arange(-8.0, 0.5, 0.5)
 def evaluate_stacks(
     stacks: list[tuple[StackedSAE, str, str]],
     batches: Iterable[dict[str, Tensor]],
-    scales: dict[str, float],
+    normalizer: Normalizer,
     n_val: int,
 ) -> list[list[dict]]:
     """Metrics of every member of every stack (sae, input hook, target hook: the input hook
     for an SAE) on up to n_val tokens of `batches` ({hook: raw activations}, every hook the
-    same tokens; each hook scaled by scales[hook]), reading the evaluation data once for all
+    same tokens; each hook scaled by `normalizer`), reading the evaluation data once for all
     of them. A transcoder's FVU and mse are against its target."""
     saes = [sae for sae, _, _ in stacks]
     modes = [sae.training for sae in saes]
@@ -38,7 +39,7 @@ def evaluate_stacks(
     moments = {t: [torch.zeros((), dtype=torch.float64)] * 2 for t in targets}
     tokens = 0
     for batch in batches:
-        x = {h: acts[: n_val - tokens] * scales[h] for h, acts in batch.items()}
+        x = normalizer({h: acts[: n_val - tokens] for h, acts in batch.items()})
         for (sae, hook, target), acc, count in zip(stacks, sums, counts, strict=True):
             recon, codes = sae(x[hook].to(sae.W_enc.dtype))
             acc["sse"] += (recon.double() - x[target].double()).pow(2).sum((1, 2)).cpu()
@@ -65,7 +66,7 @@ def evaluate_stacks(
                     total_var[target],
                     tokens,
                     sae.d_out,
-                    scales[target],
+                    normalizer.scales[target],
                     overlap[i],
                 )
                 for i in range(sae.n)

@@ -218,12 +218,14 @@ def hook_manifests(store: Store) -> dict[str, list[dict]]:
     return dict(sorted(manifests.items()))
 
 
-def find_hook(store: Store, hook: str | None = None, layer: int | None = None) -> dict:
-    """The metadata of the one hook matching `hook` (path or short form) and/or `layer`."""
-    hooks = list_hooks(store)
+def choose_hook(
+    uri: str, hooks: list[dict], hook: str | None = None, layer: int | None = None
+) -> dict:
+    """The metadata of the one hook among `hooks` (those of the collection at `uri`) matching
+    `hook` (path or short form) and/or `layer`."""
     if not hooks:
         raise UserError(
-            f"{store.uri} holds no collection (no <hook>/metadata.json); "
+            f"{uri} holds no collection (no <hook>/metadata.json); "
             "run collect.py first or check the URI"
         )
     matches = [
@@ -235,16 +237,14 @@ def find_hook(store: Store, hook: str | None = None, layer: int | None = None) -
     names = ", ".join(m["hook"] for m in hooks)
     if not matches:
         raise UserError(
-            f"{store.uri} has no hook matching hook={hook!r} layer={layer!r}; it holds: {names}"
+            f"{uri} has no hook matching hook={hook!r} layer={layer!r}; it holds: {names}"
         )
     if len(matches) > 1:
-        raise UserError(
-            f"{store.uri} holds several hooks ({names}); choose one with hook= or layer="
-        )
+        raise UserError(f"{uri} holds several hooks ({names}); choose one with hook= or layer=")
     meta = matches[0]
     if not meta["complete"]:
         raise UserError(
-            f"the collection at {store.uri} is not complete yet: rerun or wait for "
+            f"the collection at {uri} is not complete yet: rerun or wait for "
             "its collect.py machines to finish"
         )
     return meta

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import json
+import mmap
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 from saesweep.errors import UserError
+
+
+class ObjectReader(ABC):
+    """Whole objects read for a consumer that holds them a while (the Reader's shards): mapped
+    where they lie (local files, no copy) or received into a buffer the consumer provides
+    (see Store.maps_objects)."""
+
+    @abstractmethod
+    def read(self, key: str, n_bytes: int, into: memoryview | None) -> memoryview | mmap.mmap:
+        """The `n_bytes` bytes of the object at `key`: mapped (`into` is None) or received
+        into `into`; a mapped object of another size is an OSError. Runs on many threads at
+        once."""
+
+    def close(self) -> None:
+        """End running reads: nothing is written into a caller's buffer after this returns."""
+        return None
 
 
 class Store(ABC):
@@ -17,6 +34,9 @@ class Store(ABC):
     """
 
     uri: str
+    maps_objects: bool = False
+    """Whether object_reader() maps objects where they lie (page cache, which the kernel can
+    evict) rather than receiving them into buffers the consumer holds in memory."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -33,6 +53,14 @@ class Store(ABC):
     @abstractmethod
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Read bytes [start, end) of an object."""
+
+    @abstractmethod
+    def object_reader(
+        self, n_loops: int = 1, connections: int = 16, retry_s: float = 300.0
+    ) -> ObjectReader:
+        """An ObjectReader of this store's keys; remote stores receive with `n_loops`
+        event-loop threads of up to `connections` connections each, retrying transient
+        failures for up to `retry_s` seconds."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:

@@ -29,7 +29,7 @@ from botocore.exceptions import (
 )
 
 from saesweep.errors import UserError, redact
-from saesweep.store.base import Store
+from saesweep.store.base import ObjectReader, Store
 from saesweep.store.s3_async import BlockingRangeReader
 from saesweep.store.s3_common import (
     CREDENTIAL_HINT,
@@ -44,6 +44,8 @@ from saesweep.store.s3_common import (
 
 MIN_PART_SIZE = 5 << 20
 DEFAULT_PART_SIZE = 32 << 20
+CHUNK_BYTES = 8 << 20
+"""Size of one range GET of an object read whole (S3Store.object_reader)."""
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -103,6 +105,24 @@ def with_retries(call, attempts: int, retryable):
 def is_stream_error(err: BaseException) -> bool:
     """Whether a response body broke off mid-read (botocore does not retry those)."""
     return isinstance(err, ResponseStreamingError | IncompleteReadError | ReadTimeoutError)
+
+
+class RangeReads(ObjectReader):
+    """Objects received into the caller's buffers by concurrent signed range GETs of
+    CHUNK_BYTES, on several event-loop threads taken in turn (the kernel copies each body
+    straight into the buffer)."""
+
+    def __init__(self, loops: list[BlockingRangeReader]):
+        self.loops, self.turn = loops, itertools.count()
+
+    def read(self, key: str, n_bytes: int, into: memoryview | None) -> memoryview:
+        view = into[:n_bytes]
+        self.loops[next(self.turn) % len(self.loops)].fetch_into(key, view, CHUNK_BYTES)
+        return view
+
+    def close(self) -> None:
+        for loop in self.loops:
+            loop.close()
 
 
 class S3Store(Store):
@@ -209,6 +229,12 @@ class S3Store(Store):
         """A BlockingRangeReader (its own event-loop thread) for this store's keys (see
         saesweep.store.s3_async for kwargs), sharing this store's session."""
         return BlockingRangeReader(max_connections=max_connections, **self.reader_args(), **kwargs)
+
+    def object_reader(
+        self, n_loops: int = 1, connections: int = 16, retry_s: float = 300.0
+    ) -> RangeReads:
+        loops = max(1, n_loops)
+        return RangeReads([self.range_reader(connections, retry_s=retry_s) for _ in range(loops)])
 
     def reader_args(self) -> dict:
         """What a range reader of this store's keys is made with: where, and the session."""

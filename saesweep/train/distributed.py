@@ -18,9 +18,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from saesweep.data.normalizer import Normalizer
+from saesweep.evaluate.absorption import HeldOutTokens
+from saesweep.evaluate.downstream import HeldOutText
 from saesweep.ray_jobs import CPUS_ENV, RENDEZVOUS_ENV
 from saesweep.sae.base import LossResult, total_variance
 from saesweep.train.config import GroupConfig, RunConfig
+from saesweep.train.sources import TrainingSource, source_class
 
 Mode = Literal["sae", "data"]
 
@@ -138,11 +142,14 @@ def assign_runs(widths: list[int], d_in: int, size: int) -> list[list[int]]:
 
 
 class SharedSource:
-    """A group's data source read by rank 0 and seen by every rank: its description once,
-    then each batch (all hooks stacked, [hooks, rows, d]) by broadcast."""
+    """A group's data source read by rank 0 and seen by every rank (a TrainingSource): its
+    description once, then each batch (all hooks stacked, [hooks, rows, d]) by broadcast.
+    Held-out text and tokens need no source: each rank prepares its own."""
 
-    def __init__(self, world: World, inner, runs: list[RunConfig]):
-        self.world, self.inner = world, inner
+    def __init__(
+        self, world: World, inner: TrainingSource | None, cfg: GroupConfig, runs: list[RunConfig]
+    ):
+        self.world, self.inner, self.cfg = world, inner, cfg
         described = None
         if world.leader:
             described = {
@@ -151,14 +158,16 @@ class SharedSource:
                 "hooks": inner.hooks,
                 "hook_by_run": [inner.hook_of(r) for r in runs],
                 "target_by_run": [inner.target_of(r) for r in runs],
-                "scales": {h: inner.norm_scale(h) for h in inner.hooks.values()},
+                "scales": inner.normalizer.scales,
+                "widths": {h: inner.width(h) for h in inner.hooks.values()},
             }
         described = world.share(described)
         self.d_model, self.model_name = described["d_model"], described["model_name"]
-        self.hooks, self.scales = described["hooks"], described["scales"]
+        self.hooks, self.widths = described["hooks"], described["widths"]
+        self.normalizer = Normalizer(described["scales"])
         self._hook_by_run = dict(zip(runs, described["hook_by_run"], strict=True))
         self._target_by_run = dict(zip(runs, described["target_by_run"], strict=True))
-        self.paths = sorted(self.scales)
+        self.paths = sorted(self.widths)
 
     def hook_of(self, run: RunConfig) -> str:
         return self._hook_by_run[run]
@@ -166,8 +175,8 @@ class SharedSource:
     def target_of(self, run: RunConfig) -> str:
         return self._target_by_run[run]
 
-    def norm_scale(self, hook: str) -> float:
-        return self.scales[hook]
+    def width(self, hook: str) -> int:
+        return self.widths[hook]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = iter(self.inner) if self.world.leader else None
@@ -200,35 +209,24 @@ class SharedSource:
     def figures(self) -> dict[str, float]:
         return self.inner.figures() if self.world.leader else {}
 
-    def held_out(self, n_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Up to n_tokens held-out tokens, read by rank 0, on every rank, as held_out_tensors
-        gives them. In data mode only rank 0 evaluates, and nothing is broadcast."""
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """Read by rank 0, on every rank. In data mode only rank 0 evaluates, and nothing is
+        broadcast."""
         if self.world.mode == "data":
-            return held_out_tensors(self.inner, n_tokens, batch_size)
+            return self.inner.held_out_activations(n_tokens, batch_size)
         stacked = None
         if self.world.leader:
-            (whole,) = held_out_tensors(self.inner, n_tokens, None)
+            (whole,) = self.inner.held_out_activations(n_tokens, None)
             stacked = torch.stack([whole[p] for p in self.paths])
         stacked = self._broadcast_rows(stacked)
-        return [
-            dict(zip(self.paths, part, strict=True)) for part in stacked.split(batch_size, dim=1)
-        ]
+        parts = stacked.split(batch_size, dim=1) if batch_size else [stacked]
+        return [dict(zip(self.paths, part, strict=True)) for part in parts]
 
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        return source_class(self.cfg).text_for(self.cfg, hooks, n_sequences)
 
-def held_out_tensors(source, n_tokens: int, batch_size: int | None) -> list[dict]:
-    """Up to n_tokens of `source`'s held-out batches ({hook: acts}, rows the same tokens in
-    every hook), in memory: batches of batch_size (None: one batch)."""
-    kept, tokens = [], 0
-    for batch in source.held_out():
-        kept.append({h: acts[: n_tokens - tokens].clone() for h, acts in batch.items()})
-        tokens += len(next(iter(kept[-1].values())))
-        if tokens >= n_tokens:
-            break
-    whole = {h: torch.cat([b[h] for b in kept]) for h in kept[0]}
-    if batch_size is None:
-        return [whole]
-    parts = {h: acts.split(batch_size) for h, acts in whole.items()}
-    return [dict(zip(parts, chunk, strict=True)) for chunk in zip(*parts.values(), strict=True)]
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        return source_class(self.cfg).tokens_for(self.cfg)
 
 
 class DataParallelSync:

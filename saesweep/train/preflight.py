@@ -10,10 +10,9 @@ from pathlib import Path
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
 from saesweep.executors import CLUSTERS, SlurmConfig, default_cpus, describe_request
-from saesweep.format.manifest import find_hook
+from saesweep.format.collection import Collection
 from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
-from saesweep.store import open_store
 from saesweep.train.config import DataConfig, GroupConfig, RunConfig
 from saesweep.train.sources import hook_spec, live_hooks, store_hooks, target_spec
 from saesweep.train.sweep import Group
@@ -171,7 +170,7 @@ def local_d_model(data: DataConfig) -> int | None:
     if "://" in data.uri.removeprefix("file://"):
         return None
     try:
-        return find_hook(open_store(data.uri, data.anonymous), data.hook, data.layer)["d_model"]
+        return Collection.open(data.uri, data.anonymous).hook(data.hook, data.layer)["d_model"]
     except (UserError, OSError):
         return None
 
@@ -193,7 +192,10 @@ def check_data(group: Group) -> int | None:
         if cfg.train_data.cache_to:
             check_cache(group, collect_cfg)
         return None
-    (train, _), (val, _) = (store_hooks(data) for data in (cfg.train_data, cfg.held_out_data))
+    (train, _), (val, _) = (
+        store_hooks(Collection.open(data.uri, data.anonymous), data)
+        for data in (cfg.train_data, cfg.held_out_data)
+    )
     check_shard_slices(cfg, train, val)
     for run_id, run in zip(group.run_ids, group.runs, strict=True):
         try:

@@ -1,38 +1,81 @@
-"""A group's data source as the trainer sees it: batches of every hook the group reads.
+"""A group's data source as the trainer sees it (TrainingSource): batches of every hook the
+group reads, and its held-out activations, text and tokens.
 
 `store`: the Reader over a collection (one input hook per group, and the target hook of its
 transcoders, in lockstep). `model`: collect.source's ModelSource, one forward pass per batch
 for every hook of the group, targets included. Both yield {hook: [batch, d] float32 on the
 group's device} and know each hook's input scale (normalize 'norm': E||x|| = sqrt(d)), their
-position (for resume) and their held-out data (batches of the same dicts).
+position (for resume) and their held-out data (batches of the same dicts, the model and
+sequences of downstream fidelity, the labelled tokens of absorption). train.distributed's
+SharedSource serves either to every process of a group.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from saesweep.collect.config import CollectConfig, load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
-from saesweep.data.reader import Reader, check_same_tokens
+from saesweep.data.normalizer import SAMPLE_TOKENS, Normalizer
+from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import HeldOutTokens, LabelledTokens, stored_tokens
 from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text_from_config
-from saesweep.format.manifest import find_hook
-from saesweep.store import open_store
+from saesweep.format.collection import Collection
 from saesweep.train.config import DataConfig, GroupConfig, HookChoice, RunConfig
 
-NORM_SAMPLE_TOKENS = 1 << 15
-"""With source 'model', the input scale is estimated from the first NORM_SAMPLE_TOKENS
-stored tokens of the training text."""
 LIVE_ABSORPTION_TOKEN_FACTOR = 2
 """With source 'model', absorption reads the first absorption.n_tokens x this many tokens of
 the held-out documents (77 % of the demo text's tokens are alphabetic)."""
+
+
+class TrainingSource(Protocol):
+    """What the trainer reads a group's data through."""
+
+    d_model: int
+    model_name: str
+    hooks: dict[str, str]
+    """Hook spec (as configs name it) -> module path, transcoders' targets included."""
+    normalizer: Normalizer
+    """The input scale of every served hook the group trains with (train_data.normalize)."""
+
+    def hook_of(self, run: RunConfig) -> str:
+        """The module path a run's SAE reads."""
+
+    def target_of(self, run: RunConfig) -> str:
+        """The module path a run's SAE reconstructs (its input hook) or predicts."""
+
+    def width(self, hook: str) -> int:
+        """The width of a served hook (a module path)."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches {module path: [batch, d] float32}, from the current position."""
+
+    def state_dict(self) -> dict:
+        """The position after the last batch served (for resume)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position `state_dict` gave."""
+
+    def figures(self) -> dict[str, float]:
+        """Live figures for logging."""
+
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """Up to n_tokens held-out tokens ({module path: acts}, every hook's rows the same
+        tokens) in memory, in batches of batch_size (None: one batch)."""
+
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        """The model and held-out sequences downstream fidelity runs on, for `hooks`."""
+
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        """The labelled held-out tokens absorption runs on, and what its results record."""
 
 
 def hook_spec(data: DataConfig | HookChoice) -> str | None:
@@ -63,27 +106,27 @@ def target_spec(data: DataConfig | HookChoice) -> str | None:
     return f"resid.{data.target_layer}" if data.target_layer is not None else None
 
 
-def store_hooks(data: DataConfig) -> tuple[dict, dict | None]:
-    """(metadata of the input hook, of the target hook or None) in the collection at data.uri;
-    a target that is the input hook or stores other tokens is refused."""
-    store = open_store(data.uri, data.anonymous)
-    meta = find_hook(store, data.hook, data.layer)
+def store_hooks(collection: Collection, data: DataConfig) -> tuple[dict, dict | None]:
+    """(metadata of the input hook, of the target hook or None) that `data` names in
+    `collection`; a target that is the input hook or stores other tokens is refused."""
+    meta = collection.hook(data.hook, data.layer)
     if data.target_hook is None and data.target_layer is None:
         return meta, None
-    target = find_hook(store, data.target_hook, data.target_layer)
+    target = collection.hook(data.target_hook, data.target_layer)
     if target["hook"] == meta["hook"]:
         raise UserError(
             f"the target hook {target['hook']} is the input hook; leave target_hook and "
             "target_layer unset for an ordinary SAE"
         )
-    check_same_tokens(data.uri, meta, target)
+    collection.check_same_tokens(meta, target)
     return meta, target
 
 
 def open_reader(data: DataConfig, cfg: GroupConfig, train: bool) -> Reader:
-    meta, target = store_hooks(data)
+    collection = Collection.open(data.uri, data.anonymous)
+    meta, target = store_hooks(collection, data)
     return Reader(
-        data.uri,
+        collection,
         hook=meta["hook"],
         extra_hooks=[target["hook"]] if target else [],
         batch_size=cfg.batch_size,
@@ -102,7 +145,20 @@ def open_reader(data: DataConfig, cfg: GroupConfig, train: bool) -> Reader:
     )
 
 
-class StoreSource:
+class HeldOutFromConfig:
+    """held_out_text and held_out_tokens from a source's config alone (its `text_for` and
+    `tokens_for`), which any process of a group can prepare without the source."""
+
+    cfg: GroupConfig
+
+    def held_out_text(self, hooks: list[str], n_sequences: int) -> HeldOutText:
+        return self.text_for(self.cfg, hooks, n_sequences)
+
+    def held_out_tokens(self) -> tuple[HeldOutTokens, dict]:
+        return self.tokens_for(self.cfg)
+
+
+class StoreSource(HeldOutFromConfig):
     """The Reader over one hook of a collection (and its transcoders' target hook, in
     lockstep), repeated to n_train tokens."""
 
@@ -122,6 +178,11 @@ class StoreSource:
         self.target = self.reader.hooks[1].hook if len(self.reader.hooks) > 1 else None
         if self.target is not None:
             self.hooks[target_spec(cfg.train_data)] = self.target
+        self.normalizer = chosen_normalizer(
+            cfg,
+            self.hooks.values(),
+            lambda: Normalizer.from_statistics(self.reader.collection, self.reader.hooks),
+        )
 
     def hook_of(self, run: RunConfig) -> str:
         return self.reader.hook
@@ -132,9 +193,6 @@ class StoreSource:
 
     def width(self, hook: str) -> int:
         return next(h.d_model for h in self.reader.hooks if h.hook == hook)
-
-    def norm_scale(self, hook: str) -> float:
-        return self.reader.norm_scale(hook)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return _dicts(self.reader)
@@ -148,18 +206,34 @@ class StoreSource:
     def figures(self) -> dict[str, float]:
         return self.reader.figures()
 
-    def held_out(self) -> Iterable[dict[str, torch.Tensor]]:
-        """Held-out batches (evaluation reads up to n_val tokens): val_data, by default the
-        train collection's last shard, its hooks those of train_data unless set."""
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """From val_data, by default the train collection's last shard, its hooks those of
+        train_data unless set."""
         cfg = self.cfg
         batch = min(cfg.batch_size, cfg.n_val)
         val = open_reader(cfg.held_out_data, dataclasses.replace(cfg, batch_size=batch), False)
         # named after the training hooks, which the stacks know (val may read other ones)
         names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
-        return ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
+        batches = ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
+        return keep_tokens(batches, n_tokens, batch_size)
+
+    @staticmethod
+    def text_for(cfg: GroupConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
+        """held_out_text of a store config: its held-out shards (no source needed)."""
+        data = cfg.held_out_data
+        return text_from_collection(
+            data.uri, hooks, n_sequences, cfg.device, shards=data.shards, anonymous=data.anonymous
+        )
+
+    @staticmethod
+    def tokens_for(cfg: GroupConfig) -> tuple[HeldOutTokens, dict]:
+        """held_out_tokens of a store config: its held-out shards (no source needed)."""
+        data = cfg.held_out_data
+        tokens = stored_tokens(data.uri, data.shards, data.anonymous)
+        return tokens, {"absorption_shards": data.shards}
 
 
-class LiveSource:
+class LiveSource(HeldOutFromConfig):
     """The model of the collection config `train_data.collect`, hooked at every hook the
     group's runs read (transcoders' targets are just more hooks); one forward pass per
     batch of sequences feeds all of them. It serves the group's ceil(n_train / batch_size)
@@ -189,7 +263,7 @@ class LiveSource:
                     f"the target hook {self.hook_of(run)} is the input hook; leave target_hook "
                     "and target_layer unset for an ordinary SAE"
                 )
-        self.scales = self._norm_scales()
+        self.normalizer = chosen_normalizer(cfg, self.hooks.values(), self._sampled_normalizer)
 
     def hook_of(self, run: RunConfig) -> str:
         return self.hooks[live_input(run, self.collect_cfg)]
@@ -202,15 +276,9 @@ class LiveSource:
     def width(self, hook: str) -> int:
         return self.d_model
 
-    def norm_scale(self, hook: str) -> float:
-        return self.scales[hook]
-
-    def _norm_scales(self) -> dict[str, float]:
-        sample = self.source.first_tokens(NORM_SAMPLE_TOKENS)
-        return {
-            path: math.sqrt(self.d_model) / float(sample[spec].float().norm(dim=1).mean())
-            for spec, path in self.hooks.items()
-        }
+    def _sampled_normalizer(self) -> Normalizer:
+        sample = self.source.first_tokens(SAMPLE_TOKENS)
+        return Normalizer.from_sample({path: sample[spec] for spec, path in self.hooks.items()})
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch, position in self.source.batches(self.position, self.n_batches - self.served):
@@ -235,22 +303,34 @@ class LiveSource:
     def figures(self) -> dict[str, float]:
         return {}
 
-    def held_out(self) -> list[dict[str, torch.Tensor]]:
-        """Up to n_val tokens of the held-out documents, every hook from the same forward
-        passes."""
+    def held_out_activations(self, n_tokens: int, batch_size: int | None) -> list[dict]:
+        """From the held-out documents, every hook from the same forward passes."""
+        return keep_tokens(self._held_out_batches(), n_tokens, batch_size)
+
+    def _held_out_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Up to n_val tokens of the held-out documents (their first epoch)."""
         cfg = self.cfg
         val = ModelSource(
             self.collect_cfg, list(self.hooks), min(cfg.batch_size, cfg.n_val), cfg.n_val, 0, "val"
         )
-        out, tokens = [], 0
+        tokens = 0
         for batch, pos in val.batches():
             if pos.epoch > 0:
-                break
-            out.append({path: batch.acts[spec].float() for spec, path in self.hooks.items()})
+                return
+            yield {path: batch.acts[spec].float() for spec, path in self.hooks.items()}
             tokens += len(batch.token_ids)
             if tokens >= cfg.n_val:
-                break
-        return out
+                return
+
+    @staticmethod
+    def text_for(cfg: GroupConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
+        """held_out_text of a live config: its held-out documents (no source needed)."""
+        return text_from_config(live_collect_config(cfg), hooks, n_sequences, cfg.device)
+
+    @staticmethod
+    def tokens_for(cfg: GroupConfig) -> tuple[HeldOutTokens, dict]:
+        """held_out_tokens of a live config: its held-out documents, computed when asked."""
+        return _live_tokens(cfg), {"absorption_split": "val"}
 
 
 def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
@@ -263,28 +343,6 @@ def live_collect_config(cfg: GroupConfig) -> CollectConfig:
     """The collection config a live source runs (train_data.collect), on the group's device."""
     collect_cfg = load_toml(Path(cfg.train_data.collect))
     return dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
-
-
-def held_out_text(cfg: GroupConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
-    """The model and held-out sequences downstream fidelity runs on for a group reading
-    `hooks` (module paths): the held-out documents of a live source, the held-out shards of
-    a store. Any rank can prepare it (it needs no source)."""
-    if cfg.train_data.source == "model":
-        return text_from_config(live_collect_config(cfg), hooks, n_sequences, cfg.device)
-    data = cfg.held_out_data
-    return text_from_collection(
-        data.uri, hooks, n_sequences, cfg.device, shards=data.shards, anonymous=data.anonymous
-    )
-
-
-def held_out_tokens(cfg: GroupConfig) -> tuple[HeldOutTokens, dict]:
-    """The labelled held-out tokens absorption runs on and what its results record of them:
-    the held-out documents of a live source (computed when asked), the held-out shards of a
-    store."""
-    if cfg.train_data.source == "model":
-        return _live_tokens(cfg), {"absorption_split": "val"}
-    data = cfg.held_out_data
-    return stored_tokens(data.uri, data.shards, data.anonymous), {"absorption_shards": data.shards}
 
 
 def _live_tokens(cfg: GroupConfig) -> HeldOutTokens:
@@ -300,7 +358,36 @@ def _live_tokens(cfg: GroupConfig) -> HeldOutTokens:
     return compute
 
 
-def open_source(cfg: GroupConfig, runs: list[RunConfig]) -> StoreSource | LiveSource:
-    if cfg.train_data.source == "model":
-        return LiveSource(cfg, runs)
-    return StoreSource(cfg)
+def chosen_normalizer(
+    cfg: GroupConfig, hooks: Iterable[str], estimate: Callable[[], Normalizer]
+) -> Normalizer:
+    """The normalizer train_data.normalize chooses: 'norm' estimates the scales, 'none' is 1
+    for every hook."""
+    return estimate() if cfg.train_data.normalize == "norm" else Normalizer.unit(hooks)
+
+
+def source_class(cfg: GroupConfig) -> type[StoreSource] | type[LiveSource]:
+    """The source a group's train_data.source names."""
+    return LiveSource if cfg.train_data.source == "model" else StoreSource
+
+
+def open_source(cfg: GroupConfig, runs: list[RunConfig]) -> TrainingSource:
+    return LiveSource(cfg, runs) if cfg.train_data.source == "model" else StoreSource(cfg)
+
+
+def keep_tokens(
+    batches: Iterable[dict[str, torch.Tensor]], n_tokens: int, batch_size: int | None
+) -> list[dict]:
+    """Up to n_tokens of `batches` ({hook: acts}, rows the same tokens in every hook), in
+    memory: batches of batch_size (None: one batch)."""
+    kept, tokens = [], 0
+    for batch in batches:
+        kept.append({h: acts[: n_tokens - tokens].clone() for h, acts in batch.items()})
+        tokens += len(next(iter(kept[-1].values())))
+        if tokens >= n_tokens:
+            break
+    whole = {h: torch.cat([b[h] for b in kept]) for h in kept[0]}
+    if batch_size is None:
+        return [whole]
+    parts = {h: acts.split(batch_size) for h, acts in whole.items()}
+    return [dict(zip(parts, chunk, strict=True)) for chunk in zip(*parts.values(), strict=True)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saesweep.data.normalizer import Normalizer
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import absorption_of, not_measured
 from saesweep.evaluate.downstream import HeldOutText, load_run, measure
@@ -40,11 +41,10 @@ from saesweep.train.distributed import (
     World,
     assign_runs,
     data_slice,
-    held_out_tensors,
 )
 from saesweep.train.progress import ProgressWriter
 from saesweep.train.runlog import RunLog
-from saesweep.train.sources import held_out_text, held_out_tokens, open_source
+from saesweep.train.sources import TrainingSource, open_source
 
 SUMMARY_SKIPS = ("density_hist", WEIGHTS_CHECKSUM)
 """metrics.json keys left out of the wandb summary."""
@@ -89,10 +89,7 @@ class GroupTrainer:
         self.source = self._open_source()
         self.total_steps = cfg.total_steps
         self.d_in = self.source.d_model
-        self.scales = {
-            hook: self.source.norm_scale(hook) if cfg.train_data.normalize == "norm" else 1.0
-            for hook in self.source.hooks.values()
-        }
+        self.normalizer = self.source.normalizer
         self._check_d_model()
         self.trained = self._runs_of_this_rank()
         """Indices of the runs this process trains."""
@@ -110,12 +107,12 @@ class GroupTrainer:
         self.earlier_wall_s = 0.0  # wall time of the processes before this one (resumes)
         self.started = self.last_save = time.perf_counter()
 
-    def _open_source(self):
+    def _open_source(self) -> TrainingSource:
         """The group's source; with several processes, rank 0's shared with every rank."""
         if self.world.size == 1:
             return open_source(self.cfg, self.runs)
         inner = open_source(self.cfg, self.runs) if self.world.leader else None
-        return SharedSource(self.world, inner, self.runs)
+        return SharedSource(self.world, inner, self.cfg, self.runs)
 
     def _runs_of_this_rank(self) -> list[int]:
         if self.world.mode == "data" or self.world.size == 1:
@@ -181,7 +178,7 @@ class GroupTrainer:
             for acts in self.source:
                 if self.step >= self.total_steps:
                     break
-                x = {hook: acts[hook] * scale for hook, scale in self.scales.items()}
+                x = self.normalizer(acts)
                 if fresh:
                     for stack in self.stacks:
                         stack.sae.init_b_dec(x[stack.target])
@@ -312,7 +309,7 @@ class GroupTrainer:
                 cfg = self.cfg
                 hooks = sorted({self.source.hook_of(r) for r in self.runs})
                 n = max(cfg.downstream_sequences, cfg.eval_downstream_sequences)
-                self.held_out_text = held_out_text(cfg, hooks, n)
+                self.held_out_text = self.source.held_out_text(hooks, n)
             return measure(self.held_out_text, saes, n_sequences)
         except UserError as err:
             print(f"warning: downstream fidelity {when} skipped: {err}")
@@ -324,16 +321,13 @@ class GroupTrainer:
         if self.held_out_batches is None:
             cfg = self.cfg
             batch = min(cfg.batch_size, cfg.n_val)
-            if isinstance(self.source, SharedSource):
-                self.held_out_batches = self.source.held_out(cfg.n_val, batch)
-            else:
-                self.held_out_batches = held_out_tensors(self.source, cfg.n_val, batch)
+            self.held_out_batches = self.source.held_out_activations(cfg.n_val, batch)
         return self.held_out_batches
 
     def _evaluate(self, held_out) -> dict[int, dict]:
         """Every run's metrics on held-out data (batches of {hook: acts}), by run index."""
         stacks = [(s.sae, s.hook, s.target) for s in self.stacks]
-        evals = evaluate_stacks(stacks, held_out, self.scales, self.cfg.n_val)
+        evals = evaluate_stacks(stacks, held_out, self.normalizer, self.cfg.n_val)
         return {
             i: stack_evals[j]
             for stack, stack_evals in zip(self.stacks, evals, strict=True)
@@ -382,7 +376,7 @@ class GroupTrainer:
         cfg = self.cfg
         if cfg.absorption.n_tokens <= 0:
             return [not_measured("turned off: absorption.n_tokens is 0")] * len(self.run_dirs)
-        tokens, recorded = held_out_tokens(cfg)
+        tokens, recorded = self.source.held_out_tokens()
         try:
             return absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
         except UserError as err:
@@ -413,7 +407,7 @@ class GroupTrainer:
     def _checkpoint(self, stack: Stack, j: int, i: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """(cfg.json, weights) of member j of `stack` (run i) as it is now, acting on raw
         activations."""
-        scales = self.scales[stack.hook], self.scales[stack.target]
+        scales = self.normalizer.folded(stack.hook, stack.target)
         sae_cfg = {
             **stack.sae.sae_lens_cfg(),
             "hook_name": stack.hook,
@@ -455,6 +449,7 @@ class GroupTrainer:
                 {
                     "step": self.step,
                     "reader": self.source.state_dict(),
+                    "normalizer": self.normalizer.state_dict(),
                     "wall_s": self.wall_s(),
                     "procs": self.world.size,
                     "parallel": self.world.mode,
@@ -481,6 +476,8 @@ class GroupTrainer:
         self.step = self.first_step = commit["step"]
         self.earlier_wall_s = commit["wall_s"]
         self.source.load_state_dict(commit["reader"])
+        if "normalizer" in commit:  # the scales the SAEs trained with, not estimated again
+            self.normalizer = Normalizer(commit["normalizer"])
         return True
 
     def wall_s(self) -> float:
