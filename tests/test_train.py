@@ -650,6 +650,24 @@ def test_a_dry_run_refuses_what_the_launch_would(coll, tmp_path, flags, message)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_dry_run_notes_held_out_shards_too_small_for_the_evaluations(coll, tmp_path):
+    """Held-out shards with fewer tokens than absorption and downstream fidelity ask for: one
+    line before launch naming the flags (not a refusal: they use what there is)."""
+    proc = run_train(*sweep_args(coll, tmp_path / "runs"), "--dry-run")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    note = next(line for line in out.splitlines() if line.startswith("note: the held-out"))
+    assert "hold 512 tokens, fewer than absorption 8,192 (--absorption.n-tokens)" in note
+    assert "downstream fidelity 64 sequences of up to 64 tokens" in note
+    assert "--val-data.shards" in note
+    proc = run_train(
+        *sweep_args(coll, tmp_path / "runs"), "--dry-run", "--absorption.n-tokens", "256",
+        "--downstream-sequences", "4",
+    )  # fmt: skip
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "note: the held-out" not in out, out + err
+
+
 def test_launches_in_the_same_second_get_their_own_directories(tmp_path):
     made = [create_sweep_dir(tmp_path, "lr_grid") for _ in range(5)]
     assert len(set(made)) == 5 and all(p.is_dir() for p in made)

@@ -197,6 +197,7 @@ def check_data(group: Group) -> int | None:
         for data in (cfg.train_data, cfg.held_out_data)
     )
     check_shard_slices(cfg, train, val)
+    note_few_held_out(cfg, val)
     for run_id, run in zip(group.run_ids, group.runs, strict=True):
         try:
             ARCHITECTURES[run.sae.arch].check_shape(run.sae, train["d_model"])
@@ -227,6 +228,30 @@ def check_shard_slices(cfg: GroupConfig, train: dict, val: dict) -> None:
             f"--train-data.shards {cfg.train_data.shards!r} and --val-data.shards "
             f"{cfg.held_out_data.shards!r} share shards of {cfg.train_data.uri}, so the "
             "evaluation would see training tokens; make the slices disjoint (':-1' and '-1:')"
+        )
+
+
+def note_few_held_out(cfg: GroupConfig, val: dict) -> None:
+    """One line when the held-out shards hold fewer tokens than absorption or downstream
+    fidelity ask for (they then rest on what there is; the run still trains), naming the flag
+    that changes either side."""
+    data = cfg.held_out_data
+    chosen = val["shards"][parse_slice(data.shards)]
+    tokens = sum(s["n_tokens"] for s in chosen)
+    wants = []
+    if 0 < tokens < cfg.absorption.n_tokens:
+        wants.append(f"absorption {cfg.absorption.n_tokens:,} (--absorption.n-tokens)")
+    sequences = cfg.downstream_sequences * val.get("ctx_len", 0)
+    if 0 < tokens < sequences:
+        wants.append(
+            f"downstream fidelity {cfg.downstream_sequences} sequences of up to {val['ctx_len']} "
+            "tokens (--downstream-sequences)"
+        )
+    if wants:
+        print(
+            f"note: the held-out shards {data.shards!r} of {data.uri} hold {tokens:,} tokens, "
+            f"fewer than {' and '.join(wants)} ask for: they use what there is; hold out more "
+            "with --val-data.shards or --val-data.uri, or lower those flags"
         )
 
 
