@@ -9,7 +9,14 @@ from members import load_member_state_dict, member_schedule
 from safetensors.torch import load, save
 from synthetic import sparse_mixture
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import (
+    ARCHITECTURES,
+    JumpReLUConfig,
+    ObjectiveConfig,
+    SAEConfig,
+    SwitchConfig,
+    make_sae,
+)
 from saesweep.sae.export import apply_exported
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
 from saesweep.sae.step import train_step
@@ -22,8 +29,8 @@ NORMALIZE = [True, False, True]
 
 
 def _cfg(arch: str, **kw) -> SAEConfig:
-    base = dict(arch=arch, d_sae=D_SAE, k=8, n_experts=4, dead_tokens=3 * B)
-    base |= dict(jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1)
+    base = dict(arch=arch, d_sae=D_SAE, k=8, switch=SwitchConfig(n_experts=4), dead_tokens=3 * B)
+    base |= dict(jumprelu=JumpReLUConfig(bandwidth=0.05, init_threshold=0.1))
     return SAEConfig(**(base | kw))
 
 
@@ -99,7 +106,7 @@ def test_jumprelu_member_on_the_sparse_path_does_not_depend_on_a_dense_peer():
     # each member's path follows its own entries per token: a low initial threshold (about
     # half the latents active: dense) beside a high one (a few: sparse)
     data = sparse_mixture(15 * B, D_IN, seed=1, dtype=torch.float32)
-    cfgs = [_cfg("jumprelu", jumprelu_init_threshold=t) for t in (3.0, 1e-3)]
+    cfgs = [_cfg("jumprelu", jumprelu=JumpReLUConfig(0.05, init_threshold=t)) for t in (3.0, 1e-3)]
     obj = ObjectiveConfig(sparsity_coeff=1e-3)
     saes, paths = [], []
     for part in (slice(0, 2), slice(0, 1), slice(1, 2)):

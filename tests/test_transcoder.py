@@ -8,7 +8,14 @@ import torch
 from members import load_member_state_dict, member_schedule
 from synthetic import sparse_map
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import (
+    ARCHITECTURES,
+    JumpReLUConfig,
+    ObjectiveConfig,
+    SAEConfig,
+    SwitchConfig,
+    make_sae,
+)
 from saesweep.sae.export import apply_exported
 from saesweep.sae.optim import LRSchedule, StackedAdam
 from saesweep.sae.step import train_step
@@ -24,8 +31,8 @@ OBJECTIVES = [
 
 
 def _cfg(arch: str, **kw) -> SAEConfig:
-    base = dict(arch=arch, d_sae=D_SAE, k=4, n_experts=4, dead_tokens=3 * B)
-    base |= dict(jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1)
+    base = dict(arch=arch, d_sae=D_SAE, k=4, switch=SwitchConfig(n_experts=4), dead_tokens=3 * B)
+    base |= dict(jumprelu=JumpReLUConfig(bandwidth=0.05, init_threshold=0.1))
     return SAEConfig(**(base | kw))
 
 
