@@ -70,6 +70,21 @@ def resolve_key(cls: type, key: str) -> list[str]:
     return []
 
 
+def spelled_out(cls: type, values: dict) -> dict:
+    """`values`, a dict of `cls`'s fields as a file wrote it (a sweep.json, a cfg.json of an
+    older version), with every alias and short key nested at its field path; keys `cls` does
+    not know are kept as they are."""
+    out: dict = {}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        path = resolve_key(cls, key) or [key]
+        inner = hints.get(path[0])
+        if len(path) == 1 and isinstance(value, dict) and dataclasses.is_dataclass(inner):
+            value = spelled_out(inner, value)
+        out = deep_merge(out, {path[0]: value if len(path) == 1 else {path[1]: value}})
+    return out
+
+
 def _options(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

@@ -17,8 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from saesweep.configtools import spelled_out
 from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
 from saesweep.format.rundir import check_unit, write_json
+from saesweep.sae.config import SAEConfig
 from saesweep.sae.registry import ARCHITECTURES, section_readers
 
 COLUMNS = (
@@ -88,7 +90,10 @@ def run_params(run_dir: Path, metrics: dict) -> dict:
     cfg_path = run_dir / "cfg.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     check_unit(run_dir, cfg, metrics)
-    flat = _flatten(cfg.get("saesweep_config", {}))
+    tree = cfg.get("saesweep_config", {})
+    if isinstance(tree.get("sae"), dict):  # older runs spell architecture options flat
+        tree = tree | {"sae": spelled_out(SAEConfig, tree["sae"])}
+    flat = _flatten(tree)
     params = {k: v for k, v in flat.items() if k not in IGNORED + RESOLVED}
     resolved = {k: metrics.get(k) for k in ("arch", "lr", "d_sae", "k")}
     return params | resolved | {"hook": cfg.get("hook_name")}
