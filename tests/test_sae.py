@@ -9,19 +9,13 @@ import pytest
 import torch
 from synthetic import make_collection, sparse_mixture
 
-from saesweep.sae import (
-    ARCHITECTURES,
-    JumpReLUConfig,
-    ObjectiveConfig,
-    SAEConfig,
-    SwitchConfig,
-    make_sae,
-    sparse,
-)
+from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae, sparse
 from saesweep.sae.base import geometric_median, total_variance
+from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
+from saesweep.sae.switch import SwitchConfig
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.trainer import GroupTrainer
 

@@ -9,17 +9,12 @@ from members import load_member_state_dict, member_schedule
 from safetensors.torch import load, save
 from synthetic import sparse_mixture
 
-from saesweep.sae import (
-    ARCHITECTURES,
-    JumpReLUConfig,
-    ObjectiveConfig,
-    SAEConfig,
-    SwitchConfig,
-    make_sae,
-)
+from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
+from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
 from saesweep.sae.step import train_step
+from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_SAE, B = 32, 128, 64
 ARCHS = sorted(ARCHITECTURES)

@@ -8,17 +8,12 @@ import torch
 from members import load_member_state_dict, member_schedule
 from synthetic import sparse_map
 
-from saesweep.sae import (
-    ARCHITECTURES,
-    JumpReLUConfig,
-    ObjectiveConfig,
-    SAEConfig,
-    SwitchConfig,
-    make_sae,
-)
+from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
+from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam
 from saesweep.sae.step import train_step
+from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_OUT, D_SAE, B = 32, 24, 64, 128
 ARCHS = sorted(ARCHITECTURES)
