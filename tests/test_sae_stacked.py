@@ -225,6 +225,19 @@ def test_resume_from_safetensors_is_bit_identical(arch):
         assert torch.equal(t, resumed.state_dict()[name]), name
 
 
+def test_a_state_with_the_moved_coefficient_buffers_loads():
+    """Group checkpoints written before JumpReLU and Switch owned target_l0 and
+    load_balance_coeff hold both for every stack; other unknown keys are still refused."""
+    sae = make_sae(_cfg("topk"), D_IN, SEEDS)
+    old = sae.state_dict() | {"target_l0": torch.zeros(3), "load_balance_coeff": torch.ones(3)}
+    other = make_sae(_cfg("topk"), D_IN, [1, 2, 4])
+    other.load_state_dict(old)
+    for name, t in sae.state_dict().items():
+        assert torch.equal(other.state_dict()[name], t), name
+    with pytest.raises(RuntimeError, match="Unexpected key.*threshold"):
+        other.load_state_dict(old | {"threshold": torch.zeros(3)})
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_export_folds_input_scale_into_raw_space(arch):
     scale = 0.37

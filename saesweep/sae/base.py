@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = ["LossResult", "StackedSAE", "geometric_median"]
 
+MOVED_BUFFERS = ("target_l0", "load_balance_coeff")
+"""Coefficient buffers that group checkpoints of every architecture hold when written before
+JumpReLU and Switch registered them as their own; a stack without them ignores them on load."""
+
 
 @dataclass(frozen=True)
 class LossResult:
@@ -105,6 +109,7 @@ class StackedSAE(nn.Module):
         for name in members[0]:
             self.register_parameter(name, nn.Parameter(torch.stack([m[name] for m in members])))
         self.register_member_buffers()
+        self.register_load_state_dict_pre_hook(_ignore_moved_buffers)
 
     def _check_members(self, cfgs, seeds, objectives) -> None:
         if not (len(cfgs) == len(seeds) == len(objectives) > 0):
@@ -394,6 +399,13 @@ class StackedSAE(nn.Module):
     def _sae_lens_extra(self) -> dict:
         """The architecture's own SAELens fields of cfg.json (k, n_experts, ...)."""
         return {}
+
+
+def _ignore_moved_buffers(module: StackedSAE, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict's pre-hook: drop the MOVED_BUFFERS `module` does not have."""
+    for name in MOVED_BUFFERS:
+        if name not in module._buffers:
+            state_dict.pop(prefix + name, None)
 
 
 def transcoder_architecture(sae_architecture: str, skip: bool) -> str:
