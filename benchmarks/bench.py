@@ -241,7 +241,7 @@ def bench_reader(args: argparse.Namespace) -> None:
 
     def reader() -> int:
         kwargs = dict(
-            n_workers=args.n_workers, s3_connections=args.s3_connections, device=args.device
+            n_threads=args.n_threads, s3_connections=args.s3_connections, device=args.device
         )
         if args.shuffle_tokens:
             kwargs["shuffle_tokens"] = args.shuffle_tokens
@@ -565,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("uri")
     r.add_argument("--hook", default=None)
     r.add_argument("--batch-size", type=int, default=4096)
-    r.add_argument("--n-workers", type=int, default=2)
+    r.add_argument("--n-threads", type=int, default=2)
     r.add_argument("--s3-connections", type=int, default=16)
     r.add_argument("--shuffle-tokens", type=int, default=None, help="the Reader's window")
     r.add_argument("--cold", action="store_true", help="local: evict the files before each run")

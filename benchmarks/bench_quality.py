@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saesweep.errors import exit_on_user_error
-from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.config import DataConfig, GroupConfig
 from saesweep.train.distributed import held_out_tensors
 from saesweep.train.sources import StoreSource
 
@@ -210,9 +210,9 @@ LOADERS = {
 # ---------------------------------------------------------------- data
 
 
-def bench_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig train.py builds from the flags run_saesweep passes (lr aside)."""
-    return TrainConfig(
+def bench_config(args: argparse.Namespace) -> GroupConfig:
+    """The group config train.py builds from the flags run_saesweep passes."""
+    return GroupConfig(
         train_data=DataConfig(uri=args.uri, shards=":-1"),
         val_data=DataConfig(uri=args.val_uri, shards="-1:"),
         n_train=args.n_train,

@@ -1,4 +1,5 @@
-"""The one config mechanism of both entry points: files and flags to frozen dataclasses.
+"""The one config and command-line mechanism of every entry point: files and flags to
+frozen dataclasses.
 
 collect.py (a TOML file) and train.py (a sweep file) build their configs the same way: the
 file's dicts and the command line's `--a.b-c VALUE` flags are deep-merged (flags > file >
@@ -10,6 +11,11 @@ A nested config marked `short=True` (the Slurm settings) may also be written wit
 section: `--slurm-acct A` or `--n-hours 24` name `slurm.acct` and `slurm.n_hours`. A field of
 a nested config may name other spellings of itself in its parent (`field(metadata=alias(...))`):
 `sae.n_experts` names `sae.switch.n_experts`, the field whose aliases hold "n_experts".
+
+Every entry point parses its command line here: collect.py and train.py a command plus a config
+(parse_command_line), the collection shell, the feature pages and the report a command alone
+(parse_command), whose fields typed `positional(...)` are its positional arguments. A list
+flag takes comma-separated values, or several values after it (`--latents 0 5 17`).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import difflib
 import io
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from saesweep.errors import UserError
 
@@ -138,38 +145,158 @@ def parse_command_line(args: list[str], command: type[T], config: type, program:
     """The command's own flags (fields of the `command` dataclass) as a checked instance, and
     the config flags as a nested dict of the explicitly given fields of `config`."""
     own, overrides = parse_flags(args, (command, config), program)
-    options = replace_from_dict(command(), own, program)
+    return _checked(command, own, program), overrides
+
+
+def parse_command(argv: list[str] | None, command: type[T], program: str, usage: str) -> T:
+    """A command line (`argv`, default sys.argv[1:]) that sets only the fields of `command`
+    (positional arguments among them) as a checked instance; -h or --help prints the help
+    and exits."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print_help(command, program, usage)
+        raise SystemExit(0)
+    (own,) = parse_flags(args, (command,), program)
+    return _checked(command, own, program)
+
+
+def _checked(command: type[T], given: dict[str, Any], program: str) -> T:
+    """`command` built from the given fields, each required one present and every range
+    check beside a field met."""
+    for f in dataclasses.fields(command):
+        required = f.default is f.default_factory is dataclasses.MISSING
+        if required and f.name not in given:
+            raise UserError(f"{program} needs {_spelling(command, f.name)}; see {program} --help")
+    options = command(**given)
     for name, value, want in violations(options):
         raise UserError(f"--{name.replace('_', '-')} {value!r} must be {want}")
-    return options, overrides
+    return options
+
+
+def _spelling(command: type, name: str) -> str:
+    """How the command line writes the field `name`: its METAVAR or its --flag."""
+    return _positionals(command).get(name, "--" + name.replace("_", "-"))
+
+
+POSITIONAL = object()
+"""Annotated metadata marking a positional argument (see `positional`)."""
+
+
+def positional(hint: Any, metavar: str) -> Any:
+    """The type of a command's positional argument, shown as `metavar` in --help
+    (`uri: positional(str, "URI")`). A tuple-typed one, the last, takes every argument from
+    its first one on, flags included."""
+    import tyro
+
+    return Annotated[tyro.conf.Positional[hint], tyro.conf.arg(metavar=metavar), POSITIONAL]
+
+
+def _positionals(cls: type) -> dict[str, str]:
+    """The positional fields of `cls` in order, with their metavars."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    found = {}
+    for f in dataclasses.fields(cls):
+        extras = getattr(hints[f.name], "__metadata__", ())
+        if any(extra is POSITIONAL for extra in extras):
+            found[f.name] = next(e.metavar for e in extras if hasattr(e, "metavar"))
+    return found
 
 
 def parse_flags(args: list[str], classes: tuple[type, ...], program: str) -> list[dict]:
-    """`--a.b-c VALUE` flags (`--flag` alone for true, `--no-flag` for false on booleans) to
-    one nested dict per class of the explicitly given fields; a flag goes to the first class
-    that has its field."""
+    """`--a.b-c VALUE` flags (`--flag` alone for true, `--no-flag` for false on booleans; a
+    list flag: comma-separated, or every value up to the next flag) to one nested dict per
+    class of the explicitly given fields; a flag goes to the first class that has its field.
+    The other arguments are the first class's positional fields (after `--`: all of them)."""
     found: list[dict] = [{} for _ in classes]
+    words: list[str] = []
     i = 0
     while i < len(args):
-        flag = args[i]
-        if not flag.startswith("--"):
-            raise UserError(f"unexpected argument {flag!r}; config flags look like --lr 1e-3")
-        name, _, inline = flag[2:].partition("=")
-        negated = name.startswith("no-") and _is_bool(classes, name[3:])
-        which, path, hint = _field_path(classes, (name[3:] if negated else name), flag, program)
-        if hint is bool and not inline:
-            value: Any = not negated
-            i += 1
-        else:
-            if not inline and i + 1 >= len(args):
-                raise UserError(f"flag {flag} needs a value")
-            value = parse_value(inline or args[i + 1], hint, flag)
-            i += 1 if inline else 2
-        node = found[which]
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
+        if args[i] == "--":
+            words += args[i + 1 :]
+            break
+        if args[i].startswith("--"):
+            i = _take_flag(args, i, classes, found, program)
+            continue
+        words.append(args[i])
+        i += 1
+        if _rest_reached(classes[0], words):
+            words += args[i:]
+            break
+    found[0].update(_positional_values(classes[0], words, program))
     return found
+
+
+def _rest_reached(cls: type, words: list[str]) -> bool:
+    """Whether the last of `words` is the first of the tuple positional, which takes every
+    argument after it."""
+    names = list(_positionals(cls))
+    return bool(names) and _is_tuple(cls, names[-1]) and len(words) == len(names)
+
+
+def _positional_values(cls: type, words: list[str], program: str) -> dict[str, Any]:
+    """The positional fields' values from the positional arguments."""
+    names = _positionals(cls)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, metavar in names.items():
+        if not words:
+            break
+        if _is_tuple(cls, name):
+            values[name] = tuple(parse_value(w, get_args(hints[name])[0], metavar) for w in words)
+            words = []
+        else:
+            values[name], words = parse_value(words[0], hints[name], metavar), words[1:]
+    if words:
+        hint = "config flags look like --lr 1e-3" if not names else f"see {program} --help"
+        raise UserError(f"unexpected argument {words[0]!r}; {hint}")
+    return values
+
+
+def _is_tuple(cls: type, name: str) -> bool:
+    return get_origin(typing.get_type_hints(cls)[name]) is tuple
+
+
+def _take_flag(args: list[str], i: int, classes, found: list[dict], program: str) -> int:
+    """Set the flag at args[i] (and its values) in `found`; the index after them."""
+    flag = args[i]
+    name, _, inline = flag[2:].partition("=")
+    negated = name.startswith("no-") and _is_bool(classes, name[3:])
+    which, path, hint = _field_path(classes, (name[3:] if negated else name), flag, program)
+    if hint is bool and not inline:
+        value: Any = not negated
+        i += 1
+    elif inline:
+        value = parse_value(inline, hint, flag)
+        i += 1
+    else:
+        values = _values_after(args, i, _list_type(hint) is not None)
+        if not values:
+            raise UserError(f"flag {flag} needs a value")
+        value = parse_value(",".join(values) if len(values) > 1 else values[0], hint, flag)
+        i += 1 + len(values)
+    node = found[which]
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return i
+
+
+def _values_after(args: list[str], i: int, several: bool) -> list[str]:
+    """The value(s) of the flag at args[i]: the next argument, or for a list every one up to
+    the next flag."""
+    following = args[i + 1 :]
+    if not several:
+        return following[:1]
+    end = next((j for j, a in enumerate(following) if a.startswith("--")), len(following))
+    return following[:end]
+
+
+def _list_type(hint: Any) -> Any:
+    """The tuple type within `hint` (a tuple, or an optional tuple), or None."""
+    for arg in (hint, *get_args(hint)):
+        if get_origin(arg) is tuple:
+            return arg
+    return None
 
 
 def _is_bool(classes: tuple[type, ...], name: str) -> bool:
@@ -218,9 +345,10 @@ def _walk(cls: type, parts: list[str]) -> tuple[list[str], Any, bool]:
 
 def parse_value(raw: str, hint: Any, flag: str) -> Any:
     """A command-line string as a value of type `hint` (a list: comma-separated)."""
-    if get_origin(hint) is tuple:
+    listed = _list_type(hint)
+    if listed is hint or (listed is not None and raw.lower() not in ("none", "null")):
         items = [item.strip() for item in raw.split(",") if item.strip()]
-        return tuple(parse_value(item, get_args(hint)[0], flag) for item in items)
+        return tuple(parse_value(item, get_args(listed)[0], flag) for item in items)
     candidates: list[Any] = [raw]
     if raw.lower() in ("none", "null"):
         candidates.insert(0, None)

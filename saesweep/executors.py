@@ -207,9 +207,10 @@ def _run_on_ray(fn, groups, log_dir, slurms, tasks, ray: RayConfig, poll_s, unit
         )
         for s, n in zip(slurms, tasks, strict=True)
     ]
+    described = [describe_request(s, "ray", custom) for s in slurms]
     return run_on_ray(fn, groups, address=ray.address, requests=requests, tasks=tasks,
-                      log_dir=log_dir, max_retries=ray.max_retries, poll_s=poll_s, unit=unit,
-                      progress=progress)  # fmt: skip
+                      described=described, log_dir=log_dir, max_retries=ray.max_retries,
+                      poll_s=poll_s, unit=unit, progress=progress)  # fmt: skip
 
 
 CONTROLLER_LOG = "local-controllers.log"
@@ -486,18 +487,27 @@ def _check_startable(jobs: list[submitit.Job], slurms: list[SlurmConfig], unit: 
         job_id, state, reason = (line.split("|") + ["", ""])[:3]
         if state == "PENDING" and reason in NEVER_STARTS:
             index = index_of.get(job_id.split("_")[0], 0)
+            request = describe_request(slurms[index], "slurm")
             raise UserError(
                 f"Slurm will never start {unit} {index}'s job {job_id} (pending for "
-                f"{reason}: {NEVER_STARTS[reason]}); it asks for {_describe(slurms[index])}: "
+                f"{reason}: {NEVER_STARTS[reason]}); it asks for {request}: "
                 "change --cpus-per-group, --gpus-per-group, --mem-gb, --slurm-partition, "
                 "--slurm-qos or --slurm-acct (its jobs were cancelled)"
             )
 
 
-def _describe(slurm: SlurmConfig) -> str:
-    """A job's request in words."""
-    parts = [f"{slurm.cpus_per_group or 'default'} CPUs a process"]
-    parts.append(f"{slurm.gpus_per_group or 0} GPUs")
-    parts.append(f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "default memory")
-    parts.append(f"partition {slurm.partition or '(default)'}")
-    return ", ".join(parts)
+def describe_request(
+    slurm: SlurmConfig, engine: str, custom: tuple[tuple[str, float], ...] = ()
+) -> str:
+    """What each job asks Slurm or Ray (`engine`) for, in words, as the plan prints it and
+    the errors about a job that can never start say it (`custom`: Ray resources per process)."""
+    cpus = f"{slurm.gpus_per_group or 0} GPU, {slurm.cpus_per_group or 'default'} CPUs per process"
+    if engine == "ray":
+        mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "no memory reservation"
+        return f"{cpus}, {mem}" + "".join(f", {v:g} {name} per process" for name, v in custom)
+    mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "the partition's default memory"
+    where = [f"account {slurm.acct}"] * bool(slurm.acct)
+    where += [f"partition {slurm.partition}"] * bool(slurm.partition)
+    return f"{cpus}, {mem} per node, {slurm.nodes_per_group} node(s), {slurm.n_hours:g} h" + (
+        f" ({', '.join(where)})" if where else ""
+    )

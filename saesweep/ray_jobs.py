@@ -54,11 +54,6 @@ class ProcessRequest:
             out["memory"] = self.memory_gb * 2**30
         return out
 
-    def describe(self) -> str:
-        memory = f", {self.memory_gb:.1f} GB" if self.memory_gb else ""
-        custom = "".join(f", {value:g} {name}" for name, value in self.custom)
-        return f"{self.cpus:g} CPUs, {self.gpus:g} GPUs{memory}{custom}"
-
 
 def import_ray():
     """The ray module, its workers set to run this Python (not a fresh `uv run` environment,
@@ -122,8 +117,11 @@ def parse_custom(resources: str | None) -> tuple[tuple[str, float], ...]:
         ) from None
 
 
-def check_feasible(ray, requests: Sequence[ProcessRequest], tasks: Sequence[int], unit: str):
-    """Raise UserError for the first job that no node of the cluster could ever run."""
+def check_feasible(
+    ray, requests: Sequence[ProcessRequest], tasks: Sequence[int], described: Sequence[str], unit
+):
+    """Raise UserError for the first job that no node of the cluster could ever run
+    (`described`: each job's request in words)."""
     nodes = [node["Resources"] for node in alive_nodes(ray)]
     for index, (request, n_tasks) in enumerate(zip(requests, tasks, strict=True)):
         wanted = request.resources()
@@ -131,18 +129,19 @@ def check_feasible(ray, requests: Sequence[ProcessRequest], tasks: Sequence[int]
         total = {k: sum(node.get(k, 0) for node in nodes) for k in wanted}
         if not any(fits) or any(total[k] < v * n_tasks for k, v in wanted.items()):
             largest = max(nodes, key=lambda node: node.get("CPU", 0))
-            has = ProcessRequest(
-                largest.get("CPU", 0),
-                largest.get("GPU", 0),
-                largest.get("memory", 0) / 2**30,
-                tuple((k, largest.get(k, 0)) for k, _ in request.custom),
-            )
             raise UserError(
-                f"{unit} {index} asks Ray for {n_tasks} x ({request.describe()}), which no "
-                f"node of the cluster ({len(nodes)} nodes; the largest has {has.describe()}) "
-                "can run; lower --cpus-per-group, --gpus-per-group or --mem-gb, or change "
-                "--ray-resources"
+                f"{unit} {index} asks Ray for {described[index]}, in {n_tasks} process(es), "
+                f"which no node of the cluster ({len(nodes)} nodes; the largest has "
+                f"{node_resources(largest, request)}) can run; lower --cpus-per-group, "
+                "--gpus-per-group or --mem-gb, or change --ray-resources"
             )
+
+
+def node_resources(node: dict[str, float], request: ProcessRequest) -> str:
+    """A node's CPUs, GPUs, memory and the custom resources `request` names, in words."""
+    memory = node.get("memory", 0) / 2**30
+    custom = "".join(f", {node.get(name, 0):g} {name}" for name, _ in request.custom)
+    return f"{node.get('CPU', 0):g} CPUs, {node.get('GPU', 0):g} GPUs, {memory:.1f} GB{custom}"
 
 
 @dataclasses.dataclass
@@ -332,6 +331,7 @@ def run_on_ray(
     address: str | None,
     requests: Sequence[ProcessRequest],
     tasks: Sequence[int],
+    described: Sequence[str],
     log_dir: Path,
     max_retries: int,
     poll_s: float,
@@ -343,7 +343,7 @@ def run_on_ray(
     log_dir.mkdir(parents=True, exist_ok=True)
     jobs = RayJobs(ray, fn, groups, requests, tasks, log_dir, unit)
     try:
-        check_feasible(ray, requests, tasks, unit)
+        check_feasible(ray, requests, tasks, described, unit)
         return jobs.run(max_retries, poll_s, progress)
     except BaseException:
         jobs.cancel()

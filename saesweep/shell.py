@@ -12,15 +12,16 @@ for what the files hold).
 
 from __future__ import annotations
 
-import argparse
 import cmd
 import posixpath
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from saesweep.collect.model import load_tokenizer
+from saesweep.configtools import parse_command, positional
 from saesweep.errors import UserError, exit_on_user_error, printable
 from saesweep.format.manifest import PARTS, hook_manifests, is_metadata_key, metadata_key
 from saesweep.format.shards import (
@@ -34,7 +35,7 @@ from saesweep.format.shards import (
     safetensors_header,
     shard_problem,
 )
-from saesweep.store import ANONYMOUS_HELP, Store, open_store
+from saesweep.store import Store, open_store
 
 VERIFY_THREADS = 4
 STATS_DIMS = 4
@@ -474,26 +475,29 @@ def _agree(n: int, n_tokens: int) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m saesweep.shell",
-        description="Inspect a saesweep collection (a path, file://PATH or s3://BUCKET/PREFIX). "
-        "With COMMAND, run it (several: separate with ';') and exit; else open a shell.",
-    )
-    parser.add_argument("uri", help="collection root")
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="let `inspect` download the model's tokenizer from the hub (default: local only)",
-    )
-    parser.add_argument("--anonymous", action="store_true", help=ANONYMOUS_HELP)
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="command to run, e.g. verify")
-    return parser.parse_args(argv)
+PROGRAM = "python -m saesweep.shell"
+USAGE = f"usage: {PROGRAM} [--download] [--anonymous] URI [COMMAND ...]\n"
+
+
+@dataclass(frozen=True)
+class ShellCommand:
+    """Inspect a saesweep collection: run COMMAND and exit, or open a shell."""
+
+    uri: positional(str, "URI")
+    """The collection root: a path, file://PATH or s3://BUCKET/PREFIX."""
+    command: positional(tuple[str, ...], "[COMMAND ...]") = ()
+    """Command to run, e.g. verify (several: separate with ';'), then exit; without one the
+    shell opens. Every argument after the first word of the command belongs to it."""
+    download: bool = False
+    """Let `inspect` download the model's tokenizer from the hub (default: local only)."""
+    anonymous: bool = False
+    """S3 URIs: send unsigned requests (a public bucket) even when AWS credentials are
+    configured; without credentials reads are unsigned anyway."""
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_command(argv, ShellCommand, PROGRAM, USAGE)
     shell = Shell(open_collection(args.uri, args.anonymous), download=args.download)
     if args.command:
         for line in " ".join(args.command).split(";"):

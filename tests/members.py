@@ -7,13 +7,12 @@ import torch
 from torch import Tensor
 
 from saesweep.sae import BatchTopKSAE, JumpReLUSAE, StackedSAE, SwitchSAE
-from saesweep.sae.optim import LRSchedule, _per_member
+from saesweep.sae.optim import LRSchedule
 
 
 def member_schedule(schedule: LRSchedule, i: int, n: int) -> LRSchedule:
     """Member i's schedule alone (for a stack of one)."""
-    fields = (schedule.warmup_steps, schedule.decay, schedule.decay_start)
-    w, d, s = (_per_member(v, n)[i] for v in fields)
+    w, d, s = schedule.members(n)[i]
     return LRSchedule(schedule.total_steps, [w], [d], [s])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from safetensors.torch import load_file
 from test_collect import read_hook
 from test_live_source import config  # noqa: F401 (the fixture)
@@ -28,7 +29,6 @@ from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.trainer import GroupTrainer
 
 HOOKS = ("resid.1", "resid.3")
 PATHS = ("encoder.layer.1", "encoder.layer.3")
@@ -95,7 +95,7 @@ def cached(config, tmp_path_factory) -> tuple[Path, Path]:  # noqa: F811
     root = tmp_path_factory.mktemp("cached")
     toml, cache = write_toml(config, root / "live.toml"), root / "cache"
     cfgs = cached_group(toml, str(cache))
-    results = GroupTrainer(cfgs, [root / "r1", root / "r3"], root / "state").train()
+    results = group_trainer(cfgs, [root / "r1", root / "r3"], root / "state").train()
     assert [r["tokens_seen"] for r in results] == [2048, 2048]
     return toml, cache
 
@@ -241,7 +241,7 @@ def test_a_whole_epoch_completes_the_cache(config, tmp_path):  # noqa: F811
     )
     few = dataclasses.replace(config, dataset=str(path), hooks=("resid.3",))
     source = ModelSource(
-        few, ["resid.3"], batch_size=64, window_tokens=300, seed=0, cache_to=str(tmp_path / "c")
+        few, ["resid.3"], batch_size=64, shuffle_tokens=300, seed=0, cache_to=str(tmp_path / "c")
     )
     first_epoch = itertools.takewhile(lambda served: served[1].epoch == 0, source.batches())
     served = [batch for batch, _ in first_epoch]
@@ -257,7 +257,7 @@ def test_a_cache_on_s3_holds_the_same_shards(config, cached, s3_env, tmp_path): 
     checksums) and statistics as the local cache, and a Reader over S3 serves them."""
     toml, local = cached
     cfgs = cached_group(toml, s3_env)
-    GroupTrainer(cfgs, [tmp_path / "r1", tmp_path / "r3"], tmp_path / "state").train()
+    group_trainer(cfgs, [tmp_path / "r1", tmp_path / "r3"], tmp_path / "state").train()
     assert_same_cache(s3_env, str(local))
     reader = Reader(s3_env, hook="resid.1", batch_size=256, shuffle=False, drop_last=False)
     assert sum(len(b) for b in reader) == manifest(s3_env, PATHS[0])["n_tokens"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from safetensors.torch import load_file
 from tiny_models import build
 from transformers import AutoTokenizer
@@ -268,7 +269,6 @@ def test_downstream_while_training_matches_the_final_evaluation(colls, tmp_path)
     from saesweep.evaluate.absorption import AbsorptionConfig
     from saesweep.sae import SAEConfig
     from saesweep.train.config import DataConfig, TrainConfig
-    from saesweep.train.trainer import GroupTrainer
 
     _, uri = colls["gpt2"]
     cfg = TrainConfig(
@@ -278,7 +278,7 @@ def test_downstream_while_training_matches_the_final_evaluation(colls, tmp_path)
         eval_downstream_sequences=4, downstream_sequences=4, wandb_mode="disabled",
         absorption=AbsorptionConfig(n_tokens=0), sae=SAEConfig(arch="topk", d_sae=64, k=4),
     )  # fmt: skip
-    (final,) = GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
+    (final,) = group_trainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").open()]
     evals = [x for x in lines if "eval/loss_recovered" in x]
     assert [x["step"] for x in evals] == [8, 16]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from transformers import AutoTokenizer
 
 from saesweep.collect.config import CollectConfig
@@ -21,7 +22,6 @@ from saesweep.format.rundir import load_sae
 from saesweep.sae import SAEConfig
 from saesweep.sae.export import exported_acts
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.trainer import GroupTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def trained(tmp_path_factory) -> tuple[str, Path]:
         sae=SAEConfig(d_sae=256, k=8),
     )
     run_dir = root / "run"
-    GroupTrainer([cfg], [run_dir], root / "state").train()
+    group_trainer([cfg], [run_dir], root / "state").train()
     return uri, run_dir
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from test_cache_to import PATHS, SHARD_TOKENS, cached_group, manifest, write_toml
 from test_live_source import config  # noqa: F401 (the fixture)
 from test_train import cfg as train_cfg
@@ -29,7 +30,6 @@ from saesweep.sae.export import exported_acts
 from saesweep.shell import main as shell
 from saesweep.store import open_store
 from saesweep.train.config import DataConfig
-from saesweep.train.trainer import GroupTrainer
 
 FP8 = torch.float8_e4m3fn
 HOOKS = ("resid.1", "resid.3")
@@ -196,7 +196,7 @@ def trained(pair, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
             sae=SAEConfig(arch="topk", d_sae=768, k=16),
         )
         root = tmp_path_factory.mktemp(dtype)
-        result = GroupTrainer([run], [root / "run"], root / "state").train()[0]
+        result = group_trainer([run], [root / "run"], root / "state").train()[0]
         out[dtype] = (root / "run", result)
     return out
 
@@ -227,7 +227,7 @@ def test_live_cache_in_fp8_equals_collect(config, tmp_path):  # noqa: F811
     toml = write_toml(config, tmp_path / "live.toml", act_dtype="float8_e4m3fn")
     cache = tmp_path / "cache"
     cfgs = cached_group(toml, str(cache))
-    GroupTrainer(cfgs, [tmp_path / "r1", tmp_path / "r3"], tmp_path / "state").train()
+    group_trainer(cfgs, [tmp_path / "r1", tmp_path / "r3"], tmp_path / "state").train()
     n_tokens = manifest(str(cache), PATHS[0])["n_tokens"]
     out = tmp_path / "collected"
     fields = dict(out=str(out), doc_split="train", max_tokens=n_tokens, shard_tokens=SHARD_TOKENS)

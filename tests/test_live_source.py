@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from safetensors.torch import load_file
 from test_collect import by_token, read_hook, small
 from test_train import CPU_PARTITION, last_commit, run_train, weights
@@ -29,7 +30,6 @@ from saesweep.format.shards import SEQ_CHUNK_BITS
 from saesweep.sae import SAEConfig
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.sweep import split_groups
-from saesweep.train.trainer import GroupTrainer
 
 HOOKS = {"resid.1": "encoder.layer.1", "resid.3": "encoder.layer.3"}
 
@@ -81,7 +81,7 @@ def test_live_tokens_are_the_collections_in_lockstep(config, collection):
     stored = collection["encoder.layer.3"]
     for split in ("train", "val"):
         source = ModelSource(
-            config, list(HOOKS), batch_size=64, window_tokens=700, seed=3, split=split
+            config, list(HOOKS), batch_size=64, shuffle_tokens=700, seed=3, split=split
         )
         live = one_epoch(source)
         docs = live["seq_ids"] >> SEQ_CHUNK_BITS
@@ -102,7 +102,7 @@ def test_live_tokens_are_the_collections_in_lockstep(config, collection):
 
 
 def test_batches_are_shuffled_across_sequences(config):
-    source = ModelSource(config, ["resid.3"], batch_size=64, window_tokens=2000, seed=0)
+    source = ModelSource(config, ["resid.3"], batch_size=64, shuffle_tokens=2000, seed=0)
     batch, _ = next(source.batches())
     assert len(set(batch.seq_ids.tolist())) > 20, "a batch mixes many sequences"
 
@@ -113,11 +113,11 @@ def test_resume_from_a_position_continues_exactly(config, tmp_path):
         "".join(json.dumps({"text": d[:600]}) + "\n" for d in itertools.islice(demo_corpus(), 8))
     )
     few = dataclasses.replace(config, dataset=str(path))
-    source = ModelSource(few, list(HOOKS), batch_size=64, window_tokens=300, seed=5)
+    source = ModelSource(few, list(HOOKS), batch_size=64, shuffle_tokens=300, seed=5)
     run = list(itertools.islice(source.batches(), 40))
     assert {pos.window for _, pos in run} != {0} and {0, 1} <= {pos.epoch for _, pos in run}
     for cut in (3, 17, 33):
-        resumed = ModelSource(few, list(HOOKS), batch_size=64, window_tokens=300, seed=5)
+        resumed = ModelSource(few, list(HOOKS), batch_size=64, shuffle_tokens=300, seed=5)
         again = itertools.islice(resumed.batches(run[cut][1]), len(run) - cut - 1)
         for (want, want_pos), (got, got_pos) in zip(run[cut + 1 :], again, strict=True):
             assert got_pos == want_pos
@@ -129,10 +129,10 @@ def test_resume_from_a_position_continues_exactly(config, tmp_path):
 def test_a_limited_source_computes_only_the_batches_it_serves(config, monkeypatch):
     """Two whole windows of 700 tokens, then 3 batches of 64: the last window is computed
     about 3 batches large, not 700 tokens."""
-    unlimited = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
+    unlimited = ModelSource(config, list(HOOKS), batch_size=64, shuffle_tokens=700, seed=3)
     want = list(itertools.islice(unlimited.batches(), 40))
     limit = sum(pos.window < 2 for _, pos in want) + 3
-    source = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
+    source = ModelSource(config, list(HOOKS), batch_size=64, shuffle_tokens=700, seed=3)
     computed, forward = [], source._forward
 
     def counted(seqs):
@@ -152,7 +152,7 @@ def test_a_limited_source_computes_only_the_batches_it_serves(config, monkeypatc
     # last window holds under 3 * 64 + 64 + one_forward = 512 tokens, not 700
     assert sum(w.n_tokens for w in computed) < (limit + 2) * 64 + one_forward
     cut = limit - 2
-    resumed = ModelSource(config, list(HOOKS), batch_size=64, window_tokens=700, seed=3)
+    resumed = ModelSource(config, list(HOOKS), batch_size=64, shuffle_tokens=700, seed=3)
     again = list(resumed.batches(run[cut][1], limit=limit - cut - 1))
     assert [pos for _, pos in again] == [pos for _, pos in run[cut + 1 :]]
     assert torch.equal(again[-1][0].acts["resid.3"], run[-1][0].acts["resid.3"])
@@ -165,7 +165,7 @@ def test_live_tokens_of_other_model_families_are_the_collections(tmp_path, famil
     model = str(build(family, tmp_path))
     cfg = small(tmp_path / "out", model=model, hooks=("resid.1", "mlp.2"), max_tokens=1200)
     collect(cfg)
-    source = ModelSource(cfg, list(cfg.hooks), batch_size=128, window_tokens=256, seed=1)
+    source = ModelSource(cfg, list(cfg.hooks), batch_size=128, shuffle_tokens=256, seed=1)
     batch, _ = next(source.batches())
     for spec, path in source.hooks.items():
         stored = by_token(read_hook(cfg.out, path))
@@ -180,7 +180,7 @@ def test_a_split_without_one_batch_is_one_sentence(config, tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text(json.dumps({"text": "one short document"}) + "\n")
     tiny = dataclasses.replace(config, dataset=str(path))
-    source = ModelSource(tiny, ["resid.3"], batch_size=64, window_tokens=100, seed=0)
+    source = ModelSource(tiny, ["resid.3"], batch_size=64, shuffle_tokens=100, seed=0)
     with pytest.raises(UserError, match="holds no whole batch of 64 tokens"):
         next(source.batches())
 
@@ -206,11 +206,11 @@ def test_one_forward_pass_feeds_saes_on_three_layers(config, tmp_path):
     )
     cfgs = [live_cfg(toml, layer, 10 + layer) for layer in (1, 2, 3)]
     (group,) = split_groups(cfgs)
-    assert len(group.cfgs) == 3, "hook and layer do not split a live group"
-    together = GroupTrainer(cfgs, [tmp_path / f"g{i}" for i in range(3)], tmp_path / "gs").train()
+    assert len(group.runs) == 3, "hook and layer do not split a live group"
+    together = group_trainer(cfgs, [tmp_path / f"g{i}" for i in range(3)], tmp_path / "gs").train()
     assert [m["tokens_seen"] for m in together] == [2048] * 3
     for i, cfg in enumerate(cfgs):
-        (alone,) = GroupTrainer([cfg], [tmp_path / f"a{i}"], tmp_path / f"as{i}").train()
+        (alone,) = group_trainer([cfg], [tmp_path / f"a{i}"], tmp_path / f"as{i}").train()
         assert alone["fvu"] == together[i]["fvu"]
         want = load_file(str(tmp_path / f"g{i}" / "sae_weights.safetensors"))
         got = load_file(str(tmp_path / f"a{i}" / "sae_weights.safetensors"))
@@ -230,7 +230,7 @@ def test_a_live_groups_downstream_and_absorption_run_on_its_held_out_documents(c
     )
     lenient = AbsorptionConfig(n_tokens=128, min_probe_f1=0.0, min_true_positives=1, max_k=3)
     cfg = dataclasses.replace(live_cfg(toml, 3, 0), downstream_sequences=6, absorption=lenient)
-    (metrics,) = GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
+    (metrics,) = group_trainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
     assert metrics["downstream_split"] == "val"
     assert metrics["downstream_sequences"] == 6
     assert 0 < metrics["final_recovered"] < 1

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from groups import group_trainer
 from synthetic import sparse_mixture
 from test_collect import read_hook, small
 from test_train import cfg as train_cfg
@@ -17,7 +18,6 @@ from saesweep.sae import MatryoshkaConfig, SAEConfig, make_sae
 from saesweep.sae.base import total_variance
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.step import train_step
-from saesweep.train.trainer import GroupTrainer
 
 
 def test_loss_is_the_sum_of_the_prefixes_fvu():
@@ -93,6 +93,6 @@ def test_checkpoint_records_the_widths(tmp_path):
         device="cpu",
         sae=SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka=MatryoshkaConfig((8, 16))),
     )
-    GroupTrainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
+    group_trainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
     saved = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert saved["matryoshka_widths"] == [8, 16, 64] and saved["architecture"] == "jumprelu"

@@ -174,9 +174,9 @@ def test_a_lost_worker_without_retries_is_the_failure_line(coll, ray_cluster, tm
 @pytest.mark.parametrize(
     ("flags", "asks"),
     [
-        (["--cpus-per-group", "64"], "1 x (64 CPUs"),
-        (["--ray-resources", '{"tpu": 1}'], "1 tpu)"),
-        (["--procs-per-group", "3", "--cpus-per-group", "1"], "3 x (1 CPUs"),
+        (["--cpus-per-group", "64"], "64 CPUs per process"),
+        (["--ray-resources", '{"tpu": 1}'], "1 tpu per process, in 1 process(es)"),
+        (["--procs-per-group", "3", "--cpus-per-group", "1"], "in 3 process(es)"),
     ],
 )
 def test_a_request_no_node_can_run_is_one_sentence(coll, ray_cluster, tmp_path, flags, asks):  # noqa: F811

@@ -14,6 +14,7 @@ from xml.etree import ElementTree
 import matplotlib
 import pytest
 from chromium import Chromium
+from groups import group_trainer
 from matplotlib.image import imread
 from tiny_models import build
 
@@ -35,7 +36,6 @@ from saesweep.sae import SAEConfig
 from saesweep.sae.config import ObjectiveConfig
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.layout import run_dir, state_dir
-from saesweep.train.trainer import GroupTrainer
 
 SAES = [
     ("topk", 1e-3, 4, 4e-4),
@@ -93,7 +93,7 @@ def trained(tmp_path_factory) -> Path:
     ]
     sweep_dir = root / "sweep-test"
     dirs = [run_dir(sweep_dir, i, c.tag) for i, c in enumerate(cfgs)]
-    GroupTrainer(cfgs, dirs, state_dir(sweep_dir, 0)).train()
+    group_trainer(cfgs, dirs, state_dir(sweep_dir, 0)).train()
     return sweep_dir
 
 

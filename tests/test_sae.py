@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from synthetic import make_collection, sparse_mixture
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae, sparse
@@ -17,7 +18,6 @@ from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.trainer import GroupTrainer
 
 D_IN, D_SAE, B = 32, 128, 128
 
@@ -412,7 +412,7 @@ def test_trainer_gives_jumprelu_adam_without_momentum(tmp_path):
     data = DataConfig(uri=str(tmp_path / "coll"), shards=":-1", collect="")
     base = TrainConfig(train_data=data, n_train=256, batch_size=128, wandb_mode="disabled")
     cfgs = [dataclasses.replace(base, sae=_cfg(arch)) for arch in ("jumprelu", "topk")]
-    trainer = GroupTrainer(cfgs, [tmp_path / "a", tmp_path / "b"], tmp_path / "state")
+    trainer = group_trainer(cfgs, [tmp_path / "a", tmp_path / "b"], tmp_path / "state")
     betas = {s.sae.arch: s.opt.betas for s in trainer.stacks}
     assert betas == {"jumprelu": (0.0, 0.999), "topk": (0.9, 0.999)}
 

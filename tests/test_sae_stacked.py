@@ -58,7 +58,7 @@ def _run(sae, opt, data, steps, schedule=None, start=0, normalize=False):
 def test_stack_equals_separate_members(arch):
     steps, data = 20, _data(20)
     schedule = LRSchedule(
-        total_steps=steps, warmup_steps=[0, 5, 3], decay=["linear", "cosine", "constant"]
+        total_steps=steps, warmup_steps=[0, 5, 3], decay=["linear", "cosine", "none"]
     )
     cfgs = _member_cfgs(arch)
     stack = make_sae(cfgs, D_IN, SEEDS, OBJECTIVES, dtype=torch.float64)
@@ -194,7 +194,7 @@ def test_lr_schedule_and_default_lr():
     sched = LRSchedule(
         total_steps=100,
         warmup_steps=[10, 0, 0],
-        decay=["constant", "linear", "cosine"],
+        decay=["none", "linear", "cosine"],
         decay_start=0.5,
     )
     assert sched.factor(0, 3).tolist() == pytest.approx([0.1, 1.0, 1.0])

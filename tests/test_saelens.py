@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from groups import group_trainer
 from synthetic import make_collection
 
 import saesweep
@@ -13,7 +14,6 @@ from saesweep.format.rundir import load_sae
 from saesweep.sae import JumpReLUConfig, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported, exported_acts
 from saesweep.train.config import DataConfig, TrainConfig
-from saesweep.train.trainer import GroupTrainer
 
 ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
 
@@ -37,7 +37,7 @@ def run_dirs(tmp_path_factory) -> dict[str, object]:
         for i, a in enumerate(ARCHS)
     ]
     dirs = [root / a for a in ARCHS]
-    GroupTrainer(cfgs, dirs, root / "state").train()
+    group_trainer(cfgs, dirs, root / "state").train()
     return dict(zip(ARCHS, dirs, strict=True))
 
 

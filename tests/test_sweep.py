@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,8 @@ from saesweep.configtools import parse_flags
 from saesweep.errors import UserError
 from saesweep.executors import SlurmConfig
 from saesweep.memory import resolve_device
-from saesweep.train.config import TrainConfig
-from saesweep.train.sweep import build_configs, load_sweep, split_groups
+from saesweep.train.config import GroupConfig, HookChoice, RunFields, SweepConfig, TrainConfig
+from saesweep.train.sweep import build_configs, load_sweep, split_groups, sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +30,15 @@ def parse_overrides(args: list[str]) -> dict:
 
 def plan(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
     """train.py --sweep PATH --dry-run in this process: (exit status, stdout, stderr)."""
+    return run_train(path, "--dry-run", *flags, capsys=capsys)
+
+
+def run_train(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
+    """train.py --sweep PATH in this process: (exit status, stdout, stderr)."""
     from saesweep.train.cli import main
 
     try:
-        code = main(["--sweep", str(path), "--dry-run", *flags])
+        code = main(["--sweep", str(path), *flags])
     except SystemExit as exit_:
         code = exit_.code
     out = capsys.readouterr()
@@ -88,8 +95,9 @@ def test_d_vit_is_d_model():
 def test_seed_document_groups():
     cfgs = build_configs(load_sweep(ROOT / "sweeps/parallel_groups.py"), {}, "x")
     groups = split_groups(cfgs)
-    assert [[c.train_data.layer for c in g.cfgs] for g in groups] == [[6, 6], [12, 12]]
-    assert [[c.lr for c in g.cfgs] for g in groups] == [[1e-4, 3e-4], [1e-4, 3e-4]]
+    assert [[r.train_hooks.layer for r in g.runs] for g in groups] == [[6, 6], [12, 12]]
+    assert [g.config.train_data.layer for g in groups] == [6, 12]
+    assert [[r.lr for r in g.runs] for g in groups] == [[1e-4, 3e-4], [1e-4, 3e-4]]
 
 
 def test_cli_beats_sweep_beats_defaults(tmp_path):
@@ -138,6 +146,88 @@ def test_groups_split_on_data_fields_only():
         (0, 1, 2, 3),
         (4, 5),
     ]
+
+
+def test_a_config_projects_into_three_levels_and_joins_back():
+    """Every flat field sits on exactly one level; the levels join back to the config."""
+    sweep = [{"lr": 3e-4, "tag": "a", "sae": {"k": 16}, "train_data": {"layer": 2},
+              "n_train": 5000, "device": "cpu", "runs_root": "out", "slurm_acct": "A",
+              "health": {"l0_min": 5.0}}]  # fmt: skip
+    (cfg,) = build_configs(sweep, {}, "x")
+    sweep_level, group_level, run_level = cfg.sweep_level, cfg.group_level, cfg.run_level
+    assert (sweep_level.runs_root, sweep_level.slurm.acct, sweep_level.health.l0_min) == (
+        "out",
+        "A",
+        5.0,
+    )
+    assert (group_level.n_train, group_level.device, group_level.train_data.layer) == (
+        5000,
+        "cpu",
+        2,
+    )
+    assert (run_level.lr, run_level.tag, run_level.sae.k, run_level.seed) == (3e-4, "a", 16, 42)
+    assert run_level.train_hooks == HookChoice(layer=2) and run_level.val_hooks == HookChoice()
+    names = [f.name for c in (SweepConfig, GroupConfig, RunFields) for f in dataclasses.fields(c)]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert TrainConfig.joined(sweep_level, group_level, run_level) == cfg
+
+
+def test_a_live_group_level_leaves_the_hooks_to_its_runs():
+    live = {"source": "model", "collect": "configs/demo.toml"}
+    sweep = [
+        {"train_data": {**live, "layer": 1}, "val_data": {"layer": 1}},
+        {"train_data": {**live, "hook": "resid.3", "target_layer": 4}, "lr": 1e-3},
+    ]
+    cfgs = build_configs(sweep, {}, "x")
+    assert cfgs[0].group_level == cfgs[1].group_level
+    assert cfgs[0].group_level.train_data.layer is None
+    assert [c.run_level.train_hooks for c in cfgs] == [
+        HookChoice(layer=1),
+        HookChoice(hook="resid.3", target_layer=4),
+    ]
+    (group,) = split_groups(cfgs)
+    joined = [TrainConfig.joined(cfgs[0].sweep_level, group.config, r) for r in group.runs]
+    assert joined == cfgs
+
+
+def test_groups_are_equal_group_levels_split_by_max_parallel():
+    sweep = [{"lr": 1e-3}, {"n_val": 7}, {"lr": 2e-3, "warmup_steps": 3}, {"n_val": 7}]
+    groups = split_groups(build_configs(sweep, {}, "x"), 1)
+    assert [g.run_ids for g in groups] == [(0,), (2,), (1,), (3,)]
+    assert [g.config.n_val for g in groups] == [100_000, 100_000, 7, 7]
+    assert [[r.warmup_steps for r in g.runs] for g in groups] == [[100], [3], [100], [100]]
+
+
+@pytest.mark.parametrize(
+    "sweep,message",
+    [
+        (
+            [{"lr": 1e-3}, {"runs_root": "a"}, {"runs_root": "b"}],
+            "configs 0 and 1 set runs_root to 'runs' and 'a', but it is one setting of the "
+            "whole sweep",
+        ),
+        (
+            [{}, {}, {"health": {"l0_min": 5.0}}],
+            "configs 0 and 2 set health.l0_min to 20.0 and 5.0",
+        ),
+        ([{"slurm_acct": "A"}, {"slurm": {"acct": "B"}}], "--slurm.acct"),
+        ([{}, {"wandb_mode": "disabled"}], "set wandb_mode to 'offline' and 'disabled'"),
+    ],
+)
+def test_a_sweep_level_field_that_differs_is_one_sentence(
+    tmp_path, capsys, monkeypatch, sweep, message
+):
+    """Named with two configs before anything is created (run directories land in tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "sweep.py"
+    path.write_text(f"def make_cfgs():\n    return {sweep!r}\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        sweep_config(build_configs(sweep, {}, "x"), "x")
+    for flags in ([], ["--dry-run"]):
+        code, out, err = run_train(path, "--train-data.collect", "", *flags, capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {path} configs 0 and") and not out
+        assert list(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.parametrize(

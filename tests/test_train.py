@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import group_trainer
 from safetensors.torch import load_file
 from synthetic import make_collection
 
@@ -25,7 +26,6 @@ from saesweep.sae.export import apply_exported
 from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.layout import create_sweep_dir, group_lock
-from saesweep.train.trainer import GroupTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16
@@ -59,7 +59,7 @@ def cfg(uri: str, **kw) -> TrainConfig:
 
 def train(cfgs: list[TrainConfig], root: Path) -> list[dict]:
     dirs = [root / f"run-{i}" for i in range(len(cfgs))]
-    return GroupTrainer(cfgs, dirs, root / "state").train()
+    return group_trainer(cfgs, dirs, root / "state").train()
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -143,7 +143,7 @@ def test_diverging_sae_fails_alone(coll, tmp_path):
 
 def test_group_too_big_is_refused(coll, tmp_path):
     with pytest.raises(UserError, match="GiB"):
-        GroupTrainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
+        group_trainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
 
 
 def run_train(*args: str, cwd: Path = ROOT, ignore_sigint: bool = False) -> subprocess.Popen:
@@ -394,7 +394,7 @@ def test_a_job_slurm_never_starts_ends_the_launch(coll, tmp_path, slurm_cluster)
     out, err = proc.communicate()
     assert proc.returncode == 2, out + err
     assert "Slurm will never start group 0's job" in err and "PartitionConfig" in err, err
-    assert "64 CPUs a process" in err and "--cpus-per-group" in err, err
+    assert "64 CPUs per process" in err and "--cpus-per-group" in err, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: Slurm"), err
     job = re.search(r"job (\d+)", err).group(1)
     listed = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from groups import group_trainer
 from synthetic import HOOK, TARGET, make_collection
 from test_live_source import config  # noqa: F401 (a fixture)
 from test_train import cfg as train_cfg
@@ -20,7 +21,6 @@ from saesweep.sae.export import apply_exported
 from saesweep.train.config import DataConfig
 from saesweep.train.preflight import check_data
 from saesweep.train.sweep import make_config, split_groups
-from saesweep.train.trainer import GroupTrainer
 
 D, D_OUT = 16, 12
 RUNS = {
@@ -64,13 +64,14 @@ def trained(tmp_path_factory):
     make_collection(uri, [1024] * 4, d=D, sparse=True, target_d=D_OUT)
     cfgs = _cfgs(uri)
     sae_group, transcoders = split_groups(cfgs)  # from a store the target is a group field
-    assert check_data(transcoders) == D and len(transcoders.cfgs) == len(RUNS) - 1
+    assert check_data(transcoders) == D and len(transcoders.runs) == len(RUNS) - 1
     dirs = {name: root / name for name in RUNS}
     results = []
     for group in (sae_group, transcoders):
-        names = [c.tag for c in group.cfgs]
+        names = [r.tag for r in group.runs]
         state = root / f"state-{group.index}"
-        results += GroupTrainer(list(group.cfgs), [dirs[n] for n in names], state).train()
+        members = [cfgs[i] for i in group.run_ids]
+        results += group_trainer(members, [dirs[n] for n in names], state).train()
     return uri, dirs, dict(zip(RUNS, results, strict=True))
 
 
@@ -126,19 +127,15 @@ def test_bad_targets_are_one_sentence(tmp_path):
     (group,) = split_groups(_cfgs(uri)[1:2])
     with pytest.raises(UserError, match=r"store different tokens .* one collection run"):
         check_data(group)
-    missing = dataclasses.replace(group.cfgs[0].train_data, target_hook="resid.9")
+    missing = dataclasses.replace(group.config.train_data, target_hook="resid.9")
     with pytest.raises(UserError, match="has no hook matching hook='resid.9'"):
         check_data(
-            dataclasses.replace(
-                group, cfgs=(dataclasses.replace(group.cfgs[0], train_data=missing),)
-            )
+            dataclasses.replace(group, config=dataclasses.replace(group.config, train_data=missing))
         )
     itself = dataclasses.replace(missing, target_hook=HOOK)
     with pytest.raises(UserError, match="is the input hook"):
         check_data(
-            dataclasses.replace(
-                group, cfgs=(dataclasses.replace(group.cfgs[0], train_data=itself),)
-            )
+            dataclasses.replace(group, config=dataclasses.replace(group.config, train_data=itself))
         )
     with pytest.raises(UserError, match="sae.skip needs a target hook"):
         make_config({"sae": {"skip": True}}, "here")
@@ -162,9 +159,9 @@ def test_a_live_group_feeds_the_target_from_the_same_forward_pass(config, tmp_pa
         for i, target in enumerate([{}, {"target_layer": 3}])
     ]
     (group,) = split_groups(cfgs)
-    assert len(group.cfgs) == 2, "the target hook does not split a live group"
+    assert len(group.runs) == 2, "the target hook does not split a live group"
     dirs = [tmp_path / "sae", tmp_path / "tc"]
-    trainer = GroupTrainer(cfgs, dirs, tmp_path / "state")
+    trainer = group_trainer(cfgs, dirs, tmp_path / "state")
     assert sorted(trainer.source.hooks.values()) == ["encoder.layer.1", "encoder.layer.3"]
     sae, tc = trainer.train()
     saved = json.loads((dirs[1] / "cfg.json").read_text())

@@ -1,11 +1,11 @@
 """The model as a data source: activations computed while training reads them.
 
 The collection's own pipeline and config (text -> sequences -> truncated forward pass with
-hooks) without a store. Forward passes fill a window of at least `window_tokens` stored tokens
+hooks) without a store. Forward passes fill a window of at least `shuffle_tokens` stored tokens
 from consecutive sequences; the window is served in a seeded random order as batches, every
 hook in lockstep (row i of each hook's batch is the same token), then the next window is
 computed. Tokens of a window that do not fill a last whole batch are dropped (under batch_size
-/ window_tokens of the text). A source that serves a set number of batches computes its last
+/ shuffle_tokens of the text). A source that serves a set number of batches computes its last
 window only as large as they need. Documents with index i % VAL_EVERY == VAL_EVERY - 1
 (collect.sequences) are held out: the train split never sees them, the val split sees only
 them.
@@ -98,19 +98,19 @@ class ModelSource:
         cfg: CollectConfig,
         hooks: list[str],
         batch_size: int,
-        window_tokens: int,
+        shuffle_tokens: int,
         seed: int,
         split: Split = "train",
         cache_to: str = "",
     ):
-        if window_tokens < batch_size:
+        if shuffle_tokens < batch_size:
             raise UserError(
-                f"window_tokens {window_tokens} is smaller than one batch ({batch_size})"
+                f"shuffle_tokens {shuffle_tokens} is smaller than one batch ({batch_size})"
             )
         self.cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-        self.batch_size, self.window_tokens, self.seed, self.split = (
+        self.batch_size, self.shuffle_tokens, self.seed, self.split = (
             batch_size,
-            window_tokens,
+            shuffle_tokens,
             seed,
             split,
         )
@@ -203,10 +203,10 @@ class ModelSource:
         left: int | None,
     ) -> StoredTokens | None:
         """The next window from consecutive sequences (`first`: the first one's ordinal),
-        each forward pass also written to `cache`: at least window_tokens stored tokens, or
+        each forward pass also written to `cache`: at least shuffle_tokens stored tokens, or
         only as many as `left` batches need (None: no limit); fewer at the end of the text,
         None past it."""
-        wanted = self.window_tokens
+        wanted = self.shuffle_tokens
         if left is not None:
             wanted = min(wanted, left * self.batch_size)
         parts: list[StoredTokens] = []

@@ -71,7 +71,7 @@ class Reader:
     the stored dtype; scaled 8-bit acts are decoded to float32).
 
     Memory: the shuffle window being served plus `prefetch_shards` shards read ahead
-    (default: one more window, so reading overlaps serving). `n_workers`: threads mapping local
+    (default: one more window, so reading overlaps serving). `n_threads`: threads mapping local
     shards, or event-loop threads receiving S3 range GETs (`s3_connections` each). An S3
     store that fails transiently (down, restarting, failing over) is retried with backoff for
     up to `retry_s` seconds, and reading continues exactly where it was; past that, one
@@ -97,7 +97,7 @@ class Reader:
         with_token_ids: bool = False,
         drop_last: bool = False,
         shuffle_tokens: int = 1 << 20,
-        n_workers: int = 2,
+        n_threads: int = 2,
         gather_threads: int = 2,
         prefetch_shards: int | None = None,
         prefetch_batches: int = 4,
@@ -144,7 +144,7 @@ class Reader:
         self.with_token_ids, self.drop_last, self.on_corrupt = with_token_ids, drop_last, on_corrupt
         avg = self.n_tokens / max(len(self.shards), 1)
         self.shards_per_window = max(1, round(shuffle_tokens / max(avg, 1)))
-        self.n_workers, self.prefetch_batches = n_workers, prefetch_batches
+        self.n_threads, self.prefetch_batches = n_threads, prefetch_batches
         self.gather_threads = max(1, gather_threads)
         ahead = self.shards_per_window if prefetch_shards is None else max(1, prefetch_shards)
         self.n_slots = min(self.shards_per_window + ahead, len(self.shards) * epochs)
@@ -460,7 +460,7 @@ class Reader:
 
     def _start_pipeline(self, data: HookData) -> Pipeline:
         keys = [f"{data.hook}/{s['name']}" for s in data.shards]
-        common = (data.shards, self.n_workers, self.n_slots)
+        common = (data.shards, self.n_threads, self.n_slots)
         if isinstance(self.store, FileStore):
             return local_pipeline([self.store.local_path(k) for k in keys], *common)
         make_reader = lambda: self.store.range_reader(self.s3_connections, retry_s=self.retry_s)  # noqa: E731

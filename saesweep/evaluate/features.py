@@ -12,7 +12,6 @@ the shards that hold the winning tokens.
 
 from __future__ import annotations
 
-import argparse
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,11 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from saesweep.collect.model import load_tokenizer
+from saesweep.configtools import at_least, parse_command, positional
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.evaluate.downstream import Run, load_run, read_shard, select_shards
 from saesweep.sae.export import exported_acts
-from saesweep.store import ANONYMOUS_HELP, open_store
+from saesweep.store import open_store
 from saesweep.store.file import write_atomic
 
 
@@ -273,27 +273,48 @@ def write_page(
     return found
 
 
+PROGRAM = "python -m saesweep.evaluate.features"
+USAGE = f"""usage: {PROGRAM} RUN_DIR --data URI [--latents N ...]
+                [--n-latents N] [--top N] [--window N] [--shards SLICE] [--model NAME]
+                [--anonymous] [--out PAGE.html]
+"""
+
+
+@dataclass(frozen=True)
+class FeaturesCommand:
+    """The top-activating tokens of an SAE's latents, in context, as an HTML page."""
+
+    run_dir: positional(str, "RUN_DIR")
+    """Trained SAE directory (cfg.json and weights)."""
+    data: str
+    """Collection URI (a path, file://PATH or s3://BUCKET/PREFIX)."""
+    latents: tuple[int, ...] | None = None
+    """Latents to show (--latents 0 5 17); default: the informative ones."""
+    n_latents: int = field(default=10, metadata=at_least(1))
+    """Without --latents: how many latents to show."""
+    top: int = field(default=20, metadata=at_least(1))
+    """Top tokens shown per latent."""
+    window: int = field(default=10, metadata=at_least(0))
+    """Previous tokens of the same sequence shown before each top token."""
+    shards: str = ":"
+    """Python slice over the collection's shards, e.g. ':-1' or '-1:'."""
+    model: str | None = None
+    """Tokenizer to decode with (default: the collection's model)."""
+    anonymous: bool = False
+    """S3 URIs: send unsigned requests (a public bucket) even when AWS credentials are
+    configured; without credentials reads are unsigned anyway."""
+    out: str = "features.html"
+    """The HTML page to write."""
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m saesweep.evaluate.features", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("run_dir", type=Path, help="trained SAE directory (cfg.json, weights)")
-    parser.add_argument("--data", required=True, help="collection URI (path, file://, s3://)")
-    parser.add_argument("--latents", type=int, nargs="+", help="latents to show")
-    parser.add_argument("--n-latents", type=int, default=10, help="without --latents: how many")
-    parser.add_argument("--top", type=int, default=20, help="top tokens per latent")
-    parser.add_argument("--window", type=int, default=10, help="previous tokens shown")
-    parser.add_argument("--shards", default=":", help="Python slice over the shards")
-    parser.add_argument("--model", help="tokenizer to decode with (default: the collection's)")
-    parser.add_argument("--anonymous", action="store_true", help=ANONYMOUS_HELP)
-    parser.add_argument("--out", type=Path, default=Path("features.html"), help="HTML page")
-    args = parser.parse_args(argv)
+    args = parse_command(argv, FeaturesCommand, PROGRAM, USAGE)
     found = write_page(
-        args.run_dir,
+        Path(args.run_dir),
         args.data,
-        args.out,
-        args.latents,
+        Path(args.out),
+        None if args.latents is None else list(args.latents),
         args.top,
         n_default=args.n_latents,
         window=args.window,

@@ -13,11 +13,11 @@ import itertools
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from saesweep.configtools import spelled_out
+from saesweep.configtools import parse_command, positional, spelled_out
+from saesweep.errors import UserError, exit_on_user_error
 from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
 from saesweep.format.rundir import check_unit, write_json
 from saesweep.sae.config import SAEConfig
@@ -673,8 +673,27 @@ def _cell_value(value):
     return value if isinstance(value, str) or _number(value) else json.dumps(value)
 
 
-if __name__ == "__main__":
-    dirs = [Path(p) for p in sys.argv[1:]]
-    if not dirs:
-        sys.exit("usage: python -m saesweep.evaluate.report SWEEP_DIR [SWEEP_DIR ...]")
+PROGRAM = "python -m saesweep.evaluate.report"
+USAGE = f"usage: {PROGRAM} SWEEP_DIR [SWEEP_DIR ...]\n"
+
+
+@dataclass(frozen=True)
+class ReportCommand:
+    """Judge the runs of sweep directories with the default health thresholds and write the
+    first one's table, results.csv, plots and report.html."""
+
+    sweep_dirs: positional(tuple[str, ...], "SWEEP_DIR")
+    """Sweep directories; the report goes into the first, the others are shown beside it."""
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_command(argv, ReportCommand, PROGRAM, USAGE)
+    dirs = [Path(d) for d in args.sweep_dirs]
+    for missing in (d for d in dirs if not d.is_dir()):
+        raise UserError(f"{missing} is not a directory; give sweep directories (runs/NAME-TIME)")
     write_report(dirs[0], dirs[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -147,12 +147,13 @@ def clip_grad_norm_(
     return norms
 
 
-Decay = Literal["constant", "linear", "cosine"]
+Decay = Literal["none", "linear", "cosine"]
 
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Per-member lr factor: linear warmup, constant, then decay to 0 at total_steps.
+    """Per-member lr factor: linear warmup, constant, then decay to 0 at total_steps (decay
+    'none': constant to the end).
 
     Each member may have its own warmup, decay shape and decay start.
     """
@@ -160,21 +161,25 @@ class LRSchedule:
     total_steps: int
     warmup_steps: Sequence[int] | int = 0
     """Steps of linear warmup from 0."""
-    decay: Sequence[Decay] | Decay = "constant"
-    """Shape after the constant phase: constant, linear or cosine decay to 0."""
+    decay: Sequence[Decay] | Decay = "none"
+    """Shape after the constant phase: none (stays constant), linear or cosine decay to 0."""
     decay_start: Sequence[float] | float = 0.8
     """Fraction of total_steps at which the decay begins."""
 
     def factor(self, step: int, n: int) -> Tensor:
         """[n] lr multipliers at `step`."""
-        cols = [_per_member(v, n) for v in (self.warmup_steps, self.decay, self.decay_start)]
-        rows = [self._one(step, w, d, s) for w, d, s in zip(*cols, strict=True)]
+        rows = [self._one(step, *member) for member in self.members(n)]
         return torch.tensor(rows, dtype=torch.float64)
+
+    def members(self, n: int) -> list[tuple[int, Decay, float]]:
+        """Each of the n members' (warmup_steps, decay, decay_start)."""
+        cols = [_per_member(v, n) for v in (self.warmup_steps, self.decay, self.decay_start)]
+        return list(zip(*cols, strict=True))
 
     def _one(self, step: int, warmup: int, decay: Decay, start: float) -> float:
         warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         begin = start * self.total_steps
-        if decay == "constant" or step < begin:
+        if decay == "none" or step < begin:
             return warm
         frac = min(1.0, (step - begin) / max(1.0, self.total_steps - begin))
         tail = 1 - frac if decay == "linear" else 0.5 * (1 + math.cos(math.pi * frac))

@@ -8,12 +8,7 @@ from saesweep.errors import UserError
 from saesweep.store.base import Store
 from saesweep.store.file import FileStore
 
-__all__ = ["ANONYMOUS_HELP", "Store", "FileStore", "open_store"]
-
-ANONYMOUS_HELP = (
-    "S3 URIs: send unsigned requests (a public bucket) even when AWS credentials are "
-    "configured; without credentials reads are unsigned anyway"
-)
+__all__ = ["Store", "FileStore", "open_store"]
 
 
 def open_store(uri: str, anonymous: bool = False) -> Store:

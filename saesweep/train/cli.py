@@ -17,7 +17,7 @@ from saesweep.configtools import at_least, deep_merge, parse_command_line, print
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.executors import CLUSTERS, SlurmConfig, largest_node_cpus
 from saesweep.memory import check_fits, resolve_device
-from saesweep.train.config import TrainConfig
+from saesweep.train.config import SweepConfig, TrainConfig
 from saesweep.train.layout import check_not_running, create_sweep_dir, group_finished
 from saesweep.train.preflight import (
     check_caches,
@@ -29,7 +29,14 @@ from saesweep.train.preflight import (
     print_plan,
     slurm_request,
 )
-from saesweep.train.sweep import Group, build_configs, load_sweep, make_config, split_groups
+from saesweep.train.sweep import (
+    Group,
+    build_configs,
+    load_sweep,
+    make_config,
+    split_groups,
+    sweep_config,
+)
 
 USAGE = """usage: train.py [--sweep FILE.py | --rerun SWEEP_DIR | --resume SWEEP_DIR] [--dry-run]
                 [--max-parallel K] [--executor local|debug|slurm|ray] [--CONFIG.FIELD VALUE ...]
@@ -71,28 +78,34 @@ def main(argv: list[str] | None = None) -> int:
         return resume(command)
     if command.rerun:
         source = Path(command.rerun)
-        cfgs = load_sweep_configs(source, overrides)
+        cfgs, where = load_sweep_configs(source, overrides), str(source / "sweep.json")
         name = f"{source.name.split('-rerun')[0]}-rerun"
     else:
         sweep_path = Path(command.sweep) if command.sweep else None
         sweep = load_sweep(sweep_path) if sweep_path else [{}]
-        cfgs = build_configs(sweep, overrides, str(sweep_path or "defaults"))
+        where = str(sweep_path or "defaults")
+        cfgs = build_configs(sweep, overrides, where)
         name = sweep_path.stem if sweep_path else "single"
+    sweep_cfg = sweep_config(cfgs, where)
     groups = split_groups(cfgs, command.max_parallel)
+    executor = executor_of(command, sweep_cfg)
     if command.dry_run:
-        print_plan(groups, len(cfgs), executor_of(command, cfgs[0]))
-        check_plan(groups, executor_of(command, cfgs[0]))
+        print_plan(groups, len(cfgs), executor, sweep_cfg.slurm)
+        check_plan(groups, executor, sweep_cfg.slurm)
         return 0
-    slurms = check_groups(command, groups)
-    sweep_dir = create_sweep_dir(Path(cfgs[0].runs_root), name)
+    slurms = check_groups(executor, groups, sweep_cfg)
+    sweep_dir = create_sweep_dir(Path(sweep_cfg.runs_root), name)
     write_sweep_json(sweep_dir, cfgs, groups, argv)
-    return run(sweep_dir, groups, executor_of(command, cfgs[0]), slurms)
+    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help, --dry-run
+
+    return run_sweep(sweep_dir, groups, executor, slurms, sweep_cfg)
 
 
 def resume(command: TrainCommand) -> int:
     """Continue the unfinished groups of a sweep directory from their saved state."""
     sweep_dir = Path(command.resume)
     cfgs = load_sweep_configs(sweep_dir, {})
+    sweep_cfg = sweep_config(cfgs, str(sweep_dir / "sweep.json"))
     groups = split_groups(cfgs, command.max_parallel)
     unfinished = [g for g in groups if not group_finished(sweep_dir, g)]
     if not unfinished:
@@ -100,39 +113,34 @@ def resume(command: TrainCommand) -> int:
         return 0
     for group in unfinished:
         check_not_running(sweep_dir, group)
-    slurms = check_groups(command, unfinished)
-    return run(sweep_dir, unfinished, executor_of(command, cfgs[0]), slurms)
+    executor = executor_of(command, sweep_cfg)
+    slurms = check_groups(executor, unfinished, sweep_cfg)
+    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help
+
+    return run_sweep(sweep_dir, unfinished, executor, slurms, sweep_cfg)
 
 
-def executor_of(command: TrainCommand, cfg: TrainConfig) -> str:
-    return command.executor or ("slurm" if cfg.slurm.acct else "local")
+def executor_of(command: TrainCommand, sweep_cfg: SweepConfig) -> str:
+    return command.executor or ("slurm" if sweep_cfg.slurm.acct else "local")
 
 
-def run(sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig]) -> int:
-    from saesweep.train.run import run_sweep  # the trainer's imports: not for --help, --dry-run
-
-    return run_sweep(sweep_dir, groups, executor, slurms, groups[0].cfgs[0].ray)
-
-
-def check_groups(command: TrainCommand, groups: list[Group]) -> list[SlurmConfig]:
+def check_groups(executor: str, groups: list[Group], sweep_cfg: SweepConfig) -> list[SlurmConfig]:
     """Check every group before any job starts (device, data, shapes; memory where it runs
     here); each group's Slurm request."""
-    first = groups[0].cfgs[0]
-    executor = executor_of(command, first)
     check_caches(groups)
-    node_cpus = largest_node_cpus(executor, first.slurm, first.ray)
+    node_cpus = largest_node_cpus(executor, sweep_cfg.slurm, sweep_cfg.ray)
     slurms = []
     for group in groups:
-        first = group.cfgs[0]
+        cfg = group.config
         if executor not in CLUSTERS:
-            check_local_device(first)
-        check_processes(group, executor)
-        ensure_data(first)
+            check_local_device(cfg)
+        check_processes(group, executor, sweep_cfg.slurm)
+        ensure_data(cfg)
         d_model = check_data(group)
         if executor not in CLUSTERS and d_model is not None:
-            device = resolve_device(first.device)
-            check_fits([c.sae for c in group.cfgs], d_model, first.batch_size, device)
-        slurms.append(slurm_request(group, d_model, node_cpus))
+            device = resolve_device(cfg.device)
+            check_fits([r.sae for r in group.runs], d_model, cfg.batch_size, device)
+        slurms.append(slurm_request(group, sweep_cfg.slurm, d_model, node_cpus))
     return slurms
 
 

@@ -1,4 +1,9 @@
-"""Training configs: frozen dataclasses whose field docstrings are train.py's --help."""
+"""Training configs: frozen dataclasses whose field docstrings are train.py's --help.
+
+Three levels: SweepConfig (one per sweep), GroupConfig (one per group: equal group configs
+share a group) and RunConfig (one per SAE). TrainConfig holds all their fields flat, as sweep
+files, flags and sweep.json spell them, and projects into the three.
+"""
 
 from __future__ import annotations
 
@@ -68,17 +73,42 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """One SAE's training run; a sweep file varies these fields."""
+class HookChoice:
+    """The hooks one run reads: a DataConfig's hook, layer, target_hook and target_layer."""
 
-    lr: float | None = field(default=None, metadata=above(0, optional=True))
-    """Peak learning rate; default 1e-3 / sqrt(d_sae / 2**14) (docs/benchmarks.md)."""
-    seed: int = 42
-    """Seed of the SAE's initial weights; a sweep gives config i the seed base + i."""
-    tag: str = field(default="", metadata=PLAIN_NAME)
-    """Free-form label shown in the report and run names."""
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    hook: str | None = None
+    layer: int | None = None
+    target_hook: str | None = None
+    target_layer: int | None = None
+
+    @classmethod
+    def of(cls, data: DataConfig) -> HookChoice:
+        return cls(**_values(data, cls))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Where and how a sweep launches: one value for the whole sweep."""
+
+    runs_root: str = "runs"
+    """Directory that receives the sweep directory."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb: offline runs (sync later with `wandb sync`), online, or disabled."""
+    wandb_project: str = "saesweep"
+    """wandb project."""
+    health: HealthConfig = section(HealthConfig)
+    """Thresholds of the health verdict in the report."""
+    slurm: SlurmConfig = section(SlurmConfig, short=True)
+    """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
+    ray: RayConfig = section(RayConfig, short=True)
+    """Ray settings for --executor ray (each also as --ray-FIELD, e.g. --ray-address auto)."""
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """What a group reads and where it runs: configs that differ here train in separate
+    groups."""
+
     train_data: DataConfig = field(default_factory=lambda: DataConfig(shards=":-1"))
     val_data: DataConfig = field(default_factory=lambda: DataConfig(uri="", shards="-1:"))
     """Held-out data; uri '' reads the train collection (see held_out_data)."""
@@ -88,33 +118,11 @@ class TrainConfig:
     """Evaluation tokens at most."""
     downstream_sequences: int = field(default=64, metadata=at_least(0))
     """Held-out sequences for downstream fidelity (SAE spliced into the model); 0 skips it."""
+    absorption: AbsorptionConfig = section(AbsorptionConfig)
+    """Feature absorption at the end of training, for collections with a tokenizer
+    (docs/evaluation.md)."""
     batch_size: int = field(default=4096, metadata=at_least(2))
     """Tokens per training step."""
-    warmup_steps: int = field(default=100, metadata=at_least(0))
-    """Linear learning-rate warmup steps."""
-    lr_decay: Literal["none", "linear", "cosine"] = "linear"
-    """Learning-rate decay to zero over the last decay_frac of training."""
-    decay_frac: float = field(default=0.2, metadata=fraction())
-    """Fraction of training over which the learning rate decays."""
-    max_grad_norm: float = field(default=1.0, metadata=above(0))
-    """Per-SAE gradient-norm clip (with normalize_grad: the norm of every step's gradient)."""
-    normalize_grad: bool = True
-    """Scale each SAE's gradient to norm max_grad_norm at every step, as the references'
-    clip of 1 does to their per-token squared error, which always exceeds it (Adam then sees
-    steps of one size; docs/training.md). False: clip only gradients above max_grad_norm."""
-    eval_every: int = field(default=0, metadata=at_least(0))
-    """Steps between evaluations while training (FVU, L0, dead % on up to n_val held-out
-    tokens, logged as eval/*); 0 evaluates only at the end."""
-    eval_downstream_sequences: int = field(default=8, metadata=at_least(0))
-    """Held-out sequences for downstream fidelity (loss recovered and KL, or the encoder
-    score) at each evaluation while training; 0 leaves it to the end."""
-    log_every: int = field(default=20, metadata=at_least(1))
-    """Steps between metric logs."""
-    ckpt_every: int = field(default=200, metadata=at_least(1))
-    """Steps between trainer-state checkpoints (for resume and requeue)..."""
-    ckpt_every_s: float = field(default=600.0, metadata=at_least(0))
-    """... and at the first log step (log_every) this many seconds after the last one, so a
-    slow group loses at most about this much work to a kill; 0: by steps only."""
     device: str = field(default="auto", metadata=DEVICE_SPEC)
     """Torch device of the group: 'auto' (CUDA where the job runs sees a GPU, else the CPU),
     'cpu', 'cuda' or 'cuda:N'."""
@@ -129,21 +137,19 @@ class TrainConfig:
     a rank that dies ends the others at once."""
     autocast: Literal["none", "bfloat16"] = "none"
     """bf16 autocast for the SAE forward/backward on GPUs."""
-    runs_root: str = "runs"
-    """Directory that receives the sweep directory."""
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    """wandb: offline runs (sync later with `wandb sync`), online, or disabled."""
-    wandb_project: str = "saesweep"
-    """wandb project."""
-    absorption: AbsorptionConfig = section(AbsorptionConfig)
-    """Feature absorption at the end of training, for collections with a tokenizer
-    (docs/evaluation.md)."""
-    health: HealthConfig = section(HealthConfig)
-    """Thresholds of the health verdict in the report (the first config's count)."""
-    slurm: SlurmConfig = section(SlurmConfig, short=True)
-    """Slurm settings (each also as --slurm-FIELD, e.g. --slurm-acct A, or --n-hours 24)."""
-    ray: RayConfig = section(RayConfig, short=True)
-    """Ray settings for --executor ray (each also as --ray-FIELD, e.g. --ray-address auto)."""
+    eval_every: int = field(default=0, metadata=at_least(0))
+    """Steps between evaluations while training (FVU, L0, dead % on up to n_val held-out
+    tokens, logged as eval/*); 0 evaluates only at the end."""
+    eval_downstream_sequences: int = field(default=8, metadata=at_least(0))
+    """Held-out sequences for downstream fidelity (loss recovered and KL, or the encoder
+    score) at each evaluation while training; 0 leaves it to the end."""
+    log_every: int = field(default=20, metadata=at_least(1))
+    """Steps between metric logs."""
+    ckpt_every: int = field(default=200, metadata=at_least(1))
+    """Steps between trainer-state checkpoints (for resume and requeue)..."""
+    ckpt_every_s: float = field(default=600.0, metadata=at_least(0))
+    """... and at the first log step (log_every) this many seconds after the last one, so a
+    slow group loses at most about this much work to a kill; 0: by steps only."""
 
     @property
     def total_steps(self) -> int:
@@ -167,30 +173,80 @@ class TrainConfig:
         return dataclasses.replace(val, **fields)
 
 
-GROUP_FIELDS = (
-    "train_data",
-    "val_data",
-    "n_train",
-    "n_val",
-    "downstream_sequences",
-    "absorption",
-    "batch_size",
-    "device",
-    "procs_per_group",
-    "parallel",
-    "dist_timeout_s",
-    "autocast",
-    "eval_every",
-    "eval_downstream_sequences",
-    "log_every",
-    "ckpt_every",
-    "ckpt_every_s",
-    "runs_root",
-    "wandb_mode",
-    "wandb_project",
-    "slurm",
-    "ray",
-)
-"""Fields that change data loading or where a job runs: configs that differ in any of them
-run in separate parallel groups. Everything else (lr, seed, sae, objective, tag, schedules)
-may differ inside a group."""
+@dataclass(frozen=True)
+class RunFields:
+    """One SAE's own settings: they may differ inside a group."""
+
+    lr: float | None = field(default=None, metadata=above(0, optional=True))
+    """Peak learning rate; default 1e-3 / sqrt(d_sae / 2**14) (docs/benchmarks.md)."""
+    seed: int = 42
+    """Seed of the SAE's initial weights; a sweep gives config i the seed base + i."""
+    tag: str = field(default="", metadata=PLAIN_NAME)
+    """Free-form label shown in the report and run names."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    warmup_steps: int = field(default=100, metadata=at_least(0))
+    """Linear learning-rate warmup steps."""
+    lr_decay: Literal["none", "linear", "cosine"] = "linear"
+    """Learning-rate decay to zero over the last decay_frac of training."""
+    decay_frac: float = field(default=0.2, metadata=fraction())
+    """Fraction of training over which the learning rate decays."""
+    max_grad_norm: float = field(default=1.0, metadata=above(0))
+    """Per-SAE gradient-norm clip (with normalize_grad: the norm of every step's gradient)."""
+    normalize_grad: bool = True
+    """Scale each SAE's gradient to norm max_grad_norm at every step, as the references'
+    clip of 1 does to their per-token squared error, which always exceeds it (Adam then sees
+    steps of one size; docs/training.md). False: clip only gradients above max_grad_norm."""
+
+
+@dataclass(frozen=True)
+class RunConfig(RunFields):
+    """One run of a group: its own settings and the hooks it reads. With train_data.source
+    'model' each run names its hooks and the group's forward pass feeds them all (so they
+    are not in the GroupConfig); from a store they are the group's, the same for every run."""
+
+    train_hooks: HookChoice = HookChoice()
+    """The hooks it trains on (train_data's)."""
+    val_hooks: HookChoice = HookChoice()
+    """The hooks it is evaluated on (val_data's; unset: the training hooks)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig(SweepConfig, GroupConfig, RunFields):
+    """One SAE's training run; a sweep file varies these fields. Run fields (lr, seed, tag,
+    sae, objective, schedule) may differ inside a group; group fields (data, steps, device,
+    processes, evaluation) split groups; sweep fields (runs_root, wandb, health, slurm, ray)
+    are one per sweep (docs/sweeps.md)."""
+
+    @property
+    def sweep_level(self) -> SweepConfig:
+        return SweepConfig(**_values(self, SweepConfig))
+
+    @property
+    def group_level(self) -> GroupConfig:
+        """The group's fields; with source 'model' without the hooks, which each run names."""
+        values = _values(self, GroupConfig)
+        if self.train_data.source == "model":
+            for name in ("train_data", "val_data"):
+                values[name] = dataclasses.replace(values[name], **vars(HookChoice()))
+        return GroupConfig(**values)
+
+    @property
+    def run_level(self) -> RunConfig:
+        hooks = HookChoice.of(self.train_data), HookChoice.of(self.val_data)
+        return RunConfig(**_values(self, RunFields), train_hooks=hooks[0], val_hooks=hooks[1])
+
+    @classmethod
+    def joined(cls, sweep: SweepConfig, group: GroupConfig, run: RunConfig) -> TrainConfig:
+        """The flat config whose levels these are (what cfg.json and wandb record)."""
+        data = {
+            "train_data": dataclasses.replace(group.train_data, **vars(run.train_hooks)),
+            "val_data": dataclasses.replace(group.val_data, **vars(run.val_hooks)),
+        }
+        values = _values(sweep, SweepConfig) | _values(group, GroupConfig) | data
+        return cls(**values, **_values(run, RunFields))
+
+
+def _values(config, level: type) -> dict:
+    """The fields of `level` in `config`, by name."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(level)}

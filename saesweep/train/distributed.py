@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from saesweep.ray_jobs import CPUS_ENV, RENDEZVOUS_ENV
 from saesweep.sae.base import LossResult, total_variance
-from saesweep.train.config import TrainConfig
+from saesweep.train.config import GroupConfig, RunConfig
 
 Mode = Literal["sae", "data"]
 
@@ -87,7 +87,7 @@ def process_place() -> ProcessPlace:
     return ProcessPlace(env.rank, env.world_size, env.local_rank, env.local_world_size, "env://")
 
 
-def start_world(cfg: TrainConfig, device: str) -> World:
+def start_world(cfg: GroupConfig, device: str) -> World:
     """Join the group's process group when it runs as procs_per_group processes (one GPU per
     process with NCCL, gloo on CPU); else a world of one."""
     if cfg.procs_per_group == 1:
@@ -141,7 +141,7 @@ class SharedSource:
     """A group's data source read by rank 0 and seen by every rank: its description once,
     then each batch (all hooks stacked, [hooks, rows, d]) by broadcast."""
 
-    def __init__(self, world: World, inner, cfgs: list[TrainConfig]):
+    def __init__(self, world: World, inner, runs: list[RunConfig]):
         self.world, self.inner = world, inner
         described = None
         if world.leader:
@@ -149,22 +149,22 @@ class SharedSource:
                 "d_model": inner.d_model,
                 "model_name": inner.model_name,
                 "hooks": inner.hooks,
-                "hook_by_config": [inner.hook_of(c) for c in cfgs],
-                "target_by_config": [inner.target_of(c) for c in cfgs],
+                "hook_by_run": [inner.hook_of(r) for r in runs],
+                "target_by_run": [inner.target_of(r) for r in runs],
                 "scales": {h: inner.norm_scale(h) for h in inner.hooks.values()},
             }
         described = world.share(described)
         self.d_model, self.model_name = described["d_model"], described["model_name"]
         self.hooks, self.scales = described["hooks"], described["scales"]
-        self._hook_by_config = dict(zip(cfgs, described["hook_by_config"], strict=True))
-        self._target_by_config = dict(zip(cfgs, described["target_by_config"], strict=True))
+        self._hook_by_run = dict(zip(runs, described["hook_by_run"], strict=True))
+        self._target_by_run = dict(zip(runs, described["target_by_run"], strict=True))
         self.paths = sorted(self.scales)
 
-    def hook_of(self, cfg: TrainConfig) -> str:
-        return self._hook_by_config[cfg]
+    def hook_of(self, run: RunConfig) -> str:
+        return self._hook_by_run[run]
 
-    def target_of(self, cfg: TrainConfig) -> str:
-        return self._target_by_config[cfg]
+    def target_of(self, run: RunConfig) -> str:
+        return self._target_by_run[run]
 
     def norm_scale(self, hook: str) -> float:
         return self.scales[hook]

@@ -58,5 +58,5 @@ def group_finished(sweep_dir: Path, group: Group) -> bool:
     """Whether every run of the group has its final metrics.json."""
     return all(
         (run_dir(sweep_dir, i, c.tag) / "metrics.json").exists()
-        for i, c in zip(group.run_ids, group.cfgs, strict=True)
+        for i, c in zip(group.run_ids, group.runs, strict=True)
     )

@@ -9,23 +9,23 @@ from pathlib import Path
 
 from saesweep.configtools import parse_slice
 from saesweep.errors import UserError
-from saesweep.executors import CLUSTERS, SlurmConfig, default_cpus
+from saesweep.executors import CLUSTERS, SlurmConfig, default_cpus, describe_request
 from saesweep.format.manifest import find_hook
 from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.store import open_store
-from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.config import DataConfig, GroupConfig, RunConfig
 from saesweep.train.sources import hook_spec, live_hooks, store_hooks, target_spec
 from saesweep.train.sweep import Group
 
 
-def describe(cfg: TrainConfig) -> str:
-    lr = f"{cfg.lr:g}" if cfg.lr is not None else "auto"
-    width = cfg.sae.d_sae or f"{cfg.sae.exp_factor}x"
-    tag = f" tag={cfg.tag}" if cfg.tag else ""
+def describe(run: RunConfig) -> str:
+    lr = f"{run.lr:g}" if run.lr is not None else "auto"
+    width = run.sae.d_sae or f"{run.sae.exp_factor}x"
+    tag = f" tag={run.tag}" if run.tag else ""
     return (
-        f"{cfg.sae.arch:9s} width={width} k={cfg.sae.k} lr={lr} "
-        f"sparsity={cfg.objective.sparsity_coeff:g} seed={cfg.seed}{tag}"
+        f"{run.sae.arch:9s} width={width} k={run.sae.k} lr={lr} "
+        f"sparsity={run.objective.sparsity_coeff:g} seed={run.seed}{tag}"
     )
 
 
@@ -34,15 +34,16 @@ BASE_HOST_GB = 4
 evaluation."""
 
 
-def slurm_request(group: Group, d_model: int | None, node_cpus: int | None = None) -> SlurmConfig:
-    """The group's Slurm config with its sizes resolved (docs/sweeps.md#slurm), also what it
-    asks Ray for: one GPU per process unless the device is 'cpu'; per process the reader's
-    threads plus two cores, at most its share of `node_cpus` (the largest node's, where
-    known); per node BASE_HOST_GB per process, plus two shuffle windows at 4 bytes a value,
-    plus the SAEs' training state when they train on the CPU (memory left to the partition's
-    default while d_model is unknown)."""
-    cfg = group.cfgs[0]
-    slurm = cfg.slurm
+def slurm_request(
+    group: Group, slurm: SlurmConfig, d_model: int | None, node_cpus: int | None = None
+) -> SlurmConfig:
+    """The sweep's Slurm config `slurm` with the group's sizes resolved
+    (docs/sweeps.md#slurm), also what it asks Ray for: one GPU per process unless the device
+    is 'cpu'; per process the reader's threads plus two cores, at most its share of
+    `node_cpus` (the largest node's, where known); per node BASE_HOST_GB per process, plus
+    two shuffle windows at 4 bytes a value, plus the SAEs' training state when they train on
+    the CPU (memory left to the partition's default while d_model is unknown)."""
+    cfg = group.config
     procs_per_node = max(1, cfg.procs_per_group // slurm.nodes_per_group)
     gpus = slurm.gpus_per_group
     gpus = gpus if gpus is not None else cfg.procs_per_group * int(cfg.device != "cpu")
@@ -58,20 +59,20 @@ def slurm_request(group: Group, d_model: int | None, node_cpus: int | None = Non
     return dataclasses.replace(slurm, gpus_per_group=gpus, cpus_per_group=cpus, mem_gb=mem_gb)
 
 
-def check_processes(group: Group, executor: str) -> None:
+def check_processes(group: Group, executor: str, slurm: SlurmConfig) -> None:
     """A group of several processes must be one they can share: an SAE for every process
     in sae mode, a batch that splits evenly in data mode, GPUs enough where it runs here."""
-    cfg = group.cfgs[0]
+    cfg = group.config
     procs, where = cfg.procs_per_group, f"group {group.index}"
     if procs == 1:
         return
-    if cfg.parallel == "sae" and len(group.cfgs) < procs:
+    if cfg.parallel == "sae" and len(group.runs) < procs:
         raise UserError(
-            f"{where} has {len(group.cfgs)} SAEs for {procs} processes; lower "
+            f"{where} has {len(group.runs)} SAEs for {procs} processes; lower "
             "--procs-per-group or use --parallel data"
         )
-    switch = [c.tag or str(i) for i, c in zip(group.run_ids, group.cfgs, strict=True)
-              if c.sae.arch == "switch"]  # fmt: skip
+    switch = [r.tag or str(i) for i, r in zip(group.run_ids, group.runs, strict=True)
+              if r.sae.arch == "switch"]  # fmt: skip
     if cfg.parallel == "data" and switch:
         raise UserError(
             f"{where} trains Switch SAEs (runs {', '.join(switch)}), whose load balance and "
@@ -84,7 +85,7 @@ def check_processes(group: Group, executor: str) -> None:
             f"{where}: batch_size {cfg.batch_size} does not split over {procs} processes; "
             "make it a multiple of --procs-per-group"
         )
-    if executor != "slurm" and cfg.slurm.nodes_per_group > 1:
+    if executor != "slurm" and slurm.nodes_per_group > 1:
         raise UserError("--nodes-per-group needs Slurm (--slurm-acct); other groups use one node")
     if executor not in CLUSTERS and resolve_device(cfg.device).startswith("cuda"):
         import torch
@@ -97,11 +98,10 @@ def check_processes(group: Group, executor: str) -> None:
 
 
 def group_memory_bytes(group: Group, d_model: int) -> int:
-    first = group.cfgs[0]
-    return group_bytes([c.sae for c in group.cfgs], d_model, first.batch_size)
+    return group_bytes([r.sae for r in group.runs], d_model, group.config.batch_size)
 
 
-def describe_device(cfg: TrainConfig, executor: str) -> str:
+def describe_device(cfg: GroupConfig, executor: str) -> str:
     """The device a group trains on, as this machine can tell it."""
     if cfg.device != "auto":
         return cfg.device
@@ -110,62 +110,51 @@ def describe_device(cfg: TrainConfig, executor: str) -> str:
     return f"auto -> {resolve_device('auto')} (here)"
 
 
-def describe_request(slurm: SlurmConfig, executor: str) -> str:
-    if executor == "ray":
-        mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "no memory reservation"
-        return f"Ray: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs per process, {mem}"
-    mem = f"{slurm.mem_gb:g} GB" if slurm.mem_gb else "the partition's default memory"
-    where = f"account {slurm.acct}" + (f", partition {slurm.partition}" if slurm.partition else "")
-    return (
-        f"Slurm: {slurm.gpus_per_group} GPU, {slurm.cpus_per_group} CPUs per process, {mem} per "
-        f"node, {slurm.nodes_per_group} node(s), {slurm.n_hours:g} h ({where})"
-    )
-
-
-def print_plan(groups: list[Group], n_configs: int, executor: str) -> None:
+def print_plan(groups: list[Group], n_configs: int, executor: str, slurm: SlurmConfig) -> None:
     """Each group: its data, device, what it asks Slurm for, its SAEs and a memory estimate;
     touches no data beyond a local manifest."""
     for group in groups:
-        first = group.cfgs[0]
-        data = first.train_data
+        cfg = group.config
+        data = cfg.train_data
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
         if target_spec(data) is not None:
             where += f" -> target {target_spec(data)}"
         if data.source == "model":
-            hooks = {hook_spec(c.train_data) or "its first hook" for c in group.cfgs}
-            hooks = sorted(hooks | {target_spec(c.train_data) for c in group.cfgs} - {None})
+            hooks = {hook_spec(r.train_hooks) or "its first hook" for r in group.runs}
+            hooks = sorted(hooks | {target_spec(r.train_hooks) for r in group.runs} - {None})
             where = (
                 f"from the model of {data.collect}, one forward pass for hooks {', '.join(hooks)}"
             )
-        d_model = first.sae.d_model or local_d_model(data)
+        d_model = group.runs[0].sae.d_model or local_d_model(data)
         memory = (
             f"~{group_memory_bytes(group, d_model) / 2**30:.2f} GiB"
             if d_model
             else "unknown until d_model is known (set sae.d_model)"
         )
         print(
-            f"group {group.index}: {len(group.cfgs)} SAEs, data "
+            f"group {group.index}: {len(group.runs)} SAEs, data "
             f"{where if data.source == 'model' else f'{data.uri} {where}'}, "
-            f"n_train={first.n_train:,}, device={describe_device(first, executor)}, "
+            f"n_train={cfg.n_train:,}, device={describe_device(cfg, executor)}, "
             f"memory {memory}"
         )
-        if first.procs_per_group > 1:
-            print(f"  {first.procs_per_group} processes, parallel {first.parallel}")
+        if cfg.procs_per_group > 1:
+            print(f"  {cfg.procs_per_group} processes, parallel {cfg.parallel}")
         if executor in CLUSTERS:
-            print(f"  {describe_request(slurm_request(group, d_model), executor)}")
-        for run_id, cfg in zip(group.run_ids, group.cfgs, strict=True):
-            print(f"  run {run_id:3d}: {describe(cfg)}")
+            engine = "Ray" if executor == "ray" else "Slurm"
+            print(f"  {engine}: {describe_request(slurm_request(group, slurm, d_model), executor)}")
+        for run_id, run in zip(group.run_ids, group.runs, strict=True):
+            print(f"  run {run_id:3d}: {describe(run)}")
     print(f"{n_configs} configs in {len(groups)} groups")
 
 
-def check_plan(groups: list[Group], executor: str) -> None:
+def check_plan(groups: list[Group], executor: str, slurm: SlurmConfig) -> None:
     """The checks before launch that read nothing beyond the configs and the manifests of
     collections on this machine (--dry-run): cache locations, processes, and for groups whose
     train and held-out collections are here, shard slices and SAE shapes (check_data)."""
     check_caches(groups)
     for group in groups:
-        check_processes(group, executor)
-        cfg = group.cfgs[0]
+        check_processes(group, executor, slurm)
+        cfg = group.config
         stored = cfg.train_data.source == "store"
         if stored and all(local_collection(d.uri) for d in (cfg.train_data, cfg.held_out_data)):
             check_data(group)
@@ -194,7 +183,7 @@ def check_data(group: Group) -> int | None:
     source 'model' only the collection config is read (d_model is known once the model
     loads, in the job: None). Transcoders' target hooks must exist beside their input hooks
     and hold the same tokens."""
-    cfg = group.cfgs[0]
+    cfg = group.config
     if cfg.train_data.source == "model":
         from saesweep.collect.config import load_toml
         from saesweep.collect.text import check_dataset
@@ -206,16 +195,16 @@ def check_data(group: Group) -> int | None:
         return None
     (train, _), (val, _) = (store_hooks(data) for data in (cfg.train_data, cfg.held_out_data))
     check_shard_slices(cfg, train, val)
-    for run_id, run_cfg in zip(group.run_ids, group.cfgs, strict=True):
+    for run_id, run in zip(group.run_ids, group.runs, strict=True):
         try:
-            ARCHITECTURES[run_cfg.sae.arch].check_shape(run_cfg.sae, train["d_model"])
+            ARCHITECTURES[run.sae.arch].check_shape(run.sae, train["d_model"])
         except ValueError as err:
-            where = f"run {run_id} ({run_cfg.sae.arch}, d_model {train['d_model']})"
+            where = f"run {run_id} ({run.sae.arch}, d_model {train['d_model']})"
             raise UserError(f"{where}: {err}") from None
     return train["d_model"]
 
 
-def check_shard_slices(cfg: TrainConfig, train: dict, val: dict) -> None:
+def check_shard_slices(cfg: GroupConfig, train: dict, val: dict) -> None:
     """The train and val shard slices each select a shard, and of one collection never the
     same one (a one-shard collection cannot be split: say how to go on)."""
     slices = {"train": cfg.train_data, "val": cfg.held_out_data}
@@ -245,21 +234,21 @@ def check_cache(group: Group, collect_cfg) -> None:
     from saesweep.collect.run import open_collection
     from saesweep.collect.source import cache_config
 
-    uri = group.cfgs[0].train_data.cache_to
-    open_collection(cache_config(collect_cfg, live_hooks(group.cfgs, collect_cfg), uri))
+    uri = group.config.train_data.cache_to
+    open_collection(cache_config(collect_cfg, live_hooks(group.runs, collect_cfg), uri))
 
 
 def check_caches(groups: list[Group]) -> None:
     """cache_to only for a live train source, and each location written by one group."""
     for group in groups:
-        cfg = group.cfgs[0]
+        cfg = group.config
         if cfg.val_data.cache_to:
             raise UserError("--val-data.cache-to is not used; cache with --train-data.cache-to")
         if cfg.train_data.cache_to and cfg.train_data.source != "model":
             raise UserError(
                 "--train-data.cache-to needs --train-data.source model (a store is cached already)"
             )
-    caches = [g.cfgs[0].train_data.cache_to for g in groups if g.cfgs[0].train_data.cache_to]
+    caches = [g.config.train_data.cache_to for g in groups if g.config.train_data.cache_to]
     for uri in set(caches):
         if caches.count(uri) > 1:
             raise UserError(
@@ -269,7 +258,7 @@ def check_caches(groups: list[Group]) -> None:
             )
 
 
-def check_local_device(cfg: TrainConfig) -> None:
+def check_local_device(cfg: GroupConfig) -> None:
     """For jobs run on this machine: a CUDA device that torch cannot see is refused before any
     job starts (Slurm jobs are checked where they run: a login node may have no GPU)."""
     require_visible_device(
@@ -279,7 +268,7 @@ def check_local_device(cfg: TrainConfig) -> None:
     )
 
 
-def ensure_data(cfg: TrainConfig) -> None:
+def ensure_data(cfg: GroupConfig) -> None:
     """Run the collection config train_data.collect when train_data.uri is the default demo
     location or that config's own `out`, and holds no collection yet; any other local uri
     without one is refused, and nothing is written."""

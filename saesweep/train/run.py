@@ -8,10 +8,11 @@ from pathlib import Path
 
 from saesweep.errors import EXIT_USER_ERROR, UserError
 from saesweep.evaluate.report import write_report
-from saesweep.executors import RayConfig, SlurmConfig, run_groups
+from saesweep.executors import SlurmConfig, run_groups
 from saesweep.interrupt import Interrupted, exit_status, raising
 from saesweep.outcomes import GroupOutcome
 from saesweep.train.checkpoint import saved_state
+from saesweep.train.config import SweepConfig
 from saesweep.train.group_job import GroupJob
 from saesweep.train.layout import group_finished, state_dir
 from saesweep.train.progress import ProgressReport
@@ -19,7 +20,11 @@ from saesweep.train.sweep import Group
 
 
 def run_sweep(
-    sweep_dir: Path, groups: list[Group], executor: str, slurms: list[SlurmConfig], ray: RayConfig
+    sweep_dir: Path,
+    groups: list[Group],
+    executor: str,
+    slurms: list[SlurmConfig],
+    sweep_cfg: SweepConfig,
 ) -> int:
     """Run every group (`slurms`: each group's resolved request), then the report.
     Exit status: 0 when every group finished; 2 when a group stopped on the user's input (a
@@ -30,15 +35,15 @@ def run_sweep(
     try:
         with raising():
             outcomes = run_groups(
-                GroupJob(sweep_dir),
+                GroupJob(sweep_dir, sweep_cfg),
                 groups,
                 executor=executor,
                 log_dir=sweep_dir / "logs",
                 slurm=slurms,
                 poll_s=2.0,
-                tasks=[g.cfgs[0].procs_per_group for g in groups],
+                tasks=[g.config.procs_per_group for g in groups],
                 report=ProgressReport(sweep_dir, groups),
-                ray=ray,
+                ray=sweep_cfg.ray,
             )
     except KeyboardInterrupt as stop:
         if executor == "slurm":
@@ -53,7 +58,7 @@ def run_sweep(
     reasons = [failure_reason(o) for o in failed]
     stopped = [interrupt_status(r) for r in reasons]
     if not any(stopped):
-        write_report(sweep_dir, health=groups[0].cfgs[0].health)
+        write_report(sweep_dir, health=sweep_cfg.health)
     for o, reason, status in zip(failed, reasons, stopped, strict=True):
         if status is None:
             print(f"group {o.index} failed: {reason}\n  logs: {o.stdout} {o.stderr}")
@@ -96,7 +101,7 @@ def interrupted(sweep_dir: Path, groups: list[Group], status: int) -> int:
     for group in groups:
         state = saved_state(state_dir(sweep_dir, group.index))
         if state is not None and not group_finished(sweep_dir, group):
-            stops.append((group.index, f"step {state['step']} of {group.cfgs[0].total_steps}"))
+            stops.append((group.index, f"step {state['step']} of {group.config.total_steps}"))
     if len(stops) == 1:
         where = f"at {stops[0][1]}"
     else:

@@ -25,7 +25,7 @@ from saesweep.evaluate.absorption import HeldOutTokens, LabelledTokens, stored_t
 from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text_from_config
 from saesweep.format.manifest import find_hook
 from saesweep.store import open_store
-from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.config import DataConfig, GroupConfig, HookChoice, RunConfig
 
 NORM_SAMPLE_TOKENS = 1 << 15
 """With source 'model', the input scale is estimated from the first NORM_SAMPLE_TOKENS
@@ -35,27 +35,27 @@ LIVE_ABSORPTION_TOKEN_FACTOR = 2
 the held-out documents (77 % of the demo text's tokens are alphabetic)."""
 
 
-def hook_spec(data: DataConfig) -> str | None:
+def hook_spec(data: DataConfig | HookChoice) -> str | None:
     """The hook a config reads: its hook, else 'resid.<layer>', else None (the only one)."""
     if data.hook is not None:
         return data.hook
     return f"resid.{data.layer}" if data.layer is not None else None
 
 
-def live_input(cfg: TrainConfig, collect_cfg: CollectConfig) -> str:
-    """The hook a live config reads, as it specifies it (neither hook nor layer: the
+def live_input(run: RunConfig, collect_cfg: CollectConfig) -> str:
+    """The hook a live run reads, as it specifies it (neither hook nor layer: the
     collection config's first hook)."""
-    return hook_spec(cfg.train_data) or collect_cfg.hooks[0]
+    return hook_spec(run.train_hooks) or collect_cfg.hooks[0]
 
 
-def live_hooks(cfgs: list[TrainConfig], collect_cfg: CollectConfig) -> list[str]:
-    """The hooks a live group's forward pass feeds, as its configs specify them: every
-    config's input hook (live_input) and transcoder target."""
-    targets = {target_spec(c.train_data) for c in cfgs} - {None}
-    return sorted({live_input(c, collect_cfg) for c in cfgs} | targets)
+def live_hooks(runs: list[RunConfig], collect_cfg: CollectConfig) -> list[str]:
+    """The hooks a live group's forward pass feeds, as its runs specify them: every run's
+    input hook (live_input) and transcoder target."""
+    targets = {target_spec(r.train_hooks) for r in runs} - {None}
+    return sorted({live_input(r, collect_cfg) for r in runs} | targets)
 
 
-def target_spec(data: DataConfig) -> str | None:
+def target_spec(data: DataConfig | HookChoice) -> str | None:
     """The target hook a config names: target_hook, else 'resid.<target_layer>', else None
     (an SAE: no target)."""
     if data.target_hook is not None:
@@ -80,7 +80,7 @@ def store_hooks(data: DataConfig) -> tuple[dict, dict | None]:
     return meta, target
 
 
-def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
+def open_reader(data: DataConfig, cfg: GroupConfig, train: bool) -> Reader:
     meta, target = store_hooks(data)
     return Reader(
         data.uri,
@@ -94,7 +94,7 @@ def open_reader(data: DataConfig, cfg: TrainConfig, train: bool) -> Reader:
         dtype=torch.float32,
         drop_last=train,
         shuffle_tokens=data.shuffle_tokens,
-        n_workers=data.n_threads,
+        n_threads=data.n_threads,
         shards=parse_slice(data.shards),
         on_corrupt=data.on_corrupt,
         retry_s=data.retry_s,
@@ -106,7 +106,7 @@ class StoreSource:
     """The Reader over one hook of a collection (and its transcoders' target hook, in
     lockstep), repeated to n_train tokens."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: GroupConfig):
         self.cfg = cfg
         self.reader = open_reader(cfg.train_data, cfg, train=True)
         usable = len(self.reader) * cfg.batch_size
@@ -123,11 +123,11 @@ class StoreSource:
         if self.target is not None:
             self.hooks[target_spec(cfg.train_data)] = self.target
 
-    def hook_of(self, cfg: TrainConfig) -> str:
+    def hook_of(self, run: RunConfig) -> str:
         return self.reader.hook
 
-    def target_of(self, cfg: TrainConfig) -> str:
-        """The module path the config's SAE reconstructs (its input hook) or predicts."""
+    def target_of(self, run: RunConfig) -> str:
+        """The module path the run's SAE reconstructs (its input hook) or predicts."""
         return self.target or self.reader.hook
 
     def width(self, hook: str) -> int:
@@ -161,18 +161,17 @@ class StoreSource:
 
 class LiveSource:
     """The model of the collection config `train_data.collect`, hooked at every hook the
-    group's configs read (transcoders' targets are just more hooks); one forward pass per
+    group's runs read (transcoders' targets are just more hooks); one forward pass per
     batch of sequences feeds all of them. It serves the group's ceil(n_train / batch_size)
     batches; with `train_data.cache_to` it also writes the training sequences it computes
     there as a collection, complete once the text's first epoch or the training ends."""
 
-    def __init__(self, cfgs: list[TrainConfig]):
-        cfg = cfgs[0]
+    def __init__(self, cfg: GroupConfig, runs: list[RunConfig]):
         collect_cfg = live_collect_config(cfg)
         self.cfg, self.collect_cfg = cfg, collect_cfg
         self.source = ModelSource(
             collect_cfg,
-            live_hooks(cfgs, collect_cfg),
+            live_hooks(runs, collect_cfg),
             cfg.batch_size,
             cfg.train_data.shuffle_tokens,
             cfg.train_data.seed,
@@ -184,21 +183,21 @@ class LiveSource:
         self.served = 0
         """Batches served since the start of training (resumes included)."""
         self.n_batches = math.ceil(cfg.n_train / cfg.batch_size)
-        for c in cfgs:
-            if self.target_of(c) == self.hook_of(c) and target_spec(c.train_data):
+        for run in runs:
+            if self.target_of(run) == self.hook_of(run) and target_spec(run.train_hooks):
                 raise UserError(
-                    f"the target hook {self.hook_of(c)} is the input hook; leave target_hook "
+                    f"the target hook {self.hook_of(run)} is the input hook; leave target_hook "
                     "and target_layer unset for an ordinary SAE"
                 )
         self.scales = self._norm_scales()
 
-    def hook_of(self, cfg: TrainConfig) -> str:
-        return self.hooks[live_input(cfg, self.collect_cfg)]
+    def hook_of(self, run: RunConfig) -> str:
+        return self.hooks[live_input(run, self.collect_cfg)]
 
-    def target_of(self, cfg: TrainConfig) -> str:
-        """The module path the config's SAE reconstructs (its input hook) or predicts."""
-        spec = target_spec(cfg.train_data)
-        return self.hooks[spec] if spec is not None else self.hook_of(cfg)
+    def target_of(self, run: RunConfig) -> str:
+        """The module path the run's SAE reconstructs (its input hook) or predicts."""
+        spec = target_spec(run.train_hooks)
+        return self.hooks[spec] if spec is not None else self.hook_of(run)
 
     def width(self, hook: str) -> int:
         return self.d_model
@@ -260,13 +259,13 @@ def _dicts(reader: Reader) -> Iterator[dict[str, torch.Tensor]]:
         yield batch if isinstance(batch, dict) else {reader.hook: batch}
 
 
-def live_collect_config(cfg: TrainConfig) -> CollectConfig:
+def live_collect_config(cfg: GroupConfig) -> CollectConfig:
     """The collection config a live source runs (train_data.collect), on the group's device."""
     collect_cfg = load_toml(Path(cfg.train_data.collect))
     return dataclasses.replace(collect_cfg, device=cfg.device, progress=False)
 
 
-def held_out_text(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
+def held_out_text(cfg: GroupConfig, hooks: list[str], n_sequences: int) -> HeldOutText:
     """The model and held-out sequences downstream fidelity runs on for a group reading
     `hooks` (module paths): the held-out documents of a live source, the held-out shards of
     a store. Any rank can prepare it (it needs no source)."""
@@ -278,7 +277,7 @@ def held_out_text(cfg: TrainConfig, hooks: list[str], n_sequences: int) -> HeldO
     )
 
 
-def held_out_tokens(cfg: TrainConfig) -> tuple[HeldOutTokens, dict]:
+def held_out_tokens(cfg: GroupConfig) -> tuple[HeldOutTokens, dict]:
     """The labelled held-out tokens absorption runs on and what its results record of them:
     the held-out documents of a live source (computed when asked), the held-out shards of a
     store."""
@@ -288,7 +287,7 @@ def held_out_tokens(cfg: TrainConfig) -> tuple[HeldOutTokens, dict]:
     return stored_tokens(data.uri, data.shards, data.anonymous), {"absorption_shards": data.shards}
 
 
-def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
+def _live_tokens(cfg: GroupConfig) -> HeldOutTokens:
     n_tokens = cfg.absorption.n_tokens * LIVE_ABSORPTION_TOKEN_FACTOR
 
     def compute(hooks: list[str]) -> Iterator[tuple[str, LabelledTokens]]:
@@ -301,7 +300,7 @@ def _live_tokens(cfg: TrainConfig) -> HeldOutTokens:
     return compute
 
 
-def open_source(cfgs: list[TrainConfig]) -> StoreSource | LiveSource:
-    if cfgs[0].train_data.source == "model":
-        return LiveSource(cfgs)
-    return StoreSource(cfgs[0])
+def open_source(cfg: GroupConfig, runs: list[RunConfig]) -> StoreSource | LiveSource:
+    if cfg.train_data.source == "model":
+        return LiveSource(cfg, runs)
+    return StoreSource(cfg)

@@ -1,4 +1,5 @@
-"""Sweep files to configs: load make_cfgs(), deep-merge CLI > sweep > defaults, seeds, groups."""
+"""Sweep files to configs: load make_cfgs(), deep-merge CLI > sweep > defaults, seeds; the
+sweep's one sweep-level config, and its groups."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from saesweep.configtools import check_values, deep_merge, replace_from_dict
 from saesweep.errors import UserError
-from saesweep.train.config import GROUP_FIELDS, TrainConfig
+from saesweep.train.config import GroupConfig, RunConfig, SweepConfig, TrainConfig
 
 
 def load_sweep(path: Path) -> list[dict]:
@@ -89,36 +90,56 @@ def build_configs(sweep: list[dict], overrides: dict, where: str) -> list[TrainC
     return cfgs
 
 
+def sweep_config(cfgs: list[TrainConfig], where: str) -> SweepConfig:
+    """The sweep-level config every config shares; one that differs is a UserError naming the
+    field and two configs (before anything is created)."""
+    first = cfgs[0].sweep_level
+    for i, cfg in enumerate(cfgs[1:], 1):
+        difference = _first_difference(first, cfg.sweep_level)
+        if difference is not None:
+            name, a, b = difference
+            raise UserError(
+                f"{where} configs 0 and {i} set {name} to {a!r} and {b!r}, but it is one "
+                "setting of the whole sweep (runs_root, wandb, health, slurm, ray); give every "
+                f"config the same value, e.g. with --{name.replace('_', '-')}"
+            )
+    return first
+
+
+def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object] | None:
+    """(dotted field name, a's value, b's value) of the first leaf field where the
+    dataclasses a and b differ; None when they are equal."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x == y:
+            continue
+        if dataclasses.is_dataclass(x):
+            return _first_difference(x, y, f"{prefix}{f.name}.")
+        return f"{prefix}{f.name}", x, y
+    return None
+
+
 @dataclass(frozen=True)
 class Group:
-    """Configs that share one reader and one job."""
+    """Configs that share one source and one job: the group's config and each run's."""
 
     index: int
-    cfgs: tuple[TrainConfig, ...]
+    config: GroupConfig
+    runs: tuple[RunConfig, ...]
     run_ids: tuple[int, ...]
-    """Each config's index in the sweep."""
-
-
-def group_key(cfg: TrainConfig) -> tuple:
-    """Equal for configs that can share a group. With source 'model' the hooks (input and
-    target) are not part of it: one forward pass feeds every hook the group reads."""
-    if cfg.train_data.source == "model":
-        unhooked = dict.fromkeys(("hook", "layer", "target_hook", "target_layer"))
-        cfg = dataclasses.replace(
-            cfg,
-            train_data=dataclasses.replace(cfg.train_data, **unhooked),
-            val_data=dataclasses.replace(cfg.val_data, **unhooked),
-        )
-    return tuple(repr(getattr(cfg, name)) for name in GROUP_FIELDS)
+    """Each run's index in the sweep."""
 
 
 def split_groups(cfgs: list[TrainConfig], max_parallel: int | None = None) -> list[Group]:
-    """Groups of configs equal in every GROUP_FIELDS field, at most max_parallel each."""
-    by_key: dict[tuple, list[int]] = {}
+    """Groups of configs with equal group-level configs, at most max_parallel each."""
+    by_level: dict[GroupConfig, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        by_key.setdefault(group_key(cfg), []).append(i)
+        by_level.setdefault(cfg.group_level, []).append(i)
     chunks = []
-    for ids in by_key.values():
+    for level, ids in by_level.items():
         step = max_parallel or len(ids)
-        chunks += [ids[j : j + step] for j in range(0, len(ids), step)]
-    return [Group(g, tuple(cfgs[i] for i in ids), tuple(ids)) for g, ids in enumerate(chunks)]
+        chunks += [(level, ids[j : j + step]) for j in range(0, len(ids), step)]
+    return [
+        Group(g, level, tuple(cfgs[i].run_level for i in ids), tuple(ids))
+        for g, (level, ids) in enumerate(chunks)
+    ]

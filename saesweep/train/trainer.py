@@ -33,7 +33,7 @@ from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
 from saesweep.sae.step import train_step
 from saesweep.train.checkpoint import commit_state, load_state, saved_state
-from saesweep.train.config import TrainConfig
+from saesweep.train.config import GroupConfig, RunConfig, SweepConfig, TrainConfig
 from saesweep.train.distributed import (
     DataParallelSync,
     SharedSource,
@@ -68,25 +68,29 @@ class Stack:
 
 
 class GroupTrainer:
+    """Trains one group: `cfg` is the group's config, `runs` each SAE's (with `run_dirs`),
+    `sweep_cfg` the sweep's (wandb, and the flat config each run's cfg.json records)."""
+
     def __init__(
         self,
-        cfgs: list[TrainConfig],
+        cfg: GroupConfig,
+        runs: list[RunConfig],
         run_dirs: list[Path],
         state_dir: Path,
+        sweep_cfg: SweepConfig,
         sweep_name: str = "sweep",
         group_index: int = 0,
         world: World | None = None,
     ):
-        self.world = world or World(device=resolve_device(cfgs[0].device))
-        cfgs = [dataclasses.replace(c, device=self.world.device) for c in cfgs]
-        self.cfgs, self.run_dirs, self.state_dir = cfgs, run_dirs, state_dir
-        self.sweep_name, self.group_index = sweep_name, group_index
-        first = cfgs[0]
+        self.world = world or World(device=resolve_device(cfg.device))
+        self.cfg = cfg = dataclasses.replace(cfg, device=self.world.device)
+        self.runs, self.run_dirs, self.state_dir = runs, run_dirs, state_dir
+        self.sweep_cfg, self.sweep_name, self.group_index = sweep_cfg, sweep_name, group_index
         self.source = self._open_source()
-        self.total_steps = first.total_steps
+        self.total_steps = cfg.total_steps
         self.d_in = self.source.d_model
         self.scales = {
-            hook: self.source.norm_scale(hook) if first.train_data.normalize == "norm" else 1.0
+            hook: self.source.norm_scale(hook) if cfg.train_data.normalize == "norm" else 1.0
             for hook in self.source.hooks.values()
         }
         self._check_d_model()
@@ -94,7 +98,7 @@ class GroupTrainer:
         """Indices of the runs this process trains."""
         self.reported = self.trained if self.world.mode == "sae" or self.world.leader else []
         """Indices of the runs this process logs and exports (data mode: rank 0, all)."""
-        check_fits([cfgs[i].sae for i in self.trained], self.d_in, first.batch_size, first.device)
+        check_fits([runs[i].sae for i in self.trained], self.d_in, cfg.batch_size, cfg.device)
         reuse_freed_memory()
         self.stacks = self._build_stacks()
         self.sync = DataParallelSync(self.world) if self.world.mode == "data" else None
@@ -109,48 +113,48 @@ class GroupTrainer:
     def _open_source(self):
         """The group's source; with several processes, rank 0's shared with every rank."""
         if self.world.size == 1:
-            return open_source(self.cfgs)
-        inner = open_source(self.cfgs) if self.world.leader else None
-        return SharedSource(self.world, inner, self.cfgs)
+            return open_source(self.cfg, self.runs)
+        inner = open_source(self.cfg, self.runs) if self.world.leader else None
+        return SharedSource(self.world, inner, self.runs)
 
     def _runs_of_this_rank(self) -> list[int]:
         if self.world.mode == "data" or self.world.size == 1:
-            return list(range(len(self.cfgs)))
-        widths = [c.sae.width(self.d_in) for c in self.cfgs]
+            return list(range(len(self.runs)))
+        widths = [r.sae.width(self.d_in) for r in self.runs]
         return assign_runs(widths, self.d_in, self.world.size)[self.world.rank]
 
     def _check_d_model(self) -> None:
-        for cfg in self.cfgs:
-            if cfg.sae.d_model is not None and cfg.sae.d_model != self.d_in:
+        for run in self.runs:
+            if run.sae.d_model is not None and run.sae.d_model != self.d_in:
                 raise UserError(
-                    f"sae.d_model={cfg.sae.d_model} but {cfg.train_data.uri} holds "
+                    f"sae.d_model={run.sae.d_model} but {self.cfg.train_data.uri} holds "
                     f"activations of width {self.d_in}"
                 )
 
     def _build_stacks(self) -> list[Stack]:
         buckets: dict = {}
         for i in self.trained:
-            cfg = self.cfgs[i]
-            key = (self.source.hook_of(cfg), self.source.target_of(cfg), stack_key(cfg.sae))
+            run = self.runs[i]
+            key = (self.source.hook_of(run), self.source.target_of(run), stack_key(run.sae))
             buckets.setdefault(key, []).append(i)
         stacks = []
-        device = torch.device(self.cfgs[0].device)
+        device = torch.device(self.cfg.device)
         for (hook, target, _), members in buckets.items():
-            cfgs = [self.cfgs[i] for i in members]
+            runs = [self.runs[i] for i in members]
             sae = make_sae(
-                [c.sae for c in cfgs],
+                [r.sae for r in runs],
                 self.d_in,
-                [c.seed for c in cfgs],
-                [c.objective for c in cfgs],
+                [r.seed for r in runs],
+                [r.objective for r in runs],
                 device=device,
                 d_out=self.source.width(target) if target != hook else None,
             )
-            lrs = [c.lr if c.lr is not None else default_lr(sae.d_sae) for c in cfgs]
+            lrs = [r.lr if r.lr is not None else default_lr(sae.d_sae) for r in runs]
             schedule = LRSchedule(
                 self.total_steps,
-                [c.warmup_steps for c in cfgs],
-                [{"none": "constant"}.get(c.lr_decay, c.lr_decay) for c in cfgs],
-                [1 - c.decay_frac for c in cfgs],
+                [r.warmup_steps for r in runs],
+                [r.lr_decay for r in runs],
+                [1 - r.decay_frac for r in runs],
             )
             stacks.append(
                 Stack(
@@ -160,8 +164,8 @@ class GroupTrainer:
                     sae,
                     StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
                     schedule,
-                    torch.tensor([c.max_grad_norm for c in cfgs], device=device),
-                    torch.tensor([c.normalize_grad for c in cfgs], device=device),
+                    torch.tensor([r.max_grad_norm for r in runs], device=device),
+                    torch.tensor([r.normalize_grad for r in runs], device=device),
                     torch.zeros(len(members), dtype=torch.bool, device=device),
                 )
             )
@@ -184,9 +188,9 @@ class GroupTrainer:
                     fresh = False
                 metrics = self._step(x)
                 self.step += 1
-                if self.step % self.cfgs[0].log_every == 0 or self.step == self.total_steps:
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     self._log(logs, metrics)
-                every = self.cfgs[0].eval_every
+                every = self.cfg.eval_every
                 if every and self.step % every == 0 and self.reported:
                     self._evaluate_while_training(logs)
                 self._stop_if_asked(stop)
@@ -199,7 +203,7 @@ class GroupTrainer:
         processes rank 0's signal decides, at log steps, so that every rank stops together."""
         signum = stop.signum
         if self.world.size > 1:
-            if self.step % self.cfgs[0].log_every:
+            if self.step % self.cfg.log_every:
                 return
             signum = self.world.share(signum if self.world.leader else None)
         if signum is not None:
@@ -209,7 +213,7 @@ class GroupTrainer:
     def _checkpoint_due(self) -> bool:
         """Every ckpt_every steps, and at a log step once ckpt_every_s seconds have passed
         since the last commit (rank 0's clock, shared, so every rank commits together)."""
-        cfg = self.cfgs[0]
+        cfg = self.cfg
         if self.step % cfg.ckpt_every == 0:
             return True
         if not cfg.ckpt_every_s or self.step % cfg.log_every:
@@ -218,20 +222,20 @@ class GroupTrainer:
         return bool(self.world.share(late if self.world.leader else None))
 
     def _run_log(self, i: int) -> RunLog:
-        cfg, run_dir = self.cfgs[i], self.run_dirs[i]
+        run_dir, sweep_cfg = self.run_dirs[i], self.sweep_cfg
         return RunLog(
             run_dir,
             run_dir.name,
-            cfg,
+            self._record(i),
             self.sweep_name,
             self.group_index,
-            cfg.wandb_mode,
-            cfg.wandb_project,
+            sweep_cfg.wandb_mode,
+            sweep_cfg.wandb_project,
             resumed_at=self.step,
         )
 
     def _step(self, batch: dict[str, torch.Tensor]) -> list[dict]:
-        cfg = self.cfgs[0]
+        cfg = self.cfg
         out = []
         for stack in self.stacks:
             x, variance = batch[stack.hook], None
@@ -258,7 +262,7 @@ class GroupTrainer:
         return out
 
     def _log(self, logs: dict[int, RunLog], metrics: list[dict]) -> None:
-        batch = self.cfgs[0].batch_size
+        batch = self.cfg.batch_size
         rate = (self.step - self.first_step) * batch / (time.perf_counter() - self.started)
         shared = {"tokens": self.step * batch, "tokens_per_s": rate, "wall_s": self.wall_s()}
         shared |= self.source.figures()
@@ -287,7 +291,7 @@ class GroupTrainer:
     def _downstream_now(self) -> dict[int, dict[str, float]]:
         """Downstream fidelity of this process's SAEs as they are, on the first
         eval_downstream_sequences held-out sequences (by run index)."""
-        n = self.cfgs[0].eval_downstream_sequences
+        n = self.cfg.eval_downstream_sequences
         members = [(stack, j, i) for stack in self.stacks for j, i in enumerate(stack.members)]
         saes = [self._checkpoint(stack, j, i) for stack, j, i in members] if n > 0 else []
         results = self._measure_downstream(saes, n, "while training")
@@ -305,8 +309,8 @@ class GroupTrainer:
             return None
         try:
             if self.held_out_text is None:
-                cfg = self.cfgs[0]
-                hooks = sorted({self.source.hook_of(c) for c in self.cfgs})
+                cfg = self.cfg
+                hooks = sorted({self.source.hook_of(r) for r in self.runs})
                 n = max(cfg.downstream_sequences, cfg.eval_downstream_sequences)
                 self.held_out_text = held_out_text(cfg, hooks, n)
             return measure(self.held_out_text, saes, n_sequences)
@@ -318,7 +322,7 @@ class GroupTrainer:
         """Up to n_val held-out tokens ({hook: acts} batches, every hook's rows the same
         tokens), in memory (read on first use)."""
         if self.held_out_batches is None:
-            cfg = self.cfgs[0]
+            cfg = self.cfg
             batch = min(cfg.batch_size, cfg.n_val)
             if isinstance(self.source, SharedSource):
                 self.held_out_batches = self.source.held_out(cfg.n_val, batch)
@@ -329,7 +333,7 @@ class GroupTrainer:
     def _evaluate(self, held_out) -> dict[int, dict]:
         """Every run's metrics on held-out data (batches of {hook: acts}), by run index."""
         stacks = [(s.sae, s.hook, s.target) for s in self.stacks]
-        evals = evaluate_stacks(stacks, held_out, self.scales, self.cfgs[0].n_val)
+        evals = evaluate_stacks(stacks, held_out, self.scales, self.cfg.n_val)
         return {
             i: stack_evals[j]
             for stack, stack_evals in zip(self.stacks, evals, strict=True)
@@ -367,7 +371,7 @@ class GroupTrainer:
 
     def _downstream(self) -> list[dict]:
         """Every run's loss recovered / KL (or the encoder score); {} each when not measured."""
-        n = self.cfgs[0].downstream_sequences
+        n = self.cfg.downstream_sequences
         saes = [load_run(d) for d in self.run_dirs] if n > 0 else []
         results = self._measure_downstream(saes, n, "after training")
         return results if results is not None else [{} for _ in self.run_dirs]
@@ -375,7 +379,7 @@ class GroupTrainer:
     def _absorption(self) -> list[dict]:
         """Every run's feature absorption (why, each, when not measured): on the held-out
         documents of a live source, the held-out shards of a store."""
-        cfg = self.cfgs[0]
+        cfg = self.cfg
         if cfg.absorption.n_tokens <= 0:
             return [not_measured("turned off: absorption.n_tokens is 0")] * len(self.run_dirs)
         tokens, recorded = held_out_tokens(cfg)
@@ -386,20 +390,20 @@ class GroupTrainer:
             return [not_measured(f"skipped: {err}")] * len(self.run_dirs)
 
     def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
-        cfg, run_dir = self.cfgs[i], self.run_dirs[i]
+        run, run_dir = self.runs[i], self.run_dirs[i]
         failed, lens_cfg = bool(stack.failed[j]), stack.sae.sae_lens_cfg()
         metrics = {
             **evals,
             "failed": failed,
-            "tokens_seen": self.step * cfg.batch_size,
+            "tokens_seen": self.step * self.cfg.batch_size,
             "steps": self.step,
             "wall_s": self.wall_s(),
-            "arch": cfg.sae.arch,
+            "arch": run.sae.arch,
             "d_sae": stack.sae.d_sae,
             "k": lens_cfg.get("k"),
             "lr": float(stack.opt.base_lr[j]),
-            "seed": cfg.seed,
-            "tag": cfg.tag,
+            "seed": run.seed,
+            "tag": run.tag,
             "run": run_dir.name,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         }
@@ -409,7 +413,6 @@ class GroupTrainer:
     def _checkpoint(self, stack: Stack, j: int, i: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """(cfg.json, weights) of member j of `stack` (run i) as it is now, acting on raw
         activations."""
-        cfg = self.cfgs[i]
         scales = self.scales[stack.hook], self.scales[stack.target]
         sae_cfg = {
             **stack.sae.sae_lens_cfg(),
@@ -421,10 +424,14 @@ class GroupTrainer:
             ),
             "model_name": self.source.model_name,
             "input_scale": scales[0],
-            "seed": cfg.seed,
-            "saesweep_config": dataclasses.asdict(cfg),
+            "seed": self.runs[i].seed,
+            "saesweep_config": dataclasses.asdict(self._record(i)),
         }
         return sae_cfg, stack.sae.member_state_dict(j, *scales)
+
+    def _record(self, i: int) -> TrainConfig:
+        """Run i's flat config (its device resolved), as cfg.json and wandb record it."""
+        return TrainConfig.joined(self.sweep_cfg, self.cfg, self.runs[i])
 
     def save_state(self) -> None:
         """Each rank's tensors in its own file named by step, then one commit (rank 0's
