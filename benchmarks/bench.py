@@ -401,9 +401,10 @@ def sae_tokens_per_s(
 
 
 def bench_sae(args: argparse.Namespace) -> None:
-    from saesweep.sae import SAEConfig
+    from saesweep.sae import SAEConfig, SwitchConfig
 
-    cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, n_experts=args.n_experts)
+    switch = SwitchConfig(n_experts=args.n_experts)
+    cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, switch=switch)
     rate = sae_tokens_per_s(
         cfg, args.d_model, args.n_saes, args.batch_size, args.steps, args.device, args.bf16
     )

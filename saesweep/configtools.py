@@ -8,7 +8,9 @@ range checks live beside their fields (`field(metadata=at_least(1))`), and --hel
 rendering of the field docstrings.
 
 A nested config marked `short=True` (the Slurm settings) may also be written without its
-section: `--slurm-acct A` or `--n-hours 24` name `slurm.acct` and `slurm.n_hours`.
+section: `--slurm-acct A` or `--n-hours 24` name `slurm.acct` and `slurm.n_hours`. A field of
+a nested config may name other spellings of itself in its parent (`field(metadata=alias(...))`):
+`sae.n_experts` names `sae.switch.n_experts`, the field whose aliases hold "n_experts".
 
 Every entry point parses its command line here: collect.py and train.py a command plus a config
 (parse_command_line), the collection shell, the feature pages and the report a command alone
@@ -27,7 +29,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from saesweep.errors import UserError
@@ -46,20 +48,48 @@ def section(factory: Callable[[], Any], short: bool = False) -> Any:
     return dataclasses.field(default_factory=factory, metadata={"short": short})
 
 
+def alias(*names: str) -> dict:
+    """Field metadata of a nested config's field: `names` are its other spellings in the
+    parent config (keys beside the section's own name), e.g. alias("n_experts") on
+    SwitchConfig.n_experts makes `sae.n_experts` mean `sae.switch.n_experts`."""
+    return {"aliases": names}
+
+
 def resolve_key(cls: type, key: str) -> list[str]:
-    """The field path `key` names in `cls`: the field itself, or a field of a short section
-    spelled `<section>_<field>` or `<field>`; [] when it names nothing."""
+    """The field path `key` names in `cls`: the field itself, a section's field that has `key`
+    among its aliases, or a field of a short section spelled `<section>_<field>` or `<field>`;
+    [] when it names nothing."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key in fields:
         return [key]
     hints = typing.get_type_hints(cls)
-    for name, f in fields.items():
+    sections = [(name, f) for name, f in fields.items() if dataclasses.is_dataclass(hints[name])]
+    for name, _ in sections:
+        for g in dataclasses.fields(hints[name]):
+            if key in g.metadata.get("aliases", ()):
+                return [name, g.name]
+    for name, f in sections:
         if f.metadata.get("short"):
             inner = {g.name for g in dataclasses.fields(hints[name])}
             for candidate in (key.removeprefix(f"{name}_"), key):
                 if candidate in inner:
                     return [name, candidate]
     return []
+
+
+def spelled_out(cls: type, values: dict) -> dict:
+    """`values`, a dict of `cls`'s fields as a file wrote it (a sweep.json, a cfg.json of an
+    older version), with every alias and short key nested at its field path; keys `cls` does
+    not know are kept as they are."""
+    out: dict = {}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        path = resolve_key(cls, key) or [key]
+        inner = hints.get(path[0])
+        if len(path) == 1 and isinstance(value, dict) and dataclasses.is_dataclass(inner):
+            value = spelled_out(inner, value)
+        out = deep_merge(out, {path[0]: value if len(path) == 1 else {path[1]: value}})
+    return out
 
 
 def _options(cls: type) -> list[str]:
@@ -98,11 +128,14 @@ def _nest(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """`base` with `override` applied; nested dicts merge key by key."""
-    out = dict(base)
+    """`base` with `override` applied; nested dicts merge key by key. The keys `override`
+    sets come after the others: where one field is spelled two ways (an alias in one dict,
+    its section in the other), replace_from_dict, which applies keys in order, takes the
+    override's value."""
+    out = {key: value for key, value in base.items() if key not in override}
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = deep_merge(base[key], value)
         else:
             out[key] = value
     return out
@@ -408,6 +441,16 @@ def fraction(open_top: bool = False) -> dict:
     return _rule(lambda v: 0 <= v <= 1, "in [0, 1]", False)
 
 
+def one_of(options: Callable[[], Collection[str]]) -> dict:
+    """Field metadata: the value must be one of options(), read when the value is checked (a
+    registry that grows as modules register in it)."""
+
+    def want(value: Any) -> str:
+        return f"one of {', '.join(options())}{closest(str(value), options())}"
+
+    return {"check": (lambda v: v in options(), want)}
+
+
 def violations(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
     """(dotted field name, value, what it must be) for each field breaking the check beside it."""
     for f in dataclasses.fields(cfg):
@@ -416,7 +459,8 @@ def violations(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
         if dataclasses.is_dataclass(value):
             yield from violations(value, f"{name}.")
         elif "check" in f.metadata and not f.metadata["check"][0](value):
-            yield name, value, f.metadata["check"][1]
+            want = f.metadata["check"][1]
+            yield name, value, want(value) if callable(want) else want
 
 
 PLAIN_NAME = {

@@ -5,7 +5,7 @@ def make_cfgs() -> list[dict]:
     return [
         {"sae": {"arch": "topk", "k": 32}, "tag": "topk"},
         {"sae": {"arch": "batchtopk", "k": 32}, "tag": "batchtopk"},
-        {"sae": {"arch": "switch", "k": 32, "n_experts": 8}, "tag": "switch"},
+        {"sae": {"arch": "switch", "k": 32, "switch": {"n_experts": 8}}, "tag": "switch"},
         {
             "sae": {"arch": "relu"},
             "objective": {"sparsity_coeff": 2e-3, "sparsity_warmup_steps": 100},

@@ -7,13 +7,12 @@ def make_cfgs() -> list[dict]:
         {"sae": {"arch": "topk"}},
         {"sae": {"arch": "batchtopk"}},
         {"sae": {"arch": "matryoshka"}},
-        {"sae": {"arch": "switch", "n_experts": 4}},
+        {"sae": {"arch": "switch", "switch": {"n_experts": 4}}},
         {"sae": {"arch": "relu"}, "objective": {"sparsity_coeff": 1e-2}},
         {  # its threshold was tuned with the encoder at the decoder's transpose (scale 1)
             "sae": {
                 "arch": "jumprelu",
-                "jumprelu_init_threshold": 1.5,
-                "jumprelu_bandwidth": 0.05,
+                "jumprelu": {"init_threshold": 1.5, "bandwidth": 0.05},
                 "init_encoder_scale": 1.0,
             },
             "objective": {"sparsity_coeff": 5e-3},

@@ -22,8 +22,8 @@ def make_cfgs() -> list[dict]:
         (
             "skip-tc-jumprelu",
             {"hook": "resid.2", "target_hook": "mlp.3"},
-            {"arch": "jumprelu", "skip": True, "jumprelu_init_threshold": 1.5,
-             "jumprelu_bandwidth": 0.05, "init_encoder_scale": 1.0},  # threshold tuned at 1
+            {"arch": "jumprelu", "skip": True, "init_encoder_scale": 1.0,  # threshold tuned at 1
+             "jumprelu": {"init_threshold": 1.5, "bandwidth": 0.05}},
             {"sparsity_coeff": 5e-3},
         ),
     ]  # fmt: skip

@@ -14,11 +14,12 @@ from test_train import cfg, train
 from saesweep import Reader
 from saesweep.collect.config import CollectConfig
 from saesweep.collect.source import ModelSource
-from saesweep.sae import ARCHITECTURES, SAEConfig, make_sae
+from saesweep.sae import ARCHITECTURES, SAEConfig, SwitchConfig, make_sae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 D_IN, D_SAE, B = 64, 512, 256
+SWITCH = SwitchConfig(n_experts=4)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def _loss_and_grads(sae, x):
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_sae_loss_and_grads_on_cuda_equal_cpu(arch):
-    cfg_ = SAEConfig(arch=arch, d_sae=D_SAE, k=8, n_experts=4, dead_tokens=1, aux_k=32)
+    cfg_ = SAEConfig(arch=arch, d_sae=D_SAE, k=8, switch=SWITCH, dead_tokens=1, aux_k=32)
     x = sparse_mixture(B, D_IN, seed=1, dtype=torch.float64)
     saes = [make_sae(cfg_, D_IN, [0, 1], dtype=torch.float64, device=d) for d in ("cpu", "cuda")]
     for sae in saes:
@@ -86,7 +87,7 @@ def test_sae_loss_and_grads_on_cuda_equal_cpu(arch):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "switch"])
 def test_bf16_autocast_on_cuda_is_close_to_float32(arch):
-    cfg_ = SAEConfig(arch=arch, d_sae=D_SAE, k=8, n_experts=4)
+    cfg_ = SAEConfig(arch=arch, d_sae=D_SAE, k=8, switch=SWITCH)
     sae = make_sae(cfg_, D_IN, [0, 1], device="cuda")
     x = sparse_mixture(B, D_IN, seed=2).cuda()
     ref_loss, ref_grads = _loss_and_grads(sae, x)

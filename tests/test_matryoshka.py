@@ -14,14 +14,16 @@ from test_collect import read_hook, small
 from test_train import cfg as train_cfg
 
 from saesweep.collect.run import collect
-from saesweep.sae import SAEConfig, make_sae
+from saesweep.sae import MatryoshkaConfig, SAEConfig, make_sae
 from saesweep.sae.base import total_variance
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.step import train_step
 
 
 def test_loss_is_the_sum_of_the_prefixes_fvu():
-    cfg = SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka_widths=(8, 24), aux_coeff=0)
+    cfg = SAEConfig(
+        arch="matryoshka", d_sae=64, k=4, matryoshka=MatryoshkaConfig((8, 24)), aux_coeff=0
+    )
     sae = make_sae(cfg, 16, [0, 1])
     x = sparse_mixture(256, 16, seed=2)
     sae.init_b_dec(x)
@@ -39,7 +41,8 @@ def test_loss_is_the_sum_of_the_prefixes_fvu():
 
 def test_widths_that_do_not_nest_are_refused():
     with pytest.raises(ValueError, match="must increase and stay below d_sae=64"):
-        make_sae(SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka_widths=(32, 16)), 16, [0])
+        nested = MatryoshkaConfig(widths=(32, 16))
+        make_sae(SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka=nested), 16, [0])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def test_the_first_prefix_alone_beats_as_many_plain_latents(demo_acts):
     train_x, held_out = demo_acts[:-4096], demo_acts[-4096:]
     width, saes = 96, {}
     for arch in ("matryoshka", "batchtopk"):
-        cfg = SAEConfig(arch=arch, d_sae=1536, k=16, matryoshka_widths=(width, 384))
+        cfg = SAEConfig(arch=arch, d_sae=1536, k=16, matryoshka=MatryoshkaConfig((width, 384)))
         sae = make_sae(cfg, 384, [0])
         sae.init_b_dec(train_x[:4096])
         opt = StackedAdam(sae.parameters(), lr=[2e-3])
@@ -88,7 +91,7 @@ def test_checkpoint_records_the_widths(tmp_path):
         n_train=1024,
         n_val=256,
         device="cpu",
-        sae=SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka_widths=(8, 16)),
+        sae=SAEConfig(arch="matryoshka", d_sae=64, k=4, matryoshka=MatryoshkaConfig((8, 16))),
     )
     group_trainer([cfg], [tmp_path / "run"], tmp_path / "state").train()
     saved = json.loads((tmp_path / "run" / "cfg.json").read_text())

@@ -332,11 +332,11 @@ def test_a_parameter_varies_only_among_the_runs_it_applies_to():
     """k of ReLU (None), Switch's experts on other architectures and an architecture's own
     sparsity coefficient do not make a panel; two values within one architecture do."""
     demo = _rows(
-        ("topk", {"k": 16, "sae.n_experts": 8, "objective.sparsity_coeff": 4e-4}),
-        ("switch", {"k": 16, "sae.n_experts": 4, "objective.sparsity_coeff": 4e-4}),
-        ("relu", {"k": None, "sae.n_experts": 8, "objective.sparsity_coeff": 1e-2}),
-        ("jumprelu", {"k": None, "sae.n_experts": 8, "objective.sparsity_coeff": 5e-3}),
-        ("jumprelu", {"k": None, "sae.init_encoder_scale": 1.0, "sae.n_experts": 8}),
+        ("topk", {"k": 16, "sae.switch.n_experts": 8, "objective.sparsity_coeff": 4e-4}),
+        ("switch", {"k": 16, "sae.switch.n_experts": 4, "objective.sparsity_coeff": 4e-4}),
+        ("relu", {"k": None, "sae.switch.n_experts": 8, "objective.sparsity_coeff": 1e-2}),
+        ("jumprelu", {"k": None, "sae.switch.n_experts": 8, "objective.sparsity_coeff": 5e-3}),
+        ("jumprelu", {"k": None, "sae.init_encoder_scale": 1.0, "sae.switch.n_experts": 8}),
     )
     demo[4]["_params"]["objective.sparsity_coeff"] = 5e-3
     assert varied_params(demo) == []

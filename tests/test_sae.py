@@ -12,16 +12,18 @@ from synthetic import make_collection, sparse_mixture
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae, sparse
 from saesweep.sae.base import geometric_median, total_variance
+from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
+from saesweep.sae.switch import SwitchConfig
 from saesweep.train.config import DataConfig, TrainConfig
 
 D_IN, D_SAE, B = 32, 128, 128
 
 
 def _cfg(arch, **kw):
-    return SAEConfig(**(dict(arch=arch, d_sae=D_SAE, k=4, n_experts=4) | kw))
+    return SAEConfig(**(dict(arch=arch, d_sae=D_SAE, k=4, switch=SwitchConfig(n_experts=4)) | kw))
 
 
 def _x(n=B, seed=1):
@@ -64,12 +66,13 @@ def test_batchtopk_threshold_is_updated_in_float32_under_bf16_autocast():
     sample = result.threshold_sample
     assert sample.dtype == torch.float32 and (sample > 0).all()
     sae.after_optimizer_step(result)
-    mom = sae.cfg.batchtopk_threshold_momentum
+    mom = sae.cfg.batchtopk.threshold_momentum
     assert torch.equal(sae.threshold, mom * torch.full((2,), 0.3) + (1 - mom) * sample)
 
 
 def test_switch_vectorized_dispatch_matches_per_expert_loop():
-    cfg = _cfg("switch", k=3, switch_capacity_factor=4.0)  # capacity = whole batch
+    whole_batch = SwitchConfig(n_experts=4, capacity_factor=4.0)
+    cfg = _cfg("switch", k=3, switch=whole_batch)
     sae = make_sae(cfg, D_IN, [0, 1])
     with torch.no_grad():
         sae.b_enc.normal_()
@@ -97,7 +100,7 @@ def _switch_loop_reference(sae, i, x):
 
 
 def test_switch_capacity_drops_tokens_past_capacity():
-    sae = make_sae(_cfg("switch", switch_capacity_factor=0.5), D_IN, [0])
+    sae = make_sae(_cfg("switch", switch=SwitchConfig(n_experts=4, capacity_factor=0.5)), D_IN, [0])
     x = _x()
     _, codes = sae(x)
     capacity = sae.capacity(B)
@@ -143,7 +146,7 @@ def test_switch_load_balance_spreads_tokens():
 
 def test_jumprelu_threshold_gets_gradient_and_l0_penalty_counts_active():
     obj = ObjectiveConfig(sparsity_coeff=1e-2)
-    cfg = _cfg("jumprelu", jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.5)
+    cfg = _cfg("jumprelu", jumprelu=JumpReLUConfig(bandwidth=0.1, init_threshold=0.5))
     sae = make_sae(cfg, D_IN, [0], obj)
     result = sae.loss(_x())
     assert result.metrics["sparsity_loss"].item() == result.metrics["l0"].item()
@@ -174,7 +177,7 @@ def test_jumprelu_threshold_gradients_match_the_papers_estimator_below_half_band
     # SAELens's defaults: threshold 0.01 < bandwidth / 2. A ReLU before the estimators made every
     # negative pre-activation a 0 inside the kernel window: -(1 / eps) P(z <= 0) extra
     lam, eps = 0.125, 0.05  # lam exact in the float32 buffer it is stored in
-    cfg = _cfg("jumprelu", jumprelu_bandwidth=eps, jumprelu_init_threshold=0.01)
+    cfg = _cfg("jumprelu", jumprelu=JumpReLUConfig(bandwidth=eps, init_threshold=0.01))
     sae = make_sae(cfg, D_IN, [0, 1], ObjectiveConfig(sparsity_coeff=lam), dtype=torch.float64)
     x = _x().double()
     sae.loss(x).loss.sum().backward()
@@ -194,7 +197,7 @@ def _dense_jumprelu_loss(sae, x, step):
     """The reference: the paper's estimator on dense [n, B, d_sae] raw pre-activations z in
     plain autograd: H(z - t) with d/dt -(1 / eps) K, z H(z - t) with d/dz H and d/dt -(t / eps) K
     (K the rectangle on (-1/2, 1/2)); a dense decode."""
-    eps, t = sae.cfg.jumprelu_bandwidth, sae.threshold.unsqueeze(1)
+    eps, t = sae.cfg.jumprelu.bandwidth, sae.threshold.unsqueeze(1)
     z = sae.linear(x)
     on = (z > t).to(z.dtype)
     kernel = ((z - t).abs() < eps / 2).to(z.dtype).detach() / eps
@@ -214,7 +217,7 @@ def test_jumprelu_paths_match_the_dense_reference(dense_above, top, monkeypatch)
     # some sit below bandwidth / 2 (negative pre-activations in the window). mixed: member 0's
     # thresholds near 0 (dense), member 1's up to 1.5 (sparse)
     monkeypatch.setattr(sparse, "DENSE_ABOVE", dense_above)
-    cfg = _cfg("jumprelu", jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01)
+    cfg = _cfg("jumprelu", jumprelu=JumpReLUConfig(bandwidth=0.05, init_threshold=0.01))
     obj = ObjectiveConfig(sparsity_coeff=0.01)
     sae = make_sae(cfg, D_IN, [0, 1], obj, dtype=torch.float64)
     with torch.no_grad():
@@ -240,7 +243,7 @@ def test_jumprelu_threshold_moves_by_lr_and_stays_non_negative(target_l0, moves)
     # the threshold is trained itself: Adam's first step moves it by lr (its log moved it by
     # lr x 0.001 here); an L0 target far above or below L0 pushes every threshold with
     # pre-activations in its kernel window up or down, and a step below 0 is projected to 0
-    cfg = _cfg("jumprelu", jumprelu_bandwidth=0.05, jumprelu_init_threshold=1e-3)
+    cfg = _cfg("jumprelu", jumprelu=JumpReLUConfig(bandwidth=0.05, init_threshold=1e-3))
     sae = make_sae(cfg, D_IN, [0], ObjectiveConfig(sparsity_coeff=1.0, target_l0=target_l0))
     opt = StackedAdam(sae.parameters(), lr=[1e-2], betas=sae.adam_betas)
     train_step(sae, opt, _x(), 0, max_grad_norm=None)
@@ -257,10 +260,9 @@ def test_jumprelu_threshold_moves_by_lr_and_stays_non_negative(target_l0, moves)
 def test_jumprelu_threshold_gradient_under_bf16_autocast_matches_float32():
     # bf16 spaces values 2^-7 apart near 1.0, wider than this kernel (|z - t| < 5e-4): with
     # bf16 pre-activations the window holds no value and the thresholds get no gradient.
-    cfg = SAEConfig(
-        arch="jumprelu", d_sae=512, jumprelu_init_threshold=1.003, init_encoder_scale=1.0
-    )
-    sae = make_sae(dataclasses.replace(cfg, jumprelu_bandwidth=1e-3), 64, [0])
+    jumprelu = JumpReLUConfig(bandwidth=1e-3, init_threshold=1.003)
+    cfg = SAEConfig(arch="jumprelu", d_sae=512, jumprelu=jumprelu, init_encoder_scale=1.0)
+    sae = make_sae(cfg, 64, [0])
     x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
     grads = []
     for autocast in (False, True):
@@ -453,8 +455,9 @@ CONVERGENCE = {
 def test_every_architecture_learns_sparse_synthetic_data(arch):
     steps = 200
     data, held_out = _x(steps * B, seed=5), _x(1024, seed=6)
-    cfg = _cfg(arch, dead_tokens=20 * B, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1)
-    cfg = dataclasses.replace(cfg, n_experts=2)  # each expert can hold all 64 directions
+    jumprelu = JumpReLUConfig(bandwidth=0.05, init_threshold=0.1)
+    switch = SwitchConfig(n_experts=2)  # each expert can hold all 64 directions
+    cfg = _cfg(arch, dead_tokens=20 * B, jumprelu=jumprelu, switch=switch)
     sae = make_sae(cfg, D_IN, [0], CONVERGENCE[arch])
     sae.init_b_dec(data[:1024])
     opt = StackedAdam(sae.parameters(), lr=[1e-2])

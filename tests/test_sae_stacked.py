@@ -11,8 +11,10 @@ from synthetic import sparse_mixture
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
+from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
 from saesweep.sae.step import train_step
+from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_SAE, B = 32, 128, 64
 ARCHS = sorted(ARCHITECTURES)
@@ -22,8 +24,8 @@ NORMALIZE = [True, False, True]
 
 
 def _cfg(arch: str, **kw) -> SAEConfig:
-    base = dict(arch=arch, d_sae=D_SAE, k=8, n_experts=4, dead_tokens=3 * B)
-    base |= dict(jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1)
+    base = dict(arch=arch, d_sae=D_SAE, k=8, switch=SwitchConfig(n_experts=4), dead_tokens=3 * B)
+    base |= dict(jumprelu=JumpReLUConfig(bandwidth=0.05, init_threshold=0.1))
     return SAEConfig(**(base | kw))
 
 
@@ -99,7 +101,7 @@ def test_jumprelu_member_on_the_sparse_path_does_not_depend_on_a_dense_peer():
     # each member's path follows its own entries per token: a low initial threshold (about
     # half the latents active: dense) beside a high one (a few: sparse)
     data = sparse_mixture(15 * B, D_IN, seed=1, dtype=torch.float32)
-    cfgs = [_cfg("jumprelu", jumprelu_init_threshold=t) for t in (3.0, 1e-3)]
+    cfgs = [_cfg("jumprelu", jumprelu=JumpReLUConfig(0.05, init_threshold=t)) for t in (3.0, 1e-3)]
     obj = ObjectiveConfig(sparsity_coeff=1e-3)
     saes, paths = [], []
     for part in (slice(0, 2), slice(0, 1), slice(1, 2)):
@@ -221,6 +223,19 @@ def test_resume_from_safetensors_is_bit_identical(arch):
     _run(resumed, resumed_opt, data, 4, start=6)
     for name, t in sae.state_dict().items():
         assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+def test_a_state_with_the_moved_coefficient_buffers_loads():
+    """Group checkpoints written before JumpReLU and Switch owned target_l0 and
+    load_balance_coeff hold both for every stack; other unknown keys are still refused."""
+    sae = make_sae(_cfg("topk"), D_IN, SEEDS)
+    old = sae.state_dict() | {"target_l0": torch.zeros(3), "load_balance_coeff": torch.ones(3)}
+    other = make_sae(_cfg("topk"), D_IN, [1, 2, 4])
+    other.load_state_dict(old)
+    for name, t in sae.state_dict().items():
+        assert torch.equal(other.state_dict()[name], t), name
+    with pytest.raises(RuntimeError, match="Unexpected key.*threshold"):
+        other.load_state_dict(old | {"threshold": torch.zeros(3)})
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae, sparse
+from saesweep.sae import ObjectiveConfig, SAEConfig, SwitchConfig, make_sae, sparse
 
 D_IN, D_SAE, B, K = 32, 128, 96, 6
 
@@ -100,7 +100,7 @@ def _dense_switch_loss(sae, x, i, p):
 
 
 def test_switch_loss_and_grads_match_dense_reference():
-    cfg = SAEConfig(arch="switch", d_sae=D_SAE, k=K, n_experts=4, switch_capacity_factor=4.0)
+    cfg = SAEConfig(arch="switch", d_sae=D_SAE, k=K, switch=SwitchConfig(4, capacity_factor=4.0))
     objectives = [ObjectiveConfig(load_balance_coeff=c) for c in (0.01, 0.5)]
     sae = make_sae(cfg, D_IN, [0, 1], objectives, dtype=torch.float64)
     _perturb(sae)

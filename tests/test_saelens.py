@@ -11,7 +11,7 @@ from synthetic import make_collection
 
 import saesweep
 from saesweep.format.rundir import load_sae
-from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import JumpReLUConfig, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported, exported_acts
 from saesweep.train.config import DataConfig, TrainConfig
 
@@ -31,10 +31,9 @@ def run_dirs(tmp_path_factory) -> dict[str, object]:
         wandb_mode="disabled",
         downstream_sequences=0,
     )
+    jumprelu = JumpReLUConfig(init_threshold=0.05)
     cfgs = [
-        dataclasses.replace(
-            base, seed=i, sae=SAEConfig(arch=a, d_sae=32, k=4, jumprelu_init_threshold=0.05)
-        )
+        dataclasses.replace(base, seed=i, sae=SAEConfig(arch=a, d_sae=32, k=4, jumprelu=jumprelu))
         for i, a in enumerate(ARCHS)
     ]
     dirs = [root / a for a in ARCHS]
@@ -78,8 +77,8 @@ def _saelens_training_sae(arch: str, sae, coefficient: float, target_l0: float =
         cfg = JumpReLUTrainingSAEConfig(
             **shape,
             l0_coefficient=coefficient,
-            jumprelu_bandwidth=sae.cfg.jumprelu_bandwidth,
-            jumprelu_init_threshold=sae.cfgs[0].jumprelu_init_threshold,
+            jumprelu_bandwidth=sae.cfg.jumprelu.bandwidth,
+            jumprelu_init_threshold=sae.cfgs[0].jumprelu.init_threshold,
             jumprelu_sparsity_loss_mode="quadratic" if target_l0 else "step",
             target_l0=target_l0 or None,
         )
@@ -99,7 +98,7 @@ def test_sparsity_coeff_times_d_in_is_saelens_coefficient(arch, target_l0):
     from sae_lens.saes.sae import TrainStepInput
 
     d_in, c = 16, 2**-6
-    cfg = SAEConfig(arch=arch, d_sae=64, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01)
+    cfg = SAEConfig(arch=arch, d_sae=64, jumprelu=JumpReLUConfig(0.05, init_threshold=0.01))
     objective = ObjectiveConfig(sparsity_coeff=c, target_l0=target_l0)
     sae = make_sae(cfg, d_in, [0], objective, dtype=torch.float64)
     x = torch.randn(256, d_in, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -21,7 +21,7 @@ from synthetic import make_collection
 
 from saesweep.errors import UserError
 from saesweep.executors import RayConfig, SlurmConfig, default_cpus, largest_node_cpus
-from saesweep.sae import SAEConfig
+from saesweep.sae import SAEConfig, SwitchConfig
 from saesweep.sae.export import apply_exported
 from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import DataConfig, TrainConfig
@@ -98,7 +98,7 @@ def test_evaluation_while_training_is_logged_and_changes_nothing(coll, tmp_path)
 def test_mixed_architectures_and_checkpoint_format(coll, tmp_path):
     archs = ["topk", "batchtopk", "switch", "relu", "jumprelu"]
     cfgs = [
-        cfg(coll, sae=SAEConfig(arch=a, d_sae=64, k=4, n_experts=2), seed=i)
+        cfg(coll, sae=SAEConfig(arch=a, d_sae=64, k=4, switch=SwitchConfig(n_experts=2)), seed=i)
         for i, a in enumerate(archs)
     ]
     results = train(cfgs, tmp_path)

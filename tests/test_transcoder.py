@@ -10,8 +10,10 @@ from synthetic import sparse_map
 
 from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
+from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam
 from saesweep.sae.step import train_step
+from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_OUT, D_SAE, B = 32, 24, 64, 128
 ARCHS = sorted(ARCHITECTURES)
@@ -24,8 +26,8 @@ OBJECTIVES = [
 
 
 def _cfg(arch: str, **kw) -> SAEConfig:
-    base = dict(arch=arch, d_sae=D_SAE, k=4, n_experts=4, dead_tokens=3 * B)
-    base |= dict(jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1)
+    base = dict(arch=arch, d_sae=D_SAE, k=4, switch=SwitchConfig(n_experts=4), dead_tokens=3 * B)
+    base |= dict(jumprelu=JumpReLUConfig(bandwidth=0.05, init_threshold=0.1))
     return SAEConfig(**(base | kw))
 
 

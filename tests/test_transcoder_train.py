@@ -16,7 +16,7 @@ from test_train import cfg as train_cfg
 from saesweep import Reader
 from saesweep.errors import UserError
 from saesweep.format.rundir import load_sae
-from saesweep.sae import SAEConfig
+from saesweep.sae import JumpReLUConfig, SAEConfig
 from saesweep.sae.export import apply_exported
 from saesweep.train.config import DataConfig
 from saesweep.train.preflight import check_data
@@ -28,7 +28,7 @@ RUNS = {
     "topk": dict(arch="topk"),
     "relu": dict(arch="relu"),
     "relu_skip": dict(arch="relu", skip=True),
-    "jumprelu": dict(arch="jumprelu", jumprelu_init_threshold=0.05),
+    "jumprelu": dict(arch="jumprelu", jumprelu=JumpReLUConfig(init_threshold=0.05)),
     "batchtopk_skip": dict(arch="batchtopk", skip=True),
 }
 SAELENS = {

@@ -16,10 +16,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from saesweep.configtools import parse_command, positional
+from saesweep.configtools import parse_command, positional, spelled_out
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.evaluate.health import HealthConfig, assess, fidelity_key
 from saesweep.format.rundir import check_unit, write_json
+from saesweep.sae.config import SAEConfig
+from saesweep.sae.registry import ARCHITECTURES, section_readers
 
 COLUMNS = (
     "run",
@@ -88,7 +90,10 @@ def run_params(run_dir: Path, metrics: dict) -> dict:
     cfg_path = run_dir / "cfg.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     check_unit(run_dir, cfg, metrics)
-    flat = _flatten(cfg.get("saesweep_config", {}))
+    tree = cfg.get("saesweep_config", {})
+    if isinstance(tree.get("sae"), dict):  # older runs spell architecture options flat
+        tree = tree | {"sae": spelled_out(SAEConfig, tree["sae"])}
+    flat = _flatten(tree)
     params = {k: v for k, v in flat.items() if k not in IGNORED + RESOLVED}
     resolved = {k: metrics.get(k) for k in ("arch", "lr", "d_sae", "k")}
     return params | resolved | {"hook": cfg.get("hook_name")}
@@ -111,25 +116,27 @@ TOPK_FAMILY = ("topk", "batchtopk", "matryoshka", "switch")
 ARCH_SPECIFIC = {
     "sae.aux_k": TOPK_FAMILY,
     "sae.aux_coeff": TOPK_FAMILY,
-    "sae.n_experts": ("switch",),
-    "sae.switch_capacity_factor": ("switch",),
-    "sae.jumprelu_bandwidth": ("jumprelu",),
-    "sae.jumprelu_init_threshold": ("jumprelu",),
-    "sae.batchtopk_threshold_momentum": ("batchtopk", "matryoshka"),
-    "sae.matryoshka_widths": ("matryoshka",),
-    "sae.relu_init_norm": ("relu",),
     "objective.sparsity_coeff": ("relu", "jumprelu"),
     "objective.target_l0": ("jumprelu",),
     "objective.load_balance_coeff": ("switch",),
 }
-"""Parameters that only some architectures read (SAEConfig's and ObjectiveConfig's
+"""Shared parameters that only some architectures read (SAEConfig's and ObjectiveConfig's
 docstrings), and which; a parameter set to None (k of ReLU, an architecture's default
 init_encoder_scale) applies to no run either."""
 
 
+def readers(param: str) -> tuple[str, ...] | None:
+    """The architectures that read `param` (an architecture's section `sae.<arch>.<field>`:
+    registry.section_readers), None for all."""
+    parts = param.split(".")
+    if len(parts) == 3 and parts[0] == "sae" and parts[1] in ARCHITECTURES:
+        return section_readers(parts[1])
+    return ARCH_SPECIFIC.get(param)
+
+
 def applies(row: dict, param: str) -> bool:
     """Whether the run reads the parameter: not None, and of its architecture's."""
-    archs = ARCH_SPECIFIC.get(param)
+    archs = readers(param)
     return row["_params"].get(param) is not None and (archs is None or row["arch"] in archs)
 
 
@@ -144,7 +151,7 @@ def varied_params(rows: list[dict]) -> list[str]:
 def _varies(rows: list[dict], param: str) -> bool:
     apply = [r for r in rows if applies(r, param)]
     groups = [[r for r in apply if r["arch"] == a] for a in {r["arch"] for r in apply}]
-    if param not in ARCH_SPECIFIC:
+    if readers(param) is None:
         groups = [apply]
     return any(len({json.dumps(r["_params"][param]) for r in g}) > 1 for g in groups)
 

@@ -1,4 +1,6 @@
-"""Stacked sparse autoencoders: n SAEs of one architecture stepped on the same batch."""
+"""Stacked sparse autoencoders: n SAEs of one architecture stepped on the same batch.
+
+Importing the package registers the built-in architectures (registry.ARCHITECTURES)."""
 
 from __future__ import annotations
 
@@ -7,31 +9,41 @@ from collections.abc import Sequence
 import torch
 
 from saesweep.sae.base import LossResult, StackedSAE, fvu
-from saesweep.sae.batchtopk import BatchTopKSAE
+from saesweep.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.config import PER_MEMBER_FIELDS, ObjectiveConfig, SAEConfig, stack_key
-from saesweep.sae.jumprelu import JumpReLUSAE
-from saesweep.sae.matryoshka import MatryoshkaSAE
-from saesweep.sae.relu import ReLUSAE
-from saesweep.sae.switch import SwitchSAE
+from saesweep.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saesweep.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
+from saesweep.sae.registry import ARCHITECTURES, architecture, register
+from saesweep.sae.relu import ReLUConfig, ReLUSAE
+from saesweep.sae.switch import SwitchConfig, SwitchSAE
 from saesweep.sae.topk import TopKSAE
-
-ARCHITECTURES: dict[str, type[StackedSAE]] = {
-    cls.arch: cls for cls in (TopKSAE, BatchTopKSAE, SwitchSAE, ReLUSAE, JumpReLUSAE, MatryoshkaSAE)
-}
 
 __all__ = [
     "ARCHITECTURES",
+    "BatchTopKConfig",
+    "BatchTopKSAE",
     "PER_MEMBER_FIELDS",
     "Codes",
     "DenseCodes",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
     "LossResult",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
     "ObjectiveConfig",
+    "ReLUConfig",
+    "ReLUSAE",
     "SAEConfig",
     "SparseCodes",
     "StackedSAE",
+    "SwitchConfig",
+    "SwitchSAE",
+    "TopKSAE",
+    "architecture",
     "fvu",
     "make_sae",
+    "register",
     "stack_key",
 ]
 
@@ -53,5 +65,5 @@ def make_sae(
     cfgs = [cfg] * n if isinstance(cfg, SAEConfig) else list(cfg)
     objective = objective if objective is not None else ObjectiveConfig()
     objectives = [objective] * n if isinstance(objective, ObjectiveConfig) else list(objective)
-    cls = ARCHITECTURES[cfgs[0].arch]
+    cls = architecture(cfgs[0].arch)
     return cls(cfgs, d_in, list(seeds), objectives, d_out).to(device=device, dtype=dtype)

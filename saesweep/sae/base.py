@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from beartype import beartype
@@ -25,10 +25,17 @@ from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor, nn
 
 from saesweep.sae.codes import Codes
-from saesweep.sae.config import ObjectiveConfig, SAEConfig, stack_key
 from saesweep.sae.matmul import member_bmm
+from saesweep.sae.stacking import stack_key
 
-__all__ = ["LossResult", "ObjectiveConfig", "SAEConfig", "StackedSAE", "geometric_median"]
+if TYPE_CHECKING:
+    from saesweep.sae.config import ObjectiveConfig, SAEConfig
+
+__all__ = ["LossResult", "StackedSAE", "geometric_median"]
+
+MOVED_BUFFERS = ("target_l0", "load_balance_coeff")
+"""Coefficient buffers that group checkpoints of every architecture hold when written before
+JumpReLU and Switch registered them as their own; a stack without them ignores them on load."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,14 @@ class LossResult:
 
 
 class StackedSAE(nn.Module):
-    """n SAEs of one architecture and shape; subclasses define encode and penalties."""
+    """n SAEs of one architecture and shape; subclasses define encode and penalties, and
+    register themselves (registry.register)."""
 
     arch: ClassVar[str]
+    """The architecture's name: the value of sae.arch, and its section's name in SAEConfig."""
     sae_lens_architecture: ClassVar[str]
+    """SAELens's name of the exported SAE (cfg.json architecture), read back by
+    exported_acts."""
     subtract_b_dec: ClassVar[bool] = True
     """The architecture subtracts b_dec from the encoder's input (SAEs only; the instance's
     apply_b_dec_to_input says whether this stack does)."""
@@ -97,7 +108,8 @@ class StackedSAE(nn.Module):
         ]
         for name in members[0]:
             self.register_parameter(name, nn.Parameter(torch.stack([m[name] for m in members])))
-        self._register_member_buffers()
+        self.register_member_buffers()
+        self.register_load_state_dict_pre_hook(_ignore_moved_buffers)
 
     def _check_members(self, cfgs, seeds, objectives) -> None:
         if not (len(cfgs) == len(seeds) == len(objectives) > 0):
@@ -115,18 +127,21 @@ class StackedSAE(nn.Module):
     def _set_shape(self) -> None:
         """Subclass hook: shape attributes (k, experts) from self.cfg, once checked."""
 
-    def _register_member_buffers(self) -> None:
-        def buf(name, values, dtype=torch.float32):
-            self.register_buffer(name, torch.tensor(values, dtype=dtype))
-
-        buf("sparsity_coeff", [o.sparsity_coeff for o in self.objectives])
-        buf("sparsity_warmup_steps", [o.sparsity_warmup_steps for o in self.objectives])
-        buf("target_l0", [o.target_l0 for o in self.objectives])
-        buf("load_balance_coeff", [o.load_balance_coeff for o in self.objectives])
-        buf("aux_coeff", [c.aux_coeff for c in self.cfgs])
-        buf("dead_tokens", [c.dead_tokens for c in self.cfgs], torch.int64)
+    def register_member_buffers(self) -> None:
+        """The buffers every architecture has: per-member coefficients and dead-latent
+        counters. An architecture adds its own (super() first)."""
+        objectives = self.objectives
+        self.member_buffer("sparsity_coeff", [o.sparsity_coeff for o in objectives])
+        self.member_buffer("sparsity_warmup_steps", [o.sparsity_warmup_steps for o in objectives])
+        self.member_buffer("aux_coeff", [c.aux_coeff for c in self.cfgs])
+        self.member_buffer("dead_tokens", [c.dead_tokens for c in self.cfgs], torch.int64)
         counts = torch.zeros(self.n, self.d_sae, dtype=torch.int64)
         self.register_buffer("tokens_since_fired", counts)
+
+    def member_buffer(self, name: str, values: list, dtype: torch.dtype = torch.float32) -> None:
+        """Register buffer `name` [n] holding one value per member (a coefficient of the
+        loss, read on the device inside the step)."""
+        self.register_buffer(name, torch.tensor(values, dtype=dtype))
 
     # ----- initialization -------------------------------------------------------------------
 
@@ -353,7 +368,15 @@ class StackedSAE(nn.Module):
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
+        """The architecture's own tensors of member i (input scale s folded in)."""
         return {}
+
+    @staticmethod
+    def exported_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) -> Tensor:
+        """[B, d_sae] latent activations of one exported SAE (cfg.json `cfg`, weights `sd`)
+        from its encoder input x_in [B, d_in] and pre = relu(x_in @ W_enc + b_enc): pre itself
+        (SAELens's 'standard'). sae/export.py runs the one of cfg's SAELens architecture."""
+        return pre
 
     def sae_lens_cfg(self) -> dict:
         """The SAELens fields of a member's cfg.json (architecture, shape, activation). A
@@ -374,7 +397,15 @@ class StackedSAE(nn.Module):
         return cfg | self._sae_lens_extra()
 
     def _sae_lens_extra(self) -> dict:
+        """The architecture's own SAELens fields of cfg.json (k, n_experts, ...)."""
         return {}
+
+
+def _ignore_moved_buffers(module: StackedSAE, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict's pre-hook: drop the MOVED_BUFFERS `module` does not have."""
+    for name in MOVED_BUFFERS:
+        if name not in module._buffers:
+            state_dict.pop(prefix + name, None)
 
 
 def transcoder_architecture(sae_architecture: str, skip: bool) -> str:

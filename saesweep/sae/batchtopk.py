@@ -3,15 +3,32 @@ a running-estimate threshold at inference (exported as a JumpReLU threshold)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
+from saesweep.configtools import alias, fraction
 from saesweep.sae.base import LossResult
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
+from saesweep.sae.jumprelu import JumpReLUSAE
+from saesweep.sae.registry import register
 from saesweep.sae.sparse import batch_topk_codes, with_encoder_grad
 from saesweep.sae.topk import TopKSAE
 
 
+@dataclass(frozen=True)
+class BatchTopKConfig:
+    """BatchTopK's options (Matryoshka's too): `sae.batchtopk.*`."""
+
+    threshold_momentum: float = field(
+        default=0.99, metadata=fraction(open_top=True) | alias("batchtopk_threshold_momentum")
+    )
+    """Momentum of the running estimate of the inference threshold (the smallest positive
+    activation that batch top-k kept)."""
+
+
+@register
 class BatchTopKSAE(TopKSAE):
     """TopK over the flattened batch; inference uses the learned threshold instead. Training
     takes TopK's sparse path, with codes padded to each token's candidate width (4k or more)."""
@@ -19,8 +36,11 @@ class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
     sae_lens_architecture = "jumprelu"
 
-    def _register_member_buffers(self) -> None:
-        super()._register_member_buffers()
+    exported_acts = staticmethod(JumpReLUSAE.exported_acts)  # exported as a JumpReLU SAE
+
+    def register_member_buffers(self) -> None:
+        """Also the running inference threshold [n] (-1 until the first estimate)."""
+        super().register_member_buffers()
         self.register_buffer("threshold", torch.full((self.n,), -1.0))
 
     def encode(self, x: Tensor) -> Codes:
@@ -49,7 +69,7 @@ class BatchTopKSAE(TopKSAE):
         m, thr = result.threshold_sample, self.threshold
         if m is None:
             return
-        mom = self.cfg.batchtopk_threshold_momentum
+        mom = self.cfg.batchtopk.threshold_momentum
         new = torch.where(thr < 0, m, mom * thr + (1 - mom) * m)
         self.threshold.copy_(torch.where(mask & torch.isfinite(m), new, thr))
 

@@ -14,6 +14,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from saesweep.sae.base import sae_architecture
+from saesweep.sae.registry import exported_forward
 
 
 @jaxtyped(typechecker=beartype)
@@ -30,33 +31,11 @@ def apply_exported(
 def exported_acts(
     cfg: dict, sd: dict[str, Tensor], x: Float[Tensor, "B d_in"]
 ) -> Float[Tensor, "B d_sae"]:
-    """Dense latent activations of one exported SAE."""
+    """Dense latent activations of one exported SAE: the exported forward
+    (StackedSAE.exported_acts) of the architecture registered for its SAELens architecture."""
     x_in = x - sd["b_dec"] if cfg["apply_b_dec_to_input"] else x
     pre = (x_in @ sd["W_enc"] + sd["b_enc"]).relu()
-    arch = sae_architecture(cfg["architecture"])
-    if arch == "topk":
-        return _keep_topk(pre, cfg["k"])
-    if arch == "jumprelu":
-        return pre * (pre > sd["threshold"])
-    if arch == "switch":
-        return _switch_acts(cfg, sd, x_in, pre)
-    return pre
-
-
-def _keep_topk(pre: Tensor, k: int) -> Tensor:
-    values, indices = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, indices, values)
-
-
-def _switch_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) -> Tensor:
-    """Top-1 expert per token, top-k inside it, scaled by the router probability."""
-    E = cfg["n_experts"]
-    probs = (x_in @ sd["W_router"] + sd["b_router"]).softmax(-1)
-    p, expert = probs.max(-1)
-    blocks = pre.view(pre.shape[0], E, -1)
-    own = (torch.arange(E, device=pre.device) == expert.unsqueeze(1)).unsqueeze(-1)
-    acts = _keep_topk(blocks.where(own, 0).flatten(1), cfg["k"])
-    return acts * p.unsqueeze(1)
+    return exported_forward(sae_architecture(cfg["architecture"]))(cfg, sd, x_in, pre)
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,42 @@ does not depend on its peers'.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import LossResult, SAEConfig, StackedSAE
+from saesweep.configtools import above, alias
+from saesweep.sae.base import LossResult, StackedSAE
 from saesweep.sae.codes import Codes, DenseCodes, MemberGroups, SparseCodes
 from saesweep.sae.matmul import member_bmm
+from saesweep.sae.registry import register
 from saesweep.sae.sparse import (
     is_dense,
     select_entries,
     with_dense_encoder_grad,
     with_encoder_grad,
 )
+from saesweep.sae.stacking import per_member
+
+if TYPE_CHECKING:
+    from saesweep.sae.config import SAEConfig
+
+
+@dataclass(frozen=True)
+class JumpReLUConfig:
+    """JumpReLU's options: `sae.jumprelu.*`."""
+
+    bandwidth: float = field(default=0.001, metadata=above(0) | alias("jumprelu_bandwidth"))
+    """Width of the rectangle kernel of the straight-through threshold gradient."""
+    init_threshold: float = field(
+        default=0.001, metadata=above(0) | alias("jumprelu_init_threshold") | per_member()
+    )
+    """Initial threshold of every latent, on the pre-activations' scale, which
+    init_encoder_scale sets (0.1 by default for jumprelu: a threshold chosen with the encoder
+    at the decoder's transpose needs init_encoder_scale 1). May differ inside a stack."""
+
 
 PATH_TOKENS = 512
 """Tokens of a batch on which each member's mean entries per token choose its path."""
@@ -73,6 +95,7 @@ class JumpReLUDenseCodes(DenseCodes):
     """[n, B] each token's L0, differentiable in the thresholds (JumpReLUFn)."""
 
 
+@register
 class JumpReLUSAE(StackedSAE):
     """f = pre * (pre > threshold); penalty L0 through the same STE, or its squared distance
     from a target (ObjectiveConfig.target_l0).
@@ -97,9 +120,14 @@ class JumpReLUSAE(StackedSAE):
     default_b_dec_init = "zeros"  # SAELens's and dictionary_learning's; docs/training.md
     default_init_encoder_scale = 0.1  # SAELens's in effect; docs/training.md
 
+    def register_member_buffers(self) -> None:
+        """Also the L0 target [n] of the quadratic penalty (0: none)."""
+        super().register_member_buffers()
+        self.member_buffer("target_l0", [o.target_l0 for o in self.objectives])
+
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
-        return member | {"threshold": torch.full((self.d_sae,), cfg.jumprelu_init_threshold)}
+        return member | {"threshold": torch.full((self.d_sae,), cfg.jumprelu.init_threshold)}
 
     @torch.no_grad()
     def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
@@ -128,7 +156,7 @@ class JumpReLUSAE(StackedSAE):
 
     def _reach(self, pre: Tensor, m) -> Tensor:
         """[m, B, d_sae] bool: pre-activations within reach of members m's thresholds."""
-        return pre > self.threshold[m].unsqueeze(1) - self.cfg.jumprelu_bandwidth / 2
+        return pre > self.threshold[m].unsqueeze(1) - self.cfg.jumprelu.bandwidth / 2
 
     def _dense_members(self, pre: Tensor) -> list[bool]:
         """Per member: whether it takes the dense path, from its own mean entries within
@@ -139,7 +167,7 @@ class JumpReLUSAE(StackedSAE):
 
     def _dense_codes(self, m, x_in: Tensor, bias: Tensor, pre: Tensor) -> JumpReLUDenseCodes:
         """Members m's codes over all latents (x_in, bias: encoder_grad_inputs's)."""
-        eps, thresholds = self.cfg.jumprelu_bandwidth, self.threshold[m].unsqueeze(1)
+        eps, thresholds = self.cfg.jumprelu.bandwidth, self.threshold[m].unsqueeze(1)
         z = with_dense_encoder_grad(pre, x_in, self.W_enc[m], bias)
         acts, token_l0 = JumpReLUFn.apply(z, thresholds, eps)
         return JumpReLUDenseCodes(acts, token_l0=token_l0)
@@ -147,7 +175,7 @@ class JumpReLUSAE(StackedSAE):
     def _entry_codes(self, m, x_in: Tensor, bias: Tensor, pre: Tensor) -> JumpReLUEntryCodes:
         """Members m's codes over each token's entries within reach of a threshold (x_in,
         bias: encoder_grad_inputs's)."""
-        eps = self.cfg.jumprelu_bandwidth
+        eps = self.cfg.jumprelu.bandwidth
         indices, real = select_entries(self._reach(pre, m))
         pre = pre.gather(2, indices).where(real, torch.finfo(pre.dtype).min)
         width = math.ceil(real.sum().item() / real[..., 0].numel())
@@ -178,4 +206,9 @@ class JumpReLUSAE(StackedSAE):
         return {"threshold": self.threshold[i].clone()}
 
     def _sae_lens_extra(self) -> dict:
-        return {"jumprelu_bandwidth": self.cfg.jumprelu_bandwidth}
+        return {"jumprelu_bandwidth": self.cfg.jumprelu.bandwidth}
+
+    @staticmethod
+    def exported_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) -> Tensor:
+        """pre where it exceeds its latent's threshold."""
+        return pre * (pre > sd["threshold"])

@@ -11,26 +11,46 @@ in the later ones, which counters feature absorption. Inference and export are B
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from saesweep.configtools import alias
 from saesweep.sae.base import check, fvu
 from saesweep.sae.batchtopk import BatchTopKSAE
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
-from saesweep.sae.config import SAEConfig
+from saesweep.sae.registry import register
+
+if TYPE_CHECKING:
+    from saesweep.sae.config import SAEConfig
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """Matryoshka's options: `sae.matryoshka.*` (and BatchTopK's, `sae.batchtopk.*`)."""
+
+    widths: tuple[int, ...] = field(default=(), metadata=alias("matryoshka_widths"))
+    """The nested dictionary sizes below d_sae, increasing (e.g. 1024,4096); () means
+    d_sae/16 and d_sae/4. The full d_sae is always the last one."""
+
 
 DEFAULT_FRACTIONS = (1 / 16, 1 / 4)
-"""matryoshka_widths = () means the prefixes d_sae/16 and d_sae/4 (and d_sae itself)."""
+"""widths = () means the prefixes d_sae/16 and d_sae/4 (and d_sae itself)."""
 
 
 def prefix_widths(cfg: SAEConfig, d_in: int) -> tuple[int, ...]:
     """The nested dictionary sizes, increasing, the last one d_sae."""
     d_sae = cfg.width(d_in)
-    widths = cfg.matryoshka_widths or tuple(max(1, int(d_sae * f)) for f in DEFAULT_FRACTIONS)
+    widths = cfg.matryoshka.widths or tuple(max(1, int(d_sae * f)) for f in DEFAULT_FRACTIONS)
     return (*widths, d_sae)
 
 
+@register
 class MatryoshkaSAE(BatchTopKSAE):
+    """BatchTopK whose loss adds the FVU of every nested prefix of the latents."""
+
     arch = "matryoshka"
 
     @classmethod
@@ -39,7 +59,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         widths = prefix_widths(cfg, d_in)
         check(
             all(0 < a < b for a, b in zip(widths, widths[1:], strict=False)),
-            f"matryoshka_widths {list(widths[:-1])} must increase and stay below "
+            f"sae.matryoshka.widths {list(widths[:-1])} must increase and stay below "
             f"d_sae={widths[-1]}",
         )
 

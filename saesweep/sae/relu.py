@@ -3,12 +3,30 @@ linear sparsity warmup, no decoder norm constraint, no pre-encoder bias, small-n
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from saesweep.sae.base import SAEConfig, StackedSAE
+from saesweep.configtools import above, alias
+from saesweep.sae.base import StackedSAE
 from saesweep.sae.codes import Codes, DenseCodes
+from saesweep.sae.registry import register
+
+if TYPE_CHECKING:
+    from saesweep.sae.config import SAEConfig
 
 
+@dataclass(frozen=True)
+class ReLUConfig:
+    """ReLU's options: `sae.relu.*`."""
+
+    init_norm: float = field(default=0.1, metadata=above(0) | alias("relu_init_norm"))
+    """With free decoder norms: initial L2 norm of every decoder row (April-2024 Anthropic
+    recipe)."""
+
+
+@register
 class ReLUSAE(StackedSAE):
     """f = relu(x W_enc + b_enc); penalty sum_i f_i * |W_dec[i]|."""
 
@@ -18,7 +36,7 @@ class ReLUSAE(StackedSAE):
     default_decoder_norm = "free"
 
     def init_dec_norm(self, cfg: SAEConfig) -> float:
-        return 1.0 if self.unit_norm_decoder else cfg.relu_init_norm
+        return 1.0 if self.unit_norm_decoder else cfg.relu.init_norm
 
     def encode(self, x: Tensor) -> DenseCodes:
         return DenseCodes(self.linear_pre(x))

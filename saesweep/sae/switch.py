@@ -12,17 +12,34 @@ gradient flows through the k selected latents per token only (sparse.with_encode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saesweep.sae.base import SAEConfig, check
+from saesweep.configtools import above, alias, at_least
+from saesweep.sae.base import check
 from saesweep.sae.codes import SparseCodes
 from saesweep.sae.matmul import member_bmm
+from saesweep.sae.registry import register
 from saesweep.sae.sparse import with_encoder_grad
-from saesweep.sae.topk import TopKSAE
+from saesweep.sae.topk import TopKSAE, keep_topk
+
+if TYPE_CHECKING:
+    from saesweep.sae.config import SAEConfig
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """Switch's options: `sae.switch.*`."""
+
+    n_experts: int = field(default=8, metadata=at_least(1) | alias("n_experts"))
+    """Number of experts; each expert is a TopK SAE of width d_sae / n_experts."""
+    capacity_factor: float = field(default=2.0, metadata=above(0) | alias("switch_capacity_factor"))
+    """Each expert takes at most ceil(factor * batch / n_experts) tokens per batch; tokens
+    past an expert's capacity get no latents. n_experts or more means no token is dropped."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,8 +54,10 @@ class RoutedCodes(SparseCodes):
     """[n] fraction of tokens dropped past their expert's capacity."""
 
 
+@register
 class SwitchSAE(TopKSAE):
-    """Top-1 routed mixture of TopK experts."""
+    """Top-1 routed mixture of TopK experts. The load-balance coefficient is
+    ObjectiveConfig.load_balance_coeff, per member."""
 
     arch = "switch"
     sae_lens_architecture = "switch"
@@ -46,14 +65,19 @@ class SwitchSAE(TopKSAE):
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
-        d_sae, E = cfg.width(d_in), cfg.n_experts
+        d_sae, E = cfg.width(d_in), cfg.switch.n_experts
         check(E > 0 and d_sae % E == 0, f"d_sae={d_sae} must be a multiple of n_experts={E}")
         width = d_sae // E
         check(0 < cfg.k <= width, f"k={cfg.k} must lie in [1, d_sae / n_experts = {width}]")
 
     def _set_shape(self) -> None:
-        self.n_experts, self.k = self.cfg.n_experts, self.cfg.k
+        self.n_experts, self.k = self.cfg.switch.n_experts, self.cfg.k
         self.expert_width = self.d_sae // self.n_experts
+
+    def register_member_buffers(self) -> None:
+        """Also the load-balance coefficient [n]."""
+        super().register_member_buffers()
+        self.member_buffer("load_balance_coeff", [o.load_balance_coeff for o in self.objectives])
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         member = super().init_member(gen, cfg)
@@ -64,7 +88,7 @@ class SwitchSAE(TopKSAE):
         """Tokens per expert per batch (the whole batch at inference: nothing dropped)."""
         if not self.training:
             return batch
-        return min(batch, math.ceil(self.cfg.switch_capacity_factor * batch / self.n_experts))
+        return min(batch, math.ceil(self.cfg.switch.capacity_factor * batch / self.n_experts))
 
     def route(self, x_in: Tensor) -> tuple[Tensor, Tensor]:
         """(router probabilities [n, B, E], chosen expert [n, B])."""
@@ -140,3 +164,14 @@ class SwitchSAE(TopKSAE):
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "n_experts": self.n_experts}
+
+    @staticmethod
+    def exported_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) -> Tensor:
+        """Top-1 expert per token, top-k inside it, scaled by the router probability."""
+        E = cfg["n_experts"]
+        probs = (x_in @ sd["W_router"] + sd["b_router"]).softmax(-1)
+        p, expert = probs.max(-1)
+        blocks = pre.view(pre.shape[0], E, -1)
+        own = (torch.arange(E, device=pre.device) == expert.unsqueeze(1)).unsqueeze(-1)
+        acts = keep_topk(blocks.where(own, 0).flatten(1), cfg["k"])
+        return acts * p.unsqueeze(1)

@@ -9,15 +9,22 @@ gradient reaches the encoder through the selected latents only (sparse.with_enco
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import SAEConfig, StackedSAE, check
+from saesweep.sae.base import StackedSAE, check
 from saesweep.sae.codes import Codes, SparseCodes
 from saesweep.sae.matmul import member_bmm
+from saesweep.sae.registry import register
 from saesweep.sae.sparse import sparse_decode, with_encoder_grad
 
+if TYPE_CHECKING:
+    from saesweep.sae.config import SAEConfig
 
+
+@register
 class TopKSAE(StackedSAE):
     """Keeps the k largest ReLU pre-activations per token; encoder backward and decoding
     are sparse."""
@@ -74,3 +81,14 @@ class TopKSAE(StackedSAE):
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}
+
+    @staticmethod
+    def exported_acts(cfg: dict, sd: dict[str, Tensor], x_in: Tensor, pre: Tensor) -> Tensor:
+        """The k largest of pre per token."""
+        return keep_topk(pre, cfg["k"])
+
+
+def keep_topk(pre: Tensor, k: int) -> Tensor:
+    """[B, d] pre with all but each row's k largest entries zeroed."""
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, values)
