@@ -29,7 +29,7 @@ from saesweep.format.manifest import (
 from saesweep.format.shards import ACT_DTYPES, schema_version
 from saesweep.locks import held_lock
 from saesweep.memory import resolve_device
-from saesweep.store import FileStore, Store, open_store
+from saesweep.store import Store, open_store
 
 
 def collect(cfg: CollectConfig) -> Part:
@@ -55,15 +55,15 @@ def open_collection(cfg: CollectConfig) -> tuple[Store, dict | None]:
 def machine_lock(store: Store, machine: int, n_machines: int):
     """Hold this machine index for one process (local stores: an flock next to its part file;
     S3 has no lock to take, so there running one index twice is not detected)."""
-    if not isinstance(store, FileStore):
+    lock = store.lock_path(part_key(machine, n_machines))
+    if lock is None:
         yield
         return
-    part = store.root / part_key(machine, n_machines)
     busy = (
         f"another process is collecting machine {machine} of {n_machines} into "
         f"{store.uri}; wait for it to finish or stop it"
     )
-    with held_lock(part.with_name(f".{part.stem}.lock"), busy):
+    with held_lock(lock, busy):
         yield
 
 

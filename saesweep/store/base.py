@@ -82,6 +82,11 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove `key` if present."""
 
+    def lock_path(self, key: str) -> Path | None:
+        """A local file beside `key` whose flock (saesweep.locks) holds `key` for one process,
+        or None where the store has no such lock (S3: writers are not detected)."""
+        return None
+
     def check_writable(self) -> None:
         """Raise a UserError, before anything is written, when this store cannot be written
         for a reason known in advance (S3 without credentials); otherwise nothing."""

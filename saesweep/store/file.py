@@ -145,6 +145,10 @@ class FileStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def lock_path(self, key: str) -> Path:
+        path = self._path(key)
+        return path.with_name(f".{path.stem}.lock")
+
     def local_path(self, key: str) -> Path:
         """The file behind `key`, for readers that read local files directly."""
         return self._path(key)
