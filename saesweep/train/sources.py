@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -160,9 +160,10 @@ class HeldOutFromConfig:
 
 class StoreSource(HeldOutFromConfig):
     """The Reader over one hook of a collection (and its transcoders' target hook, in
-    lockstep), repeated to n_train tokens."""
+    lockstep), repeated to n_train tokens. Its hooks are the group's (`runs` is taken for the
+    one constructor of every source; from a store every run reads the same hooks)."""
 
-    def __init__(self, cfg: GroupConfig):
+    def __init__(self, cfg: GroupConfig, runs: Sequence[RunConfig] = ()):
         self.cfg = cfg
         self.reader = open_reader(cfg.train_data, cfg, train=True)
         usable = len(self.reader) * cfg.batch_size
@@ -372,7 +373,7 @@ def source_class(cfg: GroupConfig) -> type[StoreSource] | type[LiveSource]:
 
 
 def open_source(cfg: GroupConfig, runs: list[RunConfig]) -> TrainingSource:
-    return LiveSource(cfg, runs) if cfg.train_data.source == "model" else StoreSource(cfg)
+    return source_class(cfg)(cfg, runs)
 
 
 def keep_tokens(
