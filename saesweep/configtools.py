@@ -180,15 +180,18 @@ def _spelling(command: type, name: str) -> str:
 
 POSITIONAL = object()
 """Annotated metadata marking a positional argument (see `positional`)."""
+REST = object()
+"""Annotated metadata marking the positional argument that takes the rest of the line."""
 
 
-def positional(hint: Any, metavar: str) -> Any:
+def positional(hint: Any, metavar: str, rest: bool = False) -> Any:
     """The type of a command's positional argument, shown as `metavar` in --help
-    (`uri: positional(str, "URI")`). A tuple-typed one, the last, takes every argument from
-    its first one on, flags included."""
+    (`uri: positional(str, "URI")`). A tuple-typed one, the last, takes every positional
+    argument; with `rest`, every argument from its first one on, flags included."""
     import tyro
 
-    return Annotated[tyro.conf.Positional[hint], tyro.conf.arg(metavar=metavar), POSITIONAL]
+    marks = (POSITIONAL, REST) if rest else (POSITIONAL,)
+    return Annotated[tyro.conf.Positional[hint], tyro.conf.arg(metavar=metavar), *marks]
 
 
 def _positionals(cls: type) -> dict[str, str]:
@@ -227,10 +230,13 @@ def parse_flags(args: list[str], classes: tuple[type, ...], program: str) -> lis
 
 
 def _rest_reached(cls: type, words: list[str]) -> bool:
-    """Whether the last of `words` is the first of the tuple positional, which takes every
+    """Whether the last of `words` is the first of a `rest` positional, which takes every
     argument after it."""
     names = list(_positionals(cls))
-    return bool(names) and _is_tuple(cls, names[-1]) and len(words) == len(names)
+    if not names or len(words) != len(names):
+        return False
+    extras = getattr(typing.get_type_hints(cls, include_extras=True)[names[-1]], "__metadata__", ())
+    return any(extra is REST for extra in extras)
 
 
 def _positional_values(cls: type, words: list[str], program: str) -> dict[str, Any]:

@@ -470,7 +470,7 @@ class ShellCommand:
 
     uri: positional(str, "URI")
     """The collection root: a path, file://PATH or s3://BUCKET/PREFIX."""
-    command: positional(tuple[str, ...], "[COMMAND ...]") = ()
+    command: positional(tuple[str, ...], "[COMMAND ...]", rest=True) = ()
     """Command to run, e.g. verify (several: separate with ';'), then exit; without one the
     shell opens. Every argument after the first word of the command belongs to it."""
     download: bool = False

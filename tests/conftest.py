@@ -21,6 +21,16 @@ def slurm_cluster() -> SlurmCluster:
 
 
 @pytest.fixture(scope="session")
+def consumers(tmp_path_factory):
+    """consumers(name, requirements): the python of a consumer tool's own venv (built once
+    per test run; see tests/consumers.py)."""
+    from consumers import consumer_python
+
+    root = tmp_path_factory.getbasetemp() / "consumers"
+    return lambda name, requirements: consumer_python(root, name, requirements)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server for the whole session, always SIGKILLed at the end."""
     from s3server import PUBLIC_BUCKET, SeaweedServer

@@ -120,3 +120,15 @@ def test_help_renders_the_field_docstrings(module, usage, field):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: python -m {module} {usage}")
     assert out.stdout.count("usage:") == 1 and field in out.stdout
+
+
+def test_export_names_its_formats_and_refuses_an_unknown_one(capsys):
+    from saesweep.export.cli import main as export_main
+
+    with pytest.raises(SystemExit) as stop:
+        export_main(["circuit-tracr", "runs/x", "--out", "o"])
+    assert stop.value.code == 2
+    assert "unknown export format 'circuit-tracr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        export_main([])
+    assert stop.value.code == 2 and "needs a FORMAT" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+"""The finished runs that export arguments name: run directories, or sweep directories for
+every run they hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from saesweep.errors import UserError
+from saesweep.format.rundir import METRICS
+
+
+def finished_runs(paths: tuple[str, ...]) -> list[Path]:
+    """Every run directory among `paths` (a sweep directory stands for each run under its
+    runs/), each finished (its metrics.json committed), in the order given."""
+    runs: list[Path] = []
+    for given in map(Path, paths):
+        if (given / "cfg.json").is_file():
+            runs.append(given)
+        elif (given / "runs").is_dir():
+            runs += sorted(p for p in (given / "runs").iterdir() if (p / "cfg.json").is_file())
+        else:
+            raise UserError(
+                f"{given} is neither a run directory (with cfg.json) nor a sweep directory "
+                "(with runs/); give runs/NAME-TIME or runs/NAME-TIME/runs/run-NNN"
+            )
+    for run in runs:
+        if not (run / METRICS).is_file():
+            raise UserError(
+                f"{run} has not finished (no {METRICS}); finish it with "
+                f"`uv run train.py --resume {run.parent.parent}` first"
+            )
+    return runs
