@@ -259,7 +259,7 @@ def test_slurm_preemption_requeues_a_live_group_and_resumes_it_exactly(
         f"def make_cfgs():\n    return [{{'train_data': {live!r}, 'val_data': {live!r}}}]\n"
     )
     args = [
-        "--sweep", str(sweep), "--n-train", "25600", "--batch-size", "128", "--n-val", "256",
+        "--sweep", str(sweep), "--n-train", "12800", "--batch-size", "128", "--n-val", "256",
         "--ckpt-every", "5", "--downstream-sequences", "0", "--absorption.n-tokens", "0",
         "--wandb-mode", "disabled", "--sae.d-sae", "64", "--sae.k", "4", "--device", "cpu",
     ]  # fmt: skip
@@ -286,4 +286,4 @@ def test_slurm_preemption_requeues_a_live_group_and_resumes_it_exactly(
     expected, got = weights(ref_run), weights(slurm_run)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     metrics = json.loads((slurm_run / "metrics.json").read_text())
-    assert metrics["tokens_seen"] == 25600 and metrics["slurm_job_id"]
+    assert metrics["tokens_seen"] == 12800 and metrics["slurm_job_id"]

@@ -298,26 +298,35 @@ def test_terminated_driver_stops_its_local_job(coll, tmp_path, sigint):
     assert not _alive(worker)
 
 
-@pytest.mark.parametrize(
-    "executor,signum", [("local", signal.SIGINT), ("debug", signal.SIGTERM)], ids=["local", "debug"]
-)
-def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
-    coll, tmp_path, executor, signum
-):
-    """Ctrl-C (SIGINT) to train.py with local groups, or SIGTERM to one training in its own
-    process: the group commits its state at the step it was on and train.py ends with one
-    line that says where and how to resume, and 128 + the signal. --resume finishes it to the
-    weights of an uninterrupted run, every step logged once; while it runs the driver shows
-    the group's step, tokens/s, ETA and FVU range."""
-    sweep = tmp_path / "two.py"
+@pytest.fixture(scope="module")
+def two_lr_sweep(coll, tmp_path_factory) -> tuple[list[str], Path]:
+    """A two-SAE sweep of 256 steps (its train.py arguments) and its uninterrupted run's
+    sweep directory."""
+    tmp = tmp_path_factory.mktemp("two_lr")
+    sweep = tmp / "two.py"
     sweep.write_text("def make_cfgs():\n    return [{'lr': 1e-3}, {'lr': 3e-3}]\n")
-    args = sweep_args(coll, tmp_path / "ref")
+    args = sweep_args(coll, tmp / "ref")
     args[1] = str(sweep)
     for flag, value in (("--n-train", "8192"), ("--batch-size", "32"), ("--ckpt-every", "50")):
         args[args.index(flag) + 1] = value
     args += ["--log-every", "4"]
     ref = run_train(*args)
     assert ref.wait() == 0, ref.stderr.read()
+    return args, only_dir(tmp / "ref")
+
+
+@pytest.mark.parametrize(
+    "executor,signum", [("local", signal.SIGINT), ("debug", signal.SIGTERM)], ids=["local", "debug"]
+)
+def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
+    two_lr_sweep, tmp_path, executor, signum
+):
+    """Ctrl-C (SIGINT) to train.py with local groups, or SIGTERM to one training in its own
+    process: the group commits its state at the step it was on and train.py ends with one
+    line that says where and how to resume, and 128 + the signal. --resume finishes it to the
+    weights of an uninterrupted run, every step logged once; while it runs the driver shows
+    the group's step, tokens/s, ETA and FVU range."""
+    args, ref_dir = list(two_lr_sweep[0]), two_lr_sweep[1]
     args[args.index("--executor") + 1] = executor
     args[args.index("--runs-root") + 1] = str(tmp_path / "runs")
     driver = run_train(*args)
@@ -342,7 +351,6 @@ def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
     )
     assert re.search(progress, out, flags=re.MULTILINE), out
     assert logged_steps(tmp_path / "runs") == list(range(4, 257, 4))
-    ref_dir = only_dir(tmp_path / "ref")
     for run in ("run-000", "run-001"):
         want, got = weights(ref_dir / "runs" / run), weights(sweep_dir / "runs" / run)
         assert all(torch.equal(want[k], got[k]) for k in want), run
