@@ -141,9 +141,15 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def parse_command_line(args: list[str], command: type[T], config: type, program: str):
+def parse_command_line(
+    args: list[str], command: type[T], config: type, program: str, usage: str
+) -> tuple[T, dict]:
     """The command's own flags (fields of the `command` dataclass) as a checked instance, and
-    the config flags as a nested dict of the explicitly given fields of `config`."""
+    the config flags as a nested dict of the explicitly given fields of `config`; -h or
+    --help prints `usage` and the config's fields, and exits."""
+    if "-h" in args or "--help" in args:
+        print_help(config, program, usage)
+        raise SystemExit(0)
     own, overrides = parse_flags(args, (command, config), program)
     return _checked(command, own, program), overrides
 
@@ -499,3 +505,26 @@ def print_help(cls: type, prog: str, usage: str) -> None:
         text = text.partition("\n\n")[2]
     print(usage)
     print(text, end="")
+    spellings = dict(_alias_flags(cls))
+    if spellings:
+        print("\nother spellings:")
+        for other, flag in spellings.items():
+            print(f"  {other:<36} {flag}")
+
+
+def _alias_flags(cls: type, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(alias flag, field flag) for every aliased field of `cls`'s sections, at any depth."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner = hints[f.name]
+        if not dataclasses.is_dataclass(inner):
+            continue
+        path = f"{prefix}{f.name}."
+        for g in dataclasses.fields(inner):
+            for name in g.metadata.get("aliases", ()):
+                yield _flag(prefix + name), _flag(path + g.name)
+        yield from _alias_flags(inner, path)
+
+
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")

@@ -132,3 +132,16 @@ def test_export_names_its_formats_and_refuses_an_unknown_one(capsys):
     with pytest.raises(SystemExit) as stop:
         export_main([])
     assert stop.value.code == 2 and "needs a FORMAT" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_other_spellings_of_a_flag(capsys):
+    from saesweep.train.cli import main as train_main
+
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: train.py") and out.count("usage:") == 1
+    spellings = out.partition("other spellings:")[2].split()
+    i = spellings.index("--sae.n-experts")
+    assert spellings[i + 1] == "--sae.switch.n-experts"

@@ -14,7 +14,6 @@ from saesweep.configtools import (
     check_values,
     deep_merge,
     parse_command_line,
-    print_help,
     replace_from_dict,
     section,
 )
@@ -129,10 +128,7 @@ class CollectCommand:
 def parse_cli(argv: list[str] | None = None) -> CollectConfig:
     """`--config FILE.toml` gives the file's values; every other flag overrides a field."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print_help(CollectConfig, "collect.py", USAGE)
-        raise SystemExit(0)
-    command, flags = parse_command_line(argv, CollectCommand, CollectConfig, "collect.py")
+    command, flags = parse_command_line(argv, CollectCommand, CollectConfig, "collect.py", USAGE)
     values = _toml_values(Path(command.config)) if command.config else {}
     where = command.config or "collect.py"
     cfg = replace_from_dict(CollectConfig(), deep_merge(values, flags), where)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from saesweep.configtools import at_least, deep_merge, parse_command_line, print_help
+from saesweep.configtools import at_least, deep_merge, parse_command_line
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.executors import CLUSTERS, SlurmConfig, largest_node_cpus
 from saesweep.memory import check_fits, resolve_device
@@ -68,10 +68,7 @@ class TrainCommand:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print_help(TrainConfig, "train.py", USAGE)
-        return 0
-    command, overrides = parse_command_line(argv, TrainCommand, TrainConfig, "train.py")
+    command, overrides = parse_command_line(argv, TrainCommand, TrainConfig, "train.py", USAGE)
     if sum(bool(x) for x in (command.sweep, command.rerun, command.resume)) > 1:
         raise UserError("give only one of --sweep, --rerun and --resume")
     if command.resume:
