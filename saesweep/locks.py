@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,3 +30,17 @@ def check_unlocked(path: Path, busy: str) -> None:
     if path.exists():
         with held_lock(path, busy):
             pass
+
+
+def wait_released(path: Path, within_s: float) -> None:
+    """Wait until no process holds the lock on `path` (or it does not exist), at most
+    `within_s` seconds; take nothing."""
+    deadline = time.monotonic() + within_s
+    while path.exists() and time.monotonic() < deadline:
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+        time.sleep(0.05)

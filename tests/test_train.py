@@ -146,9 +146,12 @@ def test_group_too_big_is_refused(coll, tmp_path):
         group_trainer([cfg(coll, sae=SAEConfig(d_sae=2**33))], [tmp_path / "r"], tmp_path / "s")
 
 
-def run_train(*args: str, cwd: Path = ROOT, ignore_sigint: bool = False) -> subprocess.Popen:
+def run_train(
+    *args: str, cwd: Path = ROOT, ignore_sigint: bool = False, own_group: bool = False
+) -> subprocess.Popen:
     """train.py in a subprocess; `ignore_sigint`: started as a non-interactive shell starts a
-    background command (`train.py ... &` in a script), with SIGINT ignored."""
+    background command (`train.py ... &` in a script), with SIGINT ignored; `own_group`: in a
+    process group of its own, as a terminal's foreground job (Ctrl-C signals all of it)."""
     ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -157,6 +160,7 @@ def run_train(*args: str, cwd: Path = ROOT, ignore_sigint: bool = False) -> subp
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=ignore if ignore_sigint else None,
+        process_group=0 if own_group else None,
     )
 
 
@@ -321,18 +325,22 @@ def two_lr_sweep(coll, tmp_path_factory) -> tuple[list[str], Path]:
 def test_an_interrupted_sweep_commits_its_step_and_resumes_bit_identical(
     two_lr_sweep, tmp_path, executor, signum
 ):
-    """Ctrl-C (SIGINT) to train.py with local groups, or SIGTERM to one training in its own
-    process: the group commits its state at the step it was on and train.py ends with one
-    line that says where and how to resume, and 128 + the signal. --resume finishes it to the
-    weights of an uninterrupted run, every step logged once; while it runs the driver shows
-    the group's step, tokens/s, ETA and FVU range."""
+    """Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) with
+    local groups, or SIGTERM to one training in its own process: the group commits its state
+    at the step it was on and train.py ends with one line that says where and how to resume,
+    and 128 + the signal. --resume finishes it to the weights of an uninterrupted run, every
+    step logged once; while it runs the driver shows the group's step, tokens/s, ETA and FVU
+    range."""
     args, ref_dir = list(two_lr_sweep[0]), two_lr_sweep[1]
     args[args.index("--executor") + 1] = executor
     args[args.index("--runs-root") + 1] = str(tmp_path / "runs")
-    driver = run_train(*args)
+    driver = run_train(*args, own_group=executor == "local")
     while not logged_steps(tmp_path / "runs") and driver.poll() is None:
         time.sleep(0.05)
-    driver.send_signal(signum)
+    if executor == "local":
+        os.killpg(driver.pid, signum)
+    else:
+        driver.send_signal(signum)
     out, err = driver.communicate()
     assert driver.returncode == 128 + signum, err
     sweep_dir = only_dir(tmp_path / "runs")

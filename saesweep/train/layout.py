@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from saesweep.locks import check_unlocked, held_lock
+from saesweep.locks import check_unlocked, held_lock, wait_released
 from saesweep.train.sweep import Group
 
 
@@ -47,6 +47,12 @@ def busy_message(sweep_dir: Path, group_index: int) -> str:
 def group_lock(sweep_dir: Path, group_index: int):
     """Held by the process that trains the group, so that a second one is refused."""
     return held_lock(lock_path(sweep_dir, group_index), busy_message(sweep_dir, group_index))
+
+
+def wait_stopped(sweep_dir: Path, group_index: int, within_s: float = 10.0) -> None:
+    """Wait until the process training the group has ended (its lock released), at most
+    `within_s` seconds: a job stopped by a signal commits its state before it ends."""
+    wait_released(lock_path(sweep_dir, group_index), within_s)
 
 
 def check_not_running(sweep_dir: Path, group: Group) -> None:

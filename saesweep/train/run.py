@@ -14,7 +14,7 @@ from saesweep.outcomes import GroupOutcome
 from saesweep.train.checkpoint import saved_state
 from saesweep.train.config import SweepConfig
 from saesweep.train.group_job import GroupJob
-from saesweep.train.layout import group_finished, state_dir
+from saesweep.train.layout import group_finished, state_dir, wait_stopped
 from saesweep.train.progress import ProgressReport
 from saesweep.train.sweep import Group
 
@@ -99,6 +99,7 @@ def interrupted(sweep_dir: Path, groups: list[Group], status: int) -> int:
     to go on; returns `status`."""
     stops = []
     for group in groups:
+        wait_stopped(sweep_dir, group.index)
         state = saved_state(state_dir(sweep_dir, group.index))
         if state is not None and not group_finished(sweep_dir, group):
             stops.append((group.index, f"step {state['step']} of {group.config.total_steps}"))
