@@ -22,22 +22,27 @@ WRITE_EVERY_S = 2.0
 
 class ProgressWriter:
     """The trainer's side: {phase, step, total_steps, tokens_per_s, eta_s, fvu: [min, max]}
-    written atomically, at most every WRITE_EVERY_S seconds while training (and at the last
-    step), then once more when the final evaluation starts."""
+    written atomically, at most every WRITE_EVERY_S seconds while training (from the first
+    step on, and at the last step), then once more when the final evaluation starts."""
 
     def __init__(self, state_dir: Path, total_steps: int):
         self.path, self.total_steps = state_dir / PROGRESS, total_steps
         self.last = -WRITE_EVERY_S
         self.figures: dict = {"tokens_per_s": None, "eta_s": None, "fvu": None}
 
-    def training(self, step: int, tokens_per_s: float, batch: int, fvus: list[float]) -> None:
+    def training(
+        self, step: int, tokens_per_s: float, batch: int, fvus: list[float] | None = None
+    ) -> None:
+        """At any step; `fvus` at log steps (between them the last log step's range stays)."""
         now = time.monotonic()
         if now - self.last < WRITE_EVERY_S and step < self.total_steps:
             return
         self.last = now
         eta_s = (self.total_steps - step) * batch / tokens_per_s if tokens_per_s > 0 else None
-        fvus = [f for f in fvus if math.isfinite(f)]  # a failed SAE's is not
-        fvu = [min(fvus), max(fvus)] if fvus else None
+        fvu = self.figures["fvu"]
+        if fvus is not None:
+            fvus = [f for f in fvus if math.isfinite(f)]  # a failed SAE's is not
+            fvu = [min(fvus), max(fvus)] if fvus else None
         self.figures = {"tokens_per_s": tokens_per_s, "eta_s": eta_s, "fvu": fvu}
         self._write("training", step)
 

@@ -187,6 +187,8 @@ class GroupTrainer:
                 self.step += 1
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     self._log(logs, metrics)
+                elif self.world.leader:
+                    self.progress.training(self.step, self._tokens_per_s(), self.cfg.batch_size)
                 every = self.cfg.eval_every
                 if every and self.step % every == 0 and self.reported:
                     self._evaluate_while_training(logs)
@@ -258,9 +260,14 @@ class GroupTrainer:
             out.append(m)
         return out
 
+    def _tokens_per_s(self) -> float:
+        """Training tokens per second since this process started (or resumed)."""
+        elapsed = time.perf_counter() - self.started
+        return (self.step - self.first_step) * self.cfg.batch_size / elapsed
+
     def _log(self, logs: dict[int, RunLog], metrics: list[dict]) -> None:
         batch = self.cfg.batch_size
-        rate = (self.step - self.first_step) * batch / (time.perf_counter() - self.started)
+        rate = self._tokens_per_s()
         shared = {"tokens": self.step * batch, "tokens_per_s": rate, "wall_s": self.wall_s()}
         shared |= self.source.figures()
         if self.world.leader:
