@@ -20,7 +20,7 @@ from saesweep.configtools import positional
 from saesweep.errors import UserError
 from saesweep.export import export_format
 from saesweep.export.output import staged_output
-from saesweep.export.runs import finished_runs
+from saesweep.export.runs import finished_runs, run_names
 from saesweep.format.names import checked_name
 from saesweep.format.rundir import load_sae, write_json, write_tensors
 from saesweep.sae.base import sae_architecture
@@ -74,17 +74,6 @@ def sparsify_coder(cfg: dict, sd: dict[str, Tensor], run: Path) -> tuple[str, di
         "d_in": cfg["d_in"],
     }
     return hookpoint(cfg, run), coder_cfg, tensors
-
-
-def run_names(runs: list[Path]) -> list[str]:
-    """Each run's directory name, refused when two runs share one."""
-    names = [run.name for run in runs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(
-            f"several runs are named {', '.join(twice)}; export each sweep to its own --out"
-        )
-    return names
 
 
 @export_format("sparsify", SparsifyCommand)
