@@ -10,17 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from consumers import run_json
-from groups import group_trainer
+from demo_runs import train_demo_runs
 from safetensors.numpy import load_file
 
-from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import model_path
-from saesweep.collect.run import collect
 from saesweep.evaluate.features import inspect_features
 from saesweep.export.cli import main as export_main
 from saesweep.format.rundir import METRICS
-from saesweep.sae import SAEConfig
-from saesweep.train.config import DataConfig, TrainConfig
 
 DELPHI = ["eai-delphi==0.1.3"]
 EXAMPLE_CTX = 16
@@ -55,26 +51,8 @@ print(json.dumps(out))
 def sweep(tmp_path_factory) -> tuple[str, Path]:
     """(collection uri, sweep dir) of two tiny topk SAEs on a 3000-token demo collection."""
     root = tmp_path_factory.mktemp("delphi")
-    uri = str(root / "coll")
-    collect(
-        CollectConfig(
-            out=uri, max_tokens=3000, shard_tokens=1000, ctx_len=64, batch_size=8, progress=False
-        )
-    )
-    cfgs = [
-        TrainConfig(
-            train_data=DataConfig(uri=uri, shards=":-1", collect=""),
-            val_data=DataConfig(uri="", shards="-1:", collect=""),
-            n_train=4096,
-            n_val=512,
-            batch_size=256,
-            wandb_mode="disabled",
-            sae=SAEConfig(d_sae=256, k=k),
-        )
-        for k in (8, 4)
-    ]
     runs = [root / "sweep" / "runs" / f"run-00{i}" for i in range(2)]
-    group_trainer(cfgs, runs, root / "state").train()
+    uri = train_demo_runs(root, runs, [8, 4])
     assert all((run / METRICS).is_file() for run in runs)
     return uri, root / "sweep"
 

@@ -76,11 +76,22 @@ class Member:
     parts: LatentParts
 
 
-def token_grid(local: Tensor, positions: Tensor, token_ids: Tensor, shape, pad: int) -> Tensor:
+def token_grid(
+    local: Tensor, positions: Tensor, token_ids: Tensor, shape: tuple[int, int], pad: int
+) -> Tensor:
     """[n_seq, ctx_len] token ids of a shard's sequences, pad where nothing is stored."""
     grid = torch.full(shape, pad, dtype=torch.int32)
-    grid[local, positions.long()] = token_ids.to(torch.int32)
+    grid[local, positions] = token_ids.to(torch.int32)
     return grid
+
+
+def encode_rows(members: list[Member], acts: Tensor, seqs: Tensor, positions: Tensor) -> None:
+    """Every member's latents on the activations `acts` of tokens (seqs, positions)."""
+    for m in members:
+        for c in range(0, len(acts), CHUNK):
+            x = acts[c : c + CHUNK].to(m.weights["W_enc"].dtype)
+            codes = exported_acts(m.cfg, m.weights, x)
+            m.parts.add(seqs[c : c + CHUNK], positions[c : c + CHUNK], codes)
 
 
 @torch.no_grad()
@@ -92,14 +103,10 @@ def cache_hook(
     for shard in range(len(hook.shards)):
         t = collection.read_shard(hook, shard, names)
         seq_ids, local = torch.unique(t["seq_ids"], return_inverse=True)
+        positions = t["positions"].long()
         shape = (len(seq_ids), hook.meta["ctx_len"])
-        grids.append(token_grid(local, t["positions"], t["token_ids"], shape, pad))
-        seqs, positions = local + n_seq, t["positions"].long()
-        for m in members:
-            for c in range(0, len(seqs), CHUNK):
-                x = t["acts"][c : c + CHUNK].to(m.weights["W_enc"].dtype)
-                acts = exported_acts(m.cfg, m.weights, x)
-                m.parts.add(seqs[c : c + CHUNK], positions[c : c + CHUNK], acts)
+        grids.append(token_grid(local, positions, t["token_ids"], shape, pad))
+        encode_rows(members, t["acts"], local + n_seq, positions)
         n_seq += len(seq_ids)
         if sum(m.parts.nbytes for m in members) > budget:
             for m in members:
