@@ -1,5 +1,6 @@
 """export.py delphi: delphi's own LatentDataset (eai-delphi, in its own venv) reads the cache
-of a sweep and yields, for a latent, the top-activating contexts saesweep's feature pages show."""
+of a sweep and yields, for a latent, the top-activating contexts saesweep's feature pages show;
+delphi's sparsify loader encodes with export.py sparsify's output as saesweep does."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from consumers import run_json
 from demo_runs import train_demo_runs
 from safetensors.numpy import load_file
+from safetensors.torch import save_file
 
+import saesweep
 from saesweep.collect.model import model_path
 from saesweep.evaluate.features import inspect_features
 from saesweep.export.cli import main as export_main
+from saesweep.format.collection import read_collection
 from saesweep.format.rundir import METRICS
 
 DELPHI = ["eai-delphi==0.1.3"]
@@ -26,23 +31,27 @@ import json, sys
 import torch
 from delphi.config import ConstructorConfig, SamplerConfig
 from delphi.latents import LatentDataset
+from delphi.sparse_coders.load_sparsify import load_sparsify_sparse_coders, sae_dense_latents
+from safetensors.torch import load_file
 
-raw_dir, module, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3])
-latents = [int(a) for a in sys.argv[4:]]
+raw_dir, module, ctx, sparsify_dir, inputs = sys.argv[1:6]
+latents = [int(a) for a in sys.argv[6:]]
 dataset = LatentDataset(
     raw_dir,
     SamplerConfig(n_examples_train=10, n_examples_test=0, train_type="top"),
-    ConstructorConfig(example_ctx_len=ctx, min_examples=1, n_non_activating=0),
+    ConstructorConfig(example_ctx_len=int(ctx), min_examples=1, n_non_activating=0),
     modules=[module],
     latents={module: torch.tensor(latents)},
 )
-out = {}
+out = {"records": {}}
 for record in dataset:
-    out[record.latent.latent_index] = [
+    out["records"][record.latent.latent_index] = [
         {"max": float(e.activations.max()), "at": int(e.activations.argmax()),
          "tokens": e.tokens.tolist()}
         for e in record.examples
     ]
+coder = load_sparsify_sparse_coders(sparsify_dir, [module], "cpu")[module]
+out["dense"] = sae_dense_latents(load_file(inputs)["x"], coder).tolist()
 print(json.dumps(out))
 """
 
@@ -90,11 +99,17 @@ def test_delphi_reads_the_cache_and_finds_the_feature_pages_contexts(sweep, tmp_
     ]  # fmt: skip
     python = consumers("delphi", DELPHI, excludes=("vllm",))
     latents = [str(r.latent) for r in found]
-    raw_dir = str(out / "run-000" / "latents")
-    got = run_json(python, TOP_WINDOWS, raw_dir, hook, str(EXAMPLE_CTX), *latents)
-    assert sorted(map(int, got)) == sorted(r.latent for r in found)
+    export_main(["sparsify", str(run), "--out", str(tmp_path / "sparsify")])
+    x = read_collection(uri, hook, "-1:", names=("acts",)).tensors["acts"][:300].float()
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    raw_dir, sparsify_dir = str(out / "run-000" / "latents"), str(tmp_path / "sparsify" / "run-000")
+    args = (raw_dir, hook, str(EXAMPLE_CTX), sparsify_dir, str(tmp_path / "x.safetensors"))
+    got = run_json(python, TOP_WINDOWS, *args, *latents)
+    want = saesweep.load(run).encode(x)  # delphi encodes with the sparsify export unchanged
+    torch.testing.assert_close(torch.tensor(got["dense"]), want, rtol=1e-5, atol=1e-5)
+    assert sorted(map(int, got["records"])) == sorted(r.latent for r in found)
     for report in found:
-        examples = got[str(report.latent)]
+        examples = got["records"][str(report.latent)]
         tops = windows(report.hits)
         assert len(examples) >= len(tops) > 0
         for example, (seq, window) in zip(examples, tops, strict=False):
