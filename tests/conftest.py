@@ -22,12 +22,14 @@ def slurm_cluster() -> SlurmCluster:
 
 @pytest.fixture(scope="session")
 def consumers(tmp_path_factory):
-    """consumers(name, requirements): the python of a consumer tool's own venv (built once
-    per test run; see tests/consumers.py)."""
+    """consumers(name, requirements, excludes=()): the python of a consumer tool's own venv
+    (built once per test run; see tests/consumers.py)."""
     from consumers import consumer_python
 
     root = tmp_path_factory.getbasetemp() / "consumers"
-    return lambda name, requirements: consumer_python(root, name, requirements)
+    return lambda name, requirements, excludes=(): consumer_python(
+        root, name, requirements, excludes
+    )
 
 
 @pytest.fixture(scope="session")

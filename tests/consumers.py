@@ -16,18 +16,25 @@ VENVS_ENV = "SAESWEEP_CONSUMER_VENVS"
 basetemp), for whoever iterates on an export."""
 
 
-def consumer_python(root: Path, name: str, requirements: list[str]) -> Path:
+def consumer_python(
+    root: Path, name: str, requirements: list[str], excludes: tuple[str, ...] = ()
+) -> Path:
     """The python of venv `name` under `root` holding `requirements` and our torch, made
-    unless an earlier call made it with the same requirements."""
+    unless an earlier call made it with the same requirements. `excludes`: dependencies left
+    out (uv's --excludes), those a consumer declares but the code a test runs never imports,
+    whose torch pins clash with ours."""
     venv = Path(os.environ.get(VENVS_ENV, root)) / name
     python, marker = venv / "bin" / "python", venv / "requirements.json"
     wanted = [*requirements, f"torch=={version('torch')}"]
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+    if marker.is_file() and json.loads(marker.read_text()) == [*wanted, *excludes]:
         return python
     here = "{}.{}".format(*sys.version_info[:2])
     subprocess.run(["uv", "venv", "-q", "--clear", "--python", here, str(venv)], check=True)
-    subprocess.run(["uv", "pip", "install", "-q", "--python", str(python), *wanted], check=True)
-    marker.write_text(json.dumps(wanted))
+    excluded = venv / "excludes.txt"
+    excluded.write_text("".join(f"{e}\n" for e in excludes))
+    install = ["uv", "pip", "install", "-q", "--python", str(python), "--excludes", str(excluded)]
+    subprocess.run([*install, *wanted], check=True)
+    marker.write_text(json.dumps([*wanted, *excludes]))
     return python
 
 

@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from groups import group_trainer
+from demo_runs import train_demo_runs
 from transformers import AutoTokenizer
 
-from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import model_path
-from saesweep.collect.run import collect
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import downstream_metrics
 from saesweep.evaluate.features import inspect_features, token_text, write_page
 from saesweep.format.collection import read_collection
 from saesweep.format.rundir import load_sae
-from saesweep.sae import SAEConfig
 from saesweep.sae.export import exported_acts
-from saesweep.train.config import DataConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,23 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory) -> tuple[str, Path]:
     """(collection uri, run dir) of a tiny topk SAE on a 3000-token demo collection."""
     root = tmp_path_factory.mktemp("features")
-    uri = str(root / "coll")
-    collect(
-        CollectConfig(
-            out=uri, max_tokens=3000, shard_tokens=1000, ctx_len=64, batch_size=8, progress=False
-        )
-    )
-    cfg = TrainConfig(
-        train_data=DataConfig(uri=uri, shards=":-1", collect=""),
-        val_data=DataConfig(uri="", shards="-1:", collect=""),
-        n_train=4096,
-        n_val=512,
-        batch_size=256,
-        wandb_mode="disabled",
-        sae=SAEConfig(d_sae=256, k=8),
-    )
     run_dir = root / "run"
-    group_trainer([cfg], [run_dir], root / "state").train()
+    uri = train_demo_runs(root, [run_dir], [8])
     return uri, run_dir
 
 

@@ -79,6 +79,14 @@ class Scan:
     """Global row of each selected shard's first token (plus the total at the end)."""
 
 
+def check_width(cfg: dict, collection: Collection, hook: HookShards) -> None:
+    """A UserError unless the SAE reads activations of the hook's width."""
+    if cfg["d_in"] != hook.d_model:
+        raise UserError(
+            f"the SAE has d_in={cfg['d_in']} but {collection.uri} has width {hook.d_model}"
+        )
+
+
 @torch.no_grad()
 def scan(
     cfg: dict,
@@ -91,10 +99,7 @@ def scan(
 ) -> Scan:
     """Fire counts of every latent and the running top activations of `latents` (all when
     None) over the hook's chosen shards."""
-    if cfg["d_in"] != hook.d_model:
-        raise UserError(
-            f"the SAE has d_in={cfg['d_in']} but {collection.uri} has width {hook.d_model}"
-        )
+    check_width(cfg, collection, hook)
     cols = list(range(cfg["d_sae"])) if latents is None else latents
     result = Scan(cols, 0, torch.zeros(cfg["d_sae"], dtype=torch.int64), TopK(top, len(cols)), [])
     index = torch.tensor(cols)

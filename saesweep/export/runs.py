@@ -30,3 +30,15 @@ def finished_runs(paths: tuple[str, ...]) -> list[Path]:
                 f"`uv run train.py --resume {run.parent.parent}` first"
             )
     return runs
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """Each run's directory name (its directory in an export), refused when two runs share
+    one."""
+    names = [run.name for run in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(
+            f"several runs are named {', '.join(twice)}; export each sweep to its own --out"
+        )
+    return names
