@@ -1,5 +1,5 @@
 """A group's progress line: written from the first step on, the FVU range of the last log
-step kept between log steps."""
+step kept between log steps, the final evaluation's stage named."""
 
 from __future__ import annotations
 
@@ -24,5 +24,5 @@ def test_progress_shows_from_the_first_step_and_keeps_the_last_fvu_range(tmp_pat
     writer.last -= WRITE_EVERY_S
     writer.training(6, 20.0, batch=10)
     assert line(tmp_path) == "group 0: step 6 of 10, 20 tokens/s, ETA 0:00:02, FVU 0.200-0.400"
-    writer.evaluating(10)
-    assert line(tmp_path).endswith(", evaluating")
+    writer.evaluating(10, "loss recovered")
+    assert line(tmp_path).endswith(", FVU 0.200-0.400, evaluating: loss recovered")

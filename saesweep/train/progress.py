@@ -46,11 +46,12 @@ class ProgressWriter:
         self.figures = {"tokens_per_s": tokens_per_s, "eta_s": eta_s, "fvu": fvu}
         self._write("training", step)
 
-    def evaluating(self, step: int) -> None:
-        self._write("evaluating", step)
+    def evaluating(self, step: int, stage: str) -> None:
+        """The final evaluation's `stage` (e.g. 'loss recovered') has started."""
+        self._write("evaluating", step, stage)
 
-    def _write(self, phase: str, step: int) -> None:
-        progress = {"phase": phase, "step": step, "total_steps": self.total_steps}
+    def _write(self, phase: str, step: int, stage: str | None = None) -> None:
+        progress = {"phase": phase, "stage": stage, "step": step, "total_steps": self.total_steps}
         write_json(self.path, progress | self.figures)
 
 
@@ -67,7 +68,7 @@ def read_progress(path: Path, since: float) -> dict | None:
 
 def describe(group_index: int, progress: dict, finished: bool) -> str:
     """One line: 'group 0: step 120 of 157, 9,876 tokens/s, ETA 0:00:03, FVU 0.212-0.351'
-    (', evaluating' or ', done' after it once training ended)."""
+    (', evaluating: STAGE' or ', done' after it once training ended)."""
     line = f"group {group_index}: step {progress['step']} of {progress['total_steps']}"
     if progress["tokens_per_s"] is not None:
         eta = progress["eta_s"]
@@ -77,7 +78,10 @@ def describe(group_index: int, progress: dict, finished: bool) -> str:
         line += f", FVU {progress['fvu'][0]:.3f}-{progress['fvu'][1]:.3f}"
     if finished:
         return f"{line}, done"
-    return f"{line}, evaluating" if progress["phase"] == "evaluating" else line
+    if progress["phase"] != "evaluating":
+        return line
+    stage = progress.get("stage")
+    return f"{line}, evaluating: {stage}" if stage else f"{line}, evaluating"
 
 
 class ProgressReport:

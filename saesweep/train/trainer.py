@@ -348,7 +348,7 @@ class GroupTrainer:
         run's metrics.json leaves it unfinished: a resume evaluates it again from the state."""
         self.save_state()
         if self.world.leader:
-            self.progress.evaluating(self.step)
+            self.progress.evaluating(self.step, "held-out FVU and L0")
         if self.reported:
             evals = self._evaluate(self._held_out())
             for stack in self.stacks:
@@ -356,11 +356,12 @@ class GroupTrainer:
                     self._export(stack, j, i, evals[i])
         self.world.barrier()
         if self.world.leader:
-            evaluations = [{} for _ in self.run_dirs]
-            for extra in (self._downstream(), self._absorption()):
-                evaluations = [e | x for e, x in zip(evaluations, extra, strict=True)]
-            for run_dir, evaluation in zip(self.run_dirs, evaluations, strict=True):
-                commit_metrics(run_dir, evaluation)
+            self.progress.evaluating(self.step, "loss recovered")
+            downstream = self._downstream()
+            self.progress.evaluating(self.step, "absorption")
+            absorption = self._absorption()
+            for run_dir, d, a in zip(self.run_dirs, downstream, absorption, strict=True):
+                commit_metrics(run_dir, d | a)
         self.world.barrier()
         dirs = self.run_dirs
         results = {i: json.loads((d / METRICS).read_text()) for i, d in enumerate(dirs)}
