@@ -10,6 +10,7 @@ from groups import group_trainer
 from synthetic import make_collection
 
 import saesweep
+from saesweep.errors import UserError
 from saesweep.format.rundir import load_sae
 from saesweep.sae import JumpReLUConfig, ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported, exported_acts
@@ -118,3 +119,12 @@ def test_sparsity_coeff_times_d_in_is_saelens_coefficient(arch, target_l0):
     if arch == "jumprelu":  # both train the threshold itself
         want = lens.threshold.grad.double()
         torch.testing.assert_close(d_in * sae.threshold.grad[0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_loading_a_path_that_is_no_run_names_the_runs_there(run_dirs):
+    """run-000 for run-000-topk: the runs whose name starts so; else every run beside it."""
+    run = run_dirs[ARCHS[0]]
+    with pytest.raises(UserError, match=f"is not a run directory .*; runs there: {run.name}$"):
+        saesweep.load(run.parent / run.name[:3])
+    with pytest.raises(UserError, match=f"; runs there: {', '.join(sorted(ARCHS))}$"):
+        saesweep.load(run.parent / "run-000")

@@ -124,6 +124,21 @@ def check_unit(run_dir: Path, cfg: dict, metrics: dict | None = None) -> None:
 
 def load_sae(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(cfg.json, weights) of a checkpoint, checked to be one unit (check_unit)."""
+    if not (run_dir / "cfg.json").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no cfg.json){_runs_beside(run_dir)}")
     cfg = json.loads((run_dir / "cfg.json").read_text())
     check_unit(run_dir, cfg)
     return cfg, load_file(str(run_dir / "sae_weights.safetensors"))
+
+
+def _runs_beside(run_dir: Path) -> str:
+    """'; runs there: ...' naming the run directories whose name starts as `run_dir`'s does
+    (run-000 for run-000-topk), else those of its parent, else ''."""
+    parent = run_dir.parent
+    runs = (
+        sorted(p.name for p in parent.iterdir() if (p / "cfg.json").is_file())
+        if parent.is_dir()
+        else []
+    )
+    close = [name for name in runs if name.startswith(run_dir.name)] or runs
+    return f"; runs there: {', '.join(close[:8])}" if close else ""
