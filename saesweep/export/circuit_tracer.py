@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ class CircuitTracerCommand:
     runs: positional(tuple[str, ...], "RUN_OR_SWEEP_DIR")
     """Run directories, or sweep directories for each of their runs: one transcoder per layer
     of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp."""
-    out: str = field(default="")
+    out: str
     """The directory to write (new or empty)."""
 
 
@@ -69,23 +69,24 @@ class LayerRun:
 
 @export_format("circuit-tracer", CircuitTracerCommand)
 def write(cmd: CircuitTracerCommand) -> None:
-    if not cmd.out:
-        raise UserError("give the directory to write with --out DIR")
     runs = [(run, *load_sae(run)) for run in finished_runs(cmd.runs)]
-    files, config = export_writer([cfg for _, cfg, _ in runs])(runs)
+    files, config = export_writer(runs)(runs)
     write_directory(Path(cmd.out), files, config)
     print(f"wrote {config['model_kind']} of {len(runs)} runs to {cmd.out}")
 
 
-def export_writer(cfgs: list[dict]) -> Callable:
-    """The writer of these runs' circuit-tracer model kind (runs -> (files, config.yaml
-    fields)): per-layer transcoders make a transcoder set."""
-    for cfg in cfgs:
+def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
+    """The writer of these runs' (run directory, cfg.json, weights) circuit-tracer model
+    kind, runs -> (files, config.yaml fields): per-layer transcoders make a transcoder set."""
+    for run, cfg, _ in runs:
         if "hook_name_out" not in cfg:
             raise UserError(
-                f"run {cfg['saesweep_config'].get('tag') or cfg['hook_name']} is an SAE, not a "
-                "transcoder; circuit-tracer needs transcoders from mlp_in (or resid_mid) to mlp"
+                f"{run} is an SAE, not a transcoder; circuit-tracer needs transcoders from "
+                "mlp_in (or resid_mid) to mlp"
             )
+    models = sorted({cfg["model_name"] for _, cfg, _ in runs})
+    if len(models) > 1:
+        raise UserError(f"the runs are of different models ({', '.join(models)}); give one's")
     return transcoder_set
 
 
