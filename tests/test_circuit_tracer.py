@@ -19,7 +19,6 @@ import saesweep
 from saesweep import Reader
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
 from saesweep.collect.run import collect
-from saesweep.errors import UserError
 from saesweep.export.cli import main as export_main
 from saesweep.sae import SAEConfig
 from saesweep.train.config import DataConfig
@@ -225,9 +224,3 @@ def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
             export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
         assert stop.value.code == 2 and says in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
-    with pytest.raises(UserError, match="not an empty directory"):
-        from saesweep.export.circuit_tracer import write_directory
-
-        (tmp_path / "full").mkdir()
-        (tmp_path / "full" / "f").write_text("")
-        write_directory(tmp_path / "full", {}, {})

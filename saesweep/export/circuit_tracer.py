@@ -14,8 +14,6 @@ Weights act on raw activations (the input scale is folded in by the run director
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +25,10 @@ from saesweep.collect.model import layer_list, model_modules, resolve_hook
 from saesweep.configtools import positional
 from saesweep.errors import UserError
 from saesweep.export import export_format
+from saesweep.export.output import staged_output
 from saesweep.export.runs import finished_runs
 from saesweep.format.rundir import load_sae
 from saesweep.sae.base import sae_architecture
-from saesweep.store.file import write_atomic
 
 TL_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "mlp": "hook_mlp_out"}
 """circuit-tracer's (TransformerLens) hook names of saesweep's sites; its nnsight backend maps
@@ -71,7 +69,10 @@ class LayerRun:
 def write(cmd: CircuitTracerCommand) -> None:
     runs = [(run, *load_sae(run)) for run in finished_runs(cmd.runs)]
     files, config = export_writer(runs)(runs)
-    write_directory(Path(cmd.out), files, config)
+    yaml = "".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
+    with staged_output(Path(cmd.out)) as out:
+        for name, data in [*files.items(), ("config.yaml", yaml.encode())]:
+            (out / name).write_bytes(data)
     print(f"wrote {config['model_kind']} of {len(runs)} runs to {cmd.out}")
 
 
@@ -183,23 +184,3 @@ def layer_tensors(r: LayerRun) -> dict[str, torch.Tensor]:
 def _architecture(cfg: dict) -> str:
     """The SAELens architecture of a run's SAE (a transcoder's without its suffix)."""
     return sae_architecture(cfg["architecture"])
-
-
-def write_directory(out: Path, files: dict[str, bytes], config: dict) -> None:
-    """`files` and config.yaml written into a new directory beside `out`, renamed onto it
-    once complete; `out` must not exist or be empty."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty directory; give a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        for name, data in files.items():
-            write_atomic(tmp / name, lambda f, data=data: f.write(data))
-        yaml = "".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
-        write_atomic(tmp / "config.yaml", lambda f: f.write(yaml.encode()))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
