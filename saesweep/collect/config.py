@@ -38,8 +38,9 @@ class CollectConfig:
     """Torch device for the forward pass: 'auto' (CUDA where it runs sees a GPU, else the
     CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     hooks: tuple[str, ...] = ("resid.3",)
-    """Modules whose outputs are stored: module paths ('transformer.h.6', 'model.layers.12.mlp')
-    or short forms SITE.LAYER with SITE in resid, mlp, attn ('resid.3')."""
+    """Where activations are read: module paths ('transformer.h.6', 'model.layers.12.mlp';
+    PATH:in for a module's input) or short forms SITE.LAYER with SITE in resid, resid_mid,
+    mlp_in, mlp, attn ('resid.3', 'mlp_in.3'; docs/collection.md)."""
     dataset: str = "demo"
     """'demo' (docstrings of the Python standard library), an HF dataset name, or local
     .txt/.jsonl/.parquet files (a path, a directory or a glob)."""

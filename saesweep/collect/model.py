@@ -6,18 +6,35 @@ import contextlib
 import difflib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from saesweep.collect.sequences import Batch
 from saesweep.errors import UserError
 from saesweep.format.shards import held_dtype
 
-SITES = ("resid", "mlp", "attn")
+SITES = ("resid", "resid_mid", "mlp_in", "mlp", "attn")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
+PRE_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
+"""The norm a block applies to the residual stream before its MLP (Gemma 2's first: its
+post_attention_layernorm normalizes the attention output instead)."""
+INPUT_MARK = ":in"
+"""A hook path ending so names its module's input rather than its output."""
+SITE_MODULES: dict[str, tuple[tuple[str, bool], ...]] = {
+    "attn": (*((n, False) for n in ATTN_NAMES), ("attention.output.dense", False)),
+    "mlp": (*((n, False) for n in MLP_NAMES), ("output.dense", False)),
+    "mlp_in": (*((n, True) for n in MLP_NAMES), ("intermediate", True)),
+    "resid_mid": (*((n, True) for n in PRE_MLP_NORMS), ("attention", False)),
+}
+"""Each short-form site but resid: the candidates (a block's module path, whether the site is
+its input), first present wins. mlp_in is the MLP's input (after the pre-MLP norm); resid_mid
+the residual stream between attention and MLP: the pre-MLP norm's input, or in post-norm
+blocks (BERT) the attention block's output. BERT's MLP is intermediate + output.dense."""
 
 
 def model_path(name: str) -> str:
@@ -88,7 +105,7 @@ def load_model(
     """The model (LM head kept for causal LMs, unused in collection) and its tokenizer; from
     local files and the cache unless `download`. A model that ships its own code is refused
     unless `trust_remote_code` (never an interactive prompt)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = model_path(name)
     options = {
@@ -100,13 +117,35 @@ def load_model(
         with hub_access(download):
             config = AutoConfig.from_pretrained(path, **options)
             tokenizer = AutoTokenizer.from_pretrained(path, **options)
-            architectures = config.architectures or []
-            causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-            cls = AutoModelForCausalLM if causal else AutoModel
+            cls = _model_class(config)
             model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **options)
     except (OSError, ValueError) as err:
         raise _load_error(f"model {name!r}", err, download) from None
     return model.to(device).eval(), tokenizer
+
+
+def model_modules(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model `name` built from its config on the meta device, as load_model builds it:
+    its modules without weights, enough to resolve hooks."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path(name), revision=revision, trust_remote_code=trust_remote_code
+        )
+        with torch.device("meta"):
+            return _model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(f"the config of model {name!r}", err, True) from None
+
+
+def _model_class(config):
+    """AutoModelForCausalLM for a causal LM's config (its LM head kept), else AutoModel."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    architectures = config.architectures or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return AutoModelForCausalLM if causal else AutoModel
 
 
 def _load_error(what: str, err: Exception, download: bool) -> UserError:
@@ -130,24 +169,29 @@ def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
+SHORT_FORM = re.compile(rf"({'|'.join(SITES)})\.(\d+)")
+
+
 def resolve_hook(model: nn.Module, spec: str) -> tuple[str, str | None, int | None]:
-    """(module path, site, layer) for a module path or a short form like 'resid.3'."""
-    short = re.fullmatch(r"(resid|mlp|attn)\.(\d+)", spec)
+    """(hook path, site, layer) for a hook path (a module path, or one ending in ':in' for
+    the module's input) or a short form like 'resid.3'."""
+    short = SHORT_FORM.fullmatch(spec)
     if short:
         return _resolve_short(model, short.group(1), int(short.group(2)))
-    modules = dict(model.named_modules())
-    if spec not in modules or spec == "":
-        close = difflib.get_close_matches(spec, list(modules), n=3, cutoff=0.6)
-        hint = f"; closest: {', '.join(close)}" if close else ""
-        raise UserError(
-            f"hook {spec!r} is not a module of this model{hint} "
-            f"(or use a short form such as resid.3, mlp.3, attn.3)"
-        )
+    hook_module(model, spec)
     prefix, layers = layer_list(model)
-    match = re.match(re.escape(prefix) + r"\.(\d+)(\.|$)", spec)
-    layer = int(match.group(1)) if match else None
-    site = "resid" if match and spec == f"{prefix}.{layer}" else None
-    return spec, site, layer
+    match = re.match(re.escape(prefix) + r"\.(\d+)(\.|:|$)", spec)
+    layer = int(match.group(1)) if match and int(match.group(1)) < len(layers) else None
+    return spec, _site_of(model, spec, layer), layer
+
+
+def _site_of(model: nn.Module, path: str, layer: int | None) -> str | None:
+    """The site whose short form at `layer` resolves to `path`, else None."""
+    for site in () if layer is None else SITES:
+        with contextlib.suppress(UserError):
+            if _resolve_short(model, site, layer)[0] == path:
+                return site
+    return None
 
 
 def _resolve_short(model: nn.Module, site: str, layer: int) -> tuple[str, str, int]:
@@ -158,18 +202,62 @@ def _resolve_short(model: nn.Module, site: str, layer: int) -> tuple[str, str, i
     if site == "resid":
         return block, site, layer
     children = dict(layers[layer].named_modules())
-    wanted = ATTN_NAMES if site == "attn" else MLP_NAMES
-    found = [name for name in children if name.split(".")[-1] in wanted and "." not in name]
-    if not found and site == "attn":
-        found = [n for n in children if n == "attention.output.dense"]
-    if not found and site == "mlp":
-        found = [n for n in children if n == "output.dense"]
+    found = [(n, is_input) for n, is_input in SITE_MODULES[site] if n in children]
     if not found:
         raise UserError(
             f"hook '{site}.{layer}': cannot find the {site} module in {block}; "
             f"give its module path (children: {', '.join(list(children)[1:8])})"
         )
-    return f"{block}.{found[0]}", site, layer
+    name, is_input = found[0]
+    return f"{block}.{name}{INPUT_MARK if is_input else ''}", site, layer
+
+
+def hook_module(model: nn.Module, path: str) -> tuple[nn.Module, bool]:
+    """The module a hook path names and whether the hook is its input ('PATH:in') rather
+    than its output, or a UserError naming the closest modules."""
+    name = path.removesuffix(INPUT_MARK)
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise UserError(
+            f"hook {path!r} is not a module of this model{hint} "
+            f"(or use a short form such as resid.3, mlp_in.3, mlp.3, attn.3)"
+        )
+    return modules[name], path.endswith(INPUT_MARK)
+
+
+def add_hook(
+    model: nn.Module,
+    path: str,
+    fn: Callable[[torch.Tensor], torch.Tensor | None],
+    prepend: bool = False,
+) -> RemovableHandle:
+    """Call fn on the tensor at hook `path` in each forward pass: the module's output (its
+    first element), or for 'PATH:in' its input (first positional argument, else the
+    hidden_states keyword); a tensor fn returns replaces it there. The one owner of how a
+    hook path is read and rewritten (collection, splicing, steering)."""
+    module, is_input = hook_module(model, path)
+    if is_input:
+
+        def pre(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            new = fn(h)
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
+
+    def post(module, args, output):
+        new = fn(output[0] if isinstance(output, tuple) else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(post, prepend=prepend)
 
 
 class StopForward(Exception):
@@ -178,20 +266,19 @@ class StopForward(Exception):
 
 @dataclass
 class HookedModel:
-    """A model with forward hooks capturing the outputs of the given modules."""
+    """A model with forward hooks capturing the tensors at the given hook paths."""
 
     model: nn.Module
     hook_paths: list[str]
 
     def __post_init__(self):
         self.captured: dict[str, torch.Tensor] = {}
-        modules = dict(self.model.named_modules())
         for path in self.hook_paths:
-            modules[path].register_forward_hook(self._capture(path))
+            add_hook(self.model, path, self._capture(path))
 
     def _capture(self, path: str):
-        def hook(module, inputs, output):
-            self.captured[path] = output[0] if isinstance(output, tuple) else output
+        def hook(h: torch.Tensor) -> None:
+            self.captured[path] = h
             if len(self.captured) == len(self.hook_paths):
                 raise StopForward
 
@@ -199,7 +286,7 @@ class HookedModel:
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Outputs [batch, seq, d] of every hooked module for one batch."""
+        """The tensor [batch, seq, d] at every hook path for one batch."""
         self.captured = {}
         with contextlib.suppress(StopForward):
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

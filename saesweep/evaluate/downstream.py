@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor, nn
 
 from saesweep.collect.config import CollectConfig
-from saesweep.collect.model import load_model
+from saesweep.collect.model import add_hook, load_model
 from saesweep.collect.sequences import Sequence, make_batch, special_template
 from saesweep.collect.source import split_sequences
 from saesweep.errors import UserError
@@ -96,18 +96,17 @@ def _grouped(tensors: dict[str, Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]
 
 
 class Splice:
-    """A forward hook on one module that rewrites its output (or its first element) at the
+    """A hook (collect.model.add_hook) that rewrites the tensor at one hook path at the
     positions of `mask` with `fn`, or leaves it alone while fn is None."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, model: nn.Module, path: str):
         self.fn: Callable[[Tensor], Tensor] | None = None
         self.mask: Tensor | None = None
-        self.handle = module.register_forward_hook(self._hook)
+        self.handle = add_hook(model, path, self._hook)
 
-    def _hook(self, module, inputs, output):
+    def _hook(self, h: Tensor) -> Tensor | None:
         if self.fn is None:
             return None
-        h = output[0] if isinstance(output, tuple) else output
         new = h.clone()
         rows = h[self.mask] if self.mask is not None else h.reshape(-1, h.shape[-1])
         out = self.fn(rows).to(h.dtype)
@@ -115,7 +114,7 @@ class Splice:
             new[self.mask] = out
         else:
             new = out.reshape(h.shape)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return new
 
     @contextlib.contextmanager
     def using(self, fn: Callable[[Tensor], Tensor] | None, mask: Tensor | None):
@@ -362,13 +361,9 @@ def _evaluate(
     """hooks: (input hook, target hook or None); with a target the fns are transcoders,
     splicing the target with their prediction from the input hook of the same pass."""
     lm, tokenizer, device = text.lm, text.tokenizer, text.device
-    modules = dict(lm.named_modules())
-    for name in filter(None, hooks):
-        if name not in modules:
-            raise UserError(f"the SAE's hook {name!r} is not a module of the model")
     hook, target = hooks
-    splice, totals = Splice(modules[target or hook]), Totals()
-    capture = Capture(lm, modules[hook]) if target is not None else None
+    capture = Capture(lm, hook) if target is not None else None
+    splice, totals = Splice(lm, target or hook), Totals()
     if capture is not None:
         fns = [_from_input(capture, splice, fn, hook, target) for fn in fns]
     try:
@@ -395,21 +390,21 @@ def _evaluate(
 
 
 class Capture:
-    """Forward hooks keeping one module's output (or its first element) of the model's
-    current forward pass (None until the module has run in it)."""
+    """Hooks keeping the tensor at one hook path of the model's current forward pass (None
+    until the hook has run in it)."""
 
-    def __init__(self, model: nn.Module, module: nn.Module):
+    def __init__(self, model: nn.Module, path: str):
         self.out: Tensor | None = None
         self.handles = [
             model.register_forward_pre_hook(self._reset),
-            module.register_forward_hook(self._hook),
+            add_hook(model, path, self._keep),
         ]
 
     def _reset(self, module, inputs):
         self.out = None
 
-    def _hook(self, module, inputs, output):
-        self.out = output[0] if isinstance(output, tuple) else output
+    def _keep(self, h: Tensor) -> None:
+        self.out = h
 
     def remove(self) -> None:
         for handle in self.handles:

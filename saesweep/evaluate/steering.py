@@ -19,6 +19,7 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 
+from saesweep.collect.model import add_hook
 from saesweep.collect.sequences import special_template
 from saesweep.errors import UserError
 from saesweep.evaluate.downstream import Run, load_run
@@ -56,16 +57,9 @@ def steering(
         raise UserError(f"latent {latent} is out of range: the SAE has {cfg['d_sae']} latents")
     if mode not in ("add", "clamp"):
         raise UserError(f"mode={mode!r}: use 'add' or 'clamp'")
-    modules = dict(model.named_modules())
-    if cfg["hook_name"] not in modules:
-        raise UserError(f"the SAE's hook_name {cfg['hook_name']!r} is not a module of the model")
-
-    def hook(module, inputs, output):
-        h = output[0] if isinstance(output, tuple) else output
-        new = steered(cfg, sd, h, latent, coeff, mode)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    handle = modules[cfg["hook_name"]].register_forward_hook(hook, prepend=True)
+    handle = add_hook(
+        model, cfg["hook_name"], lambda h: steered(cfg, sd, h, latent, coeff, mode), prepend=True
+    )
     try:
         yield
     finally:

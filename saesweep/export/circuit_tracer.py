@@ -1,0 +1,186 @@
+"""export.py circuit-tracer: transcoders as circuit-tracer (safety-research/circuit-tracer)
+loads them for attribution graphs.
+
+A sweep's per-layer transcoders (one per layer of the model, each from the layer's mlp_in or
+resid_mid to its mlp) become a `transcoder_set`: layer_{i}.safetensors as circuit-tracer's
+SingleLayerTranscoder keeps them (W_enc [d_sae, d_model], b_enc, W_dec [d_sae, d_model], b_dec,
+W_skip [d_model, d_model] for skip transcoders, activation_function.threshold for JumpReLU)
+and config.yaml (model_kind, feature_input_hook, feature_output_hook, model_name, scan).
+Weights act on raw activations (the input scale is folded in by the run directory).
+`export_writer` picks the writer by the kind of run; a cross-layer transcoder
+(circuit-tracer's `cross_layer_transcoder`) is one more writer there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from saesweep.collect.model import layer_list, model_modules, resolve_hook
+from saesweep.configtools import positional
+from saesweep.errors import UserError
+from saesweep.export import export_format
+from saesweep.export.output import staged_output
+from saesweep.export.runs import finished_runs
+from saesweep.format.rundir import load_sae
+from saesweep.sae.base import sae_architecture
+
+TL_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "mlp": "hook_mlp_out"}
+"""circuit-tracer's (TransformerLens) hook names of saesweep's sites; its nnsight backend maps
+them onto HF modules as collect.model resolves the sites (hook_resid_mid: the pre-MLP norm's
+input, mlp.hook_in: its output, hook_mlp_out: the MLP's output)."""
+INPUT_SITES = ("mlp_in", "resid_mid")
+TARGET_SITE = "mlp"
+ACTIVATIONS = {"standard": "relu", "jumprelu": "jump_relu"}
+"""The exported architectures circuit-tracer's transcoder loader reads (SAELens name ->
+activation): ReLU, and JumpReLU (JumpReLU, BatchTopK and Matryoshka runs, whose inference
+threshold is exact). TopK has no threshold form and Switch routes; both are refused."""
+
+
+@dataclass(frozen=True)
+class CircuitTracerCommand:
+    """Per-layer transcoders as circuit-tracer's transcoder set (layer_{i}.safetensors and
+    config.yaml), for attribution graphs with circuit-tracer."""
+
+    runs: positional(tuple[str, ...], "RUN_OR_SWEEP_DIR")
+    """Run directories, or sweep directories for each of their runs: one transcoder per layer
+    of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp."""
+    out: str
+    """The directory to write (new or empty)."""
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """One finished transcoder run with the sites its hooks resolve to."""
+
+    run: Path
+    cfg: dict
+    weights: dict[str, torch.Tensor]
+    layer: int
+    input_site: str
+
+
+@export_format("circuit-tracer", CircuitTracerCommand)
+def write(cmd: CircuitTracerCommand) -> None:
+    runs = [(run, *load_sae(run)) for run in finished_runs(cmd.runs)]
+    files, config = export_writer(runs)(runs)
+    yaml = "".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
+    with staged_output(Path(cmd.out)) as out:
+        for name, data in [*files.items(), ("config.yaml", yaml.encode())]:
+            (out / name).write_bytes(data)
+    print(f"wrote {config['model_kind']} of {len(runs)} runs to {cmd.out}")
+
+
+def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
+    """The writer of these runs' (run directory, cfg.json, weights) circuit-tracer model
+    kind, runs -> (files, config.yaml fields): per-layer transcoders make a transcoder set."""
+    for run, cfg, _ in runs:
+        if "hook_name_out" not in cfg:
+            raise UserError(
+                f"{run} is an SAE, not a transcoder; circuit-tracer needs transcoders from "
+                "mlp_in (or resid_mid) to mlp"
+            )
+    models = sorted({cfg["model_name"] for _, cfg, _ in runs})
+    if len(models) > 1:
+        raise UserError(f"the runs are of different models ({', '.join(models)}); give one's")
+    return transcoder_set
+
+
+def transcoder_set(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[str, bytes], dict]:
+    """layer_{i}.safetensors for each layer and the config of a transcoder set."""
+    model_name = runs[0][1]["model_name"]
+    model = model_modules(model_name)
+    layers = layer_runs(runs, model)
+    check_set(layers, len(layer_list(model)[1]))
+    files = {f"layer_{r.layer}.safetensors": save(layer_tensors(r)) for r in layers}
+    config = {
+        "model_kind": "transcoder_set",
+        "feature_input_hook": TL_HOOKS[layers[0].input_site],
+        "feature_output_hook": TL_HOOKS[TARGET_SITE],
+        "activation_function": ACTIVATIONS[_architecture(layers[0].cfg)],
+        "model_name": model_name,
+        "scan": f"saesweep/{runs[0][0].parent.parent.name}",
+    }
+    return files, config
+
+
+def layer_runs(runs: list[tuple[Path, dict, dict]], model) -> list[LayerRun]:
+    """Each run with its layer and input site, sorted by layer; a UserError for a run that
+    is not a transcoder circuit-tracer can express."""
+    out = []
+    for run, cfg, weights in runs:
+        _, site, layer = resolve_hook(model, cfg["hook_name"])
+        _, target, target_layer = resolve_hook(model, cfg["hook_name_out"])
+        if site not in INPUT_SITES or target != TARGET_SITE or layer != target_layer:
+            raise UserError(
+                f"{run} maps {cfg['hook_name']} to {cfg['hook_name_out']}; circuit-tracer "
+                "replaces each MLP: train transcoders from mlp_in.L (or resid_mid.L) to mlp.L"
+            )
+        if _architecture(cfg) not in ACTIVATIONS:
+            raise UserError(
+                f"{run} is a {cfg['saesweep_arch']} transcoder, which circuit-tracer cannot "
+                "express (it reads ReLU and JumpReLU ones); train relu, jumprelu or batchtopk"
+            )
+        out.append(LayerRun(run, cfg, weights, layer, site))
+    return sorted(out, key=lambda r: r.layer)
+
+
+def check_set(layers: list[LayerRun], n_layers: int) -> None:
+    """A UserError unless the runs are one transcoder per layer of the model with one input
+    site, one activation, one width and skip connections in all or none."""
+    by_layer: dict[int, LayerRun] = {}
+    for r in layers:
+        if r.layer in by_layer:
+            raise UserError(
+                f"{by_layer[r.layer].run} and {r.run} are both for layer {r.layer}; give one "
+                "transcoder per layer"
+            )
+        by_layer[r.layer] = r
+    missing = sorted(set(range(n_layers)) - set(by_layer))
+    if missing:
+        raise UserError(
+            f"no transcoder for layers {missing}; circuit-tracer replaces every MLP of the "
+            f"model's {n_layers} layers"
+        )
+    for what, values in (
+        ("input sites", {r.input_site for r in layers}),
+        ("activations", {ACTIVATIONS[_architecture(r.cfg)] for r in layers}),
+        ("widths (d_sae)", {r.cfg["d_sae"] for r in layers}),
+        ("skip connections", {"W_skip" in r.weights for r in layers}),
+        ("input and output widths", {(r.cfg["d_in"], r.cfg["d_out"]) for r in layers}),
+    ):
+        if len(values) > 1:
+            raise UserError(
+                f"the transcoders differ in {what} ({values}); circuit-tracer's set needs one"
+            )
+    if layers[0].cfg["d_in"] != layers[0].cfg["d_out"]:
+        raise UserError(
+            "the transcoders' input and output widths differ; circuit-tracer needs d_model for both"
+        )
+
+
+def layer_tensors(r: LayerRun) -> dict[str, torch.Tensor]:
+    """One transcoder in circuit-tracer's SingleLayerTranscoder layout, float32: W_enc
+    transposed to [d_sae, d_model], b_dec taken off the input folded into b_enc, a JumpReLU
+    threshold floored at 0 (the exported forward applies it after a ReLU, so a negative one
+    keeps every positive activation, as 0 does)."""
+    sd = {k: v.float() for k, v in r.weights.items()}
+    b_enc = (
+        sd["b_enc"] - sd["b_dec"] @ sd["W_enc"] if r.cfg["apply_b_dec_to_input"] else sd["b_enc"]
+    )
+    out = {"W_enc": sd["W_enc"].T, "b_enc": b_enc, "W_dec": sd["W_dec"], "b_dec": sd["b_dec"]}
+    if "threshold" in sd:
+        out["activation_function.threshold"] = sd["threshold"].clamp_min(0)
+    if "W_skip" in sd:
+        out["W_skip"] = sd["W_skip"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _architecture(cfg: dict) -> str:
+    """The SAELens architecture of a run's SAE (a transcoder's without its suffix)."""
+    return sae_architecture(cfg["architecture"])

@@ -1,0 +1,226 @@
+"""export.py circuit-tracer: per-layer transcoders of a tiny random Llama (mlp_in -> mlp, trained
+from a collection of both hooks) as circuit-tracer's transcoder set, loaded and run by
+circuit-tracer's own code in its own venv (it pins transformers <= 4.57.3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from consumers import run_json
+from groups import group_trainer
+from safetensors.torch import load_file, save_file
+from test_collect import small
+from test_train import cfg as train_cfg
+from tiny_models import build
+
+import saesweep
+from saesweep import Reader
+from saesweep.collect.model import HookedModel, load_model, resolve_hook
+from saesweep.collect.run import collect
+from saesweep.export.cli import main as export_main
+from saesweep.sae import SAEConfig
+from saesweep.train.config import DataConfig
+
+CIRCUIT_TRACER = ["circuit-tracer==0.5.0", "nnsight<0.7"]
+"""nnsight 0.7 and later moved the tracer module circuit-tracer 0.5.0's nnsight backend imports."""
+LAYERS = range(3)
+SETS = {"relu_skip": dict(arch="relu", skip=True), "batchtopk": dict(arch="batchtopk")}
+"""Two transcoder sets trained side by side: ReLU with skip connections, and BatchTopK
+(exported as JumpReLU with its inference threshold)."""
+TRAINED = {**SETS, "topk": dict(arch="topk")}
+"""The sets and TopK transcoders, which circuit-tracer cannot express."""
+N_VAL = 512
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model dir, collection, {set: [run dir per layer]}): both sets trained from one
+    collection of every layer's mlp_in and mlp, one group per layer."""
+    root = tmp_path_factory.mktemp("circuit-tracer")
+    model = build("llama", root)
+    uri = str(root / "coll")
+    hooks = tuple(f"{site}.{layer}" for layer in LAYERS for site in ("mlp_in", "mlp"))
+    collect(small(uri, model=str(model), hooks=hooks, act_dtype="float32"))
+    dirs = {name: [root / name / f"layer-{layer}" for layer in LAYERS] for name in TRAINED}
+    for layer in LAYERS:
+        data = DataConfig(
+            uri=uri, hook=f"mlp_in.{layer}", target_hook=f"mlp.{layer}", shards=":-1", collect=""
+        )
+        cfgs = [
+            train_cfg(
+                uri,
+                seed=i,
+                train_data=data,
+                sae=SAEConfig(d_sae=64, k=4, **sae),
+                lr=1e-2,
+                n_val=N_VAL,
+                tag=name,
+            )
+            for i, (name, sae) in enumerate(TRAINED.items())
+        ]
+        runs = [dirs[name][layer] for name in TRAINED]
+        group_trainer(cfgs, runs, root / f"state-{layer}").train()
+    return model, uri, dirs
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    _, _, dirs = trained
+    for name in SETS:
+        runs = dirs[name]
+        export_main(["circuit-tracer", *map(str, runs), "--out", str(root / name)])
+    return root
+
+
+def held_out(uri: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first N_VAL held-out tokens of a layer's mlp_in and mlp, as metrics.json's FVU."""
+    hook, target = f"mlp_in.{layer}", f"mlp.{layer}"
+    reader = Reader(
+        uri,
+        hook=hook,
+        extra_hooks=[target],
+        shards=slice(-1, None),
+        batch_size=N_VAL,
+        shuffle=False,
+    )
+    batch = next(iter(reader))
+    return batch[reader.hook], batch[reader.hooks[1].hook]
+
+
+def test_transcoders_train_from_mlp_in_to_mlp(trained):
+    _, _, dirs = trained
+    for name, runs in dirs.items():
+        for layer, run in enumerate(runs):
+            cfg = json.loads((run / "cfg.json").read_text())
+            assert cfg["hook_name"] == f"model.layers.{layer}.mlp:in"
+            assert cfg["hook_name_out"] == f"model.layers.{layer}.mlp"
+            fvu = json.loads((run / "metrics.json").read_text())["fvu"]
+            assert fvu < 0.95, (name, layer, fvu)  # 32 steps: 0.66 to 0.85
+
+
+def test_the_export_is_a_transcoder_set(exported):
+    config = (exported / "batchtopk" / "config.yaml").read_text()
+    assert 'model_kind: "transcoder_set"' in config
+    assert 'feature_input_hook: "mlp.hook_in"' in config
+    assert 'feature_output_hook: "hook_mlp_out"' in config
+    assert 'activation_function: "jump_relu"' in config
+    layer = load_file(str(exported / "relu_skip" / "layer_1.safetensors"))
+    assert sorted(layer) == ["W_dec", "W_enc", "W_skip", "b_dec", "b_enc"]
+    assert layer["W_enc"].shape == (64, 32) and layer["W_skip"].shape == (32, 32)
+    jump = load_file(str(exported / "batchtopk" / "layer_0.safetensors"))
+    assert jump["activation_function.threshold"].min() > 0
+
+
+LOAD = """
+import json, sys, torch, yaml
+from safetensors.torch import load_file, save_file
+from circuit_tracer.utils.hf_utils import load_transcoders
+
+root, inputs, out = sys.argv[1], load_file(sys.argv[2]), sys.argv[3]
+n = sum(k.startswith("x") for k in inputs)
+info, result = {}, {}
+for name in sys.argv[4:]:
+    config = yaml.safe_load(open(f"{root}/{name}/config.yaml"))
+    config["transcoders"] = [f"{root}/{name}/layer_{i}.safetensors" for i in range(n)]
+    tc = load_transcoders(config, device=torch.device("cpu"), lazy_encoder=False,
+                          lazy_decoder=False)
+    act = tc[0].activation_function
+    with torch.no_grad():
+        for i, t in enumerate(tc):
+            x = inputs[f"x{i}"]
+            result[f"{name}.codes{i}"] = codes = t.encode(x)
+            result[f"{name}.pred{i}"] = t.decode(codes, x)
+    info[name] = {"n_layers": len(tc), "input": tc.feature_input_hook,
+                  "output": tc.feature_output_hook, "skip": tc.skip_connection,
+                  "activation": getattr(act, "__name__", type(act).__name__)}
+save_file({k: v.contiguous() for k, v in result.items()}, out)
+print(json.dumps(info))
+"""
+
+
+def test_circuit_tracer_loads_the_sets_and_reproduces_saesweep(
+    trained, exported, consumers, tmp_path
+):
+    """circuit-tracer's loader reads each set from config.yaml; its encode and decode equal
+    saesweep.load's on held-out activations, and its FVU is the one saesweep reported."""
+    _, uri, dirs = trained
+    data = {f"{k}{i}": t for i in LAYERS for k, t in zip("xy", held_out(uri, i), strict=True)}
+    save_file(data, str(tmp_path / "inputs.safetensors"))
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    out = tmp_path / "out.safetensors"
+    info = run_json(
+        python, LOAD, str(exported), str(tmp_path / "inputs.safetensors"), str(out), *SETS
+    )
+    got = load_file(str(out))
+    for name in SETS:
+        assert info[name] == {
+            "n_layers": 3,
+            "input": "mlp.hook_in",
+            "output": "hook_mlp_out",
+            "skip": name == "relu_skip",
+            "activation": "JumpReLU" if name == "batchtopk" else "relu",
+        }
+        for i in LAYERS:
+            sae, x, y = saesweep.load(dirs[name][i]), data[f"x{i}"], data[f"y{i}"]
+            codes, pred = got[f"{name}.codes{i}"], got[f"{name}.pred{i}"]
+            torch.testing.assert_close(codes, sae.encode(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pred, sae(x), rtol=1e-5, atol=1e-5)
+            assert (codes > 0).any()
+            fvu = (pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+            reported = json.loads((dirs[name][i] / "metrics.json").read_text())["fvu"]
+            assert fvu.item() == pytest.approx(reported, rel=1e-4), (name, i)
+
+
+GRAPH = """
+import json, sys, torch, yaml
+from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.utils.hf_utils import load_transcoders
+
+export, model_dir = sys.argv[1:]
+config = yaml.safe_load(open(f"{export}/config.yaml"))
+config["transcoders"] = [f"{export}/layer_{i}.safetensors" for i in range(3)]
+cpu = torch.device("cpu")
+tc = load_transcoders(config, device=cpu, lazy_encoder=False, lazy_decoder=False)
+model = ReplacementModel.from_pretrained_and_transcoders(model_dir, tc, backend="nnsight",
+                                                         device=cpu, dtype=torch.float32)
+graph = attribute("the cat sat on the mat because", model, max_n_logits=3, batch_size=32,
+                  max_feature_nodes=64, verbose=False)
+print(json.dumps({"tokens": graph.input_tokens.tolist(),
+                  "features": graph.active_features.tolist(),
+                  "values": graph.activation_values.tolist(),
+                  "adjacency": list(graph.adjacency_matrix.shape),
+                  "finite": bool(torch.isfinite(graph.adjacency_matrix).all())}))
+"""
+
+
+def test_an_attribution_graph_runs_on_the_exported_set(trained, exported, consumers):
+    """circuit-tracer's nnsight backend on the tiny Llama with the exported set: the graph's
+    active features and their activations are saesweep's on the same tokens."""
+    model_dir, _, dirs = trained
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    graph = run_json(python, GRAPH, str(exported / "batchtopk"), str(model_dir))
+    assert graph["finite"] and graph["features"], graph
+    model, _ = load_model(str(model_dir), None, "float32", "cpu")
+    paths = [resolve_hook(model, f"mlp_in.{i}")[0] for i in LAYERS]
+    ids = torch.tensor([graph["tokens"]])
+    acts = HookedModel(model, paths).run(ids, torch.ones_like(ids))
+    for (layer, pos, feature), value in zip(graph["features"], graph["values"], strict=True):
+        codes = saesweep.load(dirs["batchtopk"][layer]).encode(acts[paths[layer]][0, pos : pos + 1])
+        assert value == pytest.approx(codes[0, feature].item(), rel=1e-4, abs=1e-5)
+
+
+def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
+    _, _, dirs = trained
+    for runs, says in (
+        (dirs["batchtopk"][:2], "no transcoder for layers [2]"),
+        ([*dirs["batchtopk"], dirs["batchtopk"][0]], "are both for layer 0"),
+        ([*dirs["batchtopk"][:2], dirs["relu_skip"][2]], "differ in activations"),
+        (dirs["topk"], "is a topk transcoder, which circuit-tracer cannot express"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
