@@ -9,15 +9,16 @@ from members import load_member_state_dict, member_schedule
 from safetensors.torch import load, save
 from synthetic import sparse_mixture
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
+from saesweep.sae.registry import single_hook_names
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_SAE, B = 32, 128, 64
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = single_hook_names()
 SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
 NORMALIZE = [True, False, True]
 """Per member: gradient scaled to norm 1 at every step, or clipped above 1."""

@@ -8,15 +8,16 @@ import torch
 from members import load_member_state_dict, member_schedule
 from synthetic import sparse_map
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam
+from saesweep.sae.registry import single_hook_names
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_OUT, D_SAE, B = 32, 24, 64, 128
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = single_hook_names()
 SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
 OBJECTIVES = [
     ObjectiveConfig(sparsity_coeff=1e-3, sparsity_warmup_steps=5, load_balance_coeff=0.01),
