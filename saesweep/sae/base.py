@@ -135,6 +135,13 @@ class StackedSAE(nn.Module):
         config's hook and target, one each."""
         return None
 
+    @classmethod
+    def sizes(cls, cfg: SAEConfig, d_in: int) -> tuple[int, int, int]:
+        """(parameters, latents per token, activation width per token) of one member on
+        inputs of width d_in, for the memory estimate (memory.group_bytes)."""
+        d_sae = cfg.width(d_in)
+        return 2 * d_in * d_sae + d_sae + d_in, d_sae, d_in
+
     def _set_shape(self) -> None:
         """Subclass hook: shape attributes (k, experts) from self.cfg, once checked."""
 

@@ -98,6 +98,14 @@ class CrossLayerTranscoder(StackedSAE):
         d_tc = cfg.width(d_in)
         check(clt.activation != "topk" or cfg.k <= d_tc, f"k={cfg.k} must be <= d_sae={d_tc}")
 
+    @classmethod
+    def sizes(cls, cfg: SAEConfig, d_in: int) -> tuple[int, int, int]:
+        """Per layer an encoder and bias, per pair of layers l <= l' a decoder block (the
+        decoder grows with L (L + 1) / 2); the target taken as wide as the input."""
+        L, d_tc = len(cfg.clt.layers), cfg.width(d_in)
+        params = L * (d_in * d_tc + d_tc + d_in) + L * (L + 1) // 2 * d_tc * d_in
+        return params, L * d_tc, 2 * L * d_in
+
     def _set_shape(self) -> None:
         """Per layer: d_model, d_tc and the target's width; the base's d_in, d_out and d_sae
         become the concatenations' widths."""
