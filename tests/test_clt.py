@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from members import member_schedule
+from members import assert_member_alone, member_schedule
 from safetensors.torch import load, save
 
 from saesweep.sae import CLTConfig, ObjectiveConfig, SAEConfig, make_sae
@@ -119,14 +119,7 @@ def test_stacked_clts_equal_separate_members(activation):
         one.init_b_dec(y[:256])
         opt = StackedAdam(one.parameters(), lr=[LRS[i]])
         alone = _train(one, opt, x, y, steps, member_schedule(schedule, i, 3))
-        for name, p in one.named_parameters():
-            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
-        for name, buf in one.named_buffers():
-            torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=0, atol=0)
-        for key in stacked[-1]:
-            got = torch.stack([m[key][i] for m in stacked])
-            want = torch.stack([m[key][0] for m in alone]).to(got.dtype)
-            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=key)
+        assert_member_alone(stack, i, one, stacked, alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])

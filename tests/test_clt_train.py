@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 from test_collect import small
+from test_train import assert_group_equals_alone, train, weights
 from test_train import cfg as train_cfg
-from test_train import train, weights
 
 import saesweep
 from saesweep import Reader
@@ -81,12 +81,7 @@ def test_clts_train_from_a_collection_with_every_layer_in_lockstep(coll, tmp_pat
 
 def test_a_group_of_clts_equals_each_alone(coll, tmp_path):
     cfgs = [_cfg(coll, seed=1, n_train=1024), _cfg(coll, seed=2, lr=1e-3, n_train=1024)]
-    train(cfgs, tmp_path / "group")
-    for i, c in enumerate(cfgs):
-        train([c], tmp_path / f"alone{i}")
-        alone, grouped = weights(tmp_path / f"alone{i}/run-0"), weights(tmp_path / f"group/run-{i}")
-        for name in alone:
-            torch.testing.assert_close(grouped[name], alone[name], rtol=1e-4, atol=1e-5)
+    assert_group_equals_alone(cfgs, tmp_path)
 
 
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])

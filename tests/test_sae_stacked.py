@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from members import load_member_state_dict, member_schedule
+from members import assert_member_alone, load_member_state_dict, member_schedule
 from safetensors.torch import load, save
 from synthetic import sparse_mixture
 
@@ -72,14 +72,7 @@ def test_stack_equals_separate_members(arch):
         opt_i = StackedAdam(single.parameters(), lr=[LRS[i]])
         alone_schedule = member_schedule(schedule, i, 3)
         alone = _run(single, opt_i, data, steps, alone_schedule, normalize=NORMALIZE[i])
-        for name, p in single.named_parameters():
-            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
-        for name, buf in single.named_buffers():
-            torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=0, atol=0)
-        for key in stacked[-1]:
-            got = torch.stack([m[key][i] for m in stacked])
-            want = torch.stack([m[key][0] for m in alone]).to(got.dtype)
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=key)
+        assert_member_alone(stack, i, single, stacked, alone, rtol=1e-12, atol=1e-14)
 
 
 def test_member_arithmetic_does_not_depend_on_its_peers():
