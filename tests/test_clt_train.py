@@ -60,7 +60,12 @@ def test_clts_train_from_a_collection_with_every_layer_in_lockstep(coll, tmp_pat
         objective=ObjectiveConfig(sparsity_coeff=1e-4),
     )
     cfgs = [_cfg(coll, seed=1), _cfg(coll, seed=2, lr=3e-3), _cfg(coll, seed=3, **relu)]
-    results = train(cfgs, tmp_path)
+    # an SAE on one of the CLTs' hooks (named by its module path) in the same group and read
+    data = DataConfig(uri=coll, hook="encoder.layer.2", shards=":-1", collect="")
+    sae = _cfg(coll, seed=4, sae=SAEConfig(d_sae=96, k=8), train_data=data)
+    cfgs = [dataclasses.replace(c, train_data=data) for c in cfgs] + [sae]
+    *results, sae_result = train(cfgs, tmp_path)
+    assert sae_result["fvu"] < 0.9 and "fvu_by_hook" not in sae_result, sae_result
     for i, result in enumerate(results):
         run = tmp_path / f"run-{i}"
         fvus = _fvus(run)

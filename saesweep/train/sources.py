@@ -258,7 +258,8 @@ class StoreSource(HeldOutFromConfig):
         data = with_primary_hook(cfg.held_out_data, self.runs)
         val = open_reader(data, dataclasses.replace(cfg, batch_size=batch), False, self.layered)
         # named after the training hooks, which the stacks know (val may read other ones)
-        names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
+        trained = dict.fromkeys(self.hooks.values())  # two specs may name one module
+        names = dict(zip([h.hook for h in val.hooks], trained, strict=True))
         batches = ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
         return keep_tokens(batches, n_tokens, batch_size)
 
