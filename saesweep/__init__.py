@@ -6,13 +6,18 @@ __version__ = "0.1.0"
 def load(run_dir):
     """The SAE a run directory holds (runs/run-NNN of a sweep), checked to be one unit, as an
     ExportedSAE: `sae = saesweep.load(run_dir); codes = sae.encode(x); x_hat = sae.decode(codes)`
-    on raw activations of its hook (cfg['hook_name'])."""
+    on raw activations of its hook (cfg['hook_name']). A cross-layer transcoder's is an
+    ExportedCLT, whose encode and decode take every layer's activations ([B, L, d])."""
     from pathlib import Path
 
     from saesweep.format.rundir import load_sae
+    from saesweep.sae.clt_export import ExportedCLT
     from saesweep.sae.export import ExportedSAE
 
-    return ExportedSAE(*load_sae(Path(run_dir)))
+    cfg, weights = load_sae(Path(run_dir))
+    if cfg["architecture"] == ExportedCLT.architecture:
+        return ExportedCLT(cfg, weights)
+    return ExportedSAE(cfg, weights)
 
 
 def __getattr__(name: str):

@@ -10,6 +10,7 @@ import torch
 
 from saesweep.errors import UserError
 from saesweep.sae import SAEConfig
+from saesweep.sae.registry import architecture
 
 BYTES_PER_PARAM = 4 * 4
 """float32 weights, gradients and two Adam moments."""
@@ -20,9 +21,9 @@ def group_bytes(sae_cfgs: list[SAEConfig], d_in: int, batch_size: int) -> int:
     (pre-activations, codes and their gradients, a few [batch, d_sae] float32 tensors each)."""
     total = 0
     for cfg in sae_cfgs:
-        d_sae = cfg.width(d_in)
-        total += (2 * d_in * d_sae + d_sae + d_in) * BYTES_PER_PARAM
-        total += 4 * batch_size * d_sae * 4 + 4 * batch_size * d_in * 4
+        params, latents, width = architecture(cfg.arch).sizes(cfg, d_in)
+        total += params * BYTES_PER_PARAM
+        total += 4 * batch_size * latents * 4 + 4 * batch_size * width * 4
     return total
 
 

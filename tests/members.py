@@ -16,6 +16,22 @@ def member_schedule(schedule: LRSchedule, i: int, n: int) -> LRSchedule:
     return LRSchedule(schedule.total_steps, [w], [d], [s])
 
 
+def assert_member_alone(
+    stack: StackedSAE, i: int, alone: StackedSAE, stacked: list, alone_metrics: list, **tol
+) -> None:
+    """Member i of `stack` has the parameters and buffers, bit for bit, of `alone` (a stack
+    of one trained by itself), and logged the same metrics each step (within `tol`:
+    assert_close's rtol and atol)."""
+    for name, p in alone.named_parameters():
+        torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
+    for name, buf in alone.named_buffers():
+        torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=0, atol=0)
+    for key in stacked[-1]:
+        got = torch.stack([m[key][i] for m in stacked])
+        want = torch.stack([m[key][0] for m in alone_metrics]).to(got.dtype)
+        torch.testing.assert_close(got, want, msg=key, **tol)
+
+
 @torch.no_grad()
 def load_member_state_dict(
     sae: StackedSAE,

@@ -5,19 +5,20 @@ import math
 
 import pytest
 import torch
-from members import load_member_state_dict, member_schedule
+from members import assert_member_alone, load_member_state_dict, member_schedule
 from safetensors.torch import load, save
 from synthetic import sparse_mixture
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
+from saesweep.sae.registry import single_hook_names
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_SAE, B = 32, 128, 64
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = single_hook_names()
 SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
 NORMALIZE = [True, False, True]
 """Per member: gradient scaled to norm 1 at every step, or clipped above 1."""
@@ -71,14 +72,7 @@ def test_stack_equals_separate_members(arch):
         opt_i = StackedAdam(single.parameters(), lr=[LRS[i]])
         alone_schedule = member_schedule(schedule, i, 3)
         alone = _run(single, opt_i, data, steps, alone_schedule, normalize=NORMALIZE[i])
-        for name, p in single.named_parameters():
-            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
-        for name, buf in single.named_buffers():
-            torch.testing.assert_close(stack.get_buffer(name)[i], buf[0], rtol=0, atol=0)
-        for key in stacked[-1]:
-            got = torch.stack([m[key][i] for m in stacked])
-            want = torch.stack([m[key][0] for m in alone]).to(got.dtype)
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=key)
+        assert_member_alone(stack, i, single, stacked, alone, rtol=1e-12, atol=1e-14)
 
 
 def test_member_arithmetic_does_not_depend_on_its_peers():

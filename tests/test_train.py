@@ -66,15 +66,21 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "sae_weights.safetensors"))
 
 
+def assert_group_equals_alone(cfgs: list[TrainConfig], root: Path) -> None:
+    """Train `cfgs` as one group under root/group and each alone under root/alone<i>: the
+    weights agree (to float32 round-off of the batched matmuls)."""
+    train(cfgs, root / "group")
+    for i, c in enumerate(cfgs):
+        train([c], root / f"alone{i}")
+        alone, grouped = weights(root / f"alone{i}/run-0"), weights(root / f"group/run-{i}")
+        for name in alone:
+            torch.testing.assert_close(grouped[name], alone[name], rtol=1e-4, atol=1e-5)
+
+
 def test_group_equals_separate_runs(coll, tmp_path):
     runs = ((1e-3, 1, True), (3e-3, 2, False), (1e-2, 3, True))
     cfgs = [cfg(coll, lr=lr, seed=s, normalize_grad=n) for lr, s, n in runs]
-    train(cfgs, tmp_path / "group")
-    for i, c in enumerate(cfgs):
-        train([c], tmp_path / f"alone{i}")
-        alone, grouped = weights(tmp_path / f"alone{i}/run-0"), weights(tmp_path / f"group/run-{i}")
-        for name in alone:
-            torch.testing.assert_close(grouped[name], alone[name], rtol=1e-4, atol=1e-5)
+    assert_group_equals_alone(cfgs, tmp_path)
     train([dataclasses.replace(cfgs[1], normalize_grad=True)], tmp_path / "normalized")
     normalized = weights(tmp_path / "normalized/run-0")["W_dec"]
     assert not torch.allclose(normalized, weights(tmp_path / "alone1/run-0")["W_dec"], atol=1e-4)

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from members import load_member_state_dict, member_schedule
+from members import assert_member_alone, load_member_state_dict, member_schedule
 from synthetic import sparse_map
 
-from saesweep.sae import ARCHITECTURES, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam
+from saesweep.sae.registry import single_hook_names
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
 
 D_IN, D_OUT, D_SAE, B = 32, 24, 64, 128
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = single_hook_names()
 SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
 OBJECTIVES = [
     ObjectiveConfig(sparsity_coeff=1e-3, sparsity_warmup_steps=5, load_balance_coeff=0.01),
@@ -107,12 +108,7 @@ def test_stacked_transcoders_equal_separate_members(arch, skip):
         one.init_b_dec(y[:256])
         opt = StackedAdam(one.parameters(), lr=[LRS[i]])
         alone = _train(one, opt, x, y, steps, member_schedule(schedule, i, 3))
-        for name, p in one.named_parameters():
-            torch.testing.assert_close(stack.get_parameter(name)[i], p[0], rtol=0, atol=0)
-        for key in stacked[-1]:
-            got = torch.stack([m[key][i] for m in stacked])
-            want = torch.stack([m[key][0] for m in alone]).to(got.dtype)
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=key)
+        assert_member_alone(stack, i, one, stacked, alone, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

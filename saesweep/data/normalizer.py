@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saesweep.data.hooksets import parts
 from saesweep.format.collection import Collection, HookShards
 
 SAMPLE_TOKENS = 1 << 15
@@ -54,10 +55,16 @@ class Normalizer:
         """`acts` of `hook` scaled in place."""
         return acts.mul_(self.scales[hook])
 
-    def folded(self, hook: str, target: str) -> tuple[float, float]:
+    def folded(self, hook: str, target: str) -> tuple[float | list[float], float | list[float]]:
         """(input scale, target scale) of an SAE reading `hook` and reconstructing (an SAE:
-        the same hook) or predicting `target`: what export folds into its weights."""
-        return self.scales[hook], self.scales[target]
+        the same hook) or predicting `target`: what export folds into its weights. A key of
+        several hooks (data/hooksets.py) gives each hook's scale, in its order."""
+        return self.scale_of(hook), self.scale_of(target)
+
+    def scale_of(self, key: str) -> float | list[float]:
+        """A hook's scale, or the scales of a key's hooks (data/hooksets.py)."""
+        names = parts(key)
+        return self.scales[key] if len(names) == 1 else [self.scales[h] for h in names]
 
     def state_dict(self) -> dict[str, float]:
         return dict(self.scales)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from saesweep.data.hooksets import gather, parts
 from saesweep.data.normalizer import Normalizer
 from saesweep.sae import StackedSAE
 
@@ -28,63 +29,72 @@ def evaluate_stacks(
     """Metrics of every member of every stack (sae, input hook, target hook: the input hook
     for an SAE) on up to n_val tokens of `batches` ({hook: raw activations}, every hook the
     same tokens; each hook scaled by `normalizer`), reading the evaluation data once for all
-    of them. A transcoder's FVU and mse are against its target."""
+    of them. A transcoder's FVU and mse are against its target. A key of several hooks
+    (data/hooksets.py) reads them side by side; its target's FVU is over all of them in raw
+    units (the squared error over all of them over their variance, unscaled: the training
+    loss weighs each hook by its input scale instead), and fvu_by_hook gives each target
+    hook's own."""
     saes = [sae for sae, _, _ in stacks]
     modes = [sae.training for sae in saes]
     for sae in saes:
         sae.eval()
-    targets = sorted({target for _, _, target in stacks})
-    sums = [{k: torch.zeros(sae.n, dtype=torch.float64) for k in ("sse", "l0")} for sae in saes]
+    hooks = sorted({h for _, _, target in stacks for h in parts(target)})
+    sse = [torch.zeros(sae.n, len(parts(t)), dtype=torch.float64) for sae, _, t in stacks]
+    l0s = [torch.zeros(sae.n, dtype=torch.float64) for sae in saes]
     counts = [torch.zeros(sae.n, sae.d_sae, dtype=torch.float64) for sae in saes]
-    moments = {t: [torch.zeros((), dtype=torch.float64)] * 2 for t in targets}
+    moments = {h: [torch.zeros((), dtype=torch.float64)] * 2 for h in hooks}
     tokens = 0
     for batch in batches:
         x = normalizer({h: acts[: n_val - tokens] for h, acts in batch.items()})
-        for (sae, hook, target), acc, count in zip(stacks, sums, counts, strict=True):
-            recon, codes = sae(x[hook].to(sae.W_enc.dtype))
-            acc["sse"] += (recon.double() - x[target].double()).pow(2).sum((1, 2)).cpu()
-            acc["l0"] += codes.l0().double().cpu() * len(x[hook])
+        for (sae, hook, target), acc, l0, count in zip(stacks, sse, l0s, counts, strict=True):
+            recon, codes = sae(gather(x, hook).to(sae.W_enc.dtype))
+            y = [x[h].double() for h in parts(target)]
+            for p, r in enumerate(recon.double().split([len(t[0]) for t in y], dim=-1)):
+                acc[:, p] += (r - y[p]).pow(2).sum((1, 2)).cpu()
+            l0 += codes.l0().double().cpu() * len(y[0])
             count += codes.fire_counts().cpu()
-        for t in targets:
-            y = x[t].double()
-            moments[t] = [moments[t][0] + y.sum(0).cpu(), moments[t][1] + y.pow(2).sum(0).cpu()]
+        for h in hooks:
+            y = x[h].double()
+            moments[h] = [moments[h][0] + y.sum(0).cpu(), moments[h][1] + y.pow(2).sum(0).cpu()]
         tokens += len(next(iter(x.values())))
         if tokens >= n_val:
             break
     for sae, mode in zip(saes, modes, strict=True):
         sae.train(mode)
-    total_var = {t: (sq - s.pow(2) / tokens).sum() for t, (s, sq) in moments.items()}
+    total_var = {h: (sq - s.pow(2) / tokens).sum() for h, (s, sq) in moments.items()}
     results = []
-    for (sae, _, target), acc, count in zip(stacks, sums, counts, strict=True):
+    for (sae, _, target), acc, l0, count in zip(stacks, sse, l0s, counts, strict=True):
         overlap = decoder_overlap(sae)
+        targets = TargetParts(parts(target), normalizer, total_var)
         results.append(
             [
-                member_metrics(
-                    i,
-                    acc,
-                    count[i],
-                    total_var[target],
-                    tokens,
-                    sae.d_out,
-                    normalizer.scales[target],
-                    overlap[i],
-                )
+                member_metrics(acc[i], l0[i], count[i], targets, tokens, sae.d_out, overlap[i])
                 for i in range(sae.n)
             ]
         )
     return results
 
 
+class TargetParts:
+    """The hooks of a target (one, or a key's several) with their scales and variances."""
+
+    def __init__(self, hooks: list[str], normalizer: Normalizer, total_var: dict[str, Tensor]):
+        self.hooks = hooks
+        self.scales = torch.tensor([normalizer.scales[h] for h in hooks], dtype=torch.float64)
+        self.variances = torch.stack([total_var[h] for h in hooks])
+
+
 def member_metrics(
-    i: int,
-    sums: dict,
-    counts: torch.Tensor,
-    total_var: torch.Tensor,
+    sse: Tensor,
+    l0: Tensor,
+    counts: Tensor,
+    targets: TargetParts,
     tokens: int,
     d: int,
-    scale: float,
     overlap: float,
 ) -> dict:
+    """One member's metrics from its squared error per target hook `sse` [hooks], its summed
+    L0 and its latents' firing counts."""
     density = counts / tokens
     log_density = density[density > 0].log10()
     hist = (
@@ -92,15 +102,20 @@ def member_metrics(
         if len(log_density)
         else torch.zeros(len(DENSITY_BINS) - 1)
     )
-    return {
-        "mse": float(sums["sse"][i] / (tokens * d)) / scale**2,
-        "fvu": float(sums["sse"][i] / total_var),
-        "l0": float(sums["l0"][i] / tokens),
+    raw_sse, raw_variance = sse / targets.scales**2, targets.variances / targets.scales**2
+    metrics = {
+        "mse": float(raw_sse.sum() / (tokens * d)),
+        "fvu": float(raw_sse.sum() / raw_variance.sum()),
+        "l0": float(l0 / tokens),
         "dead_pct": float(100 * (counts == 0).double().mean()),
         "val_tokens": tokens,
         "density_hist": {"log10_edges": DENSITY_BINS.tolist(), "counts": hist.tolist()},
         "decoder_max_cos_mean": overlap,
     }
+    if len(targets.hooks) > 1:
+        by_hook = (sse / targets.variances).tolist()
+        metrics["fvu_by_hook"] = dict(zip(targets.hooks, by_hook, strict=True))
+    return metrics
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 
 from saesweep.sae.base import LossResult, StackedSAE, fvu
 from saesweep.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saesweep.sae.clt import CLTConfig, CrossLayerTranscoder
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.config import PER_MEMBER_FIELDS, ObjectiveConfig, SAEConfig, stack_key
 from saesweep.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
@@ -23,6 +24,8 @@ __all__ = [
     "ARCHITECTURES",
     "BatchTopKConfig",
     "BatchTopKSAE",
+    "CLTConfig",
+    "CrossLayerTranscoder",
     "PER_MEMBER_FIELDS",
     "Codes",
     "DenseCodes",

@@ -76,6 +76,10 @@ class StackedSAE(nn.Module):
     """What SAEConfig.b_dec_init 'auto' means for this architecture."""
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam's (beta1, beta2) for this architecture's optimizer."""
+    layered: ClassVar[bool] = False
+    """The architecture reads several hooks side by side, which it names itself (hook_specs:
+    a CLT's layers); it is a transcoder of their concatenations, and the single-hook tests
+    of every architecture leave it out."""
     fvu_objective: ClassVar[bool] = False
     """The loss's reconstruction term: FVU (squared error over the batch's total variance,
     the denominator of AuxK too) when True, else the mean squared error per element."""
@@ -123,6 +127,20 @@ class StackedSAE(nn.Module):
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
         """Raise ValueError unless `cfg` can be built on inputs of width d_in (k, experts)."""
+
+    @classmethod
+    def hook_specs(cls, cfg: SAEConfig) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(input hooks, target hooks) of an architecture that reads several hooks side by
+        side and names them itself (a CLT's layers, data/hooksets.py); None: the data
+        config's hook and target, one each."""
+        return None
+
+    @classmethod
+    def sizes(cls, cfg: SAEConfig, d_in: int) -> tuple[int, int, int]:
+        """(parameters, latents per token, activation width per token) of one member on
+        inputs of width d_in, for the memory estimate (memory.group_bytes)."""
+        d_sae = cfg.width(d_in)
+        return 2 * d_in * d_sae + d_sae + d_in, d_sae, d_in
 
     def _set_shape(self) -> None:
         """Subclass hook: shape attributes (k, experts) from self.cfg, once checked."""

@@ -10,6 +10,7 @@ from typing_extensions import Doc
 from saesweep.configtools import above, at_least, one_of, section
 from saesweep.sae import registry
 from saesweep.sae.batchtopk import BatchTopKConfig
+from saesweep.sae.clt import CLTConfig
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.matryoshka import MatryoshkaConfig
 from saesweep.sae.relu import ReLUConfig
@@ -24,7 +25,8 @@ def arch_help() -> str:
     return (
         f"Architecture, one of the registered: {', '.join(registry.names())}. Built in "
         "(docs/training.md): topk, batchtopk, switch (a mixture of TopK experts), relu (L1), "
-        "jumprelu (L0), matryoshka (BatchTopK with nested dictionaries); "
+        "jumprelu (L0), matryoshka (BatchTopK with nested dictionaries), clt (a cross-layer "
+        "transcoder over sae.clt.layers); "
         "docs/adding-an-architecture.md adds one."
     )
 
@@ -85,6 +87,8 @@ class SAEConfig:
     """JumpReLU's options."""
     matryoshka: MatryoshkaConfig = section(MatryoshkaConfig)
     """Matryoshka's options."""
+    clt: CLTConfig = section(CLTConfig)
+    """The cross-layer transcoder's options (its layers, input and target sites)."""
 
     def width(self, d_in: int) -> int:
         """The latent width d_sae for activations of width d_in."""

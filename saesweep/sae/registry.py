@@ -40,6 +40,12 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(ARCHITECTURES))
 
 
+def single_hook_names() -> tuple[str, ...]:
+    """The registered architectures that read one hook (all but the layered ones, e.g. clt),
+    sorted."""
+    return tuple(name for name in names() if not ARCHITECTURES[name].layered)
+
+
 def architecture(name: str) -> type[StackedSAE]:
     """The class registered as `name`; an unknown name is a UserError with the closest one."""
     if name not in ARCHITECTURES:

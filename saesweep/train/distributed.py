@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from saesweep.data.hooksets import parts
 from saesweep.data.normalizer import Normalizer
 from saesweep.evaluate.absorption import HeldOutTokens
 from saesweep.evaluate.downstream import HeldOutText
@@ -176,7 +177,7 @@ class SharedSource:
         return self._target_by_run[run]
 
     def width(self, hook: str) -> int:
-        return self.widths[hook]
+        return self.widths[parts(hook)[0]]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = iter(self.inner) if self.world.leader else None

@@ -14,7 +14,14 @@ from saesweep.format.collection import Collection
 from saesweep.memory import group_bytes, require_visible_device, resolve_device
 from saesweep.sae import ARCHITECTURES
 from saesweep.train.config import DataConfig, GroupConfig, RunConfig
-from saesweep.train.sources import hook_spec, live_hooks, store_hooks, target_spec
+from saesweep.train.sources import (
+    hook_spec,
+    layered_hooks,
+    live_hooks,
+    store_hooks,
+    target_spec,
+    with_primary_hook,
+)
 from saesweep.train.sweep import Group
 
 
@@ -118,13 +125,15 @@ def print_plan(groups: list[Group], n_configs: int, executor: str, slurm: SlurmC
         where = f"layer={data.layer}" if data.layer is not None else f"hook={data.hook}"
         if target_spec(data) is not None:
             where += f" -> target {target_spec(data)}"
+        if layered_hooks(group.runs):
+            where += f", layered runs' hooks {', '.join(layered_hooks(group.runs))}"
         if data.source == "model":
             hooks = {hook_spec(r.train_hooks) or "its first hook" for r in group.runs}
             hooks = sorted(hooks | {target_spec(r.train_hooks) for r in group.runs} - {None})
             where = (
                 f"from the model of {data.collect}, one forward pass for hooks {', '.join(hooks)}"
             )
-        d_model = group.runs[0].sae.d_model or local_d_model(data)
+        d_model = group.runs[0].sae.d_model or local_d_model(with_primary_hook(data, group.runs))
         memory = (
             f"~{group_memory_bytes(group, d_model) / 2**30:.2f} GiB"
             if d_model
@@ -192,10 +201,14 @@ def check_data(group: Group) -> int | None:
         if cfg.train_data.cache_to:
             check_cache(group, collect_cfg)
         return None
+    collections = [Collection.open(d.uri, d.anonymous) for d in (cfg.train_data, cfg.held_out_data)]
     (train, _), (val, _) = (
-        store_hooks(Collection.open(data.uri, data.anonymous), data)
-        for data in (cfg.train_data, cfg.held_out_data)
+        store_hooks(collection, with_primary_hook(data, group.runs))
+        for collection, data in zip(collections, (cfg.train_data, cfg.held_out_data), strict=True)
     )
+    for collection, meta in zip(collections, (train, val), strict=True):
+        for spec in layered_hooks(group.runs):  # a CLT's layers, read in lockstep
+            collection.check_same_tokens(meta, collection.hook(spec))
     check_shard_slices(cfg, train, val)
     note_few_held_out(cfg, val)
     for run_id, run in zip(group.run_ids, group.runs, strict=True):

@@ -23,12 +23,14 @@ import torch
 from saesweep.collect.config import CollectConfig, load_toml
 from saesweep.collect.source import ModelSource, SourcePosition
 from saesweep.configtools import parse_slice
+from saesweep.data.hooksets import joined, parts
 from saesweep.data.normalizer import SAMPLE_TOKENS, Normalizer
 from saesweep.data.reader import Reader
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import HeldOutTokens, LabelledTokens, stored_tokens
 from saesweep.evaluate.downstream import HeldOutText, text_from_collection, text_from_config
 from saesweep.format.collection import Collection
+from saesweep.sae.registry import architecture
 from saesweep.train.config import DataConfig, GroupConfig, HookChoice, RunConfig
 
 LIVE_ABSORPTION_TOKEN_FACTOR = 2
@@ -98,6 +100,29 @@ def live_hooks(runs: list[RunConfig], collect_cfg: CollectConfig) -> list[str]:
     return sorted({live_input(r, collect_cfg) for r in runs} | targets)
 
 
+def layered_specs(run: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(input hooks, target hooks) of a run whose architecture names its hooks itself (a
+    CLT's layers: StackedSAE.hook_specs), else None."""
+    return architecture(run.sae.arch).hook_specs(run.sae)
+
+
+def layered_hooks(runs: Sequence[RunConfig]) -> list[str]:
+    """Every hook the layered runs of a group read, inputs and targets, in first-use order."""
+    specs = [s for run in runs if (s := layered_specs(run)) is not None]
+    return list(dict.fromkeys(h for inputs, targets in specs for h in (*inputs, *targets)))
+
+
+def with_primary_hook(data: DataConfig, runs: Sequence[RunConfig]) -> DataConfig:
+    """`data`, naming the first hook of its layered runs where it names none and every run is
+    layered (the reader then needs no hook of its own)."""
+    layered = layered_hooks(runs)
+    if data.hook is not None or data.layer is not None or not layered:
+        return data
+    if any(layered_specs(run) is None for run in runs):
+        return data
+    return dataclasses.replace(data, hook=layered[0])
+
+
 def target_spec(data: DataConfig | HookChoice) -> str | None:
     """The target hook a config names: target_hook, else 'resid.<target_layer>', else None
     (an SAE: no target)."""
@@ -122,13 +147,18 @@ def store_hooks(collection: Collection, data: DataConfig) -> tuple[dict, dict | 
     return meta, target
 
 
-def open_reader(data: DataConfig, cfg: GroupConfig, train: bool) -> Reader:
+def open_reader(
+    data: DataConfig, cfg: GroupConfig, train: bool, layered: Sequence[str] = ()
+) -> Reader:
+    """The reader of `data`'s hook, its target and the `layered` runs' hooks, in lockstep."""
     collection = Collection.open(data.uri, data.anonymous)
     meta, target = store_hooks(collection, data)
+    extra = [target["hook"]] if target else []
+    extra += [collection.hook(spec)["hook"] for spec in layered]
     return Reader(
         collection,
         hook=meta["hook"],
-        extra_hooks=[target["hook"]] if target else [],
+        extra_hooks=[h for h in dict.fromkeys(extra) if h != meta["hook"]],
         batch_size=cfg.batch_size,
         shuffle=train,
         seed=data.seed,
@@ -159,13 +189,15 @@ class HeldOutFromConfig:
 
 
 class StoreSource(HeldOutFromConfig):
-    """The Reader over one hook of a collection (and its transcoders' target hook, in
-    lockstep), repeated to n_train tokens. Its hooks are the group's (`runs` is taken for the
-    one constructor of every source; from a store every run reads the same hooks)."""
+    """The Reader over one hook of a collection (and its transcoders' target hook, and the
+    hooks of its layered runs, all in lockstep), repeated to n_train tokens. Its hooks are the
+    group's and those its layered runs (CLTs) name; every other run reads the group's."""
 
     def __init__(self, cfg: GroupConfig, runs: Sequence[RunConfig] = ()):
-        self.cfg = cfg
-        self.reader = open_reader(cfg.train_data, cfg, train=True)
+        self.cfg, self.runs = cfg, list(runs)
+        self.layered = layered_hooks(runs)
+        data = with_primary_hook(cfg.train_data, runs)
+        self.reader = open_reader(data, cfg, train=True, layered=self.layered)
         usable = len(self.reader) * cfg.batch_size
         if usable == 0:
             raise UserError(
@@ -174,11 +206,13 @@ class StoreSource(HeldOutFromConfig):
             )
         self.reader.epochs = math.ceil(cfg.n_train / usable)
         self.d_model, self.model_name = self.reader.d_model, self.reader.meta["model"]
-        self.hooks = {hook_spec(cfg.train_data): self.reader.hook}
-        """Spec (as configs name it) -> module path, targets included."""
-        self.target = self.reader.hooks[1].hook if len(self.reader.hooks) > 1 else None
+        self.hooks = {hook_spec(data): self.reader.hook}
+        """Spec (as configs name it) -> module path, targets and layered hooks included."""
+        self.target = self.reader.hooks[1].hook if target_spec(data) is not None else None
         if self.target is not None:
-            self.hooks[target_spec(cfg.train_data)] = self.target
+            self.hooks[target_spec(data)] = self.target
+        collection = self.reader.collection
+        self.hooks |= {spec: collection.hook(spec)["hook"] for spec in self.layered}
         self.normalizer = chosen_normalizer(
             cfg,
             self.hooks.values(),
@@ -186,14 +220,23 @@ class StoreSource(HeldOutFromConfig):
         )
 
     def hook_of(self, run: RunConfig) -> str:
-        return self.reader.hook
+        """The module path the run's SAE reads (a layered run's: its hooks' key)."""
+        specs = layered_specs(run)
+        return self.reader.hook if specs is None else joined(self.hooks[s] for s in specs[0])
 
     def target_of(self, run: RunConfig) -> str:
         """The module path the run's SAE reconstructs (its input hook) or predicts."""
+        specs = layered_specs(run)
+        if specs is not None:
+            return joined(self.hooks[s] for s in specs[1])
         return self.target or self.reader.hook
 
     def width(self, hook: str) -> int:
-        return next(h.d_model for h in self.reader.hooks if h.hook == hook)
+        """A hook's width; a key of several hooks (hooksets): their common width."""
+        widths = {h.d_model for h in self.reader.hooks if h.hook in parts(hook)}
+        if len(widths) != 1:
+            raise UserError(f"the hooks {', '.join(parts(hook))} differ in width: {widths}")
+        return widths.pop()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return _dicts(self.reader)
@@ -212,9 +255,11 @@ class StoreSource(HeldOutFromConfig):
         train_data unless set."""
         cfg = self.cfg
         batch = min(cfg.batch_size, cfg.n_val)
-        val = open_reader(cfg.held_out_data, dataclasses.replace(cfg, batch_size=batch), False)
+        data = with_primary_hook(cfg.held_out_data, self.runs)
+        val = open_reader(data, dataclasses.replace(cfg, batch_size=batch), False, self.layered)
         # named after the training hooks, which the stacks know (val may read other ones)
-        names = dict(zip([h.hook for h in val.hooks], self.hooks.values(), strict=True))
+        trained = dict.fromkeys(self.hooks.values())  # two specs may name one module
+        names = dict(zip([h.hook for h in val.hooks], trained, strict=True))
         batches = ({names[h]: acts for h, acts in batch.items()} for batch in _dicts(val))
         return keep_tokens(batches, n_tokens, batch_size)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saesweep.data.hooksets import gather, parts
 from saesweep.data.normalizer import Normalizer
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import absorption_of, not_measured
@@ -32,6 +33,7 @@ from saesweep.interrupt import Deferred, Interrupted, deferred, stop_signals
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
 from saesweep.sae import StackedSAE, make_sae, stack_key
 from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
+from saesweep.sae.registry import architecture
 from saesweep.sae.step import train_step
 from saesweep.train.checkpoint import commit_state, load_state, saved_state
 from saesweep.train.config import GroupConfig, RunConfig, SweepConfig, TrainConfig
@@ -56,9 +58,11 @@ class Stack:
 
     members: list[int]
     hook: str
-    """The module path whose activations the stack reads."""
+    """The module path whose activations the stack reads (a layered stack's: the key of its
+    input hooks, data/hooksets.py)."""
     target: str
-    """The module path it reconstructs: its hook (SAEs), or a transcoder's target hook."""
+    """The module path it reconstructs: its hook (SAEs), or a transcoder's target hook (or
+    hooks' key)."""
     sae: StackedSAE
     opt: StackedAdam
     schedule: LRSchedule
@@ -140,7 +144,7 @@ class GroupTrainer:
             runs = [self.runs[i] for i in members]
             sae = make_sae(
                 [r.sae for r in runs],
-                self.d_in,
+                self.source.width(hook),
                 [r.seed for r in runs],
                 [r.objective for r in runs],
                 device=device,
@@ -181,7 +185,7 @@ class GroupTrainer:
                 x = self.normalizer(acts)
                 if fresh:
                     for stack in self.stacks:
-                        stack.sae.init_b_dec(x[stack.target])
+                        stack.sae.init_b_dec(gather(x, stack.target))
                     fresh = False
                 metrics = self._step(x)
                 self.step += 1
@@ -237,8 +241,8 @@ class GroupTrainer:
         cfg = self.cfg
         out = []
         for stack in self.stacks:
-            x, variance = batch[stack.hook], None
-            target = batch[stack.target] if stack.sae.transcoder else None
+            x, variance = gather(batch, stack.hook), None
+            target = gather(batch, stack.target) if stack.sae.transcoder else None
             if self.sync is not None:
                 x, target, variance = data_slice(self.world, x, target)
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
@@ -296,7 +300,12 @@ class GroupTrainer:
         """Downstream fidelity of this process's SAEs as they are, on the first
         eval_downstream_sequences held-out sequences (by run index)."""
         n = self.cfg.eval_downstream_sequences
-        members = [(stack, j, i) for stack in self.stacks for j, i in enumerate(stack.members)]
+        members = [
+            (stack, j, i)
+            for stack in self.stacks
+            if not stack.sae.layered
+            for j, i in enumerate(stack.members)
+        ]
         saes = [self._checkpoint(stack, j, i) for stack, j, i in members] if n > 0 else []
         results = self._measure_downstream(saes, n, "while training")
         if results is None:
@@ -309,12 +318,13 @@ class GroupTrainer:
     def _measure_downstream(self, saes: list, n_sequences: int, when: str) -> list[dict] | None:
         """downstream.measure of (cfg, weights) pairs on the group's held-out text, which is
         prepared once; None (with a warning) when it cannot be measured."""
-        if n_sequences <= 0:
+        if n_sequences <= 0 or not saes:
             return None
         try:
             if self.held_out_text is None:
                 cfg = self.cfg
-                hooks = sorted({self.source.hook_of(r) for r in self.runs})
+                runs = [self.runs[i] for i in self._single_hook_runs()]
+                hooks = sorted({self.source.hook_of(r) for r in runs})
                 n = max(cfg.downstream_sequences, cfg.eval_downstream_sequences)
                 self.held_out_text = self.source.held_out_text(hooks, n)
             return measure(self.held_out_text, saes, n_sequences)
@@ -373,10 +383,16 @@ class GroupTrainer:
 
     def _downstream(self) -> list[dict]:
         """Every run's loss recovered / KL (or the encoder score); {} each when not measured."""
-        n = self.cfg.downstream_sequences
-        saes = [load_run(d) for d in self.run_dirs] if n > 0 else []
+        n, single = self.cfg.downstream_sequences, self._single_hook_runs()
+        saes = [load_run(self.run_dirs[i]) for i in single] if n > 0 else []
         results = self._measure_downstream(saes, n, "after training")
-        return results if results is not None else [{} for _ in self.run_dirs]
+        by_run = dict(zip(single, results, strict=True)) if results is not None else {}
+        return [by_run.get(i, {}) for i in range(len(self.run_dirs))]
+
+    def _single_hook_runs(self) -> list[int]:
+        """The runs whose SAE reads one hook: downstream fidelity and absorption measure
+        these only (not a layered one, a CLT)."""
+        return [i for i, r in enumerate(self.runs) if not architecture(r.sae.arch).layered]
 
     def _absorption(self) -> list[dict]:
         """Every run's feature absorption (why, each, when not measured): on the held-out
@@ -384,12 +400,20 @@ class GroupTrainer:
         cfg = self.cfg
         if cfg.absorption.n_tokens <= 0:
             return [not_measured("turned off: absorption.n_tokens is 0")] * len(self.run_dirs)
+        single = self._single_hook_runs()
+        results = [not_measured("not measured for a layered dictionary (clt)")] * len(self.runs)
+        if not single:
+            return results
         tokens, recorded = self.source.held_out_tokens()
         try:
-            return absorption_of(self.run_dirs, tokens, cfg.absorption, recorded)
+            dirs = [self.run_dirs[i] for i in single]
+            measured = absorption_of(dirs, tokens, cfg.absorption, recorded)
         except UserError as err:
             print(f"warning: absorption skipped: {err}")
-            return [not_measured(f"skipped: {err}")] * len(self.run_dirs)
+            measured = [not_measured(f"skipped: {err}")] * len(single)
+        for i, result in zip(single, measured, strict=True):
+            results[i] = result
+        return results
 
     def _export(self, stack: Stack, j: int, i: int, evals: dict) -> None:
         run, run_dir = self.runs[i], self.run_dirs[i]
@@ -418,18 +442,29 @@ class GroupTrainer:
         scales = self.normalizer.folded(stack.hook, stack.target)
         sae_cfg = {
             **stack.sae.sae_lens_cfg(),
-            "hook_name": stack.hook,
-            **(
-                {"hook_name_out": stack.target, "target_scale": scales[1]}
-                if stack.sae.transcoder
-                else {}
-            ),
+            **self._hook_fields(stack, scales),
             "model_name": self.source.model_name,
-            "input_scale": scales[0],
             "seed": self.runs[i].seed,
             "saesweep_config": dataclasses.asdict(self._record(i)),
         }
         return sae_cfg, stack.sae.member_state_dict(j, *scales)
+
+    @staticmethod
+    def _hook_fields(stack: Stack, scales: tuple) -> dict:
+        """cfg.json's hooks and folded scales: hook_name, input_scale (and a transcoder's
+        hook_name_out, target_scale); a layered stack's as lists, one per layer
+        (hook_names, hook_names_out, input_scales, target_scales)."""
+        if stack.sae.layered:
+            return {
+                "hook_names": parts(stack.hook),
+                "hook_names_out": parts(stack.target),
+                "input_scales": scales[0],
+                "target_scales": scales[1],
+            }
+        fields = {"hook_name": stack.hook, "input_scale": scales[0]}
+        if stack.sae.transcoder:
+            fields |= {"hook_name_out": stack.target, "target_scale": scales[1]}
+        return fields
 
     def _record(self, i: int) -> TrainConfig:
         """Run i's flat config (its device resolved), as cfg.json and wandb record it."""

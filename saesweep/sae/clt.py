@@ -1,0 +1,270 @@
+"""Cross-layer transcoder (CLT; Ameisen et al. 2025): per layer l an encoder from the input
+site at layer l, and from layer l's features a decoder to the target site at every layer
+l' >= l.
+
+A stack of CLTs is a transcoder whose input is the input site's layers side by side
+(x [B, L * d_model], layer-major) and whose target is the target site's layers the same way;
+the trainer gathers both from the group's hooks (data/hooksets.py). Its latents are the
+layers' features side by side (d_sae = L * d_tc, d_tc = sae.d_sae or exp_factor * d_model
+per layer), so codes, L0 (summed over layers), dead-latent counters and evaluation are the
+base's. The loss's reconstruction term is the FVU over all layers: the squared error summed
+over every target layer over the variance summed over every target layer (the base's FVU of
+the concatenation); each layer's own FVU is logged as fvu_layer_<layer>.
+
+Activations (sae.clt.activation): topk keeps the k largest pre-activations of every layer
+separately (k per layer, so L0 = L * k: every layer's encoder gets the same budget, as
+per-layer transcoders would, and no layer with large pre-activations starves the others);
+relu penalizes sum f * ||W_dec row|| (the row over all its target layers) with
+objective.sparsity_coeff; jumprelu learns a threshold per feature through JumpReLU's
+straight-through estimator and penalizes the L0 with objective.sparsity_coeff. Decoder rows
+are free (no unit norm). Codes are dense: decoding multiplies the dense [B, d_tc] codes of
+each layer (no sparse decode yet), and TopK has no AuxK.
+
+Parameters per member: W_enc [L, d_model, d_tc], b_enc [L * d_tc], W_dec_<i> [d_tc, L - i,
+d_out] for source layer i (0-based among the CLT's layers), b_dec [L * d_out], and for
+jumprelu threshold [L * d_tc]. The export (member_state_dict) is circuit-tracer's layout per
+source layer: W_enc_<i> [d_model, d_tc], b_enc_<i>, W_dec_<i> [d_tc, L - i, d_out], b_dec_<i>
+[d_out], threshold_<i>; docs/storage-format.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saesweep.configtools import PLAIN_NAME
+from saesweep.sae.base import LossResult, StackedSAE, check, total_variance
+from saesweep.sae.codes import Codes, DenseCodes
+from saesweep.sae.jumprelu import JumpReLUFn
+from saesweep.sae.registry import register
+
+if TYPE_CHECKING:
+    from saesweep.sae.config import SAEConfig
+
+
+@dataclass(frozen=True)
+class CLTConfig:
+    """The cross-layer transcoder's options: `sae.clt.*` (with sae.arch clt)."""
+
+    layers: tuple[int, ...] = ()
+    """The model layers it spans, ascending, e.g. 1 2 3: it reads <input_site>.<layer> and
+    predicts <target_site>.<layer> of each."""
+    input_site: str = field(default="resid", metadata=PLAIN_NAME)
+    """The hook site its encoders read at every layer (a short form's site: resid, mlp, attn,
+    ...)."""
+    target_site: str = field(default="mlp", metadata=PLAIN_NAME)
+    """The hook site its decoders write at every layer."""
+    activation: Literal["topk", "relu", "jumprelu"] = "topk"
+    """topk: the k (sae.k) largest pre-activations of each layer; relu: ReLU with the L1
+    penalty weighted by decoder norms (objective.sparsity_coeff); jumprelu: learned thresholds
+    with the L0 penalty (objective.sparsity_coeff; sae.jumprelu's bandwidth and
+    init_threshold)."""
+
+    def hook_specs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(input hooks, target hooks) as short forms, one per layer."""
+        inputs = tuple(f"{self.input_site}.{layer}" for layer in self.layers)
+        return inputs, tuple(f"{self.target_site}.{layer}" for layer in self.layers)
+
+
+@register
+class CrossLayerTranscoder(StackedSAE):
+    """n CLTs over the same layers; x and target are the layers' activations side by side."""
+
+    arch = "clt"
+    sae_lens_architecture = "clt"
+    subtract_b_dec = False
+    default_decoder_norm = "free"
+    default_b_dec_init = "mean"
+    layered = True
+    fvu_objective = True
+
+    @classmethod
+    def hook_specs(cls, cfg: SAEConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return cfg.clt.hook_specs()
+
+    @classmethod
+    def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
+        layers, clt = cfg.clt.layers, cfg.clt
+        check(len(layers) > 0, "sae.clt.layers must name the layers of a clt, e.g. 1 2 3")
+        check(list(layers) == sorted(set(layers)), "sae.clt.layers must ascend without repeats")
+        check(clt.input_site != clt.target_site, "sae.clt.input_site must differ from target_site")
+        check(cfg.decoder_norm != "unit", "sae.decoder_norm unit is not supported by clt")
+        check(not cfg.skip, "sae.skip is not supported by clt")
+        d_tc = cfg.width(d_in)
+        check(clt.activation != "topk" or cfg.k <= d_tc, f"k={cfg.k} must be <= d_sae={d_tc}")
+
+    @classmethod
+    def sizes(cls, cfg: SAEConfig, d_in: int) -> tuple[int, int, int]:
+        """Per layer an encoder and bias, per pair of layers l <= l' a decoder block (the
+        decoder grows with L (L + 1) / 2); the target taken as wide as the input."""
+        L, d_tc = len(cfg.clt.layers), cfg.width(d_in)
+        params = L * (d_in * d_tc + d_tc + d_in) + L * (L + 1) // 2 * d_tc * d_in
+        return params, L * d_tc, 2 * L * d_in
+
+    def _set_shape(self) -> None:
+        """Per layer: d_model, d_tc and the target's width; the base's d_in, d_out and d_sae
+        become the concatenations' widths."""
+        check(self.transcoder, "a clt predicts its target site (d_out)")
+        self.layers, self.n_layers = self.cfg.clt.layers, len(self.cfg.clt.layers)
+        self.activation, self.k = self.cfg.clt.activation, self.cfg.k
+        self.d_model, self.d_tc, self.d_target = self.d_in, self.d_sae, self.d_out
+        self.d_in, self.d_out = self.n_layers * self.d_model, self.n_layers * self.d_target
+        self.d_sae = self.n_layers * self.d_tc
+
+    def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
+        """Each decoder row (a feature's writes to all its target layers) of norm
+        init_dec_norm, each encoder column of that norm times init_encoder_scale."""
+        norm = self.init_dec_norm(cfg)
+        scale = cfg.init_encoder_scale or self.default_init_encoder_scale
+        L, d, t = self.n_layers, self.d_model, self.d_tc
+        W_enc = torch.randn(L, d, t, generator=gen)
+        member = {"W_enc": W_enc / W_enc.norm(dim=1, keepdim=True) * (norm * scale)}
+        member["b_enc"] = torch.zeros(L * t)
+        for i in range(L):
+            W = torch.randn(t, L - i, self.d_target, generator=gen)
+            member[f"W_dec_{i}"] = W / W.flatten(1).norm(dim=1).view(-1, 1, 1) * norm
+        member["b_dec"] = torch.zeros(L * self.d_target)
+        if self.activation == "jumprelu":
+            member["threshold"] = torch.full((L * t,), cfg.jumprelu.init_threshold)
+        return member
+
+    def init_dec_norm(self, cfg: SAEConfig) -> float:
+        return cfg.relu.init_norm if self.activation == "relu" else 1.0
+
+    # ----- forward --------------------------------------------------------------------------
+
+    def decoders(self) -> list[Tensor]:
+        """W_dec_<i> [n, d_tc, L - i, d_out] of every source layer i."""
+        return [getattr(self, f"W_dec_{i}") for i in range(self.n_layers)]
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """[n, B, L, d_tc] each layer's x_l @ W_enc[l] + b_enc[l]."""
+        xs = self.per_member(x).unflatten(-1, (self.n_layers, self.d_model))
+        pre = torch.matmul(xs.transpose(1, 2), self.W_enc).transpose(1, 2)
+        return pre + self.b_enc.view(self.n, 1, self.n_layers, self.d_tc)
+
+    def encode(self, x: Tensor) -> Codes:
+        pre = self.pre_activations(x)
+        if self.activation == "relu":
+            return DenseCodes(pre.relu().flatten(2))
+        if self.activation == "topk":
+            values, indices = pre.relu().topk(self.k, dim=-1, sorted=False)
+            acts = torch.zeros_like(pre).scatter(-1, indices, values)
+            return DenseCodes(acts.flatten(2))
+        threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
+        acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
+        return JumpReLUCLTCodes(acts.flatten(2), token_l0=token_l0.sum(-1))
+
+    def decode(self, codes: Codes) -> Tensor:
+        """[n, B, L * d_out]: target layer l' gets sum over l <= l' of layer l's codes @
+        W_dec_l[:, l' - l], plus b_dec."""
+        acts = codes.acts.unflatten(-1, (self.n_layers, self.d_tc))
+        out = self.b_dec.view(self.n, 1, -1).expand(-1, acts.shape[1], -1)
+        for i, W in enumerate(self.decoders()):
+            part = torch.bmm(acts[:, :, i], W.flatten(2))
+            out = out + F.pad(part, (i * self.d_target, 0))
+        return out
+
+    @property
+    def W_dec(self) -> Tensor:
+        """[n, L * d_tc, L * d_out] the whole decoder, zero where a feature does not write
+        (target layers before its own): decoder_overlap compares these rows."""
+        rows = [F.pad(W.flatten(2), (i * self.d_target, 0)) for i, W in enumerate(self.decoders())]
+        return torch.cat(rows, dim=1)
+
+    # ----- objective ------------------------------------------------------------------------
+
+    def penalties(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, step: int, variance: Tensor
+    ) -> dict:
+        """The sparsity penalty (relu, jumprelu), and each layer's FVU with coefficient 0
+        (logged, not optimized)."""
+        terms = {}
+        if self.activation == "relu":
+            norms = torch.cat([W.flatten(2).norm(dim=-1) for W in self.decoders()], dim=1)
+            value = (codes.acts * norms.unsqueeze(1)).sum(-1).mean(-1)
+            terms["sparsity_loss"] = (self.sparsity_at(step), value)
+        elif self.activation == "jumprelu":
+            terms["sparsity_loss"] = (self.sparsity_at(step), codes.token_l0.mean(-1))
+        zero = torch.zeros_like(self.sparsity_coeff)
+        return terms | {k: (zero, v) for k, v in self.layer_fvus(target, recon).items()}
+
+    @torch.no_grad()
+    def layer_fvus(self, target: Tensor, recon: Tensor) -> dict[str, Tensor]:
+        """fvu_layer_<layer> -> [n] that target layer's squared error over its variance."""
+        y = self.per_member(target).unflatten(-1, (self.n_layers, self.d_target))
+        err = (recon.unflatten(-1, (self.n_layers, self.d_target)) - y).pow(2).sum((1, 3))
+        return {
+            f"fvu_layer_{layer}": err[:, i] / total_variance(y[:, :, i])
+            for i, layer in enumerate(self.layers)
+        }
+
+    @torch.no_grad()
+    def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
+        """The base's step, then JumpReLU's thresholds projected onto >= 0."""
+        super().after_optimizer_step(result, update_mask)
+        if self.activation == "jumprelu":
+            self.threshold.clamp_(min=0.0)
+
+    # ----- export ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def member_state_dict(
+        self,
+        i: int,
+        input_scale: float | Sequence[float] = 1.0,
+        target_scale: float | Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
+        """Member i in circuit-tracer's layout per source layer, acting on raw activations:
+        each layer's input scale folded into its encoder, each target layer's scale into the
+        decoder blocks writing it and its b_dec."""
+        L = self.n_layers
+        s = _per_layer(input_scale, L)
+        t = _per_layer(input_scale if target_scale is None else target_scale, L)
+        t_inv = 1 / torch.tensor(t, dtype=self.b_dec.dtype, device=self.b_dec.device)
+        b_enc = self.b_enc[i].view(L, self.d_tc)
+        b_dec = self.b_dec[i].view(L, self.d_target)
+        sd = {}
+        for j, W in enumerate(self.decoders()):
+            sd[f"W_enc_{j}"] = self.W_enc[i, j] * s[j]
+            sd[f"b_enc_{j}"] = b_enc[j]
+            sd[f"W_dec_{j}"] = W[i] * t_inv[j:].view(1, -1, 1)
+            sd[f"b_dec_{j}"] = b_dec[j] * t_inv[j]
+            if self.activation == "jumprelu":
+                sd[f"threshold_{j}"] = self.threshold[i].view(L, self.d_tc)[j]
+        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+    def sae_lens_cfg(self) -> dict:
+        """cfg.json's fields of a CLT: its shape per layer, activation and layers (the
+        trainer adds the hooks)."""
+        return {
+            "architecture": self.sae_lens_architecture,
+            "saesweep_arch": self.arch,
+            "activation": self.activation,
+            "layers": list(self.layers),
+            "n_layers": self.n_layers,
+            "d_in": self.d_model,
+            "d_out": self.d_target,
+            "d_sae": self.d_tc,
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+        } | ({"k": self.k} if self.activation == "topk" else {})
+
+
+@dataclass(frozen=True)
+class JumpReLUCLTCodes(DenseCodes):
+    """A JumpReLU CLT's codes with each token's L0 over all layers."""
+
+    token_l0: Tensor | None = None
+    """[n, B] each token's L0, differentiable in the thresholds (JumpReLUFn)."""
+
+
+def _per_layer(scale: float | Sequence[float], n_layers: int) -> list[float]:
+    """One scale per layer: a sequence as it is, a number for every layer."""
+    return list(scale) if isinstance(scale, Sequence) else [float(scale)] * n_layers

@@ -1,0 +1,157 @@
+"""The cross-layer transcoder as a module: its loss and gradients against a plain float64
+reference written out here, stacked == alone, resume, export in circuit-tracer's layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from members import assert_member_alone, member_schedule
+from safetensors.torch import load, save
+
+from saesweep.sae import CLTConfig, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae.jumprelu import JumpReLUConfig
+from saesweep.sae.optim import LRSchedule, StackedAdam
+from saesweep.sae.step import train_step
+
+LAYERS, D, D_OUT, D_TC, B = (1, 2, 3), 8, 6, 16, 32
+L = len(LAYERS)
+ACTIVATIONS = ("topk", "relu", "jumprelu")
+SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
+OBJECTIVES = [ObjectiveConfig(sparsity_coeff=c, sparsity_warmup_steps=w) for c, w in
+              [(1e-3, 5), (3e-3, 0), (1e-2, 3)]]  # fmt: skip
+
+
+def _cfg(activation: str, **kw) -> SAEConfig:
+    jumprelu = JumpReLUConfig(bandwidth=0.5, init_threshold=0.2)
+    clt = CLTConfig(layers=LAYERS, activation=activation)
+    return SAEConfig(**(dict(arch="clt", d_sae=D_TC, k=3, clt=clt, jumprelu=jumprelu) | kw))
+
+
+def _data(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, L * D], and a target [tokens, L * D_OUT] that depends on x nonlinearly."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, L * D, generator=gen, dtype=torch.float64)
+    mix = torch.randn(L * D, L * D_OUT, generator=gen, dtype=torch.float64) / D
+    return x, (x @ mix).relu() + 0.1 * torch.randn(tokens, L * D_OUT, generator=gen).double()
+
+
+def _reference_loss(p: dict, x, y, activation, k, coeff, bandwidth):
+    """One CLT in float64, loops over layers: FVU over all layers plus the sparsity penalty."""
+    xs, ys = x.view(-1, L, D), y.view(-1, L, D_OUT)
+    recon = [p["b_dec"].view(L, D_OUT)[j].expand(len(x), -1) for j in range(L)]
+    penalty = 0
+    for i in range(L):
+        pre = xs[:, i] @ p["W_enc"][i] + p["b_enc"].view(L, D_TC)[i]
+        if activation == "topk":
+            top = pre.relu().topk(k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        elif activation == "relu":
+            f = pre.relu()
+            norms = p[f"W_dec_{i}"].flatten(1).norm(dim=1)
+            penalty = penalty + (f * norms).sum(-1).mean()
+        else:
+            thr = p["threshold"].view(L, D_TC)[i]
+            window = ((pre - thr).abs() < bandwidth / 2).double()
+            active = (pre > thr).double()
+            moved = (thr - thr.detach()) * window / bandwidth  # the straight-through estimator
+            f = pre * active - moved * thr.detach()
+            penalty = penalty + (active - moved).sum(-1).mean()
+        for j in range(i, L):
+            recon[j] = recon[j] + f @ p[f"W_dec_{i}"][:, j - i]
+    sse = sum((recon[j] - ys[:, j]).pow(2).sum() for j in range(L))
+    variance = sum((ys[:, j] - ys[:, j].mean(0)).pow(2).sum() for j in range(L))
+    return sse / variance + coeff * penalty
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_loss_and_gradients_equal_a_plain_reference(activation):
+    x, y = _data(B)
+    sae = make_sae(_cfg(activation), D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)  # some pre-activations near the thresholds
+    result = sae.loss(x, step=2, target=y)
+    result.loss.sum().backward()
+    assert result.metrics["l0"].min() > 0
+    assert all(p.grad.abs().sum() > 0 for p in sae.parameters())  # thresholds' too
+    for i in range(len(SEEDS)):
+        p = {name: t[i].detach().clone().requires_grad_() for name, t in sae.named_parameters()}
+        coeff = float(sae.sparsity_at(2)[i])
+        want = _reference_loss(p, x, y, activation, 3, coeff, 0.5)
+        want.backward()
+        torch.testing.assert_close(result.loss[i], want.detach(), rtol=1e-12, atol=0)
+        for name, param in sae.named_parameters():
+            torch.testing.assert_close(param.grad[i], p[name].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_per_layer_fvu_and_l0_are_reported():
+    x, y = _data(B)
+    sae = make_sae(_cfg("topk"), D, [0], d_out=D_OUT, dtype=torch.float64)
+    metrics = sae.loss(x, target=y).metrics
+    recon, _ = sae(x)
+    ys, rs = y.view(B, L, D_OUT), recon[0].view(B, L, D_OUT)
+    for j, layer in enumerate(LAYERS):
+        want = (rs[:, j] - ys[:, j]).pow(2).sum() / (ys[:, j] - ys[:, j].mean(0)).pow(2).sum()
+        torch.testing.assert_close(metrics[f"fvu_layer_{layer}"][0], want)
+    assert metrics["l0"].item() == 3 * L  # k per layer
+
+
+def _train(sae, opt, x, y, steps, schedule=None, start=0):
+    metrics = []
+    for s in range(start, start + steps):
+        if schedule is not None:
+            opt.set_lr_factor(schedule.factor(s, sae.n))
+        rows = slice(s * B, (s + 1) * B)
+        metrics.append(train_step(sae, opt, x[rows], s, target=y[rows], normalize_grad=True))
+    return metrics
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_stacked_clts_equal_separate_members(activation):
+    steps = 10
+    x, y = _data(steps * B, seed=1)
+    schedule = LRSchedule(total_steps=steps, warmup_steps=[0, 5, 3], decay=["linear"] * 3)
+    cfgs = [_cfg(activation, dead_tokens=d) for d in (B, 2 * B, 3 * B)]
+    stack = make_sae(cfgs, D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
+    stack.init_b_dec(y[:256])
+    stacked = _train(stack, StackedAdam(stack.parameters(), lr=LRS), x, y, steps, schedule)
+    for i in range(3):
+        one = make_sae(cfgs[i], D, [SEEDS[i]], OBJECTIVES[i], d_out=D_OUT, dtype=torch.float64)
+        one.init_b_dec(y[:256])
+        opt = StackedAdam(one.parameters(), lr=[LRS[i]])
+        alone = _train(one, opt, x, y, steps, member_schedule(schedule, i, 3))
+        assert_member_alone(stack, i, one, stacked, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_resume_from_safetensors_is_bit_identical(activation):
+    x, y = _data(10 * B, seed=2)
+
+    def fresh():
+        sae = make_sae(_cfg(activation), D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
+        return sae, StackedAdam(sae.parameters(), lr=LRS)
+
+    sae, opt = fresh()
+    _train(sae, opt, x, y, 6)
+    blobs = save(sae.state_dict()), save(opt.state_dict())
+    _train(sae, opt, x, y, 4, start=6)
+    resumed, resumed_opt = fresh()
+    resumed.load_state_dict(load(blobs[0]))
+    resumed_opt.load_state_dict(load(blobs[1]))
+    _train(resumed, resumed_opt, x, y, 4, start=6)
+    for name, t in sae.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(clt=CLTConfig()), "must name the layers"),
+        (dict(clt=CLTConfig(layers=(2, 1))), "ascend"),
+        (dict(clt=CLTConfig(layers=(1,), target_site="resid")), "must differ"),
+        (dict(decoder_norm="unit"), "unit is not supported"),
+        (dict(k=D_TC + 1), "must be <="),
+    ],
+)
+def test_configs_that_cannot_be_built_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        make_sae(_cfg("topk", **change), D, [0], d_out=D_OUT)
