@@ -12,6 +12,22 @@ from saesweep.export.cli import main as export_main
 from saesweep.format.collection import read_collection
 
 D, SHARDS, CONTEXT = 16, [50, 70, 3], 8
+STORE_OPTIONS = {
+    "model": None,
+    "dataset": None,
+    "streaming": False,
+    "hook_head_index": None,
+    "context_size": CONTEXT,
+    "d_in": D,
+    "n_batches_in_buffer": 1,
+    "total_training_tokens": 0,
+    "store_batch_size_prompts": 2,
+    "train_batch_size_tokens": 16,
+    "prepend_bos": False,
+    "normalize_activations": "none",
+    "device": torch.device("cpu"),
+}
+"""SAELens's ActivationsStore reading cached activations, two context windows at a time."""
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +41,7 @@ def saelens_rows(path, dtype: str, column: str = HOOK) -> tuple[torch.Tensor, to
     """Every (activation, token id) SAELens's ActivationsStore reads from the cache at
     `path`, two context windows at a time, until its epoch ends."""
     store = ActivationsStore(
-        model=None,
-        dataset=None,
-        streaming=False,
-        hook_name=column,
-        hook_head_index=None,
-        context_size=CONTEXT,
-        d_in=D,
-        n_batches_in_buffer=1,
-        total_training_tokens=0,
-        store_batch_size_prompts=2,
-        train_batch_size_tokens=16,
-        prepend_bos=False,
-        normalize_activations="none",
-        device=torch.device("cpu"),
-        dtype=dtype,
-        cached_activations_path=str(path),
+        **STORE_OPTIONS, hook_name=column, dtype=dtype, cached_activations_path=str(path)
     )
     acts, ids = [], []
     while True:

@@ -40,5 +40,5 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown export format {name!r}{closest(name, known)}; see {PROGRAM} -h")
     fmt = known[name]
     program = f"{PROGRAM} {name}"
-    usage_line = f"usage: {program} RUN_OR_SWEEP_DIR... [flags]\n"
+    usage_line = f"usage: {program} {fmt.arguments} [flags]\n"
     fmt.write(parse_command(rest, fmt.command, program, usage_line))

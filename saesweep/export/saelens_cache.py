@@ -148,7 +148,7 @@ def write_dataset_json(staged: Path, names: list[str], features: Features, hook)
     (staged / "dataset_info.json").write_text(json.dumps(dict(sorted(info.items())), indent=2))
 
 
-@export_format("saelens-cache", SaelensCacheCommand)
+@export_format("saelens-cache", SaelensCacheCommand, "COLLECTION")
 def write_saelens_cache(command: SaelensCacheCommand) -> None:
     collection = Collection.open(command.collection, command.anonymous)
     hook = collection.choose(collection.hook(command.hook), command.shards)
