@@ -15,7 +15,8 @@ from sae_lens.cache_activations_runner import CacheActivationsRunner
 from sae_lens.config import CacheActivationsRunnerConfig
 from tiny_models import build
 
-from saesweep.data.saelens_cache import CONVERTED
+from saesweep.data.saelens_cache import CONVERTED, collection_uri
+from saesweep.errors import UserError
 from saesweep.format.collection import read_collection
 from saesweep.train.cli import main as train_main
 
@@ -73,3 +74,19 @@ def test_the_converted_collection_holds_the_caches_rows_in_order(cache, tmp_path
     fvus = [entry["fvu"] for entry in logged if "fvu" in entry]
     assert len(fvus) >= 4
     assert all(math.isfinite(f) for f in fvus) and fvus[-1] < fvus[0]
+
+
+def test_a_converted_cache_is_not_converted_again(cache, capsys):
+    converted = collection_uri(str(cache))
+    written = (Path(converted) / HOOK / "metadata.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert collection_uri(f"file://{cache}") == converted
+    assert capsys.readouterr().out == ""
+    assert (Path(converted) / HOOK / "metadata.json").stat().st_mtime_ns == written
+
+
+def test_a_saved_dataset_without_activations_is_refused(tmp_path):
+    Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(UserError, match="no Array2D column"):
+        collection_uri(str(tmp_path / "text"))
+    assert not list((tmp_path / "text").glob(f"*{CONVERTED}*"))
