@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Array2D, Dataset, Features, load_from_disk
 from sae_lens.cache_activations_runner import CacheActivationsRunner
 from sae_lens.config import CacheActivationsRunnerConfig
 from tiny_models import build
@@ -90,3 +91,17 @@ def test_a_saved_dataset_without_activations_is_refused(tmp_path):
     with pytest.raises(UserError, match="no Array2D column"):
         collection_uri(str(tmp_path / "text"))
     assert not list((tmp_path / "text").glob(f"*{CONVERTED}*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_a_read_only_cache_is_refused(tmp_path):
+    features = Features({HOOK: Array2D(shape=(2, 3), dtype="float32")})
+    cache = tmp_path / "cache"
+    Dataset.from_dict({HOOK: [[[0.0] * 3] * 2]}, features=features).save_to_disk(str(cache))
+    cache.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="read-only"):
+            collection_uri(str(cache))
+    finally:
+        cache.chmod(0o755)
+    assert not (cache / CONVERTED).exists()
