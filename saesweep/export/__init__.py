@@ -20,6 +20,8 @@ class ExportFormat:
     """The format's command: a frozen dataclass parsed by configtools.parse_command."""
     write: Callable[[Any], None]
     """Writes the export described by a parsed command."""
+    arguments: str = "RUN_OR_SWEEP_DIR..."
+    """The positional arguments as its usage line shows them."""
 
     @property
     def summary(self) -> str:
@@ -30,11 +32,12 @@ class ExportFormat:
 FORMATS: dict[str, ExportFormat] = {}
 
 
-def export_format(name: str, command: type) -> Callable:
-    """Register the decorated function as the writer of format `name`."""
+def export_format(name: str, command: type, arguments: str = "RUN_OR_SWEEP_DIR...") -> Callable:
+    """Register the decorated function as the writer of format `name`, whose positional
+    arguments its usage line shows as `arguments`."""
 
     def register(write: Callable[[Any], None]) -> Callable[[Any], None]:
-        FORMATS[name] = ExportFormat(name, command, write)
+        FORMATS[name] = ExportFormat(name, command, write, arguments)
         return write
 
     return register

@@ -9,7 +9,7 @@ from saesweep.configtools import closest, parse_command
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.export import FORMATS
 
-FORMAT_MODULES: tuple[str, ...] = ("circuit_tracer", "delphi", "sparsify")
+FORMAT_MODULES: tuple[str, ...] = ("circuit_tracer", "delphi", "saelens_cache", "sparsify")
 """The modules of saesweep.export that register a format (imported on first use)."""
 PROGRAM = "uv run export.py"
 
@@ -40,5 +40,5 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown export format {name!r}{closest(name, known)}; see {PROGRAM} -h")
     fmt = known[name]
     program = f"{PROGRAM} {name}"
-    usage_line = f"usage: {program} RUN_OR_SWEEP_DIR... [flags]\n"
+    usage_line = f"usage: {program} {fmt.arguments} [flags]\n"
     fmt.write(parse_command(rest, fmt.command, program, usage_line))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from saesweep.configtools import at_least, deep_merge, parse_command_line
+from saesweep.data.saelens_cache import with_converted_caches
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.executors import CLUSTERS, SlurmConfig, largest_node_cpus
 from saesweep.memory import check_fits, resolve_device
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         where = str(sweep_path or "defaults")
         cfgs = build_configs(sweep, overrides, where)
         name = sweep_path.stem if sweep_path else "single"
+    cfgs = [with_converted_caches(cfg) for cfg in cfgs]
     sweep_cfg = sweep_config(cfgs, where)
     groups = split_groups(cfgs, command.max_parallel)
     executor = executor_of(command, sweep_cfg)

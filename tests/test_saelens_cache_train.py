@@ -1,0 +1,107 @@
+"""train.py --train-data.uri on a SAELens activation cache: SAELens's own CacheActivationsRunner
+caches a tiny random GPT-2's activations; train.py converts the cache once into a collection
+holding exactly its rows, in order, and trains a TopK SAE on it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Array2D, Dataset, Features, load_from_disk
+from sae_lens.cache_activations_runner import CacheActivationsRunner
+from sae_lens.config import CacheActivationsRunnerConfig
+from tiny_models import build
+
+from saesweep.data.saelens_cache import CONVERTED, collection_uri
+from saesweep.errors import UserError
+from saesweep.format.collection import read_collection
+from saesweep.train.cli import main as train_main
+
+HOOK, D_IN, CONTEXT, SEQS_PER_BUFFER, BUFFERS = "transformer.h.1", 32, 16, 8, 3
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """SAELens's cache of HOOK on 24 windows of 16 tokens, in 3 Arrow files."""
+    root = tmp_path_factory.mktemp("saelens-cache")
+    model = build("gpt2", root)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1000, 2000, (SEQS_PER_BUFFER * BUFFERS, CONTEXT), generator=gen)
+    tokens_per_buffer = SEQS_PER_BUFFER * CONTEXT
+    cfg = CacheActivationsRunnerConfig(
+        dataset_path="local",
+        model_name=str(model),
+        model_class_name="AutoModelForCausalLM",
+        model_batch_size=4,
+        hook_name=HOOK,
+        d_in=D_IN,
+        training_tokens=tokens_per_buffer * BUFFERS,
+        context_size=CONTEXT,
+        new_cached_activations_path=str(root / "cache"),
+        buffer_size_gb=tokens_per_buffer * D_IN * 4 / 1e9,
+        prepend_bos=False,
+        streaming=False,
+        shuffle=False,
+        device="cpu",
+    )
+    CacheActivationsRunner(cfg, Dataset.from_dict({"input_ids": tokens.tolist()})).run()
+    return root / "cache"
+
+
+def test_the_converted_collection_holds_the_caches_rows_in_order(cache, tmp_path):
+    rows = load_from_disk(str(cache)).with_format("torch")[:]
+    assert len(rows["token_ids"]) == SEQS_PER_BUFFER * BUFFERS
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(
+        "def make_cfgs():\n    return [{'sae': {'arch': 'topk', 'd_sae': 64, 'k': 4}}]\n"
+    )
+    flags = [
+        "--sweep", str(sweep), "--train-data.uri", str(cache), "--runs-root", str(tmp_path),
+        "--executor", "debug", "--device", "cpu", "--batch-size", "32", "--n-train", "1024",
+        "--n-val", "64", "--log-every", "4", "--downstream-sequences", "0",
+        "--wandb-mode", "disabled",
+    ]  # fmt: skip
+    assert train_main(flags) == 0
+    stored = read_collection(str(cache / CONVERTED), HOOK, names=("acts",)).tensors
+    assert torch.equal(stored["acts"], rows[HOOK].reshape(-1, D_IN))
+    assert torch.equal(stored["token_ids"], rows["token_ids"].reshape(-1))
+    assert stored["positions"].tolist() == list(range(CONTEXT)) * SEQS_PER_BUFFER * BUFFERS
+    (run,) = tmp_path.glob("*/runs/*/metrics.jsonl")
+    logged = [json.loads(line) for line in run.read_text().splitlines()]
+    fvus = [entry["fvu"] for entry in logged if "fvu" in entry]
+    assert len(fvus) >= 4
+    assert all(math.isfinite(f) for f in fvus) and fvus[-1] < fvus[0]
+
+
+def test_a_converted_cache_is_not_converted_again(cache, capsys):
+    converted = collection_uri(str(cache))
+    written = (Path(converted) / HOOK / "metadata.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert collection_uri(f"file://{cache}") == converted
+    assert capsys.readouterr().out == ""
+    assert (Path(converted) / HOOK / "metadata.json").stat().st_mtime_ns == written
+
+
+def test_a_saved_dataset_without_activations_is_refused(tmp_path):
+    Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(UserError, match="no Array2D column"):
+        collection_uri(str(tmp_path / "text"))
+    assert not list((tmp_path / "text").glob(f"*{CONVERTED}*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_a_read_only_cache_is_refused(tmp_path):
+    features = Features({HOOK: Array2D(shape=(2, 3), dtype="float32")})
+    cache = tmp_path / "cache"
+    Dataset.from_dict({HOOK: [[[0.0] * 3] * 2]}, features=features).save_to_disk(str(cache))
+    cache.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="read-only"):
+            collection_uri(str(cache))
+    finally:
+        cache.chmod(0o755)
+    assert not (cache / CONVERTED).exists()
