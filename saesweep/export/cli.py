@@ -9,7 +9,7 @@ from saesweep.configtools import closest, parse_command
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.export import FORMATS
 
-FORMAT_MODULES: tuple[str, ...] = ("delphi", "sparsify")
+FORMAT_MODULES: tuple[str, ...] = ("delphi", "neuronpedia", "sparsify")
 """The modules of saesweep.export that register a format (imported on first use)."""
 PROGRAM = "uv run export.py"
 
