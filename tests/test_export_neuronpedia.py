@@ -108,7 +108,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def batches(source_dir: Path, kind: str) -> list[dict]:
-    files = sorted((source_dir / kind).glob("batch-*.jsonl.gz"), key=lambda p: len(p.name))
+    files = sorted(
+        (source_dir / kind).glob("batch-*.jsonl.gz"), key=lambda p: int(p.name.split(".")[0][6:])
+    )
     return [row for f in files for row in read_jsonl(f)]
 
 
@@ -129,7 +131,7 @@ def export(tmp_path_factory) -> tuple[str, Path, Path]:
 def test_every_row_has_saedashboards_fields_and_types(export):
     _, _, out = export
     (model_dir,) = out.iterdir()
-    assert model_dir.name == model_path("demo").split("/")[-1].lower()
+    assert model_dir.name == "demo"  # the collection's model name
     sources = sorted(p.name for p in model_dir.iterdir())
     layer = sources[0].split("-")[0]
     assert sources == [f"{layer}-saesweep__run-000", f"{layer}-saesweep__run-001"]
@@ -160,7 +162,7 @@ def test_the_files_give_the_feature_pages_contexts(export):
     by_latent: dict[int, list[dict]] = {}
     for a in batches(source_dir, "activations"):
         by_latent.setdefault(int(a["index"]), []).append(a)
-    tokenizer = load_tokenizer(model_path("demo"))
+    tokenizer = load_tokenizer("demo", None)
     for report in found:
         feature, examples = features[report.latent], by_latent[report.latent]
         assert feature["frac_nonzero"] == pytest.approx(report.density, rel=1e-9)

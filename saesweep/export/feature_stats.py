@@ -105,6 +105,19 @@ def context_rows(shard: ShardTokens, rows: Tensor, before: int, after: int) -> l
     return [order[a:b] for a, b in zip(low.tolist(), high.tolist(), strict=True)]
 
 
+def chunked(contexts: list[Tensor]) -> list[list[int]]:
+    """The contexts' indices in groups of about CHUNK rows, to encode a group at once."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, context in enumerate(contexts):
+        if size >= CHUNK:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += len(context)
+    return groups if groups[0] else []
+
+
 @dataclass
 class FeatureStats:
     """One SAE's dashboard data, added to shard by shard (`add_shard`)."""
@@ -145,16 +158,17 @@ class FeatureStats:
         dropped."""
         new = (self.top.rows >= shard.first_row) & (self.top.values > 0)
         ranks, latents = new.nonzero(as_tuple=True)
-        rows = self.top.rows[ranks, latents] - shard.first_row
-        unique_rows, which = rows.unique(return_inverse=True)
-        contexts = context_rows(shard, unique_rows, self.before, self.after)
-        for i, context in enumerate(contexts):
-            codes = self.encode(shard.acts[context])
-            ids = shard.token_ids[context].tolist()
-            at = int((shard.positions[context] == shard.positions[unique_rows[i]]).nonzero()[0])
-            row = int(unique_rows[i]) + shard.first_row
-            for latent in latents[which == i].tolist():
-                self.examples[latent, row] = Example(ids, codes[:, latent].tolist(), at)
+        rows, which = (self.top.rows[ranks, latents] - shard.first_row).unique(return_inverse=True)
+        latents_of = latents[which.argsort()].split(which.bincount(minlength=len(rows)).tolist())
+        contexts = context_rows(shard, rows, self.before, self.after)
+        for group in chunked(contexts):
+            codes = self.encode(shard.acts[torch.cat([contexts[i] for i in group])])
+            for i, block in zip(group, codes.split([len(contexts[i]) for i in group]), strict=True):
+                ids = shard.token_ids[contexts[i]].tolist()
+                at = int((shard.positions[contexts[i]] < shard.positions[rows[i]]).sum())
+                values = block[:, latents_of[i]].T.tolist()
+                for latent, v in zip(latents_of[i].tolist(), values, strict=True):
+                    self.examples[latent, int(rows[i]) + shard.first_row] = Example(ids, v, at)
         kept = {(lat, int(r)) for lat, r in zip(*self.top_entries(), strict=True)}
         self.examples = {key: e for key, e in self.examples.items() if key in kept}
 
