@@ -15,7 +15,7 @@ import torch
 from demo_runs import train_demo_runs
 
 import saesweep
-from saesweep.collect.model import load_tokenizer, model_path
+from saesweep.collect.model import load_tokenizer
 from saesweep.evaluate.features import inspect_features
 from saesweep.export.cli import main as export_main
 from saesweep.export.feature_stats import N_BINS

@@ -19,14 +19,13 @@ import torch
 from tqdm import tqdm
 
 from saesweep.configtools import at_least, positional
-from saesweep.evaluate.features import check_width, collection_tokenizer
+from saesweep.evaluate.features import collection_tokenizer
 from saesweep.export import export_format
 from saesweep.export import neuronpedia_rows as np_rows
 from saesweep.export.feature_stats import FeatureStats, ShardTokens
 from saesweep.export.output import staged_output
-from saesweep.export.runs import finished_runs, run_names
+from saesweep.export.runs import LoadedRun, runs_by_hook
 from saesweep.format.collection import Collection, HookShards
-from saesweep.format.rundir import load_sae
 from saesweep.store.file import write_atomic
 
 
@@ -83,18 +82,15 @@ class Member:
 
 def members_by_hook(command: NeuronpediaCommand, collection: Collection) -> dict:
     """{hook: (its chosen shards, the runs reading it as Members)}."""
-    runs = finished_runs(command.runs)
-    grouped: dict[str, tuple[HookShards, list[Member]]] = {}
-    for name, run in zip(run_names(runs), runs, strict=True):
-        cfg, weights = load_sae(run)
-        meta = collection.hook(cfg.get("hook_name"))
-        hook, members = grouped.setdefault(
-            meta["hook"], (collection.choose(meta, command.shards), [])
-        )
-        check_width(cfg, collection, hook)
-        stats = FeatureStats(cfg, weights, command.top, command.window, command.after)
-        members.append(Member(name, cfg["hook_name"], stats))
-    return grouped
+    grouped = runs_by_hook(command.runs, collection, command.shards)
+    return {
+        name: (hook, [member(r, command) for r in runs]) for name, (hook, runs) in grouped.items()
+    }
+
+
+def member(r: LoadedRun, command: NeuronpediaCommand) -> Member:
+    stats = FeatureStats(r.cfg, r.weights, command.top, command.window, command.after)
+    return Member(r.name, r.cfg["hook_name"], stats)
 
 
 def gather_hook(collection: Collection, hook: HookShards, members: list[Member], bar) -> int:
