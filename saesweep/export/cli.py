@@ -9,7 +9,13 @@ from saesweep.configtools import closest, parse_command
 from saesweep.errors import UserError, exit_on_user_error
 from saesweep.export import FORMATS
 
-FORMAT_MODULES: tuple[str, ...] = ("circuit_tracer", "delphi", "saelens_cache", "sparsify")
+FORMAT_MODULES: tuple[str, ...] = (
+    "circuit_tracer",
+    "delphi",
+    "neuronpedia",
+    "saelens_cache",
+    "sparsify",
+)
 """The modules of saesweep.export that register a format (imported on first use)."""
 PROGRAM = "uv run export.py"
 

@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from saesweep.collect.model import model_path
 from saesweep.configtools import at_least, positional
-from saesweep.evaluate.features import check_width, collection_tokenizer
+from saesweep.evaluate.features import collection_tokenizer
 from saesweep.export import export_format
 from saesweep.export.latent_parts import LatentParts, split_bounds
 from saesweep.export.output import staged_output
-from saesweep.export.runs import finished_runs, run_names
+from saesweep.export.runs import LoadedRun, runs_by_hook
 from saesweep.export.sparsify import hookpoint
 from saesweep.format.collection import Collection, HookShards
-from saesweep.format.rundir import load_sae, write_json
+from saesweep.format.rundir import write_json
 from saesweep.sae.export import exported_acts
 
 CHUNK = 4096
@@ -134,18 +134,16 @@ def cache_config(command: DelphiCommand, hook: HookShards, model: str | None) ->
 
 def members_by_hook(command: DelphiCommand, collection: Collection, staged: Path) -> dict:
     """{hook: (its chosen shards, the runs reading it as Members)}."""
-    runs = finished_runs(command.runs)
-    grouped: dict[str, tuple[HookShards, list[Member]]] = {}
-    for name, run in zip(run_names(runs), runs, strict=True):
-        cfg, weights = load_sae(run)
-        meta = collection.hook(cfg.get("hook_name"))
-        hook, members = grouped.setdefault(
-            meta["hook"], (collection.choose(meta, command.shards), [])
-        )
-        check_width(cfg, collection, hook)
-        parts = LatentParts(split_bounds(cfg["d_sae"], command.n_splits), staged / ".parts" / name)
-        members.append(Member(name, cfg, weights, hookpoint(cfg, run), parts))
-    return grouped
+    grouped = runs_by_hook(command.runs, collection, command.shards)
+    return {
+        name: (hook, [member(r, command.n_splits, staged) for r in runs])
+        for name, (hook, runs) in grouped.items()
+    }
+
+
+def member(r: LoadedRun, n_splits: int, staged: Path) -> Member:
+    parts = LatentParts(split_bounds(r.cfg["d_sae"], n_splits), staged / ".parts" / r.name)
+    return Member(r.name, r.cfg, r.weights, hookpoint(r.cfg, r.run), parts)
 
 
 @export_format("delphi", DelphiCommand)

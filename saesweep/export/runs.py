@@ -3,10 +3,15 @@ every run they hold."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from saesweep.errors import UserError
-from saesweep.format.rundir import METRICS
+from saesweep.evaluate.features import check_width
+from saesweep.format.collection import Collection, HookShards
+from saesweep.format.rundir import METRICS, load_sae
 
 
 def finished_runs(paths: tuple[str, ...]) -> list[Path]:
@@ -42,3 +47,29 @@ def run_names(runs: list[Path]) -> list[str]:
             f"several runs are named {', '.join(twice)}; export each sweep to its own --out"
         )
     return names
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A finished run to export: its name in the export, directory, cfg.json and weights."""
+
+    name: str
+    run: Path
+    cfg: dict
+    weights: dict[str, Tensor]
+
+
+def runs_by_hook(
+    paths: tuple[str, ...], collection: Collection, shards: str
+) -> dict[str, tuple[HookShards, list[LoadedRun]]]:
+    """The finished runs `paths` name, loaded and grouped by the collection's hook each
+    reads: {hook: (its `shards`, its runs)}; a run of another width than its hook refused."""
+    runs = finished_runs(paths)
+    grouped: dict[str, tuple[HookShards, list[LoadedRun]]] = {}
+    for name, run in zip(run_names(runs), runs, strict=True):
+        cfg, weights = load_sae(run)
+        meta = collection.hook(cfg.get("hook_name"))
+        hook, loaded = grouped.setdefault(meta["hook"], (collection.choose(meta, shards), []))
+        check_width(cfg, collection, hook)
+        loaded.append(LoadedRun(name, run, cfg, weights))
+    return grouped
