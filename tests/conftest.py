@@ -33,6 +33,18 @@ def consumers(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_sweep(tmp_path_factory):
+    """(collection uri, sweep dir) of two tiny topk SAEs (k 8 and 4, runs/run-000 and
+    run-001) trained as one group on a 3000-token demo collection, shared by the tests that
+    read trained runs against their collection (feature pages, exports)."""
+    from demo_runs import train_demo_runs
+
+    root = tmp_path_factory.mktemp("demo_sweep")
+    runs = [root / "sweep" / "runs" / f"run-00{i}" for i in range(2)]
+    return train_demo_runs(root, runs, [8, 4]), root / "sweep"
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server for the whole session, always SIGKILLed at the end."""
     from s3server import PUBLIC_BUCKET, SeaweedServer

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from consumers import run_json
-from demo_runs import train_demo_runs
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
@@ -57,13 +56,11 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> tuple[str, Path]:
+def sweep(demo_sweep) -> tuple[str, Path]:
     """(collection uri, sweep dir) of two tiny topk SAEs on a 3000-token demo collection."""
-    root = tmp_path_factory.mktemp("delphi")
-    runs = [root / "sweep" / "runs" / f"run-00{i}" for i in range(2)]
-    uri = train_demo_runs(root, runs, [8, 4])
-    assert all((run / METRICS).is_file() for run in runs)
-    return uri, root / "sweep"
+    uri, sweep_dir = demo_sweep
+    assert all((run / METRICS).is_file() for run in (sweep_dir / "runs").iterdir())
+    return uri, sweep_dir
 
 
 def split_files(out: Path) -> dict[str, dict]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from demo_runs import train_demo_runs
 
 import saesweep
 from saesweep.collect.model import load_tokenizer
@@ -115,17 +114,15 @@ def batches(source_dir: Path, kind: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> tuple[str, Path, Path]:
+def export(demo_sweep, tmp_path_factory) -> tuple[str, Path, Path]:
     """(collection uri, sweep dir, export dir) of two tiny topk SAEs on the demo collection."""
-    root = tmp_path_factory.mktemp("neuronpedia")
-    runs = [root / "sweep" / "runs" / f"run-00{i}" for i in range(2)]
-    uri = train_demo_runs(root, runs, [8, 4])
-    out = root / "out"
+    uri, sweep = demo_sweep
+    out = tmp_path_factory.mktemp("neuronpedia") / "out"
     export_main(
-        ["neuronpedia", str(root / "sweep"), "--collection", uri, "--out", str(out)]
+        ["neuronpedia", str(sweep), "--collection", uri, "--out", str(out)]
         + ["--window", "10", "--after", "3", "--batch-size", "100", "--no-progress"]
     )  # fmt: skip
-    return uri, root / "sweep", out
+    return uri, sweep, out
 
 
 def test_every_row_has_saedashboards_fields_and_types(export):

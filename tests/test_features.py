@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from demo_runs import train_demo_runs
 from transformers import AutoTokenizer
 
 from saesweep.collect.model import model_path
@@ -24,12 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[str, Path]:
-    """(collection uri, run dir) of a tiny topk SAE on a 3000-token demo collection."""
-    root = tmp_path_factory.mktemp("features")
-    run_dir = root / "run"
-    uri = train_demo_runs(root, [run_dir], [8])
-    return uri, run_dir
+def trained(demo_sweep) -> tuple[str, Path]:
+    """(collection uri, run dir) of a tiny topk SAE (k 8) on a 3000-token demo collection."""
+    uri, sweep = demo_sweep
+    return uri, sweep / "runs" / "run-000"
 
 
 def all_acts(uri: str, run_dir: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
