@@ -59,10 +59,9 @@ class SAEConfig:
     dead_tokens: int | None = field(
         default=None, metadata=at_least(1, optional=True) | per_member()
     )
-    """A latent is dead (AuxK's input) when it has not fired for this many tokens. None:
-    DEAD_WINDOW_FRACTION of the run's n_train, at most DEAD_TOKENS_CAP (10M, OpenAI's and
-    sparsify's window), so AuxK acts in runs of every length (docs/training.md). May differ
-    inside a stack."""
+    """A latent is dead (AuxK's input) when it has not fired for this many tokens. None: 5 %
+    of the run's n_train, at most 10M (OpenAI's and sparsify's window), so AuxK acts in runs
+    of every length (docs/training.md). May differ inside a stack."""
     init_encoder_scale: float | None = field(
         default=None, metadata=above(0, optional=True) | per_member()
     )
