@@ -185,7 +185,8 @@ class RunFields:
     """adam: Adam (the architecture's betas, 0.9 and 0.999 but for jumprelu's 0 and 0.999).
     signum_schedulefree: sparsify's default, the gradient's sign inside a schedule-free wrapper
     (momentum 0.95), evaluated and exported at its averaged weights; sparsify runs it with
-    --warmup-steps 0 --lr-decay none (docs/training.md)."""
+    --warmup-steps 0 --lr-decay none. It left fewer dead latents at a higher FVU than adam
+    (docs/benchmarks.md)."""
     seed: int = 42
     """Seed of the SAE's initial weights; a sweep gives config i the seed base + i."""
     tag: str = field(default="", metadata=PLAIN_NAME)
