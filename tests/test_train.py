@@ -23,7 +23,7 @@ from saesweep.errors import UserError
 from saesweep.executors import RayConfig, SlurmConfig, default_cpus, largest_node_cpus
 from saesweep.sae import SAEConfig, SwitchConfig
 from saesweep.sae.export import apply_exported
-from saesweep.train.checkpoint import saved_state
+from saesweep.train.checkpoint import load_state, saved_state
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.layout import create_sweep_dir, group_lock
 
@@ -721,3 +721,49 @@ def test_resume_skips_finished_groups_and_refuses_a_running_one(coll, tmp_path):
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert (sweep_dir / "runs/run-000-lr0.0001/metrics.json").exists()
+
+
+def test_trainer_exports_signum_schedulefree_at_its_average_and_stacks_by_optimizer(coll, tmp_path):
+    signum = cfg(coll, optimizer="signum_schedulefree", lr=1e-2)
+    results = train([signum, cfg(coll, lr=1e-2)], tmp_path)
+    commit = saved_state(tmp_path / "state")
+    state = load_state(tmp_path / "state" / commit["files"][0])
+    stacks = {k.split(".")[0] for k in state if k.endswith(".opt.z.1")}
+    assert stacks == {"0"}, "the signum run has its own stack, the Adam run another"
+    y, z = state["0.sae.b_enc"], state["0.opt.z.1"]
+    exported = weights(tmp_path / "run-0")["b_enc"]
+    assert torch.equal(exported, y.lerp(z, 1 - 1 / 0.95)[0])
+    assert not torch.allclose(exported, y[0])
+    assert results[0]["lr"] == 1e-2 and results[0]["fvu"] < 1.0
+
+
+def test_the_dead_window_scales_with_the_run():
+    sae = SAEConfig()
+    assert [sae.dead_window(n) for n in (4096, 10**6, 10**8, 10**9)] == [
+        205,
+        50_000,
+        5_000_000,
+        10_000_000,
+    ]
+    assert sae.dead_window(None) == 10_000_000
+    assert SAEConfig(dead_tokens=7).dead_window(10**6) == 7
+
+
+def test_a_default_run_has_auxk_active_after_its_window(coll, tmp_path):
+    # n_train 4,096: the window is 205 tokens (2 steps); a fixed 10M window never passes
+    run = cfg(coll, log_every=1)
+    explicit = dataclasses.replace(
+        run, sae=SAEConfig(arch="topk", d_sae=64, k=4, dead_tokens=10**7)
+    )
+    trainer = group_trainer([run, explicit], [tmp_path / "a", tmp_path / "b"], tmp_path / "s")
+    assert trainer.stacks[0].sae.dead_tokens.tolist() == [205, 10**7]
+    trainer.train()
+    logs = [[r["aux_loss"] for r in _log_lines(tmp_path / d) if "aux_loss" in r] for d in "ab"]
+    assert max(logs[0][4:]) > 0, "AuxK acts after the window"
+    assert max(logs[1]) == 0, "with a 10M window no latent counts as dead"
+    default_length = group_trainer([cfg(coll, n_train=10**6)], [tmp_path / "c"], tmp_path / "t")
+    assert default_length.stacks[0].sae.dead_tokens.tolist() == [50_000]
+
+
+def _log_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]

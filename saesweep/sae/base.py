@@ -152,7 +152,8 @@ class StackedSAE(nn.Module):
         self.member_buffer("sparsity_coeff", [o.sparsity_coeff for o in objectives])
         self.member_buffer("sparsity_warmup_steps", [o.sparsity_warmup_steps for o in objectives])
         self.member_buffer("aux_coeff", [c.aux_coeff for c in self.cfgs])
-        self.member_buffer("dead_tokens", [c.dead_tokens for c in self.cfgs], torch.int64)
+        windows = [c.dead_window(None) for c in self.cfgs]
+        self.member_buffer("dead_tokens", windows, torch.int64)
         counts = torch.zeros(self.n, self.d_sae, dtype=torch.int64)
         self.register_buffer("tokens_since_fired", counts)
 

@@ -19,6 +19,12 @@ from saesweep.sae.switch import SwitchConfig
 
 __all__ = ["PER_MEMBER_FIELDS", "ObjectiveConfig", "SAEConfig", "stack_key"]
 
+DEAD_TOKENS_CAP = 10_000_000
+"""The longest default dead-latent window: OpenAI's and sparsify's 10M tokens."""
+DEAD_WINDOW_FRACTION = 0.05
+"""The default dead-latent window as a fraction of the run's n_train (docs/benchmarks.md,
+"AuxK's window and weight")."""
+
 
 def arch_help() -> str:
     """--help's text of SAEConfig.arch: the registered architectures, read when it is shown."""
@@ -50,10 +56,16 @@ class SAEConfig:
     """Active latents per token (topk, switch: per token inside its expert; batchtopk: mean)."""
     aux_k: int | None = field(default=None, metadata=at_least(1, optional=True))
     """AuxK (topk, batchtopk): dead latents used to model the residual; default d_in // 2."""
-    aux_coeff: float = field(default=1 / 32, metadata=at_least(0) | per_member())
-    """AuxK loss coefficient (0 turns AuxK off). May differ between members of a stack."""
-    dead_tokens: int = field(default=10_000_000, metadata=at_least(1) | per_member())
-    """A latent is dead when it has not fired for this many tokens. May differ inside a stack."""
+    aux_coeff: float = field(default=5 / 32, metadata=at_least(0) | per_member())
+    """AuxK loss coefficient (0 turns AuxK off); 5/32, five times OpenAI's 1/32 in this
+    normalization, left fewer dead latents at the same FVU (docs/benchmarks.md). May differ
+    between members of a stack."""
+    dead_tokens: int | None = field(
+        default=None, metadata=at_least(1, optional=True) | per_member()
+    )
+    """A latent is dead (AuxK's input) when it has not fired for this many tokens. None: 5 %
+    of the run's n_train, at most 10M (OpenAI's and sparsify's window), so AuxK acts in runs
+    of every length (docs/training.md). May differ inside a stack."""
     init_encoder_scale: float | None = field(
         default=None, metadata=above(0, optional=True) | per_member()
     )
@@ -93,6 +105,16 @@ class SAEConfig:
     def width(self, d_in: int) -> int:
         """The latent width d_sae for activations of width d_in."""
         return self.d_sae if self.d_sae is not None else self.exp_factor * d_in
+
+    def dead_window(self, n_train: int | None) -> int:
+        """Tokens without firing after which a latent is dead: dead_tokens when set, else
+        DEAD_WINDOW_FRACTION of a run of n_train tokens (at least 1), at most DEAD_TOKENS_CAP
+        (the cap itself where the run's length is not known)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        if n_train is None:
+            return DEAD_TOKENS_CAP
+        return max(1, min(DEAD_TOKENS_CAP, round(DEAD_WINDOW_FRACTION * n_train)))
 
     def resolved_aux_k(self, d_in: int) -> int:
         """AuxK width: aux_k, or d_in // 2 as in OpenAI's recipe, at most d_sae."""

@@ -1,37 +1,99 @@
-"""Stacked Adam(W), per-member gradient clipping and learning-rate schedules.
+"""Stacked optimizers, per-member gradient clipping and learning-rate schedules.
 
 Adam is elementwise, so one optimizer over stacked parameters [n, ...] with a per-member
-learning rate [n] is the same as n separate Adams. Each member keeps its own step count, so
-a member whose update is masked (e.g. its loss was NaN) is left exactly as it was.
+learning rate [n] is the same as n separate Adams (likewise signum_schedulefree,
+sae/schedulefree.py). Each member keeps its own step count, so a member whose update is
+masked (e.g. its loss was NaN) is left exactly as it was.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-DEFAULT_LR_AT_2_14 = 1e-3
-"""The default lr at 2**14 latents: 3.3e-3 at 1,536, where TopK's best was 3.05e-3 at 2,500 steps
-of 4,096 tokens and 4.8e-3 at 10,000, with 3.05e-3 0.6 % behind and fewer dead latents there
-(docs/benchmarks.md, "The default lr")."""
+Optimizer = Literal["adam", "signum_schedulefree"]
+
+DEFAULT_LR_AT_2_14: dict[Optimizer, float] = {"adam": 1e-3, "signum_schedulefree": 5e-3}
+"""The default lr at 2**14 latents per optimizer. adam: 3.3e-3 at 1,536, where TopK's best was
+3.05e-3 at 2,500 steps of 4,096 tokens and 4.8e-3 at 10,000, with 3.05e-3 0.6 % behind and
+fewer dead latents there (docs/benchmarks.md, "The default lr"). signum_schedulefree:
+sparsify's default (1.6e-2 at 1,536)."""
 
 
-def default_lr(d_sae: int) -> float:
+def default_lr(d_sae: int, optimizer: Optimizer = "adam") -> float:
     """Learning rate scaled with width as OpenAI's heuristic scales it (1 / sqrt(d_sae)), from
-    DEFAULT_LR_AT_2_14 (their 2e-4 was for Adam on gradients that are not normalized)."""
-    return DEFAULT_LR_AT_2_14 / math.sqrt(d_sae / 2**14)
+    DEFAULT_LR_AT_2_14 (OpenAI's 2e-4 was for Adam on gradients that are not normalized)."""
+    return DEFAULT_LR_AT_2_14[optimizer] / math.sqrt(d_sae / 2**14)
 
 
-def _bcast(v: Tensor, p: Tensor) -> Tensor:
+def bcast(v: Tensor, p: Tensor) -> Tensor:
+    """Per-member values [n] shaped to broadcast over p [n, ...], in p's dtype."""
     return v.view(-1, *([1] * (p.dim() - 1))).to(p.dtype)
 
 
-class StackedAdam:
+class StackedOptimizer:
+    """What every stacked optimizer shares: parameters with a leading member dimension n, a
+    base lr per member times the schedule's factor, and a step count per member."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: Sequence[float] | Tensor):
+        self.params = list(params)
+        self.n = self.params[0].shape[0]
+        device = self.params[0].device
+        if any(p.shape[0] != self.n for p in self.params):
+            raise ValueError("every stacked parameter needs the same leading member dimension")
+        self.base_lr = torch.as_tensor(lr, dtype=torch.float64, device=device).clone()
+        self.lr = self.base_lr.clone()
+        self.step_count = torch.zeros(self.n, dtype=torch.int64, device=device)
+
+    def set_lr_factor(self, factor: Tensor | float) -> None:
+        """Current lr = base lr * factor (a scalar or per member [n])."""
+        self.lr = self.base_lr * torch.as_tensor(factor, dtype=torch.float64).to(self.lr.device)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self, update_mask: Tensor | None = None) -> None:
+        """One step for the members in update_mask ([n] bool, default all)."""
+        raise NotImplementedError
+
+    def count_step(self, update_mask: Tensor | None) -> Tensor:
+        """[n] bool: the members this step updates (default all), their step counts raised."""
+        mask = torch.ones_like(self.step_count, dtype=torch.bool)
+        if update_mask is not None:
+            mask = update_mask.to(self.step_count.device)
+        self.step_count += mask
+        return mask
+
+    @contextmanager
+    def evaluation_point(self) -> Iterator[None]:
+        """Inside: the parameters as evaluation and export see them (Adam's as they are)."""
+        yield
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat tensor dict (safetensors-friendly) for bit-identical resume."""
+        sd = {"step": self.step_count, "base_lr": self.base_lr, "lr": self.lr}
+        return {k: t.detach().clone() for k, t in (sd | self.own_state()).items()}
+
+    def own_state(self) -> dict[str, Tensor]:
+        """The subclass's tensors of state_dict."""
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        self.step_count.copy_(sd["step"])
+        self.base_lr.copy_(sd["base_lr"])
+        self.lr = sd["lr"].clone().to(self.base_lr)
+        for name, t in self.own_state().items():
+            t.copy_(sd[name])
+
+
+class StackedAdam(StackedOptimizer):
     """Adam / AdamW over parameters with a leading member dimension n, lr per member."""
 
     def __init__(
@@ -42,35 +104,17 @@ class StackedAdam:
         eps: float = 1e-8,
         weight_decay: Sequence[float] | Tensor | float = 0.0,
     ):
-        self.params = list(params)
-        self.n = self.params[0].shape[0]
-        device = self.params[0].device
-        if any(p.shape[0] != self.n for p in self.params):
-            raise ValueError("every stacked parameter needs the same leading member dimension")
+        super().__init__(params, lr)
         self.betas, self.eps = betas, eps
-        self.base_lr = torch.as_tensor(lr, dtype=torch.float64, device=device).clone()
-        self.lr = self.base_lr.clone()
-        wd = torch.as_tensor(weight_decay, dtype=torch.float64, device=device)
+        wd = torch.as_tensor(weight_decay, dtype=torch.float64, device=self.base_lr.device)
         self.weight_decay = wd.expand(self.n).clone()
-        self.step_count = torch.zeros(self.n, dtype=torch.int64, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-
-    def set_lr_factor(self, factor: Tensor | float) -> None:
-        """Current lr = base lr * factor (a scalar or per member [n])."""
-        self.lr = self.base_lr * torch.as_tensor(factor, dtype=torch.float64).to(self.lr.device)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
     @torch.no_grad()
     def step(self, update_mask: Tensor | None = None) -> None:
         """One Adam step for members in update_mask ([n] bool, default all)."""
-        mask = torch.ones_like(self.step_count, dtype=torch.bool)
-        if update_mask is not None:
-            mask = update_mask.to(self.step_count.device)
-        self.step_count += mask
+        mask = self.count_step(update_mask)
         t = self.step_count.clamp_min(1).to(torch.float64)
         b1, b2 = self.betas
         step_size = self.lr / (1 - b1**t)
@@ -82,36 +126,21 @@ class StackedAdam:
             self._update(p, p.grad, m, v, mask, step_size, bc2_sqrt, decay)
 
     def _update(self, p, g, m, v, mask, step_size, bc2_sqrt, decay) -> None:
-        keep = _bcast(mask, p).bool()
+        keep = bcast(mask, p).bool()
         b1, b2 = self.betas
         m_new = m.lerp(g, 1 - b1)
         v_new = v * b2 + g * g * (1 - b2)
-        denom = v_new.sqrt() / _bcast(bc2_sqrt, p) + self.eps
-        p_new = p * _bcast(decay, p) - _bcast(step_size, p) * m_new / denom
+        denom = v_new.sqrt() / bcast(bc2_sqrt, p) + self.eps
+        p_new = p * bcast(decay, p) - bcast(step_size, p) * m_new / denom
         m.copy_(torch.where(keep, m_new, m))
         v.copy_(torch.where(keep, v_new, v))
         p.copy_(torch.where(keep, p_new, p))
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Flat tensor dict (safetensors-friendly) for bit-identical resume."""
-        sd = {
-            "step": self.step_count,
-            "base_lr": self.base_lr,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-        }
+    def own_state(self) -> dict[str, Tensor]:
+        sd = {"weight_decay": self.weight_decay}
         for j, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
             sd[f"exp_avg.{j}"], sd[f"exp_avg_sq.{j}"] = m, v
-        return {k: t.detach().clone() for k, t in sd.items()}
-
-    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
-        self.step_count.copy_(sd["step"])
-        self.base_lr.copy_(sd["base_lr"])
-        self.lr = sd["lr"].clone().to(self.base_lr)
-        self.weight_decay.copy_(sd["weight_decay"])
-        for j, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
-            m.copy_(sd[f"exp_avg.{j}"])
-            v.copy_(sd[f"exp_avg_sq.{j}"])
+        return sd
 
 
 @torch.no_grad()
@@ -143,7 +172,7 @@ def clip_grad_norm_(
     scale = torch.where(normalize, scale, scale.clamp(max=1.0))
     scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
     for p in params:
-        p.grad.mul_(_bcast(scale, p.grad))
+        p.grad.mul_(bcast(scale, p.grad))
     return norms
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from saesweep.sae.base import LossResult, StackedSAE
-from saesweep.sae.optim import StackedAdam, clip_grad_norm_, member_grad_norms
+from saesweep.sae.optim import StackedOptimizer, clip_grad_norm_, member_grad_norms
 
 
 class StepSync(Protocol):
@@ -22,7 +22,7 @@ class StepSync(Protocol):
 
 def train_step(
     sae: StackedSAE,
-    opt: StackedAdam,
+    opt: StackedOptimizer,
     x: Tensor,
     step: int,
     max_grad_norm: float | Tensor | None = 1.0,
@@ -32,7 +32,7 @@ def train_step(
     sync: StepSync | None = None,
     variance: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """loss -> backward -> before_optimizer_step -> clip -> masked Adam step ->
+    """loss -> backward -> before_optimizer_step -> clip -> masked optimizer step ->
     after_optimizer_step. The clip scales a member's gradient to norm <= max_grad_norm, or
     to that norm exactly where `normalize_grad` ([n] bool or scalar). Members with a
     non-finite loss or gradient (or not in `active`, [n] bool) are left untouched.

@@ -18,6 +18,7 @@ from saesweep.evaluate.health import HealthConfig
 from saesweep.executors import RayConfig, SlurmConfig
 from saesweep.memory import DEVICE_SPEC
 from saesweep.sae.config import ObjectiveConfig, SAEConfig
+from saesweep.sae.optim import Optimizer
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,14 @@ class RunFields:
     """One SAE's own settings: they may differ inside a group."""
 
     lr: float | None = field(default=None, metadata=above(0, optional=True))
-    """Peak learning rate; default 1e-3 / sqrt(d_sae / 2**14) (docs/benchmarks.md)."""
+    """Peak learning rate; default 1e-3 / sqrt(d_sae / 2**14) for adam, 5e-3 / sqrt(d_sae /
+    2**14) (sparsify's) for signum_schedulefree (docs/benchmarks.md)."""
+    optimizer: Optimizer = "adam"
+    """adam: Adam (the architecture's betas, 0.9 and 0.999 but for jumprelu's 0 and 0.999).
+    signum_schedulefree: sparsify's default, the gradient's sign inside a schedule-free wrapper
+    (momentum 0.95), evaluated and exported at its averaged weights; sparsify runs it with
+    --warmup-steps 0 --lr-decay none. It left fewer dead latents at a higher FVU than adam
+    (docs/benchmarks.md)."""
     seed: int = 42
     """Seed of the SAE's initial weights; a sweep gives config i the seed base + i."""
     tag: str = field(default="", metadata=PLAIN_NAME)
@@ -192,11 +200,15 @@ class RunFields:
     decay_frac: float = field(default=0.2, metadata=fraction())
     """Fraction of training over which the learning rate decays."""
     max_grad_norm: float = field(default=1.0, metadata=above(0))
-    """Per-SAE gradient-norm clip (with normalize_grad: the norm of every step's gradient)."""
+    """Per-SAE gradient-norm clip. With normalize_grad it is the norm every step's gradient
+    is scaled to, and does nothing: Adam's step does not depend on its gradient's scale
+    (but through eps). signum_schedulefree uses only the gradient's sign: no clip matters."""
     normalize_grad: bool = True
-    """Scale each SAE's gradient to norm max_grad_norm at every step, as the references'
+    """Adam: scale each SAE's gradient to norm max_grad_norm at every step, as the references'
     clip of 1 does to their per-token squared error, which always exceeds it (Adam then sees
-    steps of one size; docs/training.md). False: clip only gradients above max_grad_norm."""
+    steps of one size; lrs do not carry over to or from the papers; docs/training.md).
+    False: clip only gradients above max_grad_norm. signum_schedulefree: no effect (the sign
+    of a gradient does not depend on its scale)."""
 
 
 @dataclass(frozen=True)

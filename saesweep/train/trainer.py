@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +33,16 @@ from saesweep.format.rundir import (
 )
 from saesweep.interrupt import Deferred, Interrupted, deferred, stop_signals
 from saesweep.memory import check_fits, resolve_device, reuse_freed_memory
-from saesweep.sae import StackedSAE, make_sae, stack_key
-from saesweep.sae.optim import LRSchedule, StackedAdam, default_lr
+from saesweep.sae import SAEConfig, StackedSAE, make_sae, stack_key
+from saesweep.sae.optim import (
+    LRSchedule,
+    Optimizer,
+    StackedAdam,
+    StackedOptimizer,
+    default_lr,
+)
 from saesweep.sae.registry import architecture
+from saesweep.sae.schedulefree import StackedSignumScheduleFree
 from saesweep.sae.step import train_step
 from saesweep.train.checkpoint import commit_state, load_state, saved_state
 from saesweep.train.config import GroupConfig, RunConfig, SweepConfig, TrainConfig
@@ -64,7 +73,7 @@ class Stack:
     """The module path it reconstructs: its hook (SAEs), or a transcoder's target hook (or
     hooks' key)."""
     sae: StackedSAE
-    opt: StackedAdam
+    opt: StackedOptimizer
     schedule: LRSchedule
     max_grad_norm: torch.Tensor
     normalize_grad: torch.Tensor
@@ -136,21 +145,22 @@ class GroupTrainer:
         buckets: dict = {}
         for i in self.trained:
             run = self.runs[i]
-            key = (self.source.hook_of(run), self.source.target_of(run), stack_key(run.sae))
+            source = self.source
+            key = (source.hook_of(run), source.target_of(run), stack_key(run.sae), run.optimizer)
             buckets.setdefault(key, []).append(i)
         stacks = []
         device = torch.device(self.cfg.device)
-        for (hook, target, _), members in buckets.items():
+        for (hook, target, _, optimizer), members in buckets.items():
             runs = [self.runs[i] for i in members]
             sae = make_sae(
-                [r.sae for r in runs],
+                [_with_dead_window(r.sae, self.cfg.n_train) for r in runs],
                 self.source.width(hook),
                 [r.seed for r in runs],
                 [r.objective for r in runs],
                 device=device,
                 d_out=self.source.width(target) if target != hook else None,
             )
-            lrs = [r.lr if r.lr is not None else default_lr(sae.d_sae) for r in runs]
+            lrs = [r.lr if r.lr is not None else default_lr(sae.d_sae, optimizer) for r in runs]
             schedule = LRSchedule(
                 self.total_steps,
                 [r.warmup_steps for r in runs],
@@ -163,7 +173,7 @@ class GroupTrainer:
                     hook,
                     target,
                     sae,
-                    StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas),
+                    _optimizer(optimizer, sae, lrs),
                     schedule,
                     torch.tensor([r.max_grad_norm for r in runs], device=device),
                     torch.tensor([r.normalize_grad for r in runs], device=device),
@@ -288,13 +298,23 @@ class GroupTrainer:
         """FVU, L0 and dead % of every SAE on the held-out tokens (read once, then kept in
         memory: n_val tokens per hook), logged as eval/* with the seconds it took."""
         started = time.perf_counter()
-        evals = self._evaluate(self._held_out())
-        fidelity = self._downstream_now()
+        with self._at_evaluation_point():
+            evals = self._evaluate(self._held_out())
+            fidelity = self._downstream_now()
         seconds = time.perf_counter() - started
         for i, metrics in evals.items():
             values = {f"eval/{k}": metrics[k] for k in ("fvu", "l0", "dead_pct", "mse")}
             values |= {f"eval/{k}": v for k, v in fidelity.get(i, {}).items()}
             logs[i].log(self.step, values | {"eval/seconds": seconds})
+
+    @contextmanager
+    def _at_evaluation_point(self) -> Iterator[None]:
+        """Inside: every stack's parameters as evaluation and export see them (its
+        optimizer's evaluation_point); after: as training left them."""
+        with ExitStack() as points:
+            for stack in self.stacks:
+                points.enter_context(stack.opt.evaluation_point())
+            yield
 
     def _downstream_now(self) -> dict[int, dict[str, float]]:
         """Downstream fidelity of this process's SAEs as they are, on the first
@@ -360,10 +380,11 @@ class GroupTrainer:
         if self.world.leader:
             self.progress.evaluating(self.step, "held-out FVU and L0")
         if self.reported:
-            evals = self._evaluate(self._held_out())
-            for stack in self.stacks:
-                for j, i in enumerate(stack.members):
-                    self._export(stack, j, i, evals[i])
+            with self._at_evaluation_point():
+                evals = self._evaluate(self._held_out())
+                for stack in self.stacks:
+                    for j, i in enumerate(stack.members):
+                        self._export(stack, j, i, evals[i])
         self.world.barrier()
         if self.world.leader:
             self.progress.evaluating(self.step, "loss recovered")
@@ -526,6 +547,18 @@ class GroupTrainer:
     def wall_s(self) -> float:
         """Training wall time so far, over every process of this group (resumes included)."""
         return self.earlier_wall_s + time.perf_counter() - self.started
+
+
+def _with_dead_window(sae_cfg: SAEConfig, n_train: int) -> SAEConfig:
+    """sae_cfg with its dead-latent window resolved for a run of n_train tokens."""
+    return dataclasses.replace(sae_cfg, dead_tokens=sae_cfg.dead_window(n_train))
+
+
+def _optimizer(name: Optimizer, sae: StackedSAE, lrs: list[float]) -> StackedOptimizer:
+    """The stack's optimizer `name` (RunFields.optimizer) with a base lr per member."""
+    if name == "signum_schedulefree":
+        return StackedSignumScheduleFree(sae.parameters(), lrs)
+    return StackedAdam(sae.parameters(), lrs, betas=sae.adam_betas)
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
