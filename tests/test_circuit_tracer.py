@@ -20,7 +20,7 @@ from saesweep import Reader
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
 from saesweep.collect.run import collect
 from saesweep.export.cli import main as export_main
-from saesweep.sae import SAEConfig
+from saesweep.sae import CLTConfig, SAEConfig
 from saesweep.train.config import DataConfig
 
 CIRCUIT_TRACER = ["circuit-tracer==0.5.0", "nnsight<0.7"]
@@ -224,3 +224,109 @@ def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
             export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
         assert stop.value.code == 2 and says in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+CLTS = ("relu", "jumprelu", "topk")
+"""Cross-layer transcoders over the three layers (mlp_in -> mlp), trained side by side."""
+
+
+@pytest.fixture(scope="module")
+def clts(trained, tmp_path_factory):
+    """{activation: CLT run dir}: one group of CLTs on the transcoders' collection."""
+    _, uri, _ = trained
+    root = tmp_path_factory.mktemp("clt")
+    data = DataConfig(uri=uri, shards=":-1", collect="")
+    cfgs = [
+        train_cfg(
+            uri,
+            seed=i,
+            train_data=data,
+            sae=SAEConfig(
+                arch="clt",
+                d_sae=32,
+                k=4,
+                clt=CLTConfig(
+                    layers=tuple(LAYERS),
+                    input_site="mlp_in",
+                    target_site="mlp",
+                    activation=activation,
+                ),  # fmt: skip
+            ),
+            lr=1e-2,
+            n_train=2048,
+            n_val=N_VAL,
+            tag=activation,
+        )
+        for i, activation in enumerate(CLTS)
+    ]
+    runs = {activation: root / activation for activation in CLTS}
+    group_trainer(cfgs, list(runs.values()), root / "state").train()
+    return runs
+
+
+LOAD_CLT = """
+import json, sys, torch, yaml
+from safetensors.torch import load_file, save_file
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+root, xs, out = sys.argv[1], load_file(sys.argv[2])["xs"], sys.argv[3]
+info, result = {}, {}
+for name in sys.argv[4:]:
+    config = yaml.safe_load(open(f"{root}/{name}/config.yaml"))
+    clt = load_clt(f"{root}/{name}", feature_input_hook=config["feature_input_hook"],
+                   feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                   device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    with torch.no_grad():
+        result[f"{name}.codes"] = clt.encode(xs)
+        for i in range(clt.n_layers):
+            result[f"{name}.codes{i}"] = clt.encode_layer(xs[i], i)
+        result[f"{name}.pred"] = clt(xs)
+    act = clt.activation_function
+    info[name] = {"kind": config["model_kind"], "n_layers": clt.n_layers,
+                  "d_transcoder": clt.d_transcoder, "input": clt.feature_input_hook,
+                  "output": clt.feature_output_hook,
+                  "activation": getattr(act, "__name__", type(act).__name__)}
+save_file({k: v.contiguous() for k, v in result.items()}, out)
+print(json.dumps(info))
+"""
+
+
+def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(trained, clts, consumers, tmp_path):
+    """circuit-tracer's load_clt reads each exported CLT; its encode (all layers and per
+    layer) and forward equal saesweep.load's ExportedCLT on held-out activations."""
+    _, uri, _ = trained
+    names = ("relu", "jumprelu")
+    for name in names:
+        export_main(["circuit-tracer", str(clts[name]), "--out", str(tmp_path / name)])
+    xs = torch.stack([held_out(uri, i)[0] for i in LAYERS])  # [L, B, d]
+    save_file({"xs": xs}, str(tmp_path / "inputs.safetensors"))
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    out = tmp_path / "out.safetensors"
+    info = run_json(python, LOAD_CLT, str(tmp_path), str(tmp_path / "inputs.safetensors"),
+                    str(out), *names)  # fmt: skip
+    got = load_file(str(out))
+    for name in names:
+        assert info[name] == {
+            "kind": "cross_layer_transcoder",
+            "n_layers": 3,
+            "d_transcoder": 32,
+            "input": "mlp.hook_in",
+            "output": "hook_mlp_out",
+            "activation": "JumpReLU" if name == "jumprelu" else "relu",
+        }
+        clt = saesweep.load(clts[name])
+        codes = clt.encode(xs.transpose(0, 1)).transpose(0, 1)
+        torch.testing.assert_close(got[f"{name}.codes"], codes, rtol=1e-5, atol=1e-5)
+        for i in LAYERS:
+            torch.testing.assert_close(got[f"{name}.codes{i}"], codes[i], rtol=1e-5, atol=1e-5)
+        pred = clt.decode(codes.transpose(0, 1)).transpose(0, 1)
+        torch.testing.assert_close(got[f"{name}.pred"], pred, rtol=1e-5, atol=1e-5)
+        assert (codes > 0).any(dim=-1).float().mean() > 0.5
+
+
+def test_a_topk_clt_is_refused(clts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        export_main(["circuit-tracer", str(clts["topk"]), "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2
+    assert "topk cross-layer transcoder, which circuit-tracer cannot" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
