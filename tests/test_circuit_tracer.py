@@ -228,6 +228,8 @@ def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
 
 CLTS = ("relu", "jumprelu", "topk")
 """Cross-layer transcoders over the three layers (mlp_in -> mlp), trained side by side."""
+EXPORTED_CLTS = ("relu", "jumprelu")
+"""The CLTs circuit-tracer can express."""
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +266,15 @@ def clts(trained, tmp_path_factory):
     return runs
 
 
+@pytest.fixture(scope="module")
+def clt_exported(clts, tmp_path_factory):
+    """The ReLU and JumpReLU CLTs exported, each in its directory of the returned one."""
+    root = tmp_path_factory.mktemp("clt-exports")
+    for name in EXPORTED_CLTS:
+        export_main(["circuit-tracer", str(clts[name]), "--out", str(root / name)])
+    return root
+
+
 LOAD_CLT = """
 import json, sys, torch, yaml
 from safetensors.torch import load_file, save_file
@@ -291,18 +302,18 @@ print(json.dumps(info))
 """
 
 
-def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(trained, clts, consumers, tmp_path):
+def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(
+    trained, clts, clt_exported, consumers, tmp_path
+):
     """circuit-tracer's load_clt reads each exported CLT; its encode (all layers and per
     layer) and forward equal saesweep.load's ExportedCLT on held-out activations."""
     _, uri, _ = trained
-    names = ("relu", "jumprelu")
-    for name in names:
-        export_main(["circuit-tracer", str(clts[name]), "--out", str(tmp_path / name)])
+    names = EXPORTED_CLTS
     xs = torch.stack([held_out(uri, i)[0] for i in LAYERS])  # [L, B, d]
     save_file({"xs": xs}, str(tmp_path / "inputs.safetensors"))
     python = consumers("circuit-tracer", CIRCUIT_TRACER)
     out = tmp_path / "out.safetensors"
-    info = run_json(python, LOAD_CLT, str(tmp_path), str(tmp_path / "inputs.safetensors"),
+    info = run_json(python, LOAD_CLT, str(clt_exported), str(tmp_path / "inputs.safetensors"),
                     str(out), *names)  # fmt: skip
     got = load_file(str(out))
     for name in names:
@@ -324,9 +335,50 @@ def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(trained, clts, co
         assert (codes > 0).any(dim=-1).float().mean() > 0.5
 
 
-def test_a_topk_clt_is_refused(clts, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        export_main(["circuit-tracer", str(clts["topk"]), "--out", str(tmp_path / "x")])
-    assert stop.value.code == 2
-    assert "topk cross-layer transcoder, which circuit-tracer cannot" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+def test_what_circuit_tracer_cannot_read_of_clts_is_refused(clts, tmp_path, capsys):
+    for runs, says in (
+        ([clts["topk"]], "topk cross-layer transcoder, which circuit-tracer cannot"),
+        ([clts["relu"], clts["jumprelu"]], "give one cross-layer transcoder run"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
+CLT_GRAPH = """
+import json, sys, torch, yaml
+from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+export, model_dir = sys.argv[1:]
+config = yaml.safe_load(open(f"{export}/config.yaml"))
+cpu = torch.device("cpu")
+clt = load_clt(export, feature_input_hook=config["feature_input_hook"],
+               feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+               device=cpu, dtype=torch.float32, lazy_decoder=False)
+model = ReplacementModel.from_pretrained_and_transcoders(model_dir, clt, backend="nnsight",
+                                                         device=cpu, dtype=torch.float32)
+graph = attribute("the cat sat on the mat because", model, max_n_logits=3, batch_size=32,
+                  max_feature_nodes=64, verbose=False)
+print(json.dumps({"tokens": graph.input_tokens.tolist(),
+                  "features": graph.active_features.tolist(),
+                  "values": graph.activation_values.tolist(),
+                  "finite": bool(torch.isfinite(graph.adjacency_matrix).all())}))
+"""
+
+
+def test_an_attribution_graph_runs_on_the_exported_clt(trained, clts, clt_exported, consumers):
+    """circuit-tracer's nnsight backend on the tiny Llama with the exported JumpReLU CLT: the
+    graph's active features and their activations are saesweep's on the same tokens."""
+    model_dir, _, _ = trained
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    graph = run_json(python, CLT_GRAPH, str(clt_exported / "jumprelu"), str(model_dir))
+    assert graph["finite"] and graph["features"], graph
+    model, _ = load_model(str(model_dir), None, "float32", "cpu")
+    paths = [resolve_hook(model, f"mlp_in.{i}")[0] for i in LAYERS]
+    ids = torch.tensor([graph["tokens"]])
+    acts = HookedModel(model, paths).run(ids, torch.ones_like(ids))
+    codes = saesweep.load(clts["jumprelu"]).encode(torch.stack([acts[p][0] for p in paths], 1))
+    for (layer, pos, feature), value in zip(graph["features"], graph["values"], strict=True):
+        assert value == pytest.approx(codes[pos, layer, feature].item(), rel=1e-4, abs=1e-5)
