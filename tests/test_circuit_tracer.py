@@ -177,13 +177,19 @@ def test_circuit_tracer_loads_the_sets_and_reproduces_saesweep(
 GRAPH = """
 import json, sys, torch, yaml
 from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from circuit_tracer.utils.hf_utils import load_transcoders
 
 export, model_dir = sys.argv[1:]
 config = yaml.safe_load(open(f"{export}/config.yaml"))
 config["transcoders"] = [f"{export}/layer_{i}.safetensors" for i in range(3)]
 cpu = torch.device("cpu")
-tc = load_transcoders(config, device=cpu, lazy_encoder=False, lazy_decoder=False)
+if config["model_kind"] == "cross_layer_transcoder":
+    tc = load_clt(export, feature_input_hook=config["feature_input_hook"],
+                  feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                  device=cpu, dtype=torch.float32, lazy_decoder=False)
+else:
+    tc = load_transcoders(config, device=cpu, lazy_encoder=False, lazy_decoder=False)
 model = ReplacementModel.from_pretrained_and_transcoders(model_dir, tc, backend="nnsight",
                                                          device=cpu, dtype=torch.float32)
 graph = attribute("the cat sat on the mat because", model, max_n_logits=3, batch_size=32,
@@ -196,19 +202,26 @@ print(json.dumps({"tokens": graph.input_tokens.tolist(),
 """
 
 
-def test_an_attribution_graph_runs_on_the_exported_set(trained, exported, consumers):
-    """circuit-tracer's nnsight backend on the tiny Llama with the exported set: the graph's
-    active features and their activations are saesweep's on the same tokens."""
-    model_dir, _, dirs = trained
+def attribution_graph(consumers, export, model_dir) -> tuple[dict, torch.Tensor]:
+    """(circuit-tracer's attribution graph with an export, the mlp_in activations
+    [T, L, d] of its tokens as saesweep collects them)."""
     python = consumers("circuit-tracer", CIRCUIT_TRACER)
-    graph = run_json(python, GRAPH, str(exported / "batchtopk"), str(model_dir))
+    graph = run_json(python, GRAPH, str(export), str(model_dir))
     assert graph["finite"] and graph["features"], graph
     model, _ = load_model(str(model_dir), None, "float32", "cpu")
     paths = [resolve_hook(model, f"mlp_in.{i}")[0] for i in LAYERS]
     ids = torch.tensor([graph["tokens"]])
     acts = HookedModel(model, paths).run(ids, torch.ones_like(ids))
+    return graph, torch.stack([acts[p][0] for p in paths], dim=1)
+
+
+def test_an_attribution_graph_runs_on_the_exported_set(trained, exported, consumers):
+    """circuit-tracer's nnsight backend on the tiny Llama with the exported set: the graph's
+    active features and their activations are saesweep's on the same tokens."""
+    model_dir, _, dirs = trained
+    graph, xs = attribution_graph(consumers, exported / "batchtopk", model_dir)
     for (layer, pos, feature), value in zip(graph["features"], graph["values"], strict=True):
-        codes = saesweep.load(dirs["batchtopk"][layer]).encode(acts[paths[layer]][0, pos : pos + 1])
+        codes = saesweep.load(dirs["batchtopk"][layer]).encode(xs[pos : pos + 1, layer])
         assert value == pytest.approx(codes[0, feature].item(), rel=1e-4, abs=1e-5)
 
 
@@ -346,39 +359,11 @@ def test_what_circuit_tracer_cannot_read_of_clts_is_refused(clts, tmp_path, caps
         assert not (tmp_path / "x").exists()
 
 
-CLT_GRAPH = """
-import json, sys, torch, yaml
-from circuit_tracer import ReplacementModel, attribute
-from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
-
-export, model_dir = sys.argv[1:]
-config = yaml.safe_load(open(f"{export}/config.yaml"))
-cpu = torch.device("cpu")
-clt = load_clt(export, feature_input_hook=config["feature_input_hook"],
-               feature_output_hook=config["feature_output_hook"], scan=config["scan"],
-               device=cpu, dtype=torch.float32, lazy_decoder=False)
-model = ReplacementModel.from_pretrained_and_transcoders(model_dir, clt, backend="nnsight",
-                                                         device=cpu, dtype=torch.float32)
-graph = attribute("the cat sat on the mat because", model, max_n_logits=3, batch_size=32,
-                  max_feature_nodes=64, verbose=False)
-print(json.dumps({"tokens": graph.input_tokens.tolist(),
-                  "features": graph.active_features.tolist(),
-                  "values": graph.activation_values.tolist(),
-                  "finite": bool(torch.isfinite(graph.adjacency_matrix).all())}))
-"""
-
-
 def test_an_attribution_graph_runs_on_the_exported_clt(trained, clts, clt_exported, consumers):
     """circuit-tracer's nnsight backend on the tiny Llama with the exported JumpReLU CLT: the
     graph's active features and their activations are saesweep's on the same tokens."""
     model_dir, _, _ = trained
-    python = consumers("circuit-tracer", CIRCUIT_TRACER)
-    graph = run_json(python, CLT_GRAPH, str(clt_exported / "jumprelu"), str(model_dir))
-    assert graph["finite"] and graph["features"], graph
-    model, _ = load_model(str(model_dir), None, "float32", "cpu")
-    paths = [resolve_hook(model, f"mlp_in.{i}")[0] for i in LAYERS]
-    ids = torch.tensor([graph["tokens"]])
-    acts = HookedModel(model, paths).run(ids, torch.ones_like(ids))
-    codes = saesweep.load(clts["jumprelu"]).encode(torch.stack([acts[p][0] for p in paths], 1))
+    graph, xs = attribution_graph(consumers, clt_exported / "jumprelu", model_dir)
+    codes = saesweep.load(clts["jumprelu"]).encode(xs)
     for (layer, pos, feature), value in zip(graph["features"], graph["values"], strict=True):
         assert value == pytest.approx(codes[pos, layer, feature].item(), rel=1e-4, abs=1e-5)

@@ -51,11 +51,13 @@ CLT_ACTIVATIONS = {"relu": "relu", "jumprelu": "jump_relu"}
 @dataclass(frozen=True)
 class CircuitTracerCommand:
     """Per-layer transcoders as circuit-tracer's transcoder set (layer_{i}.safetensors and
-    config.yaml), for attribution graphs with circuit-tracer."""
+    config.yaml), or one cross-layer transcoder run as its cross_layer_transcoder
+    (W_enc_{i} and W_dec_{i}.safetensors, config.yaml), for attribution graphs."""
 
     runs: positional(tuple[str, ...], "RUN_OR_SWEEP_DIR")
     """Run directories, or sweep directories for each of their runs: one transcoder per layer
-    of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp."""
+    of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp; or one
+    ReLU or JumpReLU CLT run over every layer."""
     out: str
     """The directory to write (new or empty)."""
 
