@@ -20,7 +20,7 @@ from saesweep import Reader
 from saesweep.collect.model import HookedModel, load_model, resolve_hook
 from saesweep.collect.run import collect
 from saesweep.export.cli import main as export_main
-from saesweep.sae import SAEConfig
+from saesweep.sae import CLTConfig, SAEConfig
 from saesweep.train.config import DataConfig
 
 CIRCUIT_TRACER = ["circuit-tracer==0.5.0", "nnsight<0.7"]
@@ -177,13 +177,19 @@ def test_circuit_tracer_loads_the_sets_and_reproduces_saesweep(
 GRAPH = """
 import json, sys, torch, yaml
 from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from circuit_tracer.utils.hf_utils import load_transcoders
 
 export, model_dir = sys.argv[1:]
 config = yaml.safe_load(open(f"{export}/config.yaml"))
 config["transcoders"] = [f"{export}/layer_{i}.safetensors" for i in range(3)]
 cpu = torch.device("cpu")
-tc = load_transcoders(config, device=cpu, lazy_encoder=False, lazy_decoder=False)
+if config["model_kind"] == "cross_layer_transcoder":
+    tc = load_clt(export, feature_input_hook=config["feature_input_hook"],
+                  feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                  device=cpu, dtype=torch.float32, lazy_decoder=False)
+else:
+    tc = load_transcoders(config, device=cpu, lazy_encoder=False, lazy_decoder=False)
 model = ReplacementModel.from_pretrained_and_transcoders(model_dir, tc, backend="nnsight",
                                                          device=cpu, dtype=torch.float32)
 graph = attribute("the cat sat on the mat because", model, max_n_logits=3, batch_size=32,
@@ -196,19 +202,26 @@ print(json.dumps({"tokens": graph.input_tokens.tolist(),
 """
 
 
-def test_an_attribution_graph_runs_on_the_exported_set(trained, exported, consumers):
-    """circuit-tracer's nnsight backend on the tiny Llama with the exported set: the graph's
-    active features and their activations are saesweep's on the same tokens."""
-    model_dir, _, dirs = trained
+def attribution_graph(consumers, export, model_dir) -> tuple[dict, torch.Tensor]:
+    """(circuit-tracer's attribution graph with an export, the mlp_in activations
+    [T, L, d] of its tokens as saesweep collects them)."""
     python = consumers("circuit-tracer", CIRCUIT_TRACER)
-    graph = run_json(python, GRAPH, str(exported / "batchtopk"), str(model_dir))
+    graph = run_json(python, GRAPH, str(export), str(model_dir))
     assert graph["finite"] and graph["features"], graph
     model, _ = load_model(str(model_dir), None, "float32", "cpu")
     paths = [resolve_hook(model, f"mlp_in.{i}")[0] for i in LAYERS]
     ids = torch.tensor([graph["tokens"]])
     acts = HookedModel(model, paths).run(ids, torch.ones_like(ids))
+    return graph, torch.stack([acts[p][0] for p in paths], dim=1)
+
+
+def test_an_attribution_graph_runs_on_the_exported_set(trained, exported, consumers):
+    """circuit-tracer's nnsight backend on the tiny Llama with the exported set: the graph's
+    active features and their activations are saesweep's on the same tokens."""
+    model_dir, _, dirs = trained
+    graph, xs = attribution_graph(consumers, exported / "batchtopk", model_dir)
     for (layer, pos, feature), value in zip(graph["features"], graph["values"], strict=True):
-        codes = saesweep.load(dirs["batchtopk"][layer]).encode(acts[paths[layer]][0, pos : pos + 1])
+        codes = saesweep.load(dirs["batchtopk"][layer]).encode(xs[pos : pos + 1, layer])
         assert value == pytest.approx(codes[0, feature].item(), rel=1e-4, abs=1e-5)
 
 
@@ -224,3 +237,133 @@ def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
             export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
         assert stop.value.code == 2 and says in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+CLTS = ("relu", "jumprelu", "topk")
+"""Cross-layer transcoders over the three layers (mlp_in -> mlp), trained side by side."""
+EXPORTED_CLTS = ("relu", "jumprelu")
+"""The CLTs circuit-tracer can express."""
+
+
+@pytest.fixture(scope="module")
+def clts(trained, tmp_path_factory):
+    """{activation: CLT run dir}: one group of CLTs on the transcoders' collection."""
+    _, uri, _ = trained
+    root = tmp_path_factory.mktemp("clt")
+    data = DataConfig(uri=uri, shards=":-1", collect="")
+    cfgs = [
+        train_cfg(
+            uri,
+            seed=i,
+            train_data=data,
+            sae=SAEConfig(
+                arch="clt",
+                d_sae=32,
+                k=4,
+                clt=CLTConfig(
+                    layers=tuple(LAYERS),
+                    input_site="mlp_in",
+                    target_site="mlp",
+                    activation=activation,
+                ),  # fmt: skip
+            ),
+            lr=1e-2,
+            n_train=2048,
+            n_val=N_VAL,
+            tag=activation,
+        )
+        for i, activation in enumerate(CLTS)
+    ]
+    runs = {activation: root / activation for activation in CLTS}
+    group_trainer(cfgs, list(runs.values()), root / "state").train()
+    return runs
+
+
+@pytest.fixture(scope="module")
+def clt_exported(clts, tmp_path_factory):
+    """The ReLU and JumpReLU CLTs exported, each in its directory of the returned one."""
+    root = tmp_path_factory.mktemp("clt-exports")
+    for name in EXPORTED_CLTS:
+        export_main(["circuit-tracer", str(clts[name]), "--out", str(root / name)])
+    return root
+
+
+LOAD_CLT = """
+import json, sys, torch, yaml
+from safetensors.torch import load_file, save_file
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+root, xs, out = sys.argv[1], load_file(sys.argv[2])["xs"], sys.argv[3]
+info, result = {}, {}
+for name in sys.argv[4:]:
+    config = yaml.safe_load(open(f"{root}/{name}/config.yaml"))
+    clt = load_clt(f"{root}/{name}", feature_input_hook=config["feature_input_hook"],
+                   feature_output_hook=config["feature_output_hook"], scan=config["scan"],
+                   device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    with torch.no_grad():
+        result[f"{name}.codes"] = clt.encode(xs)
+        for i in range(clt.n_layers):
+            result[f"{name}.codes{i}"] = clt.encode_layer(xs[i], i)
+        result[f"{name}.pred"] = clt(xs)
+    act = clt.activation_function
+    info[name] = {"kind": config["model_kind"], "n_layers": clt.n_layers,
+                  "d_transcoder": clt.d_transcoder, "input": clt.feature_input_hook,
+                  "output": clt.feature_output_hook,
+                  "activation": getattr(act, "__name__", type(act).__name__)}
+save_file({k: v.contiguous() for k, v in result.items()}, out)
+print(json.dumps(info))
+"""
+
+
+def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(
+    trained, clts, clt_exported, consumers, tmp_path
+):
+    """circuit-tracer's load_clt reads each exported CLT; its encode (all layers and per
+    layer) and forward equal saesweep.load's ExportedCLT on held-out activations."""
+    _, uri, _ = trained
+    names = EXPORTED_CLTS
+    xs = torch.stack([held_out(uri, i)[0] for i in LAYERS])  # [L, B, d]
+    save_file({"xs": xs}, str(tmp_path / "inputs.safetensors"))
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    out = tmp_path / "out.safetensors"
+    info = run_json(python, LOAD_CLT, str(clt_exported), str(tmp_path / "inputs.safetensors"),
+                    str(out), *names)  # fmt: skip
+    got = load_file(str(out))
+    for name in names:
+        assert info[name] == {
+            "kind": "cross_layer_transcoder",
+            "n_layers": 3,
+            "d_transcoder": 32,
+            "input": "mlp.hook_in",
+            "output": "hook_mlp_out",
+            "activation": "JumpReLU" if name == "jumprelu" else "relu",
+        }
+        clt = saesweep.load(clts[name])
+        codes = clt.encode(xs.transpose(0, 1)).transpose(0, 1)
+        torch.testing.assert_close(got[f"{name}.codes"], codes, rtol=1e-5, atol=1e-5)
+        for i in LAYERS:
+            torch.testing.assert_close(got[f"{name}.codes{i}"], codes[i], rtol=1e-5, atol=1e-5)
+        pred = clt.decode(codes.transpose(0, 1)).transpose(0, 1)
+        torch.testing.assert_close(got[f"{name}.pred"], pred, rtol=1e-5, atol=1e-5)
+        assert (codes > 0).any(dim=-1).float().mean() > 0.5
+
+
+def test_what_circuit_tracer_cannot_read_of_clts_is_refused(clts, tmp_path, capsys):
+    for runs, says in (
+        ([clts["topk"]], "topk cross-layer transcoder, which circuit-tracer cannot"),
+        ([clts["relu"], clts["jumprelu"]], "give one cross-layer transcoder run"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
+def test_an_attribution_graph_runs_on_the_exported_clt(trained, clts, clt_exported, consumers):
+    """circuit-tracer's nnsight backend on the tiny Llama with the exported JumpReLU CLT: the
+    graph's active features and their activations are saesweep's on the same tokens."""
+    model_dir, _, _ = trained
+    graph, xs = attribution_graph(consumers, clt_exported / "jumprelu", model_dir)
+    codes = saesweep.load(clts["jumprelu"]).encode(xs)
+    for (layer, pos, feature), value in zip(graph["features"], graph["values"], strict=True):
+        assert value == pytest.approx(codes[pos, layer, feature].item(), rel=1e-4, abs=1e-5)

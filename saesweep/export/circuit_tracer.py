@@ -6,9 +6,12 @@ resid_mid to its mlp) become a `transcoder_set`: layer_{i}.safetensors as circui
 SingleLayerTranscoder keeps them (W_enc [d_sae, d_model], b_enc, W_dec [d_sae, d_model], b_dec,
 W_skip [d_model, d_model] for skip transcoders, activation_function.threshold for JumpReLU)
 and config.yaml (model_kind, feature_input_hook, feature_output_hook, model_name, scan).
+A cross-layer transcoder run (`--sae.arch clt`, from every layer's mlp_in or resid_mid to the
+mlps) becomes a `cross_layer_transcoder`: W_enc_{i}.safetensors (W_enc_{i} [d_tc, d_model],
+b_enc_{i}, b_dec_{i}, threshold_{i} for JumpReLU) and W_dec_{i}.safetensors (W_dec_{i}
+[d_tc, L - i, d_model]) per layer, as circuit-tracer's load_clt reads them.
 Weights act on raw activations (the input scale is folded in by the run directory).
-`export_writer` picks the writer by the kind of run; a cross-layer transcoder
-(circuit-tracer's `cross_layer_transcoder`) is one more writer there.
+`export_writer` picks the writer by the kind of run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from saesweep.export.output import staged_output
 from saesweep.export.runs import finished_runs
 from saesweep.format.rundir import load_sae
 from saesweep.sae.base import sae_architecture
+from saesweep.sae.clt_export import ExportedCLT
 
 TL_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in", "mlp": "hook_mlp_out"}
 """circuit-tracer's (TransformerLens) hook names of saesweep's sites; its nnsight backend maps
@@ -40,16 +44,20 @@ ACTIVATIONS = {"standard": "relu", "jumprelu": "jump_relu"}
 """The exported architectures circuit-tracer's transcoder loader reads (SAELens name ->
 activation): ReLU, and JumpReLU (JumpReLU, BatchTopK and Matryoshka runs, whose inference
 threshold is exact). TopK has no threshold form and Switch routes; both are refused."""
+CLT_ACTIVATIONS = {"relu": "relu", "jumprelu": "jump_relu"}
+"""The CLT activations circuit-tracer's load_clt reads (a TopK CLT is refused)."""
 
 
 @dataclass(frozen=True)
 class CircuitTracerCommand:
     """Per-layer transcoders as circuit-tracer's transcoder set (layer_{i}.safetensors and
-    config.yaml), for attribution graphs with circuit-tracer."""
+    config.yaml), or one cross-layer transcoder run as its cross_layer_transcoder
+    (W_enc_{i} and W_dec_{i}.safetensors, config.yaml), for attribution graphs."""
 
     runs: positional(tuple[str, ...], "RUN_OR_SWEEP_DIR")
     """Run directories, or sweep directories for each of their runs: one transcoder per layer
-    of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp."""
+    of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp; or one
+    ReLU or JumpReLU CLT run over every layer."""
     out: str
     """The directory to write (new or empty)."""
 
@@ -78,7 +86,12 @@ def write(cmd: CircuitTracerCommand) -> None:
 
 def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
     """The writer of these runs' (run directory, cfg.json, weights) circuit-tracer model
-    kind, runs -> (files, config.yaml fields): per-layer transcoders make a transcoder set."""
+    kind, runs -> (files, config.yaml fields): per-layer transcoders make a transcoder set,
+    one cross-layer transcoder run a cross_layer_transcoder."""
+    if any(cfg["architecture"] == ExportedCLT.architecture for _, cfg, _ in runs):
+        if len(runs) > 1:
+            raise UserError("give one cross-layer transcoder run; circuit-tracer reads one CLT")
+        return cross_layer_transcoder
     for run, cfg, _ in runs:
         if "hook_name_out" not in cfg:
             raise UserError(
@@ -107,6 +120,58 @@ def transcoder_set(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[str, bytes
         "scan": f"saesweep/{runs[0][0].parent.parent.name}",
     }
     return files, config
+
+
+def cross_layer_transcoder(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[str, bytes], dict]:
+    """W_enc_{i} and W_dec_{i}.safetensors for each layer and the config of one CLT run."""
+    run, cfg, weights = runs[0]
+    site = clt_input_site(run, cfg)
+    if cfg["activation"] not in CLT_ACTIVATIONS:
+        raise UserError(
+            f"{run} is a {cfg['activation']} cross-layer transcoder, which circuit-tracer cannot "
+            "express (it reads ReLU and JumpReLU ones); train --sae.clt.activation relu or jumprelu"
+        )
+    sd = {k: v.float() for k, v in weights.items()}
+    files = {}
+    for i in range(cfg["n_layers"]):
+        enc = {
+            f"W_enc_{i}": sd[f"W_enc_{i}"].T,
+            **{f"{k}_{i}": sd[f"{k}_{i}"] for k in ("b_enc", "b_dec")},
+        }
+        if f"threshold_{i}" in sd:
+            enc[f"threshold_{i}"] = sd[f"threshold_{i}"].clamp_min(0)
+        files[f"W_enc_{i}.safetensors"] = save({k: v.contiguous() for k, v in enc.items()})
+        files[f"W_dec_{i}.safetensors"] = save({f"W_dec_{i}": sd[f"W_dec_{i}"].contiguous()})
+    config = {
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": TL_HOOKS[site],
+        "feature_output_hook": TL_HOOKS[TARGET_SITE],
+        "activation_function": CLT_ACTIVATIONS[cfg["activation"]],
+        "model_name": cfg["model_name"],
+        "scan": f"saesweep/{run.parent.parent.name}",
+    }
+    return files, config
+
+
+def clt_input_site(run: Path, cfg: dict) -> str:
+    """The site a CLT run reads; a UserError unless it spans every layer of the model, from
+    mlp_in (or resid_mid) to the same layer's mlp."""
+    model = model_modules(cfg["model_name"])
+    ins = [resolve_hook(model, h)[1:] for h in cfg["hook_names"]]
+    outs = [resolve_hook(model, h)[1:] for h in cfg["hook_names_out"]]
+    n_layers = len(layer_list(model)[1])
+    site = ins[0][0]
+    if (
+        site not in INPUT_SITES
+        or ins != [(site, i) for i in range(n_layers)]
+        or outs != [(TARGET_SITE, i) for i in range(n_layers)]
+    ):
+        raise UserError(
+            f"{run} maps {', '.join(cfg['hook_names'])} to {', '.join(cfg['hook_names_out'])}; "
+            f"circuit-tracer replaces every MLP: train a CLT over all {n_layers} layers from "
+            "mlp_in (or resid_mid) to mlp"
+        )
+    return site
 
 
 def layer_runs(runs: list[tuple[Path, dict, dict]], model) -> list[LayerRun]:
