@@ -227,6 +227,9 @@ def _collect_part(
             bar.set_postfix_str(
                 f"{out.writer.bytes_written / 1e6 / (time.perf_counter() - start):.1f} MB/s"
             )
+        else:  # the dataset ended before the quota: the bar ends full, at what it held
+            bar.total = tokens
+            bar.refresh()
         out.flush()
     finally:
         out.close()
