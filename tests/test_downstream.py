@@ -322,7 +322,7 @@ def test_a_run_killed_before_its_metrics_resumes_to_the_same_metrics(
     out, err = proc.communicate()
     killed = only_dir(runs)
     if signum == signal.SIGINT:
-        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert proc.returncode == 130 and "Traceback" not in err, out + err
         resume = f"interrupted at step 16 of 16; resume with: uv run train.py --resume {killed}"
         assert out.splitlines()[-1] == resume, out
     assert len(list(killed.glob("runs/*/metrics.pending.json"))) == 6, "killed too late"

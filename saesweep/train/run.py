@@ -74,15 +74,17 @@ USER_ERROR = f"{UserError.__module__}.{UserError.__name__}"
 
 
 def failure_reason(outcome: GroupOutcome) -> str:
-    """The last exception line of the job's stderr (or of its error text)."""
+    """The last exception line of the job's stderr (or of its error text); a stop signal's
+    line wherever it is, as an error raised while a stop unwound (in a cleanup) is the stop's."""
     text = outcome.error
     if outcome.stderr is not None and Path(outcome.stderr).exists():
         text = Path(outcome.stderr).read_text(errors="replace") + "\n" + text
     raised = re.findall(
         r"^[\w.]*(?:Error|Exception|Interrupt|Interrupted)\b.*$", text, flags=re.MULTILINE
     )
+    stops = [line for line in raised if interrupt_status(line) is not None]
     lines = text.strip().splitlines()
-    return raised[-1] if raised else (lines[-1] if lines else "unknown error")
+    return (stops or raised or lines or ["unknown error"])[-1]
 
 
 def interrupt_status(reason: str) -> int | None:
