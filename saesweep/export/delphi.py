@@ -132,15 +132,6 @@ def cache_config(command: DelphiCommand, hook: HookShards, model: str | None) ->
     }
 
 
-def members_by_hook(command: DelphiCommand, collection: Collection, staged: Path) -> dict:
-    """{hook: (its chosen shards, the runs reading it as Members)}."""
-    grouped = runs_by_hook(command.runs, collection, command.shards)
-    return {
-        name: (hook, [member(r, command.n_splits, staged) for r in runs])
-        for name, (hook, runs) in grouped.items()
-    }
-
-
 def member(r: LoadedRun, n_splits: int, staged: Path) -> Member:
     parts = LatentParts(split_bounds(r.cfg["d_sae"], n_splits), staged / ".parts" / r.name)
     return Member(r.name, r.cfg, r.weights, hookpoint(r.cfg, r.run), parts)
@@ -154,7 +145,9 @@ def write_delphi(command: DelphiCommand) -> None:
     model = model_path(command.model or collection.config.get("model"))
     budget = int(command.memory_mb * 2**20)
     with staged_output(Path(command.out)) as staged:
-        grouped = members_by_hook(command, collection, staged)
+        grouped = runs_by_hook(
+            command.runs, collection, command.shards, lambda r: member(r, command.n_splits, staged)
+        )
         n_shards = sum(len(hook.shards) for hook, _ in grouped.values())
         with tqdm(total=n_shards, desc="delphi cache", disable=not command.progress) as bar:
             for hook, members in grouped.values():

@@ -80,14 +80,6 @@ class Member:
     stats: FeatureStats
 
 
-def members_by_hook(command: NeuronpediaCommand, collection: Collection) -> dict:
-    """{hook: (its chosen shards, the runs reading it as Members)}."""
-    grouped = runs_by_hook(command.runs, collection, command.shards)
-    return {
-        name: (hook, [member(r, command) for r in runs]) for name, (hook, runs) in grouped.items()
-    }
-
-
 def member(r: LoadedRun, command: NeuronpediaCommand) -> Member:
     stats = FeatureStats(r.cfg, r.weights, command.top, command.window, command.after)
     return Member(r.name, r.cfg["hook_name"], stats)
@@ -175,7 +167,9 @@ def write_neuronpedia(command: NeuronpediaCommand) -> None:
         return tokenizer.decode([token_id])
 
     with staged_output(Path(command.out)) as staged:
-        grouped = members_by_hook(command, collection)
+        grouped = runs_by_hook(
+            command.runs, collection, command.shards, lambda r: member(r, command)
+        )
         n_shards = sum(len(hook.shards) for hook, _ in grouped.values())
         with tqdm(total=n_shards, desc="neuronpedia", disable=not command.progress) as bar:
             for hook, members in grouped.values():

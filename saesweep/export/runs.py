@@ -3,8 +3,10 @@ every run they hold."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from torch import Tensor
 
@@ -12,6 +14,8 @@ from saesweep.errors import UserError
 from saesweep.evaluate.features import check_width
 from saesweep.format.collection import Collection, HookShards
 from saesweep.format.rundir import METRICS, load_sae
+
+T = TypeVar("T")
 
 
 def finished_runs(paths: tuple[str, ...]) -> list[Path]:
@@ -60,16 +64,17 @@ class LoadedRun:
 
 
 def runs_by_hook(
-    paths: tuple[str, ...], collection: Collection, shards: str
-) -> dict[str, tuple[HookShards, list[LoadedRun]]]:
-    """The finished runs `paths` name, loaded and grouped by the collection's hook each
-    reads: {hook: (its `shards`, its runs)}; a run of another width than its hook refused."""
+    paths: tuple[str, ...], collection: Collection, shards: str, member: Callable[[LoadedRun], T]
+) -> dict[str, tuple[HookShards, list[T]]]:
+    """The finished runs `paths` name, loaded, made into an export's `member`s and grouped by
+    the collection's hook each reads: {hook: (its `shards`, its members)}; a run of another
+    width than its hook refused."""
     runs = finished_runs(paths)
-    grouped: dict[str, tuple[HookShards, list[LoadedRun]]] = {}
+    grouped: dict[str, tuple[HookShards, list[T]]] = {}
     for name, run in zip(run_names(runs), runs, strict=True):
         cfg, weights = load_sae(run)
         meta = collection.hook(cfg.get("hook_name"))
-        hook, loaded = grouped.setdefault(meta["hook"], (collection.choose(meta, shards), []))
+        hook, members = grouped.setdefault(meta["hook"], (collection.choose(meta, shards), []))
         check_width(cfg, collection, hook)
-        loaded.append(LoadedRun(name, run, cfg, weights))
+        members.append(member(LoadedRun(name, run, cfg, weights)))
     return grouped
