@@ -15,7 +15,7 @@ from saesweep.sae.step import train_step
 
 LAYERS, D, D_OUT, D_TC, B = (1, 2, 3), 8, 6, 16, 32
 L = len(LAYERS)
-ACTIVATIONS = ("topk", "relu", "jumprelu")
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 SEEDS, LRS = [3, 5, 7], [1e-3, 3e-3, 1e-2]
 OBJECTIVES = [ObjectiveConfig(sparsity_coeff=c, sparsity_warmup_steps=w) for c, w in
               [(1e-3, 5), (3e-3, 0), (1e-2, 3)]]  # fmt: skip
@@ -45,6 +45,9 @@ def _reference_loss(p: dict, x, y, activation, k, coeff, bandwidth):
         if activation == "topk":
             top = pre.relu().topk(k, dim=-1)
             f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        elif activation == "batchtopk":  # this layer's k * B largest over the batch
+            top = pre.relu().flatten().topk(k * len(x))
+            f = torch.zeros_like(pre).flatten().scatter(0, top.indices, top.values).view_as(pre)
         elif activation == "relu":
             f = pre.relu()
             norms = p[f"W_dec_{i}"].flatten(1).norm(dim=1)
@@ -122,7 +125,7 @@ def test_stacked_clts_equal_separate_members(activation):
         assert_member_alone(stack, i, one, stacked, alone, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 def test_resume_from_safetensors_is_bit_identical(activation):
     x, y = _data(10 * B, seed=2)
 
@@ -140,6 +143,33 @@ def test_resume_from_safetensors_is_bit_identical(activation):
     _train(resumed, resumed_opt, x, y, 4, start=6)
     for name, t in sae.state_dict().items():
         assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+def test_batchtopk_keeps_a_running_threshold_per_layer_for_inference():
+    """Each layer's threshold: the smallest activation the batch top-k kept, then moved with
+    the momentum; inference keeps what exceeds it, and the export writes it per feature."""
+    x, y = _data(3 * B, seed=4)
+    sae = make_sae(_cfg("batchtopk"), D, SEEDS, d_out=D_OUT, dtype=torch.float64)
+    opt = StackedAdam(sae.parameters(), lr=LRS)
+    want = torch.full((len(SEEDS), L), -1.0, dtype=torch.float64)
+    for s in range(3):
+        rows = slice(s * B, (s + 1) * B)
+        with torch.no_grad():
+            acts = sae.encode(x[rows]).acts.view(len(SEEDS), B, L, D_TC)
+        kept = acts.where(acts > 0, torch.inf).amin(dim=(1, 3))
+        want = torch.where(want < 0, kept, 0.99 * want + 0.01 * kept)
+        train_step(sae, opt, x[rows], s, target=y[rows])
+    torch.testing.assert_close(sae.threshold, want)
+    sae.eval()
+    with torch.no_grad():
+        pre = sae.pre_activations(x[:B])
+        got = sae.encode(x[:B]).acts.view_as(pre)
+    thr = want.view(len(SEEDS), 1, L, 1)
+    torch.testing.assert_close(got, pre * (pre > thr), rtol=0, atol=0)
+    assert 0 < (got > 0).sum(-1).double().mean() < 2 * 3
+    sd = sae.member_state_dict(1)
+    for j in range(L):
+        torch.testing.assert_close(sd[f"threshold_{j}"], thr[1, 0, j].expand(D_TC))
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_a_group_of_clts_equals_each_alone(coll, tmp_path):
     assert_group_equals_alone(cfgs, tmp_path)
 
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 def test_load_gives_the_trained_clts_forward_on_raw_activations(coll, tmp_path, activation):
     result = train([_cfg(coll, activation, n_train=1024)], tmp_path)[0]
     clt = saesweep.load(tmp_path / "run-0")

@@ -66,15 +66,20 @@ class BatchTopKSAE(TopKSAE):
     def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
         """Also move each member's threshold toward the smallest positive kept activation."""
         super().update_running_stats(result, mask)
-        m, thr = result.threshold_sample, self.threshold
-        if m is None:
-            return
-        mom = self.cfg.batchtopk.threshold_momentum
-        new = torch.where(thr < 0, m, mom * thr + (1 - mom) * m)
-        self.threshold.copy_(torch.where(mask & torch.isfinite(m), new, thr))
+        if result.threshold_sample is not None:
+            mom, sample = self.cfg.batchtopk.threshold_momentum, result.threshold_sample
+            self.threshold.copy_(moved_threshold(self.threshold, sample, mask, mom))
 
     def _export_extra(self, i: int, s: float) -> dict[str, Tensor]:
         return {"threshold": self.threshold[i].clamp_min(0).expand(self.d_sae)}
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k}
+
+
+def moved_threshold(threshold: Tensor, sample: Tensor, mask: Tensor, momentum: float) -> Tensor:
+    """The running inference threshold moved toward this step's sample (taken as it is while
+    the threshold is still -1), where `mask` (members, broadcast against the threshold) is set
+    and the sample is finite."""
+    new = torch.where(threshold < 0, sample, momentum * threshold + (1 - momentum) * sample)
+    return torch.where(mask & torch.isfinite(sample), new, threshold)

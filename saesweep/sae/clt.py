@@ -14,6 +14,11 @@ the concatenation); each layer's own FVU is logged as fvu_layer_<layer>.
 Activations (sae.clt.activation): topk keeps the k largest pre-activations of every layer
 separately (k per layer, so L0 = L * k: every layer's encoder gets the same budget, as
 per-layer transcoders would, and no layer with large pre-activations starves the others);
+batchtopk keeps, per layer, the k * B largest of that layer's pre-activations over the batch
+(k per layer on average, for the same reason; sae/sparse.batch_topk_codes) and at inference
+each layer's running threshold (the smallest activation the batch top-k kept, moved as the
+BatchTopK SAE's: sae/batchtopk.moved_threshold), which the export writes as JumpReLU
+thresholds;
 relu penalizes sum f * ||W_dec row|| (the row over all its target layers) with
 objective.sparsity_coeff; jumprelu learns a threshold per feature through JumpReLU's
 straight-through estimator and penalizes the L0 with objective.sparsity_coeff. Decoder rows
@@ -22,9 +27,10 @@ each layer (no sparse decode yet), and TopK has no AuxK.
 
 Parameters per member: W_enc [L, d_model, d_tc], b_enc [L * d_tc], W_dec_<i> [d_tc, L - i,
 d_out] for source layer i (0-based among the CLT's layers), b_dec [L * d_out], and for
-jumprelu threshold [L * d_tc]. The export (member_state_dict) is circuit-tracer's layout per
-source layer: W_enc_<i> [d_model, d_tc], b_enc_<i>, W_dec_<i> [d_tc, L - i, d_out], b_dec_<i>
-[d_out], threshold_<i>; docs/storage-format.md.
+jumprelu threshold [L * d_tc] (batchtopk: the running thresholds, a buffer [L]). The
+export (member_state_dict) is circuit-tracer's layout per source layer: W_enc_<i>
+[d_model, d_tc], b_enc_<i>, W_dec_<i> [d_tc, L - i, d_out], b_dec_<i> [d_out],
+threshold_<i>; docs/storage-format.md.
 """
 
 from __future__ import annotations
@@ -39,12 +45,17 @@ from torch import Tensor
 
 from saesweep.configtools import PLAIN_NAME
 from saesweep.sae.base import LossResult, StackedSAE, check, total_variance
+from saesweep.sae.batchtopk import moved_threshold
 from saesweep.sae.codes import Codes, DenseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
 from saesweep.sae.registry import register
+from saesweep.sae.sparse import batch_topk_codes
 
 if TYPE_CHECKING:
     from saesweep.sae.config import SAEConfig
+
+K_ACTIVATIONS = ("topk", "batchtopk")
+"""The activations that keep k (sae.k) features per layer."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,10 @@ class CLTConfig:
     ...)."""
     target_site: str = field(default="mlp", metadata=PLAIN_NAME)
     """The hook site its decoders write at every layer."""
-    activation: Literal["topk", "relu", "jumprelu"] = "topk"
-    """topk: the k (sae.k) largest pre-activations of each layer; relu: ReLU with the L1
+    activation: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    """topk: the k (sae.k) largest pre-activations of each layer; batchtopk: the k * batch
+    size largest of each layer over the batch, a running threshold per layer at inference
+    (sae.batchtopk.threshold_momentum); relu: ReLU with the L1
     penalty weighted by decoder norms (objective.sparsity_coeff); jumprelu: learned thresholds
     with the L0 penalty (objective.sparsity_coeff; sae.jumprelu's bandwidth and
     init_threshold)."""
@@ -96,7 +109,8 @@ class CrossLayerTranscoder(StackedSAE):
         check(cfg.decoder_norm != "unit", "sae.decoder_norm unit is not supported by clt")
         check(not cfg.skip, "sae.skip is not supported by clt")
         d_tc = cfg.width(d_in)
-        check(clt.activation != "topk" or cfg.k <= d_tc, f"k={cfg.k} must be <= d_sae={d_tc}")
+        k_fits = clt.activation not in K_ACTIVATIONS or cfg.k <= d_tc
+        check(k_fits, f"k={cfg.k} must be <= d_sae={d_tc}")
 
     @classmethod
     def sizes(cls, cfg: SAEConfig, d_in: int) -> tuple[int, int, int]:
@@ -115,6 +129,13 @@ class CrossLayerTranscoder(StackedSAE):
         self.d_model, self.d_tc, self.d_target = self.d_in, self.d_sae, self.d_out
         self.d_in, self.d_out = self.n_layers * self.d_model, self.n_layers * self.d_target
         self.d_sae = self.n_layers * self.d_tc
+
+    def register_member_buffers(self) -> None:
+        """Also, for batchtopk, each layer's running inference threshold [n, L] (-1 until the
+        first estimate)."""
+        super().register_member_buffers()
+        if self.activation == "batchtopk":
+            self.register_buffer("threshold", torch.full((self.n, self.n_layers), -1.0))
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         """Each decoder row (a feature's writes to all its target layers) of norm
@@ -156,9 +177,29 @@ class CrossLayerTranscoder(StackedSAE):
             values, indices = pre.relu().topk(self.k, dim=-1, sorted=False)
             acts = torch.zeros_like(pre).scatter(-1, indices, values)
             return DenseCodes(acts.flatten(2))
+        if self.activation == "batchtopk":
+            return DenseCodes(self.batch_topk(pre).flatten(2))
         threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
         acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
         return JumpReLUCLTCodes(acts.flatten(2), token_l0=token_l0.sum(-1))
+
+    def batch_topk(self, pre: Tensor) -> Tensor:
+        """[n, B, L, d_tc] training: each layer's k * B largest activations over the batch;
+        inference: those above the layer's running threshold."""
+        if not self.training:
+            return pre * (pre > self.threshold.clamp_min(0).view(self.n, 1, self.n_layers, 1))
+        layers = pre.relu().transpose(1, 2).flatten(0, 1)  # [n * L, B, d_tc]
+        values, indices = batch_topk_codes(layers, self.k)
+        acts = torch.zeros_like(layers).scatter(-1, indices, values)
+        return acts.unflatten(0, (self.n, self.n_layers)).transpose(1, 2)
+
+    def threshold_sample(self, codes: Codes) -> Tensor | None:
+        """batchtopk, training: [n, L] each layer's smallest activation the batch top-k kept."""
+        if self.activation != "batchtopk" or not self.training:
+            return None
+        acts = codes.acts.detach().unflatten(-1, (self.n_layers, self.d_tc))
+        kept = acts.where(acts > 0, torch.inf).amin(dim=(1, 3))
+        return kept.to(self.threshold.dtype)
 
     def decode(self, codes: Codes) -> Tensor:
         """[n, B, L * d_out]: target layer l' gets sum over l <= l' of layer l's codes @
@@ -211,6 +252,14 @@ class CrossLayerTranscoder(StackedSAE):
         if self.activation == "jumprelu":
             self.threshold.clamp_(min=0.0)
 
+    def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
+        """Also, for batchtopk, move each layer's threshold toward its sample."""
+        super().update_running_stats(result, mask)
+        if result.threshold_sample is not None:
+            mom = self.cfg.batchtopk.threshold_momentum
+            sample, member = result.threshold_sample, mask.view(-1, 1)
+            self.threshold.copy_(moved_threshold(self.threshold, sample, member, mom))
+
     # ----- export ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -237,6 +286,8 @@ class CrossLayerTranscoder(StackedSAE):
             sd[f"b_dec_{j}"] = b_dec[j] * t_inv[j]
             if self.activation == "jumprelu":
                 sd[f"threshold_{j}"] = self.threshold[i].view(L, self.d_tc)[j]
+            elif self.activation == "batchtopk":
+                sd[f"threshold_{j}"] = self.threshold[i, j].clamp_min(0).expand(self.d_tc)
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
     def sae_lens_cfg(self) -> dict:
@@ -254,7 +305,7 @@ class CrossLayerTranscoder(StackedSAE):
             "dtype": str(self.W_enc.dtype).removeprefix("torch."),
             "apply_b_dec_to_input": False,
             "normalize_activations": "none",
-        } | ({"k": self.k} if self.activation == "topk" else {})
+        } | ({"k": self.k} if self.activation in K_ACTIVATIONS else {})
 
 
 @dataclass(frozen=True)

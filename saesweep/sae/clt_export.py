@@ -24,7 +24,7 @@ class ExportedCLT:
     """The run's cfg.json: layers, activation, k, d_in, d_sae (per layer), d_out, hooks."""
     weights: dict[str, Tensor]
     """W_enc_<i> [d_in, d_sae], b_enc_<i>, W_dec_<i> [d_sae, L - i, d_out], b_dec_<i>
-    [d_out], threshold_<i> (jumprelu) per source layer i."""
+    [d_out], threshold_<i> (jumprelu, batchtopk) per source layer i."""
 
     architecture = "clt"
 
@@ -35,7 +35,7 @@ class ExportedCLT:
             pre = (xs[:, i] @ w[f"W_enc_{i}"] + w[f"b_enc_{i}"]).relu()
             if self.cfg["activation"] == "topk":
                 pre = keep_topk(pre, self.cfg["k"])
-            elif self.cfg["activation"] == "jumprelu":
+            elif self.cfg["activation"] in ("jumprelu", "batchtopk"):
                 pre = pre * (pre > w[f"threshold_{i}"])
             codes.append(pre)
         return torch.stack(codes, dim=1)
