@@ -63,6 +63,7 @@ def run_train(path: Path, *flags: str, capsys=None) -> tuple[int, str, str]:
         ("demo", 6, 1),
         ("live_layers", 3, 1),
         ("transcoders", 5, 3),
+        ("clt", 14, 7),
     ],
 )
 def test_every_sweep_file_plans(name, configs, groups):
@@ -85,6 +86,17 @@ def test_dry_run_prints_the_plan(capsys):
     assert code == 2 and "--max-parallel 0 must be at least 1" in err
     code, _, err = plan(ROOT / "sweeps/lr_grid.py", "--executor", "foo", capsys=capsys)
     assert code == 2 and "--executor 'foo' is not one of" in err
+
+
+def test_the_clt_sweep_plans_its_clts_beside_the_transcoder_set(capsys):
+    code, out, err = plan(ROOT / "sweeps/clt.py", capsys=capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == "14 configs in 7 groups"
+    hooks = ", ".join([*(f"mlp_in.{i}" for i in range(6)), *(f"mlp.{i}" for i in range(6))])
+    assert f"group 0: 2 SAEs, data data/demo-clt hook=None, layered runs' hooks {hooks}," in out
+    for layer in range(6):
+        assert f"hook=mlp_in.{layer} -> target mlp.{layer}, n_train=65,536" in out
+    assert out.count("topk      width=2x k=16") == 6
 
 
 def test_d_vit_is_d_model():
