@@ -30,8 +30,11 @@ SETS = {"relu_skip": dict(arch="relu", skip=True), "batchtopk": dict(arch="batch
 """Two transcoder sets trained side by side: ReLU with skip connections, and BatchTopK
 (exported as JumpReLU with its inference threshold)."""
 TRAINED = {**SETS, "topk": dict(arch="topk")}
-"""The sets and TopK transcoders, which circuit-tracer cannot express."""
+"""The sets and TopK transcoders (exported as JumpReLU with calibrated thresholds)."""
 N_VAL = 512
+CALIBRATION_TOKENS = 192
+"""Held-out tokens the TopK exports calibrate on; the next as many measure them (the
+held-out shard holds 496)."""
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +71,18 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
-    _, _, dirs = trained
+    _, uri, dirs = trained
     for name in SETS:
         runs = dirs[name]
         export_main(["circuit-tracer", *map(str, runs), "--out", str(root / name)])
+    export_main(["circuit-tracer", *map(str, dirs["topk"]), "--out", str(root / "topk"),
+                 *calibrated(uri)])  # fmt: skip
     return root
+
+
+def calibrated(uri: str) -> list[str]:
+    """The export flags of a TopK run: its collection's held-out shard, CALIBRATION_TOKENS."""
+    return ["--collection", uri, "--calibration-tokens", str(CALIBRATION_TOKENS)]
 
 
 def held_out(uri: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +184,52 @@ def test_circuit_tracer_loads_the_sets_and_reproduces_saesweep(
             assert fvu.item() == pytest.approx(reported, rel=1e-4), (name, i)
 
 
+def test_circuit_tracer_reproduces_the_fvu_a_calibrated_topk_set_reports(
+    trained, exported, consumers, tmp_path
+):
+    """TopK transcoders exported as JumpReLU: each latent fires on the calibration tokens as
+    often as under TopK; circuit-tracer loads the set, and its FVU and L0 on the next held-out
+    tokens are calibration.json's, its trained FVU saesweep.load's."""
+    _, uri, dirs = trained
+    report = json.loads((exported / "topk" / "calibration.json").read_text())
+    data, n = {}, CALIBRATION_TOKENS
+    for i in LAYERS:
+        x, y = held_out(uri, i)
+        sae = saesweep.load(dirs["topk"][i])
+        threshold = load_file(str(exported / "topk" / f"layer_{i}.safetensors"))[
+            "activation_function.threshold"
+        ]
+        codes = sae.encode(x[:n])
+        pre = (x[:n] @ sae.weights["W_enc"] + sae.weights["b_enc"]).relu()
+        assert torch.equal((pre > threshold).sum(0), (codes > 0).sum(0))
+        l0 = (pre > threshold).sum(1).double().mean()
+        assert l0 == pytest.approx(4, abs=0.1)  # k on average (TopK keeps a few zeros)
+        row = report[f"layer {i}"]
+        assert (row["run"], row["tokens"]) == (str(dirs["topk"][i]), n)
+        x, y = x[n : 2 * n], y[n : 2 * n]
+        assert row["fvu_trained"] == pytest.approx(fvu_of(sae(x), y), rel=1e-4)
+        data[f"x{i}"], data[f"y{i}"] = x, y
+    save_file(data, str(tmp_path / "inputs.safetensors"))
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    out = tmp_path / "out.safetensors"
+    info = run_json(python, LOAD, str(exported), str(tmp_path / "inputs.safetensors"), str(out),
+                    "topk")  # fmt: skip
+    assert info["topk"]["activation"] == "JumpReLU"
+    got = load_file(str(out))
+    for i in LAYERS:
+        row = report[f"layer {i}"]
+        fvu = fvu_of(got[f"topk.pred{i}"], data[f"y{i}"])
+        assert fvu == pytest.approx(row["fvu_export"], rel=1e-4)
+        l0 = (got[f"topk.codes{i}"] > 0).sum(-1).double().mean().item()
+        assert l0 == pytest.approx(row["l0_export"], rel=1e-6)
+        assert row["fvu_export"] < 1.5 * row["fvu_trained"]
+
+
+def fvu_of(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Squared error over the variance of y [tokens, ...] about its mean over tokens."""
+    return ((pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+
+
 GRAPH = """
 import json, sys, torch, yaml
 from circuit_tracer import ReplacementModel, attribute
@@ -231,7 +287,7 @@ def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
         (dirs["batchtopk"][:2], "no transcoder for layers [2]"),
         ([*dirs["batchtopk"], dirs["batchtopk"][0]], "are both for layer 0"),
         ([*dirs["batchtopk"][:2], dirs["relu_skip"][2]], "differ in activations"),
-        (dirs["topk"], "is a topk transcoder, which circuit-tracer cannot express"),
+        (dirs["topk"], "give --collection"),
     ):
         with pytest.raises(SystemExit) as stop:
             export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
@@ -239,10 +295,10 @@ def test_what_circuit_tracer_cannot_read_is_refused(trained, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
 
-CLTS = ("relu", "jumprelu", "topk")
+CLTS = ("relu", "jumprelu", "batchtopk", "topk")
 """Cross-layer transcoders over the three layers (mlp_in -> mlp), trained side by side."""
-EXPORTED_CLTS = ("relu", "jumprelu")
-"""The CLTs circuit-tracer can express."""
+EXPORTED_CLTS = ("relu", "jumprelu", "batchtopk")
+"""The CLTs circuit-tracer expresses exactly (BatchTopK with its running thresholds)."""
 
 
 @pytest.fixture(scope="module")
@@ -280,11 +336,13 @@ def clts(trained, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clt_exported(clts, tmp_path_factory):
-    """The ReLU and JumpReLU CLTs exported, each in its directory of the returned one."""
+def clt_exported(trained, clts, tmp_path_factory):
+    """Each CLT exported in its directory of the returned one (TopK's calibrated)."""
     root = tmp_path_factory.mktemp("clt-exports")
     for name in EXPORTED_CLTS:
         export_main(["circuit-tracer", str(clts[name]), "--out", str(root / name)])
+    export_main(["circuit-tracer", str(clts["topk"]), "--out", str(root / "topk"),
+                 *calibrated(trained[1])])  # fmt: skip
     return root
 
 
@@ -336,7 +394,7 @@ def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(
             "d_transcoder": 32,
             "input": "mlp.hook_in",
             "output": "hook_mlp_out",
-            "activation": "JumpReLU" if name == "jumprelu" else "relu",
+            "activation": "relu" if name == "relu" else "JumpReLU",
         }
         clt = saesweep.load(clts[name])
         codes = clt.encode(xs.transpose(0, 1)).transpose(0, 1)
@@ -350,13 +408,49 @@ def test_circuit_tracer_loads_the_clts_and_reproduces_saesweep(
 
 def test_what_circuit_tracer_cannot_read_of_clts_is_refused(clts, tmp_path, capsys):
     for runs, says in (
-        ([clts["topk"]], "topk cross-layer transcoder, which circuit-tracer cannot"),
+        ([clts["topk"]], "give --collection"),
         ([clts["relu"], clts["jumprelu"]], "give one cross-layer transcoder run"),
     ):
         with pytest.raises(SystemExit) as stop:
             export_main(["circuit-tracer", *map(str, runs), "--out", str(tmp_path / "x")])
         assert stop.value.code == 2 and says in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_circuit_tracer_reproduces_the_fvu_a_calibrated_topk_clt_reports(
+    trained, clts, clt_exported, consumers, tmp_path
+):
+    """A TopK CLT exported as JumpReLU: circuit-tracer's load_clt reads it, and its FVU over
+    all layers and L0 on the held-out tokens after the calibration ones are
+    calibration.json's."""
+    _, uri, _ = trained
+    n = CALIBRATION_TOKENS
+    held = [held_out(uri, i) for i in LAYERS]
+    xs = torch.stack([x[n : 2 * n] for x, _ in held])  # [L, B, d]
+    ys = torch.stack([y[n : 2 * n] for _, y in held])
+    save_file({"xs": xs}, str(tmp_path / "inputs.safetensors"))
+    python = consumers("circuit-tracer", CIRCUIT_TRACER)
+    out = tmp_path / "out.safetensors"
+    info = run_json(python, LOAD_CLT, str(clt_exported), str(tmp_path / "inputs.safetensors"),
+                    str(out), "topk")  # fmt: skip
+    assert info["topk"]["activation"] == "JumpReLU"
+    got = load_file(str(out))
+    row = json.loads((clt_exported / "topk" / "calibration.json").read_text())["clt"]
+    assert (row["run"], row["tokens"]) == (str(clts["topk"]), n)
+    fvu = fvu_of(got["topk.pred"].transpose(0, 1), ys.transpose(0, 1))
+    assert fvu == pytest.approx(row["fvu_export"], rel=1e-4)
+    trained_clt = saesweep.load(clts["topk"])
+    want = fvu_of(trained_clt(xs.transpose(0, 1)), ys.transpose(0, 1))
+    assert row["fvu_trained"] == pytest.approx(want, rel=1e-4)
+    l0 = (got["topk.codes"] > 0).sum((0, 2)).double().mean().item()  # over all layers
+    assert l0 == pytest.approx(row["l0_export"], rel=1e-6)
+    for i, (x, _) in enumerate(held):  # on the calibration tokens each feature fires as often
+        w = load_file(str(clt_exported / "topk" / f"W_enc_{i}.safetensors"))
+        pre = (x[:n] @ w[f"W_enc_{i}"].T + w[f"b_enc_{i}"]).relu()
+        codes = trained_clt.encode(torch.stack([x[:n] for x, _ in held], dim=1))[:, i]
+        fires = pre > w[f"threshold_{i}"]
+        assert torch.equal(fires.sum(0), (codes > 0).sum(0))
+        assert fires.sum(1).double().mean() == pytest.approx(4, abs=0.1)  # k on average
 
 
 def test_an_attribution_graph_runs_on_the_exported_clt(trained, clts, clt_exported, consumers):

@@ -20,6 +20,7 @@ from saesweep import Reader
 from saesweep.collect.run import collect
 from saesweep.memory import group_bytes
 from saesweep.sae import CLTConfig, ObjectiveConfig, SAEConfig
+from saesweep.sae.batchtopk import BatchTopKConfig
 from saesweep.train.config import DataConfig
 
 LAYERS = (1, 2, 3)
@@ -37,7 +38,8 @@ def coll(tmp_path_factory) -> str:
 
 def _cfg(coll: str, activation: str = "topk", **kw):
     clt = CLTConfig(layers=LAYERS, input_site="resid", target_site="mlp", activation=activation)
-    sae = SAEConfig(arch="clt", d_sae=96, k=8, clt=clt)
+    quick = BatchTopKConfig(threshold_momentum=0.5)  # batchtopk's threshold within few steps
+    sae = SAEConfig(arch="clt", d_sae=96, k=8, clt=clt, batchtopk=quick)
     base = dict(
         train_data=DataConfig(uri=coll, shards=":-1", collect=""),
         sae=sae,

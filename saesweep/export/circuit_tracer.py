@@ -11,23 +11,26 @@ mlps) becomes a `cross_layer_transcoder`: W_enc_{i}.safetensors (W_enc_{i} [d_tc
 b_enc_{i}, b_dec_{i}, threshold_{i} for JumpReLU) and W_dec_{i}.safetensors (W_dec_{i}
 [d_tc, L - i, d_model]) per layer, as circuit-tracer's load_clt reads them.
 Weights act on raw activations (the input scale is folded in by the run directory).
-`export_writer` picks the writer by the kind of run.
+TopK transcoders and TopK CLTs export as JumpReLU with thresholds calibrated on --collection's
+held-out activations (export/calibration.py), and calibration.json says how close each export
+is to its trained model. `export_writer` picks the writer by the kind of run.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
 from saesweep.collect.model import layer_list, model_modules, resolve_hook
-from saesweep.configtools import positional
+from saesweep.configtools import at_least, positional
 from saesweep.errors import UserError
 from saesweep.export import export_format
+from saesweep.export.calibration import HeldOut, clt_thresholds, describe, transcoder_threshold
 from saesweep.export.output import staged_output
 from saesweep.export.runs import finished_runs
 from saesweep.format.rundir import load_sae
@@ -40,12 +43,16 @@ them onto HF modules as collect.model resolves the sites (hook_resid_mid: the pr
 input, mlp.hook_in: its output, hook_mlp_out: the MLP's output)."""
 INPUT_SITES = ("mlp_in", "resid_mid")
 TARGET_SITE = "mlp"
-ACTIVATIONS = {"standard": "relu", "jumprelu": "jump_relu"}
+ACTIVATIONS = {"standard": "relu", "jumprelu": "jump_relu", "topk": "jump_relu"}
 """The exported architectures circuit-tracer's transcoder loader reads (SAELens name ->
 activation): ReLU, and JumpReLU (JumpReLU, BatchTopK and Matryoshka runs, whose inference
-threshold is exact). TopK has no threshold form and Switch routes; both are refused."""
-CLT_ACTIVATIONS = {"relu": "relu", "jumprelu": "jump_relu"}
-"""The CLT activations circuit-tracer's load_clt reads (a TopK CLT is refused)."""
+threshold is exact; TopK runs, with calibrated thresholds). Switch routes and is refused."""
+CLT_ACTIVATIONS = {"relu": "relu", "jumprelu": "jump_relu", "batchtopk": "jump_relu",
+                   "topk": "jump_relu"}  # fmt: skip
+"""CLT activation -> circuit-tracer's (BatchTopK with its running thresholds, TopK with
+calibrated ones)."""
+CALIBRATED = "topk"
+"""The activation (SAELens architecture, CLT activation) whose thresholds are calibrated."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,29 @@ class CircuitTracerCommand:
     runs: positional(tuple[str, ...], "RUN_OR_SWEEP_DIR")
     """Run directories, or sweep directories for each of their runs: one transcoder per layer
     of the model, all from mlp_in (or all from resid_mid) to the same layer's mlp; or one
-    ReLU or JumpReLU CLT run over every layer."""
+    CLT run over every layer."""
     out: str
     """The directory to write (new or empty)."""
+    collection: str = ""
+    """The collection whose held-out activations calibrate TopK runs' JumpReLU thresholds and
+    measure the export's FVU (needed for TopK transcoders and CLTs): a path, file://PATH or
+    s3://BUCKET/PREFIX holding the runs' hooks."""
+    shards: str = "-1:"
+    """Python slice over the collection's shards to calibrate on (the trainer's held-out
+    shards by default)."""
+    calibration_tokens: int = field(default=16384, metadata=at_least(1))
+    """Tokens to calibrate the thresholds on; the next as many measure the export."""
+
+    def held_out(self) -> HeldOut | None:
+        """The calibration tokens, or None without --collection."""
+        if not self.collection:
+            return None
+        return HeldOut(self.collection, self.shards, self.calibration_tokens)
+
+
+CALIBRATION = "calibration.json"
+"""The export's file saying, per calibrated layer (or CLT), the threshold rule and the trained
+model's and the export's FVU and L0 on held-out tokens."""
 
 
 @dataclass(frozen=True)
@@ -76,17 +103,23 @@ class LayerRun:
 @export_format("circuit-tracer", CircuitTracerCommand)
 def write(cmd: CircuitTracerCommand) -> None:
     runs = [(run, *load_sae(run)) for run in finished_runs(cmd.runs)]
-    files, config = export_writer(runs)(runs)
+    files, config, calibrated = export_writer(runs)(runs, cmd.held_out())
     yaml = "".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
+    files["config.yaml"] = yaml.encode()
+    if calibrated:
+        files[CALIBRATION] = json.dumps(calibrated, indent=1).encode()
     with staged_output(Path(cmd.out)) as out:
-        for name, data in [*files.items(), ("config.yaml", yaml.encode())]:
+        for name, data in files.items():
             (out / name).write_bytes(data)
+    for name, row in calibrated.items():
+        print(describe(name, row))
     print(f"wrote {config['model_kind']} of {len(runs)} runs to {cmd.out}")
 
 
 def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
     """The writer of these runs' (run directory, cfg.json, weights) circuit-tracer model
-    kind, runs -> (files, config.yaml fields): per-layer transcoders make a transcoder set,
+    kind, (runs, held-out tokens or None) -> (files, config.yaml fields, {layer: closeness}
+    of the calibrated exports): per-layer transcoders make a transcoder set,
     one cross-layer transcoder run a cross_layer_transcoder."""
     if any(cfg["architecture"] == ExportedCLT.architecture for _, cfg, _ in runs):
         if len(runs) > 1:
@@ -104,13 +137,24 @@ def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
     return transcoder_set
 
 
-def transcoder_set(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[str, bytes], dict]:
-    """layer_{i}.safetensors for each layer and the config of a transcoder set."""
+def transcoder_set(
+    runs: list[tuple[Path, dict, dict]], held: HeldOut | None
+) -> tuple[dict[str, bytes], dict, dict]:
+    """layer_{i}.safetensors for each layer, the config of a transcoder set, and each
+    calibrated layer's closeness."""
     model_name = runs[0][1]["model_name"]
     model = model_modules(model_name)
     layers = layer_runs(runs, model)
     check_set(layers, len(layer_list(model)[1]))
-    files = {f"layer_{r.layer}.safetensors": save(layer_tensors(r)) for r in layers}
+    files, calibrated = {}, {}
+    for r in layers:
+        tensors = layer_tensors(r)
+        if _architecture(r.cfg) == CALIBRATED:
+            weights = {k: v.float() for k, v in r.weights.items()}
+            threshold, row = transcoder_threshold(r.cfg, weights, need(held, r.run))
+            tensors["activation_function.threshold"] = threshold
+            calibrated[f"layer {r.layer}"] = {"run": str(r.run)} | row
+        files[f"layer_{r.layer}.safetensors"] = save(tensors)
     config = {
         "model_kind": "transcoder_set",
         "feature_input_hook": TL_HOOKS[layers[0].input_site],
@@ -119,20 +163,22 @@ def transcoder_set(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[str, bytes
         "model_name": model_name,
         "scan": f"saesweep/{runs[0][0].parent.parent.name}",
     }
-    return files, config
+    return files, config, calibrated
 
 
-def cross_layer_transcoder(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[str, bytes], dict]:
-    """W_enc_{i} and W_dec_{i}.safetensors for each layer and the config of one CLT run."""
+def cross_layer_transcoder(
+    runs: list[tuple[Path, dict, dict]], held: HeldOut | None
+) -> tuple[dict[str, bytes], dict, dict]:
+    """W_enc_{i} and W_dec_{i}.safetensors for each layer, the config of one CLT run, and
+    its closeness if calibrated."""
     run, cfg, weights = runs[0]
     site = clt_input_site(run, cfg)
-    if cfg["activation"] not in CLT_ACTIVATIONS:
-        raise UserError(
-            f"{run} is a {cfg['activation']} cross-layer transcoder, which circuit-tracer cannot "
-            "express (it reads ReLU and JumpReLU ones); train --sae.clt.activation relu or jumprelu"
-        )
     sd = {k: v.float() for k, v in weights.items()}
-    files = {}
+    files, calibrated = {}, {}
+    if cfg["activation"] == CALIBRATED:
+        thresholds, row = clt_thresholds(cfg, sd, need(held, run))
+        sd |= thresholds
+        calibrated["clt"] = {"run": str(run)} | row
     for i in range(cfg["n_layers"]):
         enc = {
             f"W_enc_{i}": sd[f"W_enc_{i}"].T,
@@ -150,7 +196,17 @@ def cross_layer_transcoder(runs: list[tuple[Path, dict, dict]]) -> tuple[dict[st
         "model_name": cfg["model_name"],
         "scan": f"saesweep/{run.parent.parent.name}",
     }
-    return files, config
+    return files, config, calibrated
+
+
+def need(held: HeldOut | None, run: Path) -> HeldOut:
+    """The calibration tokens of a TopK run; a UserError without --collection."""
+    if held is None:
+        raise UserError(
+            f"{run} is a TopK transcoder, exported as JumpReLU with thresholds calibrated on "
+            "held-out activations: give --collection (the collection it was trained on)"
+        )
+    return held
 
 
 def clt_input_site(run: Path, cfg: dict) -> str:
@@ -189,7 +245,8 @@ def layer_runs(runs: list[tuple[Path, dict, dict]], model) -> list[LayerRun]:
         if _architecture(cfg) not in ACTIVATIONS:
             raise UserError(
                 f"{run} is a {cfg['saesweep_arch']} transcoder, which circuit-tracer cannot "
-                "express (it reads ReLU and JumpReLU ones); train relu, jumprelu or batchtopk"
+                "express (it reads ReLU and JumpReLU ones); train relu, jumprelu, batchtopk "
+                "or topk"
             )
         out.append(LayerRun(run, cfg, weights, layer, site))
     return sorted(out, key=lambda r: r.layer)
