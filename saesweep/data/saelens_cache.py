@@ -38,9 +38,10 @@ CONVERTED = "saesweep-collection"
 """The converted collection's directory inside the SAELens cache."""
 
 
-def cache_store(uri: str, anonymous: bool) -> Store | None:
-    """The store `uri` names when it holds a SAELens cache (a saved HF dataset) at its root."""
-    if not uri:
+def cache_store(uri: str, anonymous: bool, remote: bool) -> Store | None:
+    """The store `uri` names when it holds a SAELens cache (a saved HF dataset) at its root;
+    an S3 one only when `remote` (else None: no request is sent)."""
+    if not uri or (uri.startswith("s3://") and not remote):
         return None
     store = open_store(uri, anonymous)
     return store if store.exists("state.json") and store.exists("dataset_info.json") else None
@@ -166,12 +167,12 @@ def converted(cache: Store) -> bool:
     return all(cache.exists(f"{CONVERTED}/{hook}/statistics.json") for hook in hooks)
 
 
-def collection_uri(uri: str, anonymous: bool = False) -> str:
+def collection_uri(uri: str, anonymous: bool = False, remote: bool = True) -> str:
     """`uri` itself, or for a SAELens cache the collection converted from it (converted on
     first use, with a message; a cache where it cannot be written is refused): a local cache's
     inside it, staged and renamed whole; an S3 cache's under its prefix, written in place
-    (metadata and statistics last)."""
-    cache = cache_store(uri, anonymous)
+    (metadata and statistics last). Without `remote`, an S3 uri is given back unread."""
+    cache = cache_store(uri, anonymous, remote)
     if cache is None:
         return uri
     local = isinstance(cache, FileStore)
@@ -188,18 +189,19 @@ def collection_uri(uri: str, anonymous: bool = False) -> str:
     return out
 
 
-def data_uri(data) -> str:
+def data_uri(data, remote: bool) -> str:
     """A DataConfig's uri, or its SAELens cache's converted collection."""
-    return collection_uri(data.uri, data.anonymous)
+    return collection_uri(data.uri, data.anonymous, remote)
 
 
-def with_converted_caches(cfg):
+def with_converted_caches(cfg, remote: bool = True):
     """A train config whose store-sourced train_data and val_data name a SAELens cache's
-    converted collection instead of the cache."""
+    converted collection instead of the cache; S3 caches only when `remote` (a dry run sends
+    no S3 request)."""
     if cfg.train_data.source != "store":
         return cfg
     return dataclasses.replace(
         cfg,
-        train_data=dataclasses.replace(cfg.train_data, uri=data_uri(cfg.train_data)),
-        val_data=dataclasses.replace(cfg.val_data, uri=data_uri(cfg.val_data)),
+        train_data=dataclasses.replace(cfg.train_data, uri=data_uri(cfg.train_data, remote)),
+        val_data=dataclasses.replace(cfg.val_data, uri=data_uri(cfg.val_data, remote)),
     )
