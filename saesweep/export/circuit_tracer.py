@@ -29,7 +29,7 @@ from saesweep.configtools import positional
 from saesweep.errors import UserError
 from saesweep.export import export_format
 from saesweep.export.output import staged_output
-from saesweep.export.runs import finished_runs
+from saesweep.export.runs import check_one_hook, finished_runs
 from saesweep.format.rundir import load_sae
 from saesweep.sae.base import sae_architecture
 from saesweep.sae.clt_export import ExportedCLT
@@ -179,6 +179,7 @@ def layer_runs(runs: list[tuple[Path, dict, dict]], model) -> list[LayerRun]:
     is not a transcoder circuit-tracer can express."""
     out = []
     for run, cfg, weights in runs:
+        check_one_hook(run, cfg)
         _, site, layer = resolve_hook(model, cfg["hook_name"])
         _, target, target_layer = resolve_hook(model, cfg["hook_name_out"])
         if site not in INPUT_SITES or target != TARGET_SITE or layer != target_layer:
