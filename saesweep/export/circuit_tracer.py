@@ -93,6 +93,7 @@ def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
             raise UserError("give one cross-layer transcoder run; circuit-tracer reads one CLT")
         return cross_layer_transcoder
     for run, cfg, _ in runs:
+        check_one_hook(run, cfg)
         if "hook_name_out" not in cfg:
             raise UserError(
                 f"{run} is an SAE, not a transcoder; circuit-tracer needs transcoders from "
@@ -179,7 +180,6 @@ def layer_runs(runs: list[tuple[Path, dict, dict]], model) -> list[LayerRun]:
     is not a transcoder circuit-tracer can express."""
     out = []
     for run, cfg, weights in runs:
-        check_one_hook(run, cfg)
         _, site, layer = resolve_hook(model, cfg["hook_name"])
         _, target, target_layer = resolve_hook(model, cfg["hook_name_out"])
         if site not in INPUT_SITES or target != TARGET_SITE or layer != target_layer:
