@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from test_clt_train import INPUTS, LAYERS, coll  # noqa: F401 (the collection fixture)
+from test_clt_train import INPUTS, LAYERS, _fvus, coll  # noqa: F401 (the collection fixture)
 from test_train import assert_group_equals_alone, train, weights
 from test_train import cfg as train_cfg
 
@@ -33,11 +33,6 @@ def _cfg(uri: str, activation: str = "topk", **kw):
         log_every=2,
     )
     return train_cfg(uri, **(base | kw))
-
-
-def _fvus(run_dir) -> list[float]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
-    return [x["fvu"] for x in lines if "fvu" in x]
 
 
 @pytest.fixture(scope="module")

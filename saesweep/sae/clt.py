@@ -41,7 +41,7 @@ from saesweep.configtools import PLAIN_NAME
 from saesweep.sae.base import LossResult, StackedSAE, check
 from saesweep.sae.codes import Codes, DenseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
-from saesweep.sae.layered import check_layers, layer_fvu_terms, per_layer
+from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
 
 if TYPE_CHECKING:
@@ -232,19 +232,8 @@ class CrossLayerTranscoder(StackedSAE):
     def sae_lens_cfg(self) -> dict:
         """cfg.json's fields of a CLT: its shape per layer, activation and layers (the
         trainer adds the hooks)."""
-        return {
-            "architecture": self.sae_lens_architecture,
-            "saesweep_arch": self.arch,
-            "activation": self.activation,
-            "layers": list(self.layers),
-            "n_layers": self.n_layers,
-            "d_in": self.d_model,
-            "d_out": self.d_target,
-            "d_sae": self.d_tc,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-        } | ({"k": self.k} if self.activation == "topk" else {})
+        widths = {"d_in": self.d_model, "d_out": self.d_target, "d_sae": self.d_tc}
+        return layered_cfg(self) | widths
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from saesweep.configtools import PLAIN_NAME
 from saesweep.sae.base import StackedSAE, check
 from saesweep.sae.codes import Codes
 from saesweep.sae.jumprelu import JumpReLUSAE
-from saesweep.sae.layered import check_layers, layer_fvu_terms, per_layer
+from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
 from saesweep.sae.relu import ReLUSAE
 from saesweep.sae.topk import TopKSAE
@@ -143,20 +143,9 @@ class Crosscoder(StackedSAE):
         return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
     def sae_lens_cfg(self) -> dict:
-        """cfg.json's fields of a crosscoder: its shape per layer, activation and layers (the
-        trainer adds the hooks)."""
-        return {
-            "architecture": self.sae_lens_architecture,
-            "saesweep_arch": self.arch,
-            "activation": self.activation,
-            "layers": list(self.layers),
-            "n_layers": self.n_layers,
-            "d_in": self.d_model,
-            "d_sae": self.d_sae,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-        } | ({"k": self.k} if self.activation == "topk" else {})
+        """cfg.json's fields of a crosscoder: its widths (d_in per layer), activation and
+        layers (the trainer adds the hooks)."""
+        return layered_cfg(self) | {"d_in": self.d_model, "d_sae": self.d_sae}
 
 
 class TopKCrosscoder(Crosscoder, TopKSAE):

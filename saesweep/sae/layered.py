@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import check, total_variance
+from saesweep.sae.base import StackedSAE, check, total_variance
 from saesweep.sae.topk import keep_topk
 
 
@@ -46,3 +46,18 @@ def exported_activation(pre: Tensor, cfg: dict, threshold: Tensor | None) -> Ten
     if cfg["activation"] == "jumprelu":
         return pre * (pre > threshold)
     return pre
+
+
+def layered_cfg(sae: StackedSAE) -> dict:
+    """cfg.json's fields every layered architecture writes: architecture, activation (and k),
+    layers, dtype (the architecture adds its widths, the trainer the hooks)."""
+    return {
+        "architecture": sae.sae_lens_architecture,
+        "saesweep_arch": sae.arch,
+        "activation": sae.activation,
+        "layers": list(sae.layers),
+        "n_layers": sae.n_layers,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+    } | ({"k": sae.k} if sae.activation == "topk" else {})
