@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saesweep.configtools import PLAIN_NAME
-from saesweep.sae.base import LossResult, StackedSAE, check, total_variance
+from saesweep.sae.base import LossResult, StackedSAE, check
 from saesweep.sae.codes import Codes, DenseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
+from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
 
 if TYPE_CHECKING:
@@ -89,9 +90,8 @@ class CrossLayerTranscoder(StackedSAE):
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
-        layers, clt = cfg.clt.layers, cfg.clt
-        check(len(layers) > 0, "sae.clt.layers must name the layers of a clt, e.g. 1 2 3")
-        check(list(layers) == sorted(set(layers)), "sae.clt.layers must ascend without repeats")
+        clt = cfg.clt
+        check_layers(clt.layers, "clt")
         check(clt.input_site != clt.target_site, "sae.clt.input_site must differ from target_site")
         check(cfg.decoder_norm != "unit", "sae.decoder_norm unit is not supported by clt")
         check(not cfg.skip, "sae.skip is not supported by clt")
@@ -192,17 +192,7 @@ class CrossLayerTranscoder(StackedSAE):
         elif self.activation == "jumprelu":
             terms["sparsity_loss"] = (self.sparsity_at(step), codes.token_l0.mean(-1))
         zero = torch.zeros_like(self.sparsity_coeff)
-        return terms | {k: (zero, v) for k, v in self.layer_fvus(target, recon).items()}
-
-    @torch.no_grad()
-    def layer_fvus(self, target: Tensor, recon: Tensor) -> dict[str, Tensor]:
-        """fvu_layer_<layer> -> [n] that target layer's squared error over its variance."""
-        y = self.per_member(target).unflatten(-1, (self.n_layers, self.d_target))
-        err = (recon.unflatten(-1, (self.n_layers, self.d_target)) - y).pow(2).sum((1, 3))
-        return {
-            f"fvu_layer_{layer}": err[:, i] / total_variance(y[:, :, i])
-            for i, layer in enumerate(self.layers)
-        }
+        return terms | layer_fvu_terms(self.per_member(target), recon, self.layers, zero)
 
     @torch.no_grad()
     def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
@@ -224,8 +214,8 @@ class CrossLayerTranscoder(StackedSAE):
         each layer's input scale folded into its encoder, each target layer's scale into the
         decoder blocks writing it and its b_dec."""
         L = self.n_layers
-        s = _per_layer(input_scale, L)
-        t = _per_layer(input_scale if target_scale is None else target_scale, L)
+        s = per_layer(input_scale, L)
+        t = per_layer(input_scale if target_scale is None else target_scale, L)
         t_inv = 1 / torch.tensor(t, dtype=self.b_dec.dtype, device=self.b_dec.device)
         b_enc = self.b_enc[i].view(L, self.d_tc)
         b_dec = self.b_dec[i].view(L, self.d_target)
@@ -242,19 +232,8 @@ class CrossLayerTranscoder(StackedSAE):
     def sae_lens_cfg(self) -> dict:
         """cfg.json's fields of a CLT: its shape per layer, activation and layers (the
         trainer adds the hooks)."""
-        return {
-            "architecture": self.sae_lens_architecture,
-            "saesweep_arch": self.arch,
-            "activation": self.activation,
-            "layers": list(self.layers),
-            "n_layers": self.n_layers,
-            "d_in": self.d_model,
-            "d_out": self.d_target,
-            "d_sae": self.d_tc,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-        } | ({"k": self.k} if self.activation == "topk" else {})
+        widths = {"d_in": self.d_model, "d_out": self.d_target, "d_sae": self.d_tc}
+        return layered_cfg(self) | widths
 
 
 @dataclass(frozen=True)
@@ -263,8 +242,3 @@ class JumpReLUCLTCodes(DenseCodes):
 
     token_l0: Tensor | None = None
     """[n, B] each token's L0, differentiable in the thresholds (JumpReLUFn)."""
-
-
-def _per_layer(scale: float | Sequence[float], n_layers: int) -> list[float]:
-    """One scale per layer: a sequence as it is, a number for every layer."""
-    return list(scale) if isinstance(scale, Sequence) else [float(scale)] * n_layers
