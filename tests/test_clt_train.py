@@ -18,6 +18,7 @@ from test_train import cfg as train_cfg
 import saesweep
 from saesweep import Reader
 from saesweep.collect.run import collect
+from saesweep.evaluate.health import assess
 from saesweep.memory import group_bytes
 from saesweep.sae import CLTConfig, ObjectiveConfig, SAEConfig
 from saesweep.train.config import DataConfig
@@ -79,6 +80,8 @@ def test_clts_train_from_a_collection_with_every_layer_in_lockstep(coll, tmp_pat
         assert sae_cfg["hook_names"][0].endswith("layer.1")
         assert len(sae_cfg["input_scales"]) == 3 and sae_cfg["layers"] == list(LAYERS)
     assert 8 < results[0]["l0"] <= 8 * 3  # k per layer, of the positive pre-activations
+    assert results[0]["n_layers"] == 3
+    assert not any(r.startswith("L0") for r in assess(results[0]).reasons), "budget L x k"
     sd = weights(tmp_path / "run-0")
     assert sd["W_enc_0"].shape == (384, 96) and sd["W_dec_0"].shape == (96, 3, 384)
     assert sd["W_dec_2"].shape == (96, 1, 384) and sd["b_dec_1"].shape == (384,)
