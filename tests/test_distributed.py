@@ -27,9 +27,17 @@ def make_cfgs():
 """
 
 
-def mixed_args(coll: str, tmp_path: Path, root: str, *extra: str) -> list[str]:  # noqa: F811
+def mixed_args(
+    coll: str,  # noqa: F811
+    tmp_path: Path,
+    root: str,
+    *extra: str,
+    sweep_text: str = MIXED,
+) -> list[str]:
+    """train.py's arguments for a sweep of four runs (`sweep_text`, the mixed sweep by
+    default) on `coll`."""
     sweep = tmp_path / "mixed.py"
-    sweep.write_text(MIXED)
+    sweep.write_text(sweep_text)
     return [
         "--sweep", str(sweep), "--runs-root", str(tmp_path / root), "--device", "cpu",
         "--train-data.uri", coll, "--train-data.collect", "", "--batch-size", "128",
