@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from test_collect import small
-from test_distributed import assert_same_runs, finished, logged_losses, mixed_args
+from test_distributed import assert_data_mode_matches, assert_same_runs, finished, mixed_args
 from test_train import assert_group_equals_alone, only_dir, run_train, train, weights
 from test_train import cfg as train_cfg
 
@@ -176,13 +176,4 @@ def test_data_parallel_clts_match_one_process(coll, clts_one_process, tmp_path):
     """The first logged loss to float rounding, the weights to a near-tie flip's size."""
     two = ["--executor", "local", "--procs-per-group", "2", "--parallel", "data"]
     finished(run_train(*clt_args(coll, tmp_path, "two", *two)))
-    one, two_dir = clts_one_process, only_dir(tmp_path / "two")
-    assert_same_runs(one, two_dir, exact=False)
-    for run in (one / "runs").iterdir():
-        want = json.loads((run / "metrics.json").read_text())
-        got = json.loads((two_dir / "runs" / run.name / "metrics.json").read_text())
-        assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-2)
-        assert got["l0"] == pytest.approx(want["l0"], rel=1e-2)
-        first = [logged_losses(d / "runs" / run.name)[0] for d in (one, two_dir)]
-        assert first[0][0] == first[1][0] == 10
-        assert first[1][1] == pytest.approx(first[0][1], rel=1e-5), run.name
+    assert_data_mode_matches(clts_one_process, only_dir(tmp_path / "two"), 10, 3840)
