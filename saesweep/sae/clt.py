@@ -17,8 +17,10 @@ per-layer transcoders would, and no layer with large pre-activations starves the
 relu penalizes sum f * ||W_dec row|| (the row over all its target layers) with
 objective.sparsity_coeff; jumprelu learns a threshold per feature through JumpReLU's
 straight-through estimator and penalizes the L0 with objective.sparsity_coeff. Decoder rows
-are free (no unit norm). Codes are dense: decoding multiplies the dense [B, d_tc] codes of
-each layer (no sparse decode yet), and TopK has no AuxK.
+are free (no unit norm). Each layer's codes decode through its own decoder block: a TopK
+CLT's k entries per layer by sparse.sparse_decode where k is a small part of d_tc
+(sparse.is_dense, the other architectures' rule), else, and for relu and jumprelu, the dense
+[B, d_tc] codes by a batched matmul. TopK has no AuxK.
 
 Parameters per member: W_enc [L, d_model, d_tc], b_enc [L * d_tc], W_dec_<i> [d_tc, L - i,
 d_out] for source layer i (0-based among the CLT's layers), b_dec [L * d_out], and for
@@ -39,10 +41,11 @@ from torch import Tensor
 
 from saesweep.configtools import PLAIN_NAME
 from saesweep.sae.base import LossResult, StackedSAE, check
-from saesweep.sae.codes import Codes, DenseCodes
+from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
 from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
+from saesweep.sae.sparse import is_dense
 
 if TYPE_CHECKING:
     from saesweep.sae.config import SAEConfig
@@ -151,22 +154,23 @@ class CrossLayerTranscoder(StackedSAE):
     def encode(self, x: Tensor) -> Codes:
         pre = self.pre_activations(x)
         if self.activation == "relu":
-            return DenseCodes(pre.relu().flatten(2))
+            return DenseCLTCodes(pre.relu().flatten(2), n_layers=self.n_layers)
         if self.activation == "topk":
             values, indices = pre.relu().topk(self.k, dim=-1, sorted=False)
+            if not is_dense(self.k, self.d_tc):
+                return SparseCLTCodes.of_layers(values, indices, self.d_tc)
             acts = torch.zeros_like(pre).scatter(-1, indices, values)
-            return DenseCodes(acts.flatten(2))
+            return DenseCLTCodes(acts.flatten(2), n_layers=self.n_layers)
         threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
         acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
-        return JumpReLUCLTCodes(acts.flatten(2), token_l0=token_l0.sum(-1))
+        return JumpReLUCLTCodes(acts.flatten(2), n_layers=self.n_layers, token_l0=token_l0.sum(-1))
 
-    def decode(self, codes: Codes) -> Tensor:
+    def decode(self, codes: DenseCLTCodes | SparseCLTCodes) -> Tensor:
         """[n, B, L * d_out]: target layer l' gets sum over l <= l' of layer l's codes @
         W_dec_l[:, l' - l], plus b_dec."""
-        acts = codes.acts.unflatten(-1, (self.n_layers, self.d_tc))
-        out = self.b_dec.view(self.n, 1, -1).expand(-1, acts.shape[1], -1)
+        out = self.b_dec.view(self.n, 1, -1)
         for i, W in enumerate(self.decoders()):
-            part = torch.bmm(acts[:, :, i], W.flatten(2))
+            part = codes.layer(i).decode(W.flatten(2))
             out = out + F.pad(part, (i * self.d_target, 0))
         return out
 
@@ -237,7 +241,40 @@ class CrossLayerTranscoder(StackedSAE):
 
 
 @dataclass(frozen=True)
-class JumpReLUCLTCodes(DenseCodes):
+class DenseCLTCodes(DenseCodes):
+    """A CLT's dense codes [n, B, L * d_tc], its layers' features side by side."""
+
+    n_layers: int = 1
+
+    def layer(self, i: int) -> DenseCodes:
+        """Layer i's codes [n, B, d_tc]."""
+        return DenseCodes(self.acts.unflatten(-1, (self.n_layers, -1))[:, :, i])
+
+
+@dataclass(frozen=True)
+class SparseCLTCodes(SparseCodes):
+    """A TopK CLT's sparse codes: k entries per layer, layer-major ([n, B, L * k], indices
+    into the L * d_tc latents), so counts, L0 and dead latents are SparseCodes'."""
+
+    n_layers: int = 1
+
+    @classmethod
+    def of_layers(cls, values: Tensor, indices: Tensor, d_tc: int) -> SparseCLTCodes:
+        """From each layer's entries, values and indices [n, B, L, k] into that layer's d_tc."""
+        L = values.shape[2]
+        offsets = torch.arange(L, device=indices.device).view(1, 1, L, 1) * d_tc
+        flat = (indices + offsets).flatten(2)
+        return cls(values.flatten(2), flat, L * d_tc, n_layers=L)
+
+    def layer(self, i: int) -> SparseCodes:
+        """Layer i's k entries, indices into its d_tc latents."""
+        k, d_tc = self.values.shape[-1] // self.n_layers, self.d_sae // self.n_layers
+        cols = slice(i * k, (i + 1) * k)
+        return SparseCodes(self.values[..., cols], self.indices[..., cols] - i * d_tc, d_tc)
+
+
+@dataclass(frozen=True)
+class JumpReLUCLTCodes(DenseCLTCodes):
     """A JumpReLU CLT's codes with each token's L0 over all layers."""
 
     token_l0: Tensor | None = None
