@@ -323,7 +323,9 @@ def test_a_live_clt_reads_the_collections_rows_of_its_hooks(config, tmp_path):
     live = LiveSource(group.config, list(group.runs))
     specs = [f"{site}.{layer}" for site in ("resid", "mlp") for layer in CLT_LAYERS]
     assert sorted(live.hooks) == sorted(specs), "one forward pass serves every hook"
-    stored_cfg = dataclasses.replace(config, hooks=tuple(specs), out=str(tmp_path / "coll"))
+    stored_cfg = dataclasses.replace(
+        config, hooks=tuple(specs), out=str(tmp_path / "coll"), max_tokens=4096
+    )
     collect(stored_cfg)
     batch, _ = next(live.source.batches(limit=1))
     acts = {path: batch.acts[spec] for spec, path in live.hooks.items()}
