@@ -81,7 +81,7 @@ def test_clts_train_from_a_collection_with_every_layer_in_lockstep(coll, tmp_pat
         assert sae_cfg["hook_names"][0].endswith("layer.1")
         assert len(sae_cfg["input_scales"]) == 3 and sae_cfg["layers"] == list(LAYERS)
     assert 8 < results[0]["l0"] <= 8 * 3  # k per layer, of the positive pre-activations
-    assert results[0]["n_layers"] == 3
+    assert results[0]["k_layers"] == 3
     assert not any(r.startswith("L0") for r in assess(results[0]).reasons), "budget L x k"
     sd = weights(tmp_path / "run-0")
     assert sd["W_enc_0"].shape == (384, 96) and sd["W_dec_0"].shape == (96, 3, 384)

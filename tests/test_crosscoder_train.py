@@ -17,6 +17,7 @@ from test_train import cfg as train_cfg
 
 import saesweep
 from saesweep import Reader
+from saesweep.evaluate.health import assess
 from saesweep.export.cli import main as export_main
 from saesweep.sae import CrosscoderConfig, ObjectiveConfig, SAEConfig
 from saesweep.train.config import DataConfig
@@ -63,6 +64,8 @@ def test_crosscoders_train_from_a_collection_with_every_layer_in_lockstep(traine
         assert sae_cfg["hook_names"][0].endswith("layer.1")
         assert len(sae_cfg["input_scales"]) == 3 and sae_cfg["layers"] == list(LAYERS)
     assert 12 < results[0]["l0"] <= 16  # k over the one dictionary, of positive ones
+    assert "k_layers" not in results[0], "one k for every layer: health compares L0 with k"
+    assert not any(r.startswith("L0 ") and "layers" in r for r in assess(results[0]).reasons)
     sd = weights(root / "run-0")
     assert sd["W_enc"].shape == (3, 384, 192) and sd["W_dec"].shape == (192, 3, 384)
     assert sd["b_enc"].shape == (192,) and sd["b_dec"].shape == (3, 384)

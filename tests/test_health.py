@@ -88,9 +88,9 @@ def test_l0_of_a_run_with_k_is_judged_against_k(l0, reason):
 def test_l0_of_a_clt_is_judged_against_k_per_layer_times_its_layers(l0, reason):
     """A TopK CLT keeps k latents per layer: L0 20 of k 8 over 3 layers passes, where k
     alone (4 to 16) would warn."""
-    health = assess(HEALTHY | {"l0": l0, "k": 8, "n_layers": 3})
+    health = assess(HEALTHY | {"l0": l0, "k": 8, "k_layers": 3})
     assert health.reasons == ((reason,) if reason else ())
-    assert assess(HEALTHY | {"l0": 20.0, "k": 8, "n_layers": 1}).reasons == ("L0 20 > 16 (k 8)",)
+    assert assess(HEALTHY | {"l0": 20.0, "k": 8, "k_layers": 1}).reasons == ("L0 20 > 16 (k 8)",)
 
 
 def test_encoder_score_stands_in_for_loss_recovered():

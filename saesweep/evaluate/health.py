@@ -135,7 +135,7 @@ def _l0(metrics: dict, cfg: HealthConfig) -> Check:
     if not _measured(value):
         return "L0"
     if _measured(k) and k > 0:
-        budget, of_k = _l0_budget(k, metrics.get("n_layers"))
+        budget, of_k = _l0_budget(k, metrics.get("k_layers"))
         low, high = budget / cfg.l0_k_factor, budget * cfg.l0_k_factor
     else:
         low, high, of_k = cfg.l0_min, cfg.l0_max, ""
@@ -147,12 +147,12 @@ def _l0(metrics: dict, cfg: HealthConfig) -> Check:
     return None
 
 
-def _l0_budget(k: float, n_layers: int | None) -> tuple[float, str]:
-    """(the L0 a run's k sets, how the reason names it): k, or L x k for a layered run (a
-    CLT keeps k latents per layer)."""
-    if not _measured(n_layers) or n_layers <= 1:
+def _l0_budget(k: float, k_layers: int | None) -> tuple[float, str]:
+    """(the L0 a run's k sets, how the reason names it): k, or L x k for a run that keeps k
+    latents in each of L layers (a TopK CLT; a crosscoder's k is over all its layers)."""
+    if not _measured(k_layers) or k_layers <= 1:
         return k, f" (k {_trim(f'{k:g}')})"
-    return k * n_layers, f" (k {_trim(f'{k:g}')} x {n_layers} layers)"
+    return k * k_layers, f" (k {_trim(f'{k:g}')} x {k_layers} layers)"
 
 
 def _dead(metrics: dict, cfg: HealthConfig) -> Check:

@@ -80,6 +80,8 @@ class StackedSAE(nn.Module):
     """The architecture reads several hooks side by side, which it names itself (hook_specs:
     a CLT's layers); it is a transcoder of their concatenations, and the single-hook tests
     of every architecture leave it out."""
+    k_layers: int = 1
+    """How many k-budgets a token has: a TopK CLT keeps k latents in each of its layers."""
     fvu_objective: ClassVar[bool] = False
     """The loss's reconstruction term: FVU (squared error over the batch's total variance,
     the denominator of AuxK too) when True, else the mean squared error per element."""

@@ -114,6 +114,7 @@ class CrossLayerTranscoder(StackedSAE):
         become the concatenations' widths."""
         check(self.transcoder, "a clt predicts its target site (d_out)")
         self.layers, self.n_layers = self.cfg.clt.layers, len(self.cfg.clt.layers)
+        self.k_layers = self.n_layers
         self.activation, self.k = self.cfg.clt.activation, self.cfg.k
         self.d_model, self.d_tc, self.d_target = self.d_in, self.d_sae, self.d_out
         self.d_in, self.d_out = self.n_layers * self.d_model, self.n_layers * self.d_target
