@@ -50,12 +50,12 @@ def finished(proc) -> None:
     assert proc.returncode == 0, out + err
 
 
-def assert_same_runs(a: Path, b: Path, exact: bool) -> None:
+def assert_same_runs(a: Path, b: Path, exact: bool, n_runs: int = 4) -> None:
     """Equal final weights (exact), or each tensor within 1 % of its norm: data mode sums
     each gradient in another order, and over 200 steps one such difference can flip a near
     tie in a top-k and move a latent by a few lr steps (seen on CI: 8e-3 on one run)."""
     runs = sorted(p.name for p in (a / "runs").iterdir())
-    assert runs == sorted(p.name for p in (b / "runs").iterdir()) and len(runs) == 4
+    assert runs == sorted(p.name for p in (b / "runs").iterdir()) and len(runs) == n_runs
     for run in runs:
         want, got = weights(a / "runs" / run), weights(b / "runs" / run)
         for name in want:
@@ -132,11 +132,13 @@ def test_data_mode_matches_one_process(coll, one_process, tmp_path):  # noqa: F8
     assert_data_mode_matches(one_process, only_dir(tmp_path / "two"), 20, 25600)
 
 
-def assert_data_mode_matches(one: Path, two: Path, first_log: int, tokens: int) -> None:
+def assert_data_mode_matches(
+    one: Path, two: Path, first_log: int, tokens: int, n_runs: int = 4
+) -> None:
     """Sweep `two` (data mode) against `one` (one process): the weights to a near-tie flip's
     size, held-out FVU and L0 to 1 %, `tokens` seen, the first logged loss (at step
     `first_log`) to float rounding."""
-    assert_same_runs(one, two, exact=False)
+    assert_same_runs(one, two, exact=False, n_runs=n_runs)
     for run in (one / "runs").iterdir():
         want = json.loads((run / "metrics.json").read_text())
         got = json.loads((two / "runs" / run.name / "metrics.json").read_text())
