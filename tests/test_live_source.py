@@ -28,7 +28,7 @@ from saesweep.errors import UserError
 from saesweep.evaluate.absorption import AbsorptionConfig, absorption_metrics
 from saesweep.evaluate.downstream import load_run, measure, text_from_collection
 from saesweep.format.shards import SEQ_CHUNK_BITS
-from saesweep.sae import CLTConfig, SAEConfig
+from saesweep.sae import CLTConfig, CrosscoderConfig, SAEConfig
 from saesweep.train.config import DataConfig, TrainConfig
 from saesweep.train.sources import LiveSource
 from saesweep.train.sweep import split_groups
@@ -340,7 +340,7 @@ def test_a_live_clt_reads_the_collections_rows_of_its_hooks(config, tmp_path):
     assert parts(live.target_of(group.runs[0]))[2] == live.hooks["mlp.3"]
 
 
-def test_a_live_clt_trains_beside_an_sae_from_one_forward_pass(config, tmp_path):
+def test_a_live_clt_and_crosscoder_train_beside_an_sae_from_one_forward_pass(config, tmp_path):
     toml = tmp_path / "live.toml"
     toml.write_text(
         f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
@@ -353,10 +353,19 @@ def test_a_live_clt_trains_beside_an_sae_from_one_forward_pass(config, tmp_path)
         sae=SAEConfig(arch="topk", d_sae=96, k=8),
         seed=1,
     )
-    (group,) = split_groups([clt, sae])
-    assert len(group.runs) == 2, "a live CLT and an SAE share one group"
-    dirs = [tmp_path / "clt", tmp_path / "sae"]
-    clt_result, sae_result = group_trainer([clt, sae], dirs, tmp_path / "state").train()
+    crosscoder = dataclasses.replace(
+        clt,
+        sae=SAEConfig(
+            arch="crosscoder", d_sae=96, k=8, crosscoder=CrosscoderConfig(layers=CLT_LAYERS)
+        ),
+        seed=2,
+    )
+    cfgs = [clt, sae, crosscoder]
+    (group,) = split_groups(cfgs)
+    assert len(group.runs) == 3, "a live CLT, an SAE and a crosscoder share one group"
+    dirs = [tmp_path / "clt", tmp_path / "sae", tmp_path / "crosscoder"]
+    clt_result, sae_result, xc_result = group_trainer(cfgs, dirs, tmp_path / "state").train()
+    assert 0 < xc_result["fvu"] < 0.95 and len(xc_result["fvu_by_hook"]) == 3, xc_result
     lines = [json.loads(x) for x in (dirs[0] / "metrics.jsonl").open()]
     fvus = [x["fvu"] for x in lines if "fvu" in x]
     assert fvus[-1] < 0.9 * fvus[0], fvus
