@@ -82,6 +82,9 @@ class StackedSAE(nn.Module):
     of every architecture leave it out."""
     k_layers: int = 1
     """How many k-budgets a token has: a TopK CLT keeps k latents in each of its layers."""
+    reads_sections: ClassVar[tuple[str, ...]] = ()
+    """Other architectures' option sections it reads (a layered architecture's activation:
+    sae.jumprelu for a JumpReLU CLT), beside its own."""
     fvu_objective: ClassVar[bool] = False
     """The loss's reconstruction term: FVU (squared error over the batch's total variance,
     the denominator of AuxK too) when True, else the mean squared error per element."""

@@ -85,6 +85,7 @@ class CrossLayerTranscoder(StackedSAE):
     default_decoder_norm = "free"
     default_b_dec_init = "mean"
     layered = True
+    reads_sections = ("jumprelu",)
     fvu_objective = True
 
     @classmethod

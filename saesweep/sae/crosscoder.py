@@ -72,6 +72,7 @@ class Crosscoder(StackedSAE):
     sae_lens_architecture = "crosscoder"
     subtract_b_dec = False
     layered = True
+    reads_sections = ("jumprelu",)
     fvu_objective = True
 
     def __new__(cls, cfgs: Sequence[SAEConfig], *args, **kwargs):
