@@ -334,6 +334,18 @@ def test_decoder_norm_projects_the_gradient_and_renormalizes_rows_or_leaves_them
     assert torch.allclose(norms, torch.ones(2, D_SAE)) == unit
 
 
+def test_decoder_renormalization_in_place_equals_the_masked_formula_bit_for_bit():
+    sae = make_sae(_cfg("topk"), D_IN, [0, 1, 2])
+    result = sae.loss(_x())
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(3, D_SAE, 1, generator=torch.Generator().manual_seed(0)) + 0.5)
+    W = sae.W_dec.detach().clone()
+    mask = torch.tensor([True, False, True])
+    sae.after_optimizer_step(result, update_mask=mask)
+    want = torch.where(mask.view(-1, 1, 1), W / W.norm(dim=-1, keepdim=True), W)
+    assert torch.equal(sae.W_dec, want)
+
+
 def test_init_encoder_scale_scales_each_members_tied_encoder():
     cfgs = [_cfg("topk", init_encoder_scale=s) for s in (1.0, 0.25)]
     sae = make_sae(cfgs, D_IN, [0, 1])

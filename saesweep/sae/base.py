@@ -347,8 +347,8 @@ class StackedSAE(nn.Module):
         from `result` (this step's loss), for members in update_mask ([n] bool, default all)."""
         mask = self._mask(update_mask)
         if self.unit_norm_decoder:
-            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
-            self.W_dec.copy_(torch.where(mask.view(-1, 1, 1), unit, self.W_dec))
+            norms = self.W_dec.norm(dim=-1, keepdim=True)
+            self.W_dec.div_(norms.masked_fill_(~mask.view(-1, 1, 1), 1.0))  # others / 1
         self.update_running_stats(result, mask)
 
     def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
