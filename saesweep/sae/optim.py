@@ -168,7 +168,7 @@ def member_grad_norms(params: Iterable[nn.Parameter]) -> Tensor:
     over a stacked [n_params, n] tensor summed in an order that depended on n, so a member's
     clipping differed from the same SAE's alone in the last bit (seen with six parameters)."""
     grads = [p.grad for p in params if p.grad is not None]
-    sq = [g.pow(2).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) for g in grads]
+    sq = [(g * g).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) for g in grads]
     return sum(sq, torch.zeros_like(sq[0])).sqrt()
 
 
