@@ -181,9 +181,10 @@ class _DenseEncoderGrad(torch.autograd.Function):
 
 def _encoder_grads(code: _SparseCode, x_in: Tensor, W_enc: Tensor, needs) -> tuple:
     """(x_in, W_enc, b_enc) gradients of pre-activations whose gradient is `code`, each None
-    where `needs` (three bools) says it is not needed."""
+    where `needs` (three bools) says it is not needed. W_enc's is made contiguous once here:
+    clipping's per-member sum copied it anyway, and Adam's passes run faster over it."""
     grad_x = code.matmul(W_enc.transpose(1, 2)) if needs[0] else None
-    grad_W = code.t_matmul(x_in).transpose(1, 2) if needs[1] else None
+    grad_W = code.t_matmul(x_in).transpose(1, 2).contiguous() if needs[1] else None
     grad_b = code.sum_tokens() if needs[2] else None
     return grad_x, grad_W, grad_b
 
