@@ -8,6 +8,7 @@
   uv run benchmarks/bench.py decode [--device cuda]             fp8 decode against bf16 widening
   uv run benchmarks/bench.py reader URI [--batch-size 4096 ...] Reader vs raw vs naive reads
   uv run benchmarks/bench.py sae [--arch switch --device cuda --bf16]  SAE training tokens/s
+                                                                against the encoder GEMM alone
   uv run benchmarks/bench.py matmul [--n-saes 3 --device cuda]  member_bmm against torch.bmm
   uv run benchmarks/bench.py collect [--out DIR --s3-out URI]   collection vs forward pass
 
@@ -21,6 +22,7 @@ import argparse
 import itertools
 import os
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -368,6 +370,50 @@ def _print_table(results: list[Measured]) -> None:
     )
 
 
+class StackTimer:
+    """A stack of n_saes SAEs with its optimizer and one random batch, and the stack's
+    encoder GEMM alone (member_bmm of the same shapes), each timed on demand."""
+
+    def __init__(self, sae_cfg, d_model: int, n_saes: int, batch_size: int, device, autocast):
+        from saesweep.sae import make_sae
+        from saesweep.sae.optim import StackedAdam
+
+        self.sae = make_sae(sae_cfg, d_model, list(range(n_saes))).to(device)
+        self.opt = StackedAdam(self.sae.parameters(), lr=[1e-4] * n_saes)
+        self.x = torch.randn(batch_size, d_model, device=device)
+        self.x_in = self.x.expand(n_saes, *self.x.shape)
+        self.W, self.b = torch.randn_like(self.sae.W_enc), self.sae.b_enc.detach().unsqueeze(1)
+        self.device, self.autocast, self.step = torch.device(device), autocast, 0
+        self.gemm_flop = 2 * n_saes * batch_size * d_model * self.sae.d_sae
+
+    def train(self, steps: int) -> float:
+        """Seconds of `steps` training steps (train_step, as the trainer calls it)."""
+        from saesweep.sae.step import train_step
+
+        return self._timed(
+            lambda: [train_step(self.sae, self.opt, self.x, self._next()) for _ in range(steps)]
+        )
+
+    def gemm(self) -> float:
+        """Seconds of the stack's encoder GEMM alone, x @ W_enc + b_enc for every member."""
+        from saesweep.sae.matmul import member_bmm
+
+        with torch.no_grad():
+            return self._timed(lambda: member_bmm(self.x_in, self.W, self.b))
+
+    def _next(self) -> int:
+        self.step += 1
+        return self.step - 1
+
+    def _timed(self, fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
 def sae_tokens_per_s(
     sae_cfg,
     d_model: int,
@@ -377,43 +423,61 @@ def sae_tokens_per_s(
     device: str = "cpu",
     autocast: bool = False,
 ) -> float:
-    """Tokens per second a stack of n_saes SAEs trains on (random data, after a warm-up step;
-    every SAE sees every token)."""
-    from saesweep.sae import make_sae
-    from saesweep.sae.optim import StackedAdam
-    from saesweep.sae.step import train_step
-
-    sae = make_sae(sae_cfg, d_model, list(range(n_saes))).to(device)
-    opt = StackedAdam(sae.parameters(), lr=[1e-4] * n_saes)
-    x = torch.randn(batch_size, d_model, device=device)
-
-    def run(first: int, last: int) -> None:
-        for step in range(first, last):
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
-                train_step(sae, opt, x, step)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    run(0, 2)
-    start = time.perf_counter()
-    run(2, steps + 2)
-    return steps * batch_size / (time.perf_counter() - start)
+    """Tokens per second a stack of n_saes SAEs trains on (random data, after two warm-up
+    steps; every SAE sees every token)."""
+    stack = StackTimer(sae_cfg, d_model, n_saes, batch_size, device, autocast)
+    stack.train(2)
+    return steps * batch_size / stack.train(steps)
 
 
 def bench_sae(args: argparse.Namespace) -> None:
+    """Training tokens/s of each stack size in --n-saes against its encoder GEMM alone, in
+    --repeat interleaved rounds (every stack's GEMM and steps in each round): medians and
+    spreads of the step/GEMM ratio, tokens x SAEs/s over (GEMM FLOP/s / encoder FLOPs per
+    token)."""
+    from saesweep.memory import reuse_freed_memory
     from saesweep.sae import SAEConfig, SwitchConfig
 
+    reuse_freed_memory()  # as the trainer does
     switch = SwitchConfig(n_experts=args.n_experts)
     cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, switch=switch)
-    rate = sae_tokens_per_s(
-        cfg, args.d_model, args.n_saes, args.batch_size, args.steps, args.device, args.bf16
+    stacks = {
+        n: StackTimer(cfg, args.d_model, n, args.batch_size, args.device, args.bf16)
+        for n in args.n_saes
+    }
+    for stack in stacks.values():
+        stack.train(2)
+    times: dict[int, list[tuple[float, float]]] = {n: [] for n in stacks}
+    for _ in range(args.repeat):
+        for n, stack in stacks.items():
+            times[n].append((stack.gemm(), stack.train(args.steps) / args.steps))
+    for n, stack in stacks.items():
+        _print_sae_rates(args, n, stack, times[n])
+
+
+def _print_sae_rates(args, n: int, stack: StackTimer, times: list[tuple[float, float]]) -> None:
+    """Median (min-max) GEMM FLOP/s and step/GEMM ratio, then the tokens/s line (last: what
+    gpu_check.sh reads)."""
+    gflops = [stack.gemm_flop / g / 1e9 for g, _ in times]
+    ratios = [g / s for g, s in times]
+    rates = [args.batch_size / s for _, s in times]
+    print(
+        f"  encoder GEMM alone {_spread(gflops, '.0f')} GFLOP/s; tokens x SAEs/s over "
+        f"(GEMM FLOP/s / encoder FLOPs per token): {_spread(ratios, '.2f')} "
+        f"(median (min-max) of {len(times)} interleaved rounds)"
     )
     print(
-        f"{args.n_saes} {args.arch} SAE(s) d_model {args.d_model}, {args.n_latents} latents, "
+        f"{n} {args.arch} SAE(s) d_model {args.d_model}, {args.n_latents} latents, "
         f"k={args.k}{f', {args.n_experts} experts' if args.arch == 'switch' else ''}, "
         f"batch {args.batch_size}, {'bf16 autocast' if args.bf16 else 'float32'} on "
-        f"{args.device}: {rate:,.0f} tokens/s per SAE"
+        f"{args.device}, {n * statistics.median(rates):,.0f} tokens x SAEs/s: "
+        f"{statistics.median(rates):,.0f} tokens/s per SAE"
     )
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """'median (min-max)' of values."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def bench_matmul(args: argparse.Namespace) -> None:
@@ -583,9 +647,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--n-latents", type=int, default=24576)
     t.add_argument("--k", type=int, default=32)
     t.add_argument("--n-experts", type=int, default=32)
-    t.add_argument("--n-saes", type=int, default=1, help="SAEs stacked on each batch")
+    t.add_argument(
+        "--n-saes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1, 8],
+        help="SAEs stacked on each batch; several (1,8) are timed in interleaved rounds",
+    )
     t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
+    t.add_argument("--steps", type=int, default=5, help="timed steps per round, after 2 warm-up")
+    t.add_argument("--repeat", type=int, default=5, help="interleaved rounds (median, spread)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast")
     m = sub.add_parser("matmul", help="the stack's batched products: member_bmm vs torch.bmm")

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 
 import pytest
 from slurm_cluster import SlurmCluster, SlurmClusterError, ensure_slurm_cluster
@@ -9,6 +10,10 @@ from slurm_cluster import SlurmCluster, SlurmClusterError, ensure_slurm_cluster
 # The machines have no network: a model or dataset name that is not local must fail at once,
 # not after the hub client's retries. Subprocesses inherit this.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Where the environment says not to write bytecode, every test's subprocess would compile
+# torch's and transformers' sources again (about 11 CPU-seconds each): let them be cached.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,19 @@ def assert_member_alone(
         torch.testing.assert_close(got, want, msg=key, **tol)
 
 
+def assert_members_match_reference(sae: StackedSAE, result, step: int, reference) -> None:
+    """Each member's loss in `result` (sae.loss at `step`, its sum backpropagated) and every
+    gradient equal those of `reference(params, sparsity coefficient)`, a plain float64 loss of
+    that member's own parameters."""
+    for i in range(sae.n):
+        p = {name: t[i].detach().clone().requires_grad_() for name, t in sae.named_parameters()}
+        want = reference(p, float(sae.sparsity_at(step)[i]))
+        want.backward()
+        torch.testing.assert_close(result.loss[i], want.detach(), rtol=1e-12, atol=0)
+        for name, param in sae.named_parameters():
+            torch.testing.assert_close(param.grad[i], p[name].grad, rtol=1e-10, atol=1e-12)
+
+
 @torch.no_grad()
 def load_member_state_dict(
     sae: StackedSAE,

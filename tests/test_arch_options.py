@@ -100,7 +100,10 @@ def test_the_report_reads_flat_options_of_older_runs(tmp_path):
     assert "sae.n_experts" not in params
 
 
-def test_a_section_applies_to_its_architecture_and_those_built_on_it():
+def test_a_section_applies_to_its_architecture_and_those_built_on_or_reading_it():
     assert readers("sae.batchtopk.threshold_momentum") == ("batchtopk", "matryoshka")
     assert readers("sae.switch.n_experts") == ("switch",)
     assert readers("sae.k") is None
+    assert set(readers("sae.jumprelu.bandwidth")) == {"jumprelu", "clt", "crosscoder"}
+    assert "clt" in readers("objective.sparsity_coeff")
+    assert "crosscoder" in readers("sae.aux_k") and "clt" not in readers("sae.aux_k")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from members import assert_member_alone, member_schedule
+from members import assert_member_alone, assert_members_match_reference, member_schedule
 from safetensors.torch import load, save
 
 from saesweep.sae import CLTConfig, ObjectiveConfig, SAEConfig, make_sae
+from saesweep.sae.clt import DenseCLTCodes, SparseCLTCodes
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam
+from saesweep.sae.sparse import to_dense
 from saesweep.sae.step import train_step
 
 LAYERS, D, D_OUT, D_TC, B = (1, 2, 3), 8, 6, 16, 32
@@ -37,11 +39,11 @@ def _data(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _reference_loss(p: dict, x, y, activation, k, coeff, bandwidth):
     """One CLT in float64, loops over layers: FVU over all layers plus the sparsity penalty."""
-    xs, ys = x.view(-1, L, D), y.view(-1, L, D_OUT)
+    xs, ys, d_tc = x.view(-1, L, D), y.view(-1, L, D_OUT), p["W_enc"].shape[-1]
     recon = [p["b_dec"].view(L, D_OUT)[j].expand(len(x), -1) for j in range(L)]
     penalty = 0
     for i in range(L):
-        pre = xs[:, i] @ p["W_enc"][i] + p["b_enc"].view(L, D_TC)[i]
+        pre = xs[:, i] @ p["W_enc"][i] + p["b_enc"].view(L, d_tc)[i]
         if activation == "topk":
             top = pre.relu().topk(k, dim=-1)
             f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
@@ -53,7 +55,7 @@ def _reference_loss(p: dict, x, y, activation, k, coeff, bandwidth):
             norms = p[f"W_dec_{i}"].flatten(1).norm(dim=1)
             penalty = penalty + (f * norms).sum(-1).mean()
         else:
-            thr = p["threshold"].view(L, D_TC)[i]
+            thr = p["threshold"].view(L, d_tc)[i]
             window = ((pre - thr).abs() < bandwidth / 2).double()
             active = (pre > thr).double()
             moved = (thr - thr.detach()) * window / bandwidth  # the straight-through estimator
@@ -66,24 +68,53 @@ def _reference_loss(p: dict, x, y, activation, k, coeff, bandwidth):
     return sse / variance + coeff * penalty
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_loss_and_gradients_equal_a_plain_reference(activation):
+SPARSE = dict(d_sae=64, k=2)
+"""A TopK CLT whose codes are sparse (k / d_tc = 1/32 <= sparse.DENSE_ABOVE)."""
+
+
+@pytest.mark.parametrize(
+    ("activation", "shape"), [*((a, {}) for a in ACTIVATIONS), ("topk", SPARSE)]
+)
+def test_loss_and_gradients_equal_a_plain_reference(activation, shape):
     x, y = _data(B)
-    sae = make_sae(_cfg(activation), D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
+    cfg = _cfg(activation, **shape)
+    sae = make_sae(cfg, D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)  # some pre-activations near the thresholds
+    sparse = isinstance(sae.encode(x), SparseCLTCodes)
+    assert sparse == (shape == SPARSE), "sparse codes exactly where k is a small part of d_tc"
     result = sae.loss(x, step=2, target=y)
     result.loss.sum().backward()
     assert result.metrics["l0"].min() > 0
     assert all(p.grad.abs().sum() > 0 for p in sae.parameters())  # thresholds' too
-    for i in range(len(SEEDS)):
-        p = {name: t[i].detach().clone().requires_grad_() for name, t in sae.named_parameters()}
-        coeff = float(sae.sparsity_at(2)[i])
-        want = _reference_loss(p, x, y, activation, 3, coeff, 0.5)
-        want.backward()
-        torch.testing.assert_close(result.loss[i], want.detach(), rtol=1e-12, atol=0)
-        for name, param in sae.named_parameters():
-            torch.testing.assert_close(param.grad[i], p[name].grad, rtol=1e-10, atol=1e-12)
+
+    def reference(p, coeff):
+        return _reference_loss(p, x, y, activation, cfg.k, coeff, 0.5)
+
+    assert_members_match_reference(sae, result, 2, reference)
+
+
+def test_sparse_decode_equals_the_dense_decode_of_the_same_codes():
+    """float32: the sparse decode of a TopK CLT's codes, its output and the gradients it
+    sends to the decoders and the encoder, equal the dense decode's to float tolerance."""
+    x, y = (t.float() for t in _data(4 * B, seed=4))
+    sae = make_sae(_cfg("topk", **SPARSE), D, SEEDS, d_out=D_OUT)
+    sae.init_b_dec(y)
+    grads, recons = [], []
+    for dense in (False, True):
+        sae.zero_grad()
+        codes = sae.encode(x)
+        if dense:
+            acts = to_dense(codes.values, codes.indices, codes.d_sae)
+            codes = DenseCLTCodes(acts, n_layers=L)
+        recon = sae.decode(codes)
+        (recon - y).pow(2).sum().backward()
+        recons.append(recon.detach())
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
+    torch.testing.assert_close(recons[0], recons[1], rtol=1e-5, atol=1e-5)
+    for name, grad in grads[1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-4)
 
 
 def test_per_layer_fvu_and_l0_are_reported():
@@ -108,12 +139,14 @@ def _train(sae, opt, x, y, steps, schedule=None, start=0):
     return metrics
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_stacked_clts_equal_separate_members(activation):
+@pytest.mark.parametrize(
+    ("activation", "shape"), [*((a, {}) for a in ACTIVATIONS), ("topk", SPARSE)]
+)
+def test_stacked_clts_equal_separate_members(activation, shape):
     steps = 10
     x, y = _data(steps * B, seed=1)
     schedule = LRSchedule(total_steps=steps, warmup_steps=[0, 5, 3], decay=["linear"] * 3)
-    cfgs = [_cfg(activation, dead_tokens=d) for d in (B, 2 * B, 3 * B)]
+    cfgs = [_cfg(activation, dead_tokens=d, **shape) for d in (B, 2 * B, 3 * B)]
     stack = make_sae(cfgs, D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
     stack.init_b_dec(y[:256])
     stacked = _train(stack, StackedAdam(stack.parameters(), lr=LRS), x, y, steps, schedule)

@@ -12,12 +12,14 @@ import json
 import pytest
 import torch
 from test_collect import small
-from test_train import assert_group_equals_alone, train, weights
+from test_distributed import assert_data_mode_matches, assert_same_runs, finished, mixed_args
+from test_train import assert_group_equals_alone, only_dir, run_train, train, weights
 from test_train import cfg as train_cfg
 
 import saesweep
 from saesweep import Reader
 from saesweep.collect.run import collect
+from saesweep.evaluate.health import assess
 from saesweep.memory import group_bytes
 from saesweep.sae import CLTConfig, ObjectiveConfig, SAEConfig
 from saesweep.sae.batchtopk import BatchTopKConfig
@@ -81,6 +83,8 @@ def test_clts_train_from_a_collection_with_every_layer_in_lockstep(coll, tmp_pat
         assert sae_cfg["hook_names"][0].endswith("layer.1")
         assert len(sae_cfg["input_scales"]) == 3 and sae_cfg["layers"] == list(LAYERS)
     assert 8 < results[0]["l0"] <= 8 * 3  # k per layer, of the positive pre-activations
+    assert results[0]["k_layers"] == 3
+    assert not any(r.startswith("L0") for r in assess(results[0]).reasons), "budget L x k"
     sd = weights(tmp_path / "run-0")
     assert sd["W_enc_0"].shape == (384, 96) and sd["W_dec_0"].shape == (96, 3, 384)
     assert sd["W_dec_2"].shape == (96, 1, 384) and sd["b_dec_1"].shape == (384,)
@@ -117,3 +121,63 @@ def test_the_memory_estimate_counts_every_decoder_block():
     ]
     # decoder blocks: 1 with one layer, 6 with three; each 64 x 32 floats with Adam (16 bytes)
     assert params[1] - 3 * params[0] == (6 - 3) * 64 * 32 * 16
+
+
+CLT_SWEEP = """
+def make_cfgs():
+    clt = {"arch": "clt", "d_sae": 64, "k": 4,
+           "clt": {"layers": [1, 2, 3], "input_site": "resid", "target_site": "mlp"}}
+    penalty = {"sparsity_coeff": 1e-4}
+    relu, jumprelu = ({"clt": clt["clt"] | {"activation": a}} for a in ("relu", "jumprelu"))
+    return [
+        {"lr": 1e-2, "sae": clt},
+        {"lr": 3e-3, "sae": clt | {"d_sae": 32}},
+        {"lr": 3e-3, "sae": clt | relu, "objective": penalty},
+        {"lr": 1e-2, "sae": clt | jumprelu, "objective": penalty},
+        {"lr": 1e-2, "sae": {"arch": "crosscoder", "d_sae": 96, "k": 8,
+                             "crosscoder": {"layers": [1, 2, 3], "site": "resid"}}},
+    ]
+"""
+"""Four CLTs: TopK with sparse codes (k 4 of 64 per layer) and with dense ones (of 32), ReLU,
+JumpReLU; and a TopK crosscoder over the same layers' inputs."""
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "SAESWEEP_CPUS": "1"}
+"""One thread in the one process and in each of two: the same products, the same sums."""
+
+
+def clt_args(coll: str, tmp_path, root: str, *extra: str) -> list[str]:
+    steps = ["--n-train", "3840", "--log-every", "10"]  # 30 steps of 128
+    return mixed_args(coll, tmp_path, root, *steps, *extra, sweep_text=CLT_SWEEP)
+
+
+@pytest.fixture(scope="module")
+def clts_one_process(coll, tmp_path_factory):
+    """The four CLTs trained in one process: the reference of both modes."""
+    root = tmp_path_factory.mktemp("clt-one")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in ONE_THREAD.items():
+            env.setenv(name, value)
+        finished(run_train(*clt_args(coll, root, "one", "--executor", "debug")))
+    return only_dir(root / "one")
+
+
+def test_clts_split_over_processes_are_bit_identical_to_one(
+    coll, clts_one_process, tmp_path, monkeypatch
+):
+    for name, value in ONE_THREAD.items():
+        monkeypatch.setenv(name, value)
+    two = ["--executor", "local", "--procs-per-group", "2"]
+    finished(run_train(*clt_args(coll, tmp_path, "two", *two)))
+    sweep_dir = only_dir(tmp_path / "two")
+    assert_same_runs(clts_one_process, sweep_dir, exact=True, n_runs=5)
+    for run in (clts_one_process / "runs").iterdir():
+        want = json.loads((run / "metrics.json").read_text())
+        got = json.loads((sweep_dir / "runs" / run.name / "metrics.json").read_text())
+        assert got["fvu"] == want["fvu"] and got["fvu_by_hook"] == want["fvu_by_hook"]
+
+
+def test_data_parallel_clts_match_one_process(coll, clts_one_process, tmp_path):
+    """The first logged loss to float rounding, the weights to a near-tie flip's size."""
+    two = ["--executor", "local", "--procs-per-group", "2", "--parallel", "data"]
+    finished(run_train(*clt_args(coll, tmp_path, "two", *two)))
+    assert_data_mode_matches(clts_one_process, only_dir(tmp_path / "two"), 10, 3840, n_runs=5)

@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build
+from transformers import AutoModelForCausalLM
 
 import saesweep
+from saesweep.collect.config import CollectConfig
 from saesweep.collect.model import load_tokenizer
+from saesweep.collect.run import collect
 from saesweep.evaluate.features import inspect_features
 from saesweep.export.cli import main as export_main
 from saesweep.export.feature_stats import N_BINS
+from saesweep.export.logit_effects import N_LOGIT_BINS, N_LOGITS
 from saesweep.format.collection import read_collection
+from saesweep.format.rundir import save_sae
 
 # Field names and types of the rows, from jbloomAus/SAEDashboard
 # sae_dashboard/neuronpedia/neuronpedia_export.py (its dataclasses SourceRelease, Model,
@@ -145,6 +151,7 @@ def test_every_row_has_saedashboards_fields_and_types(export):
             "batch-0.jsonl.gz", "batch-1.jsonl.gz", "batch-2.jsonl.gz"
         ]  # fmt: skip
         check_rows(features, FEATURE)
+        assert all(f["pos_str"] == f["neg_values"] == [] for f in features)  # MiniLM: no W_U
         activations = batches(source_dir, "activations")
         check_rows(activations, ACTIVATION)
         assert {a["layer"] for a in activations} == {name}
@@ -195,3 +202,62 @@ def test_the_histograms_count_every_activation(export):
         assert f["frac_nonzero"] == pytest.approx(int(fired[latent]) / len(x))
         checked += 1
     assert checked == 20
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """(model dir, weights, export dir) of a random ReLU SAE at resid.1 of a tiny random
+    Llama (its LM head not tied to its embeddings) on a 600-token collection of it."""
+    root = tmp_path_factory.mktemp("neuronpedia-llama")
+    model = build("llama", root / "models")
+    uri = str(root / "coll")
+    collect(
+        CollectConfig(
+            model=str(model), hooks=("resid.1",), out=uri, max_tokens=600, shard_tokens=200,
+            ctx_len=32, batch_size=4, act_dtype="float32", progress=False,
+        )
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    d, d_sae = 32, 24
+    weights = {
+        "W_enc": torch.randn(d, d_sae, generator=g), "b_enc": torch.zeros(d_sae),
+        "W_dec": torch.randn(d_sae, d, generator=g), "b_dec": torch.zeros(d),
+    }  # fmt: skip
+    cfg = {
+        "architecture": "standard", "d_in": d, "d_sae": d_sae, "apply_b_dec_to_input": False,
+        "hook_name": "model.layers.1", "model_name": str(model),
+    }  # fmt: skip
+    save_sae(root / "run", weights, cfg, {})
+    out = root / "out"
+    export_main(
+        ["neuronpedia", str(root / "run"), "--collection", uri, "--out", str(out)]
+        + ["--batch-size", "10", "--no-progress"]
+    )  # fmt: skip
+    return model, weights, out
+
+
+def test_the_logits_are_the_decoder_rows_through_the_unembedding(llama_export):
+    model_dir, weights, out = llama_export
+    (source_dir,) = out.glob("*/*__run")
+    features = batches(source_dir, "features")
+    check_rows(features, FEATURE)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
+    w_u = lm.lm_head.weight.detach().T
+    assert not torch.equal(w_u, lm.model.embed_tokens.weight.detach().T)
+    logits = weights["W_dec"] @ w_u  # [d_sae, d_vocab]
+    tokenizer = load_tokenizer(str(model_dir), None)
+    assert [int(f["index"]) for f in features] == list(range(len(logits)))
+    for f, row in zip(features, logits, strict=True):
+        top, bottom = row.topk(N_LOGITS), row.topk(N_LOGITS, largest=False)
+        assert f["pos_values"] == pytest.approx(top.values.tolist(), abs=2e-5)
+        assert f["neg_values"] == pytest.approx(bottom.values.tolist(), abs=2e-5)
+        assert f["pos_values"][0] > 0 > f["neg_values"][0]
+        assert f["pos_str"] == [tokenizer.decode([t]) for t in top.indices.tolist()]
+        assert f["neg_str"] == [tokenizer.decode([t]) for t in bottom.indices.tolist()]
+        heights = torch.histc(row, bins=N_LOGIT_BINS, min=row.min(), max=row.max())
+        assert f["logits_hist_data_bar_heights"] == heights.int().tolist()
+        assert sum(f["logits_hist_data_bar_heights"]) == len(row)
+        values = f["logits_hist_data_bar_values"]
+        width = (row.max() - row.min()).item() / N_LOGIT_BINS
+        assert values[0] == pytest.approx(row.min().item() + width / 2, abs=1e-4)
+        assert values[-1] == pytest.approx(row.max().item() - width / 2, abs=1e-4)

@@ -76,6 +76,23 @@ def test_l0_of_a_run_with_k_is_judged_against_k(l0, reason):
     assert assess(HEALTHY | {"l0": 16.0, "k": None}).reasons == ("L0 16 < 20",)
 
 
+@pytest.mark.parametrize(
+    ("l0", "reason"),
+    [
+        (20.0, None),
+        (12.5, None),
+        (11.5, "L0 11.5 < 12 (k 8 x 3 layers)"),
+        (49.0, "L0 49 > 48 (k 8 x 3 layers)"),
+    ],
+)
+def test_l0_of_a_clt_is_judged_against_k_per_layer_times_its_layers(l0, reason):
+    """A TopK CLT keeps k latents per layer: L0 20 of k 8 over 3 layers passes, where k
+    alone (4 to 16) would warn."""
+    health = assess(HEALTHY | {"l0": l0, "k": 8, "k_layers": 3})
+    assert health.reasons == ((reason,) if reason else ())
+    assert assess(HEALTHY | {"l0": 20.0, "k": 8, "k_layers": 1}).reasons == ("L0 20 > 16 (k 8)",)
+
+
 def test_encoder_score_stands_in_for_loss_recovered():
     encoder = {k: v for k, v in HEALTHY.items() if k != "loss_recovered"}
     health = assess(encoder | {"final_recovered": 0.5})

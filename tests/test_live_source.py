@@ -23,12 +23,14 @@ from saesweep.collect.run import collect
 from saesweep.collect.sequences import VAL_EVERY
 from saesweep.collect.source import ModelSource
 from saesweep.collect.text import demo_corpus
+from saesweep.data.hooksets import gather, parts
 from saesweep.errors import UserError
 from saesweep.evaluate.absorption import AbsorptionConfig, absorption_metrics
 from saesweep.evaluate.downstream import load_run, measure, text_from_collection
 from saesweep.format.shards import SEQ_CHUNK_BITS
-from saesweep.sae import SAEConfig
+from saesweep.sae import CLTConfig, CrosscoderConfig, SAEConfig
 from saesweep.train.config import DataConfig, TrainConfig
+from saesweep.train.sources import LiveSource
 from saesweep.train.sweep import split_groups
 
 HOOKS = {"resid.1": "encoder.layer.1", "resid.3": "encoder.layer.3"}
@@ -287,3 +289,87 @@ def test_slurm_preemption_requeues_a_live_group_and_resumes_it_exactly(
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     metrics = json.loads((slurm_run / "metrics.json").read_text())
     assert metrics["tokens_seen"] == 12800 and metrics["slurm_job_id"]
+
+
+CLT_LAYERS = (1, 2, 3)
+
+
+def live_clt_cfg(toml: Path) -> TrainConfig:
+    """A TopK CLT over layers 1-3 (resid -> mlp) trained from the model of `toml`."""
+    clt = CLTConfig(layers=CLT_LAYERS, input_site="resid", target_site="mlp")
+    live = {"source": "model", "collect": str(toml)}
+    return train_cfg(
+        "",
+        train_data=DataConfig(**live, shuffle_tokens=1024),
+        val_data=DataConfig(uri="", **live),
+        n_train=4096,
+        n_val=256,
+        batch_size=256,
+        lr=1e-2,
+        log_every=2,
+        device="cpu",
+        sae=SAEConfig(arch="clt", d_sae=96, k=8, clt=clt),
+    )
+
+
+def test_a_live_clt_reads_the_collections_rows_of_its_hooks(config, tmp_path):
+    """A CLT's input and target keys, served live, are the collection's rows of its six
+    hooks for the same tokens, side by side in layer order."""
+    toml = tmp_path / "live.toml"
+    toml.write_text(
+        f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
+    )
+    (group,) = split_groups([live_clt_cfg(toml)])
+    live = LiveSource(group.config, list(group.runs))
+    specs = [f"{site}.{layer}" for site in ("resid", "mlp") for layer in CLT_LAYERS]
+    assert sorted(live.hooks) == sorted(specs), "one forward pass serves every hook"
+    stored_cfg = dataclasses.replace(
+        config, hooks=tuple(specs), out=str(tmp_path / "coll"), max_tokens=4096
+    )
+    collect(stored_cfg)
+    batch, _ = next(live.source.batches(limit=1))
+    acts = {path: batch.acts[spec] for spec, path in live.hooks.items()}
+    for key in (live.hook_of(group.runs[0]), live.target_of(group.runs[0])):
+        stored = [by_token(read_hook(stored_cfg.out, path)) for path in parts(key)]
+        index = torch.searchsorted(keys(stored[0]), keys(vars(batch)))
+        assert torch.equal(keys(stored[0])[index], keys(vars(batch))), "every live token is stored"
+        want = torch.cat([s["acts"][index] for s in stored], dim=-1)
+        assert want.shape == (256, 3 * 384)
+        torch.testing.assert_close(gather(acts, key), want, rtol=1e-2, atol=1e-2)
+    assert parts(live.hook_of(group.runs[0]))[0] == live.hooks["resid.1"]
+    assert parts(live.target_of(group.runs[0]))[2] == live.hooks["mlp.3"]
+
+
+def test_a_live_clt_and_crosscoder_train_beside_an_sae_from_one_forward_pass(config, tmp_path):
+    toml = tmp_path / "live.toml"
+    toml.write_text(
+        f'dataset = "{config.dataset}"\nctx_len = 32\nbatch_size = 8\nact_dtype = "float32"\n'
+    )
+    clt = live_clt_cfg(toml)
+    clt = dataclasses.replace(clt, absorption=AbsorptionConfig(n_tokens=0))
+    sae = dataclasses.replace(
+        clt,
+        train_data=dataclasses.replace(clt.train_data, layer=2),
+        sae=SAEConfig(arch="topk", d_sae=96, k=8),
+        seed=1,
+    )
+    crosscoder = dataclasses.replace(
+        clt,
+        sae=SAEConfig(
+            arch="crosscoder", d_sae=96, k=8, crosscoder=CrosscoderConfig(layers=CLT_LAYERS)
+        ),
+        seed=2,
+    )
+    cfgs = [clt, sae, crosscoder]
+    (group,) = split_groups(cfgs)
+    assert len(group.runs) == 3, "a live CLT, an SAE and a crosscoder share one group"
+    dirs = [tmp_path / "clt", tmp_path / "sae", tmp_path / "crosscoder"]
+    clt_result, sae_result, xc_result = group_trainer(cfgs, dirs, tmp_path / "state").train()
+    assert 0 < xc_result["fvu"] < 0.95 and len(xc_result["fvu_by_hook"]) == 3, xc_result
+    lines = [json.loads(x) for x in (dirs[0] / "metrics.jsonl").open()]
+    fvus = [x["fvu"] for x in lines if "fvu" in x]
+    assert fvus[-1] < 0.9 * fvus[0], fvus
+    assert clt_result["tokens_seen"] == 4096 and 0 < clt_result["fvu"] < 0.9, clt_result
+    assert len(clt_result["fvu_by_hook"]) == 3 and sae_result["fvu"] < 0.9
+    saved = json.loads((dirs[0] / "cfg.json").read_text())
+    assert saved["hook_names"] == [f"encoder.layer.{layer}" for layer in CLT_LAYERS]

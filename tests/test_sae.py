@@ -11,7 +11,7 @@ from groups import group_trainer
 from synthetic import make_collection, sparse_mixture
 
 from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae, sparse
-from saesweep.sae.base import geometric_median, total_variance
+from saesweep.sae.base import geometric_median, squared_error, total_variance
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import StackedAdam
 from saesweep.sae.registry import single_hook_names
@@ -332,6 +332,33 @@ def test_decoder_norm_projects_the_gradient_and_renormalizes_rows_or_leaves_them
     sae.after_optimizer_step(result)
     norms = sae.W_dec.norm(dim=-1)
     assert torch.allclose(norms, torch.ones(2, D_SAE)) == unit
+
+
+def test_decoder_renormalization_in_place_equals_the_masked_formula_bit_for_bit():
+    sae = make_sae(_cfg("topk"), D_IN, [0, 1, 2])
+    result = sae.loss(_x())
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(3, D_SAE, 1, generator=torch.Generator().manual_seed(0)) + 0.5)
+    W = sae.W_dec.detach().clone()
+    mask = torch.tensor([True, False, True])
+    sae.after_optimizer_step(result, update_mask=mask)
+    want = torch.where(mask.view(-1, 1, 1), W / W.norm(dim=-1, keepdim=True), W)
+    assert torch.equal(sae.W_dec, want)
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_squared_error_equals_pow_sum_bit_for_bit_forward_and_backward(per_member):
+    gen = torch.Generator().manual_seed(0)
+    recon = torch.randn(3, B, D_IN, generator=gen, requires_grad=True)
+    target = torch.randn(*((3,) if per_member else ()), B, D_IN, generator=gen)
+    target.requires_grad_(True)
+    weights = torch.randn(3, generator=gen)
+    grads = []
+    for fn in (squared_error, lambda r, t: (r - t).pow(2).sum(dim=(1, 2))):
+        loss = fn(recon, target)
+        grads.append((loss, *torch.autograd.grad((loss * weights).sum(), (recon, target))))
+    for mine, ref in zip(*grads, strict=True):
+        assert torch.equal(mine, ref)
 
 
 def test_init_encoder_scale_scales_each_members_tied_encoder():

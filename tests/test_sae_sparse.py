@@ -133,3 +133,19 @@ def test_batch_topk_codes_equal_a_top_k_over_the_whole_batch(hot_tokens):
     assert per_token.sum(-1).tolist() == [K * B] * N
     if hot_tokens:
         assert per_token.max() > 4 * K
+
+
+def test_an_unpadded_codes_zero_entries_change_no_sparse_product():
+    """The 'entries' backward keeps a code's zero entries; 'padded' drops them first."""
+    gen = torch.Generator().manual_seed(4)
+    values, indices = _codes(seed=4)
+    values = values.float() * (torch.rand(N, B, K, generator=gen) > 0.3)  # ReLU zeros
+    x = torch.randn(N, B, D_IN, generator=gen)
+    W = torch.randn(N, D_SAE, D_IN, generator=gen)
+    codes = [sparse._SparseCode(values, indices, D_SAE, p) for p in ("entries", "padded")]
+    assert codes[0].g.numel() == N * B * K > codes[1].g.numel()
+    for product in (lambda c: c.t_matmul(x), lambda c: c.matmul(W), lambda c: c.sum_tokens()):
+        assert torch.equal(product(codes[0]), product(codes[1]))
+    assert sparse.backward_path(None, K, D_SAE) == "entries"
+    assert sparse.backward_path(K - 1, K, D_SAE) == "padded"
+    assert sparse.backward_path(K, K, K) == "dense"

@@ -12,7 +12,7 @@ from synthetic import sparse_mixture
 from saesweep.sae import ObjectiveConfig, SAEConfig, make_sae
 from saesweep.sae.export import apply_exported
 from saesweep.sae.jumprelu import JumpReLUConfig
-from saesweep.sae.optim import LRSchedule, StackedAdam, clip_grad_norm_, default_lr
+from saesweep.sae.optim import LRSchedule, StackedAdam, bcast, clip_grad_norm_, default_lr
 from saesweep.sae.registry import single_hook_names
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
@@ -162,6 +162,46 @@ def test_stacked_adam_matches_torch_adam_and_adamw():
             opt.step()
             ref_opt.step()
         torch.testing.assert_close(mine[0], ref, rtol=1e-12, atol=1e-14)
+
+
+def _reference_adam(params, grads, state, lr, wd, mask, t, betas=(0.9, 0.999), eps=1e-8):
+    """Out-of-place masked Adam, the formula StackedAdam's in-place step must equal bit for
+    bit: new tensors, then torch.where per member."""
+    b1, b2 = betas
+    step_size, bc2_sqrt, decay = lr / (1 - b1**t), (1 - b2**t).sqrt(), 1 - lr * wd
+    out = []
+    for p, g, (m, v) in zip(params, grads, state, strict=True):
+        keep = bcast(mask, p).bool()
+        m_new = m.lerp(g, 1 - b1)
+        v_new = v * b2 + g * g * (1 - b2)
+        denom = v_new.sqrt() / bcast(bc2_sqrt, p) + eps
+        p_new = p * bcast(decay, p) - bcast(step_size, p) * m_new / denom
+        pairs = ((p_new, p), (m_new, m), (v_new, v))
+        out.append([torch.where(keep, new, old) for new, old in pairs])
+    return out
+
+
+@pytest.mark.parametrize("wd", [0.0, [0.0, 0.1, 0.01]])
+def test_stacked_adam_in_place_equals_the_out_of_place_formula_bit_for_bit(wd):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 16, 40), (3, 40), (3, 40, 16)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    lr = torch.tensor([1e-3, 3e-3, 1e-2], dtype=torch.float64)
+    opt = StackedAdam(params, lr=lr, weight_decay=wd)
+    ref = [[p.detach().clone(), torch.zeros(p.shape), torch.zeros(p.shape)] for p in params]
+    t = torch.zeros(3, dtype=torch.float64)
+    for step in range(6):
+        mask = torch.tensor([True, step % 2 == 0, step != 3])
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step(update_mask=mask)
+        t += mask
+        wd_t = torch.as_tensor(wd, dtype=torch.float64).expand(3)
+        ps, states = [r[0] for r in ref], [r[1:] for r in ref]
+        ref = _reference_adam(ps, grads, states, lr, wd_t, mask, t.clamp_min(1))
+        for p, m, v, (rp, rm, rv) in zip(params, opt.exp_avg, opt.exp_avg_sq, ref, strict=True):
+            assert torch.equal(p.detach(), rp) and torch.equal(m, rm) and torch.equal(v, rv)
 
 
 def test_clip_grad_norm_is_per_member():

@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,8 +23,10 @@ from tiny_models import build
 from saesweep.data.saelens_cache import CONVERTED, collection_uri
 from saesweep.errors import UserError
 from saesweep.format.collection import read_collection
+from saesweep.store import open_store
 from saesweep.train.cli import main as train_main
 
+REPO = Path(__file__).resolve().parent.parent
 HOOK, D_IN, CONTEXT, SEQS_PER_BUFFER, BUFFERS = "transformer.h.1", 32, 16, 8, 3
 
 
@@ -95,9 +101,8 @@ def test_a_saved_dataset_without_activations_is_refused(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
 def test_a_read_only_cache_is_refused(tmp_path):
-    features = Features({HOOK: Array2D(shape=(2, 3), dtype="float32")})
     cache = tmp_path / "cache"
-    Dataset.from_dict({HOOK: [[[0.0] * 3] * 2]}, features=features).save_to_disk(str(cache))
+    tiny_cache(cache)
     cache.chmod(0o555)
     try:
         with pytest.raises(UserError, match="read-only"):
@@ -105,3 +110,82 @@ def test_a_read_only_cache_is_refused(tmp_path):
     finally:
         cache.chmod(0o755)
     assert not (cache / CONVERTED).exists()
+
+
+def tiny_cache(path: Path) -> None:
+    """A one-row saved dataset of SAELens's cache layout at `path`."""
+    features = Features({HOOK: Array2D(shape=(2, 3), dtype="float32")})
+    Dataset.from_dict({HOOK: [[[0.0] * 3] * 2]}, features=features).save_to_disk(str(path))
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    """`command` run as user nobody when this process is root (who may write anywhere), else
+    as it is; pytest.skip when an unprivileged user cannot run this checkout's python."""
+    if os.geteuid() != 0:
+        return command
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        probe = subprocess.run(
+            [*drop, sys.executable, "-c", "import saesweep"], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        pytest.skip("setpriv is not installed, and root may write into a read-only directory")
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run this checkout's python: {probe.stderr[-300:]}")
+    return [*drop, *command]
+
+
+def test_train_py_refuses_a_cache_its_user_cannot_write():
+    root = Path(tempfile.mkdtemp(prefix="saesweep-readonly-"))  # not under pytest's 0700 dirs
+    try:
+        (root / "home").mkdir()
+        cache = root / "cache"
+        tiny_cache(cache)
+        for path in [root, *cache.rglob("*"), cache]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        (root / "home").chmod(0o777)
+        command = [
+            sys.executable, str(REPO / "train.py"), "--train-data.uri", str(cache),
+            "--runs-root", str(root / "home" / "runs"), "--executor", "debug",
+            "--device", "cpu", "--wandb-mode", "disabled",
+        ]  # fmt: skip
+        env = {**os.environ, "HOME": str(root / "home")}
+        done = subprocess.run(unprivileged(command), capture_output=True, text=True, env=env)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert "is a SAELens activation cache" in line and "read-only" in line
+        assert sorted(p.name for p in cache.iterdir()) == sorted(
+            ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"]
+        )
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755)
+        shutil.rmtree(root)
+
+
+def uploaded(cache: Path, uri: str) -> None:
+    """The files SAELens wrote (not the converted collection) put under `uri`."""
+    store = open_store(uri)
+    for path in cache.iterdir():
+        if path.is_file():
+            store.put_file(path.name, path)
+
+
+def test_a_cache_on_s3_is_converted_under_its_prefix(cache, s3_env, capsys):
+    uploaded(cache, s3_env)
+    converted = collection_uri(s3_env)
+    assert converted == f"{s3_env}/{CONVERTED}"
+    assert "converting the SAELens activation cache" in capsys.readouterr().out
+    rows = load_from_disk(str(cache)).with_format("torch")[:]
+    stored = read_collection(converted, HOOK, names=("acts",)).tensors
+    assert torch.equal(stored["acts"], rows[HOOK].reshape(-1, D_IN))
+    assert torch.equal(stored["token_ids"], rows["token_ids"].reshape(-1))
+    assert collection_uri(s3_env) == converted
+    assert capsys.readouterr().out == ""
+
+
+def test_a_cache_on_s3_read_without_credentials_is_refused(cache, public_s3):
+    uploaded(cache, public_s3)
+    with pytest.raises(UserError, match="needs S3 credentials"):
+        collection_uri(public_s3, anonymous=True)
+    assert not [k for k in open_store(public_s3).list() if CONVERTED in k]

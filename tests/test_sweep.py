@@ -202,6 +202,25 @@ def test_a_live_group_level_leaves_the_hooks_to_its_runs():
     assert joined == cfgs
 
 
+def test_a_live_plan_lists_every_hook_of_its_clts(tmp_path, capsys):
+    """One forward pass feeds a live CLT's layers and an SAE's hook; no 'first hook'."""
+    sweep = tmp_path / "live_clt.py"
+    sweep.write_text(
+        f"""
+def make_cfgs():
+    live = {{"source": "model", "collect": "{ROOT / "configs/demo.toml"}"}}
+    clt = {{"layers": [1, 2], "input_site": "resid", "target_site": "mlp"}}
+    return [
+        {{"train_data": live, "sae": {{"arch": "clt", "d_sae": 64, "k": 4, "clt": clt}}}},
+        {{"train_data": {{**live, "layer": 3}}}},
+    ]
+"""
+    )
+    code, out, err = plan(sweep, capsys=capsys)
+    assert code == 0, err
+    assert "one forward pass for hooks mlp.1, mlp.2, resid.1, resid.2, resid.3," in out, out
+
+
 def test_groups_are_equal_group_levels_split_by_max_parallel():
     sweep = [{"lr": 1e-3}, {"n_val": 7}, {"lr": 2e-3, "warmup_steps": 3}, {"n_val": 7}]
     groups = split_groups(build_configs(sweep, {}, "x"), 1)

@@ -1,8 +1,9 @@
 """A SAELens activation cache as training data: the directory SAELens's CacheActivationsRunner
 writes (Dataset.save_to_disk: data-*.arrow, state.json, dataset_info.json; a column of Array2D
-(context_size, d_in) per hook, token_ids) is converted once into a saesweep collection inside
-it, CONVERTED, which train.py then reads as any other collection (the Reader's exactly-once
-shuffled order, verified shards, statistics.json).
+(context_size, d_in) per hook, token_ids), in a local directory or under an S3 prefix, is
+converted once into a saesweep collection inside it, CONVERTED, which train.py then reads as
+any other collection (the Reader's exactly-once shuffled order, verified shards,
+statistics.json). A cache where that collection cannot be written is refused.
 
 Each Arrow file becomes one shard, each row (a context window) one sequence: seq_id row << 20,
 positions 0..context_size-1, token ids from token_ids (0 where the cache has none).
@@ -10,11 +11,12 @@ positions 0..context_size-1, token ids from token_ids (0 where the cache has non
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,32 +32,28 @@ from saesweep.format.shards import (
     encode_shard,
     shard_name,
 )
-from saesweep.store import Store, open_store
+from saesweep.store import FileStore, Store, open_store
 
 CONVERTED = "saesweep-collection"
 """The converted collection's directory inside the SAELens cache."""
 
 
-def cache_dir(uri: str) -> Path | None:
-    """The local directory `uri` names when it holds a SAELens cache (a saved HF dataset)."""
-    path = uri.removeprefix("file://")
-    if not path or "://" in path:
+def cache_store(uri: str, anonymous: bool, remote: bool) -> Store | None:
+    """The store `uri` names when it holds a SAELens cache (a saved HF dataset) at its root;
+    an S3 one only when `remote` (else None: no request is sent)."""
+    if not uri or (uri.startswith("s3://") and not remote):
         return None
-    found = Path(path)
-    return (
-        found
-        if (found / "state.json").is_file() and (found / "dataset_info.json").is_file()
-        else None
-    )
+    store = open_store(uri, anonymous)
+    return store if store.exists("state.json") and store.exists("dataset_info.json") else None
 
 
-def activation_columns(cache: Path) -> dict[str, dict]:
+def activation_columns(cache: Store) -> dict[str, dict]:
     """{column: its Array2D feature} of the cache: the hooks it stores."""
-    features = json.loads((cache / "dataset_info.json").read_text()).get("features", {})
+    features = cache.get_json("dataset_info.json").get("features", {})
     columns = {k: f for k, f in features.items() if f.get("_type") == "Array2D"}
     if not columns:
         raise UserError(
-            f"{cache} is a saved HF dataset with no Array2D column of activations "
+            f"{cache.uri} is a saved HF dataset with no Array2D column of activations "
             "(SAELens's cache layout); give a SAELens activation cache or a collection"
         )
     return columns
@@ -94,31 +92,60 @@ def put_shard(store: Store, hp: HookPart, key: str, info: dict, rows: dict, firs
     hp.stats = stats if hp.stats is None else hp.stats.merge(stats)
 
 
-def convert(cache: Path, out: Path) -> None:
-    """Write the collection of the SAELens cache `cache` at `out` (staged, renamed whole)."""
+@contextlib.contextmanager
+def arrow_file(cache: Store, name: str) -> Iterator[Path]:
+    """A local path of the cache's Arrow file `name`: the file itself, or a temporary copy of
+    a remote one."""
+    if isinstance(cache, FileStore):
+        yield cache.root / name
+        return
+    with tempfile.TemporaryDirectory(prefix="saelens-cache.") as tmp:
+        path = Path(tmp) / "data.arrow"
+        path.write_bytes(cache.get(name))
+        yield path
+
+
+def write_converted(cache: Store, out: Store) -> None:
+    """Write the collection of the SAELens cache `cache` into `out`, one Arrow file (one
+    shard per hook) at a time; metadata.json and statistics.json last."""
     from datasets import Dataset  # its import is slow: only for a conversion
 
     columns = activation_columns(cache)
-    files = [f["filename"] for f in json.loads((cache / "state.json").read_text())["_data_files"]]
-    runner_cfg = cache / "cache_activations_runner_cfg.json"
-    model = json.loads(runner_cfg.read_text())["model_name"] if runner_cfg.is_file() else ""
+    files = [f["filename"] for f in cache.get_json("state.json")["_data_files"]]
+    runner_cfg = "cache_activations_runner_cfg.json"
+    model = cache.get_json(runner_cfg)["model_name"] if cache.exists(runner_cfg) else ""
     infos = {c: hook_info(c, f, model) for c, f in columns.items()}
-    staged = Path(tempfile.mkdtemp(dir=cache, prefix=f".{CONVERTED}.", suffix=".tmp"))
-    try:
-        store, part, first = open_store(str(staged)), Part(0, 1, complete=True), 0
-        for i, name in enumerate(tqdm(files, desc=f"converting {cache.name}")):
-            rows = Dataset.from_file(str(cache / name)).with_format("torch")[:]
+    part, first = Part(0, 1, complete=True), 0
+    for i, name in enumerate(tqdm(files, desc=f"converting {cache.uri}")):
+        with arrow_file(cache, name) as path:
+            rows = Dataset.from_file(str(path)).with_format("torch")[:]
             ids = rows.get("token_ids")
             for column, info in infos.items():
                 acts = rows[column]
                 token_ids = torch.zeros(acts.shape[:2], dtype=torch.int32) if ids is None else ids
                 hp = part.hooks.setdefault(column, HookPart())
                 key = f"{column}/{shard_name(0, i)}"
-                put_shard(store, hp, key, info, {"acts": acts, "token_ids": token_ids}, first)
-            first += len(acts)
-        part.seq_done = first
-        store.put_json(part_key(0, 1), part.to_json())
-        write_merged(store, [part], infos)
+                put_shard(out, hp, key, info, {"acts": acts, "token_ids": token_ids}, first)
+        first += len(acts)
+    part.seq_done = first
+    out.put_json(part_key(0, 1), part.to_json())
+    write_merged(out, [part], infos)
+
+
+def convert_local(cache: FileStore) -> None:
+    """Convert a local cache into CONVERTED inside it (staged, renamed whole); a directory
+    that cannot be written is refused."""
+    out = cache.root / CONVERTED
+    try:
+        staged = Path(tempfile.mkdtemp(dir=cache.root, prefix=f".{CONVERTED}.", suffix=".tmp"))
+    except OSError as err:
+        raise UserError(
+            f"{cache.root} is a SAELens activation cache, which train.py converts once into "
+            f"{out}, but it is read-only ({err.strerror}); copy the cache to a writable "
+            "directory and give that"
+        ) from None
+    try:
+        write_converted(cache, FileStore(staged))
         renamed_whole(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -133,32 +160,48 @@ def renamed_whole(staged: Path, out: Path) -> None:
             raise
 
 
-def collection_uri(uri: str) -> str:
+def converted(cache: Store) -> bool:
+    """Whether the cache holds its whole converted collection: every hook's statistics.json,
+    the last object a conversion writes."""
+    hooks = activation_columns(cache)
+    return all(cache.exists(f"{CONVERTED}/{hook}/statistics.json") for hook in hooks)
+
+
+def collection_uri(uri: str, anonymous: bool = False, remote: bool = True) -> str:
     """`uri` itself, or for a SAELens cache the collection converted from it (converted on
-    first use, with a message; a read-only cache is refused)."""
-    cache = cache_dir(uri)
+    first use, with a message; a cache where it cannot be written is refused): a local cache's
+    inside it, staged and renamed whole; an S3 cache's under its prefix, written in place
+    (metadata and statistics last). Without `remote`, an S3 uri is given back unread."""
+    cache = cache_store(uri, anonymous, remote)
     if cache is None:
         return uri
-    out = cache / CONVERTED
-    if any(out.glob("*/metadata.json")):
-        return str(out)
-    if not os.access(cache, os.W_OK):
-        raise UserError(
-            f"{cache} is a SAELens activation cache, which train.py converts once into "
-            f"{out}, but it is read-only; copy the cache to a writable directory and give that"
-        )
-    print(f"note: converting the SAELens activation cache {cache} once into {out}")
-    convert(cache, out)
-    return str(out)
+    local = isinstance(cache, FileStore)
+    out = str(cache.root / CONVERTED) if local else cache.child(CONVERTED)
+    if converted(cache):
+        return out
+    print(f"note: converting the SAELens activation cache {cache.uri} once into {out}")
+    if local:
+        convert_local(cache)
+    else:
+        target = open_store(out, anonymous)
+        target.check_writable()
+        write_converted(cache, target)
+    return out
 
 
-def with_converted_caches(cfg):
+def data_uri(data, remote: bool) -> str:
+    """A DataConfig's uri, or its SAELens cache's converted collection."""
+    return collection_uri(data.uri, data.anonymous, remote)
+
+
+def with_converted_caches(cfg, remote: bool = True):
     """A train config whose store-sourced train_data and val_data name a SAELens cache's
-    converted collection instead of the cache."""
+    converted collection instead of the cache; S3 caches only when `remote` (a dry run sends
+    no S3 request)."""
     if cfg.train_data.source != "store":
         return cfg
     return dataclasses.replace(
         cfg,
-        train_data=dataclasses.replace(cfg.train_data, uri=collection_uri(cfg.train_data.uri)),
-        val_data=dataclasses.replace(cfg.val_data, uri=collection_uri(cfg.val_data.uri)),
+        train_data=dataclasses.replace(cfg.train_data, uri=data_uri(cfg.train_data, remote)),
+        val_data=dataclasses.replace(cfg.val_data, uri=data_uri(cfg.val_data, remote)),
     )

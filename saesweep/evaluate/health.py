@@ -33,7 +33,8 @@ class HealthConfig:
     """Where L0 is learned: L0 above this warns."""
     l0_k_factor: float = field(default=2.0, metadata=at_least(1))
     """Where the run sets k (TopK, BatchTopK, Matryoshka, Switch), L0 follows k by design: it
-    warns only outside [k / l0_k_factor, k * l0_k_factor]."""
+    warns only outside [k / l0_k_factor, k * l0_k_factor] (a CLT's budget is L x k: k per
+    layer)."""
     dead_pass_pct: float = field(default=10.0, metadata=at_least(0))
     """Dead latents (% of d_sae) at or below this pass; up to dead_fail_pct they warn."""
     dead_fail_pct: float = field(default=20.0, metadata=at_least(0))
@@ -134,7 +135,8 @@ def _l0(metrics: dict, cfg: HealthConfig) -> Check:
     if not _measured(value):
         return "L0"
     if _measured(k) and k > 0:
-        low, high, of_k = k / cfg.l0_k_factor, k * cfg.l0_k_factor, f" (k {_trim(f'{k:g}')})"
+        budget, of_k = _l0_budget(k, metrics.get("k_layers"))
+        low, high = budget / cfg.l0_k_factor, budget * cfg.l0_k_factor
     else:
         low, high, of_k = cfg.l0_min, cfg.l0_max, ""
     shown = _pair(value, low, high)
@@ -143,6 +145,14 @@ def _l0(metrics: dict, cfg: HealthConfig) -> Check:
     if value > high:
         return "warn", f"L0 {shown[0]} > {shown[2]}{of_k}"
     return None
+
+
+def _l0_budget(k: float, k_layers: int | None) -> tuple[float, str]:
+    """(the L0 a run's k sets, how the reason names it): k, or L x k for a run that keeps k
+    latents in each of L layers (a TopK CLT; a crosscoder's k is over all its layers)."""
+    if not _measured(k_layers) or k_layers <= 1:
+        return k, f" (k {_trim(f'{k:g}')})"
+    return k * k_layers, f" (k {_trim(f'{k:g}')} x {k_layers} layers)"
 
 
 def _dead(metrics: dict, cfg: HealthConfig) -> Check:

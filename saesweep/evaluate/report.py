@@ -114,14 +114,15 @@ FIRST = ("arch", "lr", "d_sae", "k", "hook")
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka", "switch")
 ARCH_SPECIFIC = {
-    "sae.aux_k": TOPK_FAMILY,
-    "sae.aux_coeff": TOPK_FAMILY,
-    "objective.sparsity_coeff": ("relu", "jumprelu"),
-    "objective.target_l0": ("jumprelu",),
+    "sae.aux_k": (*TOPK_FAMILY, "crosscoder"),
+    "sae.aux_coeff": (*TOPK_FAMILY, "crosscoder"),
+    "objective.sparsity_coeff": ("relu", "jumprelu", "clt", "crosscoder"),
+    "objective.target_l0": ("jumprelu", "crosscoder"),
     "objective.load_balance_coeff": ("switch",),
 }
 """Shared parameters that only some architectures read (SAEConfig's and ObjectiveConfig's
-docstrings), and which; a parameter set to None (k of ReLU, an architecture's default
+docstrings), and which (a CLT's or crosscoder's by its architecture, whatever its
+activation); a parameter set to None (k of ReLU, an architecture's default
 init_encoder_scale) applies to no run either."""
 
 

@@ -32,7 +32,7 @@ from saesweep.errors import UserError
 from saesweep.export import export_format
 from saesweep.export.calibration import HeldOut, clt_thresholds, describe, transcoder_threshold
 from saesweep.export.output import staged_output
-from saesweep.export.runs import finished_runs
+from saesweep.export.runs import check_one_hook, finished_runs
 from saesweep.format.rundir import load_sae
 from saesweep.sae.base import sae_architecture
 from saesweep.sae.clt_export import ExportedCLT
@@ -126,6 +126,7 @@ def export_writer(runs: list[tuple[Path, dict, dict]]) -> Callable:
             raise UserError("give one cross-layer transcoder run; circuit-tracer reads one CLT")
         return cross_layer_transcoder
     for run, cfg, _ in runs:
+        check_one_hook(run, cfg)
         if "hook_name_out" not in cfg:
             raise UserError(
                 f"{run} is an SAE, not a transcoder; circuit-tracer needs transcoders from "

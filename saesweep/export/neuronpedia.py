@@ -1,9 +1,10 @@
 """Neuronpedia's bulk-import layout, as SAEDashboard's exporter writes it
 (sae_dashboard/neuronpedia/neuronpedia_export.py): per run, MODEL_ID/SOURCE_ID/ with
 release.jsonl, model.jsonl, sourceset.jsonl, source.jsonl, features/batch-N.jsonl.gz (density,
-activation histogram) and activations/batch-N.jsonl.gz (top activating contexts: tokens, values,
-max value). Every run of a sweep is gathered from one pass over the collection: each shard of a
-hook is read once (verified, through Collection) for all the runs on that hook.
+activation histogram, top and bottom logits) and activations/batch-N.jsonl.gz (top activating
+contexts: tokens, values, max value). Every run of a sweep is gathered from one pass over the
+collection: each shard of a hook is read once (verified, through Collection) for all the runs
+on that hook.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from saesweep.configtools import at_least, positional
@@ -23,6 +26,7 @@ from saesweep.evaluate.features import collection_tokenizer
 from saesweep.export import export_format
 from saesweep.export import neuronpedia_rows as np_rows
 from saesweep.export.feature_stats import FeatureStats, ShardTokens
+from saesweep.export.logit_effects import logit_effects, unembedding
 from saesweep.export.output import staged_output
 from saesweep.export.runs import LoadedRun, runs_by_hook
 from saesweep.format.collection import Collection, HookShards
@@ -63,12 +67,22 @@ class NeuronpediaCommand:
     shards: str = ":"
     """Python slice over the collection's shards, e.g. ':-1' or '-1:'."""
     model: str | None = None
-    """Tokenizer to decode tokens with (default: the collection's model)."""
+    """The model whose tokenizer decodes tokens and whose unembedding gives each latent's
+    top and bottom logits (default: the collection's model)."""
     anonymous: bool = False
     """S3 URIs: send unsigned requests (a public bucket) even when AWS credentials are
     configured."""
     progress: bool = True
     """Show a progress bar over the collection's shards."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The model's tokens as the export shows them: a token id's text, and the unembedding
+    W_U [d_model, d_vocab] (None for a model without one)."""
+
+    decode: Callable[[int], str]
+    w_u: Tensor | None
 
 
 @dataclass
@@ -111,25 +125,30 @@ def write_jsonl(path: Path, rows: list[dict], compress: bool = False) -> None:
     write_atomic(path, lambda f: f.write(data))
 
 
-def feature_rows(m: Member, r: np_rows.Release, source_id: str, latents: range, decode) -> tuple:
+def feature_rows(
+    m: Member, r: np_rows.Release, source_id: str, latents: range, vocab: Vocabulary
+) -> tuple:
     """(Feature rows, Activation rows) of the latents."""
     features, activations = [], []
-    for latent in latents:
+    w_dec = m.stats.weights["W_dec"][latents.start : latents.stop]
+    for latent, logits in zip(latents, logit_effects(w_dec, vocab.w_u, vocab.decode), strict=True):
         examples = m.stats.top_examples(latent)
         for e in examples:
-            tokens = [decode(t) for t in e.token_ids]
+            tokens = [vocab.decode(t) for t in e.token_ids]
             values = [round(v, 5) for v in e.values]
             activations.append(np_rows.activation_row(r, source_id, latent, tokens, values, e.at))
         peak = max((max(e.values) for e in examples), default=0.0)
         density = float(m.stats.fire_counts[latent]) / max(m.stats.n_tokens, 1)
         hist_values, hist_heights = m.stats.histogram.bars(latent)
-        data = np_rows.FeatureData(latent, round(peak, 5), density, hist_values, hist_heights)
+        data = np_rows.FeatureData(
+            latent, round(peak, 5), density, hist_values, hist_heights, logits
+        )
         features.append(np_rows.feature_row(r, source_id, data))
     return features, activations
 
 
 def write_source(
-    m: Member, r: np_rows.Release, out: Path, source: dict, batch_size: int, decode
+    m: Member, r: np_rows.Release, out: Path, source: dict, batch_size: int, vocab: Vocabulary
 ) -> None:
     """A run's source directory: the four metadata files, then the batches."""
     source_dir = out / r.model_id / source["id"]
@@ -141,7 +160,7 @@ def write_source(
     d_sae = m.stats.cfg["d_sae"]
     for b, start in enumerate(range(0, d_sae, batch_size)):
         latents = range(start, min(start + batch_size, d_sae))
-        features, activations = feature_rows(m, r, source["id"], latents, decode)
+        features, activations = feature_rows(m, r, source["id"], latents, vocab)
         write_jsonl(source_dir / "features" / f"batch-{b}.jsonl.gz", features, True)
         write_jsonl(source_dir / "activations" / f"batch-{b}.jsonl.gz", activations, True)
 
@@ -162,9 +181,8 @@ def write_neuronpedia(command: NeuronpediaCommand) -> None:
     collection = Collection.open(command.collection, command.anonymous)
     tokenizer = collection_tokenizer(collection.config, command.model)
     release = release_of(command, collection)
-
-    def decode(token_id: int) -> str:
-        return tokenizer.decode([token_id])
+    w_u = unembedding(collection.config, command.model)
+    vocab = Vocabulary(lambda token_id: tokenizer.decode([token_id]), w_u)
 
     with staged_output(Path(command.out)) as staged:
         grouped = runs_by_hook(
@@ -179,6 +197,6 @@ def write_neuronpedia(command: NeuronpediaCommand) -> None:
                     source = np_rows.source_row(
                         release, source_id, command.collection, n_seq, hook.meta["ctx_len"]
                     )
-                    write_source(m, release, staged, source, command.batch_size, decode)
+                    write_source(m, release, staged, source, command.batch_size, vocab)
     n_runs = sum(len(members) for _, members in grouped.values())
     print(f"wrote {command.out}: Neuronpedia's import of {n_runs} runs")

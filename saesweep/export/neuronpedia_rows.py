@@ -7,6 +7,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from saesweep.export.logit_effects import LogitEffects
+
 DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
 """The creator id SAEDashboard's exporter falls back to (its FALLBACK_CREATOR_ID)."""
 
@@ -75,10 +77,11 @@ class FeatureData:
     density: float
     hist_values: list[float]
     hist_heights: list[int]
+    logits: LogitEffects
 
 
 def feature_row(r: Release, source_id: str, f: FeatureData) -> dict:
-    """A Feature row; no logits (the export has no unembedding) nor correlations."""
+    """A Feature row; no correlations, neuron alignment or decoder weight distribution."""
     return {
         "modelId": r.model_id, "layer": source_id, "index": str(f.index),
         "creatorId": r.creator_id, "createdAt": r.created_at, "maxActApprox": f.max_act,
@@ -87,10 +90,13 @@ def feature_row(r: Release, source_id: str, f: FeatureData) -> dict:
         "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
         "correlated_neurons_indices": [], "correlated_neurons_pearson": [],
         "correlated_neurons_l1": [], "correlated_features_indices": [],
-        "correlated_features_pearson": [], "correlated_features_l1": [], "neg_str": [],
-        "neg_values": [], "pos_str": [], "pos_values": [], "frac_nonzero": f.density,
-        "freq_hist_data_bar_heights": f.hist_heights, "freq_hist_data_bar_values": f.hist_values,
-        "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
+        "correlated_features_pearson": [], "correlated_features_l1": [],
+        "neg_str": f.logits.neg_str, "neg_values": f.logits.neg_values,
+        "pos_str": f.logits.pos_str, "pos_values": f.logits.pos_values,
+        "frac_nonzero": f.density, "freq_hist_data_bar_heights": f.hist_heights,
+        "freq_hist_data_bar_values": f.hist_values,
+        "logits_hist_data_bar_heights": f.logits.hist_heights,
+        "logits_hist_data_bar_values": f.logits.hist_values,
         "decoder_weights_dist": [], "sourceSetName": None,
     }  # fmt: skip
 

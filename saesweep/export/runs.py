@@ -53,6 +53,17 @@ def run_names(runs: list[Path]) -> list[str]:
     return names
 
 
+def check_one_hook(run: Path, cfg: dict) -> None:
+    """A UserError for a run whose dictionary reads several hooks (a CLT, a crosscoder: its
+    cfg.json names hook_names), which a format of single-hook SAEs and transcoders cannot
+    hold."""
+    if "hook_name" not in cfg:
+        raise UserError(
+            f"{run} is a {cfg['architecture']} over the hooks {', '.join(cfg['hook_names'])}; "
+            "this format holds SAEs and transcoders of one hook, so give only such runs"
+        )
+
+
 @dataclass(frozen=True)
 class LoadedRun:
     """A finished run to export: its name in the export, directory, cfg.json and weights."""
@@ -73,7 +84,8 @@ def runs_by_hook(
     grouped: dict[str, tuple[HookShards, list[T]]] = {}
     for name, run in zip(run_names(runs), runs, strict=True):
         cfg, weights = load_sae(run)
-        meta = collection.hook(cfg.get("hook_name"))
+        check_one_hook(run, cfg)
+        meta = collection.hook(cfg["hook_name"])
         hook, members = grouped.setdefault(meta["hook"], (collection.choose(meta, shards), []))
         check_width(cfg, collection, hook)
         members.append(member(LoadedRun(name, run, cfg, weights)))

@@ -20,7 +20,7 @@ from saesweep.configtools import positional
 from saesweep.errors import UserError
 from saesweep.export import export_format
 from saesweep.export.output import staged_output
-from saesweep.export.runs import finished_runs, run_names
+from saesweep.export.runs import check_one_hook, finished_runs, run_names
 from saesweep.format.names import checked_name
 from saesweep.format.rundir import load_sae, write_json, write_tensors
 from saesweep.sae.base import sae_architecture
@@ -47,6 +47,7 @@ def hookpoint(cfg: dict, run: Path) -> str:
 def sparsify_coder(cfg: dict, sd: dict[str, Tensor], run: Path) -> tuple[str, dict, dict]:
     """(hookpoint, cfg.json, sae.safetensors) of the sparsify SparseCoder whose forward is
     the run's."""
+    check_one_hook(run, cfg)
     arch, transcoder = sae_architecture(cfg["architecture"]), "d_out" in cfg
     if arch != "topk":
         raise UserError(

@@ -13,6 +13,7 @@ from saesweep.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saesweep.sae.clt import CLTConfig, CrossLayerTranscoder
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.config import PER_MEMBER_FIELDS, ObjectiveConfig, SAEConfig, stack_key
+from saesweep.sae.crosscoder import Crosscoder, CrosscoderConfig
 from saesweep.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saesweep.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from saesweep.sae.registry import ARCHITECTURES, architecture, register
@@ -26,6 +27,8 @@ __all__ = [
     "BatchTopKSAE",
     "CLTConfig",
     "CrossLayerTranscoder",
+    "Crosscoder",
+    "CrosscoderConfig",
     "PER_MEMBER_FIELDS",
     "Codes",
     "DenseCodes",

@@ -80,6 +80,11 @@ class StackedSAE(nn.Module):
     """The architecture reads several hooks side by side, which it names itself (hook_specs:
     a CLT's layers); it is a transcoder of their concatenations, and the single-hook tests
     of every architecture leave it out."""
+    k_layers: int = 1
+    """How many k-budgets a token has: a TopK CLT keeps k latents in each of its layers."""
+    reads_sections: ClassVar[tuple[str, ...]] = ()
+    """Other architectures' option sections it reads (a layered architecture's activation:
+    sae.jumprelu for a JumpReLU CLT), beside its own."""
     fvu_objective: ClassVar[bool] = False
     """The loss's reconstruction term: FVU (squared error over the batch's total variance,
     the denominator of AuxK too) when True, else the mean squared error per element."""
@@ -304,7 +309,7 @@ class StackedSAE(nn.Module):
         target = x if target is None else target
         variance = total_variance(target) if variance is None else variance
         recon, codes = self(x)
-        sq_err = (recon - target).pow(2).sum(dim=(1, 2))
+        sq_err = squared_error(recon, target)
         mse, fvu = sq_err / recon[0].numel(), sq_err / variance
         terms = self.penalties(x, target, recon, codes, step, variance)
         weighted = (torch.where(c != 0, c * v, 0) for c, v in terms.values())  # 0 * inf: 0
@@ -342,8 +347,8 @@ class StackedSAE(nn.Module):
         from `result` (this step's loss), for members in update_mask ([n] bool, default all)."""
         mask = self._mask(update_mask)
         if self.unit_norm_decoder:
-            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
-            self.W_dec.copy_(torch.where(mask.view(-1, 1, 1), unit, self.W_dec))
+            norms = self.W_dec.norm(dim=-1, keepdim=True)
+            self.W_dec.div_(norms.masked_fill_(~mask.view(-1, 1, 1), 1.0))  # others / 1
         self.update_running_stats(result, mask)
 
     def update_running_stats(self, result: LossResult, mask: Tensor) -> None:
@@ -463,9 +468,36 @@ def total_variance(
     """sum |x - mean(x)|^2 over the batch (per member for [n, B, d_in]), at least 1e-6 of the
     batch's energy sum |x|^2 (and tiny): a batch of identical tokens gives large finite ratios,
     not inf."""
-    total = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1))
-    floor = 1e-6 * x.pow(2).sum(dim=(-2, -1))
+    centered = x - x.mean(dim=-2, keepdim=True)
+    total = (centered * centered).sum(dim=(-2, -1))  # x * x: pow(2)'s bits, 4x as fast on CPU
+    floor = 1e-6 * (x * x).sum(dim=(-2, -1))
     return torch.maximum(total, floor).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def squared_error(recon: Tensor, target: Tensor) -> Tensor:
+    """[n] sum over (B, d) of (recon - target)^2, recon [n, B, d] and target [n, B, d] or
+    [B, d]: the same bits, forward and backward, as (recon - target).pow(2).sum(dim=(1, 2)),
+    in fewer passes over [n, B, d] (pow(2) is x * x, 4x slower on CPU; its backward copies
+    x, doubles it and multiplies by the gradient, allocating each)."""
+    return _SquaredError.apply(recon, target)
+
+
+class _SquaredError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, recon, target):
+        diff = recon - target
+        ctx.save_for_backward(diff)
+        ctx.target_shape = target.shape
+        return (diff * diff).sum(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        (diff,) = ctx.saved_tensors
+        grad = torch.mul(diff, 2).mul_(g.view(-1, 1, 1))  # g * (2 * diff), pow's backward
+        grad_target = None
+        if ctx.needs_input_grad[1]:
+            grad_target = (-grad).sum_to_size(ctx.target_shape)
+        return grad if ctx.needs_input_grad[0] else None, grad_target
 
 
 @jaxtyped(typechecker=beartype)

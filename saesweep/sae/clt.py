@@ -22,8 +22,10 @@ thresholds;
 relu penalizes sum f * ||W_dec row|| (the row over all its target layers) with
 objective.sparsity_coeff; jumprelu learns a threshold per feature through JumpReLU's
 straight-through estimator and penalizes the L0 with objective.sparsity_coeff. Decoder rows
-are free (no unit norm). Codes are dense: decoding multiplies the dense [B, d_tc] codes of
-each layer (no sparse decode yet), and TopK has no AuxK.
+are free (no unit norm). Each layer's codes decode through its own decoder block: a TopK
+CLT's k entries per layer by sparse.sparse_decode where k is a small part of d_tc
+(sparse.is_dense, the other architectures' rule), else, and for relu and jumprelu, the dense
+[B, d_tc] codes by a batched matmul. TopK has no AuxK.
 
 Parameters per member: W_enc [L, d_model, d_tc], b_enc [L * d_tc], W_dec_<i> [d_tc, L - i,
 d_out] for source layer i (0-based among the CLT's layers), b_dec [L * d_out], and for
@@ -44,12 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saesweep.configtools import PLAIN_NAME
-from saesweep.sae.base import LossResult, StackedSAE, check, total_variance
+from saesweep.sae.base import LossResult, StackedSAE, check
 from saesweep.sae.batchtopk import moved_threshold
-from saesweep.sae.codes import Codes, DenseCodes
+from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
+from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
-from saesweep.sae.sparse import batch_topk_codes
+from saesweep.sae.sparse import batch_topk_codes, is_dense
 
 if TYPE_CHECKING:
     from saesweep.sae.config import SAEConfig
@@ -94,6 +97,7 @@ class CrossLayerTranscoder(StackedSAE):
     default_decoder_norm = "free"
     default_b_dec_init = "mean"
     layered = True
+    reads_sections = ("jumprelu",)
     fvu_objective = True
 
     @classmethod
@@ -102,9 +106,8 @@ class CrossLayerTranscoder(StackedSAE):
 
     @classmethod
     def check_shape(cls, cfg: SAEConfig, d_in: int) -> None:
-        layers, clt = cfg.clt.layers, cfg.clt
-        check(len(layers) > 0, "sae.clt.layers must name the layers of a clt, e.g. 1 2 3")
-        check(list(layers) == sorted(set(layers)), "sae.clt.layers must ascend without repeats")
+        clt = cfg.clt
+        check_layers(clt.layers, "clt")
         check(clt.input_site != clt.target_site, "sae.clt.input_site must differ from target_site")
         check(cfg.decoder_norm != "unit", "sae.decoder_norm unit is not supported by clt")
         check(not cfg.skip, "sae.skip is not supported by clt")
@@ -125,6 +128,7 @@ class CrossLayerTranscoder(StackedSAE):
         become the concatenations' widths."""
         check(self.transcoder, "a clt predicts its target site (d_out)")
         self.layers, self.n_layers = self.cfg.clt.layers, len(self.cfg.clt.layers)
+        self.k_layers = self.n_layers
         self.activation, self.k = self.cfg.clt.activation, self.cfg.k
         self.d_model, self.d_tc, self.d_target = self.d_in, self.d_sae, self.d_out
         self.d_in, self.d_out = self.n_layers * self.d_model, self.n_layers * self.d_target
@@ -172,16 +176,18 @@ class CrossLayerTranscoder(StackedSAE):
     def encode(self, x: Tensor) -> Codes:
         pre = self.pre_activations(x)
         if self.activation == "relu":
-            return DenseCodes(pre.relu().flatten(2))
+            return DenseCLTCodes(pre.relu().flatten(2), n_layers=self.n_layers)
         if self.activation == "topk":
             values, indices = pre.relu().topk(self.k, dim=-1, sorted=False)
+            if not is_dense(self.k, self.d_tc):
+                return SparseCLTCodes.of_layers(values, indices, self.d_tc)
             acts = torch.zeros_like(pre).scatter(-1, indices, values)
-            return DenseCodes(acts.flatten(2))
+            return DenseCLTCodes(acts.flatten(2), n_layers=self.n_layers)
         if self.activation == "batchtopk":
-            return DenseCodes(self.batch_topk(pre).flatten(2))
+            return DenseCLTCodes(self.batch_topk(pre).flatten(2), n_layers=self.n_layers)
         threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
         acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
-        return JumpReLUCLTCodes(acts.flatten(2), token_l0=token_l0.sum(-1))
+        return JumpReLUCLTCodes(acts.flatten(2), n_layers=self.n_layers, token_l0=token_l0.sum(-1))
 
     def batch_topk(self, pre: Tensor) -> Tensor:
         """[n, B, L, d_tc] training: each layer's k * B largest activations over the batch;
@@ -201,13 +207,12 @@ class CrossLayerTranscoder(StackedSAE):
         kept = acts.where(acts > 0, torch.inf).amin(dim=(1, 3))
         return kept.to(self.threshold.dtype)
 
-    def decode(self, codes: Codes) -> Tensor:
+    def decode(self, codes: DenseCLTCodes | SparseCLTCodes) -> Tensor:
         """[n, B, L * d_out]: target layer l' gets sum over l <= l' of layer l's codes @
         W_dec_l[:, l' - l], plus b_dec."""
-        acts = codes.acts.unflatten(-1, (self.n_layers, self.d_tc))
-        out = self.b_dec.view(self.n, 1, -1).expand(-1, acts.shape[1], -1)
+        out = self.b_dec.view(self.n, 1, -1)
         for i, W in enumerate(self.decoders()):
-            part = torch.bmm(acts[:, :, i], W.flatten(2))
+            part = codes.layer(i).decode(W.flatten(2))
             out = out + F.pad(part, (i * self.d_target, 0))
         return out
 
@@ -233,17 +238,7 @@ class CrossLayerTranscoder(StackedSAE):
         elif self.activation == "jumprelu":
             terms["sparsity_loss"] = (self.sparsity_at(step), codes.token_l0.mean(-1))
         zero = torch.zeros_like(self.sparsity_coeff)
-        return terms | {k: (zero, v) for k, v in self.layer_fvus(target, recon).items()}
-
-    @torch.no_grad()
-    def layer_fvus(self, target: Tensor, recon: Tensor) -> dict[str, Tensor]:
-        """fvu_layer_<layer> -> [n] that target layer's squared error over its variance."""
-        y = self.per_member(target).unflatten(-1, (self.n_layers, self.d_target))
-        err = (recon.unflatten(-1, (self.n_layers, self.d_target)) - y).pow(2).sum((1, 3))
-        return {
-            f"fvu_layer_{layer}": err[:, i] / total_variance(y[:, :, i])
-            for i, layer in enumerate(self.layers)
-        }
+        return terms | layer_fvu_terms(self.per_member(target), recon, self.layers, zero)
 
     @torch.no_grad()
     def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
@@ -273,8 +268,8 @@ class CrossLayerTranscoder(StackedSAE):
         each layer's input scale folded into its encoder, each target layer's scale into the
         decoder blocks writing it and its b_dec."""
         L = self.n_layers
-        s = _per_layer(input_scale, L)
-        t = _per_layer(input_scale if target_scale is None else target_scale, L)
+        s = per_layer(input_scale, L)
+        t = per_layer(input_scale if target_scale is None else target_scale, L)
         t_inv = 1 / torch.tensor(t, dtype=self.b_dec.dtype, device=self.b_dec.device)
         b_enc = self.b_enc[i].view(L, self.d_tc)
         b_dec = self.b_dec[i].view(L, self.d_target)
@@ -293,29 +288,46 @@ class CrossLayerTranscoder(StackedSAE):
     def sae_lens_cfg(self) -> dict:
         """cfg.json's fields of a CLT: its shape per layer, activation and layers (the
         trainer adds the hooks)."""
-        return {
-            "architecture": self.sae_lens_architecture,
-            "saesweep_arch": self.arch,
-            "activation": self.activation,
-            "layers": list(self.layers),
-            "n_layers": self.n_layers,
-            "d_in": self.d_model,
-            "d_out": self.d_target,
-            "d_sae": self.d_tc,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-        } | ({"k": self.k} if self.activation in K_ACTIVATIONS else {})
+        widths = {"d_in": self.d_model, "d_out": self.d_target, "d_sae": self.d_tc}
+        return layered_cfg(self) | widths
 
 
 @dataclass(frozen=True)
-class JumpReLUCLTCodes(DenseCodes):
+class DenseCLTCodes(DenseCodes):
+    """A CLT's dense codes [n, B, L * d_tc], its layers' features side by side."""
+
+    n_layers: int = 1
+
+    def layer(self, i: int) -> DenseCodes:
+        """Layer i's codes [n, B, d_tc]."""
+        return DenseCodes(self.acts.unflatten(-1, (self.n_layers, -1))[:, :, i])
+
+
+@dataclass(frozen=True)
+class SparseCLTCodes(SparseCodes):
+    """A TopK CLT's sparse codes: k entries per layer, layer-major ([n, B, L * k], indices
+    into the L * d_tc latents), so counts, L0 and dead latents are SparseCodes'."""
+
+    n_layers: int = 1
+
+    @classmethod
+    def of_layers(cls, values: Tensor, indices: Tensor, d_tc: int) -> SparseCLTCodes:
+        """From each layer's entries, values and indices [n, B, L, k] into that layer's d_tc."""
+        L = values.shape[2]
+        offsets = torch.arange(L, device=indices.device).view(1, 1, L, 1) * d_tc
+        flat = (indices + offsets).flatten(2)
+        return cls(values.flatten(2), flat, L * d_tc, n_layers=L)
+
+    def layer(self, i: int) -> SparseCodes:
+        """Layer i's k entries, indices into its d_tc latents."""
+        k, d_tc = self.values.shape[-1] // self.n_layers, self.d_sae // self.n_layers
+        cols = slice(i * k, (i + 1) * k)
+        return SparseCodes(self.values[..., cols], self.indices[..., cols] - i * d_tc, d_tc)
+
+
+@dataclass(frozen=True)
+class JumpReLUCLTCodes(DenseCLTCodes):
     """A JumpReLU CLT's codes with each token's L0 over all layers."""
 
     token_l0: Tensor | None = None
     """[n, B] each token's L0, differentiable in the thresholds (JumpReLUFn)."""
-
-
-def _per_layer(scale: float | Sequence[float], n_layers: int) -> list[float]:
-    """One scale per layer: a sequence as it is, a number for every layer."""
-    return list(scale) if isinstance(scale, Sequence) else [float(scale)] * n_layers

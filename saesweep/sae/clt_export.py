@@ -11,7 +11,7 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from saesweep.sae.topk import keep_topk
+from saesweep.sae.layered import exported_activation
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,7 @@ class ExportedCLT:
         w, codes = self.weights, []
         for i in range(self.cfg["n_layers"]):
             pre = (xs[:, i] @ w[f"W_enc_{i}"] + w[f"b_enc_{i}"]).relu()
-            if self.cfg["activation"] == "topk":
-                pre = keep_topk(pre, self.cfg["k"])
-            elif self.cfg["activation"] in ("jumprelu", "batchtopk"):
-                pre = pre * (pre > w[f"threshold_{i}"])
-            codes.append(pre)
+            codes.append(exported_activation(pre, self.cfg, w.get(f"threshold_{i}")))
         return torch.stack(codes, dim=1)
 
     @jaxtyped(typechecker=beartype)

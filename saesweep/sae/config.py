@@ -11,6 +11,7 @@ from saesweep.configtools import above, at_least, one_of, section
 from saesweep.sae import registry
 from saesweep.sae.batchtopk import BatchTopKConfig
 from saesweep.sae.clt import CLTConfig
+from saesweep.sae.crosscoder import CrosscoderConfig
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.matryoshka import MatryoshkaConfig
 from saesweep.sae.relu import ReLUConfig
@@ -32,7 +33,8 @@ def arch_help() -> str:
         f"Architecture, one of the registered: {', '.join(registry.names())}. Built in "
         "(docs/training.md): topk, batchtopk, switch (a mixture of TopK experts), relu (L1), "
         "jumprelu (L0), matryoshka (BatchTopK with nested dictionaries), clt (a cross-layer "
-        "transcoder over sae.clt.layers); "
+        "transcoder over sae.clt.layers), crosscoder (an acausal crosscoder over "
+        "sae.crosscoder.layers); "
         "docs/adding-an-architecture.md adds one."
     )
 
@@ -101,6 +103,8 @@ class SAEConfig:
     """Matryoshka's options."""
     clt: CLTConfig = section(CLTConfig)
     """The cross-layer transcoder's options (its layers, input and target sites)."""
+    crosscoder: CrosscoderConfig = section(CrosscoderConfig)
+    """The acausal crosscoder's options (its layers, site, activation)."""
 
     def width(self, d_in: int) -> int:
         """The latent width d_sae for activations of width d_in."""

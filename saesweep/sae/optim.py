@@ -110,31 +110,48 @@ class StackedAdam(StackedOptimizer):
         self.weight_decay = wd.expand(self.n).clone()
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.scratch: list[Tensor] | None = None
 
     @torch.no_grad()
     def step(self, update_mask: Tensor | None = None) -> None:
-        """One Adam step for members in update_mask ([n] bool, default all)."""
+        """One Adam step for members in update_mask ([n] bool, default all): every member
+        updated in place, then the others' parameters and moments put back."""
         mask = self.count_step(update_mask)
         t = self.step_count.clamp_min(1).to(torch.float64)
         b1, b2 = self.betas
         step_size = self.lr / (1 - b1**t)
         bc2_sqrt = (1 - b2**t).sqrt()
-        decay = 1 - self.lr * self.weight_decay
+        decay = 1 - self.lr * self.weight_decay if bool(self.weight_decay.any()) else None
+        frozen = (~mask).nonzero().squeeze(1)
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             if p.grad is None:
                 continue
-            self._update(p, p.grad, m, v, mask, step_size, bc2_sqrt, decay)
+            kept = [(s, s[frozen]) for s in (p, m, v)]
+            self._update(p, p.grad, m, v, step_size, bc2_sqrt, decay)
+            for s, old in kept:
+                s.index_copy_(0, frozen, old)
 
-    def _update(self, p, g, m, v, mask, step_size, bc2_sqrt, decay) -> None:
-        keep = bcast(mask, p).bool()
+    def _update(self, p, g, m, v, step_size, bc2_sqrt, decay) -> None:
+        """Adam's update of p, m and v in place, op by op as torch.optim.Adam's formula reads
+        (bit for bit: tests/test_sae_stacked.py), in two reused scratch tensors. decay None:
+        no weight decay (p * 1 is p)."""
         b1, b2 = self.betas
-        m_new = m.lerp(g, 1 - b1)
-        v_new = v * b2 + g * g * (1 - b2)
-        denom = v_new.sqrt() / bcast(bc2_sqrt, p) + self.eps
-        p_new = p * bcast(decay, p) - bcast(step_size, p) * m_new / denom
-        m.copy_(torch.where(keep, m_new, m))
-        v.copy_(torch.where(keep, v_new, v))
-        p.copy_(torch.where(keep, p_new, p))
+        sq, step = (w[: p.numel()].view_as(p) for w in self._scratch(p))
+        m.lerp_(g, 1 - b1)
+        torch.mul(g, g, out=sq).mul_(1 - b2)
+        v.mul_(b2).add_(sq)
+        denom = torch.sqrt(v, out=sq).div_(bcast(bc2_sqrt, p)).add_(self.eps)
+        if decay is not None:
+            p.mul_(bcast(decay, p))
+        torch.mul(bcast(step_size, p), m, out=step)
+        p.addcdiv_(step, denom, value=-1)
+
+    def _scratch(self, p: Tensor) -> list[Tensor]:
+        """Two flat tensors as large as the largest parameter, made once."""
+        if self.scratch is None or self.scratch[0].dtype != p.dtype:
+            size = max(q.numel() for q in self.params)
+            self.scratch = [p.new_empty(size) for _ in range(2)]
+        return self.scratch
 
     def own_state(self) -> dict[str, Tensor]:
         sd = {"weight_decay": self.weight_decay}
@@ -151,7 +168,7 @@ def member_grad_norms(params: Iterable[nn.Parameter]) -> Tensor:
     over a stacked [n_params, n] tensor summed in an order that depended on n, so a member's
     clipping differed from the same SAE's alone in the last bit (seen with six parameters)."""
     grads = [p.grad for p in params if p.grad is not None]
-    sq = [g.pow(2).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) for g in grads]
+    sq = [(g * g).reshape(g.shape[0], -1).sum(1, dtype=torch.float64) for g in grads]
     return sum(sq, torch.zeros_like(sq[0])).sqrt()
 
 

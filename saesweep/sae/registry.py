@@ -70,8 +70,13 @@ def exported_forward(sae_lens_architecture: str) -> Callable:
 
 def section_readers(section: str) -> tuple[str, ...]:
     """The architectures that read SAEConfig's section `section` (the options of the
-    architecture of that name): it and the architectures built on its class."""
+    architecture of that name): it, the architectures built on its class, and those that
+    name it in reads_sections."""
     owner = ARCHITECTURES.get(section)
     if owner is None:
         return ()
-    return tuple(name for name, cls in ARCHITECTURES.items() if issubclass(cls, owner))
+    return tuple(
+        name
+        for name, cls in ARCHITECTURES.items()
+        if issubclass(cls, owner) or section in cls.reads_sections
+    )

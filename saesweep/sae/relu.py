@@ -47,9 +47,12 @@ class ReLUSAE(StackedSAE):
         return {"sparsity_loss": (self.sparsity_at(step), self.weighted_l1(codes.acts))}
 
     def weighted_l1(self, acts: Tensor) -> Tensor:
-        """[n] mean over tokens of sum_i acts_i * |W_dec[i]|."""
-        norms = self.W_dec.norm(dim=-1).unsqueeze(1)
-        return (acts * norms).sum(-1).mean(-1)
+        """[n] mean over tokens of sum_i acts_i * decoder_norms()_i."""
+        return (acts * self.decoder_norms().unsqueeze(1)).sum(-1).mean(-1)
+
+    def decoder_norms(self) -> Tensor:
+        """[n, d_sae] the norm that weighs each latent's L1: its decoder row's, |W_dec[i]|."""
+        return self.W_dec.norm(dim=-1)
 
     def _sae_lens_extra(self) -> dict:
         return {"activation_fn_str": "relu", "activation_fn_kwargs": {}}

@@ -8,6 +8,8 @@ member's indices, so one kernel call serves the whole stack.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from beartype import beartype
@@ -56,8 +58,8 @@ def sparse_decode(
         per_sample_weights=weights,
         mode="sum",
     )
-    dense = is_dense(width or k, d_sae)
-    return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec, dense)
+    path = backward_path(width, k, d_sae)
+    return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec, path)
 
 
 class _DecoderGrad(torch.autograd.Function):
@@ -65,9 +67,9 @@ class _DecoderGrad(torch.autograd.Function):
     selected rows only."""
 
     @staticmethod
-    def forward(ctx, out, values, indices, W_dec, dense):
+    def forward(ctx, out, values, indices, W_dec, path):
         ctx.save_for_backward(values, indices)
-        ctx.d_sae, ctx.dense = W_dec.shape[1], dense
+        ctx.d_sae, ctx.path = W_dec.shape[1], path
         return out
 
     @staticmethod
@@ -75,7 +77,7 @@ class _DecoderGrad(torch.autograd.Function):
         values, indices = ctx.saved_tensors
         grad_W = None
         if ctx.needs_input_grad[3]:
-            code = _SparseCode(values.to(grad_out.dtype), indices, ctx.d_sae, ctx.dense)
+            code = _SparseCode(values.to(grad_out.dtype), indices, ctx.d_sae, ctx.path)
             grad_W = code.t_matmul(grad_out)
         return grad_out, None, None, grad_W, None
 
@@ -148,16 +150,16 @@ class _EncoderGrad(torch.autograd.Function):
     gradient to x_in, W_enc and b_enc through the selected (token, latent) pairs only."""
 
     @staticmethod
-    def forward(ctx, values, indices, x_in, W_enc, b_enc, dense):
+    def forward(ctx, values, indices, x_in, W_enc, b_enc, path):
         ctx.save_for_backward(values, indices, x_in, W_enc)
-        ctx.dense = dense
+        ctx.path = path
         return values.to(W_enc.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_values):
         values, indices, x_in, W_enc = ctx.saved_tensors
         g = (grad_values * (values > 0)).to(W_enc.dtype)
-        code = _SparseCode(g, indices, W_enc.shape[2], ctx.dense)
+        code = _SparseCode(g, indices, W_enc.shape[2], ctx.path)
         return None, None, *_encoder_grads(code, x_in, W_enc, ctx.needs_input_grad[2:5]), None
 
 
@@ -173,15 +175,16 @@ class _DenseEncoderGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_in, W_enc = ctx.saved_tensors
-        code = _SparseCode(g, None, W_enc.shape[2], dense=True)
+        code = _SparseCode(g, None, W_enc.shape[2], "dense")
         return None, *_encoder_grads(code, x_in, W_enc, ctx.needs_input_grad[1:4])
 
 
 def _encoder_grads(code: _SparseCode, x_in: Tensor, W_enc: Tensor, needs) -> tuple:
     """(x_in, W_enc, b_enc) gradients of pre-activations whose gradient is `code`, each None
-    where `needs` (three bools) says it is not needed."""
+    where `needs` (three bools) says it is not needed. W_enc's is made contiguous once here:
+    clipping's per-member sum copied it anyway, and Adam's passes run faster over it."""
     grad_x = code.matmul(W_enc.transpose(1, 2)) if needs[0] else None
-    grad_W = code.t_matmul(x_in).transpose(1, 2) if needs[1] else None
+    grad_W = code.t_matmul(x_in).transpose(1, 2).contiguous() if needs[1] else None
     grad_b = code.sum_tokens() if needs[2] else None
     return grad_x, grad_W, grad_b
 
@@ -198,21 +201,35 @@ def is_dense(width: int, d_sae: int) -> bool:
     return width > DENSE_ABOVE * d_sae
 
 
+Path = Literal["dense", "padded", "entries"]
+
+
+def backward_path(width: int | None, k: int, d_sae: int) -> Path:
+    """How a backward takes a code of k entries per token, `width` of them nominal (None: k):
+    'dense' (is_dense), else over its entries: 'padded' (width < k) drops the zero entries,
+    most of a padded code; 'entries' keeps them all, since a zero adds 0 to every sum and
+    dropping the few of an unpadded code took a pass and three index ops over all entries."""
+    width = width or k
+    if is_dense(width, d_sae):
+        return "dense"
+    return "padded" if width < k else "entries"
+
+
 class _SparseCode:
     """A code [n, B, d_sae] given as entries g [n, B, k] at indices (None: g is the dense
-    code): the products a backward needs, over its nonzero entries only, or through the dense
-    code when that is faster."""
+    code): the products a backward needs, over its entries only (`path`: backward_path), or
+    through the dense code when that is faster."""
 
-    def __init__(self, g: Tensor, indices: Tensor | None, d_sae: int, dense: bool):
+    def __init__(self, g: Tensor, indices: Tensor | None, d_sae: int, path: Path):
         n, B, _ = g.shape
         self.n, self.B, self.d_sae = n, B, d_sae
         self.dense = None
         if indices is None:
             self.dense = g
-        elif dense:
+        elif path == "dense":
             self.dense = to_dense(g, indices, d_sae)
         else:
-            self.rows, self.cols, self.g = _nonzero_entries(g, indices, d_sae)
+            self.rows, self.cols, self.g = _entries(g, indices, d_sae, path == "padded")
 
     def matmul(self, W_rows: Tensor) -> Tensor:
         """[n, B, d_in] code @ W_rows [n, d_sae, d_in]."""
@@ -242,13 +259,19 @@ class _SparseCode:
         return out.view(self.n, self.d_sae)
 
 
-def _nonzero_entries(g: Tensor, indices: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(flat latent, flat token, value) of each nonzero entry of g [n, B, k], token-major."""
+def _entries(
+    g: Tensor, indices: Tensor, d_sae: int, nonzero: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(flat latent, flat token, value) of each entry of g [n, B, k], or of each nonzero one
+    where `nonzero`, token-major."""
     n, B, k = g.shape
-    keep = (g != 0).reshape(-1)
-    rows = flat_indices(indices, d_sae).reshape(-1)[keep]
-    cols = torch.arange(n * B, device=g.device).repeat_interleave(k)[keep]
-    return rows, cols, g.reshape(-1)[keep]
+    rows = flat_indices(indices, d_sae).reshape(-1)
+    cols = torch.arange(n * B, device=g.device).unsqueeze(1).expand(n * B, k).reshape(-1)
+    g = g.reshape(-1)
+    if not nonzero:
+        return rows, cols, g
+    keep = (g != 0).nonzero().squeeze(1)
+    return rows[keep], cols[keep], g[keep]
 
 
 @jaxtyped(typechecker=beartype)
@@ -269,8 +292,8 @@ def with_encoder_grad(
     selected entries only (no dense [n, B, d_sae] gradient). Entries with value <= 0 (ReLU
     off, padding) get no gradient. `width`: as for sparse_decode.
     """
-    dense = is_dense(width or values.shape[-1], W_enc.shape[-1])
-    return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc, dense)
+    path = backward_path(width, values.shape[-1], W_enc.shape[-1])
+    return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc, path)
 
 
 def with_dense_encoder_grad(

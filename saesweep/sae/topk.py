@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from saesweep.sae.base import StackedSAE, check
+from saesweep.sae.base import StackedSAE, check, squared_error
 from saesweep.sae.codes import Codes, SparseCodes
 from saesweep.sae.matmul import member_bmm
 from saesweep.sae.registry import register
@@ -77,7 +77,7 @@ class TopKSAE(StackedSAE):
         values = with_encoder_grad(values, indices, x_in, self.W_enc, bias)
         aux_recon = sparse_decode(values, indices, self.W_dec)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
-        return scale * (aux_recon - residual).pow(2).sum(dim=(1, 2)) / variance
+        return scale * squared_error(aux_recon, residual) / variance
 
     def _sae_lens_extra(self) -> dict:
         return {"k": self.k, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}

@@ -61,7 +61,9 @@ class Access:
         return self.credentials is not None
 
     def _why_unsigned(self) -> str:
-        return "--anonymous was given" if self.forced else "no S3 credentials are configured"
+        if self.forced:
+            return "anonymous access was asked for (--anonymous, --train-data.anonymous)"
+        return "no S3 credentials are configured"
 
     def require_write(self, uri: str) -> None:
         """A UserError unless requests are signed: writes always need credentials."""
@@ -69,7 +71,7 @@ class Access:
             raise UserError(
                 f"writing to {uri} needs S3 credentials, but {self._why_unsigned()} (without "
                 f"them only public buckets can be read); {CREDENTIAL_HINT}"
-                + (" and drop --anonymous" if self.forced else "")
+                + (" and drop the anonymous option" if self.forced else "")
             )
 
     def refused(self, endpoint: str, uri: str, code: str) -> UserError:
@@ -80,7 +82,7 @@ class Access:
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE and their permissions "
                 "on the bucket"
             )
-        fix = "drop --anonymous and " if self.forced else ""
+        fix = "drop the anonymous option and " if self.forced else ""
         return UserError(
             f"S3 at {endpoint} refused an anonymous (unsigned) request for {uri} ({code}), "
             f"sent because {self._why_unsigned()}: the bucket is not public; to read it, "

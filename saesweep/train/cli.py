@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         where = str(sweep_path or "defaults")
         cfgs = build_configs(sweep, overrides, where)
         name = sweep_path.stem if sweep_path else "single"
-    cfgs = [with_converted_caches(cfg) for cfg in cfgs]
+    cfgs = [with_converted_caches(cfg, remote=not command.dry_run) for cfg in cfgs]
     sweep_cfg = sweep_config(cfgs, where)
     groups = split_groups(cfgs, command.max_parallel)
     executor = executor_of(command, sweep_cfg)

@@ -17,6 +17,7 @@ from saesweep.train.config import DataConfig, GroupConfig, RunConfig
 from saesweep.train.sources import (
     hook_spec,
     layered_hooks,
+    layered_specs,
     live_hooks,
     store_hooks,
     target_spec,
@@ -128,8 +129,10 @@ def print_plan(groups: list[Group], n_configs: int, executor: str, slurm: SlurmC
         if layered_hooks(group.runs):
             where += f", layered runs' hooks {', '.join(layered_hooks(group.runs))}"
         if data.source == "model":
-            hooks = {hook_spec(r.train_hooks) or "its first hook" for r in group.runs}
-            hooks = sorted(hooks | {target_spec(r.train_hooks) for r in group.runs} - {None})
+            single = [r for r in group.runs if layered_specs(r) is None]
+            hooks = {hook_spec(r.train_hooks) or "its first hook" for r in single}
+            hooks |= {target_spec(r.train_hooks) for r in single} - {None}
+            hooks = sorted(hooks | set(layered_hooks(group.runs)))
             where = (
                 f"from the model of {data.collect}, one forward pass for hooks {', '.join(hooks)}"
             )

@@ -2,12 +2,13 @@
 group reads, and its held-out activations, text and tokens.
 
 `store`: the Reader over a collection (one input hook per group, and the target hook of its
-transcoders, in lockstep). `model`: collect.source's ModelSource, one forward pass per batch
-for every hook of the group, targets included. Both yield {hook: [batch, d] float32 on the
-group's device} and know each hook's input scale (normalize 'norm': E||x|| = sqrt(d)), their
-position (for resume) and their held-out data (batches of the same dicts, the model and
-sequences of downstream fidelity, the labelled tokens of absorption). train.distributed's
-SharedSource serves either to every process of a group.
+transcoders and its CLTs' layers, in lockstep). `model`: collect.source's ModelSource, one
+forward pass per batch for every hook of the group, targets and CLTs' layers included. Both
+yield {hook: [batch, d] float32 on the group's device} and know each hook's input scale
+(normalize 'norm': E||x|| = sqrt(d)), their position (for resume) and their held-out data
+(batches of the same dicts, the model and sequences of downstream fidelity, the labelled
+tokens of absorption). train.distributed's SharedSource serves either to every process of a
+group.
 """
 
 from __future__ import annotations
@@ -95,15 +96,27 @@ def live_input(run: RunConfig, collect_cfg: CollectConfig) -> str:
 
 def live_hooks(runs: list[RunConfig], collect_cfg: CollectConfig) -> list[str]:
     """The hooks a live group's forward pass feeds, as its runs specify them: every run's
-    input hook (live_input) and transcoder target."""
-    targets = {target_spec(r.train_hooks) for r in runs} - {None}
-    return sorted({live_input(r, collect_cfg) for r in runs} | targets)
+    input hook (live_input) and transcoder target, and every hook of its layered runs."""
+    single = [r for r in runs if layered_specs(r) is None]
+    targets = {target_spec(r.train_hooks) for r in single} - {None}
+    inputs = {live_input(r, collect_cfg) for r in single}
+    return sorted(inputs | targets | set(layered_hooks(runs)))
 
 
 def layered_specs(run: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """(input hooks, target hooks) of a run whose architecture names its hooks itself (a
     CLT's layers: StackedSAE.hook_specs), else None."""
     return architecture(run.sae.arch).hook_specs(run.sae)
+
+
+def layered_keys(run: RunConfig, hooks: dict[str, str]) -> tuple[str, str] | None:
+    """(input key, target key) of a layered run: its hooks' module paths (`hooks`: spec ->
+    path) joined (data/hooksets.py); None for a run of one hook."""
+    specs = layered_specs(run)
+    if specs is None:
+        return None
+    inputs, targets = specs
+    return joined(hooks[s] for s in inputs), joined(hooks[s] for s in targets)
 
 
 def layered_hooks(runs: Sequence[RunConfig]) -> list[str]:
@@ -221,15 +234,13 @@ class StoreSource(HeldOutFromConfig):
 
     def hook_of(self, run: RunConfig) -> str:
         """The module path the run's SAE reads (a layered run's: its hooks' key)."""
-        specs = layered_specs(run)
-        return self.reader.hook if specs is None else joined(self.hooks[s] for s in specs[0])
+        keys = layered_keys(run, self.hooks)
+        return self.reader.hook if keys is None else keys[0]
 
     def target_of(self, run: RunConfig) -> str:
         """The module path the run's SAE reconstructs (its input hook) or predicts."""
-        specs = layered_specs(run)
-        if specs is not None:
-            return joined(self.hooks[s] for s in specs[1])
-        return self.target or self.reader.hook
+        keys = layered_keys(run, self.hooks)
+        return (self.target or self.reader.hook) if keys is None else keys[1]
 
     def width(self, hook: str) -> int:
         """A hook's width; a key of several hooks (hooksets): their common width."""
@@ -281,10 +292,11 @@ class StoreSource(HeldOutFromConfig):
 
 class LiveSource(HeldOutFromConfig):
     """The model of the collection config `train_data.collect`, hooked at every hook the
-    group's runs read (transcoders' targets are just more hooks); one forward pass per
-    batch of sequences feeds all of them. It serves the group's ceil(n_train / batch_size)
-    batches; with `train_data.cache_to` it also writes the training sequences it computes
-    there as a collection, complete once the text's first epoch or the training ends."""
+    group's runs read (transcoders' targets and CLTs' layers are just more hooks); one
+    forward pass per batch of sequences feeds all of them. It serves the group's
+    ceil(n_train / batch_size) batches; with `train_data.cache_to` it also writes the
+    training sequences it computes there as a collection, complete once the text's first
+    epoch or the training ends."""
 
     def __init__(self, cfg: GroupConfig, runs: list[RunConfig]):
         collect_cfg = live_collect_config(cfg)
@@ -312,11 +324,15 @@ class LiveSource(HeldOutFromConfig):
         self.normalizer = chosen_normalizer(cfg, self.hooks.values(), self._sampled_normalizer)
 
     def hook_of(self, run: RunConfig) -> str:
-        return self.hooks[live_input(run, self.collect_cfg)]
+        """The module path the run's SAE reads (a layered run's: its hooks' key)."""
+        keys = layered_keys(run, self.hooks)
+        return self.hooks[live_input(run, self.collect_cfg)] if keys is None else keys[0]
 
     def target_of(self, run: RunConfig) -> str:
         """The module path the run's SAE reconstructs (its input hook) or predicts."""
-        spec = target_spec(run.train_hooks)
+        keys, spec = layered_keys(run, self.hooks), target_spec(run.train_hooks)
+        if keys is not None:
+            return keys[1]
         return self.hooks[spec] if spec is not None else self.hook_of(run)
 
     def width(self, hook: str) -> int:

@@ -448,6 +448,7 @@ class GroupTrainer:
             "arch": run.sae.arch,
             "d_sae": stack.sae.d_sae,
             "k": lens_cfg.get("k"),
+            **({"k_layers": stack.sae.k_layers} if stack.sae.k_layers > 1 else {}),
             "lr": float(stack.opt.base_lr[j]),
             "seed": run.seed,
             "tag": run.tag,
