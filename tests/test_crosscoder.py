@@ -47,6 +47,9 @@ def _reference_loss(p: dict, x, activation, coeff, bandwidth):
     if activation == "topk":
         top = pre.relu().topk(K, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    elif activation == "batchtopk":
+        top = pre.relu().flatten().topk(K * len(pre))
+        f = torch.zeros_like(pre).flatten().scatter(0, top.indices, top.values).view_as(pre)
     elif activation == "relu":
         f = pre.relu()
         norms = sum(W_dec[:, i].norm(dim=-1) for i in range(L))
@@ -149,6 +152,9 @@ def test_the_checkpoint_acts_on_raw_activations_layer_by_layer(activation):
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.1)
+    if activation == "batchtopk":  # inference: the running threshold, as exported
+        sae.threshold.fill_(0.3)
+        sae.eval()
     scale = torch.tensor(scales, dtype=torch.float64).repeat_interleave(D)
     with torch.no_grad():
         recon, codes = sae(x * scale)

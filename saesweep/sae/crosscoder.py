@@ -31,6 +31,7 @@ from torch import Tensor
 
 from saesweep.configtools import PLAIN_NAME
 from saesweep.sae.base import StackedSAE, check
+from saesweep.sae.batchtopk import BatchTopKSAE
 from saesweep.sae.codes import Codes
 from saesweep.sae.jumprelu import JumpReLUSAE
 from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
@@ -51,8 +52,10 @@ class CrosscoderConfig:
     site: str = field(default="resid", metadata=PLAIN_NAME)
     """The hook site it reads and reconstructs at every layer (a short form's site: resid,
     mlp, attn, ...)."""
-    activation: Literal["topk", "relu", "jumprelu"] = "topk"
-    """topk: the k (sae.k) largest pre-activations of the one dictionary; relu: ReLU with the
+    activation: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    """topk: the k (sae.k) largest pre-activations of the one dictionary; batchtopk: the
+    k * batch largest of the batch in training, a running threshold in inference
+    (sae.batchtopk's options); relu: ReLU with the
     L1 penalty weighted by the sum over layers of decoder norms (objective.sparsity_coeff);
     jumprelu: learned thresholds with the L0 penalty (objective.sparsity_coeff,
     objective.target_l0; sae.jumprelu's bandwidth and init_threshold)."""
@@ -154,6 +157,11 @@ class TopKCrosscoder(Crosscoder, TopKSAE):
     sparse encoder backward and decode, AuxK)."""
 
 
+class BatchTopKCrosscoder(Crosscoder, BatchTopKSAE):
+    """A crosscoder keeping the k * B largest pre-activations of the batch (BatchTopK's
+    running inference threshold)."""
+
+
 class ReLUCrosscoder(Crosscoder, ReLUSAE):
     """A ReLU crosscoder: L1 weighted by the sum over layers of decoder norms."""
 
@@ -168,6 +176,7 @@ class JumpReLUCrosscoder(Crosscoder, JumpReLUSAE):
 
 ACTIVATIONS: dict[str, type[Crosscoder]] = {
     "topk": TopKCrosscoder,
+    "batchtopk": BatchTopKCrosscoder,
     "relu": ReLUCrosscoder,
     "jumprelu": JumpReLUCrosscoder,
 }

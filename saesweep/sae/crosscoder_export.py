@@ -24,7 +24,7 @@ class ExportedCrosscoder:
     """The run's cfg.json: layers, activation, k, d_in (per layer), d_sae, hook_names."""
     weights: dict[str, Tensor]
     """W_enc [L, d_in, d_sae], b_enc [d_sae], W_dec [d_sae, L, d_in], b_dec [L, d_in],
-    threshold [d_sae] (jumprelu)."""
+    threshold [d_sae] (jumprelu, batchtopk)."""
 
     architecture = "crosscoder"
 
