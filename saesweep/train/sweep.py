@@ -22,7 +22,8 @@ def load_sweep(path: Path) -> list[dict]:
     spec = importlib.util.spec_from_file_location(f"saesweep_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent.resolve()))
-    try:
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__
+    try:  # beside the user's sweep file or the modules it imports from its directory
         spec.loader.exec_module(module)
     except SyntaxError as err:
         raise UserError(
@@ -32,6 +33,7 @@ def load_sweep(path: Path) -> list[dict]:
         raise UserError(f"sweep file {path} failed while loading: {_where(err, path)}") from None
     finally:
         sys.path.pop(0)
+        sys.dont_write_bytecode = writes_bytecode
     make_cfgs = getattr(module, "make_cfgs", None)
     if not callable(make_cfgs):
         raise UserError(f"sweep file {path} must define a function make_cfgs() -> list[dict]")
