@@ -128,7 +128,6 @@ class CrossLayerTranscoder(StackedSAE):
         become the concatenations' widths."""
         check(self.transcoder, "a clt predicts its target site (d_out)")
         self.layers, self.n_layers = self.cfg.clt.layers, len(self.cfg.clt.layers)
-        self.k_layers = self.n_layers
         self.activation, self.k = self.cfg.clt.activation, self.cfg.k
         self.d_model, self.d_tc, self.d_target = self.d_in, self.d_sae, self.d_out
         self.d_in, self.d_out = self.n_layers * self.d_model, self.n_layers * self.d_target
@@ -140,6 +139,11 @@ class CrossLayerTranscoder(StackedSAE):
         super().register_member_buffers()
         if self.activation == "batchtopk":
             self.register_buffer("threshold", torch.full((self.n, self.n_layers), -1.0))
+
+    @property
+    def k_layers(self) -> int:
+        """Each layer keeps its own k: a token has one k-budget per layer."""
+        return self.n_layers
 
     def init_member(self, gen: torch.Generator, cfg: SAEConfig) -> dict[str, Tensor]:
         """Each decoder row (a feature's writes to all its target layers) of norm
