@@ -96,8 +96,9 @@ def put_shard(store: Store, hp: HookPart, key: str, info: dict, rows: dict, firs
 def arrow_file(cache: Store, name: str) -> Iterator[Path]:
     """A local path of the cache's Arrow file `name`: the file itself, or a temporary copy of
     a remote one."""
-    if isinstance(cache, FileStore):
-        yield cache.root / name
+    local = cache.local_path(name)
+    if local is not None:
+        yield local
         return
     with tempfile.TemporaryDirectory(prefix="saelens-cache.") as tmp:
         path = Path(tmp) / "data.arrow"
@@ -132,15 +133,14 @@ def write_converted(cache: Store, out: Store) -> None:
     write_merged(out, [part], infos)
 
 
-def convert_local(cache: FileStore) -> None:
-    """Convert a local cache into CONVERTED inside it (staged, renamed whole); a directory
-    that cannot be written is refused."""
-    out = cache.root / CONVERTED
+def convert_local(cache: Store, out: Path) -> None:
+    """Convert a local cache into `out` inside it (staged, renamed whole); a directory that
+    cannot be written is refused."""
     try:
-        staged = Path(tempfile.mkdtemp(dir=cache.root, prefix=f".{CONVERTED}.", suffix=".tmp"))
+        staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{CONVERTED}.", suffix=".tmp"))
     except OSError as err:
         raise UserError(
-            f"{cache.root} is a SAELens activation cache, which train.py converts once into "
+            f"{out.parent} is a SAELens activation cache, which train.py converts once into "
             f"{out}, but it is read-only ({err.strerror}); copy the cache to a writable "
             "directory and give that"
         ) from None
@@ -175,13 +175,13 @@ def collection_uri(uri: str, anonymous: bool = False, remote: bool = True) -> st
     cache = cache_store(uri, anonymous, remote)
     if cache is None:
         return uri
-    local = isinstance(cache, FileStore)
-    out = str(cache.root / CONVERTED) if local else cache.child(CONVERTED)
+    local = cache.local_path(CONVERTED)
+    out = cache.child(CONVERTED) if local is None else str(local)
     if converted(cache):
         return out
     print(f"note: converting the SAELens activation cache {cache.uri} once into {out}")
-    if local:
-        convert_local(cache)
+    if local is not None:
+        convert_local(cache, local)
     else:
         target = open_store(out, anonymous)
         target.check_writable()

@@ -87,6 +87,11 @@ class Store(ABC):
         or None where the store has no such lock (S3: writers are not detected)."""
         return None
 
+    def local_path(self, key: str) -> Path | None:
+        """The local file behind `key`, for readers that read local files directly, or None
+        where the store has none (S3)."""
+        return None
+
     def check_writable(self) -> None:
         """Raise a UserError, before anything is written, when this store cannot be written
         for a reason known in advance (S3 without credentials); otherwise nothing."""

@@ -150,5 +150,4 @@ class FileStore(Store):
         return path.with_name(f".{path.stem}.lock")
 
     def local_path(self, key: str) -> Path:
-        """The file behind `key`, for readers that read local files directly."""
         return self._path(key)
