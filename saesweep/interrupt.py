@@ -43,25 +43,36 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     return (signal.SIGINT,) if on_slurm else STOP_SIGNALS
 
 
-def _raise(signum: int, frame) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def raising(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """Inside, each of `signals` raises Interrupted where the code is."""
-    with _handling(signals, _raise):
-        yield
-
-
 class Deferred:
-    """The first stop signal received inside `deferred`, for the code to act on when it can."""
+    """The first stop signal received inside `deferred` (for the code to act on when it can)
+    or `raising`."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
 
     def record(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
+
+
+@contextlib.contextmanager
+def raising(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Inside, each of `signals` raises Interrupted where the code is. An error that ends the
+    block after one arrived leaves it as that stop (Interrupted, caused by the error): a C
+    call the signal interrupted (torch's, for one) may turn Interrupted into
+    another error, and a cleanup may raise while the stop unwinds."""
+    received = Deferred()
+
+    def record_and_raise(signum: int, frame) -> None:
+        received.record(signum, frame)
+        raise Interrupted(signum)
+
+    with _handling(signals, record_and_raise):
+        try:
+            yield
+        except Exception as error:
+            if received.signum is None:
+                raise
+            raise Interrupted(received.signum) from error
 
 
 @contextlib.contextmanager
