@@ -1,11 +1,13 @@
 """On a CUDA device (skipped without one): the Reader's pinned batches, the SAE fast paths and
-a group trained on the GPU and the live source agree with the CPU."""
+a group trained on the GPU, CLTs and crosscoders, and the live source agree with the CPU."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import test_clt
+import test_crosscoder
 import torch
 import torch.nn.functional as F
 from synthetic import make_collection, sparse_mixture
@@ -81,6 +83,46 @@ def test_sae_loss_and_grads_on_cuda_equal_cpu(arch):
     (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = (
         _loss_and_grads(sae, x.to(sae.b_dec.device)) for sae in saes
     )
+    torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-9, atol=1e-12)
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(gpu_grads[name], grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+LAYERED = [
+    *((test_clt, a, {}) for a in test_clt.ACTIVATIONS),
+    (test_clt, "topk", test_clt.SPARSE),
+    *((test_crosscoder, a, {}) for a in test_clt.ACTIVATIONS),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "activation", "shape"),
+    LAYERED,
+    ids=[f"{m.__name__.removeprefix('test_')}-{a}{'-sparse' if s else ''}" for m, a, s in LAYERED],
+)
+def test_clt_and_crosscoder_loss_and_grads_on_cuda_equal_cpu(module, activation, shape):
+    """Cross-layer transcoders (dense and sparse codes) and crosscoders, every activation:
+    the same members on the GPU as on the CPU, in float64."""
+    cfg_ = module._cfg(activation, **shape)
+    data = module._data(module.B)
+    x, target = data if isinstance(data, tuple) else (data, None)
+    kw = {"d_out": module.D_OUT} if target is not None else {}
+    cpu = make_sae(cfg_, module.D, module.SEEDS, module.OBJECTIVES, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        cpu.b_enc.normal_(0, 0.3)  # some pre-activations near the thresholds
+    gpu = make_sae(
+        cfg_, module.D, module.SEEDS, module.OBJECTIVES, dtype=torch.float64, device="cuda", **kw
+    )
+    gpu.load_state_dict(cpu.state_dict())
+    results = []
+    for sae in (cpu, gpu):
+        device = sae.b_enc.device
+        on = None if target is None else target.to(device)
+        result = sae.loss(x.to(device), step=2, target=on)
+        result.loss.sum().backward()
+        grads = {n: p.grad.cpu() for n, p in sae.named_parameters()}
+        results.append((result.loss.detach().cpu(), grads))
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results
     torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-9, atol=1e-12)
     for name, grad in cpu_grads.items():
         torch.testing.assert_close(gpu_grads[name], grad, rtol=1e-7, atol=1e-10, msg=name)
