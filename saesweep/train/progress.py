@@ -23,21 +23,31 @@ WRITE_EVERY_S = 2.0
 class ProgressWriter:
     """The trainer's side: {phase, step, total_steps, tokens_per_s, eta_s, fvu: [min, max]}
     written atomically, at most every WRITE_EVERY_S seconds while training (from the first
-    step on, and at the last step), then once more when the final evaluation starts."""
+    step on, and at the last step), then once more when the final evaluation starts.
 
-    def __init__(self, state_dir: Path, total_steps: int):
-        self.path, self.total_steps = state_dir / PROGRESS, total_steps
+    The tokens/s shown, and the ETA, count from this process's first step on: start-up (the
+    model, the first read, the first step's warm-up) would hold the rate down for many
+    steps. Until a second step has ended, the trainer's own rate stands in."""
+
+    def __init__(self, state_dir: Path, total_steps: int, clock=time.monotonic):
+        self.path, self.total_steps, self.clock = state_dir / PROGRESS, total_steps, clock
         self.last = -WRITE_EVERY_S
+        self.first: tuple[int, float] | None = None  # (step, time) of the first call
         self.figures: dict = {"tokens_per_s": None, "eta_s": None, "fvu": None}
 
     def training(
         self, step: int, tokens_per_s: float, batch: int, fvus: list[float] | None = None
     ) -> None:
-        """At any step; `fvus` at log steps (between them the last log step's range stays)."""
-        now = time.monotonic()
+        """At any step (`tokens_per_s`: the trainer's rate since it started); `fvus` at log
+        steps (between them the last log step's range stays)."""
+        now = self.clock()
+        self.first = self.first or (step, now)
         if now - self.last < WRITE_EVERY_S and step < self.total_steps:
             return
         self.last = now
+        first_step, since = self.first
+        if step > first_step and now > since:
+            tokens_per_s = (step - first_step) * batch / (now - since)
         eta_s = (self.total_steps - step) * batch / tokens_per_s if tokens_per_s > 0 else None
         fvu = self.figures["fvu"]
         if fvus is not None:
