@@ -14,6 +14,8 @@ import pytest
 import torch
 from test_train import CPU_PARTITION, coll, last_commit, only_dir, run_train, weights  # noqa: F401
 
+from saesweep.sae import CLTConfig, SAEConfig
+from saesweep.sae.registry import architecture
 from saesweep.train.distributed import assign_runs
 
 MIXED = """
@@ -67,9 +69,21 @@ def assert_same_runs(a: Path, b: Path, exact: bool, n_runs: int = 4) -> None:
 
 
 def test_costliest_first_to_the_least_loaded_rank():
-    assert assign_runs([64, 32, 64, 32], 16, 2) == [[0, 1], [2, 3]]
-    assert assign_runs([128, 32, 32, 32, 32], 16, 2) == [[0], [1, 2, 3, 4]]
-    assert assign_runs([8] * 5, 16, 3) == [[0, 3], [1, 4], [2]]
+    assert assign_runs([64, 32, 64, 32], 2) == [[0, 1], [2, 3]]
+    assert assign_runs([128, 32, 32, 32, 32], 2) == [[0], [1, 2, 3, 4]]
+    assert assign_runs([8] * 5, 3) == [[0, 3], [1, 4], [2]]
+
+
+def test_a_clt_costs_its_decoder_blocks_in_the_assignment():
+    """A 3-layer CLT of d_sae 64 per layer: 3 encoders and 6 decoder blocks of d x 64, so it
+    weighs as much as four SAEs of d_sae 64 and more than three; counted by d x d_sae alone it
+    went with two of them."""
+    d = 16
+    sae = SAEConfig(arch="topk", d_sae=64, k=4)
+    clt = SAEConfig(arch="clt", d_sae=64, k=4, clt=CLTConfig(layers=(0, 1, 2)))
+    costs = [architecture(c.arch).sizes(c, d)[0] for c in (clt, sae, sae, sae, sae)]
+    assert 4 * costs[1] < costs[0] < 5 * costs[1]
+    assert assign_runs(costs, 2) == [[0], [1, 2, 3, 4]]
 
 
 def _pid_of_rank(sweep_root: Path, rank: int) -> int | None:

@@ -131,13 +131,15 @@ def stop_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def assign_runs(widths: list[int], d_in: int, size: int) -> list[list[int]]:
-    """Run indices per rank, balanced by cost d_in * d_sae: the costliest first, each to the
-    least loaded rank (ties: the lower rank); each rank's list in sweep order."""
+def assign_runs(costs: list[int], size: int) -> list[list[int]]:
+    """Run indices per rank, balanced by `costs` (each run's parameter count: a step costs
+    about as many FLOPs per token for every parameter, a CLT's decoder blocks included): the
+    costliest first, each to the least loaded rank (ties: the lower rank); each rank's list
+    in sweep order."""
     loads, ranks = [0] * size, [[] for _ in range(size)]
-    for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         r = min(range(size), key=lambda r: (loads[r], r))
-        loads[r] += d_in * widths[i]
+        loads[r] += costs[i]
         ranks[r].append(i)
     return [sorted(r) for r in ranks]
 

@@ -130,8 +130,8 @@ class GroupTrainer:
     def _runs_of_this_rank(self) -> list[int]:
         if self.world.mode == "data" or self.world.size == 1:
             return list(range(len(self.runs)))
-        widths = [r.sae.width(self.d_in) for r in self.runs]
-        return assign_runs(widths, self.d_in, self.world.size)[self.world.rank]
+        costs = [architecture(r.sae.arch).sizes(r.sae, self.d_in)[0] for r in self.runs]
+        return assign_runs(costs, self.world.size)[self.world.rank]
 
     def _check_d_model(self) -> None:
         for run in self.runs:
