@@ -95,6 +95,13 @@ def test_a_group_of_clts_equals_each_alone(coll, tmp_path):
     assert_group_equals_alone(cfgs, tmp_path)
 
 
+def test_clts_in_two_stacks_share_one_joined_batch_and_equal_each_alone(coll, tmp_path):
+    """A TopK and a ReLU CLT (two stacks) read the same layers side by side, joined once a
+    step for both."""
+    cfgs = [_cfg(coll, "topk", seed=1, n_train=1024), _cfg(coll, "relu", seed=2, n_train=1024)]
+    assert_group_equals_alone(cfgs, tmp_path)
+
+
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 def test_load_gives_the_trained_clts_forward_on_raw_activations(coll, tmp_path, activation):
     result = train([_cfg(coll, activation, n_train=1024)], tmp_path)[0]

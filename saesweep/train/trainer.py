@@ -250,9 +250,16 @@ class GroupTrainer:
     def _step(self, batch: dict[str, torch.Tensor]) -> list[dict]:
         cfg = self.cfg
         out = []
+        joined: dict[str, torch.Tensor] = {}  # each key's hooks side by side, once a step
+
+        def side_by_side(key: str) -> torch.Tensor:
+            if key not in joined:
+                joined[key] = gather(batch, key)
+            return joined[key]
+
         for stack in self.stacks:
-            x, variance = gather(batch, stack.hook), None
-            target = gather(batch, stack.target) if stack.sae.transcoder else None
+            x, variance = side_by_side(stack.hook), None
+            target = side_by_side(stack.target) if stack.sae.transcoder else None
             if self.sync is not None:
                 x, target, variance = data_slice(self.world, x, target)
             stack.opt.set_lr_factor(stack.schedule.factor(self.step, stack.sae.n))
