@@ -52,7 +52,7 @@ from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
 from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
-from saesweep.sae.sparse import batch_topk_codes, is_dense
+from saesweep.sae.sparse import batch_topk_codes, is_dense, with_encoder_grad
 
 if TYPE_CHECKING:
     from saesweep.sae.config import SAEConfig
@@ -178,20 +178,37 @@ class CrossLayerTranscoder(StackedSAE):
         return pre + self.b_enc.view(self.n, 1, self.n_layers, self.d_tc)
 
     def encode(self, x: Tensor) -> Codes:
+        if self.activation == "topk":
+            return self.topk_codes(x)
         pre = self.pre_activations(x)
         if self.activation == "relu":
             return DenseCLTCodes(pre.relu().flatten(2), n_layers=self.n_layers)
-        if self.activation == "topk":
-            values, indices = pre.relu().topk(self.k, dim=-1, sorted=False)
-            if not is_dense(self.k, self.d_tc):
-                return SparseCLTCodes.of_layers(values, indices, self.d_tc)
-            acts = torch.zeros_like(pre).scatter(-1, indices, values)
-            return DenseCLTCodes(acts.flatten(2), n_layers=self.n_layers)
         if self.activation == "batchtopk":
             return DenseCLTCodes(self.batch_topk(pre).flatten(2), n_layers=self.n_layers)
         threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
         acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
         return JumpReLUCLTCodes(acts.flatten(2), n_layers=self.n_layers, token_l0=token_l0.sum(-1))
+
+    def topk_codes(self, x: Tensor) -> SparseCLTCodes | DenseCLTCodes:
+        """Each layer's k largest ReLU pre-activations. The pre-activations are computed
+        without autograd and the encoder's gradient reaches the selected entries only
+        (sparse.with_encoder_grad, each layer's encoder a member of its own there)."""
+        with torch.no_grad():
+            values, indices = self.pre_activations(x).relu_().topk(self.k, dim=-1, sorted=False)
+        n, L, d_tc = self.n, self.n_layers, self.d_tc
+        xs = self.per_member(x).unflatten(-1, (L, self.d_model)).transpose(1, 2).flatten(0, 1)
+        values = with_encoder_grad(
+            values.transpose(1, 2).flatten(0, 1),  # [n * L, B, k]
+            indices.transpose(1, 2).flatten(0, 1),
+            xs,
+            self.W_enc.flatten(0, 1),
+            self.b_enc.view(n * L, d_tc),
+        )
+        values = values.unflatten(0, (n, L)).transpose(1, 2)  # [n, B, L, k]
+        if not is_dense(self.k, d_tc):
+            return SparseCLTCodes.of_layers(values, indices, d_tc)
+        acts = values.new_zeros(*indices.shape[:-1], d_tc).scatter(-1, indices, values)
+        return DenseCLTCodes(acts.flatten(2), n_layers=L)
 
     def batch_topk(self, pre: Tensor) -> Tensor:
         """[n, B, L, d_tc] training: each layer's k * B largest activations over the batch;
