@@ -94,6 +94,59 @@ def test_loss_and_gradients_equal_a_plain_reference(activation, shape):
     assert_members_match_reference(sae, result, 2, reference)
 
 
+def _reference_auxk(p: dict, x, y, recon, dead, aux_k) -> torch.Tensor:
+    """AuxK in float64, loops over layers: each layer's aux_k largest ReLU pre-activations
+    among its dead latents, decoded through the layer's blocks, against the residual."""
+    xs, d_tc = x.view(-1, L, D), p["W_enc"].shape[-1]
+    aux = torch.zeros(len(x), L, D_OUT, dtype=torch.float64)
+    for i in range(L):
+        pre = (xs[:, i] @ p["W_enc"][i] + p["b_enc"].view(L, d_tc)[i]).relu().where(dead[i], 0)
+        top = pre.detach().topk(aux_k, dim=-1).indices  # live latents may fill in, at 0
+        f = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
+        for j in range(i, L):
+            aux[:, j] = aux[:, j] + f @ p[f"W_dec_{i}"][:, j - i]
+    residual = (y - recon).detach().view(-1, L, D_OUT)
+    variance = sum((y.view(-1, L, D_OUT)[:, j] - y.view(-1, L, D_OUT)[:, j].mean(0)).pow(2).sum()
+                   for j in range(L))  # fmt: skip
+    scale = min(float(dead.sum()) / (L * aux_k), 1.0)
+    return scale * (aux - residual).pow(2).sum() / variance
+
+
+@pytest.mark.parametrize(
+    ("activation", "shape"), [("topk", {}), ("topk", SPARSE), ("batchtopk", {})]
+)
+def test_auxk_equals_a_plain_reference(activation, shape):
+    """A third of each layer's latents dead: AuxK's loss and every gradient against a float64
+    loop (TopK with dense and with sparse codes, BatchTopK)."""
+    x, y = _data(B)
+    cfg = _cfg(activation, dead_tokens=1, aux_k=2, **shape)
+    sae = make_sae(cfg, D, SEEDS, OBJECTIVES, d_out=D_OUT, dtype=torch.float64)
+    d_tc = sae.d_tc
+    dead = torch.zeros(L, d_tc, dtype=torch.bool)
+    dead[:, ::3] = True
+    sae.tokens_since_fired[:, dead.flatten()] = 10
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    result = sae.loss(x, step=2, target=y)
+    result.loss.sum().backward()
+    assert float(result.metrics["aux_loss"].min()) > 0
+
+    def reference(p, coeff):
+        recon = sae.decode(sae.encode(x)).detach()  # the members' reconstructions
+        main = _reference_loss(p, x, y, activation, cfg.k, coeff, 0.5)
+        return main + cfg.aux_coeff * _reference_auxk(p, x, y, recon[member[0]], dead, 2)
+
+    member = [0]
+    for i in range(sae.n):
+        member[0] = i
+        p = {name: t[i].detach().clone().requires_grad_() for name, t in sae.named_parameters()}
+        want = reference(p, float(sae.sparsity_at(2)[i]))
+        want.backward()
+        torch.testing.assert_close(result.loss[i], want.detach(), rtol=1e-12, atol=0)
+        for name, param in sae.named_parameters():
+            torch.testing.assert_close(param.grad[i], p[name].grad, rtol=1e-10, atol=1e-12)
+
+
 def test_sparse_decode_equals_the_dense_decode_of_the_same_codes():
     """float32: the sparse decode of a TopK CLT's codes, its output and the gradients it
     sends to the decoders and the encoder, equal the dense decode's to float tolerance."""

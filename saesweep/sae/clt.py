@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saesweep.configtools import PLAIN_NAME
-from saesweep.sae.base import LossResult, StackedSAE, check
+from saesweep.sae.base import LossResult, StackedSAE, check, squared_error
 from saesweep.sae.batchtopk import moved_threshold
 from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
@@ -130,6 +130,7 @@ class CrossLayerTranscoder(StackedSAE):
         self.layers, self.n_layers = self.cfg.clt.layers, len(self.cfg.clt.layers)
         self.activation, self.k = self.cfg.clt.activation, self.cfg.k
         self.d_model, self.d_tc, self.d_target = self.d_in, self.d_sae, self.d_out
+        self.aux_k = self.cfg.resolved_aux_k(self.d_model)  # per layer
         self.d_in, self.d_out = self.n_layers * self.d_model, self.n_layers * self.d_target
         self.d_sae = self.n_layers * self.d_tc
 
@@ -184,7 +185,8 @@ class CrossLayerTranscoder(StackedSAE):
         if self.activation == "relu":
             return DenseCLTCodes(pre.relu().flatten(2), n_layers=self.n_layers)
         if self.activation == "batchtopk":
-            return DenseCLTCodes(self.batch_topk(pre).flatten(2), n_layers=self.n_layers)
+            acts = self.batch_topk(pre).flatten(2)
+            return DenseCLTCodes(acts, pre=pre.detach().relu(), n_layers=self.n_layers)
         threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
         acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
         return JumpReLUCLTCodes(acts.flatten(2), n_layers=self.n_layers, token_l0=token_l0.sum(-1))
@@ -194,21 +196,27 @@ class CrossLayerTranscoder(StackedSAE):
         without autograd and the encoder's gradient reaches the selected entries only
         (sparse.with_encoder_grad, each layer's encoder a member of its own there)."""
         with torch.no_grad():
-            values, indices = self.pre_activations(x).relu_().topk(self.k, dim=-1, sorted=False)
-        n, L, d_tc = self.n, self.n_layers, self.d_tc
+            pre = self.pre_activations(x).relu_()
+            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        values, d_tc = self.with_layer_encoder_grad(x, values, indices), self.d_tc
+        if not is_dense(self.k, d_tc):
+            return SparseCLTCodes.of_layers(values, indices, d_tc, pre=pre)
+        acts = values.new_zeros(*indices.shape[:-1], d_tc).scatter(-1, indices, values)
+        return DenseCLTCodes(acts.flatten(2), pre=pre, n_layers=self.n_layers)
+
+    def with_layer_encoder_grad(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        """[n, B, L, k] `values` (pre-activations at `indices`, each layer's, computed without
+        autograd) made differentiable in the encoders through those entries only."""
+        n, L = self.n, self.n_layers
         xs = self.per_member(x).unflatten(-1, (L, self.d_model)).transpose(1, 2).flatten(0, 1)
         values = with_encoder_grad(
             values.transpose(1, 2).flatten(0, 1),  # [n * L, B, k]
             indices.transpose(1, 2).flatten(0, 1),
             xs,
             self.W_enc.flatten(0, 1),
-            self.b_enc.view(n * L, d_tc),
+            self.b_enc.view(n * L, self.d_tc),
         )
-        values = values.unflatten(0, (n, L)).transpose(1, 2)  # [n, B, L, k]
-        if not is_dense(self.k, d_tc):
-            return SparseCLTCodes.of_layers(values, indices, d_tc)
-        acts = values.new_zeros(*indices.shape[:-1], d_tc).scatter(-1, indices, values)
-        return DenseCLTCodes(acts.flatten(2), n_layers=L)
+        return values.unflatten(0, (n, L)).transpose(1, 2)
 
     def batch_topk(self, pre: Tensor) -> Tensor:
         """[n, B, L, d_tc] training: each layer's k * B largest activations over the batch;
@@ -258,8 +266,30 @@ class CrossLayerTranscoder(StackedSAE):
             terms["sparsity_loss"] = (self.sparsity_at(step), value)
         elif self.activation == "jumprelu":
             terms["sparsity_loss"] = (self.sparsity_at(step), codes.token_l0.mean(-1))
+        else:
+            terms["aux_loss"] = (self.aux_coeff, self.auxk_loss(x, target, recon, codes, variance))
         zero = torch.zeros_like(self.sparsity_coeff)
         return terms | layer_fvu_terms(self.per_member(target), recon, self.layers, zero)
+
+    def auxk_loss(
+        self, x: Tensor, target: Tensor, recon: Tensor, codes: Codes, variance: Tensor
+    ) -> Tensor:
+        """[n] AuxK (TopK, BatchTopK), TopK SAEs' loss per layer: each layer's top aux_k dead
+        latents by pre-activation reconstruct the residual target - recon through their
+        decoder blocks (every later target layer), over the target's total variance, scaled
+        by min(n_dead / (L * aux_k), 1). Zero when no member has dead latents."""
+        dead = self.dead_mask()
+        if not bool(dead.any()):
+            return recon.new_zeros(self.n)
+        n, L, d_tc = self.n, self.n_layers, self.d_tc
+        residual = (self.per_member(target) - recon).detach()
+        masked = codes.pre.view(n, -1, L, d_tc).where(dead.view(n, 1, L, d_tc), 0)
+        values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
+        values = self.with_layer_encoder_grad(x, values, indices)
+        aux = SparseCLTCodes.of_layers(values, indices, d_tc)
+        aux_recon = self.decode(aux) - self.b_dec.view(n, 1, -1)
+        scale = (dead.sum(-1).to(recon.dtype) / (L * self.aux_k)).clamp(max=1.0)
+        return scale * squared_error(aux_recon, residual) / variance
 
     @torch.no_grad()
     def after_optimizer_step(self, result: LossResult, update_mask: Tensor | None = None) -> None:
@@ -332,12 +362,16 @@ class SparseCLTCodes(SparseCodes):
     n_layers: int = 1
 
     @classmethod
-    def of_layers(cls, values: Tensor, indices: Tensor, d_tc: int) -> SparseCLTCodes:
-        """From each layer's entries, values and indices [n, B, L, k] into that layer's d_tc."""
+    def of_layers(
+        cls, values: Tensor, indices: Tensor, d_tc: int, pre: Tensor | None = None
+    ) -> SparseCLTCodes:
+        """From each layer's entries, values and indices [n, B, L, k] into that layer's d_tc
+        (`pre`: the pre-activations [n, B, L, d_tc] after the ReLU, for AuxK)."""
         L = values.shape[2]
         offsets = torch.arange(L, device=indices.device).view(1, 1, L, 1) * d_tc
         flat = (indices + offsets).flatten(2)
-        return cls(values.flatten(2), flat, L * d_tc, n_layers=L)
+        pre = None if pre is None else pre.flatten(2)
+        return cls(values.flatten(2), flat, L * d_tc, pre=pre, n_layers=L)
 
     def layer(self, i: int) -> SparseCodes:
         """Layer i's k entries, indices into its d_tc latents."""
