@@ -185,8 +185,9 @@ class CrossLayerTranscoder(StackedSAE):
         if self.activation == "relu":
             return DenseCLTCodes(pre.relu().flatten(2), n_layers=self.n_layers)
         if self.activation == "batchtopk":
-            acts = self.batch_topk(pre).flatten(2)
-            return DenseCLTCodes(acts, pre=pre.detach().relu(), n_layers=self.n_layers)
+            kept = pre.relu()
+            acts = self.batch_topk(kept).flatten(2)
+            return DenseCLTCodes(acts, pre=kept.detach().flatten(2), n_layers=self.n_layers)
         threshold = self.threshold.view(self.n, 1, self.n_layers, self.d_tc)
         acts, token_l0 = JumpReLUFn.apply(pre, threshold, self.cfg.jumprelu.bandwidth)
         return JumpReLUCLTCodes(acts.flatten(2), n_layers=self.n_layers, token_l0=token_l0.sum(-1))
@@ -202,7 +203,7 @@ class CrossLayerTranscoder(StackedSAE):
         if not is_dense(self.k, d_tc):
             return SparseCLTCodes.of_layers(values, indices, d_tc, pre=pre)
         acts = values.new_zeros(*indices.shape[:-1], d_tc).scatter(-1, indices, values)
-        return DenseCLTCodes(acts.flatten(2), pre=pre, n_layers=self.n_layers)
+        return DenseCLTCodes(acts.flatten(2), pre=pre.flatten(2), n_layers=self.n_layers)
 
     def with_layer_encoder_grad(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
         """[n, B, L, k] `values` (pre-activations at `indices`, each layer's, computed without
@@ -219,11 +220,11 @@ class CrossLayerTranscoder(StackedSAE):
         return values.unflatten(0, (n, L)).transpose(1, 2)
 
     def batch_topk(self, pre: Tensor) -> Tensor:
-        """[n, B, L, d_tc] training: each layer's k * B largest activations over the batch;
-        inference: those above the layer's running threshold."""
+        """[n, B, L, d_tc] of the ReLU'd pre-activations `pre`, training: each layer's k * B
+        largest over the batch; inference: those above the layer's running threshold."""
         if not self.training:
             return pre * (pre > self.threshold.clamp_min(0).view(self.n, 1, self.n_layers, 1))
-        layers = pre.relu().transpose(1, 2).flatten(0, 1)  # [n * L, B, d_tc]
+        layers = pre.transpose(1, 2).flatten(0, 1)  # [n * L, B, d_tc]
         values, indices = batch_topk_codes(layers, self.k)
         acts = torch.zeros_like(layers).scatter(-1, indices, values)
         return acts.unflatten(0, (self.n, self.n_layers)).transpose(1, 2)
