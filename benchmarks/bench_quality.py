@@ -1,7 +1,7 @@
 """Benchmark: SAE quality against peer libraries, trained on the same cached activations.
 
     uv run benchmarks/bench_quality.py [--uri data/demo] [--val-uri URI] [--n-train 1000000]
-        [--d-sae 1536] [--k 16] [--batch-size 4096] [--archs topk,batchtopk,jumprelu]
+        [--d-sae 1536] [--k 16] [--batch-size 4096] [--archs topk,batchtopk,jumprelu,matryoshka]
         [--l0-coefficient 1]
         [--tools saesweep,sparsify,dictionary_learning,sae_lens] [--lrs 2e-4,...]
 
@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saesweep.errors import exit_on_user_error
+from saesweep.sae.matryoshka import DEFAULT_FRACTIONS
 from saesweep.train.config import DataConfig, GroupConfig
 from saesweep.train.sources import StoreSource
 
@@ -62,8 +63,10 @@ class Peer:
 
 PEERS = {
     "sparsify": Peer("eai-sparsify==1.3.3", ("topk",)),
-    "dictionary_learning": Peer("dictionary-learning==0.1.0", ("topk", "batchtopk", "jumprelu")),
-    "sae_lens": Peer("sae-lens==6.54.12", ("topk", "batchtopk", "jumprelu")),
+    "dictionary_learning": Peer(
+        "dictionary-learning==0.1.0", ("topk", "batchtopk", "jumprelu", "matryoshka")
+    ),
+    "sae_lens": Peer("sae-lens==6.54.12", ("topk", "batchtopk", "jumprelu", "matryoshka")),
 }
 ADAM_LRS = [2e-4 * 24 ** (i / 7) for i in range(11)]
 """2e-4 ... 1.9e-2, geometric (ratio 24^(1/7)): the Adam tools' default grid, issue 18's eight
@@ -178,13 +181,15 @@ def load_sparsify(run_dir: Path, input_scale: float) -> Dictionary:
 
 def load_dictionary_learning(run_dir: Path, input_scale: float) -> Dictionary:
     """dictionary_learning's trainSAE output (ae.pt, config.json): TopK keeps each token's k
-    largest, BatchTopK its scalar inference threshold, JumpReLU its per-latent thresholds
-    (what each one's forward does)."""
+    largest, BatchTopK and Matryoshka their scalar inference threshold, JumpReLU its
+    per-latent thresholds (what each one's forward does)."""
     cfg = json.loads((run_dir / "config.json").read_text())["trainer"]
     sd = torch.load(run_dir / "ae.pt", weights_only=True)
+    W = sd.get("W_enc"), sd.get("b_enc"), sd.get("W_dec"), sd.get("b_dec")
     if cfg["dict_class"] == "JumpReluAutoEncoder":  # no b_dec subtracted before encoding
-        W = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
         return Dictionary(*W, False, None, sd["threshold"], input_scale)
+    if cfg["dict_class"] == "MatryoshkaBatchTopKSAE":
+        return Dictionary(*W, True, None, sd["threshold"], input_scale)
     topk = cfg["dict_class"] == "AutoEncoderTopK"
     return Dictionary(
         sd["encoder.weight"].T,
@@ -353,6 +358,7 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
         "--sparsify-optimizer", args.sparsify_optimizer,
         "--sparsify-auxk-alpha", str(args.sparsify_auxk_alpha),
         "--l0-coefficient", str(args.l0_coefficient),
+        "--matryoshka-widths", ",".join(str(w) for w in matryoshka_widths(args.d_sae)),
     ]  # fmt: skip
     if not args.evaluate_only:
         logged(cmd, work / f"{tool}-{arch}.log")
@@ -367,6 +373,11 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
         f"{result['version']} (torch {result['torch']})",
         [None] * len(lrs),
     )
+
+
+def matryoshka_widths(d_sae: int) -> list[int]:
+    """saesweep's default Matryoshka prefixes below d_sae (what every tool is given)."""
+    return [max(1, int(d_sae * f)) for f in DEFAULT_FRACTIONS]
 
 
 def logged(cmd: list[str], log: Path) -> None:
@@ -555,7 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument(
-        "--archs", type=lambda s: s.split(","), default=["topk", "batchtopk", "jumprelu"]
+        "--archs",
+        type=lambda s: s.split(","),
+        default=["topk", "batchtopk", "jumprelu", "matryoshka"],
     )
     parser.add_argument("--tools", type=lambda s: s.split(","), default=["saesweep", *PEERS])
     parser.add_argument("--lrs", type=parse_lrs, default=ADAM_LRS, help="the Adam tools' grid")

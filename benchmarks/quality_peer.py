@@ -121,19 +121,31 @@ def train_sparsify(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
 def train_dictionary_learning(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
     """dictionary_learning's trainSAE with one trainer per lr, all stepped on each batch (its
     way of training several SAEs on one data stream); its defaults except the schedule
-    (JumpReLU: and its L0 target, k)."""
+    (JumpReLU: and its L0 target, k; Matryoshka: the prefix widths, its groups weighted
+    equally as by default)."""
     from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
     from dictionary_learning.trainers.jumprelu import JumpReluTrainer
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
     from dictionary_learning.trainers.top_k import TopKTrainer
     from dictionary_learning.training import trainSAE
 
     data = batches(acts, args.batch_size)
     steps = len(data)
-    trainer = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "jumprelu": JumpReluTrainer}
+    trainer = {
+        "topk": TopKTrainer,
+        "batchtopk": BatchTopKTrainer,
+        "jumprelu": JumpReluTrainer,
+        "matryoshka": MatryoshkaBatchTopKTrainer,
+    }
     if args.arch == "jumprelu":  # L0 target k; sparsity warmup as long as the lr's
         arch = {"target_l0": float(args.k), "sparsity_warmup_steps": args.warmup_steps}
     else:
         arch = {"k": args.k, "threshold_start_step": args.warmup_steps}
+    if args.arch == "matryoshka":  # its groups are the prefixes' differences, as fractions
+        ends = [*args.matryoshka_widths, args.d_sae]
+        arch["group_fractions"] = [
+            (b - a) / args.d_sae for a, b in zip([0, *ends[:-1]], ends, strict=True)
+        ]
     configs = [
         {
             "trainer": trainer[args.arch],
@@ -164,10 +176,15 @@ def train_dictionary_learning(acts: torch.Tensor, args: argparse.Namespace) -> l
 def train_sae_lens(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
     """SAELens's SAETrainer (which takes any iterator of activation batches), one run per
     lr; its defaults except the schedule (JumpReLU: its quadratic loss around L0 k, with
-    --l0-coefficient); saved with save_inference_model."""
+    --l0-coefficient; Matryoshka: the prefix widths); saved with save_inference_model (BatchTopK
+    and Matryoshka as JumpReLU)."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -181,6 +198,13 @@ def train_sae_lens(acts: torch.Tensor, args: argparse.Namespace) -> list[float]:
             sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args.k, **shape))
         elif args.arch == "batchtopk":
             sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=float(args.k), **shape))
+        elif args.arch == "matryoshka":
+            widths = [*args.matryoshka_widths, args.d_sae]
+            sae = MatryoshkaBatchTopKTrainingSAE(
+                MatryoshkaBatchTopKTrainingSAEConfig(
+                    k=float(args.k), matryoshka_widths=widths, **shape
+                )
+            )
         else:
             quadratic = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(args.k)}
             sae = JumpReLUTrainingSAE(
@@ -209,12 +233,19 @@ def sparsify_forward(run_dir: Path, arch: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def dictionary_learning_forward(run_dir: Path, arch: str, x: torch.Tensor) -> torch.Tensor:
-    """dictionary_learning's reconstruction of x (BatchTopK: its inference threshold)."""
+    """dictionary_learning's reconstruction of x (BatchTopK, Matryoshka: the inference
+    threshold)."""
     from dictionary_learning.dictionary import JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
-    cls = {"topk": AutoEncoderTopK, "batchtopk": BatchTopKSAE, "jumprelu": JumpReluAutoEncoder}
+    cls = {
+        "topk": AutoEncoderTopK,
+        "batchtopk": BatchTopKSAE,
+        "jumprelu": JumpReluAutoEncoder,
+        "matryoshka": MatryoshkaBatchTopKSAE,
+    }
     return cls[arch].from_pretrained(run_dir / "ae.pt")(x)
 
 
@@ -244,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--probe", type=Path, required=True, help="tokens x to reconstruct")
-    parser.add_argument("--arch", choices=["topk", "batchtopk", "jumprelu"], default="topk")
+    parser.add_argument(
+        "--arch", choices=["topk", "batchtopk", "jumprelu", "matryoshka"], default="topk"
+    )
     parser.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",")], required=True)
     parser.add_argument("--d-sae", type=int, required=True)
     parser.add_argument("--k", type=int, required=True)
@@ -256,6 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum")
     parser.add_argument("--sparsify-auxk-alpha", type=float, default=0.0)
     parser.add_argument("--l0-coefficient", type=float, default=1.0, help="SAELens JumpReLU")
+    parser.add_argument(
+        "--matryoshka-widths",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[],
+        help="Matryoshka: the inner prefixes' widths, increasing, below --d-sae",
+    )
     args = parser.parse_args(argv)
     acts = load_file(str(args.data))["acts"]
     args.out.mkdir(parents=True, exist_ok=True)
