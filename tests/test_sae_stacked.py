@@ -14,6 +14,7 @@ from saesweep.sae.export import apply_exported
 from saesweep.sae.jumprelu import JumpReLUConfig
 from saesweep.sae.optim import LRSchedule, StackedAdam, bcast, clip_grad_norm_, default_lr
 from saesweep.sae.registry import single_hook_names
+from saesweep.sae.sparse import dead_latent_codes
 from saesweep.sae.step import train_step
 from saesweep.sae.switch import SwitchConfig
 
@@ -87,6 +88,29 @@ def test_member_arithmetic_does_not_depend_on_its_peers():
         _run(sae, StackedAdam(sae.parameters(), lr=LRS[: len(members)]), data, 15)
         saes.append(sae)
     assert saes[1].dead_mask().any()
+    for name, p in saes[1].named_parameters():
+        assert torch.equal(saes[0].get_parameter(name)[0], p[0]), name
+
+
+def test_auxk_codes_are_as_wide_as_the_most_dead_latents_and_a_member_ignores_that_width():
+    # AuxK's code holds min(aux_k, the stack's most dead latents) entries per token (it was
+    # always aux_k wide, through dense products): a member with 3 dead latents beside one
+    # with 40 gets a code 16 wide in the stack and 3 wide alone, and trains to the same bits
+    data = sparse_mixture(12 * B, D_IN, seed=2, dtype=torch.float32)
+    cfgs = [_cfg("topk", k=4, aux_k=16, dead_tokens=10**9) for _ in range(2)]
+    widths, saes = [], []
+    for members in (cfgs, cfgs[:1]):
+        sae = make_sae(members, D_IN, SEEDS[: len(members)])
+        sae.init_b_dec(data[:256])
+        with torch.no_grad():
+            sae.tokens_since_fired[0, :3] = 10**9
+            sae.tokens_since_fired[1:, 50:90] = 10**9
+        codes = sae.encode(data[:B])
+        widths.append(dead_latent_codes(codes.pre, sae.dead_mask(), sae.aux_k)[0].shape[-1])
+        metrics = _run(sae, StackedAdam(sae.parameters(), lr=LRS[: len(members)]), data, 12)
+        assert (metrics[0]["aux_loss"] > 0).all()
+        saes.append(sae)
+    assert widths == [16, 3]
     for name, p in saes[1].named_parameters():
         assert torch.equal(saes[0].get_parameter(name)[0], p[0]), name
 

@@ -18,6 +18,9 @@ from torch import Tensor
 
 from saesweep.sae.matmul import member_bmm
 
+Path = Literal["dense", "padded", "entries"]
+"""How a backward takes a code (backward_path)."""
+
 
 def flat_indices(indices: Int[Tensor, "n B k"], d_sae: int) -> Int[Tensor, "n B k"]:
     """Indices into the stack's flat dictionary [n * d_sae, ...]."""
@@ -32,12 +35,14 @@ def sparse_decode(
     W_dec: Float[Tensor, "n d_sae d_in"],
     width: int | None = None,
     real: Bool[Tensor, "n B k"] | None = None,
+    path: Path | None = None,
 ) -> Float[Tensor, "n B d_in"]:
     """sum_j values[.., j] * W_dec[member, indices[.., j]] without the dense [n, B, d_sae] code.
 
     One embedding_bag over the flat dictionary; differentiable in values and W_dec (W_dec's
     gradient by a sparse matmul, faster than embedding_bag's own backward). `width`: the
-    code's nominal entries per token (default k), which sets the backward's path (DENSE_ABOVE).
+    code's nominal entries per token (default k), which sets the backward's path (DENSE_ABOVE;
+    `path` sets it instead where given).
     `real`: the entries a padded code holds (the others 0-valued padding): only these are
     decoded, in bags of each token's own size, where a padded code can be several times wider
     than its mean entries per token.
@@ -58,7 +63,7 @@ def sparse_decode(
         per_sample_weights=weights,
         mode="sum",
     )
-    path = backward_path(width, k, d_sae)
+    path = path or backward_path(width, k, d_sae)
     return _DecoderGrad.apply(out.view(n, B, d_in), values.detach(), indices, W_dec, path)
 
 
@@ -106,6 +111,31 @@ def batch_topk_codes(
         width = min(2 * width, d_sae)
     keep = torch.zeros(n, B * width, dtype=torch.bool, device=pre.device).scatter_(1, chosen, True)
     return values.where(keep.view(n, B, width), 0), indices
+
+
+def dead_latent_codes(pre: Tensor, dead: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
+    """AuxK's codes: each token's aux_k largest pre-activations `pre` [n, B, ..., d] among its
+    member's dead latents `dead` [n, ..., d], as (values, indices) [n, B, ..., w] in increasing
+    latent order, padded with 0-valued entries. w = min(aux_k, the most dead latents of any
+    row of `dead`): a few dead latents make a narrow code, read from `pre` at those latents
+    only. A member's nonzero entries, and their order, do not depend on the w its peers set.
+    Such a code takes the 'padded' path (its zeros dropped): AUXK_PATH."""
+    most = int(dead.sum(-1).max())
+    ranked = dead.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :most]
+    latents = ranked.unsqueeze(1).expand(*pre.shape[:-1], most)  # dead ones first, in order
+    values = pre.detach().gather(-1, latents)
+    values = values.where(dead.gather(-1, ranked).unsqueeze(1), 0)
+    if most <= aux_k:
+        return values, latents
+    _, slots = values.topk(aux_k, dim=-1, sorted=False)
+    slots = slots.sort(dim=-1).values
+    return values.gather(-1, slots), latents.gather(-1, slots)
+
+
+AUXK_PATH: Path = "padded"
+"""The backward of AuxK's codes goes over their nonzero entries, whatever their width: at most
+each member's own dead latents per token, a choice that depends on no peer (the dense path,
+which aux_k = d_in / 2 once chose for small dictionaries, cost three dense GEMMs a step)."""
 
 
 @jaxtyped(typechecker=beartype)
@@ -201,9 +231,6 @@ def is_dense(width: int, d_sae: int) -> bool:
     return width > DENSE_ABOVE * d_sae
 
 
-Path = Literal["dense", "padded", "entries"]
-
-
 def backward_path(width: int | None, k: int, d_sae: int) -> Path:
     """How a backward takes a code of k entries per token, `width` of them nominal (None: k):
     'dense' (is_dense), else over its entries: 'padded' (width < k) drops the zero entries,
@@ -282,6 +309,7 @@ def with_encoder_grad(
     W_enc: Float[Tensor, "n d_in d_sae"],
     b_enc: Float[Tensor, "n d_sae"],
     width: int | None = None,
+    path: Path | None = None,
 ) -> Float[Tensor, "n B k"]:
     """values = x_in @ W_enc + b_enc at `indices` (or its ReLU), computed without autograd
     (maybe in autocast's lower precision), made differentiable in x_in, W_enc and b_enc, in
@@ -290,9 +318,9 @@ def with_encoder_grad(
 
     Same gradients as gathering from the dense autograd pre-activations, at the cost of the
     selected entries only (no dense [n, B, d_sae] gradient). Entries with value <= 0 (ReLU
-    off, padding) get no gradient. `width`: as for sparse_decode.
+    off, padding) get no gradient. `width`, `path`: as for sparse_decode.
     """
-    path = backward_path(width, values.shape[-1], W_enc.shape[-1])
+    path = path or backward_path(width, values.shape[-1], W_enc.shape[-1])
     return _EncoderGrad.apply(values, indices, x_in, W_enc, b_enc, path)
 
 

@@ -18,7 +18,7 @@ from saesweep.sae.base import StackedSAE, check, squared_error
 from saesweep.sae.codes import Codes, SparseCodes
 from saesweep.sae.matmul import member_bmm
 from saesweep.sae.registry import register
-from saesweep.sae.sparse import sparse_decode, with_encoder_grad
+from saesweep.sae.sparse import AUXK_PATH, dead_latent_codes, sparse_decode, with_encoder_grad
 
 if TYPE_CHECKING:
     from saesweep.sae.config import SAEConfig
@@ -71,11 +71,11 @@ class TopKSAE(StackedSAE):
         if not bool(dead.any()):
             return recon.new_zeros(self.n)
         residual = (target - recon).detach()
-        masked = codes.pre.detach().where(dead.unsqueeze(1), 0)
-        values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
+        values, indices = dead_latent_codes(codes.pre, dead, self.aux_k)
         x_in, bias = self.encoder_grad_inputs(x)
-        values = with_encoder_grad(values, indices, x_in, self.W_enc, bias)
-        aux_recon = sparse_decode(values, indices, self.W_dec)
+        values = with_encoder_grad(values, indices, x_in, self.W_enc, bias, path=AUXK_PATH)
+        real = values.detach() > 0
+        aux_recon = sparse_decode(values, indices, self.W_dec, real=real, path=AUXK_PATH)
         scale = (dead.sum(-1).to(recon.dtype) / self.aux_k).clamp(max=1.0)
         return scale * squared_error(aux_recon, residual) / variance
 
