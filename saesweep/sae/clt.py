@@ -52,7 +52,14 @@ from saesweep.sae.codes import Codes, DenseCodes, SparseCodes
 from saesweep.sae.jumprelu import JumpReLUFn
 from saesweep.sae.layered import check_layers, layer_fvu_terms, layered_cfg, per_layer
 from saesweep.sae.registry import register
-from saesweep.sae.sparse import batch_topk_codes, is_dense, with_encoder_grad
+from saesweep.sae.sparse import (
+    AUXK_PATH,
+    Path,
+    batch_topk_codes,
+    dead_latent_codes,
+    is_dense,
+    with_encoder_grad,
+)
 
 if TYPE_CHECKING:
     from saesweep.sae.config import SAEConfig
@@ -205,9 +212,12 @@ class CrossLayerTranscoder(StackedSAE):
         acts = values.new_zeros(*indices.shape[:-1], d_tc).scatter(-1, indices, values)
         return DenseCLTCodes(acts.flatten(2), pre=pre.flatten(2), n_layers=self.n_layers)
 
-    def with_layer_encoder_grad(self, x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    def with_layer_encoder_grad(
+        self, x: Tensor, values: Tensor, indices: Tensor, path: Path | None = None
+    ) -> Tensor:
         """[n, B, L, k] `values` (pre-activations at `indices`, each layer's, computed without
-        autograd) made differentiable in the encoders through those entries only."""
+        autograd) made differentiable in the encoders through those entries only (`path`: as
+        for sparse.with_encoder_grad)."""
         n, L = self.n, self.n_layers
         xs = self.per_member(x).unflatten(-1, (L, self.d_model)).transpose(1, 2).flatten(0, 1)
         values = with_encoder_grad(
@@ -216,6 +226,7 @@ class CrossLayerTranscoder(StackedSAE):
             xs,
             self.W_enc.flatten(0, 1),
             self.b_enc.view(n * L, self.d_tc),
+            path=path,
         )
         return values.unflatten(0, (n, L)).transpose(1, 2)
 
@@ -284,10 +295,10 @@ class CrossLayerTranscoder(StackedSAE):
             return recon.new_zeros(self.n)
         n, L, d_tc = self.n, self.n_layers, self.d_tc
         residual = (self.per_member(target) - recon).detach()
-        masked = codes.pre.view(n, -1, L, d_tc).where(dead.view(n, 1, L, d_tc), 0)
-        values, indices = masked.topk(self.aux_k, dim=-1, sorted=False)
-        values = self.with_layer_encoder_grad(x, values, indices)
-        aux = SparseCLTCodes.of_layers(values, indices, d_tc)
+        pre = codes.pre.view(n, -1, L, d_tc)
+        values, indices = dead_latent_codes(pre, dead.view(n, L, d_tc), self.aux_k)
+        values = self.with_layer_encoder_grad(x, values, indices, AUXK_PATH)
+        aux = SparseCLTCodes.of_layers(values, indices, d_tc, path=AUXK_PATH)
         aux_recon = self.decode(aux) - self.b_dec.view(n, 1, -1)
         scale = (dead.sum(-1).to(recon.dtype) / (L * self.aux_k)).clamp(max=1.0)
         return scale * squared_error(aux_recon, residual) / variance
@@ -364,21 +375,28 @@ class SparseCLTCodes(SparseCodes):
 
     @classmethod
     def of_layers(
-        cls, values: Tensor, indices: Tensor, d_tc: int, pre: Tensor | None = None
+        cls,
+        values: Tensor,
+        indices: Tensor,
+        d_tc: int,
+        pre: Tensor | None = None,
+        path: Path | None = None,
     ) -> SparseCLTCodes:
         """From each layer's entries, values and indices [n, B, L, k] into that layer's d_tc
-        (`pre`: the pre-activations [n, B, L, d_tc] after the ReLU, for AuxK)."""
+        (`pre`: the pre-activations [n, B, L, d_tc] after the ReLU, for AuxK; `path`: the
+        backward's, as SparseCodes')."""
         L = values.shape[2]
         offsets = torch.arange(L, device=indices.device).view(1, 1, L, 1) * d_tc
         flat = (indices + offsets).flatten(2)
         pre = None if pre is None else pre.flatten(2)
-        return cls(values.flatten(2), flat, L * d_tc, pre=pre, n_layers=L)
+        return cls(values.flatten(2), flat, L * d_tc, pre=pre, path=path, n_layers=L)
 
     def layer(self, i: int) -> SparseCodes:
         """Layer i's k entries, indices into its d_tc latents."""
         k, d_tc = self.values.shape[-1] // self.n_layers, self.d_sae // self.n_layers
         cols = slice(i * k, (i + 1) * k)
-        return SparseCodes(self.values[..., cols], self.indices[..., cols] - i * d_tc, d_tc)
+        indices = self.indices[..., cols] - i * d_tc
+        return SparseCodes(self.values[..., cols], indices, d_tc, path=self.path)
 
 
 @dataclass(frozen=True)

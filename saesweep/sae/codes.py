@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saesweep.sae.sparse import dense_decode, sparse_decode
+from saesweep.sae.sparse import Path, dense_decode, sparse_decode
 
 
 def _l0(codes: Tensor) -> Tensor:
@@ -64,10 +64,12 @@ class SparseCodes:
     real: Tensor | None = None
     """[n, B, k] bool: the entries a padded code holds (the others are 0-valued padding,
     which the decode skips); None: every entry."""
+    path: Path | None = None
+    """The backward's path where it is set (AuxK's codes: sparse.AUXK_PATH); None: by width."""
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """[n, B, d_in] sum of values * W_dec rows, without the decoder bias."""
-        return sparse_decode(self.values, self.indices, W_dec, self.width, self.real)
+        return sparse_decode(self.values, self.indices, W_dec, self.width, self.real, self.path)
 
     def fire_counts(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """[n, d_sae] number of tokens on which each latent had a positive value."""
