@@ -19,6 +19,7 @@ process and any joined child processes; the object store's own CPU is not counte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import resource
@@ -372,9 +373,12 @@ def _print_table(results: list[Measured]) -> None:
 
 class StackTimer:
     """A stack of n_saes SAEs with its optimizer and one random batch, and the stack's
-    encoder GEMM alone (member_bmm of the same shapes), each timed on demand."""
+    encoder GEMM alone (member_bmm of the same shapes), each timed on demand; `dead` latents
+    of every member (the first ones) held dead before every step, so that AuxK acts."""
 
-    def __init__(self, sae_cfg, d_model: int, n_saes: int, batch_size: int, device, autocast):
+    def __init__(
+        self, sae_cfg, d_model: int, n_saes: int, batch_size: int, device, autocast, dead=0
+    ):
         from saesweep.sae import make_sae
         from saesweep.sae.optim import StackedAdam
 
@@ -385,14 +389,19 @@ class StackTimer:
         self.W, self.b = torch.randn_like(self.sae.W_enc), self.sae.b_enc.detach().unsqueeze(1)
         self.device, self.autocast, self.step = torch.device(device), autocast, 0
         self.gemm_flop = 2 * n_saes * batch_size * d_model * self.sae.d_sae
+        self.dead = dead
 
     def train(self, steps: int) -> float:
         """Seconds of `steps` training steps (train_step, as the trainer calls it)."""
         from saesweep.sae.step import train_step
 
-        return self._timed(
-            lambda: [train_step(self.sae, self.opt, self.x, self._next()) for _ in range(steps)]
-        )
+        def step() -> None:
+            if self.dead:
+                with torch.no_grad():
+                    self.sae.tokens_since_fired[:, : self.dead] = self.sae.dead_tokens.max()
+            train_step(self.sae, self.opt, self.x, self._next())
+
+        return self._timed(lambda: [step() for _ in range(steps)])
 
     def gemm(self) -> float:
         """Seconds of the stack's encoder GEMM alone, x @ W_enc + b_enc for every member."""
@@ -441,8 +450,12 @@ def bench_sae(args: argparse.Namespace) -> None:
     reuse_freed_memory()  # as the trainer does
     switch = SwitchConfig(n_experts=args.n_experts)
     cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, switch=switch)
+    if args.dead_latents:  # none dies by itself; the held ones stay dead
+        cfg = dataclasses.replace(cfg, dead_tokens=10**12)
     stacks = {
-        n: StackTimer(cfg, args.d_model, n, args.batch_size, args.device, args.bf16)
+        n: StackTimer(
+            cfg, args.d_model, n, args.batch_size, args.device, args.bf16, args.dead_latents
+        )
         for n in args.n_saes
     }
     for stack in stacks.values():
@@ -470,7 +483,8 @@ def _print_sae_rates(args, n: int, stack: StackTimer, times: list[tuple[float, f
         f"{n} {args.arch} SAE(s) d_model {args.d_model}, {args.n_latents} latents, "
         f"k={args.k}{f', {args.n_experts} experts' if args.arch == 'switch' else ''}, "
         f"batch {args.batch_size}, {'bf16 autocast' if args.bf16 else 'float32'} on "
-        f"{args.device}, {n * statistics.median(rates):,.0f} tokens x SAEs/s: "
+        f"{args.device}{f', {args.dead_latents} dead latents' if args.dead_latents else ''}, "
+        f"{n * statistics.median(rates):,.0f} tokens x SAEs/s: "
         f"{statistics.median(rates):,.0f} tokens/s per SAE"
     )
 
@@ -658,6 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--repeat", type=int, default=5, help="interleaved rounds (median, spread)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    t.add_argument(
+        "--dead-latents",
+        type=int,
+        default=0,
+        help="hold this many latents of every SAE dead, so that AuxK acts (TopK, BatchTopK)",
+    )
     m = sub.add_parser("matmul", help="the stack's batched products: member_bmm vs torch.bmm")
     m.add_argument("--n-saes", type=int, default=3)
     m.add_argument("--batch-size", type=int, default=4096)
