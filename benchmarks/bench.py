@@ -396,12 +396,16 @@ class StackTimer:
         from saesweep.sae.step import train_step
 
         def step() -> None:
-            if self.dead:
-                with torch.no_grad():
-                    self.sae.tokens_since_fired[:, : self.dead] = self.sae.dead_tokens.max()
+            self.hold_dead()
             train_step(self.sae, self.opt, self.x, self._next())
 
         return self._timed(lambda: [step() for _ in range(steps)])
+
+    @torch.no_grad()
+    def hold_dead(self) -> None:
+        """Mark the first `dead` latents of every member dead (no-op for dead = 0)."""
+        if self.dead:
+            self.sae.tokens_since_fired[:, : self.dead] = self.sae.dead_tokens.max()
 
     def gemm(self) -> float:
         """Seconds of the stack's encoder GEMM alone, x @ W_enc + b_enc for every member."""
