@@ -19,7 +19,6 @@ process and any joined child processes; the object store's own CPU is not counte
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import resource
@@ -453,9 +452,8 @@ def bench_sae(args: argparse.Namespace) -> None:
 
     reuse_freed_memory()  # as the trainer does
     switch = SwitchConfig(n_experts=args.n_experts)
-    cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, switch=switch)
-    if args.dead_latents:  # none dies by itself; the held ones stay dead
-        cfg = dataclasses.replace(cfg, dead_tokens=10**12)
+    held = 10**12 if args.dead_latents else None  # none dies by itself; the held ones stay
+    cfg = SAEConfig(arch=args.arch, d_sae=args.n_latents, k=args.k, switch=switch, dead_tokens=held)
     stacks = {
         n: StackTimer(
             cfg, args.d_model, n, args.batch_size, args.device, args.bf16, args.dead_latents

@@ -41,7 +41,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saesweep.errors import exit_on_user_error
-from saesweep.sae.matryoshka import DEFAULT_FRACTIONS
+from saesweep.sae import SAEConfig
+from saesweep.sae.matryoshka import prefix_widths
 from saesweep.train.config import DataConfig, GroupConfig
 from saesweep.train.sources import StoreSource
 
@@ -185,11 +186,10 @@ def load_dictionary_learning(run_dir: Path, input_scale: float) -> Dictionary:
     per-latent thresholds (what each one's forward does)."""
     cfg = json.loads((run_dir / "config.json").read_text())["trainer"]
     sd = torch.load(run_dir / "ae.pt", weights_only=True)
-    W = sd.get("W_enc"), sd.get("b_enc"), sd.get("W_dec"), sd.get("b_dec")
-    if cfg["dict_class"] == "JumpReluAutoEncoder":  # no b_dec subtracted before encoding
-        return Dictionary(*W, False, None, sd["threshold"], input_scale)
-    if cfg["dict_class"] == "MatryoshkaBatchTopKSAE":
-        return Dictionary(*W, True, None, sd["threshold"], input_scale)
+    if cfg["dict_class"] in ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"):
+        W = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
+        subtract_b_dec = cfg["dict_class"] == "MatryoshkaBatchTopKSAE"  # JumpReLU's does not
+        return Dictionary(*W, subtract_b_dec, None, sd["threshold"], input_scale)
     topk = cfg["dict_class"] == "AutoEncoderTopK"
     return Dictionary(
         sd["encoder.weight"].T,
@@ -340,6 +340,8 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
     out = work / f"{tool}-{arch}"
     signum = tool == "sparsify" and args.sparsify_optimizer == "signum"
     lrs = args.sparsify_lrs if signum else args.lrs
+    # saesweep's default Matryoshka prefixes (d_in unused: d_sae is set), given to every tool
+    inner_prefixes = prefix_widths(SAEConfig(arch="matryoshka", d_sae=args.d_sae), 0)
     cmd = [
         str(peer_python(args.peers_root, tool, args.torch)),
         str(PEER_SCRIPT),
@@ -358,7 +360,7 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
         "--sparsify-optimizer", args.sparsify_optimizer,
         "--sparsify-auxk-alpha", str(args.sparsify_auxk_alpha),
         "--l0-coefficient", str(args.l0_coefficient),
-        "--matryoshka-widths", ",".join(str(w) for w in matryoshka_widths(args.d_sae)),
+        "--matryoshka-widths", ",".join(str(w) for w in inner_prefixes[:-1]),
     ]  # fmt: skip
     if not args.evaluate_only:
         logged(cmd, work / f"{tool}-{arch}.log")
@@ -373,11 +375,6 @@ def run_peer(args: argparse.Namespace, tool: str, arch: str, data: Path, work: P
         f"{result['version']} (torch {result['torch']})",
         [None] * len(lrs),
     )
-
-
-def matryoshka_widths(d_sae: int) -> list[int]:
-    """saesweep's default Matryoshka prefixes below d_sae (what every tool is given)."""
-    return [max(1, int(d_sae * f)) for f in DEFAULT_FRACTIONS]
 
 
 def logged(cmd: list[str], log: Path) -> None:
